@@ -1,0 +1,40 @@
+"""``bkv-frontend serve``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bkv-frontend", description="The public API of Backup Key Vault.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("serve", help="serve the public v1 API (settings from BKV_FRONTEND_* variables)")
+    parser.parse_args(argv)
+
+    from pydantic import ValidationError
+
+    from bkv_frontend.settings import FrontendSettings
+
+    try:
+        settings = FrontendSettings()
+    except ValidationError as exc:
+        print(f"bkv-frontend: bad settings: {exc}", file=sys.stderr)
+        return 2
+    from bkv_common.etcd import make_client
+    from bkv_common.service import run
+    from bkv_frontend.app import create_app
+    from bkv_frontend.auth import TokenVerifier
+    from bkv_frontend.routing import FleetView
+
+    verifier = TokenVerifier.from_pem_file(settings.token_public_key_file, settings.token_issuer,
+                                           settings.token_audience)
+    etcd = make_client(settings.etcd_endpoints)
+    view = FleetView(etcd, settings.etcd_prefix)
+    run(create_app(view, verifier, refresh_interval_s=settings.refresh_interval_s, on_shutdown=etcd.close),
+        settings.host, settings.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Public v1 wire types (what the SDK sends and receives).
+
+The user id never travels in a body: it comes from the verified account
+token, so nobody can act on a stranger's record. Responses are the island's
+answers, passed through unchanged; the client checks their fleet signatures.
+"""
+
+from __future__ import annotations
+
+from bkv_common.wire import B64, Frozen
+from bkv_hsm_proxy.api import FleetParams, RecordStatus
+from bkv_island.api import (
+    DeleteOut,
+    RecoveryFinishOut,
+    RecoveryStartOut,
+    RegistrationFinishOut,
+    RegistrationStartOut,
+)
+
+__all__ = [
+    "FleetInfo", "RegistrationStartRequest", "RegistrationStartOut", "RegistrationFinishRequest",
+    "RegistrationFinishOut", "RecoveryStartRequest", "RecoveryStartOut", "RecoveryFinishRequest",
+    "RecoveryFinishOut", "DeleteOut", "RecordStatus", "FleetParams",
+]
+
+
+class FleetInfo(Frozen):
+    """``GET /v1/fleet``: what a client pins. Never the OPAQUE server setup."""
+
+    fleet_id: str
+    fleet_public_key: B64
+    max_attempts: int
+    opaque_suite: str
+    signature_alg: str
+    api_version: str = "v1"
+
+
+class RegistrationStartRequest(Frozen):
+    registration_request: B64
+
+
+class RegistrationFinishRequest(Frozen):
+    challenge: B64
+    registration_upload: B64
+    ek: B64
+    k_nonce: B64
+
+
+class RecoveryStartRequest(Frozen):
+    credential_request: B64
+
+
+class RecoveryFinishRequest(Frozen):
+    login_state: B64
+    credential_finalization: B64

@@ -1,0 +1,108 @@
+"""The public v1 API and its one exception-to-HTTP mapping."""
+
+
+import asyncio
+import contextlib
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+
+from bkv_common.http import UpstreamError, UpstreamUnavailable
+from bkv_common.service import error_response, install_common
+from bkv_common.wire import ErrorCode
+from bkv_frontend import api
+from bkv_frontend.auth import TokenVerifier, Unauthenticated
+from bkv_frontend.routing import FleetView, NotReady
+from bkv_island import api as iapi
+
+
+def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: float = 1.0,
+               on_shutdown=None) -> FastAPI:
+    stop = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        with contextlib.suppress(Exception):
+            await view.refresh()
+        task = asyncio.create_task(view.run(refresh_interval_s, stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await task
+            await view.aclose()
+            if on_shutdown is not None:
+                await on_shutdown()
+
+    app = FastAPI(title="Backup Key Vault", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_common(app, "frontend", ready=view.ready)
+
+    @app.exception_handler(Unauthenticated)
+    async def _unauth(_: Request, __: Unauthenticated) -> JSONResponse:
+        return error_response(401, ErrorCode.UNAUTHENTICATED, "a valid account token is required",
+                              headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(UpstreamError)
+    async def _upstream(_: Request, exc: UpstreamError) -> JSONResponse:
+        return JSONResponse(exc.body.model_dump(mode="json"), status_code=exc.status)
+
+    @app.exception_handler(UpstreamUnavailable)
+    async def _unavailable(_: Request, exc: UpstreamUnavailable) -> JSONResponse:
+        return error_response(503, ErrorCode.UNAVAILABLE, "the vault is temporarily unavailable; retry shortly",
+                              True, {"Retry-After": "1"})
+
+    @app.exception_handler(NotReady)
+    async def _not_ready(_: Request, exc: NotReady) -> JSONResponse:
+        return error_response(503, ErrorCode.UNAVAILABLE, "the vault is starting; retry shortly", True,
+                              {"Retry-After": "1"})
+
+    def account(authorization: Annotated[str | None, Header()] = None) -> str:
+        return verifier.verify(authorization)["sub"]
+
+    User = Annotated[str, Depends(account)]
+
+    @app.get("/v1/fleet")
+    async def fleet() -> api.FleetInfo:
+        if view.params is None:
+            raise NotReady()
+        p = view.params
+        return api.FleetInfo(fleet_id=p["fleet_id"], fleet_public_key=p["fleet_public_key"],
+                             max_attempts=p["max_attempts"], opaque_suite=p["opaque_suite"],
+                             signature_alg=p["signature_alg"])
+
+    @app.post("/v1/registration/start")
+    async def registration_start(req: api.RegistrationStartRequest, user: User) -> api.RegistrationStartOut:
+        _, island = view.island_for(user)
+        return await island.call("POST", "/island/v1/registration/start",
+                                 iapi.RegistrationStartIn(user_id=user, **req.model_dump()),
+                                 iapi.RegistrationStartOut, idempotent=True)
+
+    @app.post("/v1/registration/finish")
+    async def registration_finish(req: api.RegistrationFinishRequest, user: User) -> api.RegistrationFinishOut:
+        _, island = view.island_for(user)
+        return await island.call("POST", "/island/v1/registration/finish",
+                                 iapi.RegistrationFinishIn(user_id=user, **req.model_dump()),
+                                 iapi.RegistrationFinishOut, idempotent=False)
+
+    @app.post("/v1/recovery/start")
+    async def recovery_start(req: api.RecoveryStartRequest, user: User) -> api.RecoveryStartOut:
+        _, island = view.island_for(user)
+        return await island.call("POST", "/island/v1/recovery/start",
+                                 iapi.RecoveryStartIn(user_id=user, **req.model_dump()),
+                                 iapi.RecoveryStartOut, idempotent=False)
+
+    @app.post("/v1/recovery/finish")
+    async def recovery_finish(req: api.RecoveryFinishRequest, user: User) -> api.RecoveryFinishOut:
+        _, island = view.island_for(user)
+        return await island.call("POST", "/island/v1/recovery/finish",
+                                 iapi.RecoveryFinishIn(user_id=user, **req.model_dump()),
+                                 iapi.RecoveryFinishOut, idempotent=False)
+
+    @app.delete("/v1/record")
+    async def delete(user: User) -> api.DeleteOut:
+        _, island = view.island_for(user)
+        return await island.call("POST", "/island/v1/record/delete", iapi.DeleteIn(user_id=user),
+                                 iapi.DeleteOut, idempotent=True)
+
+    return app

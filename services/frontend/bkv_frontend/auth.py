@@ -1,0 +1,88 @@
+"""Account tokens: EdDSA (Ed25519) JWTs from the app's identity service.
+
+The frontend only verifies; :class:`DevIssuer` mints tokens for the local dev
+fleet (it signs for anyone, so it never runs in production). A token names
+the user (``sub``); an optional ``cnf.bkv_device_key`` binds it to a device's
+Noise static key (see docs/edge.md).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+USER_ID = re.compile(r"^[A-Za-z0-9._@+\-]{1,128}$")
+LEEWAY_S = 30
+
+
+class Unauthenticated(Exception):
+    """Missing, malformed, expired or foreign token. The message is uniform."""
+
+
+class TokenVerifier:
+    def __init__(self, public_key: Ed25519PublicKey, issuer: str, audience: str) -> None:
+        self._key = public_key
+        self._issuer = issuer
+        self._audience = audience
+
+    @classmethod
+    def from_pem_file(cls, path: Path, issuer: str, audience: str) -> TokenVerifier:
+        key = serialization.load_pem_public_key(path.read_bytes())
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError("the token public key must be Ed25519")
+        return cls(key, issuer, audience)
+
+    def verify(self, authorization: str | None) -> dict:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthenticated()
+        try:
+            claims = jwt.decode(
+                authorization[7:], self._key, algorithms=["EdDSA"], audience=self._audience,
+                issuer=self._issuer, leeway=LEEWAY_S, options={"require": ["sub", "exp", "iat", "iss", "aud"]},
+            )
+        except jwt.PyJWTError:
+            raise Unauthenticated() from None
+        if not isinstance(claims.get("sub"), str) or not USER_ID.match(claims["sub"]):
+            raise Unauthenticated()
+        return claims
+
+
+class DevIssuer:
+    """The dev fleet's identity service: an Ed25519 key in the state dir."""
+
+    def __init__(self, private_key: Ed25519PrivateKey, issuer: str = "bkv-dev-issuer", audience: str = "bkv") -> None:
+        self._key = private_key
+        self.issuer = issuer
+        self.audience = audience
+
+    def __repr__(self) -> str:
+        return "DevIssuer(key=(redacted))"
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> DevIssuer:
+        directory.mkdir(parents=True, exist_ok=True)
+        priv_path = directory / "issuer-key.pem"
+        if priv_path.exists():
+            key = serialization.load_pem_private_key(priv_path.read_bytes(), password=None)
+        else:
+            key = Ed25519PrivateKey.generate()
+            priv_path.touch(mode=0o600)
+            priv_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+        (directory / "issuer-public.pem").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        return cls(key)
+
+    def mint(self, user_id: str, *, ttl_s: int = 30 * 24 * 3600, device_key_b64: str | None = None) -> str:
+        if not USER_ID.match(user_id):
+            raise ValueError("user ids are 1-128 characters of letters, digits and . _ @ + -")
+        now = int(time.time())
+        claims = {"iss": self.issuer, "aud": self.audience, "sub": user_id, "iat": now, "exp": now + ttl_s}
+        if device_key_b64:
+            claims["cnf"] = {"bkv_device_key": device_key_b64}
+        return jwt.encode(claims, self._key, algorithm="EdDSA")

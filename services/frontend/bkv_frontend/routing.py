@@ -1,0 +1,68 @@
+"""The frontend's view of the fleet, re-read from etcd in the background:
+island map, live replicas per island, and the public fleet parameters.
+Users go to islands by :func:`bkv_common.fleetmap.rendezvous`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import aetcd
+
+from bkv_common import metrics
+from bkv_common.fleetmap import FLEET_PARAMS_KEY, read_island_map, read_replicas, rendezvous
+from bkv_common.http import ServiceClient
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(Exception):
+    pass
+
+
+class FleetView:
+    def __init__(self, etcd: aetcd.Client, prefix: str) -> None:
+        self._etcd = etcd
+        self._prefix = prefix
+        self.islands: list[str] = []
+        self.replicas: dict[str, list[str]] = {}
+        self.params: dict | None = None
+        self._clients: dict[str, ServiceClient] = {}
+
+    async def refresh(self) -> None:
+        islands = await read_island_map(self._etcd, self._prefix)
+        replicas = await read_replicas(self._etcd, self._prefix)
+        got = await self._etcd.get((self._prefix + FLEET_PARAMS_KEY).encode())
+        if got is not None:
+            self.params = json.loads(got.value)
+        self.islands, self.replicas = islands, replicas
+
+    async def run(self, interval_s: float, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - keep the last good view through etcd hiccups
+                log.warning("could not refresh the fleet view from etcd; keeping the last one")
+            try:
+                await asyncio.wait_for(stop.wait(), interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def ready(self) -> bool:
+        return self.params is not None and bool(self.islands) and all(self.replicas.get(i) for i in self.islands)
+
+    def island_for(self, user_id: str) -> tuple[str, ServiceClient]:
+        if not self.islands:
+            raise NotReady("the island map is empty")
+        island = rendezvous(user_id, self.islands)
+        metrics.ISLAND_ROUTING.labels(island).inc()
+        client = self._clients.get(island)
+        if client is None:
+            client = ServiceClient(f"island-{island}", lambda i=island: self.replicas.get(i, []))
+            self._clients[island] = client
+        return island, client
+
+    async def aclose(self) -> None:
+        for c in self._clients.values():
+            await c.aclose()

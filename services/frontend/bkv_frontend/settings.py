@@ -1,0 +1,22 @@
+"""Typed settings of the frontend (env prefix ``BKV_FRONTEND_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from bkv_common.settings import ServiceSettings
+
+
+class FrontendSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="BKV_FRONTEND_", extra="ignore", frozen=True)
+
+    port: int = 8080
+    etcd_endpoints: str = "127.0.0.1:2379"
+    etcd_prefix: str = "/bkv"
+    token_issuer: str = "bkv-dev-issuer"
+    token_audience: str = "bkv"
+    token_public_key_file: Path
+    # How often the island map and replica list are re-read from etcd.
+    refresh_interval_s: float = 1.0

@@ -1,0 +1,51 @@
+"""``bkv-hsm-proxy serve`` and ``bkv-hsm-proxy fleet-init``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bkv-hsm-proxy", description="The HSM boundary of Backup Key Vault.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("serve", help="serve the hsm-proxy API (settings from BKV_HSM_* variables)")
+    init = sub.add_parser("fleet-init", help="create the fleet keys and OPAQUE setup in the token (idempotent)")
+    init.add_argument("--out", type=Path, help="write the public fleet parameters here (JSON)")
+    args = parser.parse_args(argv)
+
+    from pydantic import ValidationError
+
+    from bkv_hsm_proxy.errors import HsmError
+    from bkv_hsm_proxy.settings import HsmProxySettings
+
+    try:
+        settings = HsmProxySettings()
+    except ValidationError as exc:
+        print(f"bkv-hsm-proxy: bad settings: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.cmd == "fleet-init":
+            from bkv_hsm_proxy.fleet_init import fleet_init
+
+            params = fleet_init(settings, args.out)
+            print(json.dumps({k: params[k] for k in ("fleet_id", "fleet_public_key", "max_attempts", "created")}))
+            return 0
+        from bkv_common.service import run
+        from bkv_hsm_proxy.app import create_app
+        from bkv_hsm_proxy.core import VaultHsm
+        from bkv_hsm_proxy.hsm import Pkcs11Hsm
+
+        hsm = Pkcs11Hsm(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+        vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
+        run(create_app(vault), settings.host, settings.port)
+        return 0
+    except HsmError as exc:
+        print(f"bkv-hsm-proxy: HSM error: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The vault logic inside the HSM boundary, after the whitepaper.
+
+Names follow the OPAQUE RFC's phases. Nothing here talks to etcd: the island
+hands in the user's current :class:`~api.Entry` and commits the entry we hand
+back with a compare-and-swap. Three rules carry the security argument:
+
+* A CredentialResponse is produced only together with a new entry whose
+  attempt count is one lower; the island must commit that entry before it
+  releases the response (invariant 3). When the count reaches zero the new
+  entry is a tombstone: the record is gone (invariant 2).
+* Challenges and login states are sealed by the token, expire, and are bound
+  to the entry version they were issued for. Every use bumps the version, so
+  each can be used once (invariant 6).
+* Sealed records bind user id, island and version in the AEAD's associated
+  data, so they cannot be moved between users or islands (invariant 4).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import opaque_ke_py as opaque
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from bkv_common import labels, metrics
+from bkv_common.encoding import canonical, fleet_id_for, request_digest, u32, u64
+from bkv_hsm_proxy import api, errors
+from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, HsmBackend
+
+CHALLENGE_TTL_MS = 120_000
+LOGIN_STATE_TTL_MS = 60_000
+EK_LEN = 32 + 16  # AES-256-GCM of a 32-byte K
+K_NONCE_LEN = 12
+RECORD_FORMAT = 1
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int: ...
+
+
+class Rng(Protocol):
+    def token_bytes(self, n: int) -> bytes: ...
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+class SystemRng:
+    def token_bytes(self, n: int) -> bytes:
+        return os.urandom(n)
+
+
+# -- compact binary encodings of the sealed plaintexts ---------------------------
+def _pack(*fields: bytes) -> bytes:
+    return b"".join(struct.pack(">H", len(f)) + f for f in fields)
+
+
+def _unpack(data: bytes, count: int) -> list[bytes]:
+    out, i = [], 0
+    for _ in range(count):
+        if i + 2 > len(data):
+            raise ValueError("truncated")
+        (n,) = struct.unpack_from(">H", data, i)
+        i += 2
+        if i + n > len(data):
+            raise ValueError("truncated")
+        out.append(data[i : i + n])
+        i += n
+    if i != len(data):
+        raise ValueError("trailing bytes")
+    return out
+
+
+@dataclass(frozen=True)
+class Record:
+    """A registration as the HSM sees it. Exists in clear only in here."""
+
+    password_file: bytes
+    ek: bytes
+    k_nonce: bytes
+    attempts_left: int
+    max_attempts: int
+
+    def __repr__(self) -> str:
+        return f"Record(redacted, attempts_left={self.attempts_left})"
+
+    def pack(self) -> bytes:
+        return _pack(bytes([RECORD_FORMAT]), self.password_file, self.ek, self.k_nonce,
+                     u32(self.attempts_left), u32(self.max_attempts))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Record:
+        fmt, pf, ek, kn, left, mx = _unpack(data, 6)
+        if fmt != bytes([RECORD_FORMAT]):
+            raise ValueError("unknown record format")
+        return cls(pf, ek, kn, struct.unpack(">I", left)[0], struct.unpack(">I", mx)[0])
+
+
+def record_aad(user_id: str, island: str, version: int) -> bytes:
+    return canonical(labels.RECORD_AAD, user_id.encode(), island.encode(), u64(version))
+
+
+class VaultHsm:
+    """The server side of OPAQUE plus sealing and signing, over an HSM backend."""
+
+    def __init__(self, hsm: HsmBackend, *, max_attempts: int = 10,
+                 clock: Clock = SystemClock(), rng: Rng = SystemRng()) -> None:
+        if not 1 <= max_attempts <= 1000:
+            raise ValueError("max_attempts must be between 1 and 1000")
+        self._hsm = hsm
+        self._clock = clock
+        self._rng = rng
+        self.max_attempts = max_attempts
+        self.public_key_der = hsm.public_key_der()
+        self.fleet_id = fleet_id_for(self.public_key_der)
+        sealed_setup = hsm.load_blob(OPAQUE_SETUP_LABEL)
+        if sealed_setup is None:
+            raise errors.HsmKeyMissing("no OPAQUE server setup in the token; run fleet-init")
+        try:
+            setup_bytes = hsm.unseal(self._setup_aad(), sealed_setup)
+        except errors.HsmAuthTagMismatch:
+            raise errors.HsmError("the sealed OPAQUE setup does not open with this token's key") from None
+        self._setup = opaque.ServerSetupData.from_bytes(setup_bytes)
+
+    def __repr__(self) -> str:  # the setup is private: never in a repr
+        return f"VaultHsm(fleet_id={self.fleet_id}, opaque_setup=(redacted))"
+
+    # -- fleet-init ------------------------------------------------------------
+    @staticmethod
+    def create_opaque_setup(hsm) -> None:
+        """Generate the OPAQUE server setup and store it sealed in the token."""
+        if hsm.load_blob(OPAQUE_SETUP_LABEL) is not None:
+            return
+        fleet_id = fleet_id_for(hsm.public_key_der())
+        setup = opaque.server_setup().to_bytes()
+        hsm.store_blob(OPAQUE_SETUP_LABEL, hsm.seal(VaultHsm._setup_aad_for(fleet_id), setup))
+
+    @staticmethod
+    def _setup_aad_for(fleet_id: str) -> bytes:
+        return canonical(labels.OPAQUE_SETUP_AAD, fleet_id.encode())
+
+    def _setup_aad(self) -> bytes:
+        return self._setup_aad_for(self.fleet_id)
+
+    def params(self) -> api.FleetParams:
+        return api.FleetParams(fleet_id=self.fleet_id, fleet_public_key=self.public_key_der,
+                               max_attempts=self.max_attempts)
+
+    # -- helpers -----------------------------------------------------------------
+    def _sign(self, label: bytes, *fields: bytes) -> bytes:
+        return self._hsm.sign(canonical(label, self.fleet_id.encode(), *fields))
+
+    def _open_record(self, user_id: str, island: str, entry: api.Entry) -> Record:
+        if entry.state is api.EntryState.ABSENT:
+            raise errors.BadRequest("no record")
+        if entry.state is api.EntryState.DESTROYED or entry.sealed is None:
+            raise errors.RecordDestroyed("record destroyed")
+        try:
+            return Record.unpack(self._hsm.unseal(record_aad(user_id, island, entry.version), entry.sealed))
+        except (errors.HsmAuthTagMismatch, ValueError):
+            # Swapped, rolled to another island, or tampered with: refuse, say nothing.
+            raise errors.RecordIntegrityFailure("the sealed record does not open for this user") from None
+
+    def _seal_record(self, user_id: str, island: str, version: int, record: Record) -> api.Entry:
+        sealed = self._hsm.seal(record_aad(user_id, island, version), record.pack())
+        return api.Entry(state=api.EntryState.LIVE, version=version, sealed=sealed)
+
+    @staticmethod
+    def _opaque(step: str, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        except ValueError:
+            raise errors.MalformedOpaqueMessage(f"{step}: the OPAQUE message does not parse") from None
+        finally:
+            metrics.HSM_OP.labels(f"opaque_{step}").observe(time.perf_counter() - t)
+
+    # -- registration ------------------------------------------------------------
+    def registration_start(self, req: api.RegistrationStartIn) -> api.RegistrationStartOut:
+        uid = req.user_id.encode()
+        response = self._opaque("registration_start", opaque.server_registration_start,
+                                self._setup, req.registration_request, uid).get_message()
+        expires = self._clock.now_ms() + CHALLENGE_TTL_MS
+        challenge = self._hsm.seal(
+            canonical(labels.CHALLENGE_AAD, uid, req.island.encode()),
+            _pack(u64(req.current.version), u64(expires), self._rng.token_bytes(16)),
+        )
+        sig = self._sign(labels.SIG_REGISTRATION_START, uid, request_digest(req.registration_request),
+                         response, challenge)
+        return api.RegistrationStartOut(registration_response=response, challenge=challenge, signature=sig)
+
+    def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
+        uid = req.user_id.encode()
+        if len(req.ek) != EK_LEN or len(req.k_nonce) != K_NONCE_LEN:
+            raise errors.BadRequest(f"ek must be {EK_LEN} bytes and k_nonce {K_NONCE_LEN} bytes")
+        try:
+            version_b, expires_b, _ = _unpack(
+                self._hsm.unseal(canonical(labels.CHALLENGE_AAD, uid, req.island.encode()), req.challenge), 3)
+        except (errors.HsmAuthTagMismatch, ValueError):
+            raise errors.ChallengeRejected("the challenge was not issued for this user") from None
+        if struct.unpack(">Q", expires_b)[0] < self._clock.now_ms():
+            raise errors.ChallengeRejected("the challenge has expired; start the registration again")
+        if struct.unpack(">Q", version_b)[0] != req.current.version:
+            raise errors.ChallengeRejected("the challenge was already used or superseded")
+        password_file = self._opaque("registration_finish", opaque.server_registration_finish,
+                                     req.registration_upload).get_password_file()
+        record = Record(password_file, req.ek, req.k_nonce, self.max_attempts, self.max_attempts)
+        entry = self._seal_record(req.user_id, req.island, req.current.version + 1, record)
+        sig = self._sign(labels.SIG_REGISTRATION_FINISH, uid, request_digest(req.registration_upload),
+                         u64(entry.version), u32(self.max_attempts))
+        return api.RegistrationFinishOut(new_entry=entry, max_attempts=self.max_attempts, signature=sig)
+
+    # -- login (recovery) --------------------------------------------------------
+    def login_start(self, req: api.LoginStartIn) -> api.LoginStartOut:
+        uid = req.user_id.encode()
+        record = self._open_record(req.user_id, req.island, req.current)
+        if record.attempts_left <= 0:  # only reachable for records written by an older build
+            raise errors.RecordDestroyed("no attempts left")
+        # Parse and answer first: a malformed request must not cost an attempt.
+        started = self._opaque("login_start", opaque.server_login_start,
+                               self._setup, record.password_file, req.credential_request, uid)
+        left = record.attempts_left - 1
+        version = req.current.version + 1
+        if left == 0:
+            new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
+        else:
+            new_entry = self._seal_record(req.user_id, req.island, version, Record(
+                record.password_file, record.ek, record.k_nonce, left, record.max_attempts))
+        expires = self._clock.now_ms() + LOGIN_STATE_TTL_MS
+        login_state = self._hsm.seal(
+            canonical(labels.LOGIN_STATE_AAD, uid, req.island.encode()),
+            _pack(started.get_state(), u64(version), u64(expires), record.ek, record.k_nonce,
+                  self._rng.token_bytes(16)),
+        )
+        response = started.get_message()
+        sig = self._sign(labels.SIG_LOGIN_START, uid, request_digest(req.credential_request),
+                         response, u32(left))
+        return api.LoginStartOut(new_entry=new_entry, attempts_left=left, credential_response=response,
+                                 login_state=login_state, signature=sig)
+
+    def login_finish(self, req: api.LoginFinishIn) -> api.LoginFinishOut:
+        uid = req.user_id.encode()
+        try:
+            server_state, version_b, expires_b, ek, k_nonce, _ = _unpack(
+                self._hsm.unseal(canonical(labels.LOGIN_STATE_AAD, uid, req.island.encode()), req.login_state), 6)
+        except (errors.HsmAuthTagMismatch, ValueError):
+            raise errors.LoginStateRejected("the login state was not issued for this user") from None
+        if struct.unpack(">Q", expires_b)[0] < self._clock.now_ms():
+            raise errors.LoginStateRejected("the login state has expired; start the recovery again")
+        if struct.unpack(">Q", version_b)[0] != req.current.version:
+            raise errors.LoginStateRejected("the login state was already used or superseded by a newer attempt")
+        t = time.perf_counter()
+        try:
+            finished = opaque.server_login_finish(server_state, req.credential_finalization)
+        except ValueError:
+            raise errors.AuthenticationFailed("authentication failed") from None
+        finally:
+            metrics.HSM_OP.labels("opaque_login_finish").observe(time.perf_counter() - t)
+        wrap_key = HKDF(hashes.SHA256(), 32, salt=None, info=labels.RECOVERY_WRAP_INFO).derive(
+            finished.get_session_key())
+        rk_nonce = self._rng.token_bytes(12)
+        wrapped = AESGCM(wrap_key).encrypt(rk_nonce, ek + k_nonce, canonical(labels.RECOVERY_WRAP_AAD, uid))
+        version = req.current.version + 1
+        if req.current.state is api.EntryState.LIVE:
+            record = self._open_record(req.user_id, req.island, req.current)
+            new_entry = self._seal_record(req.user_id, req.island, version, Record(
+                record.password_file, record.ek, record.k_nonce, record.max_attempts, record.max_attempts))
+            status = api.RecordStatus.RESET
+        else:
+            # The guess that used the last attempt was right: K goes back, the record stays gone.
+            new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
+            status = api.RecordStatus.DESTROYED
+        sig = self._sign(labels.SIG_LOGIN_FINISH, uid, request_digest(req.credential_finalization),
+                         wrapped, rk_nonce, status.value.encode())
+        return api.LoginFinishOut(new_entry=new_entry, wrapped_key=wrapped, rk_nonce=rk_nonce,
+                                  record_status=status, signature=sig)
+
+    # -- moving records between islands ------------------------------------------
+    def reseal(self, req: api.ResealIn) -> api.ResealOut:
+        """Re-seal a record for another island, attempts intact. Tombstones move as tombstones."""
+        if req.current.state is not api.EntryState.LIVE:
+            return api.ResealOut(new_entry=req.current)
+        record = self._open_record(req.user_id, req.from_island, req.current)
+        return api.ResealOut(new_entry=self._seal_record(req.user_id, req.to_island, req.current.version, record))

@@ -1,0 +1,67 @@
+"""Exceptions of the hsm-proxy, mapped to HTTP in ``app.py`` (one place).
+
+::
+
+    HsmProxyError
+    ├── BadRequest                   400 invalid_request
+    │   └── MalformedOpaqueMessage   400 malformed_opaque_message
+    ├── ChallengeRejected            400 challenge_rejected (expired, replayed, foreign)
+    ├── LoginStateRejected           400 login_state_rejected (expired, used, foreign)
+    ├── AuthenticationFailed         403 authentication_failed (the one wrong-password error)
+    ├── RecordIntegrityFailure       500 record_integrity_failure (sealed record will not open)
+    ├── RecordDestroyed              410 record_destroyed
+    └── HsmError                     503 unavailable -- the token misbehaved
+        ├── HsmKeyMissing            (fleet-init was not run)
+        ├── HsmLoginFailed           (wrong PIN / no token)
+        └── HsmAuthTagMismatch       (AES-GCM tag check failed: raised by unseal,
+                                      turned into one of the rejections above)
+"""
+
+
+class HsmProxyError(Exception):
+    pass
+
+
+class BadRequest(HsmProxyError):
+    pass
+
+
+class MalformedOpaqueMessage(BadRequest):
+    pass
+
+
+class ChallengeRejected(HsmProxyError):
+    pass
+
+
+class LoginStateRejected(HsmProxyError):
+    pass
+
+
+class AuthenticationFailed(HsmProxyError):
+    """The credential finalization did not verify: wrong password, or a
+    forged message. Deliberately says nothing more."""
+
+
+class RecordIntegrityFailure(HsmProxyError):
+    pass
+
+
+class RecordDestroyed(HsmProxyError):
+    pass
+
+
+class HsmError(HsmProxyError):
+    pass
+
+
+class HsmKeyMissing(HsmError):
+    pass
+
+
+class HsmLoginFailed(HsmError):
+    pass
+
+
+class HsmAuthTagMismatch(HsmError):
+    pass

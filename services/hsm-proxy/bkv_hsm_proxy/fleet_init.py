@@ -1,0 +1,50 @@
+"""fleet-init: the admin step that creates the fleet inside the token.
+
+Idempotent: keys and the sealed OPAQUE setup are created only if absent, and
+never overwritten. Prints and writes the public fleet parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bkv_hsm_proxy.core import VaultHsm
+from bkv_hsm_proxy.hsm import Pkcs11Hsm
+from bkv_hsm_proxy.settings import HsmProxySettings
+
+FLEET_PARAMS_KEY = "/fleet/params"
+
+
+def fleet_init(settings: HsmProxySettings, out: Path | None) -> dict:
+    hsm = Pkcs11Hsm(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+    try:
+        created = False
+        if not hsm.keys_present():
+            hsm.generate_keys()
+            created = True
+        VaultHsm.create_opaque_setup(hsm)
+        vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
+        params = vault.params().model_dump(mode="json")
+        params["key_attributes"] = hsm.key_attributes()
+        params["token"] = hsm.token_info
+    finally:
+        hsm.close()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(params, indent=2) + "\n")
+    if settings.etcd_endpoints:
+        import asyncio
+
+        from bkv_common.etcd import connect
+
+        async def publish() -> None:
+            client = await connect(settings.etcd_endpoints)
+            try:
+                await client.put((settings.etcd_prefix + FLEET_PARAMS_KEY).encode(), json.dumps(params).encode())
+            finally:
+                await client.close()
+
+        asyncio.run(publish())
+    params["created"] = created
+    return params

@@ -1,0 +1,51 @@
+"""``bkv-island serve`` and ``bkv-island set-map ID [ID...]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bkv-island", description="A vault island of Backup Key Vault.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("serve", help="serve this island replica (settings from BKV_ISLAND_* variables)")
+    sm = sub.add_parser("set-map", help="write the island map to etcd (BKV_ISLAND_ETCD_ENDPOINTS/PREFIX)")
+    sm.add_argument("islands", nargs="+")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "set-map":
+        from bkv_common.etcd import connect
+        from bkv_common.fleetmap import set_island_map
+
+        async def go() -> None:
+            client = await connect(os.environ.get("BKV_ISLAND_ETCD_ENDPOINTS", "127.0.0.1:2379"))
+            try:
+                await set_island_map(client, os.environ.get("BKV_ISLAND_ETCD_PREFIX", "/bkv"), args.islands)
+            finally:
+                await client.close()
+
+        asyncio.run(go())
+        print("island map:", " ".join(sorted(set(args.islands))))
+        return 0
+
+    from pydantic import ValidationError
+
+    from bkv_island.settings import IslandSettings
+
+    try:
+        settings = IslandSettings()
+    except ValidationError as exc:
+        print(f"bkv-island: bad settings: {exc}", file=sys.stderr)
+        return 2
+    from bkv_common.service import run
+    from bkv_island.server import build_app
+
+    run(build_app(settings), settings.host, settings.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""An island's logic: read the entry, let the HSM decide, commit by CAS.
+
+Every operation is one loop through the shared retry helper: read the
+user's entry, ask the hsm-proxy for the next entry, and compare-and-swap it
+in. If another replica changed the entry in between, the swap fails, nothing
+the HSM produced is released, and the loop starts over from a fresh read.
+That is what makes the attempt count exact under any number of replicas.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from bkv_common import metrics
+from bkv_common.retry import Backoff, DeadlineExceeded, retry
+from bkv_hsm_proxy import api as hapi
+from bkv_island import api, errors
+from bkv_island.store import RecordStore
+
+CAS_BACKOFF = Backoff(deadline_s=8.0, first_delay_s=0.002, max_delay_s=0.2)
+
+
+class HsmPort(Protocol):
+    async def registration_start(self, req: hapi.RegistrationStartIn) -> hapi.RegistrationStartOut: ...
+    async def registration_finish(self, req: hapi.RegistrationFinishIn) -> hapi.RegistrationFinishOut: ...
+    async def login_start(self, req: hapi.LoginStartIn) -> hapi.LoginStartOut: ...
+    async def login_finish(self, req: hapi.LoginFinishIn) -> hapi.LoginFinishOut: ...
+    async def reseal(self, req: hapi.ResealIn) -> hapi.ResealOut: ...
+
+
+class _LostRace(Exception):
+    """Another replica changed the entry between our read and our swap."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, (_LostRace, errors.StoreUnavailable))
+
+
+class Island:
+    def __init__(self, island_id: str, store: RecordStore, hsm: HsmPort, *, backoff: Backoff = CAS_BACKOFF) -> None:
+        self.island_id = island_id
+        self._store = store
+        self._hsm = hsm
+        self._backoff = backoff
+
+    async def _loop(self, op, name: str):
+        try:
+            return await retry(op, retry_on=_retryable, backoff=self._backoff)
+        except DeadlineExceeded as exc:
+            if isinstance(exc.__cause__, errors.StoreUnavailable):
+                raise errors.StoreUnavailable("etcd unreachable; try again shortly") from exc
+            raise errors.Contended(f"{name}: too many concurrent changes to this record; try again") from exc
+
+    async def _commit(self, user_id: str, revision: int, entry: hapi.Entry) -> None:
+        if not await self._store.swap(self.island_id, user_id, revision, entry):
+            metrics.RETRIES.labels("etcd-cas").inc()
+            raise _LostRace()
+
+    # -- registration --------------------------------------------------------------
+    async def registration_start(self, req: api.RegistrationStartIn) -> api.RegistrationStartOut:
+        stored = await self._loop(lambda _: self._store.read(self.island_id, req.user_id), "read")
+        out = await self._hsm.registration_start(hapi.RegistrationStartIn(
+            user_id=req.user_id, island=self.island_id, current=stored.entry,
+            registration_request=req.registration_request))
+        return api.RegistrationStartOut(**out.model_dump())
+
+    async def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
+        async def attempt(_: int) -> api.RegistrationFinishOut:
+            stored = await self._store.read(self.island_id, req.user_id)
+            out = await self._hsm.registration_finish(hapi.RegistrationFinishIn(
+                user_id=req.user_id, island=self.island_id, current=stored.entry, challenge=req.challenge,
+                registration_upload=req.registration_upload, ek=req.ek, k_nonce=req.k_nonce))
+            await self._commit(req.user_id, stored.revision, out.new_entry)
+            metrics.REGISTRATIONS.inc()
+            return api.RegistrationFinishOut(version=out.new_entry.version, max_attempts=out.max_attempts,
+                                             signature=out.signature)
+
+        return await self._loop(attempt, "registration")
+
+    # -- recovery --------------------------------------------------------------------
+    async def recovery_start(self, req: api.RecoveryStartIn) -> api.RecoveryStartOut:
+        async def attempt(_: int) -> api.RecoveryStartOut:
+            stored = await self._store.read(self.island_id, req.user_id)
+            self._require_live(stored.entry)
+            out = await self._hsm.login_start(hapi.LoginStartIn(
+                user_id=req.user_id, island=self.island_id, current=stored.entry,
+                credential_request=req.credential_request))
+            # The decrement is durable on a quorum before the response leaves (invariant 3).
+            await self._commit(req.user_id, stored.revision, out.new_entry)
+            metrics.GUESSES_EVALUATED.inc()
+            if out.new_entry.state is hapi.EntryState.DESTROYED:
+                metrics.RECORDS_DESTROYED.inc()
+            return api.RecoveryStartOut(credential_response=out.credential_response, login_state=out.login_state,
+                                        attempts_left=out.attempts_left, signature=out.signature)
+
+        return await self._loop(attempt, "recovery")
+
+    async def recovery_finish(self, req: api.RecoveryFinishIn) -> api.RecoveryFinishOut:
+        async def attempt(_: int) -> api.RecoveryFinishOut:
+            stored = await self._store.read(self.island_id, req.user_id)
+            if stored.entry.state is hapi.EntryState.ABSENT:
+                raise errors.NoRecord("no record for this user")
+            out = await self._hsm.login_finish(hapi.LoginFinishIn(
+                user_id=req.user_id, island=self.island_id, current=stored.entry, login_state=req.login_state,
+                credential_finalization=req.credential_finalization))
+            # Committing the reset also consumes the login state (the version moves on).
+            await self._commit(req.user_id, stored.revision, out.new_entry)
+            metrics.RECOVERIES_SUCCEEDED.inc()
+            return api.RecoveryFinishOut(wrapped_key=out.wrapped_key, rk_nonce=out.rk_nonce,
+                                         record_status=out.record_status, signature=out.signature)
+
+        return await self._loop(attempt, "recovery")
+
+    # -- deletion and moves -----------------------------------------------------------
+    async def delete(self, req: api.DeleteIn) -> api.DeleteOut:
+        async def attempt(_: int) -> api.DeleteOut:
+            stored = await self._store.read(self.island_id, req.user_id)
+            if stored.entry.state is not hapi.EntryState.LIVE:
+                return api.DeleteOut(deleted=False)
+            tomb = hapi.Entry(state=hapi.EntryState.DESTROYED, version=stored.entry.version + 1)
+            await self._commit(req.user_id, stored.revision, tomb)
+            return api.DeleteOut(deleted=True)
+
+        return await self._loop(attempt, "delete")
+
+    async def move(self, req: api.MoveIn) -> api.MoveOut:
+        """Re-seal the record for ``to_island`` and move it in one transaction."""
+
+        async def attempt(_: int) -> api.MoveOut:
+            stored = await self._store.read(self.island_id, req.user_id)
+            if stored.entry.state is hapi.EntryState.ABSENT:
+                return api.MoveOut(moved=False)
+            out = await self._hsm.reseal(hapi.ResealIn(user_id=req.user_id, from_island=self.island_id,
+                                                       to_island=req.to_island, current=stored.entry))
+            if not await self._store.move(self.island_id, req.to_island, req.user_id, stored.revision,
+                                          out.new_entry):
+                raise _LostRace()
+            return api.MoveOut(moved=True)
+
+        return await self._loop(attempt, "move")
+
+    @staticmethod
+    def _require_live(entry: hapi.Entry) -> None:
+        if entry.state is hapi.EntryState.ABSENT:
+            raise errors.NoRecord("no record for this user")
+        if entry.state is hapi.EntryState.DESTROYED:
+            metrics.LOCKOUT_HITS.inc()
+            raise errors.RecordDestroyed("this record was destroyed after too many wrong passwords, or disabled")

@@ -1,0 +1,33 @@
+"""Exceptions of a vault island, mapped to HTTP in ``app.py``.
+
+::
+
+    IslandError
+    ├── NoRecord            404 no_record        -- never registered (or deleted and gone)
+    ├── RecordDestroyed     410 record_destroyed -- attempts ran out, or disabled
+    ├── Contended           409 conflict         -- lost every compare-and-swap until the deadline
+    └── StoreUnavailable    503 unavailable      -- etcd unreachable
+
+Errors from the hsm-proxy arrive as ``bkv_common.http.UpstreamError`` and are
+passed on unchanged; ``UpstreamUnavailable`` becomes 503.
+"""
+
+
+class IslandError(Exception):
+    pass
+
+
+class NoRecord(IslandError):
+    pass
+
+
+class RecordDestroyed(IslandError):
+    pass
+
+
+class Contended(IslandError):
+    pass
+
+
+class StoreUnavailable(IslandError):
+    pass

@@ -1,0 +1,55 @@
+"""The island's two ways to reach the HSM boundary: over HTTP (production)
+or in-process (unit tests of island logic with ``InMemoryHsmFake``)."""
+
+from __future__ import annotations
+
+from bkv_common.http import ServiceClient
+from bkv_hsm_proxy import api as hapi
+from bkv_hsm_proxy.core import VaultHsm
+
+
+class HsmHttpClient:
+    """Every hsm-proxy call is a pure function of its input, so all are retried."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self._c = ServiceClient("hsm-proxy", urls)
+
+    async def aclose(self) -> None:
+        await self._c.aclose()
+
+    async def registration_start(self, req: hapi.RegistrationStartIn) -> hapi.RegistrationStartOut:
+        return await self._c.call("POST", "/hsm/v1/registration/start", req, hapi.RegistrationStartOut, idempotent=True)
+
+    async def registration_finish(self, req: hapi.RegistrationFinishIn) -> hapi.RegistrationFinishOut:
+        return await self._c.call("POST", "/hsm/v1/registration/finish", req, hapi.RegistrationFinishOut, idempotent=True)
+
+    async def login_start(self, req: hapi.LoginStartIn) -> hapi.LoginStartOut:
+        return await self._c.call("POST", "/hsm/v1/login/start", req, hapi.LoginStartOut, idempotent=True)
+
+    async def login_finish(self, req: hapi.LoginFinishIn) -> hapi.LoginFinishOut:
+        return await self._c.call("POST", "/hsm/v1/login/finish", req, hapi.LoginFinishOut, idempotent=True)
+
+    async def reseal(self, req: hapi.ResealIn) -> hapi.ResealOut:
+        return await self._c.call("POST", "/hsm/v1/reseal", req, hapi.ResealOut, idempotent=True)
+
+
+class InProcessHsm:
+    """Unit tests only: calls ``VaultHsm`` directly."""
+
+    def __init__(self, vault: VaultHsm) -> None:
+        self.vault = vault
+
+    async def registration_start(self, req):
+        return self.vault.registration_start(req)
+
+    async def registration_finish(self, req):
+        return self.vault.registration_finish(req)
+
+    async def login_start(self, req):
+        return self.vault.login_start(req)
+
+    async def login_finish(self, req):
+        return self.vault.login_finish(req)
+
+    async def reseal(self, req):
+        return self.vault.reseal(req)

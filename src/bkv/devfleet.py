@@ -1,0 +1,367 @@
+"""The local fleet: every part as a background process on loopback ports.
+
+``bkv dev up`` and the test fixtures both use :class:`Fleet`. What runs is
+recorded in ``<state>/fleet.json`` so ``dev status``/``dev down`` work from
+any shell; everything the fleet keeps (etcd data, the SoftHSM2 token, logs,
+the dev issuer key) lives under that one state directory.
+
+Ports, from ``base_port`` (default 18000): etcd clients base+379+2i, peers
+base+380+2i; hsm-proxies base+100+i; island j replica r base+200+10j+r;
+frontend base+80.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+TOKEN_LABEL = "bkv-fleet"
+DEFAULT_ISLANDS = ("island-a", "island-b")
+
+
+class FleetError(Exception):
+    """The fleet could not be brought up; the message says what to do."""
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    health: str | None  # URL polled for readiness; None for etcd (TCP check)
+    pid: int | None = None
+
+
+@dataclass
+class FleetSpec:
+    state_dir: str
+    base_port: int = 18000
+    islands: list[str] = field(default_factory=lambda: list(DEFAULT_ISLANDS))
+    replicas_per_island: int = 2
+    hsm_proxies: int = 1
+    etcd_members: int = 1
+    max_attempts: int = 10
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(os.environ.get("BKV_DEV_STATE", Path(base) / "bkv" / "dev"))
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(check, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll ``check()`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - keep polling until the deadline
+            last_exc = exc
+        time.sleep(interval_s)
+    raise FleetError(f"timed out after {timeout_s:.0f}s waiting for {what}" + (f" ({last_exc})" if last_exc else ""))
+
+
+class Fleet:
+    def __init__(self, spec: FleetSpec) -> None:
+        self.spec = spec
+        self.state = Path(spec.state_dir)
+        self.procs: dict[str, Proc] = {}
+
+    # -- paths and derived values ----------------------------------------------------
+    @property
+    def record_file(self) -> Path:
+        return self.state / "fleet.json"
+
+    @property
+    def frontend_url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.base_port + 80}"
+
+    def etcd_client_port(self, i: int) -> int:
+        return self.spec.base_port + 379 + 2 * i
+
+    @property
+    def etcd_endpoints(self) -> str:
+        return ",".join(f"127.0.0.1:{self.etcd_client_port(i)}" for i in range(self.spec.etcd_members))
+
+    @property
+    def fleet_params(self) -> dict:
+        return json.loads((self.state / "fleet-params.json").read_text())
+
+    def _pins(self) -> tuple[str, str]:
+        path = self.state / "hsm" / "pins.json"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(json.dumps({"so": secrets.token_hex(8), "user": secrets.token_hex(8)}))
+        pins = json.loads(path.read_text())
+        return pins["so"], pins["user"]
+
+    def _softhsm_env(self) -> dict[str, str]:
+        conf = self.state / "hsm" / "softhsm2.conf"
+        return {"SOFTHSM2_CONF": str(conf)}
+
+    # -- process specs -------------------------------------------------------------
+    def _specs(self) -> list[Proc]:
+        s, py = self.spec, sys.executable
+        procs: list[Proc] = []
+        n = s.etcd_members
+        cluster = ",".join(f"etcd{i}=http://127.0.0.1:{s.base_port + 380 + 2 * i}" for i in range(n))
+        for i in range(n):
+            cport, pport = self.etcd_client_port(i), s.base_port + 380 + 2 * i
+            procs.append(Proc(f"etcd{i}", [
+                shutil.which("etcd") or "/usr/bin/etcd", "--name", f"etcd{i}",
+                "--data-dir", str(self.state / "etcd" / f"etcd{i}"),
+                "--listen-client-urls", f"http://127.0.0.1:{cport}",
+                "--advertise-client-urls", f"http://127.0.0.1:{cport}",
+                "--listen-peer-urls", f"http://127.0.0.1:{pport}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
+                "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                "--initial-cluster-token", "bkv-dev", "--log-level", "warn",
+                "--heartbeat-interval", "50", "--election-timeout", "500",
+            ], {"ETCD_UNSUPPORTED_ARCH": ""}, cport, None))
+        _, user_pin = self._pins()
+        hsm_env = {**self._softhsm_env(), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL,
+                   "BKV_HSM_USER_PIN": user_pin, "BKV_HSM_MAX_ATTEMPTS": str(s.max_attempts),
+                   "BKV_HSM_PKCS11_MODULE": SOFTHSM_MODULE}
+        hsm_urls = []
+        for i in range(s.hsm_proxies):
+            port = s.base_port + 100 + i
+            hsm_urls.append(f"http://127.0.0.1:{port}")
+            procs.append(Proc(f"hsm-proxy{i}", [py, "-m", "bkv_hsm_proxy", "serve"],
+                              {**hsm_env, "BKV_HSM_PORT": str(port)}, port, f"http://127.0.0.1:{port}/healthz"))
+        for j, island in enumerate(s.islands):
+            for r in range(s.replicas_per_island):
+                port = s.base_port + 200 + 10 * j + r
+                procs.append(Proc(f"{island}-{r}", [py, "-m", "bkv_island", "serve"], {
+                    "BKV_ENV": "dev", "BKV_ISLAND_PORT": str(port), "BKV_ISLAND_ISLAND_ID": island,
+                    "BKV_ISLAND_REPLICA_ID": f"{island}-{r}", "BKV_ISLAND_ETCD_ENDPOINTS": self.etcd_endpoints,
+                    "BKV_ISLAND_HSM_URLS": ",".join(hsm_urls),
+                }, port, f"http://127.0.0.1:{port}/healthz"))
+        port = s.base_port + 80
+        procs.append(Proc("frontend", [py, "-m", "bkv_frontend", "serve"], {
+            "BKV_ENV": "dev", "BKV_FRONTEND_PORT": str(port), "BKV_FRONTEND_ETCD_ENDPOINTS": self.etcd_endpoints,
+            "BKV_FRONTEND_TOKEN_PUBLIC_KEY_FILE": str(self.state / "issuer" / "issuer-public.pem"),
+            "BKV_FRONTEND_REFRESH_INTERVAL_S": "0.5",
+        }, port, f"http://127.0.0.1:{port}/readyz"))
+        return procs
+
+    # -- lifecycle -------------------------------------------------------------------
+    def load(self) -> bool:
+        if not self.record_file.exists():
+            return False
+        data = json.loads(self.record_file.read_text())
+        self.spec = FleetSpec(**data["spec"])
+        self.procs = {p["name"]: Proc(**p) for p in data["procs"]}
+        return True
+
+    def _save(self) -> None:
+        self.record_file.write_text(json.dumps(
+            {"spec": asdict(self.spec), "procs": [asdict(p) for p in self.procs.values()]}, indent=1))
+
+    def _check_dependencies(self) -> None:
+        missing = [b for b in ("etcd", "softhsm2-util") if not shutil.which(b)]
+        if not os.path.exists(SOFTHSM_MODULE):
+            missing.append(SOFTHSM_MODULE)
+        if missing:
+            raise FleetError(f"missing: {', '.join(missing)}. Run `bash scripts/setup.sh` "
+                             "(installs etcd-server and softhsm2).")
+
+    def up(self, timeout_s: float = 60.0) -> None:
+        """Start whatever is not running (idempotent) and wait until ready."""
+        self._check_dependencies()
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "logs").mkdir(exist_ok=True)
+        if self.record_file.exists():
+            old = json.loads(self.record_file.read_text())
+            if FleetSpec(**old["spec"]) != self.spec and any(_alive(p.get("pid")) for p in old["procs"]):
+                raise FleetError("a fleet with a different layout is running from this state directory; "
+                                 "run `bkv dev down` first")
+            self.procs = {p["name"]: Proc(**p) for p in old["procs"]}
+        specs = self._specs()
+        for p in specs:
+            prev = self.procs.get(p.name)
+            if prev and _alive(prev.pid):
+                p.pid = prev.pid
+            elif _port_in_use(p.port):
+                raise FleetError(f"port {p.port} (for {p.name}) is taken by another program; stop it or pick "
+                                 f"another base port with --base-port")
+        self.procs = {p.name: p for p in specs}
+        for p in specs:
+            if p.name.startswith("etcd"):
+                self._start(p)
+        for p in specs:
+            if p.name.startswith("etcd"):
+                wait_until(lambda p=p: _port_in_use(p.port), timeout_s, f"{p.name} on port {p.port}")
+        self._init_hsm_and_map()
+        for p in specs:
+            if not p.name.startswith("etcd"):
+                self._start(p)
+        self._save()
+        for p in specs:
+            if p.health:
+                self.wait_healthy(p.name, timeout_s)
+
+    def _start(self, p: Proc) -> None:
+        if _alive(p.pid):
+            return
+        log = open(self.state / "logs" / f"{p.name}.log", "ab")
+        env = {**os.environ, **p.env}
+        proc = subprocess.Popen(p.argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=self.state)
+        log.close()
+        p.pid = proc.pid
+
+    def wait_healthy(self, name: str, timeout_s: float = 30.0) -> None:
+        p = self.procs[name]
+
+        def ok() -> bool:
+            if not _alive(p.pid):
+                raise FleetError(f"{name} exited; see {self.state / 'logs' / (name + '.log')}")
+            return httpx.get(p.health, timeout=1.0).status_code == 200
+
+        try:
+            wait_until(ok, timeout_s, f"{name} to become ready")
+        except FleetError as exc:
+            tail = self.log_tail(name)
+            raise FleetError(f"{exc}\n--- last lines of {name}.log ---\n{tail}") from None
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.state / "logs" / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def _run(self, argv: list[str], env: dict[str, str]) -> str:
+        res = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise FleetError(f"{' '.join(argv[:3])} failed: {res.stderr.strip()[-800:]}")
+        return res.stdout
+
+    def _init_hsm_and_map(self) -> None:
+        """Create the token (once), run fleet-init (idempotent), write the island map."""
+        from bkv_frontend.auth import DevIssuer
+
+        hsm_dir = self.state / "hsm"
+        (hsm_dir / "tokens").mkdir(parents=True, exist_ok=True)
+        conf = hsm_dir / "softhsm2.conf"
+        if not conf.exists():
+            conf.write_text(f"directories.tokendir = {hsm_dir / 'tokens'}\nobjectstore.backend = file\n"
+                            "log.level = ERROR\nslots.removable = false\n")
+        so_pin, user_pin = self._pins()
+        env = self._softhsm_env()
+        if TOKEN_LABEL not in self._run(["softhsm2-util", "--show-slots"], env):
+            self._run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
+                       "--so-pin", so_pin, "--pin", user_pin], env)
+        self._run([sys.executable, "-m", "bkv_hsm_proxy", "fleet-init", "--out", str(self.state / "fleet-params.json")], {
+            **env, "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL, "BKV_HSM_USER_PIN": user_pin,
+            "BKV_HSM_MAX_ATTEMPTS": str(self.spec.max_attempts), "BKV_HSM_ETCD_ENDPOINTS": self.etcd_endpoints,
+        })
+        self._run([sys.executable, "-m", "bkv_island", "set-map", *self.spec.islands],
+                  {"BKV_ISLAND_ETCD_ENDPOINTS": self.etcd_endpoints})
+        DevIssuer.load_or_create(self.state / "issuer")
+
+    def issuer(self):
+        from bkv_frontend.auth import DevIssuer
+
+        return DevIssuer.load_or_create(self.state / "issuer")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        p = self.procs[name]
+        if _alive(p.pid):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            if sig == signal.SIGKILL:
+                wait_until(lambda: not _alive(p.pid), 10, f"{name} to exit")
+                self._reap(p.pid)
+
+    @staticmethod
+    def _reap(pid: int | None) -> None:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except (ChildProcessError, TypeError):
+            pass
+
+    def start(self, name: str, wait: bool = True) -> None:
+        p = self.procs[name]
+        self._start(p)
+        self._save()
+        if wait and p.health:
+            self.wait_healthy(name)
+
+    def status(self) -> list[dict]:
+        out = []
+        for p in self.procs.values():
+            alive = _alive(p.pid)
+            healthy = None
+            if alive and p.health:
+                try:
+                    healthy = httpx.get(p.health, timeout=1.0).status_code == 200
+                except httpx.HTTPError:
+                    healthy = False
+            elif alive:
+                healthy = _port_in_use(p.port)
+            out.append({"name": p.name, "pid": p.pid if alive else None, "port": p.port,
+                        "state": "ready" if healthy else ("starting" if alive else "stopped")})
+        return out
+
+    def down(self, purge: bool = False) -> None:
+        # Services first, etcd last, so nothing logs a burst of etcd errors on the way down.
+        for p in sorted(self.procs.values(), key=lambda p: p.name.startswith("etcd")):
+            if _alive(p.pid):
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs.values():
+            try:
+                wait_until(lambda p=p: not _alive(p.pid), 10, f"{p.name} to stop")
+            except FleetError:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._reap(p.pid)
+            p.pid = None
+        if self.state.exists():
+            if purge:
+                shutil.rmtree(self.state)
+            else:
+                self._save()

@@ -1,0 +1,60 @@
+"""Exceptions of the client SDK: each one is an outcome the caller can act on.
+
+::
+
+    VaultError
+    ├── WrongPassword      the password is wrong; ``attempts_left`` tries remain (signed by the fleet)
+    ├── LockedOut          no attempts left: the record is destroyed; the backup cannot be decrypted
+    ├── NoRecord           nothing is registered for this account
+    ├── Unauthorized       the account token was refused; sign in again
+    ├── VaultUnavailable   the vault did not answer before the deadline; try later
+    ├── BadSignature       a vault answer failed the fleet signature check; nothing was acted on
+    └── ProtocolError      the vault refused a step (``code`` says which); start the operation again
+"""
+
+from __future__ import annotations
+
+
+class VaultError(Exception):
+    pass
+
+
+class WrongPassword(VaultError):
+    """Tries were decremented: ``attempts_left`` remain before the record is destroyed."""
+
+    def __init__(self, attempts_left: int) -> None:
+        self.attempts_left = attempts_left
+        if attempts_left:
+            msg = f"wrong password; {attempts_left} attempt{'s' if attempts_left != 1 else ''} left"
+        else:
+            msg = "wrong password; that was the last attempt and the key is now destroyed"
+        super().__init__(msg)
+
+
+class LockedOut(VaultError):
+    """The record is gone for good. Nothing more can be recovered with any password."""
+
+
+class NoRecord(VaultError):
+    """No key is escrowed for this account. Register first."""
+
+
+class Unauthorized(VaultError):
+    """The account token is missing, expired or for another device."""
+
+
+class VaultUnavailable(VaultError):
+    """Retried until the deadline without an answer. Safe to try again later."""
+
+
+class BadSignature(VaultError):
+    """A vault answer was not signed by the pinned fleet key: a man in the
+    middle, a tampered answer, or a stale pinned key. Nothing was acted on."""
+
+
+class ProtocolError(VaultError):
+    """The vault refused a step; ``code`` is the stable error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(f"{code}: {message}")

@@ -1,0 +1,32 @@
+"""Every domain-separation label in the protocol, in one place.
+
+Each MAC, KDF, AEAD associated-data prefix and signature transcript has its
+own label, so no value computed for one purpose is ever valid for another.
+Changing a label is a protocol break: bump the ``v1``.
+"""
+
+from typing import Final
+
+# Client-side KDFs (HKDF-SHA256 info strings).
+OPAQUE_K_INFO: Final = b"bkv/v1/kdf/opaque-k"          # export key -> OPAQUE_K
+RECOVERY_WRAP_INFO: Final = b"bkv/v1/kdf/recovery-wrap"  # SHARED_K -> key wrapping EK||K_NONCE
+
+# AES-GCM associated data prefixes.
+EK_AAD: Final = b"bkv/v1/aead/ek"                    # EK = AEAD(K) under OPAQUE_K
+RECOVERY_WRAP_AAD: Final = b"bkv/v1/aead/recovery-wrap"
+RECORD_AAD: Final = b"bkv/v1/aead/record"            # sealed vault record
+OPAQUE_SETUP_AAD: Final = b"bkv/v1/aead/opaque-setup"  # sealed OPAQUE server setup
+CHALLENGE_AAD: Final = b"bkv/v1/aead/registration-challenge"
+LOGIN_STATE_AAD: Final = b"bkv/v1/aead/login-state"
+
+# Fleet signature transcripts (ECDSA P-256 over SHA-256 of the transcript).
+SIG_REGISTRATION_START: Final = b"bkv/v1/sig/registration-start"
+SIG_REGISTRATION_FINISH: Final = b"bkv/v1/sig/registration-finish"
+SIG_LOGIN_START: Final = b"bkv/v1/sig/login-start"
+SIG_LOGIN_FINISH: Final = b"bkv/v1/sig/login-finish"
+
+# Hashes.
+USER_KEY_HASH: Final = b"bkv/v1/hash/user-key"        # etcd key for a user's record
+RENDEZVOUS_HASH: Final = b"bkv/v1/hash/rendezvous"    # user -> island placement
+FLEET_ID_HASH: Final = b"bkv/v1/hash/fleet-id"        # fleet id from its public key
+REQUEST_HASH: Final = b"bkv/v1/hash/request"          # request digests inside transcripts
