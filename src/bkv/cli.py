@@ -1,0 +1,210 @@
+"""The ``bkv`` command line. Each command says what it does in ``--help``;
+exit codes are documented in docs/cli.md and :class:`ExitCode`."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bkv import errors
+
+app = typer.Typer(help="Backup Key Vault: end-to-end encrypted backups whose key is escrowed under a password.",
+                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+dev = typer.Typer(help="Run a local fleet (etcd, SoftHSM2, hsm-proxy, islands, frontend) on loopback.",
+                  no_args_is_help=True)
+app.add_typer(dev, name="dev")
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    WRONG_PASSWORD = 3
+    LOCKED_OUT = 4
+    VAULT_UNAVAILABLE = 5
+    CORRUPT_BACKUP = 6
+    NO_RECORD = 7
+    UNAUTHORIZED = 8
+    BAD_SIGNATURE = 9
+
+
+def _fail(message: str, code: ExitCode) -> None:
+    typer.echo(f"bkv: {message}", err=True)
+    raise typer.Exit(int(code))
+
+
+def _vault_errors(exc: errors.VaultError) -> None:
+    mapping = {errors.WrongPassword: ExitCode.WRONG_PASSWORD, errors.LockedOut: ExitCode.LOCKED_OUT,
+               errors.VaultUnavailable: ExitCode.VAULT_UNAVAILABLE, errors.NoRecord: ExitCode.NO_RECORD,
+               errors.Unauthorized: ExitCode.UNAUTHORIZED, errors.BadSignature: ExitCode.BAD_SIGNATURE}
+    _fail(str(exc), mapping.get(type(exc), ExitCode.ERROR))
+
+
+def _fleet(state_dir: Optional[Path], base_port: Optional[int] = None):
+    from bkv.devfleet import Fleet, FleetSpec, default_state_dir
+
+    state = state_dir or default_state_dir()
+    fleet = Fleet(FleetSpec(state_dir=str(state)))
+    if fleet.load() and base_port is not None and base_port != fleet.spec.base_port:
+        _fail(f"the fleet in {state} uses base port {fleet.spec.base_port}; run `bkv dev down` first", ExitCode.USAGE)
+    if base_port is not None:
+        fleet.spec.base_port = base_port
+    return fleet
+
+
+StateDir = typer.Option(None, "--state-dir", help="where the fleet keeps everything (default "
+                        "$XDG_STATE_HOME/bkv/dev or $BKV_DEV_STATE)")
+
+
+@dev.command("up")
+def dev_up(base_port: Optional[int] = typer.Option(None, help="first of the fleet's loopback ports (default 18000)"),
+           state_dir: Optional[Path] = StateDir,
+           user: str = typer.Option("dev-user", help="the dev identity written to the client config")) -> None:
+    """Start the local fleet in the background (idempotent) and write the client config.
+
+    Example: bkv dev up && bkv dev status
+    """
+    from bkv.config import ClientConfig
+    from bkv.devfleet import FleetError
+
+    fleet = _fleet(state_dir, base_port)
+    try:
+        fleet.up()
+    except FleetError as exc:
+        _fail(str(exc), ExitCode.ERROR)
+    params = fleet.fleet_params
+    path = ClientConfig(url=fleet.frontend_url, fleet_public_key=params["fleet_public_key"], user_id=user,
+                        token=fleet.issuer().mint(user), dev_state_dir=str(fleet.state)).save()
+    typer.echo(f"fleet up: {fleet.frontend_url} (fleet {params['fleet_id']}, max {params['max_attempts']} attempts)")
+    typer.echo(f"client config: {path} (user {user})")
+
+
+@dev.command("down")
+def dev_down(purge: bool = typer.Option(False, help="also delete the state directory: etcd data, token, logs"),
+             state_dir: Optional[Path] = StateDir) -> None:
+    """Stop the local fleet. With --purge every record and key is gone for good."""
+    fleet = _fleet(state_dir)
+    if not fleet.load():
+        typer.echo("no local fleet recorded")
+        if purge and fleet.state.exists():
+            import shutil
+
+            shutil.rmtree(fleet.state)
+        return
+    fleet.down(purge=purge)
+    typer.echo("fleet stopped" + (" and purged" if purge else ""))
+
+
+@dev.command("status")
+def dev_status(state_dir: Optional[Path] = StateDir,
+               as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Show each part of the local fleet, its port and whether it is ready."""
+    fleet = _fleet(state_dir)
+    if not fleet.load():
+        _fail("no local fleet; run `bkv dev up`", ExitCode.ERROR)
+    rows = fleet.status()
+    if as_json:
+        typer.echo(json.dumps(rows))
+    else:
+        for r in rows:
+            typer.echo(f"{r['name']:<14} {r['state']:<9} port {r['port']:<6} pid {r['pid'] or '-'}")
+    if any(r["state"] != "ready" for r in rows):
+        raise typer.Exit(1)
+
+
+@dev.command("login")
+def dev_login(user: str = typer.Argument(..., help="the account to act as"), state_dir: Optional[Path] = StateDir) -> None:
+    """Switch the client config's identity to USER (the dev issuer signs for anyone).
+
+    Example: bkv dev login alice
+    """
+    from bkv.config import ClientConfig, ConfigError
+
+    fleet = _fleet(state_dir)
+    if not fleet.load():
+        _fail("no local fleet; run `bkv dev up`", ExitCode.ERROR)
+    try:
+        cfg = ClientConfig.load()
+    except ConfigError:
+        cfg = ClientConfig(url=fleet.frontend_url, fleet_public_key=fleet.fleet_params["fleet_public_key"],
+                           user_id=user, token="", dev_state_dir=str(fleet.state))
+    try:
+        token = fleet.issuer().mint(user)
+    except ValueError as exc:
+        _fail(str(exc), ExitCode.USAGE)
+    ClientConfig(url=cfg.url, fleet_public_key=cfg.fleet_public_key, user_id=user, token=token,
+                 dev_state_dir=cfg.dev_state_dir).save()
+    typer.echo(f"now acting as {user}")
+
+
+@app.command("demo")
+def demo(state_dir: Optional[Path] = StateDir) -> None:
+    """Register a key with a password, recover it as a new device, show a wrong
+    password with the attempts left, then a lockout. Needs `bkv dev up`."""
+    from bkv.config import ClientConfig, ConfigError
+
+    try:
+        cfg = ClientConfig.load()
+    except ConfigError as exc:
+        _fail(str(exc), ExitCode.USAGE)
+    fleet = _fleet(Path(cfg.dev_state_dir) if cfg.dev_state_dir and not state_dir else state_dir)
+    if not fleet.load():
+        _fail("the demo needs the local fleet; run `bkv dev up`", ExitCode.ERROR)
+    asyncio.run(_demo(cfg, fleet))
+
+
+async def _demo(cfg, fleet) -> None:
+    from bkv.sdk import VaultClient
+    from bkv_common.secrets import BackupKey
+
+    user = f"demo-{secrets.token_hex(3)}"
+    token = fleet.issuer().mint(user)
+    password = "correct horse battery staple"
+    say = typer.echo
+    say(f"== demo as {user} against {cfg.url} (fleet {cfg.fleet_id})")
+    k = BackupKey(os.urandom(32))
+    fingerprint = __import__("hashlib").sha256(k.reveal()).hexdigest()[:12]
+    async with VaultClient(cfg.url, cfg.fleet_key_der, user, token) as phone:
+        reg = await phone.register(k, password)
+    say(f"1. old phone: made K (sha256 {fingerprint}...) and escrowed it; {reg.max_attempts} attempts allowed")
+    async with VaultClient(cfg.url, cfg.fleet_key_der, user, token) as new_phone:
+        rec = await new_phone.recover(password)
+        got = __import__("hashlib").sha256(rec.key.reveal()).hexdigest()[:12]
+        say(f"2. new phone, nothing stored: recovered K (sha256 {got}...): {'same key' if rec.key == k else 'MISMATCH'}")
+        try:
+            await new_phone.recover("correct horse battery stable")
+        except errors.WrongPassword as exc:
+            say(f"3. a typo in the password: {exc}")
+        say("4. an attacker keeps guessing:")
+        while True:
+            try:
+                await new_phone.recover(f"guess-{secrets.token_hex(2)}")
+            except errors.WrongPassword as exc:
+                say(f"   {exc}")
+                if exc.attempts_left == 0:
+                    break
+        try:
+            await new_phone.recover(password)
+        except errors.LockedOut as exc:
+            say(f"5. even the right password now fails: {exc}")
+    if rec.key != k:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except errors.VaultError as exc:
+        _vault_errors(exc)
+
+
+if __name__ == "__main__":
+    main()

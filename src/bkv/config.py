@@ -1,0 +1,81 @@
+"""The client config, ``$XDG_CONFIG_HOME/bkv/config.toml``.
+
+It holds the vault address, the pinned fleet public key and the identity
+(user id and account token). The token is a credential, so the file is
+written with mode 0600. Nothing else about the user ever lands on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from bkv_common.encoding import b64d, fleet_id_for
+
+
+class ConfigError(Exception):
+    pass
+
+
+def config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "bkv" / "config.toml"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    url: str
+    fleet_public_key: str  # base64 DER, pinned
+    user_id: str
+    token: str
+    dev_state_dir: str | None = None
+
+    def __repr__(self) -> str:
+        return f"ClientConfig(url={self.url!r}, user_id={self.user_id!r}, token=(redacted))"
+
+    @property
+    def fleet_key_der(self) -> bytes:
+        return b64d(self.fleet_public_key)
+
+    @property
+    def fleet_id(self) -> str:
+        return fleet_id_for(self.fleet_key_der)
+
+    def client(self, **kwargs):
+        from bkv.sdk import VaultClient
+
+        return VaultClient(self.url, self.fleet_key_der, self.user_id, self.token, **kwargs)
+
+    def save(self, path: Path | None = None) -> Path:
+        path = path or config_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"vault": {"url": self.url, "fleet_public_key": self.fleet_public_key, "fleet_id": self.fleet_id},
+                "identity": {"user_id": self.user_id, "token": self.token}}
+        if self.dev_state_dir:
+            data["dev"] = {"state_dir": self.dev_state_dir}
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            tomli_w.dump(data, f)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> ClientConfig:
+        path = path or config_path()
+        if not path.exists():
+            raise ConfigError(f"no client config at {path}; run `bkv dev up` (local fleet) or write one "
+                              "(see docs/cli.md)")
+        try:
+            data = tomllib.loads(path.read_text())
+            cfg = cls(url=data["vault"]["url"], fleet_public_key=data["vault"]["fleet_public_key"],
+                      user_id=data["identity"]["user_id"], token=data["identity"]["token"],
+                      dev_state_dir=data.get("dev", {}).get("state_dir"))
+            cfg.fleet_key_der  # noqa: B018 - validate the pinned key now, not mid-operation
+        except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"the client config at {path} is incomplete or malformed: {exc}") from None
+        return cfg
