@@ -2,7 +2,7 @@
 failover across the target's replicas, retries through the one retry helper.
 
 A request is retried on another replica when it certainly was not processed
-(connection refused, 503) -- or, for idempotent operations, after any
+(connection refused; 503 unless ``retry_503=False``) -- or, for idempotent operations, after any
 transport error. Non-idempotent requests that may have been processed are
 never replayed by this layer.
 """
@@ -41,11 +41,15 @@ class _Retryable(Exception):
 
 class ServiceClient:
     def __init__(self, name: str, urls: Callable[[], list[str]] | list[str], *,
-                 backoff: Backoff = Backoff(deadline_s=5.0), timeout_s: float = 10.0) -> None:
+                 backoff: Backoff = Backoff(deadline_s=5.0), timeout_s: float = 10.0,
+                 retry_503: bool = True) -> None:
         self.name = name
         self._urls = urls if callable(urls) else (lambda u=list(urls): u)
         self._backoff = backoff
         self._rr = itertools.count()
+        # A 503 from a tier that already retried its own upstream is passed on,
+        # not retried again: nested retries would multiply the wait.
+        self._retry_503 = retry_503
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         self._http = httpx.AsyncClient(timeout=timeout_s, limits=limits)
 
@@ -85,7 +89,7 @@ class ServiceClient:
             except ValidationError:
                 err = ErrorBody(error=ErrorDetail(code=ErrorCode.INTERNAL,
                                                   message=f"{self.name} answered {resp.status_code}"))
-            if resp.status_code == 503:
+            if resp.status_code == 503 and self._retry_503:
                 raise _Retryable(err.error.message)
             raise UpstreamError(resp.status_code, err)
 

@@ -24,6 +24,12 @@ def error_response(status: int, code: ErrorCode, message: str, retryable: bool =
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
+def passthrough_response(status: int, body: ErrorBody) -> JSONResponse:
+    """An upstream's error, passed on unchanged (with retry advice if retryable)."""
+    headers = {"Retry-After": "1"} if body.error.retryable else None
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
 def install_common(app: FastAPI, service: str, *, ready: Callable[[], bool]) -> None:
     """Validation errors, content type and size checks, metrics, health."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "dev", "dev-pin", "1234", "123456", "password", "secret"}
@@ -17,7 +17,8 @@ PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "dev", "dev-pin", "1234", "1
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
-    env: Literal["dev", "prod"] = "prod"
+    # One switch for every service, without the service prefix.
+    env: Literal["dev", "prod"] = Field("prod", validation_alias="BKV_ENV")
     host: str = "127.0.0.1"
     port: int
 

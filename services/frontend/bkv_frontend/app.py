@@ -9,7 +9,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 
 from bkv_common.http import UpstreamError, UpstreamUnavailable
-from bkv_common.service import error_response, install_common
+from bkv_common.service import error_response, install_common, passthrough_response
 from bkv_common.wire import ErrorCode
 from bkv_frontend import api
 from bkv_frontend.auth import TokenVerifier, Unauthenticated
@@ -45,7 +45,7 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
 
     @app.exception_handler(UpstreamError)
     async def _upstream(_: Request, exc: UpstreamError) -> JSONResponse:
-        return JSONResponse(exc.body.model_dump(mode="json"), status_code=exc.status)
+        return passthrough_response(exc.status, exc.body)
 
     @app.exception_handler(UpstreamUnavailable)
     async def _unavailable(_: Request, exc: UpstreamUnavailable) -> JSONResponse:

@@ -59,7 +59,7 @@ class FleetView:
         metrics.ISLAND_ROUTING.labels(island).inc()
         client = self._clients.get(island)
         if client is None:
-            client = ServiceClient(f"island-{island}", lambda i=island: self.replicas.get(i, []))
+            client = ServiceClient(f"island-{island}", lambda i=island: self.replicas.get(i, []), retry_503=False)
             self._clients[island] = client
         return island, client
 

@@ -6,7 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from bkv_common.http import UpstreamError, UpstreamUnavailable
-from bkv_common.service import error_response, install_common
+from bkv_common.service import error_response, install_common, passthrough_response
 from bkv_common.wire import ErrorCode
 from bkv_island import api, errors
 from bkv_island.core import Island
@@ -30,7 +30,7 @@ def create_app(island: Island, *, ready=lambda: True) -> FastAPI:
 
     @app.exception_handler(UpstreamError)
     async def _upstream(_: Request, exc: UpstreamError) -> JSONResponse:
-        return JSONResponse(exc.body.model_dump(mode="json"), status_code=exc.status)
+        return passthrough_response(exc.status, exc.body)
 
     @app.exception_handler(UpstreamUnavailable)
     async def _unavailable(_: Request, exc: UpstreamUnavailable) -> JSONResponse:

@@ -1,0 +1,74 @@
+"""Invariant 7: fleet keys live in the token, sensitive and non-extractable;
+the OPAQUE server setup is stored only sealed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bkv.devfleet import SOFTHSM_MODULE, TOKEN_LABEL
+
+
+@pytest.fixture
+def token(fleet, monkeypatch):
+    from bkv_hsm_proxy.hsm import Pkcs11Hsm
+
+    monkeypatch.setenv("SOFTHSM2_CONF", str(fleet.state / "hsm" / "softhsm2.conf"))
+    pin = json.loads((fleet.state / "hsm" / "pins.json").read_text())["user"]
+    hsm = Pkcs11Hsm(SOFTHSM_MODULE, TOKEN_LABEL, pin)
+    yield hsm
+    hsm.close()
+
+
+def test_keys_in_the_token_are_sensitive_and_not_extractable(token):
+    attrs = token.key_attributes()
+    assert set(attrs) == {"sealing", "signing"}
+    for name, a in attrs.items():
+        assert a["sensitive"] is True, name
+        assert a["extractable"] is False, name
+        assert a["never_extractable"] is True, name
+        assert a["local"] is True, name  # generated inside the token, never imported
+
+
+def test_the_token_refuses_to_export_the_sealing_key(token):
+    import pkcs11
+    from pkcs11 import Attribute
+
+    token._load_keys()
+    with pytest.raises(pkcs11.exceptions.PKCS11Error):
+        token._seal_key[Attribute.VALUE]
+
+
+def test_the_opaque_setup_is_stored_only_sealed(token):
+    from bkv_common import labels
+    from bkv_common.encoding import canonical
+    from bkv_hsm_proxy.core import VaultHsm
+    from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL
+
+    blob = token.load_blob(OPAQUE_SETUP_LABEL)
+    vault = VaultHsm(token)
+    setup = token.unseal(canonical(labels.OPAQUE_SETUP_AAD, vault.fleet_id.encode()), blob)
+    assert len(setup) == 128 and setup not in blob
+    # And nothing in the token directory holds it in the clear either.
+    tokens_dir = os.environ["SOFTHSM2_CONF"].rsplit("/", 1)[0] + "/tokens"
+    for root, _, files in os.walk(tokens_dir):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                assert setup[:32] not in fh.read()
+
+
+def test_fleet_init_is_idempotent_and_keeps_the_fleet_key(fleet):
+    import subprocess
+    import sys
+
+    pin = json.loads((fleet.state / "hsm" / "pins.json").read_text())["user"]
+    out = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "fleet-init"], capture_output=True, text=True,
+                         env={**os.environ, "SOFTHSM2_CONF": str(fleet.state / "hsm" / "softhsm2.conf"),
+                              "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL, "BKV_HSM_USER_PIN": pin},
+                         check=True)
+    again = json.loads(out.stdout)
+    assert again["created"] is False
+    assert again["fleet_public_key"] == fleet.fleet_params["fleet_public_key"]
+    assert pin not in out.stdout + out.stderr

@@ -1,0 +1,132 @@
+"""Unit tests of the vault logic with in-memory fakes (no etcd, no token):
+expiry, single use, and the island's compare-and-swap loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import opaque_ke_py as opaque
+import pytest
+
+from bkv_hsm_proxy import api as hapi
+from bkv_hsm_proxy import errors as herr
+from bkv_hsm_proxy.core import VaultHsm
+from bkv_hsm_proxy.hsm import InMemoryHsmFake
+from bkv_island import api as iapi
+from bkv_island.core import Island
+from bkv_island.hsm_client import InProcessHsm
+from bkv_island.store import InMemoryRecordStoreFake
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.ms = 1_700_000_000_000
+
+    def now_ms(self) -> int:
+        return self.ms
+
+
+@pytest.fixture
+def parts():
+    hsm = InMemoryHsmFake()
+    VaultHsm.create_opaque_setup(hsm)
+    clock = FakeClock()
+    vault = VaultHsm(hsm, max_attempts=3, clock=clock)
+    store = InMemoryRecordStoreFake()
+    return vault, Island("island-a", store, InProcessHsm(vault)), store, clock
+
+
+async def _register(island: Island, user: str, pw: bytes = b"pw"):
+    start = opaque.client_registration_start(pw)
+    out = await island.registration_start(iapi.RegistrationStartIn(user_id=user,
+                                                                   registration_request=start.get_message()))
+    fin = opaque.client_registration_finish(pw, start.get_state(), out.registration_response)
+    return out, fin, iapi.RegistrationFinishIn(user_id=user, challenge=out.challenge,
+                                               registration_upload=fin.get_message(), ek=os.urandom(48),
+                                               k_nonce=os.urandom(12))
+
+
+async def test_a_challenge_older_than_its_ttl_is_rejected_with_the_fake_clock(parts):
+    vault, island, store, clock = parts
+    _, _, finish = await _register(island, "alice")
+    clock.ms += 120_001
+    with pytest.raises(herr.ChallengeRejected, match="expired"):
+        await island.registration_finish(finish)
+    assert store.data == {}
+
+
+async def test_a_login_state_older_than_its_ttl_is_rejected_and_the_record_is_kept(parts):
+    vault, island, store, clock = parts
+    _, _, finish = await _register(island, "alice")
+    await island.registration_finish(finish)
+    login = opaque.client_login_start(b"pw")
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    fin = opaque.client_login_finish(b"pw", login.get_state(), out.credential_response)
+    clock.ms += 60_001
+    before = dict(store.data)
+    with pytest.raises(herr.LoginStateRejected, match="expired"):
+        await island.recovery_finish(iapi.RecoveryFinishIn(user_id="alice", login_state=out.login_state,
+                                                           credential_finalization=fin.get_message()))
+    assert store.data == before
+
+
+async def test_a_forged_finalization_is_the_one_uniform_authentication_failure(parts):
+    vault, island, store, _ = parts
+    _, _, finish = await _register(island, "alice")
+    await island.registration_finish(finish)
+    login = opaque.client_login_start(b"pw")
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    with pytest.raises(herr.AuthenticationFailed) as failed:
+        await island.recovery_finish(iapi.RecoveryFinishIn(user_id="alice", login_state=out.login_state,
+                                                           credential_finalization=os.urandom(64)))
+    assert str(failed.value) == "authentication failed"
+
+
+async def test_concurrent_guesses_on_the_fake_store_are_counted_exactly(parts):
+    vault, island, store, _ = parts
+    _, _, finish = await _register(island, "alice")
+    await island.registration_finish(finish)
+
+    async def guess():
+        login = opaque.client_login_start(b"wrong")
+        try:
+            return await island.recovery_start(iapi.RecoveryStartIn(user_id="alice",
+                                                                     credential_request=login.get_message()))
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    results = await asyncio.gather(*(guess() for _ in range(12)))
+    answered = [r for r in results if isinstance(r, iapi.RecoveryStartOut)]
+    assert sorted(r.attempts_left for r in answered) == [0, 1, 2]
+    entry, _ = store.data[("island-a", "alice")]
+    assert entry.state is hapi.EntryState.DESTROYED
+
+
+async def test_a_lost_compare_and_swap_releases_nothing_and_retries_from_a_fresh_read(parts):
+    vault, island, store, _ = parts
+    _, _, finish = await _register(island, "alice")
+    await island.registration_finish(finish)
+    real_swap = store.swap
+    calls = {"n": 0}
+
+    async def swap_that_loses_once(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            # Another replica decremented first.
+            entry, rev = store.data[("island-a", "alice")]
+            other = vault.login_start(hapi.LoginStartIn(user_id="alice", island="island-a", current=entry,
+                                                        credential_request=opaque.client_login_start(b"x").get_message()))
+            await real_swap("island-a", "alice", rev, other.new_entry)
+        return await real_swap(*args)
+
+    store.swap = swap_that_loses_once
+    login = opaque.client_login_start(b"pw")
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    assert out.attempts_left == 1  # 3 - the other replica's guess - ours
+    assert calls["n"] == 2
+
+
+def test_the_vault_repr_never_shows_the_opaque_setup(parts):
+    vault, *_ = parts
+    assert "redacted" in repr(vault) and vault._setup.to_bytes().hex() not in repr(vault)
