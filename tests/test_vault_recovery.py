@@ -129,3 +129,17 @@ async def test_fleet_endpoint_publishes_the_public_key_and_never_the_opaque_setu
 
     assert info.fleet_public_key == b64d(params["fleet_public_key"])
     assert len(info.fleet_public_key) == 91  # a P-256 SubjectPublicKeyInfo, nothing more
+
+
+def test_the_blocking_client_drives_the_same_protocol(fleet):
+    from bkv.sdk import VaultClientSync
+    from bkv_common.encoding import b64d
+
+    user, k = unique_user(), new_key()
+    key = b64d(fleet.fleet_params["fleet_public_key"])
+    with VaultClientSync(fleet.frontend_url, key, user, fleet.issuer().mint(user)) as c:
+        c.register(k, PW)
+        with pytest.raises(errors.WrongPassword) as wrong:
+            c.recover("nope")
+        assert wrong.value.attempts_left == 9
+        assert c.recover(PW).key == k

@@ -1,8 +1,14 @@
-"""The async client SDK: escrow a 32-byte backup key K under a password.
+"""The client SDK: escrow a 32-byte backup key K under a password.
 
 The client runs the client side of OPAQUE (names follow the RFC's phases),
 checks the fleet signature on every answer before acting on it, and keeps K
 and the password on the device. See docs/protocol.md for every byte.
+
+The protocol is written once, without I/O: each operation is a generator
+that yields :class:`Call` (an HTTP exchange) or :class:`Work` (CPU-heavy
+client work such as Argon2) and receives the result. :class:`VaultClient`
+(asyncio) and :class:`VaultClientSync` (blocking; used under Locust) drive
+the same generators.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
+from typing import Any, Callable, Generator
 
 import httpx
 import opaque_ke_py as opaque
@@ -23,10 +30,12 @@ from pydantic import BaseModel, ValidationError
 from bkv import errors
 from bkv_common import labels
 from bkv_common.encoding import canonical, fleet_id_for, request_digest, u32, u64
-from bkv_common.retry import Backoff, DeadlineExceeded, retry
+from bkv_common.retry import Backoff, DeadlineExceeded, retry, retry_sync
 from bkv_common.secrets import BackupKey, Password
 from bkv_common.wire import ErrorBody
 from bkv_frontend import api
+
+DEFAULT_BACKOFF = Backoff(deadline_s=15.0, first_delay_s=0.05, max_delay_s=1.0)
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:
@@ -47,17 +56,45 @@ class Recovery:
     record_status: str
 
 
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    body: BaseModel | None
+    out: type[BaseModel] | None
+    # May this request be sent again after a failure mid-request? Only if a
+    # second copy cannot cost the user anything (e.g. an extra attempt).
+    idempotent: bool
+
+
+@dataclass(frozen=True)
+class Work:
+    fn: Callable[..., Any]
+    args: tuple
+
+
+Steps = Generator["Call | Work", Any, Any]
+
+
 class _Retry(Exception):
     pass
 
 
-class VaultClient:
-    """One account on one fleet. ``fleet_public_key`` is the pinned DER key."""
+def _pw(password: Password | str) -> bytes:
+    if isinstance(password, Password):
+        return password.reveal()
+    if isinstance(password, str):
+        if not password:
+            raise ValueError("the password is empty")
+        return password.encode("utf-8")
+    raise TypeError("password must be a Password or str")
 
-    def __init__(self, base_url: str, fleet_public_key: bytes, user_id: str, token: str, *,
-                 transport: httpx.AsyncBaseTransport | None = None,
-                 backoff: Backoff = Backoff(deadline_s=15.0, first_delay_s=0.05, max_delay_s=1.0),
-                 timeout_s: float = 10.0) -> None:
+
+class VaultProtocol:
+    """The client side of the protocol for one account on one fleet.
+    ``fleet_public_key`` is the pinned DER key."""
+
+    def __init__(self, fleet_public_key: bytes, user_id: str) -> None:
         key = serialization.load_der_public_key(fleet_public_key)
         if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
             raise ValueError("the pinned fleet key must be an ECDSA P-256 public key")
@@ -65,6 +102,141 @@ class VaultClient:
         self.fleet_id = fleet_id_for(fleet_public_key)
         self.user_id = user_id
         self._uid = user_id.encode()
+
+    def verify(self, signature: bytes, label: bytes, *fields: bytes) -> None:
+        try:
+            self._fleet_key.verify(signature, canonical(label, self.fleet_id.encode(), *fields),
+                                   ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise errors.BadSignature("a vault answer failed the fleet signature check; nothing was acted on") from None
+
+    # -- operations (sans I/O) -------------------------------------------------------
+    def register(self, key: BackupKey, password: Password | str) -> Steps:
+        pw = _pw(password)
+        started = opaque.client_registration_start(pw)
+        req = started.get_message()
+        out: api.RegistrationStartOut = yield Call(
+            "POST", "/v1/registration/start", api.RegistrationStartRequest(registration_request=req),
+            api.RegistrationStartOut, idempotent=True)
+        self.verify(out.signature, labels.SIG_REGISTRATION_START, self._uid, request_digest(req),
+                    out.registration_response, out.challenge)
+        try:
+            finished = yield Work(opaque.client_registration_finish, (pw, started.get_state(), out.registration_response))
+        except ValueError:
+            raise errors.ProtocolError("malformed_opaque_message", "the registration response does not parse") from None
+        opaque_k = _hkdf(finished.get_export_key(), labels.OPAQUE_K_INFO)
+        k_nonce = os.urandom(12)
+        ek = AESGCM(opaque_k).encrypt(k_nonce, key.reveal(), canonical(labels.EK_AAD, self._uid))
+        upload = finished.get_message()
+        done: api.RegistrationFinishOut = yield Call(
+            "POST", "/v1/registration/finish",
+            api.RegistrationFinishRequest(challenge=out.challenge, registration_upload=upload, ek=ek, k_nonce=k_nonce),
+            api.RegistrationFinishOut, idempotent=False)
+        self.verify(done.signature, labels.SIG_REGISTRATION_FINISH, self._uid, request_digest(upload),
+                    u64(done.version), u32(done.max_attempts))
+        return Registration(version=done.version, max_attempts=done.max_attempts)
+
+    def recover(self, password: Password | str) -> Steps:
+        pw = _pw(password)
+        started = opaque.client_login_start(pw)
+        out = yield from self.recovery_start(started.get_message())
+        try:
+            finished = yield Work(opaque.client_login_finish, (pw, started.get_state(), out.credential_response))
+        except ValueError:
+            # The one wrong-password outcome; the count is the fleet's signed word.
+            raise errors.WrongPassword(out.attempts_left) from None
+        fin = finished.get_message()
+        done: api.RecoveryFinishOut = yield Call(
+            "POST", "/v1/recovery/finish",
+            api.RecoveryFinishRequest(login_state=out.login_state, credential_finalization=fin),
+            api.RecoveryFinishOut, idempotent=False)
+        self.verify(done.signature, labels.SIG_LOGIN_FINISH, self._uid, request_digest(fin), done.wrapped_key,
+                    done.rk_nonce, done.record_status.value.encode())
+        try:
+            inner = AESGCM(_hkdf(finished.get_session_key(), labels.RECOVERY_WRAP_INFO)).decrypt(
+                done.rk_nonce, done.wrapped_key, canonical(labels.RECOVERY_WRAP_AAD, self._uid))
+            ek, k_nonce = inner[:-12], inner[-12:]
+            k = AESGCM(_hkdf(finished.get_export_key(), labels.OPAQUE_K_INFO)).decrypt(
+                k_nonce, ek, canonical(labels.EK_AAD, self._uid))
+        except (InvalidTag, ValueError):
+            raise errors.ProtocolError("unwrap_failed", "the recovered key did not authenticate") from None
+        return Recovery(key=BackupKey(k), record_status=done.record_status.value)
+
+    def recovery_start(self, credential_request: bytes) -> Steps:
+        """Only the first, cheap step of a recovery (the guess-flood load path)."""
+        out: api.RecoveryStartOut = yield Call(
+            "POST", "/v1/recovery/start", api.RecoveryStartRequest(credential_request=credential_request),
+            api.RecoveryStartOut, idempotent=False)
+        self.verify(out.signature, labels.SIG_LOGIN_START, self._uid, request_digest(credential_request),
+                    out.credential_response, u32(out.attempts_left))
+        return out
+
+    def delete(self) -> Steps:
+        out: api.DeleteOut = yield Call("DELETE", "/v1/record", None, api.DeleteOut, idempotent=True)
+        return out.deleted
+
+    def fleet(self) -> Steps:
+        return (yield Call("GET", "/v1/fleet", None, api.FleetInfo, idempotent=True))
+
+
+# -- answers to outcomes (shared by both drivers) ----------------------------------------
+def _error(resp: httpx.Response) -> errors.VaultError:
+    try:
+        err = ErrorBody.model_validate_json(resp.content).error
+        code, message = err.code.value, err.message
+    except ValidationError:
+        code, message = "http_error", f"HTTP {resp.status_code}"
+    if code == "unauthenticated":
+        return errors.Unauthorized("the account token was refused; sign in again")
+    if code == "no_record":
+        return errors.NoRecord("no key is escrowed for this account")
+    if code == "record_destroyed":
+        return errors.LockedOut("the escrowed key was destroyed after too many wrong passwords (or disabled); "
+                                "backups made with it can no longer be decrypted")
+    return errors.ProtocolError(code, message)
+
+
+def _request_args(call: Call) -> dict:
+    if call.body is None:
+        return {}
+    return {"content": call.body.model_dump_json(), "headers": {"content-type": "application/json"}}
+
+
+def _decode(call: Call, resp: httpx.Response):
+    if resp.status_code == 503:
+        raise _Retry("the vault is unavailable")
+    if resp.status_code >= 400:
+        raise _error(resp)
+    if call.out is None:
+        return None
+    try:
+        return call.out.model_validate_json(resp.content)
+    except ValidationError as exc:
+        raise errors.ProtocolError("malformed_response", "the vault sent an answer that does not parse") from exc
+
+
+def _transport_failure(call: Call, exc: Exception) -> Exception:
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)) or call.idempotent:
+        return _Retry(str(exc) or type(exc).__name__)
+    return errors.VaultUnavailable(f"the connection failed mid-request ({type(exc).__name__}); the vault may or "
+                                   "may not have counted this attempt; try again")
+
+
+def _unavailable(backoff: Backoff, exc: DeadlineExceeded) -> errors.VaultUnavailable:
+    return errors.VaultUnavailable(
+        f"the vault did not answer within {backoff.deadline_s:.0f}s ({exc.__cause__}); "
+        "nothing was changed on this device; try again later")
+
+
+class VaultClient:
+    """asyncio driver. Use as ``async with VaultClient(...) as vault``."""
+
+    def __init__(self, base_url: str, fleet_public_key: bytes, user_id: str, token: str, *,
+                 transport: httpx.AsyncBaseTransport | None = None, backoff: Backoff = DEFAULT_BACKOFF,
+                 timeout_s: float = 10.0) -> None:
+        self.protocol = VaultProtocol(fleet_public_key, user_id)
+        self.user_id = user_id
+        self.fleet_id = self.protocol.fleet_id
         self._backoff = backoff
         self._http = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=timeout_s,
                                        headers={"authorization": f"Bearer {token}"})
@@ -81,137 +253,115 @@ class VaultClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    # -- transport -------------------------------------------------------------------
-    async def _call(self, method: str, path: str, body: BaseModel | None, out: type[BaseModel] | None, *,
-                    idempotent: bool):
+    async def _send(self, call: Call):
         async def attempt(_: int):
             try:
-                resp = await self._http.request(
-                    method, path, content=None if body is None else body.model_dump_json(),
-                    headers={"content-type": "application/json"} if body is not None else None)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                raise _Retry(str(exc)) from exc
+                resp = await self._http.request(call.method, call.path, **_request_args(call))
             except httpx.TransportError as exc:
-                if idempotent:
-                    raise _Retry(str(exc)) from exc
-                raise errors.VaultUnavailable(f"the connection failed mid-request: {exc}") from exc
-            if resp.status_code == 503:
-                raise _Retry("the vault is unavailable")
-            if resp.status_code >= 400:
-                raise self._error(resp)
-            if out is None:
-                return None
-            try:
-                return out.model_validate_json(resp.content)
-            except ValidationError as exc:
-                raise errors.ProtocolError("malformed_response", "the vault sent an answer that does not parse") from exc
+                raise _transport_failure(call, exc) from exc
+            return _decode(call, resp)
 
         try:
             return await retry(attempt, retry_on=lambda e: isinstance(e, _Retry), backoff=self._backoff)
         except DeadlineExceeded as exc:
-            raise errors.VaultUnavailable(
-                f"the vault did not answer within {self._backoff.deadline_s:.0f}s ({exc.__cause__}); "
-                "nothing was changed on this device; try again later") from exc
+            raise _unavailable(self._backoff, exc) from exc
 
-    @staticmethod
-    def _error(resp: httpx.Response) -> errors.VaultError:
-        try:
-            err = ErrorBody.model_validate_json(resp.content).error
-            code, message = err.code.value, err.message
-        except ValidationError:
-            code, message = "http_error", f"HTTP {resp.status_code}"
-        if code == "unauthenticated":
-            return errors.Unauthorized("the account token was refused; sign in again")
-        if code == "no_record":
-            return errors.NoRecord("no key is escrowed for this account")
-        if code == "record_destroyed":
-            return errors.LockedOut("the escrowed key was destroyed after too many wrong passwords (or disabled); "
-                                    "backups made with it can no longer be decrypted")
-        return errors.ProtocolError(code, message)
+    async def _drive(self, steps: Steps):
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as done:
+                return done.value
+            value, error = None, None
+            try:
+                if isinstance(step, Call):
+                    value = await self._send(step)
+                else:
+                    value = await asyncio.to_thread(step.fn, *step.args)
+            except ValueError as exc:  # an OPAQUE step refused its input: the protocol decides
+                error = exc
 
-    def _verify(self, signature: bytes, label: bytes, *fields: bytes) -> None:
-        try:
-            self._fleet_key.verify(signature, canonical(label, self.fleet_id.encode(), *fields),
-                                   ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
-            raise errors.BadSignature("a vault answer failed the fleet signature check; nothing was acted on") from None
-
-    # -- public API ------------------------------------------------------------------
     async def fleet(self) -> api.FleetInfo:
-        return await self._call("GET", "/v1/fleet", None, api.FleetInfo, idempotent=True)
+        return await self._drive(self.protocol.fleet())
 
     async def register(self, key: BackupKey, password: Password | str) -> Registration:
         """Escrow ``key`` under ``password``. Replaces any earlier registration."""
-        pw = _pw(password)
-        started = opaque.client_registration_start(pw)
-        req = started.get_message()
-        out: api.RegistrationStartOut = await self._call(
-            "POST", "/v1/registration/start", api.RegistrationStartRequest(registration_request=req),
-            api.RegistrationStartOut, idempotent=True)
-        self._verify(out.signature, labels.SIG_REGISTRATION_START, self._uid, request_digest(req),
-                     out.registration_response, out.challenge)
-        try:
-            finished = await asyncio.to_thread(opaque.client_registration_finish, pw, started.get_state(),
-                                               out.registration_response)
-        except ValueError:
-            raise errors.ProtocolError("malformed_opaque_message", "the registration response does not parse") from None
-        opaque_k = _hkdf(finished.get_export_key(), labels.OPAQUE_K_INFO)
-        k_nonce = os.urandom(12)
-        ek = AESGCM(opaque_k).encrypt(k_nonce, key.reveal(), canonical(labels.EK_AAD, self._uid))
-        upload = finished.get_message()
-        done: api.RegistrationFinishOut = await self._call(
-            "POST", "/v1/registration/finish",
-            api.RegistrationFinishRequest(challenge=out.challenge, registration_upload=upload, ek=ek, k_nonce=k_nonce),
-            api.RegistrationFinishOut, idempotent=False)
-        self._verify(done.signature, labels.SIG_REGISTRATION_FINISH, self._uid, request_digest(upload),
-                     u64(done.version), u32(done.max_attempts))
-        return Registration(version=done.version, max_attempts=done.max_attempts)
+        return await self._drive(self.protocol.register(key, password))
 
     async def recover(self, password: Password | str) -> Recovery:
         """Get K back. Raises :class:`~bkv.errors.WrongPassword` with the
         attempts left, or :class:`~bkv.errors.LockedOut`."""
-        pw = _pw(password)
-        started = opaque.client_login_start(pw)
-        req = started.get_message()
-        out: api.RecoveryStartOut = await self._call(
-            "POST", "/v1/recovery/start", api.RecoveryStartRequest(credential_request=req),
-            api.RecoveryStartOut, idempotent=False)
-        self._verify(out.signature, labels.SIG_LOGIN_START, self._uid, request_digest(req),
-                     out.credential_response, u32(out.attempts_left))
-        try:
-            finished = await asyncio.to_thread(opaque.client_login_finish, pw, started.get_state(),
-                                               out.credential_response)
-        except ValueError:
-            # The one wrong-password outcome; the count is the fleet's signed word.
-            raise errors.WrongPassword(out.attempts_left) from None
-        fin = finished.get_message()
-        done: api.RecoveryFinishOut = await self._call(
-            "POST", "/v1/recovery/finish",
-            api.RecoveryFinishRequest(login_state=out.login_state, credential_finalization=fin),
-            api.RecoveryFinishOut, idempotent=False)
-        self._verify(done.signature, labels.SIG_LOGIN_FINISH, self._uid, request_digest(fin), done.wrapped_key,
-                     done.rk_nonce, done.record_status.value.encode())
-        try:
-            inner = AESGCM(_hkdf(finished.get_session_key(), labels.RECOVERY_WRAP_INFO)).decrypt(
-                done.rk_nonce, done.wrapped_key, canonical(labels.RECOVERY_WRAP_AAD, self._uid))
-            ek, k_nonce = inner[:-12], inner[-12:]
-            k = AESGCM(_hkdf(finished.get_export_key(), labels.OPAQUE_K_INFO)).decrypt(
-                k_nonce, ek, canonical(labels.EK_AAD, self._uid))
-        except (InvalidTag, ValueError):
-            raise errors.ProtocolError("unwrap_failed", "the recovered key did not authenticate") from None
-        return Recovery(key=BackupKey(k), record_status=done.record_status.value)
+        return await self._drive(self.protocol.recover(password))
+
+    async def recovery_start(self, credential_request: bytes) -> api.RecoveryStartOut:
+        return await self._drive(self.protocol.recovery_start(credential_request))
 
     async def delete(self) -> bool:
         """Destroy this account's escrowed key. True if there was one."""
-        out: api.DeleteOut = await self._call("DELETE", "/v1/record", None, api.DeleteOut, idempotent=True)
-        return out.deleted
+        return await self._drive(self.protocol.delete())
 
 
-def _pw(password: Password | str) -> bytes:
-    if isinstance(password, Password):
-        return password.reveal()
-    if isinstance(password, str):
-        if not password:
-            raise ValueError("the password is empty")
-        return password.encode("utf-8")
-    raise TypeError("password must be a Password or str")
+class VaultClientSync:
+    """Blocking driver of the same protocol (Locust users, scripts)."""
+
+    def __init__(self, base_url: str, fleet_public_key: bytes, user_id: str, token: str, *,
+                 transport: httpx.BaseTransport | None = None, backoff: Backoff = DEFAULT_BACKOFF,
+                 timeout_s: float = 10.0) -> None:
+        self.protocol = VaultProtocol(fleet_public_key, user_id)
+        self.user_id = user_id
+        self._backoff = backoff
+        self._http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout_s,
+                                  headers={"authorization": f"Bearer {token}"})
+
+    def __repr__(self) -> str:
+        return f"VaultClientSync(user_id={self.user_id!r}, token=(redacted))"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> VaultClientSync:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _send(self, call: Call):
+        def attempt(_: int):
+            try:
+                resp = self._http.request(call.method, call.path, **_request_args(call))
+            except httpx.TransportError as exc:
+                raise _transport_failure(call, exc) from exc
+            return _decode(call, resp)
+
+        try:
+            return retry_sync(attempt, retry_on=lambda e: isinstance(e, _Retry), backoff=self._backoff)
+        except DeadlineExceeded as exc:
+            raise _unavailable(self._backoff, exc) from exc
+
+    def _drive(self, steps: Steps):
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as done:
+                return done.value
+            value, error = None, None
+            try:
+                value = self._send(step) if isinstance(step, Call) else step.fn(*step.args)
+            except ValueError as exc:
+                error = exc
+
+    def register(self, key: BackupKey, password: Password | str) -> Registration:
+        return self._drive(self.protocol.register(key, password))
+
+    def recover(self, password: Password | str) -> Recovery:
+        return self._drive(self.protocol.recover(password))
+
+    def recovery_start(self, credential_request: bytes) -> api.RecoveryStartOut:
+        return self._drive(self.protocol.recovery_start(credential_request))
+
+    def delete(self) -> bool:
+        return self._drive(self.protocol.delete())

@@ -1,5 +1,6 @@
-"""The one async retry helper: exponential backoff with jitter under a
-deadline. Every retry loop in the project goes through :func:`retry`."""
+"""The one retry helper: exponential backoff with jitter under a deadline.
+Every retry loop in the project goes through :func:`retry` (or its blocking
+twin :func:`retry_sync`, which follows the same schedule)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -26,6 +27,21 @@ class Backoff:
     max_attempts: int | None = None
 
 
+def _pauses(backoff: Backoff, clock: Callable[[], float]) -> Iterator[float]:
+    """The schedule both drivers follow: jittered exponential pauses until
+    the deadline or the attempt cap; exhausting it means give up."""
+    end = clock() + backoff.deadline_s
+    delay = backoff.first_delay_s
+    attempt = 1
+    while True:
+        now = clock()
+        if (backoff.max_attempts is not None and attempt >= backoff.max_attempts) or now >= end:
+            return
+        yield min(delay * (0.5 + random.random() / 2), max(0.0, end - now))
+        delay = min(delay * backoff.multiplier, backoff.max_delay_s)
+        attempt += 1
+
+
 async def retry(
     op: Callable[[int], Awaitable[T]],
     *,
@@ -40,8 +56,7 @@ async def retry(
     ``op`` receives the 0-based attempt number, so callers can rotate
     between replicas.
     """
-    end = clock() + backoff.deadline_s
-    delay = backoff.first_delay_s
+    pauses = _pauses(backoff, clock)
     attempt = 0
     while True:
         try:
@@ -50,10 +65,31 @@ async def retry(
             if not retry_on(exc):
                 raise
             attempt += 1
-            now = clock()
-            out_of_tries = backoff.max_attempts is not None and attempt >= backoff.max_attempts
-            if out_of_tries or now >= end:
+            pause = next(pauses, None)
+            if pause is None:
                 raise DeadlineExceeded(f"gave up after {attempt} attempts: {exc}") from exc
-            pause = min(delay * (0.5 + random.random() / 2), max(0.0, end - now))
             await sleep(pause)
-            delay = min(delay * backoff.multiplier, backoff.max_delay_s)
+
+
+def retry_sync(
+    op: Callable[[int], T],
+    *,
+    retry_on: Callable[[BaseException], bool],
+    backoff: Backoff = Backoff(),
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """:func:`retry` for blocking callers (the sync SDK under Locust)."""
+    pauses = _pauses(backoff, clock)
+    attempt = 0
+    while True:
+        try:
+            return op(attempt)
+        except BaseException as exc:  # noqa: BLE001 - filtered by retry_on
+            if not retry_on(exc):
+                raise
+            attempt += 1
+            pause = next(pauses, None)
+            if pause is None:
+                raise DeadlineExceeded(f"gave up after {attempt} attempts: {exc}") from exc
+            sleep(pause)
