@@ -1,18 +1,21 @@
-"""Calls between services: one pooled ``httpx.AsyncClient`` per target,
-failover across the target's replicas, retries through the one retry helper.
+"""Calls between services: one pooled aiohttp session per target (cheaper
+per request than httpx; see docs/performance.md), failover across the
+target's replicas, retries through the one retry helper.
 
 A request is retried on another replica when it certainly was not processed
-(connection refused; 503 unless ``retry_503=False``) -- or, for idempotent operations, after any
-transport error. Non-idempotent requests that may have been processed are
-never replayed by this layer.
+(connection refused; 503 unless ``retry_503=False``) -- or, for idempotent
+operations, after any transport error. Non-idempotent requests that may have
+been processed are never replayed by this layer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import zlib
 from typing import Callable, TypeVar
 
-import httpx
+import aiohttp
 from pydantic import BaseModel, ValidationError
 
 from bkv_common import metrics
@@ -20,6 +23,7 @@ from bkv_common.retry import Backoff, DeadlineExceeded, retry
 from bkv_common.wire import ErrorBody, ErrorCode, ErrorDetail
 
 M = TypeVar("M", bound=BaseModel)
+_JSON_HEADERS = {"content-type": "application/json"}
 
 
 class UpstreamError(Exception):
@@ -46,21 +50,34 @@ class ServiceClient:
         self.name = name
         self._urls = urls if callable(urls) else (lambda u=list(urls): u)
         self._backoff = backoff
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(2.0, timeout_s))
         self._rr = itertools.count()
         # A 503 from a tier that already retried its own upstream is passed on,
         # not retried again: nested retries would multiply the wait.
         self._retry_503 = retry_503
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        self._http = httpx.AsyncClient(timeout=timeout_s, limits=limits)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Created lazily: an aiohttp session belongs to the running loop.
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=30, force_close=False)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
+                                                  skip_auto_headers=("User-Agent",), auto_decompress=False)
+        return self._session
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
-    async def call(self, method: str, path: str, body: BaseModel | None, out: type[M], *,
-                   idempotent: bool) -> M:
-        start = next(self._rr)
+    async def call_raw(self, method: str, path: str, body: BaseModel | None, *, idempotent: bool,
+                       affinity: str | None = None) -> tuple[int, bytes]:
+        """Send, with failover and retries; return (status, body bytes) of the
+        first answer that is not retryable. Errors are not decoded here.
+        With ``affinity``, the same key prefers the same replica (warm caches)."""
+        start = zlib.crc32(affinity.encode()) if affinity is not None else next(self._rr)
+        data = None if body is None else body.model_dump_json().encode()
 
-        async def attempt(n: int) -> M:
+        async def attempt(n: int) -> tuple[int, bytes]:
             urls = self._urls()
             if not urls:
                 raise _Retryable("no replicas known")
@@ -68,32 +85,40 @@ class ServiceClient:
             if n:
                 metrics.RETRIES.labels(self.name).inc()
             try:
-                resp = await self._http.request(
-                    method, base + path,
-                    content=None if body is None else body.model_dump_json(),
-                    headers={"content-type": "application/json"} if body is not None else None,
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                raise _Retryable(f"{self.name} unreachable at {base}") from exc
-            except httpx.TransportError as exc:
+                async with self._http().request(method, base + path, data=data,
+                                                headers=_JSON_HEADERS if data is not None else None) as resp:
+                    content = await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                # Refused, or a pooled connection the server had closed: not processed.
+                if isinstance(exc, aiohttp.ClientConnectorError) or idempotent:
+                    raise _Retryable(f"{self.name} unreachable at {base}") from exc
+                raise UpstreamUnavailable(f"{self.name} dropped the connection; the outcome is unknown") from exc
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 if idempotent:
                     raise _Retryable(f"{self.name} failed mid-request") from exc
                 raise UpstreamUnavailable(f"{self.name} failed mid-request; the outcome is unknown") from exc
-            if resp.status_code < 300:
-                try:
-                    return out.model_validate_json(resp.content)
-                except ValidationError as exc:
-                    raise UpstreamUnavailable(f"{self.name} sent a malformed answer") from exc
-            try:
-                err = ErrorBody.model_validate_json(resp.content)
-            except ValidationError:
-                err = ErrorBody(error=ErrorDetail(code=ErrorCode.INTERNAL,
-                                                  message=f"{self.name} answered {resp.status_code}"))
-            if resp.status_code == 503 and self._retry_503:
-                raise _Retryable(err.error.message)
-            raise UpstreamError(resp.status_code, err)
+            if status == 503 and self._retry_503:
+                raise _Retryable(f"{self.name} answered 503")
+            return status, content
 
         try:
             return await retry(attempt, retry_on=lambda e: isinstance(e, _Retryable), backoff=self._backoff)
         except DeadlineExceeded as exc:
             raise UpstreamUnavailable(f"{self.name} unavailable: {exc.__cause__}") from exc
+
+    async def call(self, method: str, path: str, body: BaseModel | None, out: type[M], *, idempotent: bool) -> M:
+        status, content = await self.call_raw(method, path, body, idempotent=idempotent)
+        if status < 300:
+            try:
+                return out.model_validate_json(content)
+            except ValidationError as exc:
+                raise UpstreamUnavailable(f"{self.name} sent a malformed answer") from exc
+        raise UpstreamError(status, decode_error(self.name, status, content))
+
+
+def decode_error(name: str, status: int, content: bytes) -> ErrorBody:
+    try:
+        return ErrorBody.model_validate_json(content)
+    except ValidationError:
+        return ErrorBody(error=ErrorDetail(code=ErrorCode.INTERNAL, message=f"{name} answered {status}"))

@@ -1,5 +1,5 @@
-"""Pieces every FastAPI service shares: error mapping helpers, request
-validation errors as 4xx, metrics and health endpoints, and a uvicorn runner."""
+"""Pieces every service shares: the FastAPI frontend's request guards and
+health endpoints, and the uvicorn runner for any ASGI app."""
 
 from __future__ import annotations
 
@@ -13,15 +13,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bkv_common import metrics
-from bkv_common.wire import ErrorBody, ErrorCode, ErrorDetail
-
-MAX_BODY_BYTES = 64 * 1024
+from bkv_common.rpc import MAX_BODY_BYTES, error_body, validation_message
+from bkv_common.wire import ErrorBody, ErrorCode
 
 
 def error_response(status: int, code: ErrorCode, message: str, retryable: bool = False,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(code=code, message=message, retryable=retryable))
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, retryable).model_dump(mode="json"), status_code=status,
+                        headers=headers)
 
 
 def passthrough_response(status: int, body: ErrorBody) -> JSONResponse:
@@ -30,31 +29,54 @@ def passthrough_response(status: int, body: ErrorBody) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
+class GuardAndMeasure:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task and
+    a stream per request): content-type and size checks, latency metrics."""
+
+    def __init__(self, app, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"]
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = dict(scope["headers"])
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json":
+                await error_response(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send application/json")(scope, receive, send)
+                return
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                await error_response(413, ErrorCode.PAYLOAD_TOO_LARGE,
+                                     f"bodies are limited to {MAX_BODY_BYTES} bytes")(scope, receive, send)
+                return
+        if route.startswith(("/metrics", "/healthz", "/readyz")):
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+        metrics.HTTP_LATENCY.labels(self.service, route).observe(time.perf_counter() - start)
+        metrics.HTTP_REQUESTS.labels(self.service, route, str(status[0])).inc()
+
+
 def install_common(app: FastAPI, service: str, *, ready: Callable[[], bool]) -> None:
-    """Validation errors, content type and size checks, metrics, health."""
+    """Validation errors as 400, request guards, metrics, health."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # Say which field, never echo the value (it may be key material).
-        where = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()[:5])
-        return error_response(400, ErrorCode.INVALID_REQUEST, f"invalid request: check {where}")
+        return error_response(400, ErrorCode.INVALID_REQUEST, validation_message(exc))
 
-    @app.middleware("http")
-    async def _guard_and_measure(request: Request, call_next):
-        route = request.url.path
-        if request.method in ("POST", "PUT", "PATCH"):
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype != "application/json":
-                return error_response(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send application/json")
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-                return error_response(413, ErrorCode.PAYLOAD_TOO_LARGE, f"bodies are limited to {MAX_BODY_BYTES} bytes")
-        t = time.perf_counter()
-        response = await call_next(request)
-        if not route.startswith(("/metrics", "/healthz", "/readyz")):
-            metrics.HTTP_LATENCY.labels(service, route).observe(time.perf_counter() - t)
-            metrics.HTTP_REQUESTS.labels(service, route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(GuardAndMeasure, service=service)
 
     @app.get("/healthz", include_in_schema=False)
     async def _healthz() -> dict:
@@ -71,10 +93,10 @@ def install_common(app: FastAPI, service: str, *, ready: Callable[[], bool]) -> 
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def run(app: FastAPI, host: str, port: int) -> None:
+def run(app, host: str, port: int) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # access_log off: request lines are noise at load and carry no value here.
     uvicorn.run(app, host=host, port=port, access_log=False, loop="uvloop", http="httptools",
-                log_level="warning", timeout_graceful_shutdown=5)
+                log_level="warning", timeout_graceful_shutdown=5, lifespan="on")

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 USER_ID = re.compile(r"^[A-Za-z0-9._@+\-]{1,128}$")
 LEEWAY_S = 30
+VERIFIED_CACHE = 50_000
 
 
 class Unauthenticated(Exception):
@@ -29,6 +30,7 @@ class TokenVerifier:
         self._key = public_key
         self._issuer = issuer
         self._audience = audience
+        self._verified: dict[str, dict] = {}
 
     @classmethod
     def from_pem_file(cls, path: Path, issuer: str, audience: str) -> TokenVerifier:
@@ -40,6 +42,18 @@ class TokenVerifier:
     def verify(self, authorization: str | None) -> dict:
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthenticated()
+        hit = self._verified.get(authorization)
+        if hit is not None and hit["exp"] + LEEWAY_S > time.time():
+            return hit
+        claims = self._verify(authorization)
+        # A verified token stays valid until it expires; remembering it saves an
+        # Ed25519 verification per request. Bounded, oldest dropped first.
+        self._verified[authorization] = claims
+        if len(self._verified) > VERIFIED_CACHE:
+            self._verified.pop(next(iter(self._verified)))
+        return claims
+
+    def _verify(self, authorization: str) -> dict:
         try:
             claims = jwt.decode(
                 authorization[7:], self._key, algorithms=["EdDSA"], audience=self._audience,

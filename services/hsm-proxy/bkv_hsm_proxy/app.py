@@ -1,14 +1,10 @@
-"""The hsm-proxy's HTTP face. Handlers are ``async def`` on purpose: they run
-on the event-loop thread, so every PKCS#11 call happens on one thread."""
+"""The hsm-proxy's HTTP face. Handlers run on the event-loop thread, so
+every PKCS#11 call happens on one thread (SoftHSM2 is not safe otherwise)."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-
-from bkv_common import metrics
-from bkv_common.service import error_response, install_common
-from bkv_common.wire import ErrorCode
+from bkv_common.rpc import RpcApp, error_body
+from bkv_common.wire import ErrorBody, ErrorCode
 from bkv_hsm_proxy import api, errors
 from bkv_hsm_proxy.core import VaultHsm
 
@@ -25,44 +21,27 @@ _STATUS: list[tuple[type[errors.HsmProxyError], int, ErrorCode, bool]] = [
 ]
 
 
-def status_for(exc: errors.HsmProxyError) -> tuple[int, ErrorCode, bool]:
+def map_error(exc: Exception) -> tuple[int, ErrorBody] | None:
     for cls, status, code, retryable in _STATUS:
         if isinstance(exc, cls):
-            return status, code, retryable
-    return 500, ErrorCode.INTERNAL, False
+            return status, error_body(code, str(exc), retryable)
+    return None
 
 
-def create_app(vault: VaultHsm) -> FastAPI:
-    app = FastAPI(title="bkv hsm-proxy", docs_url=None, redoc_url=None)
-    install_common(app, "hsm-proxy", ready=lambda: True)
+def create_app(vault: VaultHsm) -> RpcApp:
+    def sync(fn):
+        async def handler(req):
+            return fn(req)
 
-    @app.exception_handler(errors.HsmProxyError)
-    async def _mapped(_: Request, exc: errors.HsmProxyError) -> JSONResponse:
-        status, code, retryable = status_for(exc)
-        return error_response(status, code, str(exc), retryable, {"Retry-After": "1"} if retryable else None)
+        return handler
 
-    @app.get("/hsm/v1/fleet")
     async def fleet() -> api.FleetParams:
         return vault.params()
 
-    @app.post("/hsm/v1/registration/start")
-    async def registration_start(req: api.RegistrationStartIn) -> api.RegistrationStartOut:
-        return vault.registration_start(req)
-
-    @app.post("/hsm/v1/registration/finish")
-    async def registration_finish(req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
-        return vault.registration_finish(req)
-
-    @app.post("/hsm/v1/login/start")
-    async def login_start(req: api.LoginStartIn) -> api.LoginStartOut:
-        return vault.login_start(req)
-
-    @app.post("/hsm/v1/login/finish")
-    async def login_finish(req: api.LoginFinishIn) -> api.LoginFinishOut:
-        return vault.login_finish(req)
-
-    @app.post("/hsm/v1/reseal")
-    async def reseal(req: api.ResealIn) -> api.ResealOut:
-        return vault.reseal(req)
-
-    return app
+    return RpcApp("hsm-proxy", {
+        "/hsm/v1/registration/start": (api.RegistrationStartIn, sync(vault.registration_start)),
+        "/hsm/v1/registration/finish": (api.RegistrationFinishIn, sync(vault.registration_finish)),
+        "/hsm/v1/login/start": (api.LoginStartIn, sync(vault.login_start)),
+        "/hsm/v1/login/finish": (api.LoginFinishIn, sync(vault.login_finish)),
+        "/hsm/v1/reseal": (api.ResealIn, sync(vault.reseal)),
+    }, map_error=map_error, get_routes={"/hsm/v1/fleet": fleet})

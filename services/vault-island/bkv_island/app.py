@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-
 from bkv_common.http import UpstreamError, UpstreamUnavailable
-from bkv_common.service import error_response, install_common, passthrough_response
-from bkv_common.wire import ErrorCode
+from bkv_common.rpc import RpcApp, error_body
+from bkv_common.wire import ErrorBody, ErrorCode
 from bkv_island import api, errors
 from bkv_island.core import Island
 
@@ -19,46 +16,23 @@ _STATUS = {
 }
 
 
-def create_app(island: Island, *, ready=lambda: True) -> FastAPI:
-    app = FastAPI(title=f"bkv vault-island {island.island_id}", docs_url=None, redoc_url=None)
-    install_common(app, "vault-island", ready=ready)
-
-    @app.exception_handler(errors.IslandError)
-    async def _island_error(_: Request, exc: errors.IslandError) -> JSONResponse:
+def map_error(exc: Exception) -> tuple[int, ErrorBody] | None:
+    if isinstance(exc, UpstreamError):  # the hsm-proxy's answer, passed on unchanged
+        return exc.status, exc.body
+    if isinstance(exc, UpstreamUnavailable):
+        return 503, error_body(ErrorCode.UNAVAILABLE, "the HSM is unreachable; try again shortly", True)
+    if type(exc) in _STATUS:
         status, code, retryable = _STATUS[type(exc)]
-        return error_response(status, code, str(exc), retryable, {"Retry-After": "1"} if status == 503 else None)
+        return status, error_body(code, str(exc), retryable)
+    return None
 
-    @app.exception_handler(UpstreamError)
-    async def _upstream(_: Request, exc: UpstreamError) -> JSONResponse:
-        return passthrough_response(exc.status, exc.body)
 
-    @app.exception_handler(UpstreamUnavailable)
-    async def _unavailable(_: Request, exc: UpstreamUnavailable) -> JSONResponse:
-        return error_response(503, ErrorCode.UNAVAILABLE, "the HSM is unreachable; try again shortly", True,
-                              {"Retry-After": "1"})
-
-    @app.post("/island/v1/registration/start")
-    async def registration_start(req: api.RegistrationStartIn) -> api.RegistrationStartOut:
-        return await island.registration_start(req)
-
-    @app.post("/island/v1/registration/finish")
-    async def registration_finish(req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
-        return await island.registration_finish(req)
-
-    @app.post("/island/v1/recovery/start")
-    async def recovery_start(req: api.RecoveryStartIn) -> api.RecoveryStartOut:
-        return await island.recovery_start(req)
-
-    @app.post("/island/v1/recovery/finish")
-    async def recovery_finish(req: api.RecoveryFinishIn) -> api.RecoveryFinishOut:
-        return await island.recovery_finish(req)
-
-    @app.post("/island/v1/record/delete")
-    async def delete(req: api.DeleteIn) -> api.DeleteOut:
-        return await island.delete(req)
-
-    @app.post("/island/v1/admin/move")
-    async def move(req: api.MoveIn) -> api.MoveOut:
-        return await island.move(req)
-
-    return app
+def create_app(island: Island, **hooks) -> RpcApp:
+    return RpcApp("vault-island", {
+        "/island/v1/registration/start": (api.RegistrationStartIn, island.registration_start),
+        "/island/v1/registration/finish": (api.RegistrationFinishIn, island.registration_finish),
+        "/island/v1/recovery/start": (api.RecoveryStartIn, island.recovery_start),
+        "/island/v1/recovery/finish": (api.RecoveryFinishIn, island.recovery_finish),
+        "/island/v1/record/delete": (api.DeleteIn, island.delete),
+        "/island/v1/admin/move": (api.MoveIn, island.move),
+    }, map_error=map_error, **hooks)

@@ -15,7 +15,8 @@ from bkv_common import metrics
 from bkv_common.retry import Backoff, DeadlineExceeded, retry
 from bkv_hsm_proxy import api as hapi
 from bkv_island import api, errors
-from bkv_island.store import RecordStore
+from bkv_common.http import UpstreamError
+from bkv_island.store import RecordStore, Stored
 
 CAS_BACKOFF = Backoff(deadline_s=8.0, first_delay_s=0.002, max_delay_s=0.2)
 
@@ -51,6 +52,19 @@ class Island:
                 raise errors.StoreUnavailable("etcd unreachable; try again shortly") from exc
             raise errors.Contended(f"{name}: too many concurrent changes to this record; try again") from exc
 
+    async def _hsm_on(self, user_id: str, stored: Stored, call):
+        """Run an HSM step on ``stored``. If the HSM refuses and our entry came
+        from the cache, the cache may be stale (a version mismatch, or a record
+        rewritten behind our back): drop it and start over from a fresh read,
+        which then decides for good."""
+        try:
+            return await call
+        except UpstreamError as exc:
+            if stored.cached:
+                self._store.forget(self.island_id, user_id)
+                raise _LostRace() from exc
+            raise
+
     async def _commit(self, user_id: str, revision: int, entry: hapi.Entry) -> None:
         if not await self._store.swap(self.island_id, user_id, revision, entry):
             metrics.RETRIES.labels("etcd-cas").inc()
@@ -58,7 +72,8 @@ class Island:
 
     # -- registration --------------------------------------------------------------
     async def registration_start(self, req: api.RegistrationStartIn) -> api.RegistrationStartOut:
-        stored = await self._loop(lambda _: self._store.read(self.island_id, req.user_id), "read")
+        # Fresh: the challenge is bound to this version, so it must be the real one.
+        stored = await self._loop(lambda _: self._store.read(self.island_id, req.user_id, fresh=True), "read")
         out = await self._hsm.registration_start(hapi.RegistrationStartIn(
             user_id=req.user_id, island=self.island_id, current=stored.entry,
             registration_request=req.registration_request))
@@ -67,9 +82,9 @@ class Island:
     async def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
         async def attempt(_: int) -> api.RegistrationFinishOut:
             stored = await self._store.read(self.island_id, req.user_id)
-            out = await self._hsm.registration_finish(hapi.RegistrationFinishIn(
+            out = await self._hsm_on(req.user_id, stored, self._hsm.registration_finish(hapi.RegistrationFinishIn(
                 user_id=req.user_id, island=self.island_id, current=stored.entry, challenge=req.challenge,
-                registration_upload=req.registration_upload, ek=req.ek, k_nonce=req.k_nonce))
+                registration_upload=req.registration_upload, ek=req.ek, k_nonce=req.k_nonce)))
             await self._commit(req.user_id, stored.revision, out.new_entry)
             metrics.REGISTRATIONS.inc()
             return api.RegistrationFinishOut(version=out.new_entry.version, max_attempts=out.max_attempts,
@@ -81,10 +96,12 @@ class Island:
     async def recovery_start(self, req: api.RecoveryStartIn) -> api.RecoveryStartOut:
         async def attempt(_: int) -> api.RecoveryStartOut:
             stored = await self._store.read(self.island_id, req.user_id)
+            if stored.cached and stored.entry.state is not hapi.EntryState.LIVE:
+                stored = await self._store.read(self.island_id, req.user_id, fresh=True)
             self._require_live(stored.entry)
-            out = await self._hsm.login_start(hapi.LoginStartIn(
+            out = await self._hsm_on(req.user_id, stored, self._hsm.login_start(hapi.LoginStartIn(
                 user_id=req.user_id, island=self.island_id, current=stored.entry,
-                credential_request=req.credential_request))
+                credential_request=req.credential_request)))
             # The decrement is durable on a quorum before the response leaves (invariant 3).
             await self._commit(req.user_id, stored.revision, out.new_entry)
             metrics.GUESSES_EVALUATED.inc()
@@ -99,10 +116,12 @@ class Island:
         async def attempt(_: int) -> api.RecoveryFinishOut:
             stored = await self._store.read(self.island_id, req.user_id)
             if stored.entry.state is hapi.EntryState.ABSENT:
-                raise errors.NoRecord("no record for this user")
-            out = await self._hsm.login_finish(hapi.LoginFinishIn(
+                stored = await self._store.read(self.island_id, req.user_id, fresh=True)
+                if stored.entry.state is hapi.EntryState.ABSENT:
+                    raise errors.NoRecord("no record for this user")
+            out = await self._hsm_on(req.user_id, stored, self._hsm.login_finish(hapi.LoginFinishIn(
                 user_id=req.user_id, island=self.island_id, current=stored.entry, login_state=req.login_state,
-                credential_finalization=req.credential_finalization))
+                credential_finalization=req.credential_finalization)))
             # Committing the reset also consumes the login state (the version moves on).
             await self._commit(req.user_id, stored.revision, out.new_entry)
             metrics.RECOVERIES_SUCCEEDED.inc()
@@ -114,7 +133,7 @@ class Island:
     # -- deletion and moves -----------------------------------------------------------
     async def delete(self, req: api.DeleteIn) -> api.DeleteOut:
         async def attempt(_: int) -> api.DeleteOut:
-            stored = await self._store.read(self.island_id, req.user_id)
+            stored = await self._store.read(self.island_id, req.user_id, fresh=True)
             if stored.entry.state is not hapi.EntryState.LIVE:
                 return api.DeleteOut(deleted=False)
             tomb = hapi.Entry(state=hapi.EntryState.DESTROYED, version=stored.entry.version + 1)
@@ -127,7 +146,7 @@ class Island:
         """Re-seal the record for ``to_island`` and move it in one transaction."""
 
         async def attempt(_: int) -> api.MoveOut:
-            stored = await self._store.read(self.island_id, req.user_id)
+            stored = await self._store.read(self.island_id, req.user_id, fresh=True)
             if stored.entry.state is hapi.EntryState.ABSENT:
                 return api.MoveOut(moved=False)
             out = await self._hsm.reseal(hapi.ResealIn(user_id=req.user_id, from_island=self.island_id,

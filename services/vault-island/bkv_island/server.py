@@ -4,12 +4,10 @@ replica announcement, and their lifetimes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-
-from fastapi import FastAPI
 
 from bkv_common.etcd import make_client
 from bkv_common.fleetmap import announce_replica
+from bkv_common.rpc import RpcApp
 from bkv_island.app import create_app
 from bkv_island.core import Island
 from bkv_island.hsm_client import HsmHttpClient
@@ -17,25 +15,22 @@ from bkv_island.settings import IslandSettings
 from bkv_island.store import EtcdRecordStore
 
 
-def build_app(settings: IslandSettings) -> FastAPI:
+def build_app(settings: IslandSettings) -> RpcApp:
     etcd = make_client(settings.etcd_endpoints)
     hsm = HsmHttpClient(settings.hsm_url_list)
     island = Island(settings.island_id, EtcdRecordStore(etcd, settings.etcd_prefix), hsm)
     stop = asyncio.Event()
+    tasks: list[asyncio.Task] = []
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def startup() -> None:
         await etcd.connect()
-        task = asyncio.create_task(announce_replica(
-            etcd, settings.etcd_prefix, settings.island_id, settings.replica_id, settings.url, stop))
-        try:
-            yield
-        finally:
-            stop.set()
-            await task
-            await hsm.aclose()
-            await etcd.close()
+        tasks.append(asyncio.create_task(announce_replica(
+            etcd, settings.etcd_prefix, settings.island_id, settings.replica_id, settings.url, stop)))
 
-    app = create_app(island)
-    app.router.lifespan_context = lifespan
-    return app
+    async def shutdown() -> None:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await hsm.aclose()
+        await etcd.close()
+
+    return create_app(island, on_startup=startup, on_shutdown=shutdown)

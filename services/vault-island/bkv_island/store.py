@@ -10,6 +10,7 @@ overwrite each other's decrements.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from bkv_island import errors
 class Stored:
     entry: Entry
     revision: int  # etcd mod_revision; 0 when the key does not exist
+    cached: bool = False  # came from this replica's cache, may be stale
 
 
 ABSENT = Entry(state=EntryState.ABSENT, version=0)
@@ -36,10 +38,16 @@ def user_key(prefix: str, island: str, user_id: str) -> bytes:
 
 
 class RecordStore(Protocol):
-    async def read(self, island: str, user_id: str) -> Stored: ...
+    async def read(self, island: str, user_id: str, *, fresh: bool = False) -> Stored:
+        """The entry; from a cache unless ``fresh`` (a cached entry may be stale:
+        callers must only act on it through :meth:`swap`)."""
+
+    def forget(self, island: str, user_id: str) -> None:
+        """Drop any cached entry for this user."""
 
     async def swap(self, island: str, user_id: str, expected_revision: int, entry: Entry) -> bool:
-        """Write ``entry`` iff the key is still at ``expected_revision``."""
+        """Write ``entry`` iff the key is still at ``expected_revision``; on
+        failure, the cache learns the current entry."""
 
     async def move(self, from_island: str, to_island: str, user_id: str, expected_revision: int,
                    entry: Entry) -> bool:
@@ -47,12 +55,33 @@ class RecordStore(Protocol):
         destination key (if absent)."""
 
 
+CACHE_ENTRIES = 100_000
+
+
 class EtcdRecordStore:
+    """With a bounded cache of the entries this replica last saw (sealed, so
+    nothing secret): a hit saves the read's round trip; a stale hit only
+    makes the swap fail, and the failed transaction returns the current
+    entry in the same round trip."""
+
     def __init__(self, client: aetcd.Client, prefix: str) -> None:
         self._etcd = client
         self._prefix = prefix
+        self._cache: OrderedDict[bytes, Stored] = OrderedDict()
 
-    async def read(self, island: str, user_id: str) -> Stored:
+    def _remember(self, key: bytes, stored: Stored) -> None:
+        self._cache[key] = Stored(stored.entry, stored.revision, cached=True)
+        self._cache.move_to_end(key)
+        if len(self._cache) > CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+
+    def forget(self, island: str, user_id: str) -> None:
+        self._cache.pop(user_key(self._prefix, island, user_id), None)
+
+    async def read(self, island: str, user_id: str, *, fresh: bool = False) -> Stored:
+        key = user_key(self._prefix, island, user_id)
+        if not fresh and (hit := self._cache.get(key)) is not None:
+            return hit
         t = time.perf_counter()
         try:
             got = await self._etcd.get(user_key(self._prefix, island, user_id))
@@ -60,27 +89,36 @@ class EtcdRecordStore:
             raise errors.StoreUnavailable("etcd unreachable") from exc
         finally:
             metrics.ETCD_TXN.labels("read").observe(time.perf_counter() - t)
-        if got is None:
-            return Stored(ABSENT, 0)
-        return Stored(Entry.model_validate_json(got.value), got.mod_revision)
+        stored = Stored(ABSENT, 0) if got is None else Stored(Entry.model_validate_json(got.value), got.mod_revision)
+        self._remember(key, stored)
+        return stored
 
     async def swap(self, island: str, user_id: str, expected_revision: int, entry: Entry) -> bool:
         key = user_key(self._prefix, island, user_id)
         tx = self._etcd.transactions
         t = time.perf_counter()
         try:
-            ok, _ = await self._etcd.transaction(
+            ok, responses = await self._etcd.transaction(
                 compare=[tx.mod(key) == expected_revision],
                 success=[tx.put(key, entry.model_dump_json().encode())],
-                failure=[],
+                failure=[tx.get(key)],
             )
         except RETRYABLE as exc:
             # The outcome is unknown; the caller re-reads and the revision tells.
+            self._cache.pop(key, None)
             raise errors.StoreUnavailable("etcd unreachable during a write") from exc
         finally:
             metrics.ETCD_TXN.labels("swap").observe(time.perf_counter() - t)
-        if not ok:
+        if ok:
+            self._remember(key, Stored(entry, responses[0].response_put.header.revision))
+        else:
             metrics.ETCD_CONFLICTS.labels("swap").inc()
+            current = responses[0] if responses else []
+            if current:
+                value, meta = current[0]
+                self._remember(key, Stored(Entry.model_validate_json(value), meta.mod_revision))
+            else:
+                self._remember(key, Stored(ABSENT, 0))
         return ok
 
     async def move(self, from_island: str, to_island: str, user_id: str, expected_revision: int,
@@ -96,6 +134,7 @@ class EtcdRecordStore:
             )
         except RETRYABLE as exc:
             raise errors.StoreUnavailable("etcd unreachable during a move") from exc
+        self._cache.pop(src, None)
         if not ok:
             metrics.ETCD_CONFLICTS.labels("move").inc()
         return ok
@@ -108,9 +147,12 @@ class InMemoryRecordStoreFake:
         self.data: dict[tuple[str, str], tuple[Entry, int]] = {}
         self._rev = 0
 
-    async def read(self, island: str, user_id: str) -> Stored:
+    async def read(self, island: str, user_id: str, *, fresh: bool = False) -> Stored:
         entry, rev = self.data.get((island, user_id), (ABSENT, 0))
         return Stored(entry, rev)
+
+    def forget(self, island: str, user_id: str) -> None:
+        pass
 
     async def swap(self, island: str, user_id: str, expected_revision: int, entry: Entry) -> bool:
         if self.data.get((island, user_id), (ABSENT, 0))[1] != expected_revision:

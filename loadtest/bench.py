@@ -1,0 +1,268 @@
+"""The benchmark: server CPU per operation against the cryptographic floor,
+both measured in the same run on the same machine.
+
+    .venv/bin/python loadtest/bench.py --duration 20 --out docs/bench
+
+1. Starts a local fleet (the same processes as ``bkv dev up``) with a high
+   attempt limit so the guess flood keeps hitting live records.
+2. Seeds accounts through the real protocol.
+3. Measures the floor in-process on the fleet's own SoftHSM2 token: the
+   hsm-proxy's cryptography for each operation (OPAQUE server steps, AES-GCM
+   seals, ECDSA signatures) in a tight loop, plus etcd's own CPU per
+   compare-and-swap transaction.
+4. Runs each Locust scenario for a fixed time and sums the CPU time of every
+   fleet process (etcd included) from /proc; the Locust process's CPU is the
+   client's (Argon2 and all) and is reported apart, never as server cost.
+
+Writes ``<out>/bench.json`` and ``<out>/bench.md``. Numbers on a shared
+2-core machine are noisy: read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "loadtest"))
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError):
+            pass
+    return total / CLK
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "kernel": platform.release(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+# -- seeding -----------------------------------------------------------------------------------
+async def seed(fleet, n: int, prefix: str) -> None:
+    from bkv.sdk import VaultClient
+    from bkv_common.encoding import b64d
+    from bkv_common.secrets import BackupKey
+    from accounts import account
+
+    key = b64d(fleet.fleet_params["fleet_public_key"])
+    issuer = fleet.issuer()
+    sem = asyncio.Semaphore(8)
+
+    async def one(i: int) -> None:
+        user, pw = account(i)
+        async with sem:
+            async with VaultClient(fleet.frontend_url, key, user, issuer.mint(user)) as c:
+                await c.register(BackupKey(os.urandom(32)), pw)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+# -- the floor -----------------------------------------------------------------------------------
+def hsm_floor(fleet, iterations: int) -> dict[str, float]:
+    """CPU seconds per operation of the hsm-proxy's cryptography, in-process."""
+    import opaque_ke_py as opaque
+
+    from bkv.devfleet import SOFTHSM_MODULE, TOKEN_LABEL
+    from bkv_hsm_proxy import api
+    from bkv_hsm_proxy.core import VaultHsm
+    from bkv_hsm_proxy.hsm import Pkcs11Hsm
+
+    os.environ["SOFTHSM2_CONF"] = str(fleet.state / "hsm" / "softhsm2.conf")
+    pin = json.loads((fleet.state / "hsm" / "pins.json").read_text())["user"]
+    hsm = Pkcs11Hsm(SOFTHSM_MODULE, TOKEN_LABEL, pin)
+    vault = VaultHsm(hsm, max_attempts=1000)  # inputs are reused, so the count never drains
+    absent = api.Entry(state=api.EntryState.ABSENT, version=0)
+    # One registration made once; its record is reused (restored) every loop.
+    start = opaque.client_registration_start(b"pw")
+    rs = vault.registration_start(api.RegistrationStartIn(user_id="floor", island="island-a", current=absent,
+                                                          registration_request=start.get_message()))
+    fin = opaque.client_registration_finish(b"pw", start.get_state(), rs.registration_response)
+    reg_in = api.RegistrationFinishIn(user_id="floor", island="island-a", current=absent, challenge=rs.challenge,
+                                      registration_upload=fin.get_message(), ek=os.urandom(48), k_nonce=os.urandom(12))
+    entry = vault.registration_finish(reg_in).new_entry
+    login = opaque.client_login_start(b"pw")
+    ls_in = api.LoginStartIn(user_id="floor", island="island-a", current=entry, credential_request=login.get_message())
+    ls = vault.login_start(ls_in)
+    cfin = opaque.client_login_finish(b"pw", login.get_state(), ls.credential_response).get_message()
+    lf_in = api.LoginFinishIn(user_id="floor", island="island-a", current=ls.new_entry, login_state=ls.login_state,
+                              credential_finalization=cfin)
+    req = start.get_message()
+
+    def per_op(fn) -> float:
+        fn()
+        t = time.process_time()
+        for _ in range(iterations):
+            fn()
+        return (time.process_time() - t) / iterations
+
+    out = {
+        "registration": per_op(lambda: (
+            vault.registration_start(api.RegistrationStartIn(user_id="floor", island="island-a", current=absent,
+                                                             registration_request=req)),
+            vault.registration_finish(reg_in))),
+        "guess": per_op(lambda: vault.login_start(ls_in)),
+        "recovery": per_op(lambda: (vault.login_start(ls_in), vault.login_finish(lf_in))),
+    }
+    hsm.close()
+    return out
+
+
+async def etcd_txn_floor(fleet, n: int) -> float:
+    """etcd's own CPU seconds per compare-and-swap transaction."""
+    from bkv_common.etcd import connect
+
+    client = await connect(fleet.etcd_endpoints)
+    etcd_pids = [p.pid for name, p in fleet.procs.items() if name.startswith("etcd")]
+    key = b"/bench/floor"
+    tx = client.transactions
+    rev = 0
+    value = os.urandom(400)  # about the size of a sealed entry
+    before = cpu_seconds(etcd_pids)
+    for _ in range(n):
+        ok, _ = await client.transaction(compare=[tx.mod(key) == rev], success=[tx.put(key, value)], failure=[])
+        rev = (await client.get(key)).mod_revision
+    # The loop also did one read per write; count the pair as one round trip of each.
+    spent = (cpu_seconds(etcd_pids) - before) / n
+    await client.delete(key)
+    await client.close()
+    return spent
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+SCENARIOS = {
+    # name: (locust user class, simulated users, etcd writes in the floor)
+    "recovery": ("HonestRecovery", 8, 2),
+    "guess": ("GuessFlood", 4, 1),
+    "registration": ("Registration", 4, 1),
+}
+
+
+def run_scenario(fleet, name: str, duration: int, users: int, seeded: int, out: Path, processes: int) -> dict:
+    cls, default_users, _ = SCENARIOS[name]
+    users = users or default_users
+    env = {**os.environ, "BKV_LOAD_URL": fleet.frontend_url,
+           "BKV_LOAD_FLEET_KEY": fleet.fleet_params["fleet_public_key"],
+           "BKV_LOAD_ISSUER_DIR": str(fleet.state / "issuer"), "BKV_LOAD_USERS": str(seeded),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "loadtest"), os.environ.get("PYTHONPATH", "")])}
+    server = [p.pid for p in fleet.procs.values() if p.pid]
+    prefix = out / f"locust-{name}"
+    argv = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+            "-u", str(users), "-r", str(users * 10), "-t", f"{duration}s", "--csv", str(prefix),
+            "--html", f"{prefix}.html", "--only-summary", "--stop-timeout", "5", cls]
+    if processes > 1:
+        argv[4:4] = ["--processes", str(processes)]
+    s0, w0, c0 = cpu_seconds(server), time.monotonic(), os.times()
+    subprocess.run(argv, env=env, cwd=ROOT, check=False, capture_output=True, timeout=duration + 120)
+    wall = time.monotonic() - w0
+    c1 = os.times()
+    server_cpu = cpu_seconds(server) - s0
+    client_cpu = (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system)
+    with open(f"{prefix}_stats.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r["Name"] == name)
+    ok = int(row["Request Count"]) - int(row["Failure Count"])
+    return {
+        "scenario": name, "users": users, "seconds": round(wall, 1), "ops": ok,
+        "errors": int(row["Failure Count"]), "throughput_per_s": round(ok / duration, 1),
+        "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]), "p99_ms": float(row["99%"]),
+        "server_cpu_ms_per_op": round(1000 * server_cpu / max(ok, 1), 3),
+        "client_cpu_ms_per_op": round(1000 * client_cpu / max(ok, 1), 3),
+    }
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Machine: {m['cpus']} CPUs, {m['cpu_model']}, Python {m['python']}, Linux {m['kernel']}, {m['date']}.",
+        f"Fleet: {result['fleet']}. Duration per scenario: {result['duration_s']} s.", "",
+        "| scenario | ops/s | p50 ms | p95 ms | p99 ms | errors | server CPU ms/op | floor ms/op | ratio | "
+        "capacity/2 cores | client CPU ms/op |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["scenarios"]:
+        lines.append(
+            f"| {r['scenario']} | {r['throughput_per_s']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+            f"{r['errors']} | {r['server_cpu_ms_per_op']:.2f} | {r['floor_ms_per_op']:.2f} | "
+            f"**{r['ratio_to_floor']:.2f}x** | {r['capacity_per_2_cores']:.0f}/s | {r['client_cpu_ms_per_op']:.2f} |")
+    f = result["floor"]
+    lines += ["", f"Floor parts (ms/op): hsm-proxy crypto — registration {1000 * f['hsm']['registration']:.3f}, "
+              f"guess {1000 * f['hsm']['guess']:.3f}, recovery {1000 * f['hsm']['recovery']:.3f}; "
+              f"etcd CPU per CAS transaction {1000 * f['etcd_txn']:.3f}.",
+              f"Guess-flood limit check: {result['limit_check']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=20, help="seconds per scenario")
+    ap.add_argument("--seed-users", type=int, default=64)
+    ap.add_argument("--users", type=int, default=0, help="simulated users per scenario (0: per-scenario default)")
+    ap.add_argument("--processes", type=int, default=1, help="Locust processes")
+    ap.add_argument("--scenarios", default="guess,recovery,registration")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    args = ap.parse_args()
+    from conftest import start_fleet  # the same fleet the tests use
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bkv-bench-") as tmp:
+        fleet = start_fleet(Path(tmp), max_attempts=1000)
+        try:
+            asyncio.run(seed(fleet, args.seed_users, "load"))
+            floor = {"hsm": hsm_floor(fleet, 300), "etcd_txn": asyncio.run(etcd_txn_floor(fleet, 300))}
+            guesses_before = _guesses(fleet)
+            rows = []
+            for name in args.scenarios.split(","):
+                r = run_scenario(fleet, name, args.duration, args.users, args.seed_users, args.out, args.processes)
+                r["floor_ms_per_op"] = round(1000 * (floor["hsm"][name] + SCENARIOS[name][2] * floor["etcd_txn"]), 3)
+                r["ratio_to_floor"] = round(r["server_cpu_ms_per_op"] / r["floor_ms_per_op"], 2)
+                r["capacity_per_2_cores"] = round(2000 / r["server_cpu_ms_per_op"])
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+            evaluated = _guesses(fleet) - guesses_before
+            answered = sum(r["ops"] for r in rows if r["scenario"] in ("guess", "recovery"))
+            limit = (f"guesses evaluated by the islands {evaluated:.0f} == answers the clients got {answered} "
+                     f"({'ok' if evaluated == answered else 'MISMATCH'})")
+        finally:
+            fleet.down()
+    result = {"machine": machine(), "duration_s": args.duration, "scenarios": rows, "floor": floor,
+              "fleet": "1 etcd, 1 hsm-proxy (SoftHSM2), 2 islands x 2 replicas, 1 frontend; plain HTTP on loopback",
+              "limit_check": limit}
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "bench.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def _guesses(fleet) -> float:
+    import httpx
+
+    total = 0.0
+    for name, p in fleet.procs.items():
+        if name.startswith("island"):
+            for line in httpx.get(f"http://127.0.0.1:{p.port}/metrics").text.splitlines():
+                if line.startswith("bkv_guesses_evaluated_total "):
+                    total += float(line.split()[1])
+    return total
+
+
+if __name__ == "__main__":
+    sys.exit(main())

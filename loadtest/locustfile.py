@@ -1,0 +1,122 @@
+"""Locust scenarios against the vault, driven through the real SDK.
+
+Scenarios (select with ``--tags`` or by user class):
+
+* ``HonestRecovery`` (tag ``recovery``): a full OPAQUE login with the right
+  password, including the client's Argon2 step, on an account of its own.
+* ``GuessFlood`` (tag ``flood``): only the recovery start with a wrong
+  password, across many accounts -- the path an attacker hits. Cheap for the
+  client, so it measures the server.
+* ``Registration`` (tag ``registration``): register a fresh key.
+
+Configuration comes from the environment (``bkv bench`` sets it):
+``BKV_LOAD_URL`` (vault address), ``BKV_LOAD_FLEET_KEY`` (pinned key, base64),
+``BKV_LOAD_ISSUER_DIR`` (dev issuer that signs tokens for the seeded
+accounts), ``BKV_LOAD_USERS`` (how many accounts were seeded as
+``load-<i>`` with password ``pw-load-<i>``), ``BKV_LOAD_PREFIX``.
+
+Distributed: ``locust -f loadtest/locustfile.py --master`` on one machine and
+``locust -f loadtest/locustfile.py --worker --master-host HOST`` on others
+(same environment on every worker); see docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import opaque_ke_py as opaque
+from locust import User, between, constant, events, tag, task  # noqa: F401
+
+from bkv import errors
+from bkv.sdk import VaultClientSync
+from bkv_common.encoding import b64d
+from bkv_common.secrets import BackupKey
+
+from accounts import account as _account
+
+URL = os.environ.get("BKV_LOAD_URL", "http://127.0.0.1:18080")
+PREFIX = os.environ.get("BKV_LOAD_PREFIX", "load")
+SEEDED = int(os.environ.get("BKV_LOAD_USERS", "100"))
+_next_account = itertools.count()
+
+
+def _issuer():
+    from bkv_frontend.auth import DevIssuer
+
+    return DevIssuer.load_or_create(__import__("pathlib").Path(os.environ["BKV_LOAD_ISSUER_DIR"]))
+
+
+def account(i: int) -> tuple[str, str]:
+    return _account(i, PREFIX)
+
+
+class _VaultUser(User):
+    abstract = True
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        self._issuer = _issuer()
+        self._key = b64d(os.environ["BKV_LOAD_FLEET_KEY"])
+
+    def client_for(self, user_id: str) -> VaultClientSync:
+        return VaultClientSync(URL, self._key, user_id, self._issuer.mint(user_id))
+
+    def timed(self, name: str, fn, expected=()):
+        start = time.perf_counter()
+        exc = None
+        try:
+            fn()
+        except expected:
+            pass  # an outcome the scenario expects (e.g. a wrong password)
+        except Exception as e:  # noqa: BLE001 - every other failure is reported to Locust
+            exc = e
+        events.request.fire(request_type="bkv", name=name, response_time=(time.perf_counter() - start) * 1000,
+                            response_length=0, exception=exc, context={})
+
+
+class HonestRecovery(_VaultUser):
+    """Each simulated user owns one seeded account, so no two recover it at once."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.user_id, self.password = account(next(_next_account) % SEEDED)
+        self.vault = self.client_for(self.user_id)
+
+    def on_stop(self) -> None:
+        self.vault.close()
+
+    @tag("recovery")
+    @task
+    def recover(self) -> None:
+        self.timed("recovery", lambda: self.vault.recover(self.password))
+
+
+class GuessFlood(_VaultUser):
+    """Wrong guesses spread over every seeded account (the limit must hold)."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.vaults = [self.client_for(account(i)[0]) for i in range(SEEDED)]
+        self._cycle = itertools.cycle(self.vaults)
+
+    def on_stop(self) -> None:
+        for v in self.vaults:
+            v.close()
+
+    @tag("flood")
+    @task
+    def guess(self) -> None:
+        vault = next(self._cycle)
+        req = opaque.client_login_start(os.urandom(12)).get_message()
+        self.timed("guess", lambda: vault.recovery_start(req), expected=(errors.LockedOut,))
+
+
+class Registration(_VaultUser):
+    @tag("registration")
+    @task
+    def register(self) -> None:
+        user = f"{PREFIX}-reg-{os.getpid()}-{next(_next_account)}"
+        with self.client_for(user) as vault:
+            self.timed("registration", lambda: vault.register(BackupKey(os.urandom(32)), "pw-" + user))
