@@ -1,0 +1,27 @@
+"""The load-test harness works end to end: a few seconds of each Locust
+scenario against a real fleet, with the floor measured in the same run.
+(Numbers from this are not performance claims; see docs/performance.md.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_benchmark_runs_every_scenario_and_the_flood_respects_the_limit(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "loadtest" / "bench.py"), "--duration", "3", "--seed-users", "6",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["scenario"]: r for r in result["scenarios"]}
+    assert set(rows) == {"guess", "recovery", "registration"}
+    for r in rows.values():
+        assert r["ops"] > 0 and r["errors"] == 0
+        assert r["floor_ms_per_op"] > 0 and r["ratio_to_floor"] > 1
+    assert result["limit_check"].endswith(": ok"), result["limit_check"]
+    assert (tmp_path / "bench.md").read_text().count("|") > 20
+    assert (tmp_path / "locust-guess.html").exists()
