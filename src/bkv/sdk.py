@@ -222,6 +222,15 @@ def _transport_failure(call: Call, exc: Exception) -> Exception:
                                    "may not have counted this attempt; try again")
 
 
+def _resume(steps: Steps, value: Any, error: BaseException | None) -> tuple[bool, Any]:
+    """Feed the last result (or error) to the protocol: (True, its return
+    value) when it finished, else (False, the next step)."""
+    try:
+        return False, (steps.throw(error) if error is not None else steps.send(value))
+    except StopIteration as done:
+        return True, done.value
+
+
 def _unavailable(backoff: Backoff, exc: DeadlineExceeded) -> errors.VaultUnavailable:
     return errors.VaultUnavailable(
         f"the vault did not answer within {backoff.deadline_s:.0f}s ({exc.__cause__}); "
@@ -270,10 +279,9 @@ class VaultClient:
         value: Any = None
         error: BaseException | None = None
         while True:
-            try:
-                step = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as done:
-                return done.value
+            finished, step = _resume(steps, value, error)
+            if finished:
+                return step
             value, error = None, None
             try:
                 if isinstance(step, Call):
@@ -344,10 +352,9 @@ class VaultClientSync:
         value: Any = None
         error: BaseException | None = None
         while True:
-            try:
-                step = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as done:
-                return done.value
+            finished, step = _resume(steps, value, error)
+            if finished:
+                return step
             value, error = None, None
             try:
                 value = self._send(step) if isinstance(step, Call) else step.fn(*step.args)
