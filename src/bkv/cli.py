@@ -34,6 +34,8 @@ class ExitCode(enum.IntEnum):
     NO_RECORD = 7
     UNAUTHORIZED = 8
     BAD_SIGNATURE = 9
+    WRONG_KEY = 10
+    STORE_ERROR = 11
 
 
 def _fail(message: str, code: ExitCode) -> None:
@@ -197,6 +199,11 @@ async def _demo(cfg, fleet) -> None:
             say(f"5. even the right password now fails: {exc}")
     if rec.key != k:
         raise typer.Exit(1)
+
+
+from bkv.backup_commands import register_commands  # noqa: E402
+
+register_commands(app)
 
 
 def main() -> None:
