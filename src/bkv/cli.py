@@ -17,7 +17,9 @@ import typer
 from bkv import errors
 
 app = typer.Typer(help="Backup Key Vault: end-to-end encrypted backups whose key is escrowed under a password.",
-                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+                  no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  # Never the pretty traceback: it prints local variables, which can be secrets.
+                  pretty_exceptions_enable=False, pretty_exceptions_show_locals=False)
 dev = typer.Typer(help="Run a local fleet (etcd, SoftHSM2, hsm-proxy, islands, frontend) on loopback.",
                   no_args_is_help=True)
 app.add_typer(dev, name="dev")

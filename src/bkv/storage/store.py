@@ -54,8 +54,10 @@ class Store:
             yield
         except (NoBackup, StoreError):
             raise
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{doing} in {self.url} failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - fsspec backends raise their own types (botocore, ...)
+            if isinstance(exc, fmt.CorruptBackup) or type(exc).__module__.startswith("bkv."):
+                raise
+            raise StoreError(f"{doing} in {self.url} failed: {type(exc).__name__}: {exc}") from exc
 
     def write(self, backup_id: str, blocks: Iterable[bytes]) -> int:
         partial, final = self._path(f".partial-{backup_id}"), self._path(backup_id + SUFFIX)
