@@ -30,9 +30,14 @@ def s3_endpoint():
     os.environ.update(env)
     import fsspec
 
+    # fsspec reads FSSPEC_* variables once, at import: tell this process directly too,
+    # so nothing here ever tries a real S3 endpoint.
+    saved_conf = dict(fsspec.config.conf.get("s3", {}))
+    fsspec.config.conf["s3"] = {**saved_conf, "endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"]}
     fs, _ = fsspec.core.url_to_fs("s3://bkv-test")
     fs.mkdir("bkv-test")
     yield env
+    fsspec.config.conf["s3"] = saved_conf
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)

@@ -242,7 +242,7 @@ def register_commands(app: typer.Typer) -> None:
         if not backups:
             typer.echo(f"no backups in {store}")
         for b in backups:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.created))
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.created / 1000))
             typer.echo(f"{b.backup_id}  {when}  {b.kind:<4}  {b.key_mode:<6}  {b.size} bytes")
 
     @app.command("verify")

@@ -3,7 +3,7 @@
 Byte by byte (docs/backup-format.md)::
 
     header  = "BKV1" | u8 version=1 | u8 kind | u8 key_mode | u8 0 | u32 chunk_size
-              | 16 backup_id | u64 created_unix | 16 key_check            (48 bytes)
+              | 16 backup_id | u64 created_ms | 16 key_check            (48 bytes)
     chunk i = AES-256-GCM(chunk_key, nonce_i, plaintext_i, aad = SHA-256(header))
     nonce_i = u64 i | 3 zero bytes | u8 final
 
@@ -68,7 +68,7 @@ class Header:
     key_mode: int
     chunk_size: int
     backup_id: bytes
-    created: int
+    created: int  # unix milliseconds: orders backups made within one second
     key_check: bytes
 
     def pack(self) -> bytes:
@@ -94,7 +94,7 @@ class Header:
 
 def new_header(key: BackupKey, kind: int, key_mode: int, chunk_size: int = DEFAULT_CHUNK) -> Header:
     backup_id = os.urandom(16)
-    return Header(kind, key_mode, chunk_size, backup_id, int(time.time()),
+    return Header(kind, key_mode, chunk_size, backup_id, time.time_ns() // 1_000_000,
                   _derive(key, backup_id, KEY_CHECK_INFO)[:16])
 
 

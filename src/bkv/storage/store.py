@@ -26,7 +26,7 @@ SUFFIX = ".bkv"
 @dataclass(frozen=True)
 class BackupInfo:
     backup_id: str
-    created: int
+    created: int    # unix milliseconds
     kind: str       # "tree", "file", or "damaged" (the header does not parse)
     key_mode: str   # "vault", "digits", or "unknown"
     size: int       # bytes in the store
