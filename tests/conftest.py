@@ -20,7 +20,7 @@ from bkv_common.encoding import b64d
 def _free_base_port(span: int = 400) -> int:
     for _ in range(200):
         base = random.randrange(20000, 60000 - span, 10)
-        ports = [base + o for o in (80, 100, 101, 200, 201, 202, 210, 211, 212, 220, 221)] + \
+        ports = [base + o for o in (2, 80, 100, 101, 200, 201, 202, 210, 211, 212, 220, 221, 443, 901)] + \
                 [base + 379 + i for i in range(12)]
         ok = True
         for p in ports:
@@ -36,6 +36,9 @@ def _free_base_port(span: int = 400) -> int:
 
 
 def start_fleet(tmp: Path, **spec) -> Fleet:
+    # Tests reach the frontend directly too (the explicit dev plaintext flag);
+    # the Noise edge runs as well, for the tests that go through it.
+    spec.setdefault("allow_plaintext", True)
     fleet = Fleet(FleetSpec(state_dir=str(tmp), base_port=_free_base_port(), **spec))
     try:
         fleet.up()

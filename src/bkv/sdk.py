@@ -33,6 +33,7 @@ from bkv_common.encoding import canonical, fleet_id_for, request_digest, u32, u6
 from bkv_common.retry import Backoff, DeadlineExceeded, retry, retry_sync
 from bkv_common.secrets import BackupKey, Password
 from bkv_common.wire import ErrorBody
+from bkv.transport import NoiseError
 from bkv_frontend import api
 
 DEFAULT_BACKOFF = Backoff(deadline_s=15.0, first_delay_s=0.05, max_delay_s=1.0)
@@ -215,6 +216,11 @@ def _decode(call: Call, resp: httpx.Response):
         raise errors.ProtocolError("malformed_response", "the vault sent an answer that does not parse") from exc
 
 
+def _edge_failure(exc: Exception) -> errors.VaultError:
+    return errors.BadSignature(f"the vault's Noise edge could not be authenticated ({exc}); "
+                               "nothing was sent; check the pinned edge key")
+
+
 def _transport_failure(call: Call, exc: Exception) -> Exception:
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)) or call.idempotent:
         return _Retry(str(exc) or type(exc).__name__)
@@ -268,6 +274,8 @@ class VaultClient:
                 resp = await self._http.request(call.method, call.path, **_request_args(call))
             except httpx.TransportError as exc:
                 raise _transport_failure(call, exc) from exc
+            except NoiseError as exc:
+                raise _edge_failure(exc) from exc
             return _decode(call, resp)
 
         try:
@@ -341,6 +349,8 @@ class VaultClientSync:
                 resp = self._http.request(call.method, call.path, **_request_args(call))
             except httpx.TransportError as exc:
                 raise _transport_failure(call, exc) from exc
+            except NoiseError as exc:
+                raise _edge_failure(exc) from exc
             return _decode(call, resp)
 
         try:

@@ -31,3 +31,7 @@ RECOVERIES_SUCCEEDED = Counter("bkv_recoveries_succeeded", "Recoveries whose fin
 RECORDS_DESTROYED = Counter("bkv_records_destroyed", "Records destroyed because attempts ran out")
 LOCKOUT_HITS = Counter("bkv_lockout_hits", "Recovery attempts against a destroyed record")
 REGISTRATIONS = Counter("bkv_registrations", "Registrations committed")
+
+# Noise edge.
+NOISE_HANDSHAKES = Counter("bkv_noise_handshakes", "Noise handshakes completed at the edge")
+NOISE_REJECTIONS = Counter("bkv_noise_rejections", "Noise messages refused, by reason", ["reason"])

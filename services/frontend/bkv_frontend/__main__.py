@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                                            settings.token_audience)
     etcd = make_client(settings.etcd_endpoints)
     view = FleetView(etcd, settings.etcd_prefix)
-    run(create_app(view, verifier, refresh_interval_s=settings.refresh_interval_s, on_shutdown=etcd.close),
-        settings.host, settings.port)
+    run(create_app(view, verifier, refresh_interval_s=settings.refresh_interval_s, on_shutdown=etcd.close,
+                   require_device_binding=settings.require_device_binding,
+                   edge_public_key=settings.edge_public_key), settings.host, settings.port)
     return 0
 
 

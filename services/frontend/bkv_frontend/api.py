@@ -32,6 +32,7 @@ class FleetInfo(Frozen):
     max_attempts: int
     opaque_suite: str
     signature_alg: str
+    edge_public_key: str = ""  # base64 X25519 key of the Noise edge, if there is one
     api_version: str = "v1"
 
 

@@ -12,13 +12,13 @@ from bkv_common.http import UpstreamError, UpstreamUnavailable, decode_error
 from bkv_common.service import error_response, install_common, passthrough_response
 from bkv_common.wire import ErrorCode
 from bkv_frontend import api
-from bkv_frontend.auth import TokenVerifier, Unauthenticated
+from bkv_frontend.auth import TokenVerifier, Unauthenticated, check_device
 from bkv_frontend.routing import FleetView, NotReady
 from bkv_island import api as iapi
 
 
 def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: float = 1.0,
-               on_shutdown=None) -> FastAPI:
+               on_shutdown=None, require_device_binding: bool = True, edge_public_key: str = "") -> FastAPI:
     stop = asyncio.Event()
 
     @contextlib.asynccontextmanager
@@ -58,8 +58,11 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                               {"Retry-After": "1"})
 
     # async on purpose: a plain `def` dependency would run in a worker thread.
-    async def account(authorization: Annotated[str | None, Header()] = None) -> str:
-        return verifier.verify(authorization)["sub"]
+    async def account(authorization: Annotated[str | None, Header()] = None,
+                      x_bkv_device_key: Annotated[str | None, Header()] = None) -> str:
+        claims = verifier.verify(authorization)
+        check_device(claims, x_bkv_device_key, required=require_device_binding)
+        return claims["sub"]
 
     async def relay(user: str, path: str, body, *, idempotent: bool) -> Response:
         """Send to the user's island and pass its answer through byte for byte:
@@ -73,6 +76,8 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
 
     User = Annotated[str, Depends(account)]
 
+    # Over Noise every call is a POST (docs/edge.md), hence the POST twins.
+    @app.post("/v1/fleet", include_in_schema=False)
     @app.get("/v1/fleet")
     async def fleet() -> api.FleetInfo:
         if view.params is None:
@@ -80,7 +85,7 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
         p = view.params
         return api.FleetInfo(fleet_id=p["fleet_id"], fleet_public_key=p["fleet_public_key"],
                              max_attempts=p["max_attempts"], opaque_suite=p["opaque_suite"],
-                             signature_alg=p["signature_alg"])
+                             signature_alg=p["signature_alg"], edge_public_key=edge_public_key)
 
     # Each route names its answer model for the OpenAPI schema only; the
     # island's bytes go out unchanged.
@@ -110,6 +115,7 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                                                  credential_finalization=req.credential_finalization),
                            idempotent=False)
 
+    @app.post("/v1/record/delete", include_in_schema=False)
     @app.delete("/v1/record", response_model=api.DeleteOut)
     async def delete(user: User) -> Response:
         return await relay(user, "/island/v1/record/delete", iapi.DeleteIn(user_id=user), idempotent=True)

@@ -8,6 +8,7 @@ Noise static key (see docs/edge.md).
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
 from pathlib import Path
@@ -21,8 +22,23 @@ LEEWAY_S = 30
 VERIFIED_CACHE = 50_000
 
 
+DEVICE_HEADER = "x-bkv-device-key"  # set by the Noise edge only (docs/edge.md)
+
+
 class Unauthenticated(Exception):
     """Missing, malformed, expired or foreign token. The message is uniform."""
+
+
+def check_device(claims: dict, device_header: str | None, *, required: bool) -> None:
+    """A token bound to a device (``cnf.bkv_device_key``) is only good over a
+    Noise session with that device's key; a stolen token alone is useless."""
+    bound = (claims.get("cnf") or {}).get("bkv_device_key")
+    if bound is None:
+        if required:
+            raise Unauthenticated()
+        return
+    if device_header is None or not hmac.compare_digest(str(bound), device_header):
+        raise Unauthenticated()
 
 
 class TokenVerifier:

@@ -20,3 +20,8 @@ class FrontendSettings(ServiceSettings):
     token_public_key_file: Path
     # How often the island map and replica list are re-read from etcd.
     refresh_interval_s: float = 1.0
+    # Tokens must name the device's Noise key (cnf), checked against the header
+    # the edge sets. Off only for a dev fleet run with --plaintext.
+    require_device_binding: bool = True
+    # Published in /v1/fleet so clients can pin it (base64 X25519).
+    edge_public_key: str = ""

@@ -1,0 +1,142 @@
+"""The client end of the Noise edge: httpx transports (async and blocking)
+that do the IK handshake against the pinned edge key, then seal each
+request and open each answer. The SDK uses them by default; plain HTTP is
+only for a dev fleet started with ``--plaintext``.
+
+A wrong pinned key fails at the handshake, before any request is sent: the
+first handshake message carries no application data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import httpx
+
+from bkv_edge.errors import HandshakeFailed
+from bkv_edge.noise import SESSION_ID_LEN, Initiator, Session, StaticKey
+
+HANDSHAKE = "/noise/handshake"
+TRANSPORT = "/noise/v1"
+_OCTETS = {"content-type": "application/octet-stream"}
+
+
+class NoiseError(Exception):
+    """The edge could not be authenticated, or its answer did not open. Never
+    retried: it means a wrong pinned key or someone in the middle."""
+
+
+def _outer(request: httpx.Request, session: Session, counter: int) -> tuple[str, bytes]:
+    if request.method not in ("POST", "GET", "DELETE"):
+        raise NoiseError(f"{request.method} is not carried over Noise")
+    path = request.url.raw_path.decode()
+    # Over Noise every call is a POST: reads and deletes have POST twins (docs/edge.md).
+    path = {("GET", "/v1/fleet"): "/v1/fleet", ("DELETE", "/v1/record"): "/v1/record/delete"}.get(
+        (request.method, path), path)
+    return path, session.seal_request(counter, path, request.headers.get("authorization", ""), request.content)
+
+
+def _inner_response(session: Session, counter: int, resp_status: int, content: bytes, request) -> httpx.Response:
+    if resp_status != 200:
+        # The edge refused before the vault saw anything (unknown session, tampering...): a clear error.
+        return httpx.Response(resp_status, content=content, headers={"content-type": "application/json"},
+                              request=request)
+    try:
+        status, body = session.open_response(counter, content)
+    except Exception as exc:  # noqa: BLE001
+        raise NoiseError("the edge's answer failed authentication") from exc
+    return httpx.Response(status, content=body, headers={"content-type": "application/json"}, request=request)
+
+
+class _Base:
+    def __init__(self, base_url: str, edge_public: bytes, device_key: StaticKey) -> None:
+        self._base = base_url.rstrip("/")
+        self._edge = edge_public
+        self._device = device_key
+        self._session: Session | None = None
+        self._counter = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._base}, device_key=(redacted))"
+
+    def _start(self, answer: httpx.Response, initiator: Initiator) -> Session:
+        if answer.status_code != 200 or len(answer.content) <= SESSION_ID_LEN:
+            raise NoiseError(f"the edge refused the handshake ({answer.status_code})")
+        try:
+            session = initiator.finish(answer.content[:SESSION_ID_LEN], answer.content[SESSION_ID_LEN:])
+        except HandshakeFailed as exc:
+            raise NoiseError(str(exc)) from exc
+        self._counter = itertools.count()
+        return session
+
+
+class AsyncNoiseTransport(_Base, httpx.AsyncBaseTransport):
+    def __init__(self, base_url: str, edge_public: bytes, device_key: StaticKey) -> None:
+        super().__init__(base_url, edge_public, device_key)
+        self._http = httpx.AsyncHTTPTransport()
+
+    async def _ensure_session(self) -> Session:
+        if self._session is None:
+            initiator = Initiator(self._device, self._edge)
+            req = httpx.Request("POST", self._base + HANDSHAKE, content=initiator.first_message(), headers=_OCTETS)
+            answer = await self._http.handle_async_request(req)
+            await answer.aread()
+            self._session = self._start(answer, initiator)
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(2):
+            session = await self._ensure_session()
+            counter = next(self._counter)
+            _, body = _outer(request, session, counter)
+            outer = httpx.Request("POST", self._base + TRANSPORT, content=body,
+                                  headers={**_OCTETS, "x-bkv-noise-session": session.session_id.hex()})
+            answer = await self._http.handle_async_request(outer)
+            content = await answer.aread()
+            if answer.status_code == 401 and attempt == 0:
+                self._session = None  # the edge forgot us (restart, expiry): one new handshake
+                continue
+            return _inner_response(session, counter, answer.status_code, content, request)
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class NoiseTransport(_Base, httpx.BaseTransport):
+    """Blocking twin (Locust, scripts)."""
+
+    def __init__(self, base_url: str, edge_public: bytes, device_key: StaticKey) -> None:
+        super().__init__(base_url, edge_public, device_key)
+        self._http = httpx.HTTPTransport()
+        self._lock = threading.Lock()
+
+    def _session_sync(self) -> Session:
+        with self._lock:
+            if self._session is None:
+                initiator = Initiator(self._device, self._edge)
+                req = httpx.Request("POST", self._base + HANDSHAKE, content=initiator.first_message(),
+                                    headers=_OCTETS)
+                answer = self._http.handle_request(req)
+                answer.read()
+                self._session = self._start(answer, initiator)
+            return self._session
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(2):
+            session = self._session_sync()
+            counter = next(self._counter)
+            _, body = _outer(request, session, counter)
+            outer = httpx.Request("POST", self._base + TRANSPORT, content=body,
+                                  headers={**_OCTETS, "x-bkv-noise-session": session.session_id.hex()})
+            answer = self._http.handle_request(outer)
+            content = answer.read()
+            if answer.status_code == 401 and attempt == 0:
+                self._session = None
+                continue
+            return _inner_response(session, counter, answer.status_code, content, request)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._http.close()
