@@ -1,0 +1,166 @@
+"""The Noise transport through real Envoy and the real processor, in front
+of the real fleet."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+
+import httpx
+import pytest
+
+from bkv import errors
+from bkv.sdk import VaultClient
+from bkv.transport import AsyncNoiseTransport
+from bkv_common.encoding import b64d
+from bkv_common.secrets import BackupKey
+from bkv_edge.noise import StaticKey
+from conftest import RecordingTransport, read_entry, unique_user
+
+PW = "noise is not a password"
+
+
+def frontend_requests(fleet) -> float:
+    text = httpx.get(f"{fleet.frontend_url}/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("bkv_http_requests_total{") and 'operation="/v1/' in line)
+
+
+@pytest.fixture
+async def noise_client(fleet):
+    made = []
+
+    def make(user: str, *, device: StaticKey | None = None, token_device: StaticKey | None = None,
+             edge_public: bytes | None = None, record: bool = False) -> VaultClient:
+        device = device or StaticKey.generate()
+        bound = token_device or device
+        token = fleet.issuer().mint(user, device_key_b64=base64.b64encode(bound.public).decode())
+        transport = AsyncNoiseTransport(fleet.edge_url, edge_public or b64d(fleet.edge_public_key), device)
+        if record:
+            transport._http = RecordingTransport()  # see the outer (encrypted) exchanges
+        c = VaultClient(fleet.edge_url, b64d(fleet.fleet_params["fleet_public_key"]), user, token,
+                        transport=transport)
+        c.noise = transport
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        await c.aclose()
+
+
+async def test_register_and_recover_through_envoy_and_noise(noise_client):
+    user, k = unique_user("noise"), BackupKey(os.urandom(32))
+    await noise_client(user).register(k, PW)
+    assert (await noise_client(user).recover(PW)).key == k  # a new device: a new handshake
+
+
+async def test_a_client_with_a_wrong_pinned_key_aborts_before_sending_any_request(noise_client, fleet):
+    before = frontend_requests(fleet)
+    client = noise_client(unique_user("noise"), edge_public=StaticKey.generate().public, record=True)
+    with pytest.raises(errors.BadSignature, match="Noise edge"):
+        await client.register(BackupKey(os.urandom(32)), PW)
+    paths = [e[0] for e in client.noise._http.exchanges]
+    assert paths == ["/noise/handshake"]  # only the handshake left the device
+    assert frontend_requests(fleet) == before
+
+
+async def test_a_replayed_message_changes_nothing(noise_client, fleet, etcd):
+    user = unique_user("noise")
+    await noise_client(user).register(BackupKey(os.urandom(32)), PW)
+    client = noise_client(user, record=True)
+    with pytest.raises(errors.WrongPassword) as wrong:
+        await client.recover("wrong")
+    assert wrong.value.attempts_left == 9
+    path, body, _ = [e for e in client.noise._http.exchanges if e[0] == "/noise/v1"][0]  # the recovery start
+    session = client.noise._session.session_id.hex()
+    before = await read_entry(etcd, fleet, user)
+    replay = httpx.post(fleet.edge_url + "/noise/v1", content=body,
+                        headers={"x-bkv-noise-session": session, "content-type": "application/octet-stream"})
+    assert replay.status_code == 400 and replay.json()["error"]["code"] == "noise_bad_message"
+    assert await read_entry(etcd, fleet, user) == before  # no extra decrement
+    with pytest.raises(errors.WrongPassword) as again:
+        await noise_client(user).recover("wrong")
+    assert again.value.attempts_left == 8
+
+
+async def test_tampered_ciphertext_is_rejected_and_closes_the_session(noise_client, fleet):
+    user = unique_user("noise")
+    client = noise_client(user, record=True)
+    await client.fleet()  # opens the session
+    session = client.noise._session
+    body = bytearray(session.seal_request(999, "/v1/fleet", "", b""))
+    body[-1] ^= 1
+    headers = {"x-bkv-noise-session": session.session_id.hex(), "content-type": "application/octet-stream"}
+    bad = httpx.post(fleet.edge_url + "/noise/v1", content=bytes(body), headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "noise_bad_message"
+    good = httpx.post(fleet.edge_url + "/noise/v1", content=session.seal_request(1000, "/v1/fleet", "", b""),
+                      headers=headers)
+    assert good.status_code == 401 and good.json()["error"]["code"] == "noise_session_unknown"
+
+
+async def test_a_token_for_one_device_is_refused_over_another_devices_session(noise_client):
+    user = unique_user("noise")
+    with pytest.raises(errors.Unauthorized):
+        await noise_client(user, token_device=StaticKey.generate()).register(BackupKey(os.urandom(32)), PW)
+
+
+async def test_a_client_supplied_device_header_never_reaches_the_frontend(noise_client, fleet):
+    """The token names a forged device key and the outer request carries that
+    key in the header: the processor replaces it with the session's real key."""
+    user, forged = unique_user("noise"), StaticKey.generate()
+    client = noise_client(user, token_device=forged)
+    forged_b64 = base64.b64encode(forged.public).decode()
+    client.noise._http = _AddHeader(client.noise._http, "x-bkv-device-key", forged_b64)
+    with pytest.raises(errors.Unauthorized):
+        await client.register(BackupKey(os.urandom(32)), PW)
+
+
+class _AddHeader(httpx.AsyncBaseTransport):
+    def __init__(self, inner, key, value):
+        self._inner, self._key, self._value = inner, key, value
+
+    async def handle_async_request(self, request):
+        request.headers[self._key] = self._value
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self):
+        await self._inner.aclose()
+
+
+def test_nothing_in_clear_passes_envoy(fleet):
+    for method, path in (("POST", "/v1/recovery/start"), ("GET", "/v1/fleet"), ("GET", "/healthz")):
+        resp = httpx.request(method, fleet.edge_url + path, json={} if method == "POST" else None)
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+
+
+def _listeners() -> dict[int, str]:
+    out = {}
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A":  # LISTEN
+            ip_hex, port_hex = local.split(":")
+            ip = ".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
+            out[int(port_hex, 16)] = ip
+    return out
+
+
+def test_the_frontend_and_the_processor_listen_on_loopback_only(fleet):
+    listening = _listeners()
+    for name in ("frontend", "noise-processor"):
+        assert listening[fleet.procs[name].port] == "127.0.0.1", name
+    assert listening[fleet.spec.base_port + 901] == "127.0.0.1"  # Envoy's admin
+
+
+def test_the_rendered_envoy_config_validates_with_envoy_itself(fleet):
+    from bkv.devfleet import _envoy_binary
+
+    res = subprocess.run([_envoy_binary(), "--mode", "validate", "-c", str(fleet.state / "edge" / "envoy.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "OK" in res.stdout + res.stderr
+
+
+def test_envoy_exposes_its_own_prometheus_stats(fleet):
+    text = httpx.get(f"http://127.0.0.1:{fleet.spec.base_port + 901}/stats/prometheus").text
+    assert "envoy_http_downstream_rq_total" in text
