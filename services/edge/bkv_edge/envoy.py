@@ -9,7 +9,9 @@ import json
 
 
 def render(listen_host: str, listen_port: int, upstream_port: int, processor_port: int, admin_port: int,
-           processor_host: str = "127.0.0.1", upstream_host: str = "127.0.0.1") -> str:
+           processor_host: str = "127.0.0.1", upstream_host: str = "127.0.0.1", noise: bool = True) -> str:
+    """``noise=False`` renders the same proxy without the processor: only for
+    the benchmark's plain-HTTP-through-Envoy baseline, never deployed."""
     def cluster(name: str, host: str, port: int, http2: bool = False) -> dict:
         c = {
             "name": name, "type": "STATIC", "connect_timeout": "1s",
@@ -37,7 +39,7 @@ def render(listen_host: str, listen_port: int, upstream_port: int, processor_por
                         "route_config": {"name": "vault", "virtual_hosts": [{
                             "name": "vault", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "frontend", "timeout": "30s"}}]}]},
-                        "http_filters": [
+                        "http_filters": ([
                             {"name": "envoy.filters.http.ext_proc", "typed_config": {
                                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
                                 "grpc_service": {"envoy_grpc": {"cluster_name": "noise_processor"}, "timeout": "2s"},
@@ -49,6 +51,7 @@ def render(listen_host: str, listen_port: int, upstream_port: int, processor_por
                                     "request_header_mode": "SEND", "response_header_mode": "SEND",
                                     "request_body_mode": "BUFFERED", "response_body_mode": "BUFFERED",
                                     "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}}},
+                        ] if noise else []) + [
                             {"name": "envoy.filters.http.router", "typed_config": {
                                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
                         ],
