@@ -157,7 +157,8 @@ SCENARIOS = {
 }
 
 
-def run_scenario(fleet, name: str, duration: int, users: int, seeded: int, out: Path, processes: int) -> dict:
+def run_scenario(fleet, name: str, duration: int, users: int, seeded: int, out: Path, processes: int,
+                 noise: bool = False) -> dict:
     cls, default_users, _ = SCENARIOS[name]
     users = users or default_users
     if name == "recovery":
@@ -166,6 +167,8 @@ def run_scenario(fleet, name: str, duration: int, users: int, seeded: int, out: 
            "BKV_LOAD_FLEET_KEY": fleet.fleet_params["fleet_public_key"],
            "BKV_LOAD_ISSUER_DIR": str(fleet.state / "issuer"), "BKV_LOAD_USERS": str(seeded),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "loadtest"), os.environ.get("PYTHONPATH", "")])}
+    if noise:
+        env.update(BKV_LOAD_EDGE_URL=fleet.edge_url, BKV_LOAD_EDGE_KEY=fleet.edge_public_key)
     server = [p.pid for p in fleet.procs.values() if p.pid]
     prefix = out / f"locust-{name}"
     argv = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
@@ -222,6 +225,7 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=0, help="simulated users per scenario (0: per-scenario default)")
     ap.add_argument("--processes", type=int, default=1, help="Locust processes")
     ap.add_argument("--scenarios", default="guess,recovery,registration")
+    ap.add_argument("--noise", action="store_true", help="go through Envoy and the Noise processor (the real path)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     args = ap.parse_args()
     from conftest import start_fleet  # the same fleet the tests use
@@ -237,7 +241,8 @@ def main() -> int:
             limit = "not run (no guess scenario)"
             for name in args.scenarios.split(","):
                 guesses_before = _guesses(fleet)
-                r = run_scenario(fleet, name, args.duration, args.users, args.seed_users, args.out, args.processes)
+                r = run_scenario(fleet, name, args.duration, args.users, args.seed_users, args.out, args.processes,
+                                 args.noise)
                 r["server_cpu_ms_per_op_net_of_idle"] = round(
                     r["server_cpu_ms_per_op"] - 1000 * idle * r["seconds"] / max(r["ops"], 1), 3)
                 if name == "guess":
@@ -251,7 +256,8 @@ def main() -> int:
             fleet.down()
     result = {"machine": machine(), "duration_s": args.duration, "scenarios": rows, "floor": floor,
               "idle_fleet_cpu_per_s": round(idle, 4),
-              "fleet": "1 etcd, 1 hsm-proxy (SoftHSM2), 2 islands x 2 replicas, 1 frontend; plain HTTP on loopback",
+              "fleet": "1 etcd, 1 hsm-proxy (SoftHSM2), 2 islands x 2 replicas, 1 frontend, Envoy + Noise processor; "
+                       + ("clients through Envoy and Noise" if args.noise else "clients on the plaintext path"),
               "limit_check": limit}
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "bench.md").write_text(markdown(result))

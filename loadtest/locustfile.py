@@ -13,7 +13,9 @@ Configuration comes from the environment (``bkv bench`` sets it):
 ``BKV_LOAD_URL`` (vault address), ``BKV_LOAD_FLEET_KEY`` (pinned key, base64),
 ``BKV_LOAD_ISSUER_DIR`` (dev issuer that signs tokens for the seeded
 accounts), ``BKV_LOAD_USERS`` (how many accounts were seeded as
-``load-<i>`` with password ``pw-load-<i>``), ``BKV_LOAD_PREFIX``.
+``load-<i>`` with password ``pw-load-<i>``), ``BKV_LOAD_PREFIX``; with
+``BKV_LOAD_EDGE_URL`` and ``BKV_LOAD_EDGE_KEY`` every simulated device has its
+own Noise key and goes through Envoy (``bench.py --noise``).
 
 Distributed: ``locust -f loadtest/locustfile.py --master`` on one machine and
 ``locust -f loadtest/locustfile.py --worker --master-host HOST`` on others
@@ -22,6 +24,7 @@ Distributed: ``locust -f loadtest/locustfile.py --master`` on one machine and
 
 from __future__ import annotations
 
+import base64
 import itertools
 import os
 import time
@@ -31,12 +34,16 @@ from locust import User, between, constant, events, tag, task  # noqa: F401
 
 from bkv import errors
 from bkv.sdk import VaultClientSync
+from bkv.transport import NoiseTransport
+from bkv_edge.noise import StaticKey
 from bkv_common.encoding import b64d
 from bkv_common.secrets import BackupKey
 
 from accounts import account as _account
 
 URL = os.environ.get("BKV_LOAD_URL", "http://127.0.0.1:18080")
+EDGE_URL = os.environ.get("BKV_LOAD_EDGE_URL", "")   # set: go through Envoy and Noise (the real path)
+EDGE_KEY = os.environ.get("BKV_LOAD_EDGE_KEY", "")
 PREFIX = os.environ.get("BKV_LOAD_PREFIX", "load")
 SEEDED = int(os.environ.get("BKV_LOAD_USERS", "100"))
 _next_account = itertools.count()
@@ -61,7 +68,13 @@ class _VaultUser(User):
         self._key = b64d(os.environ["BKV_LOAD_FLEET_KEY"])
 
     def client_for(self, user_id: str) -> VaultClientSync:
-        return VaultClientSync(URL, self._key, user_id, self._issuer.mint(user_id))
+        if not EDGE_URL:  # the dev fleet's plaintext path
+            return VaultClientSync(URL, self._key, user_id, self._issuer.mint(user_id))
+        # As a real device: its own Noise key, a token bound to it, through Envoy.
+        device = StaticKey.generate()
+        token = self._issuer.mint(user_id, device_key_b64=base64.b64encode(device.public).decode())
+        return VaultClientSync(EDGE_URL, self._key, user_id, token,
+                               transport=NoiseTransport(EDGE_URL, b64d(EDGE_KEY), device))
 
     def timed(self, name: str, fn, expected=()):
         start = time.perf_counter()

@@ -3,6 +3,7 @@ local fleet, on a local store and on an S3 store (moto's server)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from bkv.config import ClientConfig
+from bkv.storage.format import HEADER_LEN
+from bkv_edge.noise import StaticKey
 from conftest import _free_base_port, unique_user
 
 PW = "my chat backup password"
@@ -51,8 +54,12 @@ def device(fleet, tmp_path):
     """A machine with nothing but the client config for a fresh account."""
     user = unique_user("cli")
     home = tmp_path / "home"
+    # Through Envoy and Noise, as a real device: its own key and a token bound to it.
+    device_key = StaticKey.generate()
+    token = fleet.issuer().mint(user, device_key_b64=base64.b64encode(device_key.public).decode())
     cfg = ClientConfig(url=fleet.frontend_url, fleet_public_key=fleet.fleet_params["fleet_public_key"],
-                       user_id=user, token=fleet.issuer().mint(user))
+                       user_id=user, token=token, edge_url=fleet.edge_url, edge_public_key=fleet.edge_public_key,
+                       device_key=base64.b64encode(device_key.reveal()).decode())
     cfg.save(home / "bkv" / "config.toml")
     def bkv(*args, stdin: str | None = None, password: str | None = PW):
         e = {**os.environ, "XDG_CONFIG_HOME": str(home)}  # read now: the S3 fixture may have added to it
@@ -74,16 +81,38 @@ def make_source(root: Path) -> Path:
     return root / "chats"
 
 
+def make_sqlite(root: Path) -> Path:
+    import sqlite3
+
+    db = root / "msgstore.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table messages (id integer primary key, body blob)")
+        conn.executemany("insert into messages (body) values (?)", [(os.urandom(200),) for _ in range(3000)])
+    return db
+
+
+def make_large(root: Path) -> Path:
+    big = root / "large.bin"
+    with open(big, "wb") as f:
+        for _ in range(40):
+            f.write(os.urandom(1 << 20))
+    return big
+
+
+SOURCES = {"directory": make_source, "sqlite": make_sqlite, "large": make_large}
+
+
 def tree(root: Path) -> list:
     return sorted((p.relative_to(root).as_posix(), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
 
 
+@pytest.mark.parametrize("source_kind", list(SOURCES))
 @pytest.mark.parametrize("kind", ["local", "s3"])
-def test_backup_then_restore_on_a_new_device_is_byte_identical(device, tmp_path, kind, request):
+def test_backup_then_restore_on_a_new_device_is_byte_identical(device, tmp_path, kind, source_kind, request):
     store = str(tmp_path / "store") if kind == "local" else f"s3://bkv-test/{tmp_path.name}"
     if kind == "s3":
         request.getfixturevalue("s3_endpoint")
-    src = make_source(tmp_path)
+    src = SOURCES[source_kind](tmp_path)
     first = device("backup", str(src), "--store", store, "--json")
     assert first.returncode == 0, first.stderr
     out = json.loads(first.stdout)
@@ -95,7 +124,10 @@ def test_backup_then_restore_on_a_new_device_is_byte_identical(device, tmp_path,
     assert device("verify", "--store", store).returncode == 0
     restored = device("restore", "--store", store, "--dest", str(tmp_path / "restored"))
     assert restored.returncode == 0, restored.stderr
-    assert tree(tmp_path / "restored") == tree(src)
+    if src.is_dir():
+        assert tree(tmp_path / "restored") == tree(src)
+    else:
+        assert (tmp_path / "restored" / src.name).read_bytes() == src.read_bytes()
     assert PW not in first.stdout + first.stderr + restored.stdout + restored.stderr
 
 
@@ -116,13 +148,27 @@ def test_a_lockout_exits_4_and_says_the_backup_cannot_be_decrypted(device, tmp_p
     assert res.returncode == 4 and "can no longer be decrypted" in res.stderr
 
 
-def test_a_tampered_backup_exits_6_and_leaves_the_destination_untouched(device, tmp_path):
-    src = make_source(tmp_path)
+def _flip(d: bytes) -> bytes:
+    b = bytearray(d)
+    b[len(b) // 2] ^= 1
+    return bytes(b)
+
+
+def _swap_first_chunks(d: bytes) -> bytes:
+    h, c = HEADER_LEN, (1 << 20) + 16
+    return d[:h] + d[h + c:h + 2 * c] + d[h:h + c] + d[h + 2 * c:]
+
+
+TAMPERING = {"bit flip": _flip, "truncation": lambda d: d[:-100], "appended bytes": lambda d: d + b"x",
+             "reordered chunks": _swap_first_chunks, "dropped final chunk": lambda d: d[:HEADER_LEN + 2 * ((1 << 20) + 16)]}
+
+
+@pytest.mark.parametrize("how", list(TAMPERING))
+def test_a_tampered_backup_exits_6_and_leaves_the_destination_untouched(device, tmp_path, how):
+    src = make_source(tmp_path)  # 3 MiB: four chunks
     out = json.loads(device("backup", str(src), "--store", str(tmp_path / "s"), "--json").stdout)
     path = tmp_path / "s" / f"{out['backup_id']}.bkv"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 1
-    path.write_bytes(bytes(data))
+    path.write_bytes(TAMPERING[how](path.read_bytes()))
     dest = tmp_path / "d"
     dest.mkdir()
     (dest / "keep").write_text("mine")

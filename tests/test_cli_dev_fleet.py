@@ -35,10 +35,11 @@ def bkv(env, *args, check=True):
 def test_dev_up_starts_the_fleet_writes_the_config_and_is_idempotent(cli_env):
     env, base, root = cli_env
     out = bkv(env, "dev", "up", "--base-port", str(base)).stdout
-    assert f"http://127.0.0.1:{base + 80}" in out
+    assert f"http://127.0.0.1:{base + 443} (Noise, via Envoy)" in out
     cfg_path = root / "config" / "bkv" / "config.toml"
     cfg = tomllib.loads(cfg_path.read_text())
     assert cfg["identity"]["user_id"] == "dev-user" and cfg["vault"]["fleet_public_key"]
+    assert cfg["vault"]["transport"] == "noise" and cfg["vault"]["edge_public_key"] and cfg["identity"]["device_key"]
     assert oct(cfg_path.stat().st_mode & 0o777) == "0o600"
     first = bkv(env, "dev", "status", "--json").stdout
     bkv(env, "dev", "up")  # again: nothing restarts

@@ -12,9 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_benchmark_runs_every_scenario_and_the_flood_respects_the_limit(tmp_path):
+def test_the_benchmark_runs_every_scenario_through_noise_and_the_flood_respects_the_limit(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "loadtest" / "bench.py"), "--duration", "3", "--seed-users", "6",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=400)
+                          "--noise", "--out", str(tmp_path)], capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["scenario"]: r for r in result["scenarios"]}

@@ -3,7 +3,7 @@
 Byte by byte (docs/backup-format.md)::
 
     header  = "BKV1" | u8 version=1 | u8 kind | u8 key_mode | u8 0 | u32 chunk_size
-              | 16 backup_id | u64 created_ms | 16 key_check            (48 bytes)
+              | 16 backup_id | u64 created_ms | 16 key_check            (52 bytes)
     chunk i = AES-256-GCM(chunk_key, nonce_i, plaintext_i, aad = SHA-256(header))
     nonce_i = u64 i | 3 zero bytes | u8 final
 
@@ -41,7 +41,7 @@ from bkv_common.secrets import BackupKey
 MAGIC = b"BKV1"
 VERSION = 1
 HEADER = struct.Struct(">4sBBBBI16sQ16s")
-HEADER_LEN = HEADER.size  # 48
+HEADER_LEN = HEADER.size  # 52
 TAG = 16
 DEFAULT_CHUNK = 1 << 20
 

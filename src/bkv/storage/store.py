@@ -3,7 +3,7 @@
 Layout: ``<store>/<backup-id>.bkv``, one object per backup; nothing else.
 A backup is written as ``<store>/.partial-<backup-id>`` and renamed when
 complete, so a crashed backup never looks like one. ``list`` reads only
-the clear 48-byte headers.
+the clear 52-byte headers.
 
 S3 endpoints and credentials come from the usual places (``AWS_*``
 variables) or fsspec's ``FSSPEC_S3_ENDPOINT_URL``-style variables.
