@@ -27,14 +27,14 @@ class NoiseError(Exception):
     retried: it means a wrong pinned key or someone in the middle."""
 
 
-def _outer(request: httpx.Request, session: Session, counter: int) -> tuple[str, bytes]:
+def _sealed(request: httpx.Request, session: Session, counter: int) -> bytes:
     if request.method not in ("POST", "GET", "DELETE"):
         raise NoiseError(f"{request.method} is not carried over Noise")
     path = request.url.raw_path.decode()
     # Over Noise every call is a POST: reads and deletes have POST twins (docs/edge.md).
     path = {("GET", "/v1/fleet"): "/v1/fleet", ("DELETE", "/v1/record"): "/v1/record/delete"}.get(
         (request.method, path), path)
-    return path, session.seal_request(counter, path, request.headers.get("authorization", ""), request.content)
+    return session.seal_request(counter, path, request.headers.get("authorization", ""), request.content)
 
 
 def _inner_response(session: Session, counter: int, resp_status: int, content: bytes, request) -> httpx.Response:
@@ -60,6 +60,15 @@ class _Base:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._base}, device_key=(redacted))"
 
+    def _handshake_request(self) -> tuple[Initiator, httpx.Request]:
+        initiator = Initiator(self._device, self._edge)
+        return initiator, httpx.Request("POST", self._base + HANDSHAKE, content=initiator.first_message(),
+                                        headers=_OCTETS)
+
+    def _outer_request(self, request: httpx.Request, session: Session, counter: int) -> httpx.Request:
+        return httpx.Request("POST", self._base + TRANSPORT, content=_sealed(request, session, counter),
+                             headers={**_OCTETS, "x-bkv-noise-session": session.session_id.hex()})
+
     def _start(self, answer: httpx.Response, initiator: Initiator) -> Session:
         if answer.status_code != 200 or len(answer.content) <= SESSION_ID_LEN:
             raise NoiseError(f"the edge refused the handshake ({answer.status_code})")
@@ -78,8 +87,7 @@ class AsyncNoiseTransport(_Base, httpx.AsyncBaseTransport):
 
     async def _ensure_session(self) -> Session:
         if self._session is None:
-            initiator = Initiator(self._device, self._edge)
-            req = httpx.Request("POST", self._base + HANDSHAKE, content=initiator.first_message(), headers=_OCTETS)
+            initiator, req = self._handshake_request()
             answer = await self._http.handle_async_request(req)
             await answer.aread()
             self._session = self._start(answer, initiator)
@@ -89,10 +97,7 @@ class AsyncNoiseTransport(_Base, httpx.AsyncBaseTransport):
         for attempt in range(2):
             session = await self._ensure_session()
             counter = next(self._counter)
-            _, body = _outer(request, session, counter)
-            outer = httpx.Request("POST", self._base + TRANSPORT, content=body,
-                                  headers={**_OCTETS, "x-bkv-noise-session": session.session_id.hex()})
-            answer = await self._http.handle_async_request(outer)
+            answer = await self._http.handle_async_request(self._outer_request(request, session, counter))
             content = await answer.aread()
             if answer.status_code == 401 and attempt == 0:
                 self._session = None  # the edge forgot us (restart, expiry): one new handshake
@@ -115,9 +120,7 @@ class NoiseTransport(_Base, httpx.BaseTransport):
     def _session_sync(self) -> Session:
         with self._lock:
             if self._session is None:
-                initiator = Initiator(self._device, self._edge)
-                req = httpx.Request("POST", self._base + HANDSHAKE, content=initiator.first_message(),
-                                    headers=_OCTETS)
+                initiator, req = self._handshake_request()
                 answer = self._http.handle_request(req)
                 answer.read()
                 self._session = self._start(answer, initiator)
@@ -127,10 +130,7 @@ class NoiseTransport(_Base, httpx.BaseTransport):
         for attempt in range(2):
             session = self._session_sync()
             counter = next(self._counter)
-            _, body = _outer(request, session, counter)
-            outer = httpx.Request("POST", self._base + TRANSPORT, content=body,
-                                  headers={**_OCTETS, "x-bkv-noise-session": session.session_id.hex()})
-            answer = self._http.handle_request(outer)
+            answer = self._http.handle_request(self._outer_request(request, session, counter))
             content = answer.read()
             if answer.status_code == 401 and attempt == 0:
                 self._session = None
