@@ -9,6 +9,7 @@ import os
 import opaque_ke_py as opaque
 import pytest
 
+from bkv_common.encoding import user_ref
 from bkv_hsm_proxy import api as hapi
 from bkv_hsm_proxy import errors as herr
 from bkv_hsm_proxy.core import VaultHsm
@@ -99,7 +100,7 @@ async def test_concurrent_guesses_on_the_fake_store_are_counted_exactly(parts):
     results = await asyncio.gather(*(guess() for _ in range(12)))
     answered = [r for r in results if isinstance(r, iapi.RecoveryStartOut)]
     assert sorted(r.attempts_left for r in answered) == [0, 1, 2]
-    entry, _ = store.data[("island-a", "alice")]
+    entry, _ = store.data[("island-a", user_ref("alice"))]
     assert entry.state is hapi.EntryState.DESTROYED
 
 
@@ -114,10 +115,10 @@ async def test_a_lost_compare_and_swap_releases_nothing_and_retries_from_a_fresh
         calls["n"] += 1
         if calls["n"] == 1:
             # Another replica decremented first.
-            entry, rev = store.data[("island-a", "alice")]
+            entry, rev = store.data[("island-a", user_ref("alice"))]
             other = vault.login_start(hapi.LoginStartIn(user_id="alice", island="island-a", current=entry,
                                                         credential_request=opaque.client_login_start(b"x").get_message()))
-            await real_swap("island-a", "alice", rev, other.new_entry)
+            await real_swap("island-a", user_ref("alice"), rev, other.new_entry)
         return await real_swap(*args)
 
     store.swap = swap_that_loses_once

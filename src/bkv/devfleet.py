@@ -342,6 +342,19 @@ class Fleet:
                    "--upstream-port", str(b + 80), "--processor-port", str(b + 2), "--admin-port", str(b + 901),
                    "--out", str(edge / "envoy.json")], {})
 
+    def add_island(self, island: str) -> None:
+        """Start the replicas of a new island without touching the island map
+        (``bkv-island add-island`` does that, and moves the users)."""
+        self.spec.islands.append(island)
+        for p in self._specs():
+            if p.name not in self.procs:
+                self.procs[p.name] = p
+                self._start(p)
+        self._save()
+        for name in self.procs:
+            if name.startswith(island + "-"):
+                self.wait_healthy(name)
+
     def issuer(self):
         from bkv_frontend.auth import DevIssuer
 

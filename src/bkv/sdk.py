@@ -191,6 +191,9 @@ def _error(resp: httpx.Response) -> errors.VaultError:
         return errors.Unauthorized("the account token was refused; sign in again")
     if code == "no_record":
         return errors.NoRecord("no key is escrowed for this account")
+    if code == "outcome_unknown":
+        return errors.VaultUnavailable("the vault lost the connection mid-request; this attempt may or may not "
+                                       "have been counted; try again")
     if code == "record_destroyed":
         return errors.LockedOut("the escrowed key was destroyed after too many wrong passwords (or disabled); "
                                 "backups made with it can no longer be decrypted")

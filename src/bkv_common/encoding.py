@@ -44,6 +44,12 @@ def u64(n: int) -> bytes:
     return struct.pack(">Q", n)
 
 
+def user_ref(user_id: str) -> str:
+    """A user's name in storage and placement: a hash, so etcd holds no user
+    ids, and admin tools can move records knowing only their keys."""
+    return digest(labels.USER_KEY_HASH, user_id.encode()).hex()
+
+
 def fleet_id_for(public_key_der: bytes) -> str:
     """A fleet's id: a short hash of its signing public key (clients derive it
     from the key they pin, never take it from the server)."""

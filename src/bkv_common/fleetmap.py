@@ -17,7 +17,7 @@ import logging
 import aetcd
 
 from bkv_common import labels
-from bkv_common.encoding import digest
+from bkv_common.encoding import digest, user_ref
 from bkv_common.etcd import RETRYABLE
 
 log = logging.getLogger(__name__)
@@ -28,21 +28,39 @@ REPLICAS_PREFIX = "/replicas/"
 REPLICA_TTL_S = 6
 
 
-def rendezvous(user_id: str, islands: list[str]) -> str:
-    """Highest-random-weight placement: adding an island moves only the users
-    whose highest score is now the new island's."""
+def rendezvous_ref(ref: str, islands: list[str]) -> str:
+    """Highest-random-weight placement of a user ref (see
+    :func:`bkv_common.encoding.user_ref`): adding an island moves only the
+    users whose highest score is now the new island's."""
     if not islands:
         raise ValueError("the island map is empty")
-    return max(islands, key=lambda i: digest(labels.RENDEZVOUS_HASH, i.encode(), user_id.encode()))
+    return max(islands, key=lambda i: digest(labels.RENDEZVOUS_HASH, i.encode(), bytes.fromhex(ref)))
 
 
-async def set_island_map(client: aetcd.Client, prefix: str, islands: list[str]) -> None:
-    await client.put((prefix + ISLAND_MAP_KEY).encode(), json.dumps({"islands": sorted(set(islands))}).encode())
+def rendezvous(user_id: str, islands: list[str]) -> str:
+    return rendezvous_ref(user_ref(user_id), islands)
+
+
+async def set_island_map(client: aetcd.Client, prefix: str, islands: list[str],
+                         previous: list[str] | None = None) -> None:
+    """``previous`` is set while records move to a new map (docs/architecture.md)."""
+    value = {"islands": sorted(set(islands))}
+    if previous is not None:
+        value["previous"] = sorted(set(previous))
+    await client.put((prefix + ISLAND_MAP_KEY).encode(), json.dumps(value).encode())
+
+
+async def read_map(client: aetcd.Client, prefix: str) -> tuple[list[str], list[str] | None]:
+    """(islands, previous islands while a migration runs, else None)."""
+    got = await client.get((prefix + ISLAND_MAP_KEY).encode())
+    if not got:
+        return [], None
+    value = json.loads(got.value)
+    return value["islands"], value.get("previous")
 
 
 async def read_island_map(client: aetcd.Client, prefix: str) -> list[str]:
-    got = await client.get((prefix + ISLAND_MAP_KEY).encode())
-    return json.loads(got.value)["islands"] if got else []
+    return (await read_map(client, prefix))[0]
 
 
 async def read_replicas(client: aetcd.Client, prefix: str) -> dict[str, list[str]]:

@@ -39,6 +39,11 @@ class UpstreamUnavailable(Exception):
     """No replica of the upstream answered before the deadline."""
 
 
+class UpstreamOutcomeUnknown(UpstreamUnavailable):
+    """A non-idempotent request may have been processed before the connection
+    broke: it must not be sent again blindly, and the caller must say so."""
+
+
 class _Retryable(Exception):
     pass
 
@@ -93,11 +98,11 @@ class ServiceClient:
                 # Refused, or a pooled connection the server had closed: not processed.
                 if isinstance(exc, aiohttp.ClientConnectorError) or idempotent:
                     raise _Retryable(f"{self.name} unreachable at {base}") from exc
-                raise UpstreamUnavailable(f"{self.name} dropped the connection; the outcome is unknown") from exc
+                raise UpstreamOutcomeUnknown(f"{self.name} dropped the connection; the outcome is unknown") from exc
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 if idempotent:
                     raise _Retryable(f"{self.name} failed mid-request") from exc
-                raise UpstreamUnavailable(f"{self.name} failed mid-request; the outcome is unknown") from exc
+                raise UpstreamOutcomeUnknown(f"{self.name} failed mid-request; the outcome is unknown") from exc
             if status == 503 and self._retry_503:
                 raise _Retryable(f"{self.name} answered 503")
             return status, content

@@ -61,6 +61,7 @@ class ErrorCode(str, enum.Enum):
     CONFLICT = "conflict"
     NOT_FOUND = "not_found"
     UNAVAILABLE = "unavailable"
+    OUTCOME_UNKNOWN = "outcome_unknown"
     INTERNAL = "internal"
 
 

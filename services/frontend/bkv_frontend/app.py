@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 
-from bkv_common.http import UpstreamError, UpstreamUnavailable, decode_error
+from bkv_common.encoding import user_ref
+from bkv_common.http import UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, decode_error
 from bkv_common.service import error_response, install_common, passthrough_response
 from bkv_common.wire import ErrorCode
 from bkv_frontend import api
@@ -47,6 +48,11 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     async def _upstream(_: Request, exc: UpstreamError) -> JSONResponse:
         return passthrough_response(exc.status, exc.body)
 
+    @app.exception_handler(UpstreamOutcomeUnknown)
+    async def _unknown(_: Request, exc: UpstreamOutcomeUnknown) -> JSONResponse:
+        return error_response(502, ErrorCode.OUTCOME_UNKNOWN, "the vault lost the connection mid-request; this "
+                              "attempt may or may not have been counted")
+
     @app.exception_handler(UpstreamUnavailable)
     async def _unavailable(_: Request, exc: UpstreamUnavailable) -> JSONResponse:
         return error_response(503, ErrorCode.UNAVAILABLE, "the vault is temporarily unavailable; retry shortly",
@@ -67,9 +73,12 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     async def relay(user: str, path: str, body, *, idempotent: bool) -> Response:
         """Send to the user's island and pass its answer through byte for byte:
         the client checks the fleet signature, so parsing it here buys nothing."""
-        _, island = view.island_for(user)
+        home, island = view.island_for(user)
         # Each user sticks to one replica of its island, so that replica's entry cache hits.
         status, content = await island.call_raw("POST", path, body, idempotent=idempotent, affinity=user)
+        if status == 404 and await follow_migration(user, home):
+            _, island = view.island_for(user)
+            status, content = await island.call_raw("POST", path, body, idempotent=idempotent, affinity=user)
         if status >= 400:
             return passthrough_response(status, decode_error("island", status, content))
         return Response(content, status_code=status, media_type="application/json")
@@ -86,6 +95,19 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
         return api.FleetInfo(fleet_id=p["fleet_id"], fleet_public_key=p["fleet_public_key"],
                              max_attempts=p["max_attempts"], opaque_suite=p["opaque_suite"],
                              signature_alg=p["signature_alg"], edge_public_key=edge_public_key)
+
+    async def follow_migration(user: str, asked: str) -> bool:
+        """No record where we looked: perhaps the island map changed under us.
+        Re-read it; if the user's record is still on its old island while a
+        migration runs, move it now. True if asking again may find it."""
+        await view.refresh()
+        home, _ = view.island_for(user)
+        old = view.previous_island_for(user)
+        if old is not None:
+            await view.client(old).call("POST", "/island/v1/admin/move",
+                                        iapi.MoveIn(user_ref=user_ref(user), to_island=home), iapi.MoveOut,
+                                        idempotent=True)
+        return old is not None or home != asked
 
     # Each route names its answer model for the OpenAPI schema only; the
     # island's bytes go out unchanged.

@@ -11,7 +11,7 @@ import logging
 import aetcd
 
 from bkv_common import metrics
-from bkv_common.fleetmap import FLEET_PARAMS_KEY, read_island_map, read_replicas, rendezvous
+from bkv_common.fleetmap import FLEET_PARAMS_KEY, read_map, read_replicas, rendezvous
 from bkv_common.http import ServiceClient
 
 log = logging.getLogger(__name__)
@@ -26,17 +26,18 @@ class FleetView:
         self._etcd = etcd
         self._prefix = prefix
         self.islands: list[str] = []
+        self.previous: list[str] | None = None  # set while records move to a new map
         self.replicas: dict[str, list[str]] = {}
         self.params: dict | None = None
         self._clients: dict[str, ServiceClient] = {}
 
     async def refresh(self) -> None:
-        islands = await read_island_map(self._etcd, self._prefix)
+        islands, previous = await read_map(self._etcd, self._prefix)
         replicas = await read_replicas(self._etcd, self._prefix)
         got = await self._etcd.get((self._prefix + FLEET_PARAMS_KEY).encode())
         if got is not None:
             self.params = json.loads(got.value)
-        self.islands, self.replicas = islands, replicas
+        self.islands, self.previous, self.replicas = islands, previous, replicas
 
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -57,11 +58,21 @@ class FleetView:
             raise NotReady("the island map is empty")
         island = rendezvous(user_id, self.islands)
         metrics.ISLAND_ROUTING.labels(island).inc()
+        return island, self.client(island)
+
+    def previous_island_for(self, user_id: str) -> str | None:
+        """Where the user lived before the running migration, if elsewhere."""
+        if not self.previous:
+            return None
+        old = rendezvous(user_id, self.previous)
+        return old if old != rendezvous(user_id, self.islands) else None
+
+    def client(self, island: str) -> ServiceClient:
         client = self._clients.get(island)
         if client is None:
             client = ServiceClient(f"island-{island}", lambda i=island: self.replicas.get(i, []), retry_503=False)
             self._clients[island] = client
-        return island, client
+        return client
 
     async def aclose(self) -> None:
         for c in self._clients.values():

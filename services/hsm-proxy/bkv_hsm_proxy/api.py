@@ -17,6 +17,7 @@ from bkv_common.wire import B64, Frozen
 
 UserId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._@+\-]{1,128}$")]
 IslandId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$")]
+UserRef = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]  # bkv_common.encoding.user_ref
 
 
 class EntryState(str, enum.Enum):
@@ -106,7 +107,7 @@ class LoginFinishOut(Frozen):
 
 # -- records moving between islands (issue: resilience) ------------------------
 class ResealIn(Frozen):
-    user_id: UserId
+    user_ref: UserRef
     from_island: IslandId
     to_island: IslandId
     current: Entry

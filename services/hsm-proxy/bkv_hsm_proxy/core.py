@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from bkv_common import labels, metrics
-from bkv_common.encoding import canonical, fleet_id_for, request_digest, u32, u64
+from bkv_common.encoding import canonical, fleet_id_for, request_digest, u32, u64, user_ref
 from bkv_hsm_proxy import api, errors
 from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, HsmBackend
 
@@ -104,8 +104,10 @@ class Record:
         return cls(pf, ek, kn, struct.unpack(">I", left)[0], struct.unpack(">I", mx)[0])
 
 
-def record_aad(user_id: str, island: str, version: int) -> bytes:
-    return canonical(labels.RECORD_AAD, user_id.encode(), island.encode(), u64(version))
+def record_aad(ref: str, island: str, version: int) -> bytes:
+    """Binds the user (by ref, so records can be moved knowing only their
+    keys), the island and the version."""
+    return canonical(labels.RECORD_AAD, bytes.fromhex(ref), island.encode(), u64(version))
 
 
 class VaultHsm:
@@ -158,19 +160,19 @@ class VaultHsm:
     def _sign(self, label: bytes, *fields: bytes) -> bytes:
         return self._hsm.sign(canonical(label, self.fleet_id.encode(), *fields))
 
-    def _open_record(self, user_id: str, island: str, entry: api.Entry) -> Record:
+    def _open_record(self, ref: str, island: str, entry: api.Entry) -> Record:
         if entry.state is api.EntryState.ABSENT:
             raise errors.BadRequest("no record")
         if entry.state is api.EntryState.DESTROYED or entry.sealed is None:
             raise errors.RecordDestroyed("record destroyed")
         try:
-            return Record.unpack(self._hsm.unseal(record_aad(user_id, island, entry.version), entry.sealed))
+            return Record.unpack(self._hsm.unseal(record_aad(ref, island, entry.version), entry.sealed))
         except (errors.HsmAuthTagMismatch, ValueError):
             # Swapped, rolled to another island, or tampered with: refuse, say nothing.
             raise errors.RecordIntegrityFailure("the sealed record does not open for this user") from None
 
-    def _seal_record(self, user_id: str, island: str, version: int, record: Record) -> api.Entry:
-        sealed = self._hsm.seal(record_aad(user_id, island, version), record.pack())
+    def _seal_record(self, ref: str, island: str, version: int, record: Record) -> api.Entry:
+        sealed = self._hsm.seal(record_aad(ref, island, version), record.pack())
         return api.Entry(state=api.EntryState.LIVE, version=version, sealed=sealed)
 
     @staticmethod
@@ -213,7 +215,7 @@ class VaultHsm:
         password_file = self._opaque("registration_finish", opaque.server_registration_finish,
                                      req.registration_upload).get_password_file()
         record = Record(password_file, req.ek, req.k_nonce, self.max_attempts, self.max_attempts)
-        entry = self._seal_record(req.user_id, req.island, req.current.version + 1, record)
+        entry = self._seal_record(user_ref(req.user_id), req.island, req.current.version + 1, record)
         sig = self._sign(labels.SIG_REGISTRATION_FINISH, uid, request_digest(req.registration_upload),
                          u64(entry.version), u32(self.max_attempts))
         return api.RegistrationFinishOut(new_entry=entry, max_attempts=self.max_attempts, signature=sig)
@@ -221,7 +223,7 @@ class VaultHsm:
     # -- login (recovery) --------------------------------------------------------
     def login_start(self, req: api.LoginStartIn) -> api.LoginStartOut:
         uid = req.user_id.encode()
-        record = self._open_record(req.user_id, req.island, req.current)
+        record = self._open_record(user_ref(req.user_id), req.island, req.current)
         if record.attempts_left <= 0:  # only reachable for records written by an older build
             raise errors.RecordDestroyed("no attempts left")
         # Parse and answer first: a malformed request must not cost an attempt.
@@ -232,7 +234,7 @@ class VaultHsm:
         if left == 0:
             new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
         else:
-            new_entry = self._seal_record(req.user_id, req.island, version, Record(
+            new_entry = self._seal_record(user_ref(req.user_id), req.island, version, Record(
                 record.password_file, record.ek, record.k_nonce, left, record.max_attempts))
         expires = self._clock.now_ms() + LOGIN_STATE_TTL_MS
         login_state = self._hsm.seal(
@@ -270,8 +272,8 @@ class VaultHsm:
         wrapped = AESGCM(wrap_key).encrypt(rk_nonce, ek + k_nonce, canonical(labels.RECOVERY_WRAP_AAD, uid))
         version = req.current.version + 1
         if req.current.state is api.EntryState.LIVE:
-            record = self._open_record(req.user_id, req.island, req.current)
-            new_entry = self._seal_record(req.user_id, req.island, version, Record(
+            record = self._open_record(user_ref(req.user_id), req.island, req.current)
+            new_entry = self._seal_record(user_ref(req.user_id), req.island, version, Record(
                 record.password_file, record.ek, record.k_nonce, record.max_attempts, record.max_attempts))
             status = api.RecordStatus.RESET
         else:
@@ -288,5 +290,5 @@ class VaultHsm:
         """Re-seal a record for another island, attempts intact. Tombstones move as tombstones."""
         if req.current.state is not api.EntryState.LIVE:
             return api.ResealOut(new_entry=req.current)
-        record = self._open_record(req.user_id, req.from_island, req.current)
-        return api.ResealOut(new_entry=self._seal_record(req.user_id, req.to_island, req.current.version, record))
+        record = self._open_record(req.user_ref, req.from_island, req.current)
+        return api.ResealOut(new_entry=self._seal_record(req.user_ref, req.to_island, req.current.version, record))

@@ -14,7 +14,29 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="serve this island replica (settings from BKV_ISLAND_* variables)")
     sm = sub.add_parser("set-map", help="write the island map to etcd (BKV_ISLAND_ETCD_ENDPOINTS/PREFIX)")
     sm.add_argument("islands", nargs="+")
+    ai = sub.add_parser("add-island", help="add a running island to the map and move the users that now hash to it")
+    ai.add_argument("island")
     args = parser.parse_args(argv)
+
+    if args.cmd == "add-island":
+        import json
+
+        from bkv_common.etcd import connect
+        from bkv_island.rebalance import add_island
+
+        async def add() -> dict:
+            client = await connect(os.environ.get("BKV_ISLAND_ETCD_ENDPOINTS", "127.0.0.1:2379"))
+            try:
+                return await add_island(client, os.environ.get("BKV_ISLAND_ETCD_PREFIX", "/bkv"), args.island)
+            finally:
+                await client.close()
+
+        try:
+            print(json.dumps(asyncio.run(add())))
+        except RuntimeError as exc:
+            print(f"bkv-island: {exc}", file=sys.stderr)
+            return 1
+        return 0
 
     if args.cmd == "set-map":
         from bkv_common.etcd import connect

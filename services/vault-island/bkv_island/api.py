@@ -7,7 +7,7 @@ them through. Requests carry the user id the frontend authenticated.
 from __future__ import annotations
 
 from bkv_common.wire import B64, Frozen
-from bkv_hsm_proxy.api import RecordStatus, UserId
+from bkv_hsm_proxy.api import IslandId, RecordStatus, UserId, UserRef
 
 
 class RegistrationStartIn(Frozen):
@@ -73,9 +73,17 @@ class DeleteOut(Frozen):
 class MoveIn(Frozen):
     """Admin: move a user's record from this island to ``to_island``."""
 
-    user_id: UserId
-    to_island: str
+    user_ref: UserRef
+    to_island: IslandId
 
 
 class MoveOut(Frozen):
     moved: bool
+
+
+class ListRefsIn(Frozen):
+    """Admin: which users have an entry on this island."""
+
+
+class ListRefsOut(Frozen):
+    user_refs: list[str]

@@ -15,6 +15,7 @@ from bkv_common import metrics
 from bkv_common.retry import Backoff, DeadlineExceeded, retry
 from bkv_hsm_proxy import api as hapi
 from bkv_island import api, errors
+from bkv_common.encoding import user_ref
 from bkv_common.http import UpstreamError
 from bkv_island.store import RecordStore, Stored
 
@@ -61,19 +62,19 @@ class Island:
             return await call
         except UpstreamError as exc:
             if stored.cached:
-                self._store.forget(self.island_id, user_id)
+                self._store.forget(self.island_id, user_ref(user_id))
                 raise _LostRace() from exc
             raise
 
     async def _commit(self, user_id: str, revision: int, entry: hapi.Entry) -> None:
-        if not await self._store.swap(self.island_id, user_id, revision, entry):
+        if not await self._store.swap(self.island_id, user_ref(user_id), revision, entry):
             metrics.RETRIES.labels("etcd-cas").inc()
             raise _LostRace()
 
     # -- registration --------------------------------------------------------------
     async def registration_start(self, req: api.RegistrationStartIn) -> api.RegistrationStartOut:
         # Fresh: the challenge is bound to this version, so it must be the real one.
-        stored = await self._loop(lambda _: self._store.read(self.island_id, req.user_id, fresh=True), "read")
+        stored = await self._loop(lambda _: self._store.read(self.island_id, user_ref(req.user_id), fresh=True), "read")
         out = await self._hsm.registration_start(hapi.RegistrationStartIn(
             user_id=req.user_id, island=self.island_id, current=stored.entry,
             registration_request=req.registration_request))
@@ -81,7 +82,7 @@ class Island:
 
     async def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
         async def attempt(_: int) -> api.RegistrationFinishOut:
-            stored = await self._store.read(self.island_id, req.user_id)
+            stored = await self._store.read(self.island_id, user_ref(req.user_id))
             out = await self._hsm_on(req.user_id, stored, self._hsm.registration_finish(hapi.RegistrationFinishIn(
                 user_id=req.user_id, island=self.island_id, current=stored.entry, challenge=req.challenge,
                 registration_upload=req.registration_upload, ek=req.ek, k_nonce=req.k_nonce)))
@@ -95,9 +96,9 @@ class Island:
     # -- recovery --------------------------------------------------------------------
     async def recovery_start(self, req: api.RecoveryStartIn) -> api.RecoveryStartOut:
         async def attempt(_: int) -> api.RecoveryStartOut:
-            stored = await self._store.read(self.island_id, req.user_id)
+            stored = await self._store.read(self.island_id, user_ref(req.user_id))
             if stored.cached and stored.entry.state is not hapi.EntryState.LIVE:
-                stored = await self._store.read(self.island_id, req.user_id, fresh=True)
+                stored = await self._store.read(self.island_id, user_ref(req.user_id), fresh=True)
             self._require_live(stored.entry)
             out = await self._hsm_on(req.user_id, stored, self._hsm.login_start(hapi.LoginStartIn(
                 user_id=req.user_id, island=self.island_id, current=stored.entry,
@@ -114,9 +115,9 @@ class Island:
 
     async def recovery_finish(self, req: api.RecoveryFinishIn) -> api.RecoveryFinishOut:
         async def attempt(_: int) -> api.RecoveryFinishOut:
-            stored = await self._store.read(self.island_id, req.user_id)
+            stored = await self._store.read(self.island_id, user_ref(req.user_id))
             if stored.entry.state is hapi.EntryState.ABSENT:
-                stored = await self._store.read(self.island_id, req.user_id, fresh=True)
+                stored = await self._store.read(self.island_id, user_ref(req.user_id), fresh=True)
                 if stored.entry.state is hapi.EntryState.ABSENT:
                     raise errors.NoRecord("no record for this user")
             out = await self._hsm_on(req.user_id, stored, self._hsm.login_finish(hapi.LoginFinishIn(
@@ -133,7 +134,7 @@ class Island:
     # -- deletion and moves -----------------------------------------------------------
     async def delete(self, req: api.DeleteIn) -> api.DeleteOut:
         async def attempt(_: int) -> api.DeleteOut:
-            stored = await self._store.read(self.island_id, req.user_id, fresh=True)
+            stored = await self._store.read(self.island_id, user_ref(req.user_id), fresh=True)
             if stored.entry.state is not hapi.EntryState.LIVE:
                 return api.DeleteOut(deleted=False)
             tomb = hapi.Entry(state=hapi.EntryState.DESTROYED, version=stored.entry.version + 1)
@@ -143,20 +144,25 @@ class Island:
         return await self._loop(attempt, "delete")
 
     async def move(self, req: api.MoveIn) -> api.MoveOut:
-        """Re-seal the record for ``to_island`` and move it in one transaction."""
+        """Re-seal the record for ``to_island`` (the AAD binds the island) and
+        move it in one transaction, version and attempt count intact."""
 
         async def attempt(_: int) -> api.MoveOut:
-            stored = await self._store.read(self.island_id, req.user_id, fresh=True)
+            stored = await self._store.read(self.island_id, req.user_ref, fresh=True)
             if stored.entry.state is hapi.EntryState.ABSENT:
                 return api.MoveOut(moved=False)
-            out = await self._hsm.reseal(hapi.ResealIn(user_id=req.user_id, from_island=self.island_id,
+            out = await self._hsm.reseal(hapi.ResealIn(user_ref=req.user_ref, from_island=self.island_id,
                                                        to_island=req.to_island, current=stored.entry))
-            if not await self._store.move(self.island_id, req.to_island, req.user_id, stored.revision,
+            if not await self._store.move(self.island_id, req.to_island, req.user_ref, stored.revision,
                                           out.new_entry):
                 raise _LostRace()
             return api.MoveOut(moved=True)
 
         return await self._loop(attempt, "move")
+
+    async def list_refs(self, req: api.ListRefsIn) -> api.ListRefsOut:
+        return api.ListRefsOut(user_refs=await self._store.list_refs(self.island_id))
+
 
     @staticmethod
     def _require_live(entry: hapi.Entry) -> None:

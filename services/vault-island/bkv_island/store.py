@@ -1,7 +1,8 @@
 """The record store seam: :class:`RecordStore`, on etcd or in memory.
 
 Each user has one key under the island's prefix,
-``<prefix>/records/<island>/<sha256(label, user id)>``, whose value is the
+``<prefix>/records/<island>/<user ref>`` (``bkv_common.encoding.user_ref``: a
+hash of the user id), whose value is the
 JSON of :class:`bkv_hsm_proxy.api.Entry`. Writes are compare-and-swap on the
 key's etcd ``mod_revision`` (0 when absent), so concurrent replicas never
 overwrite each other's decrements.
@@ -16,8 +17,8 @@ from typing import Protocol
 
 import aetcd
 
-from bkv_common import labels, metrics
-from bkv_common.encoding import digest
+from bkv_common import metrics
+from bkv_common.encoding import user_ref
 from bkv_common.etcd import RETRYABLE
 from bkv_hsm_proxy.api import Entry, EntryState
 from bkv_island import errors
@@ -33,23 +34,30 @@ class Stored:
 ABSENT = Entry(state=EntryState.ABSENT, version=0)
 
 
+def ref_key(prefix: str, island: str, ref: str) -> bytes:
+    return f"{prefix}/records/{island}/{ref}".encode()
+
+
 def user_key(prefix: str, island: str, user_id: str) -> bytes:
-    return f"{prefix}/records/{island}/{digest(labels.USER_KEY_HASH, user_id.encode()).hex()}".encode()
+    return ref_key(prefix, island, user_ref(user_id))
 
 
 class RecordStore(Protocol):
-    async def read(self, island: str, user_id: str, *, fresh: bool = False) -> Stored:
+    async def read(self, island: str, ref: str, *, fresh: bool = False) -> Stored:
         """The entry; from a cache unless ``fresh`` (a cached entry may be stale:
         callers must only act on it through :meth:`swap`)."""
 
-    def forget(self, island: str, user_id: str) -> None:
+    def forget(self, island: str, ref: str) -> None:
         """Drop any cached entry for this user."""
 
-    async def swap(self, island: str, user_id: str, expected_revision: int, entry: Entry) -> bool:
+    async def list_refs(self, island: str) -> list[str]:
+        """Every user ref with an entry on ``island`` (for moving records)."""
+
+    async def swap(self, island: str, ref: str, expected_revision: int, entry: Entry) -> bool:
         """Write ``entry`` iff the key is still at ``expected_revision``; on
         failure, the cache learns the current entry."""
 
-    async def move(self, from_island: str, to_island: str, user_id: str, expected_revision: int,
+    async def move(self, from_island: str, to_island: str, ref: str, expected_revision: int,
                    entry: Entry) -> bool:
         """In one transaction: delete the source key (if unchanged) and write the
         destination key (if absent)."""
@@ -75,16 +83,23 @@ class EtcdRecordStore:
         if len(self._cache) > CACHE_ENTRIES:
             self._cache.popitem(last=False)
 
-    def forget(self, island: str, user_id: str) -> None:
-        self._cache.pop(user_key(self._prefix, island, user_id), None)
+    def forget(self, island: str, ref: str) -> None:
+        self._cache.pop(ref_key(self._prefix, island, ref), None)
 
-    async def read(self, island: str, user_id: str, *, fresh: bool = False) -> Stored:
-        key = user_key(self._prefix, island, user_id)
+    async def list_refs(self, island: str) -> list[str]:
+        base = ref_key(self._prefix, island, "")
+        try:
+            return [kv.key[len(base):].decode() for kv in await self._etcd.get_prefix(base, keys_only=True)]
+        except RETRYABLE as exc:
+            raise errors.StoreUnavailable("etcd unreachable") from exc
+
+    async def read(self, island: str, ref: str, *, fresh: bool = False) -> Stored:
+        key = ref_key(self._prefix, island, ref)
         if not fresh and (hit := self._cache.get(key)) is not None:
             return hit
         t = time.perf_counter()
         try:
-            got = await self._etcd.get(user_key(self._prefix, island, user_id))
+            got = await self._etcd.get(ref_key(self._prefix, island, ref))
         except RETRYABLE as exc:
             raise errors.StoreUnavailable("etcd unreachable") from exc
         finally:
@@ -93,8 +108,8 @@ class EtcdRecordStore:
         self._remember(key, stored)
         return stored
 
-    async def swap(self, island: str, user_id: str, expected_revision: int, entry: Entry) -> bool:
-        key = user_key(self._prefix, island, user_id)
+    async def swap(self, island: str, ref: str, expected_revision: int, entry: Entry) -> bool:
+        key = ref_key(self._prefix, island, ref)
         tx = self._etcd.transactions
         t = time.perf_counter()
         try:
@@ -121,10 +136,10 @@ class EtcdRecordStore:
                 self._remember(key, Stored(ABSENT, 0))
         return ok
 
-    async def move(self, from_island: str, to_island: str, user_id: str, expected_revision: int,
+    async def move(self, from_island: str, to_island: str, ref: str, expected_revision: int,
                    entry: Entry) -> bool:
-        src = user_key(self._prefix, from_island, user_id)
-        dst = user_key(self._prefix, to_island, user_id)
+        src = ref_key(self._prefix, from_island, ref)
+        dst = ref_key(self._prefix, to_island, ref)
         tx = self._etcd.transactions
         try:
             ok, _ = await self._etcd.transaction(
@@ -147,27 +162,30 @@ class InMemoryRecordStoreFake:
         self.data: dict[tuple[str, str], tuple[Entry, int]] = {}
         self._rev = 0
 
-    async def read(self, island: str, user_id: str, *, fresh: bool = False) -> Stored:
-        entry, rev = self.data.get((island, user_id), (ABSENT, 0))
+    async def read(self, island: str, ref: str, *, fresh: bool = False) -> Stored:
+        entry, rev = self.data.get((island, ref), (ABSENT, 0))
         return Stored(entry, rev)
 
-    def forget(self, island: str, user_id: str) -> None:
+    def forget(self, island: str, ref: str) -> None:
         pass
 
-    async def swap(self, island: str, user_id: str, expected_revision: int, entry: Entry) -> bool:
-        if self.data.get((island, user_id), (ABSENT, 0))[1] != expected_revision:
+    async def list_refs(self, island: str) -> list[str]:
+        return [r for (i, r) in self.data if i == island]
+
+    async def swap(self, island: str, ref: str, expected_revision: int, entry: Entry) -> bool:
+        if self.data.get((island, ref), (ABSENT, 0))[1] != expected_revision:
             return False
         self._rev += 1
-        self.data[(island, user_id)] = (entry, self._rev)
+        self.data[(island, ref)] = (entry, self._rev)
         return True
 
-    async def move(self, from_island: str, to_island: str, user_id: str, expected_revision: int,
+    async def move(self, from_island: str, to_island: str, ref: str, expected_revision: int,
                    entry: Entry) -> bool:
-        if self.data.get((from_island, user_id), (ABSENT, 0))[1] != expected_revision:
+        if self.data.get((from_island, ref), (ABSENT, 0))[1] != expected_revision:
             return False
-        if (to_island, user_id) in self.data:
+        if (to_island, ref) in self.data:
             return False
-        del self.data[(from_island, user_id)]
+        del self.data[(from_island, ref)]
         self._rev += 1
-        self.data[(to_island, user_id)] = (entry, self._rev)
+        self.data[(to_island, ref)] = (entry, self._rev)
         return True

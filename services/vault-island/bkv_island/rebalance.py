@@ -1,0 +1,51 @@
+"""Adding an island: the new map is published with the old one kept as
+``previous``, every record whose user now hashes to another island is moved
+(re-sealed by the hsm-proxy for its new island and moved in one etcd
+transaction, version and attempt count intact), then ``previous`` is dropped.
+
+While it runs, frontends that find no record where the new map says follow
+``previous`` and move that user on demand (``bkv_frontend.app``), so traffic
+continues. Re-running after an interruption resumes the same migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aetcd
+
+from bkv_common.fleetmap import read_map, read_replicas, rendezvous_ref, set_island_map
+from bkv_common.http import ServiceClient
+from bkv_island import api
+
+
+async def add_island(etcd: aetcd.Client, prefix: str, new_island: str, *, concurrency: int = 16) -> dict:
+    islands, previous = await read_map(etcd, prefix)
+    old = previous if previous is not None else islands
+    target = sorted(set(islands) | {new_island})
+    replicas = await read_replicas(etcd, prefix)
+    if not replicas.get(new_island):
+        raise RuntimeError(f"island {new_island} has no live replica; start it before adding it to the map")
+    await set_island_map(etcd, prefix, target, previous=old)
+    moved = scanned = 0
+    sem = asyncio.Semaphore(concurrency)
+    for island in old:
+        client = ServiceClient(f"island-{island}", replicas.get(island, []))
+        try:
+            refs = (await client.call("POST", "/island/v1/admin/list-refs", api.ListRefsIn(), api.ListRefsOut,
+                                      idempotent=True)).user_refs
+            scanned += len(refs)
+
+            async def move(ref: str) -> bool:
+                async with sem:
+                    out = await client.call("POST", "/island/v1/admin/move",
+                                            api.MoveIn(user_ref=ref, to_island=rendezvous_ref(ref, target)),
+                                            api.MoveOut, idempotent=True)
+                    return out.moved
+
+            results = await asyncio.gather(*(move(r) for r in refs if rendezvous_ref(r, target) != island))
+            moved += sum(results)
+        finally:
+            await client.aclose()
+    await set_island_map(etcd, prefix, target)
+    return {"islands": target, "scanned": scanned, "moved": moved}
