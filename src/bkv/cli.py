@@ -8,7 +8,6 @@ import enum
 import json
 import os
 import secrets
-import sys
 from pathlib import Path
 from typing import Optional
 

@@ -103,7 +103,7 @@ class Pkcs11Hsm:
 
     # -- fleet-init -------------------------------------------------------
     def keys_present(self) -> bool:
-        from pkcs11 import KeyType, ObjectClass
+        from pkcs11 import ObjectClass
 
         with self._lock:
             found = list(self._session.get_objects({

@@ -22,7 +22,6 @@ from bkv_common.secrets import BackupKey
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
-
 def _counter(total: int, progress: Progress | None):
     done = [0]
 
