@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
+    from bkv_common.retry import DeadlineExceeded
     from bkv_hsm_proxy.errors import HsmError
     from bkv_hsm_proxy.settings import HsmProxySettings
 
@@ -38,12 +39,23 @@ def main(argv: list[str] | None = None) -> int:
         from bkv_hsm_proxy.core import VaultHsm
         from bkv_hsm_proxy.hsm import Pkcs11Hsm
 
-        hsm = Pkcs11Hsm(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+        from bkv_common.retry import Backoff, retry_sync
+        from bkv_hsm_proxy.errors import HsmLoginFailed
+
+        # SoftHSM2 now and then reports no token to a process that starts while
+        # another opens the same token directory: try again for a few seconds.
+        hsm = retry_sync(lambda _: Pkcs11Hsm(settings.pkcs11_module, settings.token_label,
+                                             settings.user_pin.get_secret_value()),
+                         retry_on=lambda e: isinstance(e, HsmLoginFailed),
+                         backoff=Backoff(deadline_s=10.0, first_delay_s=0.1, max_delay_s=1.0))
         vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
         run(create_app(vault), settings.host, settings.port)
         return 0
     except HsmError as exc:
         print(f"bkv-hsm-proxy: HSM error: {exc}", file=sys.stderr)
+        return 3
+    except DeadlineExceeded as exc:
+        print(f"bkv-hsm-proxy: HSM error: {exc.__cause__}", file=sys.stderr)
         return 3
 
 
