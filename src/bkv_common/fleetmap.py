@@ -50,6 +50,17 @@ async def set_island_map(client: aetcd.Client, prefix: str, islands: list[str],
     await client.put((prefix + ISLAND_MAP_KEY).encode(), json.dumps(value).encode())
 
 
+async def set_first_island_map(client: aetcd.Client, prefix: str, islands: list[str]) -> bool:
+    """Write the map only if there is none yet (one transaction). An existing
+    map changes only through ``add-island``, which moves the records."""
+    key = (prefix + ISLAND_MAP_KEY).encode()
+    tx = client.transactions
+    ok, _ = await client.transaction(compare=[tx.version(key) == 0],
+                                     success=[tx.put(key, json.dumps({"islands": sorted(set(islands))}).encode())],
+                                     failure=[])
+    return ok
+
+
 async def read_map(client: aetcd.Client, prefix: str) -> tuple[list[str], list[str] | None]:
     """(islands, previous islands while a migration runs, else None)."""
     got = await client.get((prefix + ISLAND_MAP_KEY).encode())

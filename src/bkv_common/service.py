@@ -93,8 +93,13 @@ def install_common(app: FastAPI, service: str, *, ready: Callable[[], bool]) -> 
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def run(app, host: str, port: int) -> None:
+def run(app, host: str, port: int, metrics_port: int = 0) -> None:
     import uvicorn
+
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=host)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # access_log off: request lines are noise at load and carry no value here.

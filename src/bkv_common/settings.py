@@ -21,6 +21,10 @@ class ServiceSettings(BaseSettings):
     env: Literal["dev", "prod"] = Field("prod", validation_alias="BKV_ENV")
     host: str = "127.0.0.1"
     port: int
+    # A separate /metrics listener (0 = off; /metrics stays on the main port
+    # too). In Kubernetes, NetworkPolicies let Prometheus reach only this
+    # port, so a scraper can never call the service's API.
+    metrics_port: int = 0
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self):

@@ -1,7 +1,13 @@
 """The Envoy configuration: one listener (the only port reachable from
 outside the pod), the ext_proc filter pointing at the Noise processor, the
 frontend on loopback as the only upstream, and the admin interface (with
-/stats/prometheus) on loopback."""
+/stats/prometheus) on loopback.
+
+With ``ops_port`` a second, plaintext listener serves only what probes and
+Prometheus need -- Envoy's ``/ready`` and ``/stats/prometheus`` and the
+frontend's ``/healthz``, ``/readyz`` and ``/metrics`` -- because in a pod
+the frontend binds loopback and the kubelet cannot reach it there. No vault
+API path is routed on it."""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ import json
 
 
 def render(listen_host: str, listen_port: int, upstream_port: int, processor_port: int, admin_port: int,
-           processor_host: str = "127.0.0.1", upstream_host: str = "127.0.0.1", noise: bool = True) -> str:
+           processor_host: str = "127.0.0.1", upstream_host: str = "127.0.0.1", noise: bool = True,
+           ops_port: int = 0) -> str:
     """``noise=False`` renders the same proxy without the processor: only for
     the benchmark's plain-HTTP-through-Envoy baseline, never deployed."""
     def cluster(name: str, host: str, port: int, http2: bool = False) -> dict:
@@ -61,4 +68,26 @@ def render(listen_host: str, listen_port: int, upstream_port: int, processor_por
                          cluster("noise_processor", processor_host, processor_port, http2=True)],
         },
     }
+    if ops_port:
+        def exact(path: str, cluster_name: str) -> dict:
+            return {"match": {"path": path}, "route": {"cluster": cluster_name, "timeout": "5s"}}
+
+        config["static_resources"]["clusters"].append(cluster("envoy_admin", "127.0.0.1", admin_port))
+        config["static_resources"]["listeners"].append({
+            "name": "ops", "address": {"socket_address": {"address": listen_host, "port_value": ops_port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "ops",
+                    "route_config": {"name": "ops", "virtual_hosts": [{
+                        "name": "ops", "domains": ["*"],
+                        "routes": [exact("/ready", "envoy_admin"), exact("/stats/prometheus", "envoy_admin"),
+                                   exact("/healthz", "frontend"), exact("/readyz", "frontend"),
+                                   exact("/metrics", "frontend"),
+                                   {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]},
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                }}]}],
+        })
     return json.dumps(config, indent=1)

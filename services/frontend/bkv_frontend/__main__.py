@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     view = FleetView(etcd, settings.etcd_prefix)
     run(create_app(view, verifier, refresh_interval_s=settings.refresh_interval_s, on_shutdown=etcd.close,
                    require_device_binding=settings.require_device_binding,
-                   edge_public_key=settings.edge_public_key), settings.host, settings.port)
+                   edge_public_key=settings.edge_public_key_value()), settings.host, settings.port,
+        settings.metrics_port)
     return 0
 
 

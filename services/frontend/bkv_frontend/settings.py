@@ -25,3 +25,11 @@ class FrontendSettings(ServiceSettings):
     require_device_binding: bool = True
     # Published in /v1/fleet so clients can pin it (base64 X25519).
     edge_public_key: str = ""
+    # Or read it from a file (in Kubernetes an init container derives it from
+    # the edge's key Secret, so the frontend never sees the private key).
+    edge_public_key_file: Path | None = None
+
+    def edge_public_key_value(self) -> str:
+        if self.edge_public_key_file is not None:
+            return self.edge_public_key_file.read_text().strip()
+        return self.edge_public_key

@@ -38,13 +38,18 @@ def fleet_init(settings: HsmProxySettings, out: Path | None) -> dict:
 
         from bkv_common.etcd import connect
 
-        async def publish() -> None:
+        from bkv_common.etcd import RETRYABLE
+        from bkv_common.retry import Backoff, retry
+
+        async def publish_once(_: int) -> None:
             client = await connect(settings.etcd_endpoints)
             try:
                 await client.put((settings.etcd_prefix + FLEET_PARAMS_KEY).encode(), json.dumps(params).encode())
             finally:
                 await client.close()
 
-        asyncio.run(publish())
+        # In a cluster the Job may start before etcd has a leader.
+        asyncio.run(retry(publish_once, retry_on=lambda e: isinstance(e, RETRYABLE),
+                          backoff=Backoff(deadline_s=120.0, first_delay_s=0.2, max_delay_s=2.0)))
     params["created"] = created
     return params

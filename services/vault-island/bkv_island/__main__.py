@@ -1,4 +1,4 @@
-"""``bkv-island serve`` and ``bkv-island set-map ID [ID...]``."""
+"""``bkv-island serve``, ``bkv-island set-map ID [ID...]`` and ``bkv-island add-island ID``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="serve this island replica (settings from BKV_ISLAND_* variables)")
     sm = sub.add_parser("set-map", help="write the island map to etcd (BKV_ISLAND_ETCD_ENDPOINTS/PREFIX)")
     sm.add_argument("islands", nargs="+")
+    sm.add_argument("--if-absent", action="store_true",
+                    help="only write a first map; an existing one changes through add-island, which moves records")
     ai = sub.add_parser("add-island", help="add a running island to the map and move the users that now hash to it")
     ai.add_argument("island")
     args = parser.parse_args(argv)
@@ -39,18 +41,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.cmd == "set-map":
-        from bkv_common.etcd import connect
-        from bkv_common.fleetmap import set_island_map
+        from bkv_common.etcd import RETRYABLE, connect
+        from bkv_common.fleetmap import read_map, set_first_island_map, set_island_map
+        from bkv_common.retry import Backoff, retry
 
-        async def go() -> None:
+        async def go(_: int) -> str:
             client = await connect(os.environ.get("BKV_ISLAND_ETCD_ENDPOINTS", "127.0.0.1:2379"))
+            prefix = os.environ.get("BKV_ISLAND_ETCD_PREFIX", "/bkv")
             try:
-                await set_island_map(client, os.environ.get("BKV_ISLAND_ETCD_PREFIX", "/bkv"), args.islands)
+                if args.if_absent and not await set_first_island_map(client, prefix, args.islands):
+                    current, _ = await read_map(client, prefix)
+                    return "island map kept: " + " ".join(current)
+                await set_island_map(client, prefix, args.islands)
+                return "island map: " + " ".join(sorted(set(args.islands)))
             finally:
                 await client.close()
 
-        asyncio.run(go())
-        print("island map:", " ".join(sorted(set(args.islands))))
+        # In a cluster this runs from a Job that may start before etcd has a leader.
+        print(asyncio.run(retry(go, retry_on=lambda e: isinstance(e, RETRYABLE),
+                                backoff=Backoff(deadline_s=120.0, first_delay_s=0.2, max_delay_s=2.0))))
         return 0
 
     from pydantic import ValidationError
@@ -65,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from bkv_common.service import run
     from bkv_island.server import build_app
 
-    run(build_app(settings), settings.host, settings.port)
+    run(build_app(settings), settings.host, settings.port, settings.metrics_port)
     return 0
 
 

@@ -76,6 +76,10 @@ class EtcdRecordStore:
         self._etcd = client
         self._prefix = prefix
         self._cache: OrderedDict[bytes, Stored] = OrderedDict()
+        # Export the conflict counters at 0 from the start, so dashboards and
+        # alerts see a series before the first race.
+        for operation in ("swap", "move"):
+            metrics.ETCD_CONFLICTS.labels(operation)
 
     def _remember(self, key: bytes, stored: Stored) -> None:
         self._cache[key] = Stored(stored.entry, stored.revision, cached=True)

