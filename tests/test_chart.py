@@ -1,0 +1,385 @@
+"""The Helm chart, proven without a cluster: Helm's own engine lints and
+renders it (helm-python-sdk), every object validates against the Kubernetes
+schemas (kubernetes-validate), `kubectl kustomize` renders the dev overlay,
+static checks hold the security posture and the NetworkPolicies to their
+promises, and a smoke run starts the rendered pods as local processes
+(tests/chartrun.py) and registers and recovers a key through them."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import helm_python as helm
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "backup-key-vault"
+KUBE_VERSION = "1.37.0"
+# Custom resources have no schema in kubernetes-validate; they are checked by shape.
+CRD_KINDS = {"ServiceMonitor"}
+
+
+def _issuer_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+ISSUER_PEM = _issuer_pem()
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def values_for(name: str, **extra) -> dict:
+    values = {} if name == "default" else helm.values_from_yaml((CHART / f"values-{name}.yaml").read_text())
+    return _merge(_merge(values, {"auth": {"tokenPublicKey": ISSUER_PEM}}), extra)
+
+
+def render(values: dict, namespace: str = "vault") -> dict[str, str]:
+    with helm.Chart.load(str(CHART)) as chart:
+        return chart.render(values, name="bkv", namespace=namespace, is_install=True)
+
+
+def objects(manifests: dict[str, str]) -> list[dict]:
+    return [d for path, text in manifests.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+
+
+def pod_specs(objs: list[dict]) -> list[tuple[str, dict]]:
+    return [(f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"])
+            for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")]
+
+
+VALUE_SETS = ["default", "dev", "production"]
+
+
+# -- lint, render, schema -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_the_chart_lints_clean_with_helms_own_engine(name):
+    report = helm.lint(str(CHART), values_for(name), strict=True)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_rendered_object_validates_against_the_kubernetes_schemas(name):
+    objs = objects(render(values_for(name)))
+    kinds = {o["kind"] for o in objs}
+    assert {"StatefulSet", "Deployment", "Job", "Service", "NetworkPolicy", "PodDisruptionBudget",
+            "ConfigMap", "Secret" if name != "production" else "ConfigMap"} <= kinds
+    for o in objs:
+        if o["kind"] in CRD_KINDS:
+            assert o["apiVersion"] == "monitoring.coreos.com/v1" and o["spec"]["endpoints"]
+            continue
+        kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"islands": ["Island_A"]}, "islands"),
+    ({"etcd": {"replicas": 2}}, "replicas"),
+    ({"maxAttempts": 0}, "maxAttempts"),
+    ({"hsm": {"persistence": {"size": "lots", "accessModes": ["ReadWriteOnce"]}}}, "size"),
+    ({"frontend": {"service": {"type": "ExternalName"}}}, "type"),
+    ({"no_such_setting": True}, "no_such_setting"),
+    ({"auth": {"tokenPublicKey": "not a key"}}, "tokenPublicKey"),
+])
+def test_rendering_with_invalid_values_fails_on_the_schema(bad, why):
+    values = values_for("dev")
+    _merge(values, copy.deepcopy(bad))
+    with pytest.raises(helm.HelmError) as exc:
+        render(values)
+    assert why in str(exc.value)
+
+
+def test_rendering_without_the_token_issuer_key_fails_with_a_clear_message():
+    values = values_for("dev")
+    values["auth"]["tokenPublicKey"] = ""
+    with pytest.raises(helm.HelmError, match="auth.tokenPublicKey"):
+        render(values)
+
+
+def test_the_values_shape_the_fleet_one_statefulset_per_island_and_the_etcd_cluster():
+    objs = objects(render(values_for("production")))
+    sts = {o["metadata"]["name"]: o for o in objs if o["kind"] == "StatefulSet"}
+    assert set(sts) == {"bkv-etcd", "bkv-island-a", "bkv-island-b", "bkv-island-c"}
+    assert all(sts[f"bkv-island-{x}"]["spec"]["replicas"] == 3 for x in "abc")
+    etcd = sts["bkv-etcd"]
+    assert etcd["spec"]["replicas"] == 5
+    cluster = next(a for a in etcd["spec"]["template"]["spec"]["containers"][0]["args"]
+                   if a.startswith("--initial-cluster="))
+    assert cluster.count("=http://") == 5 and "bkv-etcd-4.bkv-etcd-peers.vault.svc.cluster.local:2380" in cluster
+    pdb = next(o for o in objs if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == "bkv-etcd")
+    assert pdb["spec"]["minAvailable"] == 3  # quorum of five
+    dev = {o["metadata"]["name"]: o for o in objects(render(values_for("dev"))) if o["kind"] == "StatefulSet"}
+    assert dev["bkv-etcd"]["spec"]["replicas"] == 1
+    for o in sts.values():
+        spread = o["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in spread} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+
+
+# -- security posture ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_pod_meets_the_restricted_security_standard(name):
+    for where, spec in pod_specs(objects(render(values_for(name)))):
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0, where
+        assert psc["seccompProfile"]["type"] == "RuntimeDefault", where
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+            assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], (where, c["name"])
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault", (where, c["name"])
+
+
+def test_every_long_running_container_has_probes_and_resources():
+    for where, spec in pod_specs(objects(render(values_for("default")))):
+        if where.startswith("Job/"):
+            continue
+        long_running = spec["containers"] + [c for c in spec.get("initContainers", [])
+                                             if c.get("restartPolicy") == "Always"]
+        for c in long_running:
+            assert c.get("readinessProbe") or c.get("livenessProbe") or c.get("startupProbe"), (where, c["name"])
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], (where, c["name"])
+
+
+def test_only_the_fleet_init_job_gets_api_credentials_and_only_for_its_configmap():
+    objs = objects(render(values_for("default")))
+    for where, spec in pod_specs(objs):
+        assert spec.get("automountServiceAccountToken") is False, where
+    role = next(o for o in objs if o["kind"] == "Role")
+    named = [r for r in role["rules"] if "get" in r["verbs"] or "update" in r["verbs"]]
+    assert named and all(r["resourceNames"] == ["bkv-fleet-public"] for r in named)
+    assert {v for r in role["rules"] for v in r["verbs"]} <= {"get", "update", "create"}
+
+
+def test_the_frontend_listens_on_loopback_and_only_envoy_has_a_public_port():
+    objs = objects(render(values_for("default")))
+    deploy = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "bkv-frontend")
+    spec = deploy["spec"]["template"]["spec"]
+    frontend = next(c for c in spec["containers"] if c["name"] == "frontend")
+    env = {e["name"]: e.get("value") for e in frontend["env"]}
+    assert env["BKV_FRONTEND_HOST"] == "127.0.0.1" and "ports" not in frontend
+    sidecars = {c["name"]: c for c in spec["initContainers"] if c.get("restartPolicy") == "Always"}
+    assert set(sidecars) == {"noise-processor", "envoy"}  # native sidecars
+    assert "127.0.0.1:9002" in sidecars["noise-processor"]["command"]
+    public = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "bkv")
+    assert [p["targetPort"] for p in public["spec"]["ports"]] == ["noise"]
+
+
+def test_secrets_that_guard_records_are_kept_on_uninstall():
+    objs = objects(render(values_for("dev")))
+    kept = {o["metadata"]["name"] for o in objs
+            if (o["metadata"].get("annotations") or {}).get("helm.sh/resource-policy") == "keep"}
+    assert {"bkv-hsm-pins", "bkv-edge-key", "bkv-hsm-token"} <= kept
+    pins = next(o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == "bkv-hsm-pins")
+    assert all(len(base64.b64decode(v)) >= 32 for v in pins["data"].values())
+
+
+# -- NetworkPolicies: a small evaluator of what the rendered policies allow ---------------
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def _allowed(policies: list[dict], dst: dict, src: dict | None, port: int, src_ns_labels: dict) -> bool:
+    """Kubernetes semantics for ingress: a pod selected by any policy accepts
+    only what some rule of those policies allows. ``src`` None: outside."""
+    mine = [p for p in policies if _selects(p["spec"]["podSelector"], dst)]
+    if not mine:
+        return True
+    for p in mine:
+        for rule in p["spec"].get("ingress", []):
+            ports = [x["port"] for x in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            peers = rule.get("from")
+            if peers is None:
+                return True
+            for peer in peers:
+                if "podSelector" in peer and src is not None and src_ns_labels.get("self") and \
+                        _selects(peer["podSelector"], src):
+                    return True
+                if "namespaceSelector" in peer and _selects(peer["namespaceSelector"], src_ns_labels):
+                    return True
+    return False
+
+
+def test_network_policies_let_only_islands_reach_the_hsm_and_only_the_frontend_reach_islands():
+    objs = objects(render(values_for("default")))
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    pods = {}
+    for o in objs:
+        if o["kind"] in ("Deployment", "StatefulSet", "Job"):
+            pods[o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]] = \
+                o["spec"]["template"]["metadata"]["labels"]
+    same_ns = {"self": True, "kubernetes.io/metadata.name": "vault"}
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    allowed = lambda dst, src, port, ns=same_ns: _allowed(policies, pods[dst], pods.get(src), port, ns)  # noqa: E731
+
+    assert allowed("hsm-proxy", "island", 8100)
+    for other in ("frontend", "etcd", "fleet-init", None):
+        assert not allowed("hsm-proxy", other, 8100), other
+    assert allowed("island", "frontend", 8200)
+    for other in ("hsm-proxy", "etcd", "fleet-init", "island", None):
+        assert not allowed("island", other, 8200), other
+    for src in ("island", "frontend", "fleet-init"):
+        assert allowed("etcd", src, 2379), src
+    assert not allowed("etcd", "hsm-proxy", 2379) and not allowed("etcd", None, 2379)
+    assert allowed("etcd", "etcd", 2380) and not allowed("etcd", "island", 2380)
+    assert _allowed(policies, pods["frontend"], None, 8443, {})  # the public Noise port
+    assert not _allowed(policies, pods["frontend"], None, 9902, {})
+    # Prometheus (in the monitoring namespace) reaches metrics ports only, never an API port.
+    for dst, metrics_port, api_port in (("hsm-proxy", 9100, 8100), ("island", 9200, 8200), ("etcd", 2381, 2379)):
+        assert _allowed(policies, pods[dst], {}, metrics_port, monitoring), dst
+        assert not _allowed(policies, pods[dst], {}, api_port, monitoring), dst
+
+
+# -- dashboards, kustomize, Dockerfile -----------------------------------------------------
+
+def test_dashboards_render_as_configmaps_labelled_for_the_grafana_sidecar():
+    objs = objects(render(values_for("default")))
+    boards = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("bkv-dashboard-")]
+    assert {o["metadata"]["name"].removeprefix("bkv-dashboard-") for o in boards} == \
+        {"fleet-overview", "islands", "hsm", "etcd", "security"}
+    for o in boards:
+        assert o["metadata"]["labels"]["grafana_dashboard"] == "1"
+        (board,) = [json.loads(v) for v in o["data"].values()]
+        assert board["panels"] and all(t["expr"] for p in board["panels"] for t in p["targets"])
+        text = json.dumps(board)
+        assert "user_id" not in text and "user=" not in text  # no per-user series anywhere
+
+
+def test_kubectl_kustomize_renders_the_dev_overlay(tmp_path):
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed for `kubectl kustomize` (scripts/setup.sh says how to get it)"
+    overlay = tmp_path / "overlays" / "dev"
+    shutil.copytree(ROOT / "k8s" / "overlays" / "dev", overlay)
+    pem = tmp_path / "issuer.pem"
+    pem.write_text(ISSUER_PEM)
+    rendered = subprocess.run([sys.executable, str(ROOT / "k8s" / "render.py"), "-f",
+                               str(CHART / "values-dev.yaml"), "--set", "hsm.existingSecret=bkv-hsm-pins",
+                               "--set", "edge.existingSecret=bkv-edge-key",
+                               "--set-file", f"auth.tokenPublicKey={pem}"],
+                              capture_output=True, text=True, check=True).stdout
+    (overlay / "rendered.yaml").write_text(rendered)
+    out = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"} == {"bkv-dev"}
+    # existingSecret: the overlay carries no generated secret to overwrite the real ones with.
+    assert not [o for o in objs if o["kind"] == "Secret"]
+    for o in objs:
+        kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
+
+
+def test_the_dockerfile_is_multi_stage_pinned_slim_and_non_root():
+    text = (ROOT / "Dockerfile").read_text()
+    base = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG PYTHON_IMAGE="))
+    assert base.startswith("python:3.11.") and base.endswith("-slim-bookworm") and base.count(".") >= 2
+    assert text.count("\nFROM ") == 2 and "AS build" in text and "COPY --from=build" in text
+    user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    # Every entrypoint the chart runs from our image is a console script the image installs.
+    scripts = set(__import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+    for where, spec in pod_specs(objects(render(values_for("default")))):
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            if c["image"].startswith("ghcr.io/backup-key-vault/"):
+                assert c["command"][0] in scripts | {"sh"}, (where, c["name"], c["command"][0])
+
+
+# -- smoke run: the rendered pods as local processes ---------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
+                                reason="network namespaces need root and iproute2")
+
+
+@pytest.fixture(scope="module")
+def chart_fleet(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from chartrun import ChartRun
+
+    from bkv_frontend.auth import DevIssuer
+
+    work = tmp_path_factory.mktemp("chartrun")
+    issuer = DevIssuer.load_or_create(work / "issuer")
+    values = values_for("dev", auth={"tokenPublicKey": (work / "issuer" / "issuer-public.pem").read_text()})
+    run = ChartRun(render(values), work / "run", "vault")
+    try:
+        run.up(["bkv-etcd", "bkv-fleet-init", "bkv-hsm-proxy", "bkv-island", "bkv-frontend"])
+        yield run, issuer
+    finally:
+        run.down()
+
+
+@needs_root
+async def test_the_rendered_chart_runs_and_a_key_is_registered_and_recovered_through_it(chart_fleet):
+    from bkv.sdk import VaultClient
+    from bkv.transport import AsyncNoiseTransport
+    from bkv_common.encoding import b64d
+    from bkv_common.secrets import BackupKey
+    from bkv_edge.noise import StaticKey
+
+    run, issuer = chart_fleet
+    # The fleet-init Job published the keys clients pin, through the API with its own token.
+    published = run.api.configmaps[("vault", "bkv-fleet-public")]["data"]
+    params = json.loads(published["fleet-params.json"])
+    assert params["fleet_id"] == published["fleet_id"] and "opaque_setup" not in json.dumps(params)
+    assert params["key_attributes"] and params["max_attempts"] == 10
+    (frontend,) = run.pods_of("bkv-frontend")
+    edge_url = f"http://{frontend.ip}:8443"
+
+    async def client(user: str) -> VaultClient:
+        device = StaticKey.generate()
+        token = issuer.mint(user, device_key_b64=base64.b64encode(device.public).decode())
+        transport = AsyncNoiseTransport(edge_url, b64d(published["edge_public_key"]), device)
+        return VaultClient(edge_url, b64d(published["fleet_public_key"]), user, token, transport=transport)
+
+    key = BackupKey(os.urandom(32))
+    async with await client("chart-user") as phone:
+        info = await phone.fleet()
+        assert info.fleet_public_key == b64d(published["fleet_public_key"])
+        assert info.edge_public_key == published["edge_public_key"]
+        await phone.register(key, "correct horse")
+    async with await client("chart-user") as new_phone:
+        recovered = await new_phone.recover("correct horse")
+    assert recovered.key.reveal() == key.reveal()
+
+
+@needs_root
+def test_in_the_rendered_chart_only_envoy_is_reachable_from_outside_the_frontend_pod(chart_fleet):
+    run, _ = chart_fleet
+    (frontend,) = run.pods_of("bkv-frontend")
+    with pytest.raises(OSError):
+        socket.create_connection((frontend.ip, 8080), timeout=2).close()
+    ops = f"http://{frontend.ip}:9902"
+    assert httpx.get(f"{ops}/readyz").status_code == 200
+    assert "bkv_http_requests_total" in httpx.get(f"{ops}/metrics").text
+    assert "envoy_" in httpx.get(f"{ops}/stats/prometheus").text
+    # The ops listener routes no vault API, plain or otherwise.
+    assert httpx.post(f"{ops}/v1/recovery/start", json={}).status_code == 404
+    assert httpx.get(f"{ops}/v1/fleet").status_code == 404
+    (hsm,) = run.pods_of("bkv-hsm-proxy")
+    assert "bkv_hsm_operation_duration_seconds" in httpx.get(f"http://{hsm.ip}:9100/metrics").text
+    assert ipaddress.ip_address(frontend.ip) in run.net
