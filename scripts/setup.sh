@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(etcd-server softhsm2)
+# prometheus: the dashboards test scrapes the local fleet with the real one.
+APT_PACKAGES=(etcd-server softhsm2 prometheus)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -17,9 +18,15 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # Debian's etcd-server package starts a system etcd on 2379; we run our own.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
-  systemctl stop etcd || true
-fi
+# Likewise Prometheus on 9090: the tests run their own.
+for svc in etcd prometheus; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    systemctl stop "$svc" || true
+  fi
+done
+# `kubectl kustomize` renders the dev overlay in the chart tests. Debian has no
+# kubectl package; these machines ship one. Elsewhere: https://kubernetes.io/docs/tasks/tools/
+command -v kubectl >/dev/null 2>&1 || echo "setup: kubectl not found; the kustomize test will fail until it is installed" >&2
 
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3

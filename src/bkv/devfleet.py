@@ -7,7 +7,8 @@ the dev issuer key) lives under that one state directory.
 
 Ports, from ``base_port`` (default 18000): etcd clients base+379+2i, peers
 base+380+2i; hsm-proxies base+100+i; island j replica r base+200+10j+r;
-frontend base+80.
+frontend base+80; Noise processor base+2 (its /metrics on base+3); Envoy
+base+443 (admin, with /stats/prometheus, on base+901).
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ class Fleet:
         if s.edge:
             edge = self.state / "edge"
             procs.append(Proc("noise-processor", [py, "-m", "bkv_edge", "processor", "--listen",
-                                                  f"127.0.0.1:{s.base_port + 2}", "--key-file", str(edge / "edge.key")],
+                                                  f"127.0.0.1:{s.base_port + 2}", "--key-file", str(edge / "edge.key"),
+                                                  "--metrics-listen", f"127.0.0.1:{s.base_port + 3}"],
                               {}, s.base_port + 2, None))
             procs.append(Proc("envoy", [_envoy_binary(), "-c", str(edge / "envoy.json"), "--disable-hot-restart",
                                         "--log-level", "warn"], {}, s.base_port + 443,
