@@ -17,9 +17,11 @@ from bkv.sdk import VaultClient
 from bkv_common.encoding import b64d
 
 
-def _free_base_port(span: int = 400) -> int:
+def _free_base_port() -> int:
     for _ in range(200):
-        base = random.randrange(20000, 60000 - span, 10)
+        # Below the kernel's ephemeral range (32768+): an outgoing connection
+        # could otherwise take one of the fleet's ports between check and bind.
+        base = random.randrange(10000, 32768 - 1000, 10)
         ports = [base + o for o in (2, 3, 80, 100, 101, 200, 201, 202, 210, 211, 212, 220, 221, 443, 901)] + \
                 [base + 379 + i for i in range(12)]
         ok = True

@@ -383,3 +383,30 @@ def test_in_the_rendered_chart_only_envoy_is_reachable_from_outside_the_frontend
     (hsm,) = run.pods_of("bkv-hsm-proxy")
     assert "bkv_hsm_operation_duration_seconds" in httpx.get(f"http://{hsm.ip}:9100/metrics").text
     assert ipaddress.ip_address(frontend.ip) in run.net
+
+
+@needs_root
+def test_the_bkv_cli_backs_up_and_restores_through_the_rendered_chart(chart_fleet, tmp_path):
+    """The README's cluster path: `bkv dev cluster` reads the published
+    ConfigMap, then `bkv backup` and `bkv restore` work through Envoy."""
+    run, _ = chart_fleet
+    (frontend,) = run.pods_of("bkv-frontend")
+    configmap = tmp_path / "fleet-public.json"
+    configmap.write_text(json.dumps(run.api.configmaps[("vault", "bkv-fleet-public")]))
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "BKV_PASSWORD": "chart password"}
+    bkv = [str(Path(sys.executable).with_name("bkv"))]
+    state = str(run.workdir.parent)  # the fixture's dev issuer lives in <state>/issuer
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(bkv + list(args), env=env, capture_output=True, text=True, timeout=120)
+
+    res = cli("dev", "cluster", "--edge-url", f"http://{frontend.ip}:8443", "--fleet-configmap", str(configmap),
+              "--user", "chart-cli-user", "--state-dir", state)
+    assert res.returncode == 0, res.stderr
+    src = tmp_path / "chats"
+    src.mkdir()
+    (src / "chat.txt").write_bytes(os.urandom(4096))
+    assert (res := cli("backup", str(src), "--store", str(tmp_path / "store"))).returncode == 0, res.stderr
+    res = cli("restore", "--store", str(tmp_path / "store"), "--dest", str(tmp_path / "restored"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "restored" / "chat.txt").read_bytes() == (src / "chat.txt").read_bytes()

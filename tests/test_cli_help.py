@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from bkv.cli import app
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-COMMANDS = [[], ["dev"], ["dev", "up"], ["dev", "down"], ["dev", "status"], ["dev", "login"], ["demo"],
+COMMANDS = [[], ["dev"], ["dev", "up"], ["dev", "down"], ["dev", "status"], ["dev", "login"], ["dev", "issuer"],
+            ["dev", "cluster"], ["demo"],
             ["backup"], ["restore"], ["list"], ["verify"], ["password"], ["password", "change"], ["disable"]]
 
 

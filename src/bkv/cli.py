@@ -178,6 +178,61 @@ def dev_login(user: str = typer.Argument(..., help="the account to act as"), sta
     typer.echo(f"now acting as {user}")
 
 
+@dev.command("issuer")
+def dev_issuer(state_dir: Optional[Path] = StateDir) -> None:
+    """Print the path of the dev issuer's public key (made if missing), for a cluster install.
+
+    Example: helm install bkv charts/backup-key-vault --set-file auth.tokenPublicKey=$(bkv dev issuer)
+    """
+    from bkv.devfleet import default_state_dir
+    from bkv_frontend.auth import DevIssuer
+
+    directory = (state_dir or default_state_dir()) / "issuer"
+    DevIssuer.load_or_create(directory)
+    typer.echo(str(directory / "issuer-public.pem"))
+
+
+@dev.command("cluster")
+def dev_cluster(edge_url: str = typer.Option(..., help="where the cluster's Envoy listens, e.g. a port-forward"),
+                fleet_configmap: Path = typer.Option(..., help="`kubectl get configmap <release>-fleet-public "
+                                                               "-o json` saved to a file"),
+                user: str = typer.Option("dev-user", help="the dev identity written to the client config"),
+                state_dir: Optional[Path] = StateDir) -> None:
+    """Point the client config at a dev install in Kubernetes (tokens from the dev issuer).
+
+    Example: bkv dev cluster --edge-url http://127.0.0.1:8443 --fleet-configmap fleet-public.json
+    """
+    import base64
+    import json
+
+    from bkv.config import ClientConfig, ConfigError
+    from bkv.devfleet import default_state_dir
+    from bkv_edge.noise import StaticKey
+    from bkv_frontend.auth import DevIssuer
+
+    try:
+        data = json.loads(fleet_configmap.read_text())["data"]
+        fleet_key, edge_key = data["fleet_public_key"], data["edge_public_key"]
+    except (OSError, ValueError, KeyError):
+        _fail(f"{fleet_configmap} is not the fleet ConfigMap as JSON (kubectl get configmap ... -o json)",
+              ExitCode.USAGE)
+    try:
+        previous = ClientConfig.load()
+    except ConfigError:
+        previous = None
+    device_key = previous.device_key if previous is not None and previous.device_key else \
+        base64.b64encode(StaticKey.generate().reveal()).decode()
+    public = base64.b64encode(StaticKey(base64.b64decode(device_key)).public).decode()
+    issuer = DevIssuer.load_or_create((state_dir or default_state_dir()) / "issuer")
+    try:
+        token = issuer.mint(user, device_key_b64=public)
+    except ValueError as exc:
+        _fail(str(exc), ExitCode.USAGE)
+    path = ClientConfig(url=edge_url, fleet_public_key=fleet_key, user_id=user, token=token, edge_url=edge_url,
+                        edge_public_key=edge_key, device_key=device_key, transport="noise").save()
+    typer.echo(f"client config: {path} (user {user}, fleet {data.get('fleet_id', '?')}, via {edge_url})")
+
+
 @app.command("demo")
 def demo(state_dir: Optional[Path] = StateDir) -> None:
     """Register a key with a password, recover it as a new device, show a wrong
