@@ -13,7 +13,7 @@ from bkv.cli import app
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 COMMANDS = [[], ["dev"], ["dev", "up"], ["dev", "down"], ["dev", "status"], ["dev", "login"], ["dev", "issuer"],
-            ["dev", "cluster"], ["demo"],
+            ["dev", "cluster"], ["demo"], ["audit"],
             ["backup"], ["restore"], ["list"], ["verify"], ["password"], ["password", "change"], ["disable"]]
 
 

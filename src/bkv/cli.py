@@ -37,6 +37,7 @@ class ExitCode(enum.IntEnum):
     BAD_SIGNATURE = 9
     WRONG_KEY = 10
     STORE_ERROR = 11
+    AUDIT_FAILED = 12
 
 
 def _fail(message: str, code: ExitCode) -> None:
@@ -231,6 +232,41 @@ def dev_cluster(edge_url: str = typer.Option(..., help="where the cluster's Envo
     path = ClientConfig(url=edge_url, fleet_public_key=fleet_key, user_id=user, token=token, edge_url=edge_url,
                         edge_public_key=edge_key, device_key=device_key, transport="noise").save()
     typer.echo(f"client config: {path} (user {user}, fleet {data.get('fleet_id', '?')}, via {edge_url})")
+
+
+@app.command("audit")
+def audit_command(bundles: list[Path] = typer.Argument(..., help="published bundle files (SignedBundle JSON)"),
+                  witness_log: str = typer.Option(..., help="the witness log: a file, or the witness's URL"),
+                  operator_root: str = typer.Option(..., help="the operator's root public key (base64)"),
+                  witness_root: str = typer.Option(..., help="the witness's root public key (base64)")) -> None:
+    """Verify a chain of validation bundles against the witness log (anyone can run it).
+
+    Example: bkv audit bundles/*.json --witness-log https://witness.example/ --operator-root ... --witness-root ...
+    """
+    from bkv.audit import AuditFailed, audit
+    from bkv_common.encoding import b64d
+
+    try:
+        if witness_log.startswith(("http://", "https://")):
+            import httpx
+
+            log_text = httpx.get(witness_log.rstrip("/") + "/witness/v1/log", timeout=10).text
+        else:
+            log_text = Path(witness_log).read_text()
+        from bkv_witness.core import read_log
+
+        log_lines = read_log(log_text)
+        texts = [b.read_text() for b in bundles]
+        roots = b64d(operator_root), b64d(witness_root)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read the inputs: {exc}", ExitCode.USAGE)
+    except Exception as exc:  # noqa: BLE001 - a malformed log is an audit failure, said plainly
+        _fail(f"audit failed: {exc}", ExitCode.AUDIT_FAILED)
+    try:
+        for line in audit(texts, log_lines, *roots):
+            typer.echo(line)
+    except AuditFailed as exc:
+        _fail(f"audit failed: {exc}", ExitCode.AUDIT_FAILED)
 
 
 @app.command("demo")

@@ -30,3 +30,8 @@ USER_KEY_HASH: Final = b"bkv/v1/hash/user-key"        # etcd key for a user's re
 RENDEZVOUS_HASH: Final = b"bkv/v1/hash/rendezvous"    # user -> island placement
 FLEET_ID_HASH: Final = b"bkv/v1/hash/fleet-id"        # fleet id from its public key
 REQUEST_HASH: Final = b"bkv/v1/hash/request"          # request digests inside transcripts
+
+# Validation bundles (docs/ota.md): the operator signs, the witness countersigns.
+BUNDLE_HASH: Final = b"bkv/v1/hash/bundle"                 # a bundle's id and chain link
+SIG_BUNDLE_OPERATOR: Final = b"bkv/v1/sig/bundle-operator"
+SIG_BUNDLE_WITNESS: Final = b"bkv/v1/sig/bundle-witness"

@@ -1,0 +1,1 @@
+"""The witness: countersigns validation bundles that extend its own log."""

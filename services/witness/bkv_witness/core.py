@@ -1,0 +1,91 @@
+"""The witness's rules (the Cloudflare role in Meta's 2025 design).
+
+It countersigns a bundle only if the operator signed it and it extends the
+log: sequence = last + 1 and prev_hash = hash of the last logged bundle.
+So the operator cannot show two different bundles with the same sequence
+(a fork) to different clients: the witness refuses the second, and anyone
+can read the log to see every bundle that was ever valid.
+
+Exceptions::
+
+    WitnessError
+    └── WitnessRefused          the bundle does not extend the log (fork, gap, replay
+                                of an older one) or is not operator-signed
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from bkv_common import bundle as bd
+
+
+class WitnessError(Exception):
+    pass
+
+
+class WitnessRefused(WitnessError):
+    """Not countersigned; the message says why. The operator must publish a
+    bundle that extends the witness log (GET /witness/v1/log)."""
+
+
+class Witness:
+    def __init__(self, key: bd.RootKey, operator_root: bytes, log_path: Path) -> None:
+        self._key = key
+        self._operator_root = operator_root
+        self._log_path = log_path
+        self._lock = threading.Lock()
+        self._entries: list[bd.SignedBundle] = []
+        if log_path.exists():
+            for line in log_path.read_text().splitlines():
+                if line.strip():
+                    self._entries.append(bd.SignedBundle.from_json(line))
+
+    @property
+    def public_key(self) -> bytes:
+        return self._key.public
+
+    def log(self) -> list[str]:
+        return [e.to_json() for e in self._entries]
+
+    def countersign(self, signed: bd.SignedBundle) -> bd.SignedBundle:
+        try:
+            bd.verify_operator(signed, self._operator_root)
+        except bd.BundleError as exc:
+            raise WitnessRefused(f"not countersigned: {exc}") from None
+        with self._lock:
+            last = self._entries[-1] if self._entries else None
+            seq = signed.bundle.sequence
+            if last is not None and seq <= last.bundle.sequence:
+                logged = self._entries[seq - 1]
+                if logged.bundle == signed.bundle and logged.operator_signature == signed.operator_signature:
+                    return logged  # the same bundle again: the same answer
+                raise WitnessRefused(f"not countersigned: the log already holds a different bundle {seq} (a fork)")
+            want = last.bundle.sequence + 1 if last else 1
+            prev = bd.bundle_hash(last.bundle) if last else bd.GENESIS
+            if seq != want or signed.bundle.prev_hash != prev:
+                raise WitnessRefused(f"not countersigned: bundle {seq} does not extend the log "
+                                     f"(next is {want}, after hash {prev.hex()[:16]}...)")
+            out = signed.with_witness(bd.witness_countersign(signed, self._key))
+            # Logged durably before the countersignature leaves.
+            with open(self._log_path, "a") as f:
+                f.write(out.to_json() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self._entries.append(out)
+            return out
+
+
+def read_log(text: str) -> list[str]:
+    """The entries of a witness log (the JSON of GET /witness/v1/log, or the
+    log file's lines), as the exact texts the witness wrote."""
+    text = text.strip()
+    if text.startswith('{"entries"'):
+        try:
+            return list(json.loads(text)["entries"])
+        except (ValueError, KeyError):
+            raise bd.MalformedBundle("the witness log does not parse") from None
+    return [line for line in text.split("\n") if line]

@@ -1,0 +1,61 @@
+"""The SDK's trust in fleets: two pinned roots, not fleet keys (docs/ota.md).
+
+:class:`TrustStore` accepts a validation bundle only if both the operator
+and the witness signed it and it is not older than the last one accepted,
+and keeps that last good bundle in a cache file, so a restart cannot be
+rolled back either.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from bkv_common import bundle as bd
+
+
+class TrustStore:
+    def __init__(self, operator_root: bytes, witness_root: bytes, cache_file: Path | None = None) -> None:
+        self._operator_root = operator_root
+        self._witness_root = witness_root
+        self._cache_file = cache_file
+        self._current: bd.SignedBundle | None = None
+        if cache_file is not None and cache_file.exists():
+            cached = bd.SignedBundle.from_json(cache_file.read_text())
+            bd.verify(cached, operator_root, witness_root)  # a tampered cache is not trusted
+            self._current = cached
+
+    @property
+    def current(self) -> bd.SignedBundle | None:
+        return self._current
+
+    def accept(self, text: str | bytes) -> bd.SignedBundle:
+        """Verify and adopt a bundle; raises :class:`bkv_common.bundle.BundleError`
+        and keeps the last good bundle if it is not acceptable."""
+        signed = bd.SignedBundle.from_json(text)
+        floor = self._current.bundle.sequence if self._current else 0
+        bd.verify(signed, self._operator_root, self._witness_root, min_sequence=floor)
+        if self._current is None or signed.bundle.sequence > floor:
+            self._current = signed
+            self._save()
+        return self._current
+
+    def fleet(self, fleet_id: str, now: float | None = None) -> bd.Fleet | None:
+        """The fleet with this id if the current bundle lists it as valid now."""
+        now = time.time() if now is None else now
+        if self._current is None:
+            return None
+        return next((f for f in self._current.bundle.fleets if f.fleet_id == fleet_id and f.valid_at(now)), None)
+
+    def valid_fleets(self, now: float | None = None) -> list[bd.Fleet]:
+        now = time.time() if now is None else now
+        return [f for f in (self._current.bundle.fleets if self._current else ()) if f.valid_at(now)]
+
+    def _save(self) -> None:
+        if self._cache_file is None:
+            return
+        self._cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._cache_file.with_suffix(".tmp")
+        tmp.write_text(self._current.to_json())
+        os.replace(tmp, self._cache_file)  # atomic: never a half-written cache

@@ -1,0 +1,224 @@
+"""Validation bundles, the witness and the audit (docs/ota.md): a client
+trusts a fleet only through a bundle both roots signed, never goes back to
+an older one, and a witness never countersigns a fork."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
+
+from bkv.cli import app
+from bkv.trust import TrustStore
+from bkv_common import bundle as bd
+from bkv_common.encoding import b64e, fleet_id_for
+from bkv_witness.core import Witness, WitnessRefused
+
+
+def make_fleet(now: int = 1_800_000_000, days: int = 365) -> bd.Fleet:
+    der = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bd.Fleet(fleet_id_for(der), der, os.urandom(32), now - 60, now + days * 86400)
+
+
+@pytest.fixture
+def roots():
+    return bd.RootKey.generate(), bd.RootKey.generate()
+
+
+@pytest.fixture
+def witness(roots, tmp_path):
+    operator, witness_key = roots
+    return Witness(witness_key, operator.public, tmp_path / "witness.log")
+
+
+def publish(operator, witness, prev, fleets, now=1_800_000_000) -> bd.SignedBundle:
+    return witness.countersign(bd.operator_sign(bd.next_bundle(prev, fleets, now), operator))
+
+
+def test_root_keys_never_show_their_value():
+    key = bd.RootKey.generate()
+    assert repr(key) == str(key) == "RootKey(redacted)"
+
+
+def test_a_bundle_signed_by_both_roots_is_accepted_and_names_its_fleets(roots, witness):
+    operator, witness_key = roots
+    fleet = make_fleet()
+    signed = publish(operator, witness, None, [fleet])
+    store = TrustStore(operator.public, witness_key.public)
+    store.accept(signed.to_json())
+    assert store.fleet(fleet.fleet_id, now=1_800_000_000) == fleet
+    assert store.fleet(fleet.fleet_id, now=fleet.not_after) is None  # outside its window
+
+
+def test_a_bundle_signed_by_only_one_party_is_rejected(roots, witness):
+    operator, witness_key = roots
+    operator_only = bd.operator_sign(bd.next_bundle(None, [make_fleet()]), operator)
+    store = TrustStore(operator.public, witness_key.public)
+    with pytest.raises(bd.BadBundleSignature) as exc:
+        store.accept(operator_only.to_json())
+    assert exc.value.party == "witness"
+    # The witness's signature on a bundle the operator never signed is worth nothing either.
+    forged = bd.SignedBundle(operator_only.bundle, os.urandom(64))
+    forged = forged.with_witness(bd.witness_countersign(forged, witness_key))
+    with pytest.raises(bd.BadBundleSignature) as exc:
+        store.accept(forged.to_json())
+    assert exc.value.party == "operator"
+    # Roots swapped: each signature must come from its own root.
+    swapped = TrustStore(witness_key.public, operator.public)
+    with pytest.raises(bd.BadBundleSignature):
+        swapped.accept(publish(operator, witness, None, [make_fleet()]).to_json())
+    assert store.current is None
+
+
+def test_a_rolled_back_bundle_is_rejected_even_after_a_restart(roots, witness, tmp_path):
+    operator, witness_key = roots
+    first = publish(operator, witness, None, [make_fleet()])
+    second = publish(operator, witness, first, [make_fleet()])
+    cache = tmp_path / "trust" / "bundle.json"
+    store = TrustStore(operator.public, witness_key.public, cache)
+    store.accept(second.to_json())
+    with pytest.raises(bd.BundleRollback):
+        store.accept(first.to_json())
+    assert store.current == second
+    restarted = TrustStore(operator.public, witness_key.public, cache)
+    with pytest.raises(bd.BundleRollback):
+        restarted.accept(first.to_json())
+    assert restarted.current.bundle.sequence == 2
+
+
+def test_a_tampered_cache_is_not_trusted(roots, witness, tmp_path):
+    operator, witness_key = roots
+    cache = tmp_path / "bundle.json"
+    TrustStore(operator.public, witness_key.public, cache).accept(publish(operator, witness, None,
+                                                                          [make_fleet()]).to_json())
+    cache.write_text(cache.read_text().replace('"sequence": 1', '"sequence": 9'))
+    with pytest.raises(bd.BundleError):
+        TrustStore(operator.public, witness_key.public, cache)
+
+
+def test_the_witness_refuses_a_fork_a_gap_and_an_unsigned_bundle(roots, witness):
+    operator, _ = roots
+    first = publish(operator, witness, None, [make_fleet()])
+    fork = bd.operator_sign(bd.next_bundle(None, [make_fleet()]), operator)  # another bundle 1
+    with pytest.raises(WitnessRefused, match="fork"):
+        witness.countersign(fork)
+    gap = bd.operator_sign(bd.Bundle(3, bd.bundle_hash(first.bundle), 0, (make_fleet(),)), operator)
+    with pytest.raises(WitnessRefused, match="does not extend"):
+        witness.countersign(gap)
+    stranger = bd.operator_sign(bd.next_bundle(first, [make_fleet()]), bd.RootKey.generate())
+    with pytest.raises(WitnessRefused):
+        witness.countersign(stranger)
+    # The same bundle again gets the same countersignature; the log holds one entry.
+    again = witness.countersign(bd.SignedBundle(first.bundle, first.operator_signature))
+    assert again.witness_signature == first.witness_signature and len(witness.log()) == 1
+
+
+def test_a_malformed_bundle_is_refused_before_any_signature_check(roots):
+    operator, _ = roots
+    fleet = make_fleet()
+    wrong_id = bd.Fleet("0" * 32, fleet.fleet_public_key, fleet.edge_public_key, fleet.not_before, fleet.not_after)
+    with pytest.raises(bd.MalformedBundle):
+        bd.operator_sign(bd.next_bundle(None, [wrong_id]), operator)
+    with pytest.raises(bd.MalformedBundle):
+        bd.SignedBundle.from_json('{"bundle": {"sequence": -1}}')
+
+
+# -- the witness as a real process --------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def witness_process(roots, tmp_path):
+    operator, _ = roots
+    out = subprocess.run([sys.executable, "-m", "bkv_witness", "keygen", "--out", str(tmp_path / "w.key")],
+                         capture_output=True, text=True, check=True)
+    port = _free_port()
+    env = {**os.environ, "BKV_WITNESS_PORT": str(port), "BKV_WITNESS_KEY_FILE": str(tmp_path / "w.key"),
+           "BKV_WITNESS_OPERATOR_PUBLIC_KEY": b64e(operator.public),
+           "BKV_WITNESS_LOG_FILE": str(tmp_path / "witness.log")}
+    proc = subprocess.Popen([sys.executable, "-m", "bkv_witness", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "the witness did not start"
+        time.sleep(0.1)
+    yield url, out.stdout.strip(), tmp_path / "witness.log"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_a_witness_process_countersigns_a_chain_refuses_a_fork_and_serves_its_log(roots, witness_process):
+    operator, _ = roots
+    url, witness_public_b64, _ = witness_process
+    assert httpx.get(f"{url}/witness/v1/public-key").json()["witness_public_key"] == witness_public_b64
+    prev = None
+    for _ in range(2):
+        signed = bd.operator_sign(bd.next_bundle(prev, [make_fleet()]), operator)
+        res = httpx.post(f"{url}/witness/v1/countersign", json={"bundle": signed.to_json()})
+        assert res.status_code == 200, res.text
+        prev = signed.with_witness(bd.b64d(res.json()["witness_signature"]))
+    fork = bd.operator_sign(bd.next_bundle(None, [make_fleet()]), operator)
+    res = httpx.post(f"{url}/witness/v1/countersign", json={"bundle": fork.to_json()})
+    assert res.status_code == 409 and "fork" in res.json()["error"]["message"]
+    entries = httpx.get(f"{url}/witness/v1/log").json()["entries"]
+    assert [bd.SignedBundle.from_json(e).bundle.sequence for e in entries] == [1, 2]
+    store = TrustStore(operator.public, bd.b64d(witness_public_b64))
+    assert store.accept(entries[-1]).bundle == prev.bundle
+    # Read-only: nothing but countersign writes.
+    assert httpx.post(f"{url}/witness/v1/log", json={}).status_code in (404, 405)
+
+
+# -- audit ------------------------------------------------------------------------------------
+
+def test_the_audit_passes_on_a_true_chain_and_fails_on_any_altered_byte(roots, witness, tmp_path):
+    operator, witness_key = roots
+    prev = None
+    files = []
+    for i in range(2):
+        prev = publish(operator, witness, prev, [make_fleet()])
+        path = tmp_path / f"bundle-{i + 1}.json"
+        path.write_text(prev.to_json() + "\n")
+        files.append(path)
+    log = tmp_path / "witness.log"
+    args = ["--witness-log", str(log), "--operator-root", b64e(operator.public),
+            "--witness-root", b64e(witness_key.public)]
+    runner = CliRunner()
+    ok = runner.invoke(app, ["audit", *map(str, files), *args])
+    assert ok.exit_code == 0, ok.output
+
+    def fails_with(path: Path, data: bytes) -> bool:
+        original = path.read_bytes()
+        path.write_bytes(data)
+        try:
+            return runner.invoke(app, ["audit", *map(str, files), *args]).exit_code == 12
+        finally:
+            path.write_bytes(original)
+
+    for path in (files[0], log):
+        original = path.read_bytes()
+        body = original.rstrip(b"\n")
+        # Every byte position of the first entry, each flipped to another plausible byte.
+        for pos in range(0, len(body.split(b"\n")[0])):
+            altered = bytearray(original)
+            altered[pos] = ord("0") if altered[pos] != ord("0") else ord("1")
+            assert fails_with(path, bytes(altered)), (path.name, pos, original[max(0, pos - 10):pos + 10])
