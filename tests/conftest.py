@@ -22,7 +22,7 @@ def _free_base_port() -> int:
         # Below the kernel's ephemeral range (32768+): an outgoing connection
         # could otherwise take one of the fleet's ports between check and bind.
         base = random.randrange(10000, 32768 - 1000, 10)
-        ports = [base + o for o in (2, 3, 80, 100, 101, 200, 201, 202, 210, 211, 212, 220, 221, 443, 901)] + \
+        ports = [base + o for o in (2, 3, 80, 350, 100, 101, 200, 201, 202, 210, 211, 212, 220, 221, 443, 901)] + \
                 [base + 379 + i for i in range(12)]
         ok = True
         for p in ports:

@@ -73,7 +73,9 @@ def _dev_config(fleet, user: str, previous=None):
                         user_id=user, token=token, dev_state_dir=str(fleet.state),
                         edge_url=fleet.edge_url if edge else None,
                         edge_public_key=fleet.edge_public_key if edge else None,
-                        device_key=device_key, transport="plaintext" if fleet.spec.allow_plaintext else "noise")
+                        device_key=device_key, transport="plaintext" if fleet.spec.allow_plaintext else "noise",
+                        operator_root=fleet.root_public_keys()[0] if edge else None,
+                        witness_root=fleet.root_public_keys()[1] if edge else None)
 
 
 def _fleet(state_dir: Optional[Path], base_port: Optional[int] = None):

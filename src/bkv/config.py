@@ -1,7 +1,8 @@
 """The client config, ``$XDG_CONFIG_HOME/bkv/config.toml``.
 
-It holds the vault address, the pinned fleet public key and the identity
-(user id and account token). The token is a credential, so the file is
+It holds the vault address, what the client trusts -- either the two root
+keys of validation bundles (docs/ota.md) or, older style, one pinned fleet
+public key -- and the identity (user id and account token). The token is a credential, so the file is
 written with mode 0600. Nothing else about the user ever lands on disk.
 """
 
@@ -29,7 +30,7 @@ def config_path() -> Path:
 @dataclass(frozen=True)
 class ClientConfig:
     url: str
-    fleet_public_key: str  # base64 DER, pinned
+    fleet_public_key: str  # base64 DER, pinned; "" when the bundle roots are pinned instead
     user_id: str
     token: str
     dev_state_dir: str | None = None
@@ -39,6 +40,10 @@ class ClientConfig:
     edge_public_key: str | None = None
     device_key: str | None = None
     transport: str = "noise"  # or "plaintext", only against a dev fleet started with --plaintext
+    # Over-the-air fleet keys: pin the bundle roots; the fleet and edge keys
+    # then come from the verified bundle (cached next to this file).
+    operator_root: str | None = None
+    witness_root: str | None = None
 
     def __repr__(self) -> str:
         return f"ClientConfig(url={self.url!r}, user_id={self.user_id!r}, token=(redacted))"
@@ -59,17 +64,32 @@ class ClientConfig:
         from bkv.transport import AsyncNoiseTransport
         from bkv_edge.noise import StaticKey
 
-        if not (self.edge_url and self.edge_public_key and self.device_key):
+        fleet_key, edge_key = self.trusted_keys()
+        if not (self.edge_url and edge_key and self.device_key):
             raise ConfigError("the config has no Noise edge (edge_url, edge_public_key, device_key); "
                               "set transport = \"plaintext\" only for a dev fleet run with --plaintext")
-        transport = AsyncNoiseTransport(self.edge_url, b64d(self.edge_public_key), StaticKey(b64d(self.device_key)))
-        return VaultClient(self.edge_url, self.fleet_key_der, self.user_id, self.token, transport=transport, **kwargs)
+        transport = AsyncNoiseTransport(self.edge_url, edge_key, StaticKey(b64d(self.device_key)))
+        return VaultClient(self.edge_url, fleet_key, self.user_id, self.token, transport=transport, **kwargs)
+
+    def trusted_keys(self) -> tuple[bytes, bytes | None]:
+        """(fleet public key DER, edge public key): from a verified validation
+        bundle if the config pins roots, else the pinned values."""
+        if self.operator_root and self.witness_root:
+            from bkv.trust import TrustStore, fetch_and_choose
+
+            store = TrustStore(b64d(self.operator_root), b64d(self.witness_root), config_path().with_name("bundle.json"))
+            fleet = fetch_and_choose(self.edge_url or self.url, store, self.fleet_id if self.fleet_public_key else None)
+            return fleet.fleet_public_key, fleet.edge_public_key
+        return self.fleet_key_der, b64d(self.edge_public_key) if self.edge_public_key else None
 
     def save(self, path: Path | None = None) -> Path:
         path = path or config_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        vault = {"url": self.url, "fleet_public_key": self.fleet_public_key, "fleet_id": self.fleet_id,
-                 "transport": self.transport}
+        vault = {"url": self.url, "transport": self.transport}
+        if self.fleet_public_key:
+            vault.update(fleet_public_key=self.fleet_public_key, fleet_id=self.fleet_id)
+        if self.operator_root and self.witness_root:
+            vault.update(operator_root=self.operator_root, witness_root=self.witness_root)
         if self.edge_url:
             vault.update(edge_url=self.edge_url, edge_public_key=self.edge_public_key or "")
         identity = {"user_id": self.user_id, "token": self.token}
@@ -94,14 +114,18 @@ class ClientConfig:
         try:
             data = tomllib.loads(path.read_text())
             vault, identity = data["vault"], data["identity"]
-            cfg = cls(url=vault["url"], fleet_public_key=vault["fleet_public_key"],
+            cfg = cls(url=vault["url"], fleet_public_key=vault.get("fleet_public_key", ""),
+                      operator_root=vault.get("operator_root"), witness_root=vault.get("witness_root"),
                       user_id=identity["user_id"], token=identity["token"],
                       dev_state_dir=data.get("dev", {}).get("state_dir"), edge_url=vault.get("edge_url"),
                       edge_public_key=vault.get("edge_public_key"), device_key=identity.get("device_key"),
                       transport=vault.get("transport", "noise"))
             if cfg.transport not in ("noise", "plaintext"):
                 raise ValueError("transport must be noise or plaintext")
-            cfg.fleet_key_der  # noqa: B018 - validate the pinned key now, not mid-operation
+            if cfg.fleet_public_key:
+                cfg.fleet_key_der  # noqa: B018 - validate the pinned key now, not mid-operation
+            elif not (cfg.operator_root and cfg.witness_root):
+                raise ValueError("pin either fleet_public_key or both operator_root and witness_root")
         except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"the client config at {path} is incomplete or malformed: {exc}") from None
         return cfg

@@ -8,7 +8,11 @@ the dev issuer key) lives under that one state directory.
 Ports, from ``base_port`` (default 18000): etcd clients base+379+2i, peers
 base+380+2i; hsm-proxies base+100+i; island j replica r base+200+10j+r;
 frontend base+80; Noise processor base+2 (its /metrics on base+3); Envoy
-base+443 (admin, with /stats/prometheus, on base+901).
+base+443 (admin, with /stats/prometheus, on base+901); the witness base+350.
+
+Keys over the air (docs/ota.md): the dev fleet has an operator root key and a
+witness (its own key and log) under <state>/ota, and publishes a validation
+bundle naming its fleet, which clients verify against the two roots.
 """
 
 from __future__ import annotations
@@ -138,6 +142,15 @@ class Fleet:
         return (self.state / "edge" / "edge.pub").read_text().strip()
 
     @property
+    def witness_url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.base_port + 350}"
+
+    def root_public_keys(self) -> tuple[str, str]:
+        """(operator root, witness root), base64: what clients pin."""
+        ota = self.state / "ota"
+        return (ota / "operator.pub").read_text().strip(), (ota / "witness.pub").read_text().strip()
+
+    @property
     def etcd_endpoints(self) -> str:
         return ",".join(f"127.0.0.1:{self.etcd_client_port(i)}" for i in range(self.spec.etcd_members))
 
@@ -195,6 +208,13 @@ class Fleet:
                     "BKV_ISLAND_REPLICA_ID": f"{island}-{r}", "BKV_ISLAND_ETCD_ENDPOINTS": self.etcd_endpoints,
                     "BKV_ISLAND_HSM_URLS": ",".join(hsm_urls),
                 }, port, f"http://127.0.0.1:{port}/healthz"))
+        ota = self.state / "ota"
+        procs.append(Proc("witness", [py, "-m", "bkv_witness", "serve"], {
+            "BKV_ENV": "dev", "BKV_WITNESS_PORT": str(s.base_port + 350),
+            "BKV_WITNESS_KEY_FILE": str(ota / "witness.key"), "BKV_WITNESS_LOG_FILE": str(ota / "witness.log"),
+            "BKV_WITNESS_OPERATOR_PUBLIC_KEY": (ota / "operator.pub").read_text().strip()
+            if (ota / "operator.pub").exists() else "",
+        }, s.base_port + 350, f"http://127.0.0.1:{s.base_port + 350}/healthz"))
         port = s.base_port + 80
         procs.append(Proc("frontend", [py, "-m", "bkv_frontend", "serve"], {
             "BKV_ENV": "dev", "BKV_FRONTEND_PORT": str(port), "BKV_FRONTEND_ETCD_ENDPOINTS": self.etcd_endpoints,
@@ -250,6 +270,7 @@ class Fleet:
             self.procs = {p["name"]: Proc(**p) for p in old["procs"]}
         if self.spec.edge:
             self._init_edge()  # the frontend's settings carry the edge public key
+        self._init_roots()  # the witness's settings carry the operator root
         specs = self._specs()
         for p in specs:
             prev = self.procs.get(p.name)
@@ -275,6 +296,8 @@ class Fleet:
                 self.wait_healthy(p.name, timeout_s)
             else:
                 wait_until(lambda p=p: _port_in_use(p.port), timeout_s, f"{p.name} on port {p.port}")
+        if self.spec.edge:
+            self._publish_bundle()
 
     def _start(self, p: Proc) -> None:
         if _alive(p.pid):
@@ -332,6 +355,29 @@ class Fleet:
         self._run([sys.executable, "-m", "bkv_island", "set-map", *self.spec.islands],
                   {"BKV_ISLAND_ETCD_ENDPOINTS": self.etcd_endpoints})
         DevIssuer.load_or_create(self.state / "issuer")
+
+    def _init_roots(self) -> None:
+        ota = self.state / "ota"
+        ota.mkdir(parents=True, exist_ok=True)
+        for who in ("operator", "witness"):
+            if not (ota / f"{who}.key").exists():
+                pub = self._run([sys.executable, "-m", "bkv_witness", "keygen", "--out", str(ota / f"{who}.key")], {})
+                (ota / f"{who}.pub").write_text(pub.strip() + "\n")
+
+    def _publish_bundle(self) -> None:
+        """Publish a bundle naming this fleet, once (etcd keeps it across restarts)."""
+        ota = self.state / "ota"
+        marker = ota / "published"
+        want = f"{self.fleet_params['fleet_id']} {self.edge_public_key}"
+        if not (marker.exists() and marker.read_text() == want):
+            self._run([sys.executable, "-m", "bkv_hsm_proxy", "publish-bundle", "--operator-key",
+                       str(ota / "operator.key"), "--witness-url", self.witness_url,
+                       "--fleet-params", str(self.state / "fleet-params.json"),
+                       "--edge-public-key", self.edge_public_key, "--etcd-endpoints", self.etcd_endpoints], {})
+            marker.write_text(want)
+        # Ready means a new client can bootstrap: the frontend serves the bundle.
+        wait_until(lambda: httpx.get(f"{self.frontend_url}/v1/bundle", timeout=1.0).status_code == 200, 30,
+                   "the frontend to serve the validation bundle")
 
     def _init_edge(self) -> None:
         edge = self.state / "edge"

@@ -9,6 +9,7 @@
     ├── Unauthorized       the account token was refused; sign in again
     ├── VaultUnavailable   the vault did not answer before the deadline; try later
     ├── BadSignature       a vault answer failed the fleet signature check; nothing was acted on
+    ├── UntrustedFleet     no validation bundle verified against the pinned roots; nothing was sent
     └── ProtocolError      the vault refused a step (``code`` says which); start the operation again
 """
 
@@ -50,6 +51,12 @@ class VaultUnavailable(VaultError):
 class BadSignature(VaultError):
     """A vault answer was not signed by the pinned fleet key: a man in the
     middle, a tampered answer, or a stale pinned key. Nothing was acted on."""
+
+
+class UntrustedFleet(VaultError):
+    """The vault's validation bundle did not verify against the pinned
+    operator and witness roots (or lists no fleet valid now), and no earlier
+    good bundle is cached. Nothing was sent to any fleet."""
 
 
 class ProtocolError(VaultError):

@@ -8,11 +8,14 @@ rolled back either.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 from bkv_common import bundle as bd
+
+log = logging.getLogger(__name__)
 
 
 class TrustStore:
@@ -59,3 +62,38 @@ class TrustStore:
         tmp = self._cache_file.with_suffix(".tmp")
         tmp.write_text(self._current.to_json())
         os.replace(tmp, self._cache_file)  # atomic: never a half-written cache
+
+
+def fetch_and_choose(edge_url: str, store: TrustStore, preferred_fleet: str | None = None,
+                     timeout_s: float = 10.0) -> bd.Fleet:
+    """Get the current bundle from the vault's edge (``GET /v1/bundle``, in
+    clear: it is signed), adopt it if it verifies, and choose the fleet to use:
+    ``preferred_fleet`` if valid, else the first valid one (the operator lists
+    the fleet it wants used first). A bundle that does not verify, or is older
+    than the cached one, is ignored and the cached bundle is used."""
+    import httpx
+
+    from bkv import errors
+    from bkv_common.retry import Backoff, retry_sync
+
+    def get(_: int) -> str:
+        res = httpx.get(edge_url.rstrip("/") + "/v1/bundle", timeout=timeout_s)
+        res.raise_for_status()
+        return res.text
+
+    try:
+        text = retry_sync(get, retry_on=lambda e: isinstance(e, httpx.TransportError),
+                          backoff=Backoff(deadline_s=timeout_s, first_delay_s=0.1, max_delay_s=1.0))
+        store.accept(text)
+    except bd.BundleError as exc:
+        if store.current is None:
+            raise errors.UntrustedFleet(f"the vault's validation bundle was refused: {exc}") from None
+        log.warning("ignoring the served validation bundle (%s); using the cached one", exc)
+    except Exception as exc:  # noqa: BLE001 - unreachable or no bundle: the cache may still do
+        if store.current is None:
+            raise errors.UntrustedFleet(f"no validation bundle could be fetched: {type(exc).__name__}") from None
+    valid = store.valid_fleets()
+    chosen = next((f for f in valid if f.fleet_id == preferred_fleet), valid[0] if valid else None)
+    if chosen is None:
+        raise errors.UntrustedFleet("the validation bundle lists no fleet valid now")
+    return chosen

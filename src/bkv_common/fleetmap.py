@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 ISLAND_MAP_KEY = "/fleet/islands"
 FLEET_PARAMS_KEY = "/fleet/params"
+# The current validation bundle (docs/ota.md), as SignedBundle JSON.
+FLEET_BUNDLE_KEY = "/fleet/bundle"
 REPLICAS_PREFIX = "/replicas/"
 REPLICA_TTL_S = 6
 

@@ -8,7 +8,10 @@ body, the response headers and the buffered response body. We
   body to the inner request, and set ``x-bkv-device-key`` to the session's
   authenticated device key (any client-supplied copy is removed first),
 * seal the frontend's answer (status and body) for the same session,
-* refuse everything else with a 404, so nothing reaches the frontend in clear.
+* pass ``GET /v1/bundle`` through in clear: the validation bundle is public
+  and signed by two roots, and a client needs it to learn the edge key it
+  opens Noise with (docs/ota.md),
+* refuse everything else with a 404, so nothing else reaches the frontend in clear.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ DEVICE_HEADER = "x-bkv-device-key"
 SESSION_HEADER = "x-bkv-noise-session"
 HANDSHAKE_PATH = "/noise/handshake"
 TRANSPORT_PATH = "/noise/v1"
+BUNDLE_PATH = "/v1/bundle"
 
 
 class Sessions:
@@ -96,12 +100,18 @@ class NoiseProcessor(ExternalProcessorBase):
         session: Session | None = None
         counter = 0
         status = 200
+        plain = False  # GET /v1/bundle: passed through unchanged
         async for msg in messages:
             try:
                 if msg.request_headers is not None:
                     headers = {h.key: (h.raw_value or h.value.encode()).decode("latin-1")
                                for h in msg.request_headers.headers.headers}
                     path, method = headers.get(":path", ""), headers.get(":method", "")
+                    if method == "GET" and path == BUNDLE_PATH:
+                        plain = True
+                        yield ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse(
+                            header_mutation=HeaderMutation(remove_headers=[DEVICE_HEADER, "authorization"]))))
+                        continue
                     if method != "POST" or path not in (HANDSHAKE_PATH, TRANSPORT_PATH):
                         raise NotNoise("only POST /noise/handshake and POST /noise/v1 are served here")
                     if path == TRANSPORT_PATH:
@@ -134,6 +144,10 @@ class NoiseProcessor(ExternalProcessorBase):
                     yield ProcessingResponse(request_body=BodyResponse(response=CommonResponse(
                         header_mutation=mutation, body_mutation=BodyMutation(body=payload),
                         clear_route_cache=True)))
+                elif plain and msg.response_headers is not None:
+                    yield ProcessingResponse(response_headers=HeadersResponse())
+                elif plain and msg.response_body is not None:
+                    yield ProcessingResponse(response_body=BodyResponse())
                 elif msg.response_headers is not None:
                     for h in msg.response_headers.headers.headers:
                         if h.key == ":status":

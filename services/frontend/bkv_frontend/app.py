@@ -96,6 +96,15 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                              max_attempts=p["max_attempts"], opaque_suite=p["opaque_suite"],
                              signature_alg=p["signature_alg"], edge_public_key=edge_public_key)
 
+    # The validation bundle (docs/ota.md): public and self-authenticating, so
+    # the edge passes GET /v1/bundle in clear -- a client needs it to learn
+    # the edge key it then opens Noise with.
+    @app.get("/v1/bundle", include_in_schema=False)
+    async def bundle() -> Response:
+        if view.bundle is None:
+            return error_response(404, ErrorCode.NOT_FOUND, "this fleet publishes no validation bundle")
+        return Response(view.bundle, media_type="application/json")
+
     async def follow_migration(user: str, asked: str) -> bool:
         """No record where we looked: perhaps the island map changed under us.
         Re-read it; if the user's record is still on its old island while a

@@ -11,7 +11,7 @@ import logging
 import aetcd
 
 from bkv_common import metrics
-from bkv_common.fleetmap import FLEET_PARAMS_KEY, read_map, read_replicas, rendezvous
+from bkv_common.fleetmap import FLEET_BUNDLE_KEY, FLEET_PARAMS_KEY, read_map, read_replicas, rendezvous
 from bkv_common.http import ServiceClient
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class FleetView:
         self.previous: list[str] | None = None  # set while records move to a new map
         self.replicas: dict[str, list[str]] = {}
         self.params: dict | None = None
+        self.bundle: bytes | None = None  # SignedBundle JSON, passed on as is
         self._clients: dict[str, ServiceClient] = {}
 
     async def refresh(self) -> None:
@@ -37,6 +38,9 @@ class FleetView:
         got = await self._etcd.get((self._prefix + FLEET_PARAMS_KEY).encode())
         if got is not None:
             self.params = json.loads(got.value)
+        got = await self._etcd.get((self._prefix + FLEET_BUNDLE_KEY).encode())
+        if got is not None:
+            self.bundle = got.value
         self.islands, self.previous, self.replicas = islands, previous, replicas
 
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:

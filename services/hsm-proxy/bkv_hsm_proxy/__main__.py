@@ -1,9 +1,10 @@
-"""``bkv-hsm-proxy serve | fleet-init | publish-configmap``."""
+"""``bkv-hsm-proxy serve | fleet-init | publish-configmap | publish-bundle``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,37 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--name", required=True, help="the ConfigMap's name")
     pub.add_argument("--edge-public-key-file", type=Path, help="also publish the Noise edge public key")
     pub.add_argument("--serviceaccount-dir", type=Path, default=Path("/var/run/secrets/kubernetes.io/serviceaccount"))
+    pb = sub.add_parser("publish-bundle", help="sign the next validation bundle, have the witness countersign "
+                                               "it, and publish it in etcd (docs/ota.md)")
+    pb.add_argument("--operator-key", type=Path, required=True, help="the operator root key file (base64 Ed25519)")
+    pb.add_argument("--witness-url", required=True)
+    pb.add_argument("--fleet-params", type=Path, action="append", required=True,
+                    help="a fleet's parameters (fleet-init --out); repeat for each fleet, preferred first")
+    pb.add_argument("--edge-public-key", action="append", required=True,
+                    help="the Noise edge key (base64) for each --fleet-params, in order")
+    pb.add_argument("--valid-days", type=float, default=365.0)
+    pb.add_argument("--etcd-endpoints", default=os.environ.get("BKV_HSM_ETCD_ENDPOINTS", "127.0.0.1:2379"))
+    pb.add_argument("--etcd-prefix", default=os.environ.get("BKV_HSM_ETCD_PREFIX", "/bkv"))
     args = parser.parse_args(argv)
+
+    if args.cmd == "publish-bundle":
+        import time
+
+        from bkv_common import bundle as bd
+        from bkv_hsm_proxy.bundles import PublishError, fleet_entry, publish_bundle
+
+        if len(args.fleet_params) != len(args.edge_public_key):
+            parser.error("give one --edge-public-key per --fleet-params")
+        now = int(time.time())
+        try:
+            fleets = [fleet_entry(p, e, args.valid_days, now) for p, e in zip(args.fleet_params, args.edge_public_key)]
+            out = publish_bundle(args.etcd_endpoints, args.etcd_prefix, bd.load_root_key(args.operator_key),
+                                 args.witness_url, fleets, now)
+        except (PublishError, bd.BundleError, OSError, ValueError) as exc:
+            print(f"bkv-hsm-proxy: no bundle published: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({"sequence": out.bundle.sequence, "fleets": [f.fleet_id for f in out.bundle.fleets]}))
+        return 0
 
     if args.cmd == "publish-configmap":
         from bkv_common.retry import DeadlineExceeded

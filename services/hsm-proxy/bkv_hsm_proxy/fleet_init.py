@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bkv_common.fleetmap import FLEET_PARAMS_KEY
 from bkv_hsm_proxy.core import VaultHsm
 from bkv_hsm_proxy.hsm import Pkcs11Hsm
 from bkv_hsm_proxy.settings import HsmProxySettings
 
-FLEET_PARAMS_KEY = "/fleet/params"
 
 
 def fleet_init(settings: HsmProxySettings, out: Path | None) -> dict:

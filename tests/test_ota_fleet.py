@@ -1,0 +1,130 @@
+"""Fleet keys over the air, end to end on the real fleet: a client that pins
+only the two bundle roots learns the fleet and edge keys from the bundle the
+frontend serves, and refuses a bundle one party did not sign or an older one."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from bkv import errors
+from bkv.config import ClientConfig
+from bkv_common import bundle as bd
+from bkv_common.encoding import b64d
+from bkv_common.etcd import connect
+from bkv_common.fleetmap import FLEET_BUNDLE_KEY
+from bkv_common.secrets import BackupKey
+from bkv_edge.noise import StaticKey
+
+
+def roots_only_config(fleet, user: str) -> ClientConfig:
+    """What a new device knows: the edge address and the two roots. No fleet key."""
+    device = StaticKey.generate()
+    operator_root, witness_root = fleet.root_public_keys()
+    token = fleet.issuer().mint(user, device_key_b64=base64.b64encode(device.public).decode())
+    return ClientConfig(url=fleet.edge_url, fleet_public_key="", user_id=user, token=token,
+                        edge_url=fleet.edge_url, device_key=base64.b64encode(device.reveal()).decode(),
+                        operator_root=operator_root, witness_root=witness_root)
+
+
+@pytest.fixture
+def config_home(tmp_path, monkeypatch):
+    """Each test is a device of its own: its own config dir and bundle cache."""
+    def new_device(name: str):
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / name))
+    new_device("device-1")
+    return new_device
+
+
+async def etcd_bundle(fleet, value: bytes | None = None) -> bytes:
+    client = await connect(fleet.etcd_endpoints)
+    try:
+        key = ("/bkv" + FLEET_BUNDLE_KEY).encode()
+        if value is not None:
+            await client.put(key, value)
+        return (await client.get(key)).value
+    finally:
+        await client.close()
+
+
+async def wait_served(fleet, value: bytes) -> None:
+    for _ in range(100):
+        if httpx.get(f"{fleet.edge_url}/v1/bundle").content == value:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the frontend never served the new bundle")
+
+
+def test_the_edge_serves_the_bundle_in_clear_and_nothing_else(fleet):
+    res = httpx.get(f"{fleet.edge_url}/v1/bundle")
+    assert res.status_code == 200
+    signed = bd.SignedBundle.from_json(res.text)
+    operator_root, witness_root = (b64d(k) for k in fleet.root_public_keys())
+    bd.verify(signed, operator_root, witness_root)
+    assert [f.fleet_id for f in signed.bundle.fleets] == [fleet.fleet_params["fleet_id"]]
+    assert signed.bundle.fleets[0].edge_public_key == b64d(fleet.edge_public_key)
+    # Only that one GET is passed in clear; the API still needs Noise.
+    assert httpx.post(f"{fleet.edge_url}/v1/bundle").status_code == 404
+    assert httpx.get(f"{fleet.edge_url}/v1/fleet").status_code == 404
+
+
+async def test_a_client_with_only_the_roots_recovers_a_key_from_a_fleet_it_has_never_seen(fleet, config_home):
+    key = BackupKey(os.urandom(32))
+    user = f"ota-{os.urandom(4).hex()}"
+    async with roots_only_config(fleet, user).client() as phone:
+        await phone.register(key, "pass phrase")
+    config_home("device-2")  # a new device: no cached bundle either
+    async with roots_only_config(fleet, user).client() as new_phone:
+        assert (await new_phone.recover("pass phrase")).key == key
+
+
+async def test_a_bundle_signed_by_only_the_operator_is_refused_by_a_new_client(fleet, config_home, tmp_path):
+    good = await etcd_bundle(fleet)
+    operator_key = bd.load_root_key(fleet.state / "ota" / "operator.key")
+    current = bd.SignedBundle.from_json(good)
+    unwitnessed = bd.operator_sign(bd.next_bundle(current, list(current.bundle.fleets)), operator_key)
+    try:
+        await etcd_bundle(fleet, unwitnessed.to_json().encode())
+        await wait_served(fleet, unwitnessed.to_json().encode())
+        with pytest.raises(errors.UntrustedFleet, match="witness"):
+            roots_only_config(fleet, "nobody").client()
+    finally:
+        await etcd_bundle(fleet, good)
+        await wait_served(fleet, good)
+
+
+async def test_a_rolled_back_bundle_is_refused_and_the_cached_one_is_used(fleet, config_home):
+    first = await etcd_bundle(fleet)
+    # The operator publishes bundle n+1 through the witness; the device caches it.
+    ota = fleet.state / "ota"
+    subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "publish-bundle", "--operator-key", str(ota / "operator.key"),
+                    "--witness-url", fleet.witness_url, "--fleet-params", str(fleet.state / "fleet-params.json"),
+                    "--edge-public-key", fleet.edge_public_key, "--etcd-endpoints", fleet.etcd_endpoints],
+                   check=True, capture_output=True)
+    newer = await etcd_bundle(fleet)
+    await wait_served(fleet, newer)
+    user = f"ota-{os.urandom(4).hex()}"
+    key = BackupKey(os.urandom(32))
+    async with roots_only_config(fleet, user).client() as phone:
+        await phone.register(key, "pw")
+    from bkv.config import config_path
+
+    cache = config_path().with_name("bundle.json")
+    newer_seq = bd.SignedBundle.from_json(newer).bundle.sequence
+    assert bd.SignedBundle.from_json(cache.read_text()).bundle.sequence == newer_seq
+    try:
+        # Someone serves the older (validly signed) bundle: the device keeps the newer one.
+        await etcd_bundle(fleet, first)
+        await wait_served(fleet, first)
+        async with roots_only_config(fleet, user).client() as phone:
+            assert (await phone.recover("pw")).key == key
+        assert bd.SignedBundle.from_json(cache.read_text()).bundle.sequence == newer_seq
+    finally:
+        await etcd_bundle(fleet, newer)
+        await wait_served(fleet, newer)
