@@ -128,3 +128,43 @@ async def test_a_rolled_back_bundle_is_refused_and_the_cached_one_is_used(fleet,
     finally:
         await etcd_bundle(fleet, newer)
         await wait_served(fleet, newer)
+
+
+def test_deployment_evidence_verifies_and_the_audit_fails_on_any_altered_byte_of_it(fleet, tmp_path):
+    """The token's fleet key and the operator sign a statement of the fleet's
+    keys, their token attributes and the bundle; `bkv audit` checks it
+    against the witness log, byte for byte."""
+    from typer.testing import CliRunner
+
+    from bkv.cli import app
+    from bkv_common import evidence as ev
+
+    bundle_file = tmp_path / "bundle.json"
+    bundle_file.write_text(httpx.get(f"{fleet.edge_url}/v1/bundle").text + "\n")
+    _, user_pin = fleet._pins()
+    env = {**os.environ, **fleet._softhsm_env(), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "bkv-fleet",
+           "BKV_HSM_USER_PIN": user_pin}
+    out = tmp_path / "evidence.json"
+    res = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "evidence", "--bundle", str(bundle_file),
+                          "--operator-key", str(fleet.state / "ota" / "operator.key"), "--out", str(out)],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    statement = ev.Evidence.from_json(out.read_text()).statement
+    assert statement["fleet_id"] == fleet.fleet_params["fleet_id"]
+    assert statement["key_attributes"]["signing"] == ev.REQUIRED_ATTRIBUTES == statement["key_attributes"]["sealing"]
+    assert statement["token"]["label"] == "bkv-fleet" and statement["software_version"]
+    operator_root, witness_root = fleet.root_public_keys()
+    args = ["audit", str(bundle_file), "--witness-log", fleet.witness_url, "--operator-root", operator_root,
+            "--witness-root", witness_root, "--evidence", str(out)]
+    runner = CliRunner()
+    ok = runner.invoke(app, args)
+    assert ok.exit_code == 0 and "evidence statement(s) verify" in ok.output, ok.output
+    original = out.read_bytes()
+    try:
+        for pos in range(len(original.rstrip(b"\n"))):
+            altered = bytearray(original)
+            altered[pos] = ord("0") if altered[pos] != ord("0") else ord("1")
+            out.write_bytes(bytes(altered))
+            assert runner.invoke(app, args).exit_code == 12, (pos, original[max(0, pos - 12):pos + 12])
+    finally:
+        out.write_bytes(original)

@@ -240,7 +240,8 @@ def dev_cluster(edge_url: str = typer.Option(..., help="where the cluster's Envo
 def audit_command(bundles: list[Path] = typer.Argument(..., help="published bundle files (SignedBundle JSON)"),
                   witness_log: str = typer.Option(..., help="the witness log: a file, or the witness's URL"),
                   operator_root: str = typer.Option(..., help="the operator's root public key (base64)"),
-                  witness_root: str = typer.Option(..., help="the witness's root public key (base64)")) -> None:
+                  witness_root: str = typer.Option(..., help="the witness's root public key (base64)"),
+                  evidence: list[Path] = typer.Option([], help="deployment evidence files to check too")) -> None:
     """Verify a chain of validation bundles against the witness log (anyone can run it).
 
     Example: bkv audit bundles/*.json --witness-log https://witness.example/ --operator-root ... --witness-root ...
@@ -259,13 +260,14 @@ def audit_command(bundles: list[Path] = typer.Argument(..., help="published bund
 
         log_lines = read_log(log_text)
         texts = [b.read_text() for b in bundles]
+        evidence_texts = [e.read_text() for e in evidence]
         roots = b64d(operator_root), b64d(witness_root)
     except (OSError, ValueError) as exc:
         _fail(f"cannot read the inputs: {exc}", ExitCode.USAGE)
     except Exception as exc:  # noqa: BLE001 - a malformed log is an audit failure, said plainly
         _fail(f"audit failed: {exc}", ExitCode.AUDIT_FAILED)
     try:
-        for line in audit(texts, log_lines, *roots):
+        for line in audit(texts, log_lines, *roots, evidence_texts):
             typer.echo(line)
     except AuditFailed as exc:
         _fail(f"audit failed: {exc}", ExitCode.AUDIT_FAILED)

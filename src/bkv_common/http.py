@@ -26,6 +26,11 @@ M = TypeVar("M", bound=BaseModel)
 _JSON_HEADERS = {"content-type": "application/json"}
 
 
+# Keep-alive of the internal hops: the client side must be the shorter one.
+SERVER_KEEP_ALIVE_S = 30
+CLIENT_KEEP_ALIVE_S = 10
+
+
 class UpstreamError(Exception):
     """The upstream answered with an error body: pass it on unchanged."""
 
@@ -65,7 +70,12 @@ class ServiceClient:
     def _http(self) -> aiohttp.ClientSession:
         # Created lazily: an aiohttp session belongs to the running loop.
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=30, force_close=False)
+            # Idle connections are dropped here well before the server's keep-alive
+            # timeout (SERVER_KEEP_ALIVE_S), so a request is never sent on a
+            # connection the server is closing -- which would look like a
+            # connection lost mid-request and end as outcome_unknown.
+            connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=30, force_close=False,
+                                             keepalive_timeout=CLIENT_KEEP_ALIVE_S)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
                                                   skip_auto_headers=("User-Agent",), auto_decompress=False)
         return self._session

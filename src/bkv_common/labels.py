@@ -35,3 +35,6 @@ REQUEST_HASH: Final = b"bkv/v1/hash/request"          # request digests inside t
 BUNDLE_HASH: Final = b"bkv/v1/hash/bundle"                 # a bundle's id and chain link
 SIG_BUNDLE_OPERATOR: Final = b"bkv/v1/sig/bundle-operator"
 SIG_BUNDLE_WITNESS: Final = b"bkv/v1/sig/bundle-witness"
+# Deployment evidence (docs/ota.md): the fleet key attests, the operator signs.
+SIG_EVIDENCE_FLEET: Final = b"bkv/v1/sig/evidence-fleet"
+SIG_EVIDENCE_OPERATOR: Final = b"bkv/v1/sig/evidence-operator"

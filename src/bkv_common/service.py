@@ -103,5 +103,8 @@ def run(app, host: str, port: int, metrics_port: int = 0) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # access_log off: request lines are noise at load and carry no value here.
+    from bkv_common.http import SERVER_KEEP_ALIVE_S
+
     uvicorn.run(app, host=host, port=port, access_log=False, loop="uvloop", http="httptools",
-                log_level="warning", timeout_graceful_shutdown=5, lifespan="on")
+                log_level="warning", timeout_graceful_shutdown=5, lifespan="on",
+                timeout_keep_alive=SERVER_KEEP_ALIVE_S)

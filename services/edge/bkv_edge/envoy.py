@@ -25,10 +25,13 @@ def render(listen_host: str, listen_port: int, upstream_port: int, processor_por
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
                 "address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
         }
-        if http2:
-            c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}}
+        # Idle upstream connections close before the frontend's keep-alive
+        # timeout (bkv_common.http.SERVER_KEEP_ALIVE_S), so Envoy never sends a
+        # request on a connection the frontend is closing.
+        c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": "10s"},
+            "explicit_http_config": {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}}}
         return c
 
     config = {

@@ -1,4 +1,4 @@
-"""``bkv-hsm-proxy serve | fleet-init | publish-configmap | publish-bundle``."""
+"""``bkv-hsm-proxy serve | fleet-init | publish-configmap | publish-bundle | evidence``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("--valid-days", type=float, default=365.0)
     pb.add_argument("--etcd-endpoints", default=os.environ.get("BKV_HSM_ETCD_ENDPOINTS", "127.0.0.1:2379"))
     pb.add_argument("--etcd-prefix", default=os.environ.get("BKV_HSM_ETCD_PREFIX", "/bkv"))
+    evc = sub.add_parser("evidence", help="the deployment evidence of this token's fleet: signed by the fleet key "
+                                          "in the token and by the operator (settings from BKV_HSM_*)")
+    evc.add_argument("--bundle", type=Path, required=True, help="the bundle that introduced this fleet (JSON)")
+    evc.add_argument("--operator-key", type=Path, required=True)
+    evc.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
     if args.cmd == "publish-bundle":
@@ -78,6 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bkv-hsm-proxy: bad settings: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.cmd == "evidence":
+            from bkv_common import bundle as bd
+            from bkv_hsm_proxy.evidence import make_evidence, write
+
+            try:
+                write(make_evidence(settings, args.bundle.read_text(), bd.load_root_key(args.operator_key)), args.out)
+            except (bd.BundleError, OSError, ValueError) as exc:
+                print(f"bkv-hsm-proxy: no evidence: {exc}", file=sys.stderr)
+                return 1
+            return 0
         if args.cmd == "fleet-init":
             from bkv_hsm_proxy.fleet_init import fleet_init
 
