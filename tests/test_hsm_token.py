@@ -36,9 +36,9 @@ def test_the_token_refuses_to_export_the_sealing_key(token):
     import pkcs11
     from pkcs11 import Attribute
 
-    token._load_keys()
+    seal_key = token._load_keys()[0]
     with pytest.raises(pkcs11.exceptions.PKCS11Error):
-        token._seal_key[Attribute.VALUE]
+        seal_key[Attribute.VALUE]
 
 
 def test_the_opaque_setup_is_stored_only_sealed(token):

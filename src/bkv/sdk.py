@@ -117,7 +117,7 @@ class VaultProtocol:
         started = opaque.client_registration_start(pw)
         req = started.get_message()
         out: api.RegistrationStartOut = yield Call(
-            "POST", "/v1/registration/start", api.RegistrationStartRequest(registration_request=req),
+            "POST", "/v1/registration/start", api.RegistrationStartRequest(fleet_id=self.fleet_id, registration_request=req),
             api.RegistrationStartOut, idempotent=True)
         self.verify(out.signature, labels.SIG_REGISTRATION_START, self._uid, request_digest(req),
                     out.registration_response, out.challenge)
@@ -131,7 +131,8 @@ class VaultProtocol:
         upload = finished.get_message()
         done: api.RegistrationFinishOut = yield Call(
             "POST", "/v1/registration/finish",
-            api.RegistrationFinishRequest(challenge=out.challenge, registration_upload=upload, ek=ek, k_nonce=k_nonce),
+            api.RegistrationFinishRequest(fleet_id=self.fleet_id, challenge=out.challenge, registration_upload=upload,
+                                          ek=ek, k_nonce=k_nonce),
             api.RegistrationFinishOut, idempotent=False)
         self.verify(done.signature, labels.SIG_REGISTRATION_FINISH, self._uid, request_digest(upload),
                     u64(done.version), u32(done.max_attempts))
@@ -149,7 +150,7 @@ class VaultProtocol:
         fin = finished.get_message()
         done: api.RecoveryFinishOut = yield Call(
             "POST", "/v1/recovery/finish",
-            api.RecoveryFinishRequest(login_state=out.login_state, credential_finalization=fin),
+            api.RecoveryFinishRequest(fleet_id=self.fleet_id, login_state=out.login_state, credential_finalization=fin),
             api.RecoveryFinishOut, idempotent=False)
         self.verify(done.signature, labels.SIG_LOGIN_FINISH, self._uid, request_digest(fin), done.wrapped_key,
                     done.rk_nonce, done.record_status.value.encode())
@@ -166,7 +167,7 @@ class VaultProtocol:
     def recovery_start(self, credential_request: bytes) -> Steps:
         """Only the first, cheap step of a recovery (the guess-flood load path)."""
         out: api.RecoveryStartOut = yield Call(
-            "POST", "/v1/recovery/start", api.RecoveryStartRequest(credential_request=credential_request),
+            "POST", "/v1/recovery/start", api.RecoveryStartRequest(fleet_id=self.fleet_id, credential_request=credential_request),
             api.RecoveryStartOut, idempotent=False)
         self.verify(out.signature, labels.SIG_LOGIN_START, self._uid, request_digest(credential_request),
                     out.credential_response, u32(out.attempts_left))

@@ -8,7 +8,7 @@ answers, passed through unchanged; the client checks their fleet signatures.
 from __future__ import annotations
 
 from bkv_common.wire import B64, Frozen
-from bkv_hsm_proxy.api import FleetParams, RecordStatus
+from bkv_hsm_proxy.api import FleetId, FleetParams, RecordStatus
 from bkv_island.api import (
     DeleteOut,
     RecoveryFinishOut,
@@ -36,21 +36,27 @@ class FleetInfo(Frozen):
     api_version: str = "v1"
 
 
-class RegistrationStartRequest(Frozen):
+class _Pinned(Frozen):
+    # The fleet the client pinned, which must sign the answer. Left out: the
+    # vault's oldest fleet (clients from before keys rotated).
+    fleet_id: FleetId | None = None
+
+
+class RegistrationStartRequest(_Pinned):
     registration_request: B64
 
 
-class RegistrationFinishRequest(Frozen):
+class RegistrationFinishRequest(_Pinned):
     challenge: B64
     registration_upload: B64
     ek: B64
     k_nonce: B64
 
 
-class RecoveryStartRequest(Frozen):
+class RecoveryStartRequest(_Pinned):
     credential_request: B64
 
 
-class RecoveryFinishRequest(Frozen):
+class RecoveryFinishRequest(_Pinned):
     login_state: B64
     credential_finalization: B64

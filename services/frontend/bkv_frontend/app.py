@@ -123,26 +123,28 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     @app.post("/v1/registration/start", response_model=api.RegistrationStartOut)
     async def registration_start(req: api.RegistrationStartRequest, user: User) -> Response:
         return await relay(user, "/island/v1/registration/start",
-                           iapi.RegistrationStartIn(user_id=user, registration_request=req.registration_request),
+                           iapi.RegistrationStartIn(user_id=user, fleet_id=req.fleet_id,
+                                                    registration_request=req.registration_request),
                            idempotent=True)
 
     @app.post("/v1/registration/finish", response_model=api.RegistrationFinishOut)
     async def registration_finish(req: api.RegistrationFinishRequest, user: User) -> Response:
         return await relay(user, "/island/v1/registration/finish",
-                           iapi.RegistrationFinishIn(user_id=user, challenge=req.challenge,
+                           iapi.RegistrationFinishIn(user_id=user, fleet_id=req.fleet_id, challenge=req.challenge,
                                                      registration_upload=req.registration_upload, ek=req.ek,
                                                      k_nonce=req.k_nonce), idempotent=False)
 
     @app.post("/v1/recovery/start", response_model=api.RecoveryStartOut)
     async def recovery_start(req: api.RecoveryStartRequest, user: User) -> Response:
         return await relay(user, "/island/v1/recovery/start",
-                           iapi.RecoveryStartIn(user_id=user, credential_request=req.credential_request),
+                           iapi.RecoveryStartIn(user_id=user, fleet_id=req.fleet_id,
+                                                credential_request=req.credential_request),
                            idempotent=False)
 
     @app.post("/v1/recovery/finish", response_model=api.RecoveryFinishOut)
     async def recovery_finish(req: api.RecoveryFinishRequest, user: User) -> Response:
         return await relay(user, "/island/v1/recovery/finish",
-                           iapi.RecoveryFinishIn(user_id=user, login_state=req.login_state,
+                           iapi.RecoveryFinishIn(user_id=user, fleet_id=req.fleet_id, login_state=req.login_state,
                                                  credential_finalization=req.credential_finalization),
                            idempotent=False)
 

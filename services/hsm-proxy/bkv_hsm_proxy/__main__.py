@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="serve the hsm-proxy API (settings from BKV_HSM_* variables)")
     init = sub.add_parser("fleet-init", help="create the fleet keys and OPAQUE setup in the token (idempotent)")
     init.add_argument("--out", type=Path, help="write the public fleet parameters here (JSON)")
+    init.add_argument("--new-generation", action="store_true",
+                      help="rotation: add a new fleet (new keys in the token) and describe it")
+    rt = sub.add_parser("retire-fleet", help="rotation: destroy a fleet's keys once no record uses it")
+    rt.add_argument("fleet_id")
     pub = sub.add_parser("publish-configmap", help="write the public fleet parameters to a Kubernetes ConfigMap "
                                                    "(run inside the cluster by the fleet-init Job)")
     pub.add_argument("--params", type=Path, required=True, help="the file fleet-init --out wrote")
@@ -96,8 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "fleet-init":
             from bkv_hsm_proxy.fleet_init import fleet_init
 
-            params = fleet_init(settings, args.out)
+            params = fleet_init(settings, args.out, new_generation=args.new_generation)
             print(json.dumps({k: params[k] for k in ("fleet_id", "fleet_public_key", "max_attempts", "created")}))
+            return 0
+        if args.cmd == "retire-fleet":
+            from bkv_hsm_proxy.fleet_init import RetireRefused, retire_fleet
+
+            try:
+                params = retire_fleet(settings, args.fleet_id)
+            except RetireRefused as exc:
+                print(f"bkv-hsm-proxy: not retired: {exc}", file=sys.stderr)
+                return 1
+            print(json.dumps({"retired": args.fleet_id, "fleet_id": params["fleet_id"]}))
             return 0
         from bkv_common.service import run
         from bkv_hsm_proxy.app import create_app

@@ -18,6 +18,7 @@ from bkv_common.wire import B64, Frozen
 UserId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._@+\-]{1,128}$")]
 IslandId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$")]
 UserRef = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]  # bkv_common.encoding.user_ref
+FleetId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]  # bkv_common.encoding.fleet_id_for
 
 
 class EntryState(str, enum.Enum):
@@ -34,12 +35,14 @@ class Entry(Frozen):
     state: EntryState
     version: int = Field(ge=0)
     sealed: B64 | None = None
+    fleet_id: FleetId | None = None  # the fleet whose keys sealed it (None: the oldest)
 
 
 # -- registration --------------------------------------------------------------
 class RegistrationStartIn(Frozen):
     user_id: UserId
     island: IslandId
+    fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
     current: Entry
     registration_request: B64
 
@@ -53,6 +56,7 @@ class RegistrationStartOut(Frozen):
 class RegistrationFinishIn(Frozen):
     user_id: UserId
     island: IslandId
+    fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
     current: Entry
     challenge: B64
     registration_upload: B64
@@ -70,6 +74,7 @@ class RegistrationFinishOut(Frozen):
 class LoginStartIn(Frozen):
     user_id: UserId
     island: IslandId
+    fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
     current: Entry
     credential_request: B64
 
@@ -92,6 +97,7 @@ class RecordStatus(str, enum.Enum):
 class LoginFinishIn(Frozen):
     user_id: UserId
     island: IslandId
+    fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
     current: Entry
     login_state: B64
     credential_finalization: B64
@@ -115,6 +121,15 @@ class ResealIn(Frozen):
 
 class ResealOut(Frozen):
     new_entry: Entry
+
+
+class MigrateIn(Frozen):
+    """Rotation: re-seal one record under ``to_fleet``'s keys, attempts intact."""
+
+    user_ref: UserRef
+    island: IslandId
+    current: Entry
+    to_fleet: FleetId
 
 
 # -- fleet ---------------------------------------------------------------------

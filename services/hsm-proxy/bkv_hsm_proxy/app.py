@@ -44,4 +44,5 @@ def create_app(vault: VaultHsm) -> RpcApp:
         "/hsm/v1/login/start": (api.LoginStartIn, sync(vault.login_start)),
         "/hsm/v1/login/finish": (api.LoginFinishIn, sync(vault.login_finish)),
         "/hsm/v1/reseal": (api.ResealIn, sync(vault.reseal)),
+        "/hsm/v1/migrate": (api.MigrateIn, sync(vault.migrate)),
     }, map_error=map_error, get_routes={"/hsm/v1/fleet": fleet})

@@ -11,12 +11,19 @@ back with a compare-and-swap. Three rules carry the security argument:
 * Challenges and login states are sealed by the token, expire, and are bound
   to the entry version they were issued for. Every use bumps the version, so
   each can be used once (invariant 6).
-* Sealed records bind user id, island and version in the AEAD's associated
-  data, so they cannot be moved between users or islands (invariant 4).
+* Sealed records bind user id, island, version and the fleet whose key
+  sealed them in the AEAD's associated data, so they cannot be moved between
+  users, islands or fleets (invariant 4).
+
+A token may hold several fleets (key generations, docs/ota.md): each request
+names the fleet the client pinned (``fleet_id``; none means the oldest), which
+signs the answer; a record opens with the keys of the fleet that sealed it,
+and moves to another fleet only through :meth:`VaultHsm.migrate`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import time
@@ -31,7 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from bkv_common import labels, metrics
 from bkv_common.encoding import canonical, fleet_id_for, request_digest, u32, u64, user_ref
 from bkv_hsm_proxy import api, errors
-from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, HsmBackend
+from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, HsmBackend, generation_label
 
 CHALLENGE_TTL_MS = 120_000
 LOGIN_STATE_TTL_MS = 60_000
@@ -104,10 +111,10 @@ class Record:
         return cls(pf, ek, kn, struct.unpack(">I", left)[0], struct.unpack(">I", mx)[0])
 
 
-def record_aad(ref: str, island: str, version: int) -> bytes:
+def record_aad(ref: str, island: str, version: int, fleet_id: str) -> bytes:
     """Binds the user (by ref, so records can be moved knowing only their
-    keys), the island and the version."""
-    return canonical(labels.RECORD_AAD, bytes.fromhex(ref), island.encode(), u64(version))
+    keys), the island, the version and the sealing fleet."""
+    return canonical(labels.RECORD_AAD, bytes.fromhex(ref), island.encode(), u64(version), fleet_id.encode())
 
 
 class VaultHsm:
@@ -121,59 +128,123 @@ class VaultHsm:
         self._clock = clock
         self._rng = rng
         self.max_attempts = max_attempts
-        self.public_key_der = hsm.public_key_der()
-        self.fleet_id = fleet_id_for(self.public_key_der)
-        sealed_setup = hsm.load_blob(OPAQUE_SETUP_LABEL)
+        self._fleets: dict[str, int] = {}  # fleet id -> key generation
+        self._reload()
+        self._setup = opaque.ServerSetupData.from_bytes(self._open_setup(hsm, max(self._fleets.values())))
+
+    def _reload(self) -> None:
+        gens = self._hsm.generations()
+        if not gens:
+            raise errors.HsmKeyMissing("no fleet keys in the token; run fleet-init")
+        self._fleets = {fleet_id_for(self._hsm.public_key_der(g)): g for g in gens}
+        # The oldest fleet answers requests that name none (clients from before rotation).
+        self.fleet_id = min(self._fleets, key=self._fleets.get)
+        self.public_key_der = self._hsm.public_key_der(self._fleets[self.fleet_id])
+
+    @staticmethod
+    def _open_setup(hsm, gen: int) -> bytes:
+        sealed_setup = hsm.load_blob(generation_label(OPAQUE_SETUP_LABEL, gen))
         if sealed_setup is None:
             raise errors.HsmKeyMissing("no OPAQUE server setup in the token; run fleet-init")
         try:
-            setup_bytes = hsm.unseal(self._setup_aad(), sealed_setup)
+            return hsm.unseal(VaultHsm._setup_aad_for(fleet_id_for(hsm.public_key_der(gen))), sealed_setup, gen)
         except errors.HsmAuthTagMismatch:
             raise errors.HsmError("the sealed OPAQUE setup does not open with this token's key") from None
-        self._setup = opaque.ServerSetupData.from_bytes(setup_bytes)
+
+    def fleets(self) -> dict[str, int]:
+        return dict(self._fleets)
+
+    @contextlib.contextmanager
+    def _fleet_may_be_gone(self, gen: int):
+        """A fleet retired by another process has no keys any more: say so
+        plainly (UnknownFleet) instead of failing as an unavailable HSM."""
+        try:
+            yield
+        except errors.HsmKeyMissing:
+            getattr(self._hsm, "forget", lambda g: None)(gen)
+            self._reload()
+            if gen not in self._fleets.values():
+                raise errors.UnknownFleet("this fleet was retired; fetch the current validation bundle") from None
+            raise
+
+    def _gen(self, fleet_id: str | None) -> int:
+        """The key generation of a fleet; an unknown one may be new in the
+        token (rotation), so look once more before refusing."""
+        if fleet_id is None:
+            return self._fleets[self.fleet_id]
+        if fleet_id not in self._fleets:
+            self._reload()
+            if fleet_id not in self._fleets:
+                raise errors.UnknownFleet(f"this vault has no fleet {fleet_id}")
+        return self._fleets[fleet_id]
 
     def __repr__(self) -> str:  # the setup is private: never in a repr
-        return f"VaultHsm(fleet_id={self.fleet_id}, opaque_setup=(redacted))"
+        return f"VaultHsm(fleets={sorted(self._fleets)}, opaque_setup=(redacted))"
 
     # -- fleet-init ------------------------------------------------------------
     @staticmethod
-    def create_opaque_setup(hsm) -> None:
-        """Generate the OPAQUE server setup and store it sealed in the token."""
-        if hsm.load_blob(OPAQUE_SETUP_LABEL) is not None:
+    def create_opaque_setup(hsm, gen: int = 0) -> None:
+        """Store the OPAQUE server setup sealed under generation ``gen``: a new
+        setup for the first fleet; for a later one, the same setup re-sealed
+        inside the boundary (registrations stay valid across fleets)."""
+        if hsm.load_blob(generation_label(OPAQUE_SETUP_LABEL, gen)) is not None:
             return
-        fleet_id = fleet_id_for(hsm.public_key_der())
-        setup = opaque.server_setup().to_bytes()
-        hsm.store_blob(OPAQUE_SETUP_LABEL, hsm.seal(VaultHsm._setup_aad_for(fleet_id), setup))
+        older = [g for g in hsm.generations() if g != gen and
+                 hsm.load_blob(generation_label(OPAQUE_SETUP_LABEL, g)) is not None]
+        setup = VaultHsm._open_setup(hsm, max(older)) if older else opaque.server_setup().to_bytes()
+        fleet_id = fleet_id_for(hsm.public_key_der(gen))
+        hsm.store_blob(generation_label(OPAQUE_SETUP_LABEL, gen),
+                       hsm.seal(VaultHsm._setup_aad_for(fleet_id), setup, gen))
 
     @staticmethod
     def _setup_aad_for(fleet_id: str) -> bytes:
         return canonical(labels.OPAQUE_SETUP_AAD, fleet_id.encode())
 
-    def _setup_aad(self) -> bytes:
-        return self._setup_aad_for(self.fleet_id)
-
-    def params(self) -> api.FleetParams:
-        return api.FleetParams(fleet_id=self.fleet_id, fleet_public_key=self.public_key_der,
-                               max_attempts=self.max_attempts)
+    def params(self, fleet_id: str | None = None) -> api.FleetParams:
+        gen = self._gen(fleet_id)
+        der = self._hsm.public_key_der(gen)
+        return api.FleetParams(fleet_id=fleet_id_for(der), fleet_public_key=der, max_attempts=self.max_attempts)
 
     # -- helpers -----------------------------------------------------------------
-    def _sign(self, label: bytes, *fields: bytes) -> bytes:
-        return self._hsm.sign(canonical(label, self.fleet_id.encode(), *fields))
+    def _sign(self, fleet: str | None, label: bytes, *fields: bytes) -> bytes:
+        gen = self._gen(fleet)
+        fleet_id = fleet or self.fleet_id
+        with self._fleet_may_be_gone(gen):
+            return self._hsm.sign(canonical(label, fleet_id.encode(), *fields), gen)
+
+    def _seal_transient(self, fleet: str | None, label: bytes, uid: bytes, island: str, data: bytes) -> bytes:
+        """Challenges and login states: sealed by the fleet the client talks to."""
+        gen = self._gen(fleet)
+        with self._fleet_may_be_gone(gen):
+            return self._hsm.seal(canonical(label, uid, island.encode(), (fleet or self.fleet_id).encode()), data,
+                                  gen)
+
+    def _unseal_transient(self, fleet: str | None, label: bytes, uid: bytes, island: str, blob: bytes) -> bytes:
+        gen = self._gen(fleet)
+        with self._fleet_may_be_gone(gen):
+            return self._hsm.unseal(canonical(label, uid, island.encode(), (fleet or self.fleet_id).encode()),
+                                    blob, gen)
 
     def _open_record(self, ref: str, island: str, entry: api.Entry) -> Record:
         if entry.state is api.EntryState.ABSENT:
             raise errors.BadRequest("no record")
         if entry.state is api.EntryState.DESTROYED or entry.sealed is None:
             raise errors.RecordDestroyed("record destroyed")
+        sealer = entry.fleet_id or self.fleet_id
         try:
-            return Record.unpack(self._hsm.unseal(record_aad(ref, island, entry.version), entry.sealed))
+            gen = self._gen(sealer)
+        except errors.UnknownFleet:
+            raise errors.RecordIntegrityFailure("the record was sealed by a fleet this vault no longer has") from None
+        try:
+            return Record.unpack(self._hsm.unseal(record_aad(ref, island, entry.version, sealer), entry.sealed, gen))
         except (errors.HsmAuthTagMismatch, ValueError):
             # Swapped, rolled to another island, or tampered with: refuse, say nothing.
             raise errors.RecordIntegrityFailure("the sealed record does not open for this user") from None
 
-    def _seal_record(self, ref: str, island: str, version: int, record: Record) -> api.Entry:
-        sealed = self._hsm.seal(record_aad(ref, island, version), record.pack())
-        return api.Entry(state=api.EntryState.LIVE, version=version, sealed=sealed)
+    def _seal_record(self, ref: str, island: str, version: int, record: Record, fleet: str | None) -> api.Entry:
+        fleet_id = fleet or self.fleet_id
+        sealed = self._hsm.seal(record_aad(ref, island, version, fleet_id), record.pack(), self._gen(fleet_id))
+        return api.Entry(state=api.EntryState.LIVE, version=version, sealed=sealed, fleet_id=fleet_id)
 
     @staticmethod
     def _opaque(step: str, fn, *args):
@@ -191,11 +262,9 @@ class VaultHsm:
         response = self._opaque("registration_start", opaque.server_registration_start,
                                 self._setup, req.registration_request, uid).get_message()
         expires = self._clock.now_ms() + CHALLENGE_TTL_MS
-        challenge = self._hsm.seal(
-            canonical(labels.CHALLENGE_AAD, uid, req.island.encode()),
-            _pack(u64(req.current.version), u64(expires), self._rng.token_bytes(16)),
-        )
-        sig = self._sign(labels.SIG_REGISTRATION_START, uid, request_digest(req.registration_request),
+        challenge = self._seal_transient(req.fleet_id, labels.CHALLENGE_AAD, uid, req.island,
+                                         _pack(u64(req.current.version), u64(expires), self._rng.token_bytes(16)))
+        sig = self._sign(req.fleet_id, labels.SIG_REGISTRATION_START, uid, request_digest(req.registration_request),
                          response, challenge)
         return api.RegistrationStartOut(registration_response=response, challenge=challenge, signature=sig)
 
@@ -205,7 +274,7 @@ class VaultHsm:
             raise errors.BadRequest(f"ek must be {EK_LEN} bytes and k_nonce {K_NONCE_LEN} bytes")
         try:
             version_b, expires_b, _ = _unpack(
-                self._hsm.unseal(canonical(labels.CHALLENGE_AAD, uid, req.island.encode()), req.challenge), 3)
+                self._unseal_transient(req.fleet_id, labels.CHALLENGE_AAD, uid, req.island, req.challenge), 3)
         except (errors.HsmAuthTagMismatch, ValueError):
             raise errors.ChallengeRejected("the challenge was not issued for this user") from None
         if struct.unpack(">Q", expires_b)[0] < self._clock.now_ms():
@@ -215,8 +284,8 @@ class VaultHsm:
         password_file = self._opaque("registration_finish", opaque.server_registration_finish,
                                      req.registration_upload).get_password_file()
         record = Record(password_file, req.ek, req.k_nonce, self.max_attempts, self.max_attempts)
-        entry = self._seal_record(user_ref(req.user_id), req.island, req.current.version + 1, record)
-        sig = self._sign(labels.SIG_REGISTRATION_FINISH, uid, request_digest(req.registration_upload),
+        entry = self._seal_record(user_ref(req.user_id), req.island, req.current.version + 1, record, req.fleet_id)
+        sig = self._sign(req.fleet_id, labels.SIG_REGISTRATION_FINISH, uid, request_digest(req.registration_upload),
                          u64(entry.version), u32(self.max_attempts))
         return api.RegistrationFinishOut(new_entry=entry, max_attempts=self.max_attempts, signature=sig)
 
@@ -234,16 +303,16 @@ class VaultHsm:
         if left == 0:
             new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
         else:
+            # Re-sealed by the fleet that sealed it: only migrate() changes that.
             new_entry = self._seal_record(user_ref(req.user_id), req.island, version, Record(
-                record.password_file, record.ek, record.k_nonce, left, record.max_attempts))
+                record.password_file, record.ek, record.k_nonce, left, record.max_attempts), req.current.fleet_id)
         expires = self._clock.now_ms() + LOGIN_STATE_TTL_MS
-        login_state = self._hsm.seal(
-            canonical(labels.LOGIN_STATE_AAD, uid, req.island.encode()),
+        login_state = self._seal_transient(
+            req.fleet_id, labels.LOGIN_STATE_AAD, uid, req.island,
             _pack(started.get_state(), u64(version), u64(expires), record.ek, record.k_nonce,
-                  self._rng.token_bytes(16)),
-        )
+                  self._rng.token_bytes(16)))
         response = started.get_message()
-        sig = self._sign(labels.SIG_LOGIN_START, uid, request_digest(req.credential_request),
+        sig = self._sign(req.fleet_id, labels.SIG_LOGIN_START, uid, request_digest(req.credential_request),
                          response, u32(left))
         return api.LoginStartOut(new_entry=new_entry, attempts_left=left, credential_response=response,
                                  login_state=login_state, signature=sig)
@@ -252,7 +321,7 @@ class VaultHsm:
         uid = req.user_id.encode()
         try:
             server_state, version_b, expires_b, ek, k_nonce, _ = _unpack(
-                self._hsm.unseal(canonical(labels.LOGIN_STATE_AAD, uid, req.island.encode()), req.login_state), 6)
+                self._unseal_transient(req.fleet_id, labels.LOGIN_STATE_AAD, uid, req.island, req.login_state), 6)
         except (errors.HsmAuthTagMismatch, ValueError):
             raise errors.LoginStateRejected("the login state was not issued for this user") from None
         if struct.unpack(">Q", expires_b)[0] < self._clock.now_ms():
@@ -274,13 +343,14 @@ class VaultHsm:
         if req.current.state is api.EntryState.LIVE:
             record = self._open_record(user_ref(req.user_id), req.island, req.current)
             new_entry = self._seal_record(user_ref(req.user_id), req.island, version, Record(
-                record.password_file, record.ek, record.k_nonce, record.max_attempts, record.max_attempts))
+                record.password_file, record.ek, record.k_nonce, record.max_attempts, record.max_attempts),
+                req.current.fleet_id)
             status = api.RecordStatus.RESET
         else:
             # The guess that used the last attempt was right: K goes back, the record stays gone.
             new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
             status = api.RecordStatus.DESTROYED
-        sig = self._sign(labels.SIG_LOGIN_FINISH, uid, request_digest(req.credential_finalization),
+        sig = self._sign(req.fleet_id, labels.SIG_LOGIN_FINISH, uid, request_digest(req.credential_finalization),
                          wrapped, rk_nonce, status.value.encode())
         return api.LoginFinishOut(new_entry=new_entry, wrapped_key=wrapped, rk_nonce=rk_nonce,
                                   record_status=status, signature=sig)
@@ -291,4 +361,16 @@ class VaultHsm:
         if req.current.state is not api.EntryState.LIVE:
             return api.ResealOut(new_entry=req.current)
         record = self._open_record(req.user_ref, req.from_island, req.current)
-        return api.ResealOut(new_entry=self._seal_record(req.user_ref, req.to_island, req.current.version, record))
+        return api.ResealOut(new_entry=self._seal_record(req.user_ref, req.to_island, req.current.version, record,
+                                                         req.current.fleet_id))
+
+    def migrate(self, req: api.MigrateIn) -> api.ResealOut:
+        """Re-seal a record under another fleet's keys (rotation), attempts
+        intact. The version stays, so a recovery in flight (its login state is
+        bound to the version) still finishes; the old copy dies with the old
+        fleet's keys when that fleet is retired."""
+        if req.current.state is not api.EntryState.LIVE or req.current.fleet_id == req.to_fleet:
+            return api.ResealOut(new_entry=req.current)
+        record = self._open_record(req.user_ref, req.island, req.current)
+        return api.ResealOut(new_entry=self._seal_record(req.user_ref, req.island, req.current.version, record,
+                                                         req.to_fleet))

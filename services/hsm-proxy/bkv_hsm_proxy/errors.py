@@ -4,7 +4,8 @@
 
     HsmProxyError
     ├── BadRequest                   400 invalid_request
-    │   └── MalformedOpaqueMessage   400 malformed_opaque_message
+    │   ├── MalformedOpaqueMessage   400 malformed_opaque_message
+    │   └── UnknownFleet             400 invalid_request (the pinned fleet is not, or no longer, here)
     ├── ChallengeRejected            400 challenge_rejected (expired, replayed, foreign)
     ├── LoginStateRejected           400 login_state_rejected (expired, used, foreign)
     ├── AuthenticationFailed         403 authentication_failed (the one wrong-password error)
@@ -28,6 +29,11 @@ class BadRequest(HsmProxyError):
 
 class MalformedOpaqueMessage(BadRequest):
     pass
+
+
+class UnknownFleet(BadRequest):
+    """The request names a fleet this token does not hold (retired, or never
+    here): the client should fetch the current validation bundle."""
 
 
 class ChallengeRejected(HsmProxyError):

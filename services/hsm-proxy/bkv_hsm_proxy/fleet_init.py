@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bkv_common.encoding import fleet_id_for
 from bkv_common.fleetmap import FLEET_PARAMS_KEY
 from bkv_hsm_proxy.core import VaultHsm
 from bkv_hsm_proxy.hsm import Pkcs11Hsm
@@ -16,24 +17,36 @@ from bkv_hsm_proxy.settings import HsmProxySettings
 
 
 
-def fleet_init(settings: HsmProxySettings, out: Path | None) -> dict:
+def fleet_init(settings: HsmProxySettings, out: Path | None, new_generation: bool = False) -> dict:
+    """Without ``new_generation``: make the first fleet if the token has none,
+    and describe the oldest fleet (the one /v1/fleet names). With it
+    (rotation): add a fleet -- new keys, the OPAQUE setup re-sealed for them --
+    and describe that one; /v1/fleet keeps naming the old one until it retires."""
     hsm = Pkcs11Hsm(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
     try:
         created = False
-        if not hsm.keys_present():
-            hsm.generate_keys()
+        gens = hsm.generations()
+        if not gens:
+            gen = 0
+            hsm.generate_keys(gen)
             created = True
-        VaultHsm.create_opaque_setup(hsm)
+        elif new_generation:
+            gen = max(gens) + 1
+            hsm.generate_keys(gen)
+            created = True
+        else:
+            gen = min(gens)
+        VaultHsm.create_opaque_setup(hsm, gen)
         vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
-        params = vault.params().model_dump(mode="json")
-        params["key_attributes"] = hsm.key_attributes()
+        params = vault.params(fleet_id_for(hsm.public_key_der(gen))).model_dump(mode="json")
+        params["key_attributes"] = hsm.key_attributes(gen)
         params["token"] = hsm.token_info
     finally:
         hsm.close()
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(params, indent=2) + "\n")
-    if settings.etcd_endpoints:
+    if settings.etcd_endpoints and not new_generation:
         import asyncio
 
         from bkv_common.etcd import connect
@@ -53,3 +66,49 @@ def fleet_init(settings: HsmProxySettings, out: Path | None) -> dict:
                           backoff=Backoff(deadline_s=120.0, first_delay_s=0.2, max_delay_s=2.0)))
     params["created"] = created
     return params
+
+
+class RetireRefused(Exception):
+    """The fleet was not retired; the message says why."""
+
+
+def retire_fleet(settings: HsmProxySettings, fleet_id: str) -> dict:
+    """Destroy a fleet's keys in the token after its overlap window, once no
+    record is sealed by it any more (run ``bkv-island migrate-fleet`` first),
+    and publish the oldest remaining fleet's parameters."""
+    import asyncio
+    import json as _json
+
+    from bkv_common.etcd import connect
+
+    if not settings.etcd_endpoints:
+        raise RetireRefused("BKV_HSM_ETCD_ENDPOINTS is needed to check that no record still uses the fleet")
+    hsm = Pkcs11Hsm(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+    try:
+        fleets = {fleet_id_for(hsm.public_key_der(g)): g for g in hsm.generations()}
+        if fleet_id not in fleets:
+            raise RetireRefused(f"this token has no fleet {fleet_id}")
+        if len(fleets) == 1:
+            raise RetireRefused("it is the only fleet; bring up its successor first")
+        oldest = min(fleets, key=fleets.get)
+
+        async def records_still_sealed_by_it() -> int:
+            client = await connect(settings.etcd_endpoints)
+            try:
+                count = 0
+                for kv in await client.get_prefix((settings.etcd_prefix + "/records/").encode()):
+                    entry = _json.loads(kv.value)
+                    if entry.get("state") == "live" and (entry.get("fleet_id") or oldest) == fleet_id:
+                        count += 1
+                return count
+            finally:
+                await client.close()
+
+        left = asyncio.run(records_still_sealed_by_it())
+        if left:
+            raise RetireRefused(f"{left} record(s) are still sealed by fleet {fleet_id}; run "
+                                f"`bkv-island migrate-fleet <new fleet id>` first")
+        hsm.destroy_keys(fleets[fleet_id])
+    finally:
+        hsm.close()
+    return fleet_init(settings, None)  # publishes the oldest remaining fleet as /fleet/params

@@ -27,25 +27,43 @@ from bkv_hsm_proxy import errors
 
 NONCE_LEN = 12
 
-# Object labels inside the token.
+# Object labels inside the token. A token holds one or more key
+# generations -- one per fleet (docs/ota.md, rotation): generation 0 uses the
+# plain labels, generation n the labels with "-g<n>".
 SIGNING_KEY_LABEL = "bkv-fleet-signing"
 SEALING_KEY_LABEL = "bkv-record-sealing"
 OPAQUE_SETUP_LABEL = "bkv-opaque-setup"
 
 
-class HsmBackend(Protocol):
-    """What the vault logic needs from an HSM."""
+def generation_label(base: str, gen: int) -> str:
+    return base if gen == 0 else f"{base}-g{gen}"
 
-    def seal(self, aad: bytes, plaintext: bytes) -> bytes:
+
+def label_generation(base: str, label: str) -> int | None:
+    if label == base:
+        return 0
+    if label.startswith(base + "-g") and label[len(base) + 2:].isdigit():
+        return int(label[len(base) + 2:])
+    return None
+
+
+class HsmBackend(Protocol):
+    """What the vault logic needs from an HSM. ``gen`` picks the key
+    generation (one per fleet)."""
+
+    def generations(self) -> list[int]:
+        """The key generations present in the token, ascending."""
+
+    def seal(self, aad: bytes, plaintext: bytes, gen: int = 0) -> bytes:
         """AES-256-GCM under the non-extractable sealing key: nonce || ct || tag."""
 
-    def unseal(self, aad: bytes, blob: bytes) -> bytes:
+    def unseal(self, aad: bytes, blob: bytes, gen: int = 0) -> bytes:
         """Inverse of :meth:`seal`; raises ``HsmAuthTagMismatch`` on any change."""
 
-    def sign(self, message: bytes) -> bytes:
+    def sign(self, message: bytes, gen: int = 0) -> bytes:
         """ECDSA P-256 / SHA-256 signature of ``message``, DER encoded."""
 
-    def public_key_der(self) -> bytes:
+    def public_key_der(self, gen: int = 0) -> bytes:
         """The fleet signing public key, SubjectPublicKeyInfo DER."""
 
     def load_blob(self, label: str) -> bytes | None:
@@ -73,8 +91,9 @@ def _mapped(operation: str) -> Iterator[None]:
         raise errors.HsmError(f"{operation}: token error") from exc
     except (px.PinIncorrect, px.PinLenRange, px.UserNotLoggedIn, px.NoSuchToken) as exc:
         raise errors.HsmLoginFailed(f"{operation}: {type(exc).__name__}") from exc
-    except px.NoSuchKey as exc:
-        raise errors.HsmKeyMissing(f"{operation}: key not found; run fleet-init") from exc
+    except (px.NoSuchKey, px.ObjectHandleInvalid, px.KeyHandleInvalid) as exc:
+        # Also a key destroyed by another process (a retired fleet).
+        raise errors.HsmKeyMissing(f"{operation}: key not found") from exc
     except px.PKCS11Error as exc:
         raise errors.HsmError(f"{operation}: {type(exc).__name__}") from exc
 
@@ -97,33 +116,44 @@ class Pkcs11Hsm:
             "model": token.model,
             "serial": token.serial.decode() if isinstance(token.serial, bytes) else str(token.serial),
         }
-        self._seal_key = None
-        self._sign_key = None
-        self._public_der: bytes | None = None
+        # generation -> (sealing key, signing private key, signing public key DER)
+        self._keys: dict[int, tuple] = {}
 
-    # -- fleet-init -------------------------------------------------------
-    def keys_present(self) -> bool:
-        from pkcs11 import ObjectClass
+    # -- fleet-init and rotation ------------------------------------------
+    def generations(self) -> list[int]:
+        from pkcs11 import Attribute, ObjectClass
 
-        with self._lock:
-            found = list(self._session.get_objects({
-                self._pkcs11.Attribute.LABEL: SEALING_KEY_LABEL,
-                self._pkcs11.Attribute.CLASS: ObjectClass.SECRET_KEY,
-            }))
-        return bool(found)
+        with self._lock, _mapped("generations"):
+            labels = [o[Attribute.LABEL] for o in self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})]
+        return sorted(g for g in (label_generation(SEALING_KEY_LABEL, lb) for lb in labels) if g is not None)
 
-    def generate_keys(self) -> None:
-        """Create both keys inside the token: sensitive, non-extractable."""
+    def keys_present(self, gen: int = 0) -> bool:
+        return gen in self.generations()
+
+    def generate_keys(self, gen: int = 0) -> None:
+        """Create both keys of a generation inside the token: sensitive, non-extractable."""
         from pkcs11 import Attribute, KeyType
         from pkcs11.util.ec import encode_named_curve_parameters
 
         locked = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.TOKEN: True}
         with self._lock, _mapped("generate"):
-            self._session.generate_key(KeyType.AES, 256, label=SEALING_KEY_LABEL, store=True, template=locked)
+            self._session.generate_key(KeyType.AES, 256, label=generation_label(SEALING_KEY_LABEL, gen), store=True,
+                                       template=locked)
             params = self._session.create_domain_parameters(
                 KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
             )
-            params.generate_keypair(store=True, label=SIGNING_KEY_LABEL, private_template=locked)
+            params.generate_keypair(store=True, label=generation_label(SIGNING_KEY_LABEL, gen),
+                                    private_template=locked)
+
+    def destroy_keys(self, gen: int) -> None:
+        """Retire a generation: its keys and its sealed OPAQUE setup leave the token for good."""
+        from pkcs11 import Attribute
+
+        with self._lock, _mapped("destroy"):
+            for base in (SEALING_KEY_LABEL, SIGNING_KEY_LABEL, OPAQUE_SETUP_LABEL):
+                for obj in list(self._session.get_objects({Attribute.LABEL: generation_label(base, gen)})):
+                    obj.destroy()
+            self._keys.pop(gen, None)
 
     def store_blob(self, label: str, blob: bytes) -> None:
         from pkcs11 import Attribute, ObjectClass
@@ -144,14 +174,14 @@ class Pkcs11Hsm:
             objs = list(self._session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}))
             return bytes(objs[0][Attribute.VALUE]) if objs else None
 
-    def key_attributes(self) -> dict[str, dict[str, bool]]:
+    def key_attributes(self, gen: int = 0) -> dict[str, dict[str, bool]]:
         """CKA_SENSITIVE / CKA_EXTRACTABLE / CKA_LOCAL / CKA_NEVER_EXTRACTABLE of both secret keys."""
         from pkcs11 import Attribute
 
-        self._load_keys()
+        seal_key, sign_key, _ = self._load_keys(gen)
         out = {}
         with self._lock, _mapped("attributes"):
-            for name, key in (("sealing", self._seal_key), ("signing", self._sign_key)):
+            for name, key in (("sealing", seal_key), ("signing", sign_key)):
                 out[name] = {
                     "sensitive": bool(key[Attribute.SENSITIVE]),
                     "extractable": bool(key[Attribute.EXTRACTABLE]),
@@ -161,61 +191,64 @@ class Pkcs11Hsm:
         return out
 
     # -- runtime ----------------------------------------------------------
-    def _load_keys(self) -> None:
-        if self._seal_key is not None:
-            return
+    def forget(self, gen: int) -> None:
+        """Drop cached handles of a generation (its keys may be gone)."""
+        self._keys.pop(gen, None)
+
+    def _load_keys(self, gen: int = 0) -> tuple:
+        keys = self._keys.get(gen)
+        if keys is not None:
+            return keys
         from pkcs11 import KeyType, ObjectClass
         from pkcs11.util.ec import encode_ec_public_key
 
         with self._lock, _mapped("find-keys"):
-            self._seal_key = self._session.get_key(label=SEALING_KEY_LABEL, key_type=KeyType.AES)
-            self._sign_key = self._session.get_key(
-                label=SIGNING_KEY_LABEL, key_type=KeyType.EC, object_class=ObjectClass.PRIVATE_KEY
-            )
-            pub = self._session.get_key(label=SIGNING_KEY_LABEL, key_type=KeyType.EC, object_class=ObjectClass.PUBLIC_KEY)
-            self._public_der = encode_ec_public_key(pub)
+            seal_key = self._session.get_key(label=generation_label(SEALING_KEY_LABEL, gen), key_type=KeyType.AES)
+            label = generation_label(SIGNING_KEY_LABEL, gen)
+            sign_key = self._session.get_key(label=label, key_type=KeyType.EC, object_class=ObjectClass.PRIVATE_KEY)
+            pub = self._session.get_key(label=label, key_type=KeyType.EC, object_class=ObjectClass.PUBLIC_KEY)
+            keys = self._keys[gen] = (seal_key, sign_key, encode_ec_public_key(pub))
+        return keys
 
-    def seal(self, aad: bytes, plaintext: bytes) -> bytes:
+    def seal(self, aad: bytes, plaintext: bytes, gen: int = 0) -> bytes:
         from pkcs11 import GCMParams, Mechanism
 
-        self._load_keys()
+        seal_key = self._load_keys(gen)[0]
         nonce = os.urandom(NONCE_LEN)
         t = time.perf_counter()
         with self._lock, _mapped("seal"):
-            ct = self._seal_key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, 128))
+            ct = seal_key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, 128))
         metrics.HSM_OP.labels("seal").observe(time.perf_counter() - t)
         return nonce + bytes(ct)
 
-    def unseal(self, aad: bytes, blob: bytes) -> bytes:
+    def unseal(self, aad: bytes, blob: bytes, gen: int = 0) -> bytes:
         from pkcs11 import GCMParams, Mechanism
 
-        self._load_keys()
+        seal_key = self._load_keys(gen)[0]
         if len(blob) < NONCE_LEN + 16:
             raise errors.HsmAuthTagMismatch("unseal")
         t = time.perf_counter()
         with self._lock, _mapped("unseal"):
-            pt = self._seal_key.decrypt(
+            pt = seal_key.decrypt(
                 blob[NONCE_LEN:], mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(blob[:NONCE_LEN], aad, 128)
             )
         metrics.HSM_OP.labels("unseal").observe(time.perf_counter() - t)
         return bytes(pt)
 
-    def sign(self, message: bytes) -> bytes:
+    def sign(self, message: bytes, gen: int = 0) -> bytes:
         from pkcs11 import Mechanism
 
-        self._load_keys()
+        sign_key = self._load_keys(gen)[1]
         # SoftHSM2 has no CKM_ECDSA_SHA256: hash here, sign the digest in the token.
         digest = hashlib.sha256(message).digest()
         t = time.perf_counter()
         with self._lock, _mapped("sign"):
-            raw = self._sign_key.sign(digest, mechanism=Mechanism.ECDSA)
+            raw = sign_key.sign(digest, mechanism=Mechanism.ECDSA)
         metrics.HSM_OP.labels("sign").observe(time.perf_counter() - t)
         return _der_signature(bytes(raw))
 
-    def public_key_der(self) -> bytes:
-        self._load_keys()
-        assert self._public_der is not None
-        return self._public_der
+    def public_key_der(self, gen: int = 0) -> bytes:
+        return self._load_keys(gen)[2]
 
     def close(self) -> None:
         with self._lock, contextlib.suppress(Exception):
@@ -226,27 +259,42 @@ class InMemoryHsmFake:
     """Unit tests only: the same contract with keys in process memory."""
 
     def __init__(self) -> None:
-        self._aead = AESGCM(AESGCM.generate_key(bit_length=256))
-        self._priv = ec.generate_private_key(ec.SECP256R1())
+        self._gens: dict[int, tuple[AESGCM, ec.EllipticCurvePrivateKey]] = {}
+        self.generate_keys(0)
         self._blobs: dict[str, bytes] = {}
 
-    def seal(self, aad: bytes, plaintext: bytes) -> bytes:
-        nonce = os.urandom(NONCE_LEN)
-        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+    def generations(self) -> list[int]:
+        return sorted(self._gens)
 
-    def unseal(self, aad: bytes, blob: bytes) -> bytes:
+    def generate_keys(self, gen: int = 0) -> None:
+        self._gens[gen] = (AESGCM(AESGCM.generate_key(bit_length=256)), ec.generate_private_key(ec.SECP256R1()))
+
+    def destroy_keys(self, gen: int) -> None:
+        self._gens.pop(gen, None)
+        self._blobs.pop(generation_label(OPAQUE_SETUP_LABEL, gen), None)
+
+    def _gen(self, gen: int):
+        if gen not in self._gens:
+            raise errors.HsmKeyMissing(f"no key generation {gen}")
+        return self._gens[gen]
+
+    def seal(self, aad: bytes, plaintext: bytes, gen: int = 0) -> bytes:
+        nonce = os.urandom(NONCE_LEN)
+        return nonce + self._gen(gen)[0].encrypt(nonce, plaintext, aad)
+
+    def unseal(self, aad: bytes, blob: bytes, gen: int = 0) -> bytes:
         from cryptography.exceptions import InvalidTag
 
         try:
-            return self._aead.decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], aad)
+            return self._gen(gen)[0].decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], aad)
         except (InvalidTag, ValueError):
             raise errors.HsmAuthTagMismatch("unseal") from None
 
-    def sign(self, message: bytes) -> bytes:
-        return self._priv.sign(message, ec.ECDSA(hashes.SHA256()))
+    def sign(self, message: bytes, gen: int = 0) -> bytes:
+        return self._gen(gen)[1].sign(message, ec.ECDSA(hashes.SHA256()))
 
-    def public_key_der(self) -> bytes:
-        return self._priv.public_key().public_bytes(
+    def public_key_der(self, gen: int = 0) -> bytes:
+        return self._gen(gen)[1].public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 

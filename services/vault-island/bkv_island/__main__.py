@@ -1,4 +1,4 @@
-"""``bkv-island serve``, ``bkv-island set-map ID [ID...]`` and ``bkv-island add-island ID``."""
+"""``bkv-island serve``, ``set-map ID [ID...]``, ``add-island ID`` and ``migrate-fleet FLEET_ID``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="only write a first map; an existing one changes through add-island, which moves records")
     ai = sub.add_parser("add-island", help="add a running island to the map and move the users that now hash to it")
     ai.add_argument("island")
+    mf = sub.add_parser("migrate-fleet", help="rotation: re-seal every record under a new fleet's keys")
+    mf.add_argument("fleet_id")
     args = parser.parse_args(argv)
+
+    if args.cmd == "migrate-fleet":
+        import json
+
+        from bkv_common.etcd import connect
+        from bkv_island.rebalance import migrate_fleet
+
+        async def run_migration() -> dict:
+            client = await connect(os.environ.get("BKV_ISLAND_ETCD_ENDPOINTS", "127.0.0.1:2379"))
+            try:
+                return await migrate_fleet(client, os.environ.get("BKV_ISLAND_ETCD_PREFIX", "/bkv"), args.fleet_id)
+            finally:
+                await client.close()
+
+        print(json.dumps(asyncio.run(run_migration())))
+        return 0
 
     if args.cmd == "add-island":
         import json

@@ -7,11 +7,12 @@ them through. Requests carry the user id the frontend authenticated.
 from __future__ import annotations
 
 from bkv_common.wire import B64, Frozen
-from bkv_hsm_proxy.api import IslandId, RecordStatus, UserId, UserRef
+from bkv_hsm_proxy.api import FleetId, IslandId, RecordStatus, UserId, UserRef
 
 
 class RegistrationStartIn(Frozen):
     user_id: UserId
+    fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
     registration_request: B64
 
 
@@ -23,6 +24,7 @@ class RegistrationStartOut(Frozen):
 
 class RegistrationFinishIn(Frozen):
     user_id: UserId
+    fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
     challenge: B64
     registration_upload: B64
     ek: B64
@@ -37,6 +39,7 @@ class RegistrationFinishOut(Frozen):
 
 class RecoveryStartIn(Frozen):
     user_id: UserId
+    fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
     credential_request: B64
 
 
@@ -51,6 +54,7 @@ class RecoveryStartOut(Frozen):
 
 class RecoveryFinishIn(Frozen):
     user_id: UserId
+    fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
     login_state: B64
     credential_finalization: B64
 
@@ -79,6 +83,17 @@ class MoveIn(Frozen):
 
 class MoveOut(Frozen):
     moved: bool
+
+
+class MigrateIn(Frozen):
+    """Admin (rotation): re-seal a user's record under ``to_fleet``."""
+
+    user_ref: UserRef
+    to_fleet: FleetId
+
+
+class MigrateOut(Frozen):
+    migrated: bool
 
 
 class ListRefsIn(Frozen):

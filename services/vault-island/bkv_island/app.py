@@ -35,5 +35,6 @@ def create_app(island: Island, **hooks) -> RpcApp:
         "/island/v1/recovery/finish": (api.RecoveryFinishIn, island.recovery_finish),
         "/island/v1/record/delete": (api.DeleteIn, island.delete),
         "/island/v1/admin/move": (api.MoveIn, island.move),
+        "/island/v1/admin/migrate": (api.MigrateIn, island.migrate),
         "/island/v1/admin/list-refs": (api.ListRefsIn, island.list_refs),
     }, map_error=map_error, **hooks)

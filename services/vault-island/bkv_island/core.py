@@ -28,6 +28,7 @@ class HsmPort(Protocol):
     async def login_start(self, req: hapi.LoginStartIn) -> hapi.LoginStartOut: ...
     async def login_finish(self, req: hapi.LoginFinishIn) -> hapi.LoginFinishOut: ...
     async def reseal(self, req: hapi.ResealIn) -> hapi.ResealOut: ...
+    async def migrate(self, req: hapi.MigrateIn) -> hapi.ResealOut: ...
 
 
 class _LostRace(Exception):
@@ -76,7 +77,7 @@ class Island:
         # Fresh: the challenge is bound to this version, so it must be the real one.
         stored = await self._loop(lambda _: self._store.read(self.island_id, user_ref(req.user_id), fresh=True), "read")
         out = await self._hsm.registration_start(hapi.RegistrationStartIn(
-            user_id=req.user_id, island=self.island_id, current=stored.entry,
+            user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
             registration_request=req.registration_request))
         return api.RegistrationStartOut(**out.model_dump())
 
@@ -84,7 +85,8 @@ class Island:
         async def attempt(_: int) -> api.RegistrationFinishOut:
             stored = await self._store.read(self.island_id, user_ref(req.user_id))
             out = await self._hsm_on(req.user_id, stored, self._hsm.registration_finish(hapi.RegistrationFinishIn(
-                user_id=req.user_id, island=self.island_id, current=stored.entry, challenge=req.challenge,
+                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
+                challenge=req.challenge,
                 registration_upload=req.registration_upload, ek=req.ek, k_nonce=req.k_nonce)))
             await self._commit(req.user_id, stored.revision, out.new_entry)
             metrics.REGISTRATIONS.inc()
@@ -101,7 +103,7 @@ class Island:
                 stored = await self._store.read(self.island_id, user_ref(req.user_id), fresh=True)
             self._require_live(stored.entry)
             out = await self._hsm_on(req.user_id, stored, self._hsm.login_start(hapi.LoginStartIn(
-                user_id=req.user_id, island=self.island_id, current=stored.entry,
+                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
                 credential_request=req.credential_request)))
             # The decrement is durable on a quorum before the response leaves (invariant 3).
             await self._commit(req.user_id, stored.revision, out.new_entry)
@@ -121,7 +123,8 @@ class Island:
                 if stored.entry.state is hapi.EntryState.ABSENT:
                     raise errors.NoRecord("no record for this user")
             out = await self._hsm_on(req.user_id, stored, self._hsm.login_finish(hapi.LoginFinishIn(
-                user_id=req.user_id, island=self.island_id, current=stored.entry, login_state=req.login_state,
+                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
+                login_state=req.login_state,
                 credential_finalization=req.credential_finalization)))
             # Committing the reset also consumes the login state (the version moves on).
             await self._commit(req.user_id, stored.revision, out.new_entry)
@@ -159,6 +162,21 @@ class Island:
             return api.MoveOut(moved=True)
 
         return await self._loop(attempt, "move")
+
+    async def migrate(self, req: api.MigrateIn) -> api.MigrateOut:
+        """Re-seal one record under another fleet, in one compare-and-swap:
+        a guess or recovery racing with it wins or loses the swap like any other."""
+        async def attempt(_: int) -> api.MigrateOut:
+            stored = await self._store.read(self.island_id, req.user_ref, fresh=True)
+            if stored.entry.state is not hapi.EntryState.LIVE or stored.entry.fleet_id == req.to_fleet:
+                return api.MigrateOut(migrated=False)
+            out = await self._hsm.migrate(hapi.MigrateIn(user_ref=req.user_ref, island=self.island_id,
+                                                         current=stored.entry, to_fleet=req.to_fleet))
+            if not await self._store.swap(self.island_id, req.user_ref, stored.revision, out.new_entry):
+                raise _LostRace()
+            return api.MigrateOut(migrated=True)
+
+        return await self._loop(attempt, "migrate")
 
     async def list_refs(self, req: api.ListRefsIn) -> api.ListRefsOut:
         return api.ListRefsOut(user_refs=await self._store.list_refs(self.island_id))

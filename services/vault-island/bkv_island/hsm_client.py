@@ -32,6 +32,9 @@ class HsmHttpClient:
     async def reseal(self, req: hapi.ResealIn) -> hapi.ResealOut:
         return await self._c.call("POST", "/hsm/v1/reseal", req, hapi.ResealOut, idempotent=True)
 
+    async def migrate(self, req: hapi.MigrateIn) -> hapi.ResealOut:
+        return await self._c.call("POST", "/hsm/v1/migrate", req, hapi.ResealOut, idempotent=True)
+
 
 class InProcessHsm:
     """Unit tests only: calls ``VaultHsm`` directly."""
@@ -53,3 +56,6 @@ class InProcessHsm:
 
     async def reseal(self, req):
         return self.vault.reseal(req)
+
+    async def migrate(self, req):
+        return self.vault.migrate(req)

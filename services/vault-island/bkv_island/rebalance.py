@@ -49,3 +49,31 @@ async def add_island(etcd: aetcd.Client, prefix: str, new_island: str, *, concur
             await client.aclose()
     await set_island_map(etcd, prefix, target)
     return {"islands": target, "scanned": scanned, "moved": moved}
+
+
+async def migrate_fleet(etcd: aetcd.Client, prefix: str, to_fleet: str, *, concurrency: int = 16) -> dict:
+    """Rotation: re-seal every record of every island under ``to_fleet``'s
+    keys, one compare-and-swap each, attempt counts intact, while traffic
+    continues. Idempotent: records already there are skipped."""
+    islands, _ = await read_map(etcd, prefix)
+    replicas = await read_replicas(etcd, prefix)
+    migrated = scanned = 0
+    sem = asyncio.Semaphore(concurrency)
+    for island in islands:
+        client = ServiceClient(f"island-{island}", replicas.get(island, []))
+        try:
+            refs = (await client.call("POST", "/island/v1/admin/list-refs", api.ListRefsIn(), api.ListRefsOut,
+                                      idempotent=True)).user_refs
+            scanned += len(refs)
+
+            async def migrate(ref: str) -> bool:
+                async with sem:
+                    out = await client.call("POST", "/island/v1/admin/migrate",
+                                            api.MigrateIn(user_ref=ref, to_fleet=to_fleet), api.MigrateOut,
+                                            idempotent=True)
+                    return out.migrated
+
+            migrated += sum(await asyncio.gather(*(migrate(r) for r in refs)))
+        finally:
+            await client.aclose()
+    return {"to_fleet": to_fleet, "scanned": scanned, "migrated": migrated}

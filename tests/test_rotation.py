@@ -1,0 +1,144 @@
+"""Rotating the fleet keys under load (docs/ota.md): a new fleet comes up in
+the token, a bundle lists both, every record is re-sealed for the new fleet
+while clients on the old one keep working, and the old fleet is retired --
+without losing a record or an attempt count."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bkv import errors
+from bkv.sdk import VaultClient
+from bkv_common.encoding import b64d
+from bkv_common.etcd import connect
+from bkv_common.retry import Backoff
+from conftest import start_fleet
+from test_faults import LIMIT, Ledger, audit, load, seed
+
+
+@pytest.fixture(scope="module")
+def rot_fleet(tmp_path_factory):
+    f = start_fleet(tmp_path_factory.mktemp("rotation"), replicas_per_island=2)
+    yield f
+    f.down()
+
+
+def hsm_admin(fleet, *args: str) -> str:
+    _, user_pin = fleet._pins()
+    env = {**os.environ, **fleet._softhsm_env(), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "bkv-fleet",
+           "BKV_HSM_USER_PIN": user_pin, "BKV_HSM_ETCD_ENDPOINTS": fleet.etcd_endpoints}
+    res = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def publish(fleet, *params_files) -> None:
+    args = ["publish-bundle", "--operator-key", str(fleet.state / "ota" / "operator.key"),
+            "--witness-url", fleet.witness_url, "--etcd-endpoints", fleet.etcd_endpoints]
+    for p in params_files:
+        args += ["--fleet-params", str(p), "--edge-public-key", fleet.edge_public_key]
+    hsm_admin(fleet, *args)
+
+
+def pinned(fleet, user: str, fleet_key: bytes) -> VaultClient:
+    return VaultClient(fleet.frontend_url, fleet_key, user, fleet.issuer().mint(user),
+                       backoff=Backoff(deadline_s=20.0, first_delay_s=0.05))
+
+
+async def live_entries(fleet) -> list[dict]:
+    client = await connect(fleet.etcd_endpoints)
+    try:
+        entries = [json.loads(kv.value) for kv in await client.get_prefix(b"/bkv/records/")]
+        return [e for e in entries if e["state"] == "live"]
+    finally:
+        await client.close()
+
+
+async def test_rotation_under_load_loses_no_record_and_no_attempt_count(rot_fleet):
+    fleet = rot_fleet
+    old_params = fleet.state / "fleet-params.json"
+    old_key = b64d(fleet.fleet_params["fleet_public_key"])
+    old_id = fleet.fleet_params["fleet_id"]
+    ledger = Ledger()
+    users = await seed(fleet, ledger, 40, "rot")
+    dented = users[:10]
+
+    async def dent(u: str) -> None:
+        async with pinned(fleet, u, old_key) as c:
+            for _ in range(3):
+                with pytest.raises(errors.WrongPassword):
+                    await c.recover("wrong")
+
+    await asyncio.gather(*(dent(u) for u in dented))
+    guessers, honest = users[10:16], users[16:20]
+    stop = asyncio.Event()
+    # Old clients keep guessing and recovering through the whole rotation.
+    task = asyncio.create_task(load(fleet, ledger, guessers, honest, stop))
+
+    # 1. A new fleet inside the token; the bundle lists both, the new one first.
+    new_params = fleet.state / "fleet-params-new.json"
+    await asyncio.to_thread(hsm_admin, fleet, "fleet-init", "--new-generation", "--out", str(new_params))
+    new = json.loads(new_params.read_text())
+    new_key, new_id = b64d(new["fleet_public_key"]), new["fleet_id"]
+    assert new_id != old_id
+    await asyncio.to_thread(publish, fleet, new_params, old_params)
+
+    # 2. A client of the new fleet is served at once, even for records still sealed by the old one.
+    # (Users outside the load: two recoveries of one user at once supersede each other.)
+    quiet = users[20:]
+    async with pinned(fleet, quiet[0], new_key) as c:
+        assert (await c.recover("pw-" + quiet[0])).key == ledger.keys[quiet[0]]
+
+    # 3. Every record moves to the new fleet while the load goes on.
+    res = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bkv_island", "migrate-fleet", new_id],
+        env={**os.environ, "BKV_ISLAND_ETCD_ENDPOINTS": fleet.etcd_endpoints}, capture_output=True, text=True,
+        timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["scanned"] >= len(users)
+    # Clients of the old fleet still work during the overlap.
+    async with pinned(fleet, quiet[1], old_key) as c:
+        assert (await c.recover("pw-" + quiet[1])).key == ledger.keys[quiet[1]]
+    stop.set()
+    await task
+    assert {e["fleet_id"] for e in await live_entries(fleet)} == {new_id}
+
+    # Attempt counts moved with the records (checked first: the audit's recoveries reset them).
+    for u in dented:
+        async with pinned(fleet, u, new_key) as c:
+            with pytest.raises(errors.WrongPassword) as wrong:
+                await c.recover("wrong")
+        assert wrong.value.attempts_left == LIMIT - 3 - 1, u
+        ledger.told_wrong[u] = ledger.told_wrong.get(u, 0) + 1
+    # Nothing lost, and no user's count moved except by the guesses clients were told about.
+    lost, worst = await audit(fleet, ledger, guessers)
+    assert lost == 0 and worst <= LIMIT
+
+    # 4. After the overlap: a bundle with only the new fleet, and the old one's keys destroyed.
+    await asyncio.to_thread(publish, fleet, new_params)
+    out = json.loads(await asyncio.to_thread(hsm_admin, fleet, "retire-fleet", old_id))
+    assert out == {"retired": old_id, "fleet_id": new_id}
+    async with pinned(fleet, users[-1], old_key) as c:
+        with pytest.raises(errors.ProtocolError, match="retired|no fleet"):
+            await c.recover("pw-" + users[-1])
+    for u in quiet:
+        async with pinned(fleet, u, new_key) as c:
+            assert (await c.recover("pw-" + u)).key == ledger.keys[u]
+
+
+def test_a_fleet_that_still_seals_records_is_not_retired(rot_fleet, tmp_path):
+    """Runs after the rotation: the only fleet left cannot be retired either."""
+    _, user_pin = rot_fleet._pins()
+    env = {**os.environ, **rot_fleet._softhsm_env(), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "bkv-fleet",
+           "BKV_HSM_USER_PIN": user_pin, "BKV_HSM_ETCD_ENDPOINTS": rot_fleet.etcd_endpoints}
+    current = json.loads((rot_fleet.state / "fleet-params-new.json").read_text())["fleet_id"]
+    res = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "retire-fleet", current], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "only fleet" in res.stderr
