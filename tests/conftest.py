@@ -50,6 +50,16 @@ def start_fleet(tmp: Path, **spec) -> Fleet:
     return fleet
 
 
+@pytest.fixture(scope="session", autouse=True)
+def reliability_report():
+    """Fault tests add rows; the report is written once, after all of them."""
+    from reliability_report import ROWS, write_report
+
+    yield
+    if ROWS:
+        write_report()
+
+
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory) -> Fleet:
     f = start_fleet(tmp_path_factory.mktemp("fleet"))

@@ -128,6 +128,53 @@ async def test_a_lost_compare_and_swap_releases_nothing_and_retries_from_a_fresh
     assert calls["n"] == 2
 
 
+async def test_a_write_whose_answer_was_lost_but_that_landed_takes_one_attempt_not_two(parts):
+    from bkv_island import errors as ierr
+
+    vault, island, store, _ = parts
+    _, _, finish = await _register(island, "alice")
+    await island.registration_finish(finish)
+    real_swap = store.swap
+    calls = {"n": 0}
+
+    async def swap_that_lands_but_times_out(*args):
+        calls["n"] += 1
+        ok = await real_swap(*args)
+        if calls["n"] == 1:
+            raise ierr.StoreUnavailable("etcd answered too late")  # applied, answer lost
+        return ok
+
+    store.swap = swap_that_lands_but_times_out
+    login = opaque.client_login_start(b"wrong")
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    assert out.attempts_left == 2 and calls["n"] == 1  # one guess, one attempt, no second evaluation
+    entry, _ = store.data[("island-a", user_ref("alice"))]
+    login = opaque.client_login_start(b"wrong again")
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    assert out.attempts_left == 1
+
+
+async def test_a_write_that_did_not_land_is_retried_once_it_is_known_not_to_have_landed(parts):
+    from bkv_island import errors as ierr
+
+    vault, island, store, _ = parts
+    _, _, finish = await _register(island, "alice")
+    await island.registration_finish(finish)
+    real_swap = store.swap
+    calls = {"n": 0}
+
+    async def swap_that_fails_once(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ierr.StoreUnavailable("etcd unreachable")  # not applied
+        return await real_swap(*args)
+
+    store.swap = swap_that_fails_once
+    login = opaque.client_login_start(b"wrong")
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    assert out.attempts_left == 2 and calls["n"] == 2
+
+
 def test_the_vault_repr_never_shows_the_opaque_setup(parts):
     vault, *_ = parts
     assert "redacted" in repr(vault) and vault._setup.to_bytes().hex() not in repr(vault)

@@ -99,7 +99,10 @@ def dev_up(base_port: Optional[int] = typer.Option(None, help="first of the flee
            state_dir: Optional[Path] = StateDir,
            user: str = typer.Option("dev-user", help="the dev identity written to the client config"),
            plaintext: bool = typer.Option(False, "--plaintext", help=(
-               "dev only: let clients skip the Noise edge and talk plain HTTP to the frontend"))) -> None:
+               "dev only: let clients skip the Noise edge and talk plain HTTP to the frontend")),
+           sites: int = typer.Option(0, "--sites", min=0, max=9, help=(
+               "run etcd, hsm-proxies and island replicas in this many sites, each a network namespace "
+               "of its own (root only; 0: all on loopback)"))) -> None:
     """Start the local fleet in the background (idempotent) and write the client config.
 
     Example: bkv dev up && bkv dev status
@@ -110,6 +113,11 @@ def dev_up(base_port: Optional[int] = typer.Option(None, help="first of the flee
     fleet = _fleet(state_dir, base_port)
     if plaintext:
         fleet.spec.allow_plaintext = True
+    if sites:
+        from bkv.devfleet import Fleet
+
+        fleet.spec.sites = sites
+        fleet = Fleet(fleet.spec)  # one etcd member and one hsm-proxy per site
     try:
         fleet.up()
     except FleetError as exc:

@@ -54,6 +54,8 @@ class Proc:
     port: int
     health: str | None  # URL polled for readiness; None for etcd (TCP check)
     pid: int | None = None
+    netns: str | None = None  # the site's network namespace, with --sites
+    host: str = "127.0.0.1"  # where its port is reached from the root namespace
 
 
 @dataclass
@@ -70,6 +72,10 @@ class FleetSpec:
     # The explicit dev flag for a plaintext path: tokens need not be bound to a
     # device, so clients may talk to the frontend directly on loopback.
     allow_plaintext: bool = False
+    # Sites (root only): each a network namespace on a bridge holding one etcd
+    # member, one hsm-proxy and its share of island replicas; the frontend,
+    # Envoy and the witness stay in the root namespace. 0: all on loopback.
+    sites: int = 0
 
 
 def default_state_dir() -> Path:
@@ -77,10 +83,110 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("BKV_DEV_STATE", Path(base) / "bkv" / "dev"))
 
 
-def _port_in_use(port: int) -> bool:
+def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
+
+
+class NetemUnavailable(FleetError):
+    """The kernel cannot delay or drop packets with tc netem."""
+
+
+class Sites:
+    """The network of a fleet with sites: a bridge in the root namespace and
+    one namespace per site joined to it by a veth pair. Faults act on the
+    links: a site cut off (both ends down) or every link slowed (tc netem)."""
+
+    def __init__(self, base_port: int, n: int) -> None:
+        self.n = n
+        tag = base_port // 10
+        self.bridge = f"bkvb{tag}"
+        self.prefix = f"10.{200 + tag // 250 % 50}.{tag % 250}"
+        self.gateway = f"{self.prefix}.1"
+
+    def ns(self, i: int) -> str:
+        return f"{self.bridge}-s{i}"
+
+    def ip(self, i: int) -> str:
+        return f"{self.prefix}.{10 + i}"
+
+    def host_if(self, i: int) -> str:
+        return f"{self.bridge}v{i}"
+
+    @staticmethod
+    def _ip(*args: str, ns: str | None = None, check: bool = True) -> None:
+        argv = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+        res = subprocess.run(argv, capture_output=True, text=True)
+        if check and res.returncode:
+            raise FleetError(f"{' '.join(argv)}: {res.stderr.strip()}")
+
+    def exists(self) -> bool:
+        return subprocess.run(["ip", "link", "show", self.bridge], capture_output=True).returncode == 0
+
+    def up(self) -> None:
+        if os.geteuid() != 0 or not shutil.which("ip"):
+            raise FleetError("--sites needs root and iproute2 (network namespaces)")
+        if self.exists():
+            return
+        self._ip("ip", "link", "add", self.bridge, "type", "bridge")
+        self._ip("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        self._ip("ip", "link", "set", self.bridge, "up")
+        for i in range(self.n):
+            ns, peer = self.ns(i), f"{self.bridge}p{i}"
+            self._ip("ip", "netns", "add", ns)
+            self._ip("ip", "link", "add", self.host_if(i), "type", "veth", "peer", "name", peer)
+            self._ip("ip", "link", "set", peer, "netns", ns)
+            self._ip("ip", "link", "set", peer, "name", "eth0", ns=ns)
+            self._ip("ip", "addr", "add", f"{self.ip(i)}/24", "dev", "eth0", ns=ns)
+            for dev in ("eth0", "lo"):
+                self._ip("ip", "link", "set", dev, "up", ns=ns)
+            self._ip("ip", "route", "add", "default", "via", self.gateway, ns=ns)
+            self._ip("ip", "link", "set", self.host_if(i), "master", self.bridge)
+            self._ip("ip", "link", "set", self.host_if(i), "up")
+
+    def down(self) -> None:
+        for i in range(self.n):
+            self._ip("ip", "netns", "del", self.ns(i), check=False)
+        self._ip("ip", "link", "del", self.bridge, check=False)
+
+    def cut(self, i: int) -> None:
+        """Site i loses its link: nothing goes in or out."""
+        self._ip("ip", "link", "set", self.host_if(i), "down")
+        self._ip("ip", "link", "set", "eth0", "down", ns=self.ns(i))
+
+    def heal(self, i: int) -> None:
+        self._ip("ip", "link", "set", "eth0", "up", ns=self.ns(i))
+        self._ip("ip", "route", "replace", "default", "via", self.gateway, ns=self.ns(i))
+        self._ip("ip", "link", "set", self.host_if(i), "up")
+
+    def slow(self, delay_ms: int, loss_pct: float) -> None:
+        """Every link delayed and lossy (tc netem). A packet between two sites
+        crosses two links (site -> bridge -> site), so each end gets half the
+        delay and about half the loss. Raises :class:`NetemUnavailable` on a
+        kernel without sch_netem."""
+        for i in range(self.n):
+            for dev, ns in ((self.host_if(i), None), ("eth0", self.ns(i))):
+                try:
+                    self._ip("tc", "qdisc", "replace", "dev", dev, "root", "netem", "delay", f"{delay_ms / 2:g}ms",
+                             "loss", f"{loss_pct / 2:g}%", ns=ns)
+                except FleetError as exc:
+                    if "unknown" in str(exc).lower():
+                        raise NetemUnavailable("this kernel has no sch_netem (tc netem)") from None
+                    raise
+
+    def throttle(self, rate_kbit: int, queue_ms: int) -> None:
+        """Every link rate-limited with a short queue (tc tbf): packets wait,
+        and drop when the queue is full. For kernels without netem."""
+        for i in range(self.n):
+            for dev, ns in ((self.host_if(i), None), ("eth0", self.ns(i))):
+                self._ip("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_kbit}kbit",
+                         "burst", "4kb", "latency", f"{queue_ms}ms", ns=ns)
+
+    def unslow(self) -> None:
+        for i in range(self.n):
+            for dev, ns in ((self.host_if(i), None), ("eth0", self.ns(i))):
+                self._ip("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
 
 
 def _alive(pid: int | None) -> bool:
@@ -117,9 +223,27 @@ def wait_until(check, timeout_s: float, what: str, interval_s: float = 0.05):
 
 class Fleet:
     def __init__(self, spec: FleetSpec) -> None:
+        if spec.sites:
+            # One etcd member and one hsm-proxy in every site.
+            spec.etcd_members = spec.hsm_proxies = spec.sites
         self.spec = spec
         self.state = Path(spec.state_dir)
         self.procs: dict[str, Proc] = {}
+
+    @property
+    def sites(self) -> Sites | None:
+        return Sites(self.spec.base_port, self.spec.sites) if self.spec.sites else None
+
+    def site_of(self, kind: str, index: int) -> int | None:
+        """Which site runs etcd member / hsm-proxy ``index``, or island replica
+        number ``index`` (counted over all islands): round robin."""
+        return index % self.spec.sites if self.spec.sites else None
+
+    def _at(self, site: int | None) -> tuple[str | None, str]:
+        """(namespace, address) of a site, or the root namespace's loopback."""
+        if site is None:
+            return None, "127.0.0.1"
+        return self.sites.ns(site), self.sites.ip(site)
 
     # -- paths and derived values ----------------------------------------------------
     @property
@@ -152,7 +276,8 @@ class Fleet:
 
     @property
     def etcd_endpoints(self) -> str:
-        return ",".join(f"127.0.0.1:{self.etcd_client_port(i)}" for i in range(self.spec.etcd_members))
+        return ",".join(f"{self._at(self.site_of('etcd', i))[1]}:{self.etcd_client_port(i)}"
+                        for i in range(self.spec.etcd_members))
 
     @property
     def fleet_params(self) -> dict:
@@ -176,20 +301,24 @@ class Fleet:
         s, py = self.spec, sys.executable
         procs: list[Proc] = []
         n = s.etcd_members
-        cluster = ",".join(f"etcd{i}=http://127.0.0.1:{s.base_port + 380 + 2 * i}" for i in range(n))
+        at = [self._at(self.site_of("etcd", i)) for i in range(n)]
+        cluster = ",".join(f"etcd{i}=http://{at[i][1]}:{s.base_port + 380 + 2 * i}" for i in range(n))
         for i in range(n):
             cport, pport = self.etcd_client_port(i), s.base_port + 380 + 2 * i
+            ns, ip = at[i]
             procs.append(Proc(f"etcd{i}", [
                 shutil.which("etcd") or "/usr/bin/etcd", "--name", f"etcd{i}",
                 "--data-dir", str(self.state / "etcd" / f"etcd{i}"),
-                "--listen-client-urls", f"http://127.0.0.1:{cport}",
-                "--advertise-client-urls", f"http://127.0.0.1:{cport}",
-                "--listen-peer-urls", f"http://127.0.0.1:{pport}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
+                "--listen-client-urls", f"http://{ip}:{cport}",
+                "--advertise-client-urls", f"http://{ip}:{cport}",
+                "--listen-peer-urls", f"http://{ip}:{pport}",
+                "--initial-advertise-peer-urls", f"http://{ip}:{pport}",
                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
                 "--initial-cluster-token", "bkv-dev", "--log-level", "warn",
-                "--heartbeat-interval", "50", "--election-timeout", "500",
-            ], {"ETCD_UNSUPPORTED_ARCH": ""}, cport, None))
+                # Wider timings between sites: links may be slowed to 100 ms.
+                "--heartbeat-interval", "50" if ns is None else "100",
+                "--election-timeout", "500" if ns is None else "1500",
+            ], {"ETCD_UNSUPPORTED_ARCH": ""}, cport, None, netns=ns, host=ip))
         _, user_pin = self._pins()
         hsm_env = {**self._softhsm_env(), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL,
                    "BKV_HSM_USER_PIN": user_pin, "BKV_HSM_MAX_ATTEMPTS": str(s.max_attempts),
@@ -197,17 +326,23 @@ class Fleet:
         hsm_urls = []
         for i in range(s.hsm_proxies):
             port = s.base_port + 100 + i
-            hsm_urls.append(f"http://127.0.0.1:{port}")
+            ns, ip = self._at(self.site_of("hsm", i))
+            hsm_urls.append(f"http://{ip}:{port}")
             procs.append(Proc(f"hsm-proxy{i}", [py, "-m", "bkv_hsm_proxy", "serve"],
-                              {**hsm_env, "BKV_HSM_PORT": str(port)}, port, f"http://127.0.0.1:{port}/healthz"))
+                              {**hsm_env, "BKV_HSM_PORT": str(port), "BKV_HSM_HOST": ip}, port,
+                              f"http://{ip}:{port}/healthz", netns=ns, host=ip))
+        replica_no = 0
         for j, island in enumerate(s.islands):
             for r in range(s.replicas_per_island):
                 port = s.base_port + 200 + 10 * j + r
+                ns, ip = self._at(self.site_of("island", replica_no))
+                replica_no += 1
                 procs.append(Proc(f"{island}-{r}", [py, "-m", "bkv_island", "serve"], {
-                    "BKV_ENV": "dev", "BKV_ISLAND_PORT": str(port), "BKV_ISLAND_ISLAND_ID": island,
+                    "BKV_ENV": "dev", "BKV_ISLAND_PORT": str(port), "BKV_ISLAND_HOST": ip,
+                    "BKV_ISLAND_ISLAND_ID": island,
                     "BKV_ISLAND_REPLICA_ID": f"{island}-{r}", "BKV_ISLAND_ETCD_ENDPOINTS": self.etcd_endpoints,
                     "BKV_ISLAND_HSM_URLS": ",".join(hsm_urls),
-                }, port, f"http://127.0.0.1:{port}/healthz"))
+                }, port, f"http://{ip}:{port}/healthz", netns=ns, host=ip))
         ota = self.state / "ota"
         procs.append(Proc("witness", [py, "-m", "bkv_witness", "serve"], {
             "BKV_ENV": "dev", "BKV_WITNESS_PORT": str(s.base_port + 350),
@@ -268,6 +403,8 @@ class Fleet:
                 raise FleetError("a fleet with a different layout is running from this state directory; "
                                  "run `bkv dev down` first")
             self.procs = {p["name"]: Proc(**p) for p in old["procs"]}
+        if self.sites:
+            self.sites.up()
         if self.spec.edge:
             self._init_edge()  # the frontend's settings carry the edge public key
         self._init_roots()  # the witness's settings carry the operator root
@@ -276,7 +413,7 @@ class Fleet:
             prev = self.procs.get(p.name)
             if prev and _alive(prev.pid):
                 p.pid = prev.pid
-            elif _port_in_use(p.port):
+            elif p.netns is None and _port_in_use(p.port):
                 raise FleetError(f"port {p.port} (for {p.name}) is taken by another program; stop it or pick "
                                  f"another base port with --base-port")
         self.procs = {p.name: p for p in specs}
@@ -285,7 +422,7 @@ class Fleet:
                 self._start(p)
         for p in specs:
             if p.name.startswith("etcd"):
-                wait_until(lambda p=p: _port_in_use(p.port), timeout_s, f"{p.name} on port {p.port}")
+                wait_until(lambda p=p: _port_in_use(p.port, p.host), timeout_s, f"{p.name} on port {p.port}")
         self._init_hsm_and_map()
         for p in specs:
             if not p.name.startswith("etcd"):
@@ -295,7 +432,7 @@ class Fleet:
             if p.health:
                 self.wait_healthy(p.name, timeout_s)
             else:
-                wait_until(lambda p=p: _port_in_use(p.port), timeout_s, f"{p.name} on port {p.port}")
+                wait_until(lambda p=p: _port_in_use(p.port, p.host), timeout_s, f"{p.name} on port {p.port}")
         if self.spec.edge:
             self._publish_bundle()
 
@@ -304,7 +441,8 @@ class Fleet:
             return
         log = open(self.state / "logs" / f"{p.name}.log", "ab")
         env = {**os.environ, **p.env}
-        proc = subprocess.Popen(p.argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        argv = ["ip", "netns", "exec", p.netns, *p.argv] if p.netns else p.argv
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=self.state)
         log.close()
         p.pid = proc.pid
@@ -444,7 +582,7 @@ class Fleet:
                 except httpx.HTTPError:
                     healthy = False
             elif alive:
-                healthy = _port_in_use(p.port)
+                healthy = _port_in_use(p.port, p.host)
             out.append({"name": p.name, "pid": p.pid if alive else None, "port": p.port,
                         "state": "ready" if healthy else ("starting" if alive else "stopped")})
         return out
@@ -467,6 +605,8 @@ class Fleet:
                     pass
             self._reap(p.pid)
             p.pid = None
+        if self.sites:
+            self.sites.down()
         if self.state.exists():
             if purge:
                 shutil.rmtree(self.state)

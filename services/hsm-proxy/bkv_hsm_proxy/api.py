@@ -36,6 +36,10 @@ class Entry(Frozen):
     version: int = Field(ge=0)
     sealed: B64 | None = None
     fleet_id: FleetId | None = None  # the fleet whose keys sealed it (None: the oldest)
+    # Set by the island on what it writes: the writing request's tag, so a retry
+    # can tell that a write whose answer was lost did land. Not sealed: it only
+    # ever decides whether to answer again, never what the record says.
+    tag: str | None = Field(None, max_length=32)
 
 
 # -- registration --------------------------------------------------------------

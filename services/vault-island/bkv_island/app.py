@@ -13,6 +13,7 @@ _STATUS = {
     errors.RecordDestroyed: (410, ErrorCode.RECORD_DESTROYED, False),
     errors.Contended: (409, ErrorCode.CONFLICT, True),
     errors.StoreUnavailable: (503, ErrorCode.UNAVAILABLE, True),
+    errors.OutcomeUnknown: (502, ErrorCode.OUTCOME_UNKNOWN, False),
 }
 
 

@@ -9,6 +9,7 @@ That is what makes the attempt count exact under any number of replicas.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 from bkv_common import metrics
@@ -39,6 +40,30 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, (_LostRace, errors.StoreUnavailable))
 
 
+class _Writes:
+    """The writes of one client request. Each carries the request's tag, so
+    when etcd loses the answer to one, the next read tells whether it landed
+    (our tag is there): the retry then answers with what that write stood
+    for, instead of evaluating the same guess again and taking a second
+    attempt. Any of our prepared answers will do: they differ only in random
+    nonces, never in the count or the version."""
+
+    def __init__(self) -> None:
+        self.tag = os.urandom(12).hex()
+        self.unsure = False
+        self._answer = None
+        self._version: int | None = None
+
+    def prepare(self, entry: hapi.Entry, answer) -> hapi.Entry:
+        self._answer, self._version = answer, entry.version
+        return entry.model_copy(update={"tag": self.tag})
+
+    def landed(self, stored: Stored):
+        if self._answer is not None and stored.entry.tag == self.tag and stored.entry.version == self._version:
+            return self._answer
+        return None
+
+
 class Island:
     def __init__(self, island_id: str, store: RecordStore, hsm: HsmPort, *, backoff: Backoff = CAS_BACKOFF) -> None:
         self.island_id = island_id
@@ -46,10 +71,14 @@ class Island:
         self._hsm = hsm
         self._backoff = backoff
 
-    async def _loop(self, op, name: str):
+    async def _loop(self, op, name: str, writes: _Writes | None = None):
         try:
             return await retry(op, retry_on=_retryable, backoff=self._backoff)
         except DeadlineExceeded as exc:
+            if writes is not None and writes.unsure:
+                # Never settled whether a write landed: a new request could count the guess twice.
+                raise errors.OutcomeUnknown("etcd lost the answer to a write; this attempt may or may not have "
+                                            "been counted") from exc
             if isinstance(exc.__cause__, errors.StoreUnavailable):
                 raise errors.StoreUnavailable("etcd unreachable; try again shortly") from exc
             raise errors.Contended(f"{name}: too many concurrent changes to this record; try again") from exc
@@ -67,8 +96,13 @@ class Island:
                 raise _LostRace() from exc
             raise
 
-    async def _commit(self, user_id: str, revision: int, entry: hapi.Entry) -> None:
-        if not await self._store.swap(self.island_id, user_ref(user_id), revision, entry):
+    async def _commit(self, user_id: str, revision: int, entry: hapi.Entry, writes: _Writes) -> None:
+        try:
+            ok = await self._store.swap(self.island_id, user_ref(user_id), revision, entry)
+        except errors.StoreUnavailable:
+            writes.unsure = True  # it may have landed: the next read tells (our tag)
+            raise
+        if not ok:
             metrics.RETRIES.labels("etcd-cas").inc()
             raise _LostRace()
 
@@ -82,42 +116,56 @@ class Island:
         return api.RegistrationStartOut(**out.model_dump())
 
     async def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
+        writes = _Writes()
+
         async def attempt(_: int) -> api.RegistrationFinishOut:
             stored = await self._store.read(self.island_id, user_ref(req.user_id))
+            if (done := writes.landed(stored)) is not None:
+                return done
             out = await self._hsm_on(req.user_id, stored, self._hsm.registration_finish(hapi.RegistrationFinishIn(
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
                 challenge=req.challenge,
                 registration_upload=req.registration_upload, ek=req.ek, k_nonce=req.k_nonce)))
-            await self._commit(req.user_id, stored.revision, out.new_entry)
+            answer = api.RegistrationFinishOut(version=out.new_entry.version, max_attempts=out.max_attempts,
+                                               signature=out.signature)
+            await self._commit(req.user_id, stored.revision, writes.prepare(out.new_entry, answer), writes)
             metrics.REGISTRATIONS.inc()
-            return api.RegistrationFinishOut(version=out.new_entry.version, max_attempts=out.max_attempts,
-                                             signature=out.signature)
+            return answer
 
-        return await self._loop(attempt, "registration")
+        return await self._loop(attempt, "registration", writes)
 
     # -- recovery --------------------------------------------------------------------
     async def recovery_start(self, req: api.RecoveryStartIn) -> api.RecoveryStartOut:
+        writes = _Writes()
+
         async def attempt(_: int) -> api.RecoveryStartOut:
             stored = await self._store.read(self.island_id, user_ref(req.user_id))
+            if (done := writes.landed(stored)) is not None:
+                return done
             if stored.cached and stored.entry.state is not hapi.EntryState.LIVE:
                 stored = await self._store.read(self.island_id, user_ref(req.user_id), fresh=True)
             self._require_live(stored.entry)
             out = await self._hsm_on(req.user_id, stored, self._hsm.login_start(hapi.LoginStartIn(
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
                 credential_request=req.credential_request)))
+            answer = api.RecoveryStartOut(credential_response=out.credential_response, login_state=out.login_state,
+                                          attempts_left=out.attempts_left, signature=out.signature)
             # The decrement is durable on a quorum before the response leaves (invariant 3).
-            await self._commit(req.user_id, stored.revision, out.new_entry)
+            await self._commit(req.user_id, stored.revision, writes.prepare(out.new_entry, answer), writes)
             metrics.GUESSES_EVALUATED.inc()
             if out.new_entry.state is hapi.EntryState.DESTROYED:
                 metrics.RECORDS_DESTROYED.inc()
-            return api.RecoveryStartOut(credential_response=out.credential_response, login_state=out.login_state,
-                                        attempts_left=out.attempts_left, signature=out.signature)
+            return answer
 
-        return await self._loop(attempt, "recovery")
+        return await self._loop(attempt, "recovery", writes)
 
     async def recovery_finish(self, req: api.RecoveryFinishIn) -> api.RecoveryFinishOut:
+        writes = _Writes()
+
         async def attempt(_: int) -> api.RecoveryFinishOut:
             stored = await self._store.read(self.island_id, user_ref(req.user_id))
+            if (done := writes.landed(stored)) is not None:
+                return done
             if stored.entry.state is hapi.EntryState.ABSENT:
                 stored = await self._store.read(self.island_id, user_ref(req.user_id), fresh=True)
                 if stored.entry.state is hapi.EntryState.ABSENT:
@@ -126,13 +174,14 @@ class Island:
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
                 login_state=req.login_state,
                 credential_finalization=req.credential_finalization)))
+            answer = api.RecoveryFinishOut(wrapped_key=out.wrapped_key, rk_nonce=out.rk_nonce,
+                                           record_status=out.record_status, signature=out.signature)
             # Committing the reset also consumes the login state (the version moves on).
-            await self._commit(req.user_id, stored.revision, out.new_entry)
+            await self._commit(req.user_id, stored.revision, writes.prepare(out.new_entry, answer), writes)
             metrics.RECOVERIES_SUCCEEDED.inc()
-            return api.RecoveryFinishOut(wrapped_key=out.wrapped_key, rk_nonce=out.rk_nonce,
-                                         record_status=out.record_status, signature=out.signature)
+            return answer
 
-        return await self._loop(attempt, "recovery")
+        return await self._loop(attempt, "recovery", writes)
 
     # -- deletion and moves -----------------------------------------------------------
     async def delete(self, req: api.DeleteIn) -> api.DeleteOut:
@@ -141,7 +190,8 @@ class Island:
             if stored.entry.state is not hapi.EntryState.LIVE:
                 return api.DeleteOut(deleted=False)
             tomb = hapi.Entry(state=hapi.EntryState.DESTROYED, version=stored.entry.version + 1)
-            await self._commit(req.user_id, stored.revision, tomb)
+            # Deleting is idempotent: a lost answer is settled by reading again.
+            await self._commit(req.user_id, stored.revision, tomb, _Writes())
             return api.DeleteOut(deleted=True)
 
         return await self._loop(attempt, "delete")
