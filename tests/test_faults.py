@@ -199,11 +199,22 @@ async def test_kill_9_of_an_island_replica_and_an_hsm_proxy_mid_load_is_retried_
                     lambda: (fleet5.start("island-a-0"), fleet5.start("hsm-proxy0")))
 
 
-async def test_adding_an_island_under_load_moves_only_its_users_with_their_attempt_counts(fleet5, etcd5):
-    """Runs last in this module: it changes the island map."""
+async def add_island(fleet, island: str, timeout_s: float = 120) -> float:
+    """Start the new island's replicas, then `bkv-island add-island`; returns how long the move took."""
     import subprocess
     import sys
 
+    await asyncio.to_thread(fleet.add_island, island)
+    t = time.monotonic()
+    res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bkv_island", "add-island", island],
+                                  env={**os.environ, "BKV_ISLAND_ETCD_ENDPOINTS": fleet.etcd_endpoints},
+                                  capture_output=True, text=True, timeout=timeout_s)
+    assert res.returncode == 0, res.stderr
+    return time.monotonic() - t
+
+
+async def test_adding_an_island_under_load_moves_only_its_users_with_their_attempt_counts(fleet5, etcd5):
+    """Runs last in this module: it changes the island map."""
     from bkv_common.fleetmap import rendezvous
     from bkv_island.store import user_key
 
@@ -221,13 +232,7 @@ async def test_adding_an_island_under_load_moves_only_its_users_with_their_attem
     guessers, honest = users[20:26], users[26:29]
     stop = asyncio.Event()
     task = asyncio.create_task(load(fleet5, ledger, guessers, honest, stop))
-    await asyncio.to_thread(fleet5.add_island, "island-b")
-    t = time.monotonic()
-    res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bkv_island", "add-island", "island-b"],
-                                  env={**os.environ, "BKV_ISLAND_ETCD_ENDPOINTS": fleet5.etcd_endpoints},
-                                  capture_output=True, text=True, timeout=120)
-    took = time.monotonic() - t
-    assert res.returncode == 0, res.stderr
+    took = await add_island(fleet5, "island-b")
     stop.set()
     await task
     moving = [u for u in users if rendezvous(u, ["island-a", "island-b"]) == "island-b"]
