@@ -19,6 +19,28 @@ from bkv_common.http import ServiceClient
 from bkv_island import api
 
 
+async def _each_ref(islands: list[str], replicas: dict[str, list[str]], fn, concurrency: int) -> tuple[int, int]:
+    """Call ``fn(client, island, ref) -> bool`` for every user ref on each
+    island, ``concurrency`` at a time; (refs scanned, calls that said True)."""
+    scanned = done = 0
+    sem = asyncio.Semaphore(concurrency)
+    for island in islands:
+        client = ServiceClient(f"island-{island}", replicas.get(island, []))
+        try:
+            refs = (await client.call("POST", "/island/v1/admin/list-refs", api.ListRefsIn(), api.ListRefsOut,
+                                      idempotent=True)).user_refs
+            scanned += len(refs)
+
+            async def one(ref: str, client=client, island=island) -> bool:
+                async with sem:
+                    return await fn(client, island, ref)
+
+            done += sum(await asyncio.gather(*(one(r) for r in refs)))
+        finally:
+            await client.aclose()
+    return scanned, done
+
+
 async def add_island(etcd: aetcd.Client, prefix: str, new_island: str, *, concurrency: int = 16) -> dict:
     islands, previous = await read_map(etcd, prefix)
     old = previous if previous is not None else islands
@@ -27,26 +49,16 @@ async def add_island(etcd: aetcd.Client, prefix: str, new_island: str, *, concur
     if not replicas.get(new_island):
         raise RuntimeError(f"island {new_island} has no live replica; start it before adding it to the map")
     await set_island_map(etcd, prefix, target, previous=old)
-    moved = scanned = 0
-    sem = asyncio.Semaphore(concurrency)
-    for island in old:
-        client = ServiceClient(f"island-{island}", replicas.get(island, []))
-        try:
-            refs = (await client.call("POST", "/island/v1/admin/list-refs", api.ListRefsIn(), api.ListRefsOut,
-                                      idempotent=True)).user_refs
-            scanned += len(refs)
 
-            async def move(ref: str) -> bool:
-                async with sem:
-                    out = await client.call("POST", "/island/v1/admin/move",
-                                            api.MoveIn(user_ref=ref, to_island=rendezvous_ref(ref, target)),
-                                            api.MoveOut, idempotent=True)
-                    return out.moved
+    async def move(client: ServiceClient, island: str, ref: str) -> bool:
+        home = rendezvous_ref(ref, target)
+        if home == island:
+            return False
+        out = await client.call("POST", "/island/v1/admin/move", api.MoveIn(user_ref=ref, to_island=home),
+                                api.MoveOut, idempotent=True)
+        return out.moved
 
-            results = await asyncio.gather(*(move(r) for r in refs if rendezvous_ref(r, target) != island))
-            moved += sum(results)
-        finally:
-            await client.aclose()
+    scanned, moved = await _each_ref(old, replicas, move, concurrency)
     await set_island_map(etcd, prefix, target)
     return {"islands": target, "scanned": scanned, "moved": moved}
 
@@ -56,24 +68,11 @@ async def migrate_fleet(etcd: aetcd.Client, prefix: str, to_fleet: str, *, concu
     keys, one compare-and-swap each, attempt counts intact, while traffic
     continues. Idempotent: records already there are skipped."""
     islands, _ = await read_map(etcd, prefix)
-    replicas = await read_replicas(etcd, prefix)
-    migrated = scanned = 0
-    sem = asyncio.Semaphore(concurrency)
-    for island in islands:
-        client = ServiceClient(f"island-{island}", replicas.get(island, []))
-        try:
-            refs = (await client.call("POST", "/island/v1/admin/list-refs", api.ListRefsIn(), api.ListRefsOut,
-                                      idempotent=True)).user_refs
-            scanned += len(refs)
 
-            async def migrate(ref: str) -> bool:
-                async with sem:
-                    out = await client.call("POST", "/island/v1/admin/migrate",
-                                            api.MigrateIn(user_ref=ref, to_fleet=to_fleet), api.MigrateOut,
-                                            idempotent=True)
-                    return out.migrated
+    async def migrate(client: ServiceClient, island: str, ref: str) -> bool:
+        out = await client.call("POST", "/island/v1/admin/migrate", api.MigrateIn(user_ref=ref, to_fleet=to_fleet),
+                                api.MigrateOut, idempotent=True)
+        return out.migrated
 
-            migrated += sum(await asyncio.gather(*(migrate(r) for r in refs)))
-        finally:
-            await client.aclose()
+    scanned, migrated = await _each_ref(islands, await read_replicas(etcd, prefix), migrate, concurrency)
     return {"to_fleet": to_fleet, "scanned": scanned, "migrated": migrated}
