@@ -44,13 +44,14 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import yaml
+
+from bkv.devfleet import wait_until  # the project's one poll-until-deadline helper
 
 VENV_BIN = Path(sys.executable).parent
 # What the Dockerfile's ENV gives our image's containers.
@@ -60,20 +61,6 @@ OUR_IMAGE_PREFIXES = ("bkv", "ghcr.io/backup-key-vault/")
 
 class ChartRunError(Exception):
     pass
-
-
-def wait_until(check, timeout_s: float, what: str, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - polled until the deadline
-            last = exc
-        time.sleep(interval_s)
-    raise ChartRunError(f"timed out after {timeout_s:.0f}s waiting for {what}" + (f" ({last})" if last else ""))
 
 
 @dataclass

@@ -42,13 +42,17 @@ def _issuer_pem() -> str:
 ISSUER_PEM = _issuer_pem()
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
-    return base
+def _load_render():
+    """k8s/render.py (a script, not a package): its values merge is the one the tests use too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bkv_k8s_render", ROOT / "k8s" / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_merge = _load_render()._merge
 
 
 def values_for(name: str, **extra) -> dict:

@@ -66,6 +66,9 @@ class HsmBackend(Protocol):
     def public_key_der(self, gen: int = 0) -> bytes:
         """The fleet signing public key, SubjectPublicKeyInfo DER."""
 
+    def forget(self, gen: int) -> None:
+        """Drop anything cached about a generation (its keys may be gone)."""
+
     def load_blob(self, label: str) -> bytes | None:
         """A data object stored in the token (already sealed by the caller)."""
 
@@ -268,6 +271,9 @@ class InMemoryHsmFake:
 
     def generate_keys(self, gen: int = 0) -> None:
         self._gens[gen] = (AESGCM(AESGCM.generate_key(bit_length=256)), ec.generate_private_key(ec.SECP256R1()))
+
+    def forget(self, gen: int) -> None:
+        pass  # nothing cached apart from the keys themselves
 
     def destroy_keys(self, gen: int) -> None:
         self._gens.pop(gen, None)

@@ -8,6 +8,18 @@ import os
 import sys
 
 
+async def _with_etcd(fn):
+    """``await fn(client, prefix)`` with an etcd client from BKV_ISLAND_ETCD_ENDPOINTS /
+    BKV_ISLAND_ETCD_PREFIX, closed afterwards (the admin commands)."""
+    from bkv_common.etcd import connect
+
+    client = await connect(os.environ.get("BKV_ISLAND_ETCD_ENDPOINTS", "127.0.0.1:2379"))
+    try:
+        return await fn(client, os.environ.get("BKV_ISLAND_ETCD_PREFIX", "/bkv"))
+    finally:
+        await client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bkv-island", description="A vault island of Backup Key Vault.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -25,58 +37,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "migrate-fleet":
         import json
 
-        from bkv_common.etcd import connect
         from bkv_island.rebalance import migrate_fleet
 
-        async def run_migration() -> dict:
-            client = await connect(os.environ.get("BKV_ISLAND_ETCD_ENDPOINTS", "127.0.0.1:2379"))
-            try:
-                return await migrate_fleet(client, os.environ.get("BKV_ISLAND_ETCD_PREFIX", "/bkv"), args.fleet_id)
-            finally:
-                await client.close()
-
-        print(json.dumps(asyncio.run(run_migration())))
+        print(json.dumps(asyncio.run(_with_etcd(lambda c, prefix: migrate_fleet(c, prefix, args.fleet_id)))))
         return 0
 
     if args.cmd == "add-island":
         import json
 
-        from bkv_common.etcd import connect
         from bkv_island.rebalance import add_island
 
-        async def add() -> dict:
-            client = await connect(os.environ.get("BKV_ISLAND_ETCD_ENDPOINTS", "127.0.0.1:2379"))
-            try:
-                return await add_island(client, os.environ.get("BKV_ISLAND_ETCD_PREFIX", "/bkv"), args.island)
-            finally:
-                await client.close()
-
         try:
-            print(json.dumps(asyncio.run(add())))
+            print(json.dumps(asyncio.run(_with_etcd(lambda c, prefix: add_island(c, prefix, args.island)))))
         except RuntimeError as exc:
             print(f"bkv-island: {exc}", file=sys.stderr)
             return 1
         return 0
 
     if args.cmd == "set-map":
-        from bkv_common.etcd import RETRYABLE, connect
+        from bkv_common.etcd import RETRYABLE
         from bkv_common.fleetmap import read_map, set_first_island_map, set_island_map
         from bkv_common.retry import Backoff, retry
 
-        async def go(_: int) -> str:
-            client = await connect(os.environ.get("BKV_ISLAND_ETCD_ENDPOINTS", "127.0.0.1:2379"))
-            prefix = os.environ.get("BKV_ISLAND_ETCD_PREFIX", "/bkv")
-            try:
-                if args.if_absent and not await set_first_island_map(client, prefix, args.islands):
-                    current, _ = await read_map(client, prefix)
-                    return "island map kept: " + " ".join(current)
-                await set_island_map(client, prefix, args.islands)
-                return "island map: " + " ".join(sorted(set(args.islands)))
-            finally:
-                await client.close()
+        async def set_map(client, prefix: str) -> str:
+            if args.if_absent and not await set_first_island_map(client, prefix, args.islands):
+                current, _ = await read_map(client, prefix)
+                return "island map kept: " + " ".join(current)
+            await set_island_map(client, prefix, args.islands)
+            return "island map: " + " ".join(sorted(set(args.islands)))
 
         # In a cluster this runs from a Job that may start before etcd has a leader.
-        print(asyncio.run(retry(go, retry_on=lambda e: isinstance(e, RETRYABLE),
+        print(asyncio.run(retry(lambda _: _with_etcd(set_map), retry_on=lambda e: isinstance(e, RETRYABLE),
                                 backoff=Backoff(deadline_s=120.0, first_delay_s=0.2, max_delay_s=2.0))))
         return 0
 
