@@ -74,10 +74,9 @@ async def test_a_replayed_message_changes_nothing(noise_client, fleet, etcd):
         await client.recover("wrong")
     assert wrong.value.attempts_left == 9
     path, body, _ = [e for e in client.noise._http.exchanges if e[0] == "/noise/v1"][0]  # the recovery start
-    session = client.noise._session.session_id.hex()
     before = await read_entry(etcd, fleet, user)
     replay = httpx.post(fleet.edge_url + "/noise/v1", content=body,
-                        headers={"x-bkv-noise-session": session, "content-type": "application/octet-stream"})
+                        headers={"content-type": "application/octet-stream"})
     assert replay.status_code == 400 and replay.json()["error"]["code"] == "noise_bad_message"
     assert await read_entry(etcd, fleet, user) == before  # no extra decrement
     with pytest.raises(errors.WrongPassword) as again:
@@ -90,13 +89,13 @@ async def test_tampered_ciphertext_is_rejected_and_closes_the_session(noise_clie
     client = noise_client(user, record=True)
     await client.fleet()  # opens the session
     session = client.noise._session
-    body = bytearray(session.seal_request(999, "/v1/fleet", "", b""))
+    body = bytearray(session.session_id + session.seal_request(999, "/v1/fleet", "", b""))
     body[-1] ^= 1
-    headers = {"x-bkv-noise-session": session.session_id.hex(), "content-type": "application/octet-stream"}
+    headers = {"content-type": "application/octet-stream"}
     bad = httpx.post(fleet.edge_url + "/noise/v1", content=bytes(body), headers=headers)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "noise_bad_message"
-    good = httpx.post(fleet.edge_url + "/noise/v1", content=session.seal_request(1000, "/v1/fleet", "", b""),
-                      headers=headers)
+    good = httpx.post(fleet.edge_url + "/noise/v1",
+                      content=session.session_id + session.seal_request(1000, "/v1/fleet", "", b""), headers=headers)
     assert good.status_code == 401 and good.json()["error"]["code"] == "noise_session_unknown"
 
 
@@ -136,12 +135,20 @@ def test_nothing_in_clear_passes_envoy(fleet):
 
 
 def _listeners() -> dict[int, str]:
+    """Listening port -> address, IPv4 and IPv6 (grpcio listens on an IPv6
+    socket with the v4-mapped address ::ffff:127.0.0.1)."""
     out = {}
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        if state == "0A":  # LISTEN
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state != "0A":  # LISTEN
+                continue
             ip_hex, port_hex = local.split(":")
-            ip = ".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
+            if len(ip_hex) == 32:  # IPv6: four little-endian 32-bit words
+                raw = b"".join(bytes.fromhex(ip_hex[i:i + 8])[::-1] for i in range(0, 32, 8))
+                ip = ".".join(map(str, raw[12:])) if raw[:12] == b"\0" * 10 + b"\xff\xff" else raw.hex()
+            else:
+                ip = ".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
             out[int(port_hex, 16)] = ip
     return out
 

@@ -66,8 +66,9 @@ class _Base:
                                         headers=_OCTETS)
 
     def _outer_request(self, request: httpx.Request, session: Session, counter: int) -> httpx.Request:
-        return httpx.Request("POST", self._base + TRANSPORT, content=_sealed(request, session, counter),
-                             headers={**_OCTETS, "x-bkv-noise-session": session.session_id.hex()})
+        # The session id leads the body: the edge reads only bodies (docs/edge.md).
+        return httpx.Request("POST", self._base + TRANSPORT,
+                             content=session.session_id + _sealed(request, session, counter), headers=_OCTETS)
 
     def _start(self, answer: httpx.Response, initiator: Initiator) -> Session:
         if answer.status_code != 200 or len(answer.content) <= SESSION_ID_LEN:

@@ -14,6 +14,56 @@ from __future__ import annotations
 import json
 
 
+_EXT_PROC = "envoy.filters.http.ext_proc"
+_NOT_FOUND = json.dumps({"error": {"code": "not_found", "retryable": False,
+                                   "message": "only POST /noise/handshake, POST /noise/v1 and GET /v1/bundle are served here"}})
+
+
+def _mode(request_headers: str = "SKIP", request_body: str = "NONE", response_headers: str = "SKIP",
+          response_body: str = "NONE") -> dict:
+    return {"request_header_mode": request_headers, "response_header_mode": response_headers,
+            "request_body_mode": request_body, "response_body_mode": response_body,
+            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
+
+
+def _noise_route(path: str, route: str, mode: dict) -> dict:
+    """POST ``path`` to the frontend through the processor, which learns the
+    route from the stream's initial metadata (bkv_edge/processor.py)."""
+    return {"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
+            "route": {"cluster": "frontend", "timeout": "30s"},
+            "typed_per_filter_config": {_EXT_PROC: {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "overrides": {"processing_mode": mode,
+                              "grpc_initial_metadata": [{"key": "x-bkv-edge-route", "value": route}]}}}}
+
+
+def _vault_routes(noise: bool) -> list[dict]:
+    if not noise:  # the benchmark's plain baseline
+        return [{"match": {"prefix": "/"}, "route": {"cluster": "frontend", "timeout": "30s"}}]
+    return [
+        # Headers go to the processor only because Envoy holds them back from
+        # the upstream (or the client) while the processor has them: the
+        # processor answers the request headers without reading them, and
+        # changes them when it has the body. The session id travels in the body.
+        # The handshake is answered by the processor from the request body.
+        _noise_route("/noise/handshake", "handshake", _mode("SEND", "BUFFERED")),
+        # The response headers carry the inner status, which the processor
+        # seals with the body and replaces with 200.
+        _noise_route("/noise/v1", "transport", _mode("SEND", "BUFFERED", "SEND", "BUFFERED")),
+        # The validation bundle is public and signed; a new client needs it
+        # before it can pin the edge key (docs/ota.md). In clear, no credentials.
+        {"match": {"path": "/v1/bundle", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+         "route": {"cluster": "frontend", "timeout": "10s"},
+         "request_headers_to_remove": ["authorization", "x-bkv-device-key"],
+         "typed_per_filter_config": {_EXT_PROC: {
+             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+             "disabled": True}}},
+        {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": _NOT_FOUND}},
+         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
+                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
+    ]
+
+
 def render(listen_host: str, listen_port: int, upstream_port: int, processor_port: int, admin_port: int,
            processor_host: str = "127.0.0.1", upstream_host: str = "127.0.0.1", noise: bool = True,
            ops_port: int = 0) -> str:
@@ -48,7 +98,7 @@ def render(listen_host: str, listen_port: int, upstream_port: int, processor_por
                         "max_request_headers_kb": 16,
                         "route_config": {"name": "vault", "virtual_hosts": [{
                             "name": "vault", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "frontend", "timeout": "30s"}}]}]},
+                            "routes": _vault_routes(noise)}]},
                         "http_filters": ([
                             {"name": "envoy.filters.http.ext_proc", "typed_config": {
                                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
@@ -57,10 +107,11 @@ def render(listen_host: str, listen_port: int, upstream_port: int, processor_por
                                 "message_timeout": "2s",
                                 "allow_mode_override": False,
                                 "mutation_rules": {"allow_all_routing": True},
-                                "processing_mode": {
-                                    "request_header_mode": "SEND", "response_header_mode": "SEND",
-                                    "request_body_mode": "BUFFERED", "response_body_mode": "BUFFERED",
-                                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}}},
+                                # The processor rewrites :path but the request keeps the route it
+                                # matched (the Noise route to the frontend).
+                                "route_cache_action": "RETAIN",
+                                # Off unless a route turns it on (_vault_routes).
+                                "processing_mode": _mode()}},
                         ] if noise else []) + [
                             {"name": "envoy.filters.http.router", "typed_config": {
                                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},

@@ -1,17 +1,23 @@
 """The Noise processor: a gRPC service implementing Envoy's HTTP ``ext_proc``.
 
-Per HTTP stream Envoy sends us the request headers, the buffered request
-body, the response headers and the buffered response body. We
+Envoy routes by path (bkv_edge/envoy.py) and tells us, in the gRPC stream's
+initial metadata (``x-bkv-edge-route``), which of the two Noise routes a
+stream belongs to; everything else is answered by Envoy itself (a 404, or
+``GET /v1/bundle`` passed in clear with the processor disabled). Per HTTP
+stream we then see only what we must:
 
-* answer ``POST /noise/handshake`` ourselves (an immediate response),
-* on ``POST /noise/v1`` decrypt the body, rewrite path, authorization and
-  body to the inner request, and set ``x-bkv-device-key`` to the session's
-  authenticated device key (any client-supplied copy is removed first),
-* seal the frontend's answer (status and body) for the same session,
-* pass ``GET /v1/bundle`` through in clear: the validation bundle is public
-  and signed by two roots, and a client needs it to learn the edge key it
-  opens Noise with (docs/ota.md),
-* refuse everything else with a 404, so nothing else reaches the frontend in clear.
+* ``handshake``: the buffered request body (IK message 1), answered by us
+  with an immediate response (session id and IK message 2);
+* ``transport``: the buffered request body -- ``session_id | sealed`` --
+  which we open and turn into the inner request (path, authorization, body,
+  and ``x-bkv-device-key`` set to the session's authenticated device key,
+  overwriting any client-supplied copy); the response headers, whose status
+  we keep and replace with 200; and the buffered response body, which we
+  seal with that status for the same session.
+
+Request headers are never sent to us (one ext_proc round trip fewer per
+request: docs/performance.md). Messages are encoded by hand
+(bkv_edge/extproc.py) and served by grpcio's C core.
 """
 
 from __future__ import annotations
@@ -21,33 +27,20 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from typing import AsyncIterator
-
-from envoy_data_plane.envoy.config.core.v3 import HeaderValue, HeaderValueOption
-from envoy_data_plane.envoy.service.ext_proc.v3 import (
-    BodyMutation,
-    BodyResponse,
-    CommonResponse,
-    ExternalProcessorBase,
-    HeaderMutation,
-    HeadersResponse,
-    ImmediateResponse,
-    ProcessingRequest,
-    ProcessingResponse,
-)
-from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from typing import AsyncIterator, Iterable
 
 from bkv_common import metrics
+from bkv_edge import extproc
 from bkv_edge.errors import BadMessage, EdgeError, NotNoise, UnknownSession
-from bkv_edge.noise import Session, StaticKey, respond
+from bkv_edge.extproc import Phase
+from bkv_edge.noise import SESSION_ID_LEN, Session, StaticKey, respond
 
 log = logging.getLogger(__name__)
 
 DEVICE_HEADER = "x-bkv-device-key"
-SESSION_HEADER = "x-bkv-noise-session"
-HANDSHAKE_PATH = "/noise/handshake"
-TRANSPORT_PATH = "/noise/v1"
-BUNDLE_PATH = "/v1/bundle"
+ROUTE_METADATA = "x-bkv-edge-route"  # set per route by Envoy (bkv_edge/envoy.py)
+HANDSHAKE, TRANSPORT = "handshake", "transport"
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 class Sessions:
@@ -74,105 +67,116 @@ class Sessions:
         self._by_id.pop(session_id, None)
 
 
-def _header(key: str, value: str | bytes) -> HeaderValueOption:
-    raw = value if isinstance(value, bytes) else value.encode()
-    return HeaderValueOption(header=HeaderValue(key=key, raw_value=raw))
-
-
-def _immediate(status: int, body: bytes, content_type: str = "application/json") -> ProcessingResponse:
-    return ProcessingResponse(immediate_response=ImmediateResponse(
-        status=HttpStatus(code=StatusCode(status)), body=body,
-        headers=HeaderMutation(set_headers=[_header("content-type", content_type)])))
-
-
-def _error(exc: EdgeError) -> ProcessingResponse:
+def _error(exc: EdgeError) -> bytes:
     body = json.dumps({"error": {"code": exc.code, "message": str(exc), "retryable": False}}).encode()
-    return _immediate(exc.status, body)
+    return extproc.immediate_response(exc.status, body, "application/json")
 
 
-class NoiseProcessor(ExternalProcessorBase):
+_CONTINUE_REQUEST_HEADERS = extproc.headers_response(extproc.REQUEST_HEADERS)
+_SEALED_HEADERS = extproc.header_mutation({":status": b"200", "content-type": b"application/octet-stream"})
+
+
+class Exchange:
+    """One HTTP request through the edge: feed it each ext_proc message in
+    order; it returns the answer and whether the stream is finished."""
+
+    def __init__(self, processor: NoiseProcessor, route: str) -> None:
+        self._p = processor
+        self._route = route
+        self._session: Session | None = None
+        self._counter = 0
+        self._status = 200
+
+    def on(self, phase: Phase) -> tuple[bytes, bool]:
+        try:
+            if phase.kind == extproc.REQUEST_HEADERS and self._route in (HANDSHAKE, TRANSPORT):
+                return _CONTINUE_REQUEST_HEADERS, False  # held by Envoy until we have the body
+            if self._route == HANDSHAKE and phase.kind == extproc.REQUEST_BODY:
+                return self._handshake(phase.body), True
+            if self._route == TRANSPORT:
+                if phase.kind == extproc.REQUEST_BODY:
+                    return self._open(phase.body), False
+                if phase.kind == extproc.RESPONSE_HEADERS:
+                    self._status = phase.status  # sealed with the body, replaced by 200 outside
+                    return extproc.headers_response(phase.kind, _SEALED_HEADERS), False
+                if phase.kind == extproc.RESPONSE_BODY:
+                    return self._seal(phase.body), True
+            # Envoy sends nothing else in the modes it is configured with; refuse
+            # rather than pass anything through that we did not look at.
+            raise NotNoise("only POST /noise/handshake and POST /noise/v1 are served here")
+        except EdgeError as exc:
+            metrics.NOISE_REJECTIONS.labels(exc.code).inc()
+            return _error(exc), True
+
+    def _handshake(self, message1: bytes) -> bytes:
+        new, message2 = respond(self._p.key, message1)
+        self._p.sessions.add(new)
+        metrics.NOISE_HANDSHAKES.inc()
+        return extproc.immediate_response(200, new.session_id + message2, "application/octet-stream")
+
+    def _open(self, body: bytes) -> bytes:
+        if len(body) <= SESSION_ID_LEN:
+            raise UnknownSession("missing session id")
+        session = self._session = self._p.sessions.get(body[:SESSION_ID_LEN])
+        try:
+            self._counter, path, auth, payload = session.open_request(body[SESSION_ID_LEN:])
+        except BadMessage:
+            self._p.sessions.close(session.session_id)  # tampering ends the session
+            raise
+        headers = extproc.header_mutation(
+            {":path": path.encode(), "authorization": auth.encode(), "content-type": b"application/json",
+             "content-length": str(len(payload)).encode(), DEVICE_HEADER: base64.b64encode(session.peer_static)})
+        return extproc.body_response(extproc.REQUEST_BODY, payload, headers)
+
+    def _seal(self, body: bytes) -> bytes:
+        assert self._session is not None
+        sealed = self._session.seal_response(self._counter, self._status, body)
+        return extproc.body_response(extproc.RESPONSE_BODY, sealed, extproc.header_mutation(
+            {"content-length": str(len(sealed)).encode()}))
+
+
+class NoiseProcessor:
     def __init__(self, edge_key: StaticKey, sessions: Sessions | None = None) -> None:
-        self._key = edge_key
+        self.key = edge_key
         self.sessions = sessions or Sessions()
 
-    async def process(self, messages: AsyncIterator[ProcessingRequest]) -> AsyncIterator[ProcessingResponse]:
-        path = ""
-        session: Session | None = None
-        counter = 0
-        status = 200
-        plain = False  # GET /v1/bundle: passed through unchanged
-        async for msg in messages:
+    async def process(self, messages: AsyncIterator[bytes], route: str) -> AsyncIterator[bytes]:
+        exchange = Exchange(self, route)
+        async for raw in messages:
             try:
-                if msg.request_headers is not None:
-                    headers = {h.key: (h.raw_value or h.value.encode()).decode("latin-1")
-                               for h in msg.request_headers.headers.headers}
-                    path, method = headers.get(":path", ""), headers.get(":method", "")
-                    if method == "GET" and path == BUNDLE_PATH:
-                        plain = True
-                        yield ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse(
-                            header_mutation=HeaderMutation(remove_headers=[DEVICE_HEADER, "authorization"]))))
-                        continue
-                    if method != "POST" or path not in (HANDSHAKE_PATH, TRANSPORT_PATH):
-                        raise NotNoise("only POST /noise/handshake and POST /noise/v1 are served here")
-                    if path == TRANSPORT_PATH:
-                        try:
-                            session = self.sessions.get(bytes.fromhex(headers.get(SESSION_HEADER, "")))
-                        except ValueError:
-                            raise UnknownSession("missing or malformed session id") from None
-                    yield ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse(
-                        header_mutation=HeaderMutation(remove_headers=[DEVICE_HEADER]))))
-                elif msg.request_body is not None:
-                    body = msg.request_body.body
-                    if path == HANDSHAKE_PATH:
-                        new, message2 = respond(self._key, body)
-                        self.sessions.add(new)
-                        metrics.NOISE_HANDSHAKES.inc()
-                        yield _immediate(200, new.session_id + message2, "application/octet-stream")
-                        return
-                    assert session is not None
-                    try:
-                        counter, inner_path, auth, payload = session.open_request(body)
-                    except BadMessage:
-                        self.sessions.close(session.session_id)  # tampering ends the session
-                        raise
-                    mutation = HeaderMutation(
-                        set_headers=[_header(":path", inner_path), _header("authorization", auth),
-                                     _header("content-type", "application/json"),
-                                     _header("content-length", str(len(payload))),
-                                     _header(DEVICE_HEADER, base64.b64encode(session.peer_static))],
-                        remove_headers=[SESSION_HEADER])
-                    yield ProcessingResponse(request_body=BodyResponse(response=CommonResponse(
-                        header_mutation=mutation, body_mutation=BodyMutation(body=payload),
-                        clear_route_cache=True)))
-                elif plain and msg.response_headers is not None:
-                    yield ProcessingResponse(response_headers=HeadersResponse())
-                elif plain and msg.response_body is not None:
-                    yield ProcessingResponse(response_body=BodyResponse())
-                elif msg.response_headers is not None:
-                    for h in msg.response_headers.headers.headers:
-                        if h.key == ":status":
-                            status = int((h.raw_value or h.value.encode()).decode())
-                    yield ProcessingResponse(response_headers=HeadersResponse(response=CommonResponse(
-                        header_mutation=HeaderMutation(set_headers=[
-                            _header(":status", "200"), _header("content-type", "application/octet-stream")]))))
-                elif msg.response_body is not None:
-                    assert session is not None
-                    sealed = session.seal_response(counter, status, msg.response_body.body)
-                    yield ProcessingResponse(response_body=BodyResponse(response=CommonResponse(
-                        header_mutation=HeaderMutation(set_headers=[_header("content-length", str(len(sealed)))]),
-                        body_mutation=BodyMutation(body=sealed))))
-                else:
-                    yield ProcessingResponse()
-            except EdgeError as exc:
-                metrics.NOISE_REJECTIONS.labels(exc.code).inc()
+                phase = extproc.decode_request(raw)
+            except BadMessage as exc:
                 yield _error(exc)
+                return
+            answer, done = exchange.on(phase)
+            yield answer
+            if done:
                 return
 
 
-async def serve(edge_key: StaticKey, host: str, port: int) -> None:
-    from grpclib.server import Server
+def route_of(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    for key, value in metadata:
+        if key == ROUTE_METADATA:
+            return value if isinstance(value, str) else value.decode()
+    return ""
 
-    server = Server([NoiseProcessor(edge_key)])
-    await server.start(host, port)
+
+async def serve(edge_key: StaticKey, host: str, port: int) -> None:
+    import grpc
+
+    processor = NoiseProcessor(edge_key)
+
+    async def handler(requests, context):
+        async for answer in processor.process(requests, route_of(context.invocation_metadata() or ())):
+            yield answer
+
+    # No (de)serializers: the handler gets and returns raw protobuf bytes (bkv_edge/extproc.py).
+    rpc = grpc.stream_stream_rpc_method_handler(handler)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Process": rpc}),))
+    if not server.add_insecure_port(f"{host}:{port}"):
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
     log.info("noise processor on %s:%d", host, port)
-    await server.wait_closed()
+    await server.wait_for_termination()
+
