@@ -9,10 +9,16 @@ both measured in the same run on the same machine.
 3. Measures the floor in-process on the fleet's own SoftHSM2 token: the
    hsm-proxy's cryptography for each operation (OPAQUE server steps, AES-GCM
    seals, ECDSA signatures) in a tight loop, plus etcd's own CPU per
-   compare-and-swap transaction.
-4. Runs each Locust scenario for a fixed time and sums the CPU time of every
-   fleet process (etcd included) from /proc; the Locust process's CPU is the
-   client's (Argon2 and all) and is reported apart, never as server cost.
+   compare-and-swap transaction, plus the edge's Noise cryptography (the
+   responder's half of an IK handshake, and opening a request and sealing
+   its answer) for the handshakes and requests the operation makes.
+4. Runs each Locust scenario for a fixed time, through Envoy and Noise as a
+   real device (``--plaintext``: straight to the frontend), and sums the CPU
+   time of every fleet process (etcd and Envoy included) from /proc; the
+   Locust process's CPU is the client's (Argon2 and all) and is reported
+   apart, never as server cost.
+5. Runs the recovery scenario again, paced at half the throughput it just
+   reached, for the latency at half saturation.
 
 Writes ``<out>/bench.json`` and ``<out>/bench.md``. Numbers on a shared
 2-core machine are noisy: read the ratios.
@@ -148,18 +154,50 @@ async def etcd_txn_floor(fleet, n: int) -> float:
     return spent
 
 
+def noise_floor(iterations: int) -> dict[str, float]:
+    """CPU seconds of the edge's own Noise cryptography, in-process: the
+    responder's half of one IK handshake, and one request opened plus its
+    answer sealed (a 200-byte body each way)."""
+    from bkv_edge.noise import Initiator, StaticKey, respond
+
+    edge, device = StaticKey.generate(), StaticKey.generate()
+    firsts = [Initiator(device, edge.public).first_message() for _ in range(iterations)]
+    t = time.process_time()
+    for m in firsts:
+        respond(edge, m)
+    handshake = (time.process_time() - t) / iterations
+    initiator = Initiator(device, edge.public)
+    server, m2 = respond(edge, initiator.first_message())
+    client = initiator.finish(server.session_id, m2)
+    sealed = [client.seal_request(i, "/v1/recovery/start", "Bearer " + "t" * 300, os.urandom(200))
+              for i in range(iterations)]
+    t = time.process_time()
+    for body in sealed:
+        counter, _, _, payload = server.open_request(body)
+        server.seal_response(counter, 200, payload)
+    return {"handshake": handshake, "request": (time.process_time() - t) / iterations}
+
+
 # -- scenarios -----------------------------------------------------------------------------------
 SCENARIOS = {
-    # name: (locust user class, simulated users, etcd writes in the floor)
-    "recovery": ("HonestRecovery", 8, 2),
-    "guess": ("GuessFlood", 4, 1),
-    "registration": ("Registration", 4, 1),
+    # name: (locust user class, simulated users, etcd writes, Noise requests, Noise handshakes) per operation
+    "recovery": ("HonestRecovery", 8, 2, 2, 1),  # a new device: one handshake, start and finish
+    "guess": ("GuessFlood", 4, 1, 1, 0),         # the attacker keeps its sessions
+    "registration": ("Registration", 4, 1, 2, 1),
 }
 
 
+def floor_ms(floor: dict, name: str, noise: bool) -> float:
+    _, _, writes, requests, handshakes = SCENARIOS[name]
+    seconds = floor["hsm"][name] + writes * floor["etcd_txn"]
+    if noise:
+        seconds += requests * floor["noise"]["request"] + handshakes * floor["noise"]["handshake"]
+    return round(1000 * seconds, 3)
+
+
 def run_scenario(fleet, name: str, duration: int, users: int, seeded: int, out: Path, processes: int,
-                 noise: bool = False) -> dict:
-    cls, default_users, _ = SCENARIOS[name]
+                 noise: bool = True, rate_per_user: float = 0.0, label: str = "") -> dict:
+    cls, default_users = SCENARIOS[name][:2]
     users = users or default_users
     if name == "recovery":
         users = min(users, seeded)  # one account per simulated user: no two recover the same one
@@ -169,8 +207,12 @@ def run_scenario(fleet, name: str, duration: int, users: int, seeded: int, out: 
            "PYTHONPATH": os.pathsep.join([str(ROOT / "loadtest"), os.environ.get("PYTHONPATH", "")])}
     if noise:
         env.update(BKV_LOAD_EDGE_URL=fleet.edge_url, BKV_LOAD_EDGE_KEY=fleet.edge_public_key)
+    if rate_per_user:
+        env["BKV_LOAD_RATE_PER_USER"] = str(rate_per_user)
     server = [p.pid for p in fleet.procs.values() if p.pid]
-    prefix = out / f"locust-{name}"
+    groups = _groups(fleet)
+    g0 = {g: cpu_seconds(pids) for g, pids in groups.items()}
+    prefix = out / f"locust-{label or name}"
     argv = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
             "-u", str(users), "-r", str(users * 10), "-t", f"{duration}s", "--csv", str(prefix),
             "--html", f"{prefix}.html", "--only-summary", "--stop-timeout", "5", cls]
@@ -181,17 +223,30 @@ def run_scenario(fleet, name: str, duration: int, users: int, seeded: int, out: 
     wall = time.monotonic() - w0
     c1 = os.times()
     server_cpu = cpu_seconds(server) - s0
+    by_group = {g: cpu_seconds(pids) - g0[g] for g, pids in groups.items()}
     client_cpu = (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system)
     with open(f"{prefix}_stats.csv") as f:
         row = next(r for r in csv.DictReader(f) if r["Name"] == name)
     ok = int(row["Request Count"]) - int(row["Failure Count"])
     return {
-        "scenario": name, "users": users, "seconds": round(wall, 1), "ops": ok,
+        "scenario": label or name, "users": users, "seconds": round(wall, 1), "ops": ok,
         "errors": int(row["Failure Count"]), "throughput_per_s": round(ok / duration, 1),
         "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]), "p99_ms": float(row["99%"]),
         "server_cpu_ms_per_op": round(1000 * server_cpu / max(ok, 1), 3),
         "client_cpu_ms_per_op": round(1000 * client_cpu / max(ok, 1), 3),
+        "server_cpu_ms_per_op_by_process": {g: round(1000 * c / max(ok, 1), 3) for g, c in by_group.items()},
     }
+
+
+def _groups(fleet) -> dict[str, list[int]]:
+    """Fleet processes by kind (etcd, hsm-proxy, island, frontend, envoy, noise-processor, ...)."""
+    out: dict[str, list[int]] = {}
+    for name, p in fleet.procs.items():
+        if p.pid:
+            kind = next((k for k in ("etcd", "hsm", "island", "frontend", "envoy", "noise-processor", "witness")
+                         if name.startswith(k)), name)
+            out.setdefault(kind, []).append(p.pid)
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -209,10 +264,20 @@ def markdown(result: dict) -> str:
             f"{r['errors']} | {r['server_cpu_ms_per_op']:.2f} | {r['server_cpu_ms_per_op_net_of_idle']:.2f} | "
             f"{r['floor_ms_per_op']:.2f} | "
             f"**{r['ratio_to_floor']:.2f}x** | {r['capacity_per_2_cores']:.0f}/s | {r['client_cpu_ms_per_op']:.2f} |")
+    lines += ["", "Server CPU ms per operation by process:", "",
+              "| scenario | " + " | ".join(result["scenarios"][0]["server_cpu_ms_per_op_by_process"]) + " |",
+              "|---|" + "---|" * len(result["scenarios"][0]["server_cpu_ms_per_op_by_process"])]
+    for r in result["scenarios"]:
+        lines.append(f"| {r['scenario']} | " + " | ".join(
+            f"{v:.2f}" for v in r["server_cpu_ms_per_op_by_process"].values()) + " |")
     f = result["floor"]
     lines += ["", f"Floor parts (ms/op): hsm-proxy crypto — registration {1000 * f['hsm']['registration']:.3f}, "
               f"guess {1000 * f['hsm']['guess']:.3f}, recovery {1000 * f['hsm']['recovery']:.3f}; "
-              f"etcd CPU per CAS transaction {1000 * f['etcd_txn']:.3f}.",
+              f"etcd CPU per CAS transaction {1000 * f['etcd_txn']:.3f}; "
+              f"Noise at the edge — responder's half of a handshake {1000 * f['noise']['handshake']:.3f}, "
+              f"open a request and seal its answer {1000 * f['noise']['request']:.3f} "
+              f"(counted only on the Noise path; per operation: recovery 1 handshake + 2 requests, "
+              f"guess 1 request, registration 1 handshake + 2 requests).",
               f"Idle fleet CPU: {1000 * result['idle_fleet_cpu_per_s']:.0f} ms per second (subtracted in 'net of idle').",
               f"Guess-flood limit check: {result['limit_check']}"]
     return "\n".join(lines) + "\n"
@@ -225,7 +290,9 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=0, help="simulated users per scenario (0: per-scenario default)")
     ap.add_argument("--processes", type=int, default=1, help="Locust processes")
     ap.add_argument("--scenarios", default="guess,recovery,registration")
-    ap.add_argument("--noise", action="store_true", help="go through Envoy and the Noise processor (the real path)")
+    ap.add_argument("--plaintext", action="store_true",
+                    help="clients straight to the frontend, skipping Envoy and Noise (not the real path)")
+    ap.add_argument("--no-half", action="store_true", help="skip the recovery run at half saturation")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     args = ap.parse_args()
     from conftest import start_fleet  # the same fleet the tests use
@@ -235,19 +302,25 @@ def main() -> int:
         fleet = start_fleet(Path(tmp), max_attempts=1000)
         try:
             asyncio.run(seed(fleet, args.seed_users, "load"))
-            floor = {"hsm": hsm_floor(fleet, 300), "etcd_txn": asyncio.run(etcd_txn_floor(fleet, 300))}
+            floor = {"hsm": hsm_floor(fleet, 300), "etcd_txn": asyncio.run(etcd_txn_floor(fleet, 300)),
+                     "noise": noise_floor(300)}
+            noise = not args.plaintext
             idle = idle_cpu_per_s(fleet)
             rows = []
             limit = "not run (no guess scenario)"
-            for name in args.scenarios.split(","):
+            runs = [(name, 0.0) for name in args.scenarios.split(",")]
+            for name, rate in runs:
                 guesses_before = _guesses(fleet)
                 r = run_scenario(fleet, name, args.duration, args.users, args.seed_users, args.out, args.processes,
-                                 args.noise)
+                                 noise, rate, "recovery at half saturation" if rate else "")
                 r["server_cpu_ms_per_op_net_of_idle"] = round(
                     r["server_cpu_ms_per_op"] - 1000 * idle * r["seconds"] / max(r["ops"], 1), 3)
                 if name == "guess":
                     limit = asyncio.run(check_limit(fleet, args.seed_users, _guesses(fleet) - guesses_before))
-                r["floor_ms_per_op"] = round(1000 * (floor["hsm"][name] + SCENARIOS[name][2] * floor["etcd_txn"]), 3)
+                if name == "recovery" and not rate and not args.no_half:
+                    # Latency when the fleet is not saturated: the same users, paced to half this throughput.
+                    runs.append((name, r["throughput_per_s"] / 2 / r["users"]))
+                r["floor_ms_per_op"] = floor_ms(floor, name, noise)
                 r["ratio_to_floor"] = round(r["server_cpu_ms_per_op"] / r["floor_ms_per_op"], 2)
                 r["capacity_per_2_cores"] = round(2000 / r["server_cpu_ms_per_op"])
                 rows.append(r)
@@ -257,7 +330,8 @@ def main() -> int:
     result = {"machine": machine(), "duration_s": args.duration, "scenarios": rows, "floor": floor,
               "idle_fleet_cpu_per_s": round(idle, 4),
               "fleet": "1 etcd, 1 hsm-proxy (SoftHSM2), 2 islands x 2 replicas, 1 frontend, Envoy + Noise processor; "
-                       + ("clients through Envoy and Noise" if args.noise else "clients on the plaintext path"),
+                       + ("clients on the plaintext path (--plaintext)" if args.plaintext
+                          else "clients through Envoy and Noise, as devices"),
               "limit_check": limit}
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "bench.md").write_text(markdown(result))

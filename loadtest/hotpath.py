@@ -1,9 +1,12 @@
 """Per-process server CPU of one guess (recovery start), without Locust.
 
-    .venv/bin/python loadtest/hotpath.py [--ops 400]
+    .venv/bin/python loadtest/hotpath.py [--ops 400] [--noise] [--profile DIR]
 
 Starts a fleet, sends guesses with the async SDK at concurrency 1 and 8, and
-prints CPU milliseconds per guess for every fleet process. Used to measure
+prints CPU milliseconds per guess for every fleet process. ``--noise`` goes
+through Envoy and the Noise processor (the real path); ``--profile DIR``
+records each Python service with py-spy (``pip install py-spy``) during the
+concurrency-8 run and writes one raw (collapsed) profile per process. Used to measure
 each optimisation before and after (docs/performance.md): check out the
 commit before a change, run this, check out the change, run it again.
 """
@@ -12,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,17 +32,38 @@ import opaque_ke_py as opaque  # noqa: E402
 
 from bench import cpu_seconds  # noqa: E402
 from bkv.sdk import VaultClient  # noqa: E402
+from bkv.transport import AsyncNoiseTransport  # noqa: E402
 from bkv_common.encoding import b64d  # noqa: E402
 from bkv_common.secrets import BackupKey  # noqa: E402
+from bkv_edge.noise import StaticKey  # noqa: E402
 from conftest import start_fleet  # noqa: E402
 
 
-async def measure(fleet, ops: int) -> None:
+def make_client(fleet, noise: bool) -> VaultClient:
     key = b64d(fleet.fleet_params["fleet_public_key"])
-    async with VaultClient(fleet.frontend_url, key, "hotpath", fleet.issuer().mint("hotpath")) as c:
+    if not noise:
+        return VaultClient(fleet.frontend_url, key, "hotpath", fleet.issuer().mint("hotpath"))
+    device = StaticKey.generate()
+    token = fleet.issuer().mint("hotpath", device_key_b64=base64.b64encode(device.public).decode())
+    return VaultClient(fleet.edge_url, key, "hotpath", token,
+                       transport=AsyncNoiseTransport(fleet.edge_url, b64d(fleet.edge_public_key), device))
+
+
+def start_profilers(fleet, out: Path, seconds: int) -> list[subprocess.Popen]:
+    out.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "-p", str(p.pid), "-d", str(seconds),
+                              "-r", "200", "-f", "raw", "-o", str(out / f"{name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, p in fleet.procs.items()
+            if p.pid and not name.startswith(("etcd", "envoy"))]
+
+
+async def measure(fleet, ops: int, noise: bool = False, profile: Path | None = None) -> None:
+    async with make_client(fleet, noise) as c:
         await c.register(BackupKey(os.urandom(32)), "pw")
         pids = {n: p.pid for n, p in fleet.procs.items()}
         for conc in (1, 8):
+            spies = start_profilers(fleet, profile, 600) if profile and conc == 8 else []
             before = {k: cpu_seconds([v]) for k, v in pids.items()}
             t, c0 = time.perf_counter(), time.process_time()
 
@@ -47,6 +75,9 @@ async def measure(fleet, ops: int) -> None:
             wall, client = time.perf_counter() - t, time.process_time() - c0
             spent = {k: 1000 * (cpu_seconds([v]) - before[k]) / ops for k, v in pids.items()}
             busy = {k: round(v, 2) for k, v in spent.items() if v > 0.1}
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+                spy.wait(timeout=60)
             print(f"concurrency {conc}: {ops / wall:.0f} guesses/s, client {1000 * client / ops:.2f} ms/op, "
                   f"server {sum(spent.values()):.2f} ms/op {busy}")
 
@@ -54,11 +85,13 @@ async def measure(fleet, ops: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", type=int, default=400)
+    ap.add_argument("--noise", action="store_true", help="through Envoy and the Noise processor")
+    ap.add_argument("--profile", type=Path, help="write a py-spy profile of each service here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bkv-hotpath-") as tmp:
         fleet = start_fleet(Path(tmp), max_attempts=1000)
         try:
-            asyncio.run(measure(fleet, args.ops))
+            asyncio.run(measure(fleet, args.ops, args.noise, args.profile))
         finally:
             fleet.down()
     return 0

@@ -15,7 +15,9 @@ Configuration comes from the environment (``bkv bench`` sets it):
 accounts), ``BKV_LOAD_USERS`` (how many accounts were seeded as
 ``load-<i>`` with password ``pw-load-<i>``), ``BKV_LOAD_PREFIX``; with
 ``BKV_LOAD_EDGE_URL`` and ``BKV_LOAD_EDGE_KEY`` every simulated device has its
-own Noise key and goes through Envoy (``bench.py --noise``).
+own Noise key and goes through Envoy (what ``bench.py`` does unless
+``--plaintext``). ``BKV_LOAD_RATE_PER_USER`` (operations per second per
+simulated user) paces ``HonestRecovery`` for the latency-at-half-saturation run.
 
 Distributed: ``locust -f loadtest/locustfile.py --master`` on one machine and
 ``locust -f loadtest/locustfile.py --worker --master-host HOST`` on others
@@ -30,7 +32,7 @@ import os
 import time
 
 import opaque_ke_py as opaque
-from locust import User, between, constant, events, tag, task  # noqa: F401
+from locust import User, between, constant, constant_throughput, events, tag, task  # noqa: F401
 
 from bkv import errors
 from bkv.sdk import VaultClientSync
@@ -89,21 +91,28 @@ class _VaultUser(User):
                             response_length=0, exception=exc, context={})
 
 
+RATE_PER_USER = float(os.environ.get("BKV_LOAD_RATE_PER_USER", "0"))
+
+
 class HonestRecovery(_VaultUser):
-    """Each simulated user owns one seeded account, so no two recover it at once."""
+    """Each simulated user owns one seeded account, so no two recover it at
+    once. Every recovery is what a new phone does: a new device key, a new
+    connection and a new Noise handshake, then the two OPAQUE round trips."""
+
+    wait_time = constant_throughput(RATE_PER_USER) if RATE_PER_USER else constant(0)
 
     def on_start(self) -> None:
         super().on_start()
         self.user_id, self.password = account(next(_next_account) % SEEDED)
-        self.vault = self.client_for(self.user_id)
 
-    def on_stop(self) -> None:
-        self.vault.close()
+    def _recover(self) -> None:
+        with self.client_for(self.user_id) as vault:
+            vault.recover(self.password)
 
     @tag("recovery")
     @task
     def recover(self) -> None:
-        self.timed("recovery", lambda: self.vault.recover(self.password))
+        self.timed("recovery", self._recover)
 
 
 class GuessFlood(_VaultUser):

@@ -14,14 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_benchmark_runs_every_scenario_through_noise_and_the_flood_respects_the_limit(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "loadtest" / "bench.py"), "--duration", "3", "--seed-users", "6",
-                          "--noise", "--out", str(tmp_path)], capture_output=True, text=True, timeout=400)
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["scenario"]: r for r in result["scenarios"]}
-    assert set(rows) == {"guess", "recovery", "registration"}
+    assert set(rows) == {"guess", "recovery", "registration", "recovery at half saturation"}
+    assert "Envoy and Noise" in result["fleet"] and result["floor"]["noise"]["handshake"] > 0
     for r in rows.values():
         assert r["ops"] > 0 and r["errors"] == 0
         assert r["floor_ms_per_op"] > 0 and r["ratio_to_floor"] > 1
     assert result["limit_check"].endswith(": ok"), result["limit_check"]
     assert (tmp_path / "bench.md").read_text().count("|") > 20
     assert (tmp_path / "locust-guess.html").exists()
+    # The paced run asked for half the saturated throughput (Locust's pacing is approximate).
+    half, full = rows["recovery at half saturation"], rows["recovery"]
+    assert half["throughput_per_s"] < 0.8 * full["throughput_per_s"]
+    assert set(r["server_cpu_ms_per_op_by_process"]) >= {"etcd", "hsm", "island", "frontend", "envoy",
+                                                            "noise-processor"}
