@@ -33,7 +33,7 @@ from bkv_common.encoding import canonical, fleet_id_for, request_digest, u32, u6
 from bkv_common.retry import Backoff, DeadlineExceeded, retry, retry_sync
 from bkv_common.secrets import BackupKey, Password
 from bkv_common.wire import ErrorBody
-from bkv.transport import NoiseError
+from bkv.transport import NoiseError, tls_context
 from bkv_frontend import api
 
 DEFAULT_BACKOFF = Backoff(deadline_s=15.0, first_delay_s=0.05, max_delay_s=1.0)
@@ -258,7 +258,7 @@ class VaultClient:
         self.fleet_id = self.protocol.fleet_id
         self._backoff = backoff
         self._http = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=timeout_s,
-                                       headers={"authorization": f"Bearer {token}"})
+                                       headers={"authorization": f"Bearer {token}"}, verify=tls_context())
 
     def __repr__(self) -> str:
         return f"VaultClient(user_id={self.user_id!r}, fleet_id={self.fleet_id}, token=(redacted))"
@@ -333,7 +333,7 @@ class VaultClientSync:
         self.user_id = user_id
         self._backoff = backoff
         self._http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout_s,
-                                  headers={"authorization": f"Bearer {token}"})
+                                  headers={"authorization": f"Bearer {token}"}, verify=tls_context())
 
     def __repr__(self) -> str:
         return f"VaultClientSync(user_id={self.user_id!r}, token=(redacted))"

@@ -9,7 +9,9 @@ first handshake message carries no application data.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import ssl
 import threading
 
 import httpx
@@ -20,6 +22,16 @@ from bkv_edge.noise import SESSION_ID_LEN, Initiator, Session, StaticKey
 HANDSHAKE = "/noise/handshake"
 TRANSPORT = "/noise/v1"
 _OCTETS = {"content-type": "application/octet-stream"}
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One verifying TLS context per process, shared by every client: httpx
+    builds a new one (loading the CA bundle, ~20 ms of CPU) for each client
+    and transport otherwise, which a device recovering once would not notice
+    but a load generator does. Used only for https URLs; the Noise edge
+    itself speaks plain HTTP and needs no TLS."""
+    return httpx.create_ssl_context()
 
 
 class NoiseError(Exception):
@@ -84,7 +96,7 @@ class _Base:
 class AsyncNoiseTransport(_Base, httpx.AsyncBaseTransport):
     def __init__(self, base_url: str, edge_public: bytes, device_key: StaticKey) -> None:
         super().__init__(base_url, edge_public, device_key)
-        self._http = httpx.AsyncHTTPTransport()
+        self._http = httpx.AsyncHTTPTransport(verify=tls_context())
 
     async def _ensure_session(self) -> Session:
         if self._session is None:
@@ -115,7 +127,7 @@ class NoiseTransport(_Base, httpx.BaseTransport):
 
     def __init__(self, base_url: str, edge_public: bytes, device_key: StaticKey) -> None:
         super().__init__(base_url, edge_public, device_key)
-        self._http = httpx.HTTPTransport()
+        self._http = httpx.HTTPTransport(verify=tls_context())
         self._lock = threading.Lock()
 
     def _session_sync(self) -> Session:
