@@ -221,6 +221,7 @@ def run_scenario(fleet, name: str, duration: int, users: int, seeded: int, out: 
             "--html", f"{prefix}.html", "--only-summary", "--stop-timeout", "5", cls]
     if processes > 1:
         argv[3:3] = ["--processes", str(processes)]
+        env["BKV_LOAD_WORKERS"] = str(processes)
     s0, w0, c0 = cpu_seconds(server), time.monotonic(), os.times()
     run = subprocess.run(argv, env=env, cwd=ROOT, check=False, capture_output=True, text=True,
                          timeout=duration + 120)

@@ -50,6 +50,7 @@ EDGE_URL = os.environ.get("BKV_LOAD_EDGE_URL", "")   # set: go through Envoy and
 EDGE_KEY = os.environ.get("BKV_LOAD_EDGE_KEY", "")
 PREFIX = os.environ.get("BKV_LOAD_PREFIX", "load")
 SEEDED = int(os.environ.get("BKV_LOAD_USERS", "100"))
+WORKERS = int(os.environ.get("BKV_LOAD_WORKERS", "1"))
 _next_account = itertools.count()
 
 
@@ -142,7 +143,9 @@ class HonestRecovery(_VaultUser):
 
     def on_start(self) -> None:
         super().on_start()
-        self.user_id, self.password = account(next(_next_account) % SEEDED)
+        # Distinct accounts across Locust processes too (``--processes``: BKV_LOAD_WORKERS of them).
+        worker = getattr(self.environment.runner, "worker_index", 0)
+        self.user_id, self.password = account((worker + next(_next_account) * WORKERS) % SEEDED)
 
     def _recover(self) -> None:
         started = time.perf_counter()
