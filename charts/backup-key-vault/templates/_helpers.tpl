@@ -88,3 +88,20 @@ topologySpreadConstraints:
       matchLabels:
         {{- toYaml $sel | nindent 8 }}
 {{- end -}}
+
+{{/* The load generator's environment (loadtest/locustfile.py, loadtest/seed.py):
+     through the public Service with Noise, keys from the published ConfigMap. */}}
+{{- define "bkv.loadtestEnv" -}}
+- name: BKV_LOAD_EDGE_URL
+  value: http://{{ include "bkv.fullname" . }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}:{{ .Values.frontend.service.port }}
+- name: BKV_LOAD_EDGE_KEY
+  valueFrom: {configMapKeyRef: {name: {{ include "bkv.fleetConfigMap" . }}, key: edge_public_key}}
+- name: BKV_LOAD_FLEET_KEY
+  valueFrom: {configMapKeyRef: {name: {{ include "bkv.fleetConfigMap" . }}, key: fleet_public_key}}
+- name: BKV_LOAD_ISSUER_DIR
+  value: /issuer
+- name: BKV_LOAD_USERS
+  value: {{ .Values.loadtest.seedUsers | quote }}
+- name: BKV_LOAD_WORKERS
+  value: {{ .Values.loadtest.workers | quote }}
+{{- end -}}

@@ -108,6 +108,14 @@ class DevIssuer:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         return cls(key)
 
+    @classmethod
+    def load(cls, directory: Path) -> DevIssuer:
+        """The existing key only, writing nothing (a read-only Secret mount)."""
+        key = serialization.load_pem_private_key((directory / "issuer-key.pem").read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError("the issuer key is not an Ed25519 private key")
+        return cls(key)
+
     def mint(self, user_id: str, *, ttl_s: int = 30 * 24 * 3600, device_key_b64: str | None = None) -> str:
         if not USER_ID.match(user_id):
             raise ValueError("user ids are 1-128 characters of letters, digits and . _ @ + -")
