@@ -111,3 +111,16 @@ async def test_an_expired_token_is_refused(fleet, victim):
 async def test_recovery_for_an_unknown_user_is_a_404_with_a_stable_code(fleet):
     resp = post(fleet, unique_user("nobody"), "/v1/recovery/start", json={"credential_request": B(b"x" * 96)})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_record"
+
+
+def test_the_schema_documents_the_opaque_routes_the_fast_path_answers(fleet):
+    """The four OPAQUE routes are answered in front of FastAPI (bkv_frontend/app.py:
+    OpaqueFastPath); FastAPI still publishes them, with their models, in the schema."""
+    schema = httpx.get(f"{fleet.frontend_url}/openapi.json").json()
+    for path, model in (("/v1/registration/start", "RegistrationStartRequest"),
+                        ("/v1/registration/finish", "RegistrationFinishRequest"),
+                        ("/v1/recovery/start", "RecoveryStartRequest"),
+                        ("/v1/recovery/finish", "RecoveryFinishRequest")):
+        post = schema["paths"][path]["post"]
+        assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + model), path
+        assert "200" in post["responses"]

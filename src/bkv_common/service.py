@@ -69,14 +69,16 @@ class GuardAndMeasure:
         metrics.HTTP_REQUESTS.labels(self.service, route, str(status[0])).inc()
 
 
-def install_common(app: FastAPI, service: str, *, ready: Callable[[], bool]) -> None:
-    """Validation errors as 400, request guards, metrics, health."""
+def install_common(app: FastAPI, service: str, *, ready: Callable[[], bool], guard: bool = True) -> None:
+    """Validation errors as 400, request guards, metrics, health. ``guard=False``:
+    the caller wraps the app in GuardAndMeasure itself (the frontend, around its fast path)."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, ErrorCode.INVALID_REQUEST, validation_message(exc))
 
-    app.add_middleware(GuardAndMeasure, service=service)
+    if guard:
+        app.add_middleware(GuardAndMeasure, service=service)
 
     @app.get("/healthz", include_in_schema=False)
     async def _healthz() -> dict:

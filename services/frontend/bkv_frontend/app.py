@@ -1,16 +1,26 @@
-"""The public v1 API and its one exception-to-HTTP mapping."""
+"""The public v1 API and its one exception-to-HTTP mapping (``map_error``).
+
+FastAPI serves the API and its schema; the four OPAQUE routes -- the whole
+login and registration load -- are answered by :class:`OpaqueFastPath` in
+front of it with the same handlers, the same auth and the same error
+mapping, without FastAPI's middleware and dependency layers (about a third
+of the frontend's CPU per request: docs/performance.md).
+"""
 
 
 import asyncio
 import contextlib
-from typing import Annotated
+import logging
+from typing import Annotated, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 
 from bkv_common.encoding import user_ref
 from bkv_common.http import UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, decode_error
-from bkv_common.service import error_response, install_common, passthrough_response
+from bkv_common.rpc import MAX_BODY_BYTES, validation_message
+from bkv_common.service import GuardAndMeasure, error_response, install_common, passthrough_response
 from bkv_common.wire import ErrorCode
 from bkv_frontend import api
 from bkv_frontend.auth import TokenVerifier, Unauthenticated, check_device
@@ -37,31 +47,31 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                 await on_shutdown()
 
     app = FastAPI(title="Backup Key Vault", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
-    install_common(app, "frontend", ready=view.ready)
+    install_common(app, "frontend", ready=view.ready, guard=False)  # the guard wraps the fast path too, below
 
-    @app.exception_handler(Unauthenticated)
-    async def _unauth(_: Request, __: Unauthenticated) -> JSONResponse:
-        return error_response(401, ErrorCode.UNAUTHENTICATED, "a valid account token is required",
-                              headers={"WWW-Authenticate": "Bearer"})
+    def map_error(exc: Exception) -> Response | None:
+        """Every expected failure of a public route, as its HTTP answer (None: a bug)."""
+        if isinstance(exc, Unauthenticated):
+            return error_response(401, ErrorCode.UNAUTHENTICATED, "a valid account token is required",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        if isinstance(exc, UpstreamError):
+            return passthrough_response(exc.status, exc.body)
+        if isinstance(exc, UpstreamOutcomeUnknown):
+            return error_response(502, ErrorCode.OUTCOME_UNKNOWN, "the vault lost the connection mid-request; this "
+                                  "attempt may or may not have been counted")
+        if isinstance(exc, UpstreamUnavailable):
+            return error_response(503, ErrorCode.UNAVAILABLE, "the vault is temporarily unavailable; retry shortly",
+                                  True, {"Retry-After": "1"})
+        if isinstance(exc, NotReady):
+            return error_response(503, ErrorCode.UNAVAILABLE, "the vault is starting; retry shortly", True,
+                                  {"Retry-After": "1"})
+        return None
 
-    @app.exception_handler(UpstreamError)
-    async def _upstream(_: Request, exc: UpstreamError) -> JSONResponse:
-        return passthrough_response(exc.status, exc.body)
+    async def _mapped(_: Request, exc: Exception) -> Response:
+        return map_error(exc)
 
-    @app.exception_handler(UpstreamOutcomeUnknown)
-    async def _unknown(_: Request, exc: UpstreamOutcomeUnknown) -> JSONResponse:
-        return error_response(502, ErrorCode.OUTCOME_UNKNOWN, "the vault lost the connection mid-request; this "
-                              "attempt may or may not have been counted")
-
-    @app.exception_handler(UpstreamUnavailable)
-    async def _unavailable(_: Request, exc: UpstreamUnavailable) -> JSONResponse:
-        return error_response(503, ErrorCode.UNAVAILABLE, "the vault is temporarily unavailable; retry shortly",
-                              True, {"Retry-After": "1"})
-
-    @app.exception_handler(NotReady)
-    async def _not_ready(_: Request, exc: NotReady) -> JSONResponse:
-        return error_response(503, ErrorCode.UNAVAILABLE, "the vault is starting; retry shortly", True,
-                              {"Retry-After": "1"})
+    for cls in (Unauthenticated, UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, NotReady):
+        app.add_exception_handler(cls, _mapped)
 
     # async on purpose: a plain `def` dependency would run in a worker thread.
     async def account(authorization: Annotated[str | None, Header()] = None,
@@ -118,39 +128,118 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                                         idempotent=True)
         return old is not None or home != asked
 
-    # Each route names its answer model for the OpenAPI schema only; the
-    # island's bytes go out unchanged.
-    @app.post("/v1/registration/start", response_model=api.RegistrationStartOut)
-    async def registration_start(req: api.RegistrationStartRequest, user: User) -> Response:
+    # The OPAQUE routes: what the island gets for each public request.
+    async def registration_start_(req: api.RegistrationStartRequest, user: str) -> Response:
         return await relay(user, "/island/v1/registration/start",
                            iapi.RegistrationStartIn(user_id=user, fleet_id=req.fleet_id,
                                                     registration_request=req.registration_request),
                            idempotent=True)
 
-    @app.post("/v1/registration/finish", response_model=api.RegistrationFinishOut)
-    async def registration_finish(req: api.RegistrationFinishRequest, user: User) -> Response:
+    async def registration_finish_(req: api.RegistrationFinishRequest, user: str) -> Response:
         return await relay(user, "/island/v1/registration/finish",
                            iapi.RegistrationFinishIn(user_id=user, fleet_id=req.fleet_id, challenge=req.challenge,
                                                      registration_upload=req.registration_upload, ek=req.ek,
                                                      k_nonce=req.k_nonce), idempotent=False)
 
-    @app.post("/v1/recovery/start", response_model=api.RecoveryStartOut)
-    async def recovery_start(req: api.RecoveryStartRequest, user: User) -> Response:
+    async def recovery_start_(req: api.RecoveryStartRequest, user: str) -> Response:
         return await relay(user, "/island/v1/recovery/start",
                            iapi.RecoveryStartIn(user_id=user, fleet_id=req.fleet_id,
                                                 credential_request=req.credential_request),
                            idempotent=False)
 
-    @app.post("/v1/recovery/finish", response_model=api.RecoveryFinishOut)
-    async def recovery_finish(req: api.RecoveryFinishRequest, user: User) -> Response:
+    async def recovery_finish_(req: api.RecoveryFinishRequest, user: str) -> Response:
         return await relay(user, "/island/v1/recovery/finish",
                            iapi.RecoveryFinishIn(user_id=user, fleet_id=req.fleet_id, login_state=req.login_state,
                                                  credential_finalization=req.credential_finalization),
                            idempotent=False)
+
+    # path: (request model, answer model -- for the schema only: the island's bytes go out unchanged, handler)
+    opaque_routes: dict[str, tuple[type[BaseModel], type[BaseModel], OpaqueHandler]] = {
+        "/v1/registration/start": (api.RegistrationStartRequest, api.RegistrationStartOut, registration_start_),
+        "/v1/registration/finish": (api.RegistrationFinishRequest, api.RegistrationFinishOut, registration_finish_),
+        "/v1/recovery/start": (api.RecoveryStartRequest, api.RecoveryStartOut, recovery_start_),
+        "/v1/recovery/finish": (api.RecoveryFinishRequest, api.RecoveryFinishOut, recovery_finish_),
+    }
+    # The same routes in FastAPI, for the schema (/openapi.json); requests to
+    # them are answered by OpaqueFastPath before they get here.
+    for path, (model, out, handler) in opaque_routes.items():
+        app.add_api_route(path, _documented(model, handler, account), methods=["POST"], response_model=out)
 
     @app.post("/v1/record/delete", include_in_schema=False)
     @app.delete("/v1/record", response_model=api.DeleteOut)
     async def delete(user: User) -> Response:
         return await relay(user, "/island/v1/record/delete", iapi.DeleteIn(user_id=user), idempotent=True)
 
-    return app
+    return GuardAndMeasure(OpaqueFastPath(app, opaque_routes, account, map_error), service="frontend")
+
+
+OpaqueHandler = Callable[[BaseModel, str], Awaitable[Response]]
+log = logging.getLogger(__name__)
+
+
+def _documented(model: type[BaseModel], handler: OpaqueHandler, account) -> Callable:
+    """A FastAPI endpoint with ``model`` as its body and ``account`` as its
+    auth dependency, calling ``handler``."""
+    async def endpoint(req: model, user: Annotated[str, Depends(account)]) -> Response:  # type: ignore[valid-type]
+        return await handler(req, user)
+
+    return endpoint
+
+
+class OpaqueFastPath:
+    """Pure ASGI: answers ``POST`` on the OPAQUE routes itself -- auth (the
+    same ``account``), body validation (400 as FastAPI's handler gives it),
+    the handler, errors through the same ``map_error`` -- and passes
+    everything else to FastAPI. Content type, size and metrics are checked
+    and counted by the GuardAndMeasure around both."""
+
+    def __init__(self, app, routes: dict[str, tuple[type[BaseModel], type[BaseModel], OpaqueHandler]], account,
+                 map_error: Callable[[Exception], Response | None]) -> None:
+        self.app = app
+        self._routes = routes
+        self._account = account
+        self._map_error = map_error
+
+    async def __call__(self, scope, receive, send) -> None:
+        route = self._routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        model, _, handler = route
+        try:
+            headers = dict(scope["headers"])
+            user = await self._account(authorization=_header(headers, b"authorization"),
+                                       x_bkv_device_key=_header(headers, b"x-bkv-device-key"))
+            body = await _read_body(receive)
+            if body is None:
+                response = error_response(413, ErrorCode.PAYLOAD_TOO_LARGE,
+                                          f"bodies are limited to {MAX_BODY_BYTES} bytes")
+            else:
+                response = await handler(model.model_validate_json(body), user)
+        except ValidationError as exc:
+            response = error_response(400, ErrorCode.INVALID_REQUEST, validation_message(exc))
+        except Exception as exc:  # noqa: BLE001 - mapped below; anything unmapped is a bug, answered 500
+            response = self._map_error(exc)
+            if response is None:
+                log.exception("unexpected error in frontend %s", scope["path"])
+                response = error_response(500, ErrorCode.INTERNAL, "internal error")
+        await response(scope, receive, send)
+
+
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+async def _read_body(receive) -> bytes | None:
+    """The whole body, or None past MAX_BODY_BYTES (a chunked body has no length to check up front)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
