@@ -129,7 +129,8 @@ class _AddHeader(httpx.AsyncBaseTransport):
 
 
 def test_nothing_in_clear_passes_envoy(fleet):
-    for method, path in (("POST", "/v1/recovery/start"), ("GET", "/v1/fleet"), ("GET", "/healthz")):
+    for method, path in (("POST", "/v1/recovery/start"), ("GET", "/v1/fleet"), ("GET", "/healthz"),
+                         ("GET", "/noise/v1"), ("PUT", "/noise/handshake"), ("POST", "/v1/bundle")):
         resp = httpx.request(method, fleet.edge_url + path, json={} if method == "POST" else None)
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
 

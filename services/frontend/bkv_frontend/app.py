@@ -14,7 +14,7 @@ import logging
 from typing import Annotated, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from bkv_common.encoding import user_ref
