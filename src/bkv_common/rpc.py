@@ -38,6 +38,21 @@ def validation_message(exc: ValidationError) -> str:
     return f"invalid request: check {where}"
 
 
+async def read_body(receive) -> bytes | None:
+    """An ASGI request's whole body, or None past MAX_BODY_BYTES (a chunked
+    body has no length to check up front)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
 class RpcApp:
     def __init__(self, service: str, routes: dict[str, tuple[type[BaseModel], Handler]], *,
                  map_error: ErrorMapper, ready: Callable[[], bool] = lambda: True,
@@ -72,7 +87,7 @@ class RpcApp:
             await self._send_error(send, 415, error_body(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send application/json"))
             return
         start = time.perf_counter()
-        body = await self._read_body(receive)
+        body = await read_body(receive)
         if body is None:
             await self._send_error(send, 413, error_body(ErrorCode.PAYLOAD_TOO_LARGE,
                                                          f"bodies are limited to {MAX_BODY_BYTES} bytes"))
@@ -113,18 +128,6 @@ class RpcApp:
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", ctype)]})
         await send({"type": "http.response.body", "body": body})
 
-    @staticmethod
-    async def _read_body(receive) -> bytes | None:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
 
     @staticmethod
     async def _send_error(send, status: int, err: ErrorBody) -> None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from bkv_common.encoding import user_ref
 from bkv_common.http import UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, decode_error
-from bkv_common.rpc import MAX_BODY_BYTES, validation_message
+from bkv_common.rpc import MAX_BODY_BYTES, read_body, validation_message
 from bkv_common.service import GuardAndMeasure, error_response, install_common, passthrough_response
 from bkv_common.wire import ErrorCode
 from bkv_frontend import api
@@ -210,7 +210,7 @@ class OpaqueFastPath:
             headers = dict(scope["headers"])
             user = await self._account(authorization=_header(headers, b"authorization"),
                                        x_bkv_device_key=_header(headers, b"x-bkv-device-key"))
-            body = await _read_body(receive)
+            body = await read_body(receive)
             if body is None:
                 response = error_response(413, ErrorCode.PAYLOAD_TOO_LARGE,
                                           f"bodies are limited to {MAX_BODY_BYTES} bytes")
@@ -229,17 +229,3 @@ class OpaqueFastPath:
 def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
     value = headers.get(name)
     return value.decode("latin-1") if value is not None else None
-
-
-async def _read_body(receive) -> bytes | None:
-    """The whole body, or None past MAX_BODY_BYTES (a chunked body has no length to check up front)."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
