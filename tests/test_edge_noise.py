@@ -121,7 +121,8 @@ class _AddHeader(httpx.AsyncBaseTransport):
         self._inner, self._key, self._value = inner, key, value
 
     async def handle_async_request(self, request):
-        request.headers[self._key] = self._value
+        # Two copies: every copy must go, not only the first.
+        request.headers = httpx.Headers(request.headers.multi_items() + [(self._key, self._value)] * 2)
         return await self._inner.handle_async_request(request)
 
     async def aclose(self):

@@ -4,8 +4,10 @@ Envoy routes by path (bkv_edge/envoy.py) and tells us, in the gRPC stream's
 initial metadata (``x-bkv-edge-route``), which of the two Noise routes a
 stream belongs to; everything else is answered by Envoy itself (a 404, or
 ``GET /v1/bundle`` passed in clear with the processor disabled). Per HTTP
-stream we then see only what we must:
+stream we then do only what we must:
 
+* the request headers: answered with a constant, never read (Envoy sends
+  them only so that it holds them back until we have seen the body);
 * ``handshake``: the buffered request body (IK message 1), answered by us
   with an immediate response (session id and IK message 2);
 * ``transport``: the buffered request body -- ``session_id | sealed`` --
@@ -15,9 +17,8 @@ stream we then see only what we must:
   we keep and replace with 200; and the buffered response body, which we
   seal with that status for the same session.
 
-Request headers are never sent to us (one ext_proc round trip fewer per
-request: docs/performance.md). Messages are encoded by hand
-(bkv_edge/extproc.py) and served by grpcio's C core.
+Messages are encoded by hand (bkv_edge/extproc.py) and served by grpcio's
+C core; why: docs/performance.md, "Optimisation log".
 """
 
 from __future__ import annotations
@@ -123,9 +124,11 @@ class Exchange:
         except BadMessage:
             self._p.sessions.close(session.session_id)  # tampering ends the session
             raise
+        # Every client-supplied copy of the device header goes (Envoy removes before it sets), then ours.
         headers = extproc.header_mutation(
             {":path": path.encode(), "authorization": auth.encode(), "content-type": b"application/json",
-             "content-length": str(len(payload)).encode(), DEVICE_HEADER: base64.b64encode(session.peer_static)})
+             "content-length": str(len(payload)).encode(), DEVICE_HEADER: base64.b64encode(session.peer_static)},
+            remove=(DEVICE_HEADER,))
         return extproc.body_response(extproc.REQUEST_BODY, payload, headers)
 
     def _seal(self, body: bytes) -> bytes:
@@ -179,4 +182,3 @@ async def serve(edge_key: StaticKey, host: str, port: int) -> None:
     await server.start()
     log.info("noise processor on %s:%d", host, port)
     await server.wait_for_termination()
-

@@ -98,7 +98,7 @@ class DevIssuer:
         directory.mkdir(parents=True, exist_ok=True)
         priv_path = directory / "issuer-key.pem"
         if priv_path.exists():
-            key = serialization.load_pem_private_key(priv_path.read_bytes(), password=None)
+            key = cls.load(directory)._key
         else:
             key = Ed25519PrivateKey.generate()
             priv_path.touch(mode=0o600)
