@@ -153,10 +153,12 @@ def test_the_values_shape_the_fleet_one_statefulset_per_island_and_the_etcd_clus
 
 # -- security posture ---------------------------------------------------------------------
 
-def test_the_load_test_without_the_issuer_key_fails_with_a_clear_message():
+def test_the_load_test_without_the_issuer_key_or_with_too_few_accounts_fails_with_a_clear_message():
     with pytest.raises(helm.HelmError, match="loadtest.issuerKeySecret or loadtest.issuerKey"):
         render(values_for("dev", loadtest={"enabled": True}))
     assert not [o for o in objects(render(values_for("dev"))) if "locust" in o["metadata"]["name"]]
+    with pytest.raises(helm.HelmError, match="loadtest.users must not exceed loadtest.seedUsers"):
+        render(values_for("loadtest", loadtest={"users": 50, "seedUsers": 10}))
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
