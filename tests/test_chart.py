@@ -248,14 +248,15 @@ def _allowed(policies: list[dict], dst: dict, src: dict | None, port: int, src_n
     return False
 
 
+def _pod_labels_by_component(objs: list[dict]) -> dict[str, dict]:
+    return {o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]:
+            o["spec"]["template"]["metadata"]["labels"] for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")}
+
+
 def test_network_policies_let_only_islands_reach_the_hsm_and_only_the_frontend_reach_islands():
     objs = objects(render(values_for("default")))
     policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
-    pods = {}
-    for o in objs:
-        if o["kind"] in ("Deployment", "StatefulSet", "Job"):
-            pods[o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]] = \
-                o["spec"]["template"]["metadata"]["labels"]
+    pods = _pod_labels_by_component(objs)
     same_ns = {"self": True, "kubernetes.io/metadata.name": "vault"}
     monitoring = {"kubernetes.io/metadata.name": "monitoring"}
     allowed = lambda dst, src, port, ns=same_ns: _allowed(policies, pods[dst], pods.get(src), port, ns)  # noqa: E731
@@ -281,8 +282,7 @@ def test_network_policies_let_only_islands_reach_the_hsm_and_only_the_frontend_r
 def test_with_the_load_test_locust_workers_reach_only_their_master_and_the_public_edge():
     objs = objects(render(values_for("loadtest")))
     policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
-    pods = {o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]:
-            o["spec"]["template"]["metadata"]["labels"] for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")}
+    pods = _pod_labels_by_component(objs)
     ns = {"self": True, "kubernetes.io/metadata.name": "vault"}
     assert _allowed(policies, pods["locust-master"], pods["locust-worker"], 5557, ns)
     assert not _allowed(policies, pods["locust-master"], pods["frontend"], 5557, ns)

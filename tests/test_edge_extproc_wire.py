@@ -41,7 +41,7 @@ def test_request_headers_are_recognised_without_being_read():
     assert extproc.decode_request(raw).kind == extproc.REQUEST_HEADERS
 
 
-@pytest.mark.parametrize("raw", [b"", b"\x22\x05ab", b"\x0f", bytes(ProcessingRequest())])
+@pytest.mark.parametrize("raw", [b"", b"\x22\x05ab", b"\x0f", b"\x09abc", bytes(ProcessingRequest())])
 def test_truncated_or_phaseless_messages_are_refused(raw):
     with pytest.raises(BadMessage):
         extproc.decode_request(raw)

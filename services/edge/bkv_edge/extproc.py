@@ -4,9 +4,9 @@ encoded and decoded by hand.
 Why by hand: the generated betterproto2 classes validate every field with
 pydantic and took about half of the processor's CPU per request
 (docs/performance.md). The processor only ever reads which phase a message
-is and the buffered body, and only ever answers with a body (and header)
-mutation or an immediate response, so a few dozen lines of protobuf wire
-format replace them. ``tests/test_edge_extproc_wire.py`` checks every
+is, the buffered body and the response's ``:status``, and only ever
+answers with a header or body mutation or an immediate response, so a few
+dozen lines of protobuf wire format replace them. ``tests/test_edge_extproc_wire.py`` checks every
 encoder and decoder here against the generated classes.
 
 Field numbers are those of ``envoy/service/ext_proc/v3/external_processor.proto``
@@ -79,10 +79,11 @@ def _fields(buf: bytes):
             if i + length > n:
                 raise BadMessage("truncated ext_proc message")
             value, i = buf[i:i + length], i + length
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
+        elif wire in (1, 5):  # fixed64, fixed32
+            width = 8 if wire == 1 else 4
+            if i + width > n:
+                raise BadMessage("truncated ext_proc message")
+            value, i = buf[i:i + width], i + width
         else:
             raise BadMessage("unsupported protobuf wire type")
         yield number, wire, value
