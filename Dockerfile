@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # One image for every service; the chart picks the entrypoint per container:
 #   bkv-frontend serve | bkv-island serve | bkv-hsm-proxy serve | fleet-init |
-#   publish-configmap | bkv-edge processor | render-envoy | pubkey
+#   publish-configmap | bkv-noise-processor serve | render-envoy | pubkey
 # Envoy itself runs from the official envoyproxy/envoy image beside it.
 #
 # A second target adds Locust and loadtest/ for the chart's in-cluster load
@@ -11,6 +11,19 @@
 # same Debian whose softhsm2 the tests run against. For a reproducible build
 # pin its digest too: --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:...
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+ARG DEBIAN_IMAGE=debian:bookworm-slim
+
+# The Noise processor (Go), from Debian's Go packages exactly as
+# scripts/setup.sh builds it locally: no module download. Static binary.
+FROM ${DEBIAN_IMAGE} AS noise-processor
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends golang-go golang-google-grpc-dev \
+        golang-github-flynn-noise-dev golang-golang-x-crypto-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY scripts/build-noise-processor.sh ./scripts/
+COPY services/edge/noise-processor ./services/edge/noise-processor
+RUN bash scripts/build-noise-processor.sh /out/bkv-noise-processor
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -41,6 +54,7 @@ RUN apt-get update \
  && groupadd --system --gid 10001 bkv \
  && useradd --system --uid 10001 --gid bkv --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin bkv
 COPY --from=build /opt/bkv /opt/bkv
+COPY --from=noise-processor /out/bkv-noise-processor /opt/bkv/bin/bkv-noise-processor
 # Read-only root filesystem in the pod: no bytecode writes, logs to stdout.
 ENV PATH=/opt/bkv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

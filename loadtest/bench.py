@@ -144,27 +144,15 @@ async def etcd_txn_floor(fleet, n: int) -> float:
 
 
 def noise_floor(iterations: int) -> dict[str, float]:
-    """CPU seconds of the edge's own Noise cryptography, in-process: the
+    """CPU seconds of the edge's own Noise cryptography, measured by the
+    processor's binary with its own code (``bkv-noise-processor floor``): the
     responder's half of one IK handshake, and one request opened plus its
     answer sealed (a 200-byte body each way)."""
-    from bkv_edge.noise import Initiator, StaticKey, respond
+    from bkv.devfleet import _processor_binary
 
-    edge, device = StaticKey.generate(), StaticKey.generate()
-    firsts = [Initiator(device, edge.public).first_message() for _ in range(iterations)]
-    t = time.process_time()
-    for m in firsts:
-        respond(edge, m)
-    handshake = (time.process_time() - t) / iterations
-    initiator = Initiator(device, edge.public)
-    server, m2 = respond(edge, initiator.first_message())
-    client = initiator.finish(server.session_id, m2)
-    sealed = [client.seal_request(i, "/v1/recovery/start", "Bearer " + "t" * 300, os.urandom(200))
-              for i in range(iterations)]
-    t = time.process_time()
-    for body in sealed:
-        counter, _, _, payload = server.open_request(body)
-        server.seal_response(counter, 200, payload)
-    return {"handshake": handshake, "request": (time.process_time() - t) / iterations}
+    out = subprocess.run([_processor_binary(), "floor", "--iterations", str(iterations)],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    return {k: float(v) for k, v in json.loads(out).items()}
 
 
 # -- scenarios -----------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # prometheus: the dashboards test scrapes the local fleet with the real one.
-APT_PACKAGES=(etcd-server softhsm2 prometheus)
+# golang-*: the Noise processor is Go, built from Debian's packages offline.
+APT_PACKAGES=(etcd-server softhsm2 prometheus
+              golang-go golang-google-grpc-dev golang-github-flynn-noise-dev golang-golang-x-crypto-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,4 +42,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[dev]'
   echo "$want" > "$stamp"
+fi
+
+# The Noise processor (Go) beside the interpreter, rebuilt when its sources change.
+proc_stamp=.venv/.bkv-noise-processor
+proc_want=$(cat services/edge/noise-processor/*.go scripts/build-noise-processor.sh | sha256sum | cut -d' ' -f1)
+if [ ! -x .venv/bin/bkv-noise-processor ] || [ ! -f "$proc_stamp" ] || [ "$(cat "$proc_stamp")" != "$proc_want" ]; then
+  echo "setup: building the Noise processor"
+  bash scripts/build-noise-processor.sh "$PWD/.venv/bin/bkv-noise-processor"
+  echo "$proc_want" > "$proc_stamp"
 fi

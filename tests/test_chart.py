@@ -335,7 +335,14 @@ def test_the_dockerfile_is_multi_stage_pinned_slim_and_non_root():
     base = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG PYTHON_IMAGE="))
     assert base.startswith("python:3.11.") and base.endswith("-slim-bookworm") and base.count(".") >= 2
     froms = [line.split()[1:] for line in text.splitlines() if line.startswith("FROM ")]
-    assert [f[-1] for f in froms] == ["build", "runtime", "loadtest", "runtime"] and "COPY --from=build" in text
+    assert [f[-1] for f in froms] == ["noise-processor", "build", "runtime", "loadtest", "runtime"]
+    assert "COPY --from=build" in text
+    # The Go processor is built by the same script as the local fleet's, and lands on the image's PATH.
+    go_stage = text.split("AS noise-processor", 1)[1].split("\nFROM ", 1)[0]
+    assert "RUN bash scripts/build-noise-processor.sh /out/bkv-noise-processor" in go_stage
+    binaries = {line.split()[-1].rsplit("/", 1)[1] for line in text.splitlines()
+                if line.startswith("COPY --from=") and " /opt/bkv/bin/" in line}
+    assert binaries == {"bkv-noise-processor"}
     # A plain `docker build` gives the service image (the last stage is the runtime one).
     assert froms[-1] == ["runtime"]
     user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
@@ -353,7 +360,7 @@ def test_the_dockerfile_is_multi_stage_pinned_slim_and_non_root():
                 assert all((ROOT / "loadtest" / Path(a).name).exists()
                            for a in c["command"] + c.get("args", []) if a.startswith("/opt/bkv-loadtest/"))
             elif c["image"].startswith("ghcr.io/backup-key-vault/"):
-                assert c["command"][0] in scripts | {"sh"}, (where, c["name"], c["command"][0])
+                assert c["command"][0] in scripts | binaries | {"sh"}, (where, c["name"], c["command"][0])
 
 
 # -- smoke run: the rendered pods as local processes ---------------------------------------

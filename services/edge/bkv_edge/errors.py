@@ -1,31 +1,25 @@
-"""Exceptions of the Noise edge; each becomes an immediate 4xx from Envoy.
+"""What the device's side of the Noise channel raises (bkv_edge/noise.py).
 
 ::
 
     EdgeError
-    ├── HandshakeFailed     400 noise_handshake_failed -- not for our key, or malformed
-    ├── UnknownSession      401 noise_session_unknown  -- expired or never existed: handshake again
-    ├── BadMessage          400 noise_bad_message      -- tampered, replayed or malformed: session closed
-    └── NotNoise            404 not_found              -- only the Noise paths are served
+    ├── HandshakeFailed     the edge did not prove the pinned key
+    └── BadMessage          the edge's answer failed authentication
+
+The edge's own refusals are JSON answers with these codes (the processor's
+tree: services/edge/noise-processor/errors.go; docs/edge.md):
+``400 noise_handshake_failed``, ``401 noise_session_unknown`` (handshake
+again), ``400 noise_bad_message`` (the session is closed) and ``404 not_found``.
 """
 
 
 class EdgeError(Exception):
-    status = 400
     code = "noise_error"
 
 
 class HandshakeFailed(EdgeError):
-    status, code = 400, "noise_handshake_failed"
-
-
-class UnknownSession(EdgeError):
-    status, code = 401, "noise_session_unknown"
+    code = "noise_handshake_failed"
 
 
 class BadMessage(EdgeError):
-    status, code = 400, "noise_bad_message"
-
-
-class NotNoise(EdgeError):
-    status, code = 404, "not_found"
+    code = "noise_bad_message"

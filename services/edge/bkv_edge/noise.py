@@ -1,13 +1,13 @@
-"""Noise_IK_25519_ChaChaPoly_SHA256 sessions, shared by the edge (responder)
-and the client transport (initiator).
+"""Noise_IK_25519_ChaChaPoly_SHA256, the device's (initiator's) side, used by
+the client transport (bkv/transport.py). The responder is the edge's Noise
+processor, in Go: services/edge/noise-processor/noise.go.
 
 After the two-message IK handshake, each side holds the two transport keys.
 Every request carries an explicit 64-bit counter; requests on one session
-may arrive out of order (concurrent HTTP requests), so the responder keeps a
-replay window instead of Noise's implicit nonce: a counter is accepted once,
-and only if it is above the lowest counter still in the window. The
-response to request ``n`` is sealed with counter ``n`` under the other key,
-so no (key, nonce) pair is ever used twice.
+may arrive out of order (concurrent HTTP requests), so the edge keeps a
+replay window instead of Noise's implicit nonce. The response to request
+``n`` is sealed with counter ``n`` under the other key, so no (key, nonce)
+pair is ever used twice.
 
     request body  = u64 counter | ChaCha20-Poly1305(k_c2s, nonce(counter), inner, aad = session_id)
     inner         = u16 len | path | u16 len | authorization | body
@@ -16,10 +16,8 @@ so no (key, nonce) pair is ever used twice.
 
 from __future__ import annotations
 
-import os
 import struct
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -32,7 +30,6 @@ from bkv_edge.errors import BadMessage, HandshakeFailed
 
 PROTOCOL = b"Noise_IK_25519_ChaChaPoly_SHA256"
 PROLOGUE = b"bkv/v1/noise"
-WINDOW = 4096
 SESSION_ID_LEN = 16
 
 
@@ -62,50 +59,15 @@ def _pack(*fields: bytes) -> bytes:
 
 @dataclass
 class Session:
+    """A device's transport session: seals its requests, opens the edge's answers."""
+
     session_id: bytes
     k_recv: bytes
     k_send: bytes
-    peer_static: bytes
-    created: float = field(default_factory=time.monotonic)
-    _seen: set = field(default_factory=set)
-    _high: int = -1
 
     def __repr__(self) -> str:
         return f"Session(id={self.session_id.hex()[:8]}..., keys=(redacted))"
 
-    # -- responder side ---------------------------------------------------------------
-    def open_request(self, body: bytes) -> tuple[int, str, str, bytes]:
-        """(counter, path, authorization, inner body); raises BadMessage."""
-        if len(body) < 8 + 16:
-            raise BadMessage("message too short")
-        (counter,) = struct.unpack(">Q", body[:8])
-        if counter in self._seen or counter <= self._high - WINDOW:
-            raise BadMessage("replayed or too old")
-        try:
-            inner = ChaCha20Poly1305(self.k_recv).decrypt(_nonce(counter), body[8:], self.session_id)
-        except InvalidTag:
-            raise BadMessage("ciphertext failed authentication") from None
-        self._seen.add(counter)
-        if counter > self._high:
-            self._high = counter
-            self._seen = {c for c in self._seen if c > self._high - WINDOW}
-        try:
-            (plen,) = struct.unpack_from(">H", inner, 0)
-            path = inner[2:2 + plen].decode()
-            (alen,) = struct.unpack_from(">H", inner, 2 + plen)
-            auth = inner[4 + plen:4 + plen + alen].decode()
-            payload = inner[4 + plen + alen:]
-        except (struct.error, UnicodeDecodeError):
-            raise BadMessage("malformed inner request") from None
-        if not path.startswith("/v1/"):
-            raise BadMessage("only the v1 API is reachable through Noise")
-        return counter, path, auth, payload
-
-    def seal_response(self, counter: int, status: int, body: bytes) -> bytes:
-        return ChaCha20Poly1305(self.k_send).encrypt(_nonce(counter), struct.pack(">H", status) + body,
-                                                     self.session_id)
-
-    # -- initiator side ------------------------------------------------------------------
     def seal_request(self, counter: int, path: str, authorization: str, body: bytes) -> bytes:
         inner = _pack(path.encode(), authorization.encode(), body)
         return struct.pack(">Q", counter) + ChaCha20Poly1305(self.k_send).encrypt(
@@ -116,6 +78,8 @@ class Session:
             plain = ChaCha20Poly1305(self.k_recv).decrypt(_nonce(counter), body, self.session_id)
         except InvalidTag:
             raise BadMessage("the edge's answer failed authentication") from None
+        if len(plain) < 2:
+            raise BadMessage("the edge's answer has no status")
         return struct.unpack(">H", plain[:2])[0], plain[2:]
 
 
@@ -124,24 +88,6 @@ def _connection(static: StaticKey) -> NoiseConnection:
     conn.set_keypair_from_private_bytes(Keypair.STATIC, static.reveal())
     conn.set_prologue(PROLOGUE)
     return conn
-
-
-def respond(edge_key: StaticKey, message1: bytes) -> tuple[Session, bytes]:
-    """Responder: read IK message 1, answer with message 2."""
-    conn = _connection(edge_key)
-    conn.set_as_responder()
-    conn.start_handshake()
-    try:
-        payload = conn.read_message(message1)
-        peer = conn.noise_protocol.handshake_state.rs.public_bytes
-        message2 = bytes(conn.write_message(b""))
-    except Exception:  # noqa: BLE001 - any failure is the same answer: not for this key, or garbage
-        raise HandshakeFailed("the handshake does not verify for this edge key") from None
-    if payload:
-        raise HandshakeFailed("no application data is accepted in the handshake")
-    session = Session(os.urandom(SESSION_ID_LEN), conn.noise_protocol.cipher_state_decrypt.k,
-                      conn.noise_protocol.cipher_state_encrypt.k, peer)
-    return session, message2
 
 
 class Initiator:
@@ -162,4 +108,4 @@ class Initiator:
         except Exception:  # noqa: BLE001
             raise HandshakeFailed("the edge did not prove the pinned key") from None
         p = self._conn.noise_protocol
-        return Session(session_id, p.cipher_state_decrypt.k, p.cipher_state_encrypt.k, b"")
+        return Session(session_id, p.cipher_state_decrypt.k, p.cipher_state_encrypt.k)

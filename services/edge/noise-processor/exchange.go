@@ -1,0 +1,115 @@
+package main
+
+// One HTTP request through the edge. Envoy routes by path
+// (bkv_edge/envoy.py) and names the route in the stream's initial metadata
+// (x-bkv-edge-route); per stream we then do only what we must:
+//
+//   - the request headers: answered with a constant, never read (Envoy sends
+//     them only so that it holds them back until we have seen the body);
+//   - handshake: the buffered body (IK message 1), answered by us with an
+//     immediate response (session id | IK message 2);
+//   - transport: the buffered body (session id | sealed request), opened into
+//     the inner request (path, authorization, body, and x-bkv-device-key set
+//     to the session's authenticated device key after every client-supplied
+//     copy is removed); the response headers, whose status we keep and
+//     replace with 200; the buffered response body, sealed with that status.
+
+import (
+	"encoding/base64"
+	"strconv"
+)
+
+const (
+	deviceHeader   = "x-bkv-device-key"
+	routeMetadata  = "x-bkv-edge-route"
+	routeHandshake = "handshake"
+	routeTransport = "transport"
+)
+
+var (
+	continueRequestHeaders = headersResponse(phaseRequestHeaders, nil)
+	sealedHeaders          = headerMutation([]header{{":status", []byte("200")},
+		{"content-type", []byte("application/octet-stream")}})
+)
+
+type processor struct {
+	key      staticKey
+	sessions *sessions
+	metrics  *metrics
+}
+
+type exchange struct {
+	p       *processor
+	route   string
+	session *session
+	counter uint64
+	status  int
+}
+
+// on answers one ext_proc message; done means the stream is finished.
+func (x *exchange) on(p phase) (answer []byte, done bool) {
+	answer, done, err := x.step(p)
+	if err != nil {
+		e := asEdgeError(err)
+		x.p.metrics.rejected(e.code)
+		return e.answer(), true
+	}
+	return answer, done
+}
+
+func (x *exchange) step(p phase) ([]byte, bool, error) {
+	switch {
+	case p.kind == phaseRequestHeaders && (x.route == routeHandshake || x.route == routeTransport):
+		return continueRequestHeaders, false, nil // held by Envoy until we have the body
+	case x.route == routeHandshake && p.kind == phaseRequestBody:
+		answer, err := x.handshake(p.body)
+		return answer, true, err
+	case x.route == routeTransport && p.kind == phaseRequestBody:
+		answer, err := x.open(p.body)
+		return answer, false, err
+	case x.route == routeTransport && p.kind == phaseResponseHeaders && x.session != nil:
+		x.status = p.status // sealed with the body, replaced by 200 outside
+		return headersResponse(phaseResponseHeaders, sealedHeaders), false, nil
+	case x.route == routeTransport && p.kind == phaseResponseBody && x.session != nil:
+		sealed := x.session.sealResponse(x.counter, x.status, p.body)
+		return bodyResponse(phaseResponseBody, sealed, headerMutation([]header{
+			{"content-length", []byte(strconv.Itoa(len(sealed)))}})), true, nil
+	}
+	// Envoy sends nothing else in the modes it is configured with; refuse
+	// rather than pass anything through that we did not look at.
+	return nil, true, errNotNoise()
+}
+
+func (x *exchange) handshake(message1 []byte) ([]byte, error) {
+	s, message2, err := respond(x.p.key, message1)
+	if err != nil {
+		return nil, err
+	}
+	x.p.sessions.add(s)
+	x.p.metrics.handshake()
+	body := append(append(make([]byte, 0, sessionIDLen+len(message2)), s.id[:]...), message2...)
+	return immediateResponse(200, body, "application/octet-stream"), nil
+}
+
+func (x *exchange) open(body []byte) ([]byte, error) {
+	if len(body) <= sessionIDLen {
+		return nil, errUnknownSession("missing session id")
+	}
+	s, err := x.p.sessions.get(body[:sessionIDLen])
+	if err != nil {
+		return nil, err
+	}
+	counter, path, auth, payload, err := s.openRequest(body[sessionIDLen:])
+	if err != nil {
+		x.p.sessions.close(s.id) // tampering ends the session
+		return nil, err
+	}
+	x.session, x.counter = s, counter
+	headers := headerMutation([]header{
+		{":path", []byte(path)}, {"authorization", []byte(auth)},
+		{"content-type", []byte("application/json")},
+		{"content-length", []byte(strconv.Itoa(len(payload)))},
+		{deviceHeader, []byte(base64.StdEncoding.EncodeToString(s.peer))},
+	}, deviceHeader) // Envoy removes before it sets: every client copy goes, then ours
+	return bodyResponse(phaseRequestBody, payload, headers), nil
+}

@@ -1,0 +1,151 @@
+package main
+
+// Noise_IK_25519_ChaChaPoly_SHA256, the responder's side; the wire format is
+// docs/edge.md's and the initiator is bkv_edge/noise.py (the SDK's).
+//
+//	request body  = session_id | u64 counter | ChaCha20-Poly1305(k_c2s, nonce(counter), inner, aad = session_id)
+//	inner         = u16 len | path | u16 len | authorization | body
+//	response body = ChaCha20-Poly1305(k_s2c, nonce(counter), u16 status | body, aad = session_id)
+//
+// Counters are explicit because requests on one session may arrive out of
+// order; each is accepted once, within a window below the highest seen.
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/binary"
+	"sync"
+	"time"
+
+	"github.com/flynn/noise"
+	"golang.org/x/crypto/curve25519"
+)
+
+const (
+	sessionIDLen = 16
+	window       = 4096
+)
+
+var (
+	prologue    = []byte("bkv/v1/noise")
+	cipherSuite = noise.NewCipherSuite(noise.DH25519, noise.CipherChaChaPoly, noise.HashSHA256)
+)
+
+// staticKey is the edge's X25519 static key pair; its String never shows the key.
+type staticKey struct{ pair noise.DHKey }
+
+func (staticKey) String() string { return "staticKey(redacted)" }
+
+func newStaticKey(private []byte) (staticKey, error) {
+	public, err := curve25519.X25519(private, curve25519.Basepoint)
+	if err != nil {
+		return staticKey{}, err
+	}
+	return staticKey{noise.DHKey{Private: append([]byte(nil), private...), Public: public}}, nil
+}
+
+type session struct {
+	id         [sessionIDLen]byte
+	recv, send noise.Cipher
+	peer       []byte
+	created    time.Time
+
+	mu   sync.Mutex
+	seen map[uint64]struct{}
+	high uint64
+	any  bool // a counter has been accepted (high is meaningful)
+}
+
+func (s *session) String() string { return "session(keys redacted)" }
+
+// respond reads IK message 1 and answers with message 2.
+func respond(key staticKey, message1 []byte) (*session, []byte, error) {
+	hs, err := noise.NewHandshakeState(noise.Config{CipherSuite: cipherSuite, Pattern: noise.HandshakeIK,
+		Initiator: false, Prologue: prologue, StaticKeypair: key.pair, Random: rand.Reader})
+	if err != nil {
+		return nil, nil, err
+	}
+	payload, _, _, err := hs.ReadMessage(nil, message1)
+	if err != nil {
+		return nil, nil, errHandshake("the handshake does not verify for this edge key")
+	}
+	if len(payload) > 0 {
+		return nil, nil, errHandshake("no application data is accepted in the handshake")
+	}
+	message2, c2s, s2c, err := hs.WriteMessage(nil, nil)
+	if err != nil || c2s == nil {
+		return nil, nil, errHandshake("the handshake does not verify for this edge key")
+	}
+	s := &session{recv: c2s.Cipher(), send: s2c.Cipher(), peer: hs.PeerStatic(), created: time.Now(),
+		seen: map[uint64]struct{}{}}
+	if _, err := rand.Read(s.id[:]); err != nil {
+		return nil, nil, err
+	}
+	return s, message2, nil
+}
+
+// openRequest authenticates one request and returns its counter and inner parts.
+func (s *session) openRequest(sealed []byte) (counter uint64, path, auth string, payload []byte, err error) {
+	if len(sealed) < 8+16 {
+		return 0, "", "", nil, errBadMessage("message too short")
+	}
+	counter = binary.BigEndian.Uint64(sealed[:8])
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, replayed := s.seen[counter]; replayed || (s.any && s.high >= window && counter <= s.high-window) {
+		return 0, "", "", nil, errBadMessage("replayed or too old")
+	}
+	inner, err := s.recv.Decrypt(nil, counter, s.id[:], sealed[8:])
+	if err != nil {
+		return 0, "", "", nil, errBadMessage("ciphertext failed authentication")
+	}
+	s.seen[counter] = struct{}{}
+	if !s.any || counter > s.high {
+		s.high, s.any = counter, true
+		if s.high >= window {
+			for c := range s.seen {
+				if c <= s.high-window {
+					delete(s.seen, c)
+				}
+			}
+		}
+	}
+	rawPath, rest, ok := cut(inner)
+	rawAuth, body, ok2 := cut(rest)
+	if !ok || !ok2 || !headerSafe(rawPath) || !headerSafe(rawAuth) {
+		return 0, "", "", nil, errBadMessage("malformed inner request")
+	}
+	if !bytes.HasPrefix(rawPath, []byte("/v1/")) {
+		return 0, "", "", nil, errBadMessage("only the v1 API is reachable through Noise")
+	}
+	return counter, string(rawPath), string(rawAuth), body, nil
+}
+
+// sealResponse seals the inner status and body with the request's counter under the other key.
+func (s *session) sealResponse(counter uint64, status int, body []byte) []byte {
+	plain := make([]byte, 2, 2+len(body))
+	binary.BigEndian.PutUint16(plain, uint16(status))
+	return s.send.Encrypt(nil, counter, s.id[:], append(plain, body...))
+}
+
+// cut splits a u16-length-prefixed field off the front.
+func cut(b []byte) ([]byte, []byte, bool) {
+	if len(b) < 2 {
+		return nil, nil, false
+	}
+	n := int(binary.BigEndian.Uint16(b))
+	if len(b) < 2+n {
+		return nil, nil, false
+	}
+	return b[2 : 2+n], b[2+n:], true
+}
+
+// headerSafe: printable ASCII only -- these become HTTP header values.
+func headerSafe(b []byte) bool {
+	for _, c := range b {
+		if c < 0x20 || c > 0x7e {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,271 @@
+"""The Noise processor (services/edge/noise-processor, Go) as a real process,
+spoken to over gRPC the way Envoy does, with Envoy's generated ext_proc
+classes (envoy-data-plane) on our side: every message it reads and writes is
+checked against the protobuf definitions, and its per-request logic without
+Envoy in between. The whole path through Envoy is tests/test_edge_noise.py."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from envoy_data_plane.envoy.config.core.v3 import HeaderMap, HeaderValue
+from envoy_data_plane.envoy.service.ext_proc.v3 import (
+    HttpBody,
+    HttpHeaders,
+    ProcessingRequest,
+    ProcessingResponse,
+    ProtocolConfiguration,
+)
+
+from bkv.devfleet import _processor_binary, wait_until
+from bkv_edge.errors import HandshakeFailed
+from bkv_edge.noise import SESSION_ID_LEN, Initiator, Session, StaticKey
+
+METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+REQUEST_HEADERS = ProcessingRequest(request_headers=HttpHeaders(headers=HeaderMap(headers=[
+    HeaderValue(key=":path", raw_value=b"/noise/v1"), HeaderValue(key="x-bkv-device-key", raw_value=b"forged")])))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processor:
+    def __init__(self, tmp: Path, *flags: str) -> None:
+        self.key = StaticKey.generate()
+        key_file = tmp / "edge.key"
+        key_file.write_bytes(base64.b64encode(self.key.reveal()) + b"\n")
+        self.port, self.metrics_port = _port(), _port()
+        self.proc = subprocess.Popen([_processor_binary(), "serve", "--listen", f"127.0.0.1:{self.port}",
+                                      "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+                                      "--key-file", str(key_file), *flags], stderr=sys.stderr)
+        wait_until(lambda: httpx.get(self.metrics_url).status_code == 200, 30, "the processor's metrics")
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self._process = self.channel.stream_stream(METHOD)  # raw bytes both ways
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def stream(self, route: str | None, *messages: ProcessingRequest | bytes) -> list[ProcessingResponse]:
+        """One HTTP request's ext_proc stream: every answer, parsed."""
+        raw = [m if isinstance(m, bytes) else bytes(m) for m in messages]
+        metadata = [("x-bkv-edge-route", route)] if route else []
+        return [ProcessingResponse().parse(a) for a in self._process(iter(raw), metadata=metadata, timeout=10)]
+
+    def handshake(self, device: StaticKey | None = None) -> Session:
+        initiator = Initiator(device or StaticKey.generate(), self.key.public)
+        first, answer = self.stream("handshake", REQUEST_HEADERS,
+                                    ProcessingRequest(request_body=HttpBody(body=initiator.first_message(),
+                                                                            end_of_stream=True)))
+        assert first.is_set("request_headers") and not bytes(first.request_headers)  # a bare CONTINUE
+        imm = answer.immediate_response
+        assert imm.status.code.value == 200, imm.body
+        return initiator.finish(imm.body[:SESSION_ID_LEN], imm.body[SESSION_ID_LEN:])
+
+    def transport(self, body: bytes, status_header: HeaderValue | None = None,
+                  answer: bytes = b"") -> list[ProcessingResponse]:
+        status_header = status_header or HeaderValue(key=":status", raw_value=b"200")
+        return self.stream("transport", REQUEST_HEADERS,
+                           ProcessingRequest(request_body=HttpBody(body=body, end_of_stream=True),
+                                             protocol_config=ProtocolConfiguration()),
+                           ProcessingRequest(response_headers=HttpHeaders(headers=HeaderMap(headers=[
+                               HeaderValue(key="content-type", raw_value=b"application/json"), status_header]))),
+                           ProcessingRequest(response_body=HttpBody(body=answer, end_of_stream=True)))
+
+    def close(self) -> None:
+        self.channel.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    p = Processor(tmp_path_factory.mktemp("processor"))
+    yield p
+    p.close()
+
+
+def _refusal(answer: ProcessingResponse) -> tuple[int, str]:
+    imm = answer.immediate_response
+    return imm.status.code.value, json.loads(imm.body)["error"]["code"]
+
+
+def _set_headers(mutation) -> dict[str, bytes]:
+    assert all(h.append_action.name == "OVERWRITE_IF_EXISTS_OR_ADD" for h in mutation.set_headers)
+    return {h.header.key: h.header.raw_value for h in mutation.set_headers}
+
+
+def test_a_transport_request_opens_to_the_inner_request_and_its_answer_is_sealed_with_the_inner_status(processor):
+    device = StaticKey.generate()
+    session = processor.handshake(device)
+    body = session.session_id + session.seal_request(7, "/v1/recovery/start", "Bearer t", b'{"a":1}')
+    headers, request, response_headers, response_body = processor.transport(
+        body, HeaderValue(key=":status", raw_value=b"403"), b'{"error":{}}')
+
+    assert headers.is_set("request_headers")
+    common = request.request_body.response
+    assert common.body_mutation.body == b'{"a":1}'
+    inner = _set_headers(common.header_mutation)
+    assert inner[":path"] == b"/v1/recovery/start" and inner["authorization"] == b"Bearer t"
+    assert inner["content-length"] == b"7" and inner["content-type"] == b"application/json"
+    # Every client-supplied copy of the device header goes; ours is what the handshake proved.
+    assert common.header_mutation.remove_headers == ["x-bkv-device-key"]
+    assert inner["x-bkv-device-key"] == base64.b64encode(device.public)
+
+    outer = _set_headers(response_headers.response_headers.response.header_mutation)
+    assert outer[":status"] == b"200"  # the real status travels sealed
+    sealed = response_body.response_body.response
+    assert _set_headers(sealed.header_mutation)["content-length"] == str(len(sealed.body_mutation.body)).encode()
+    assert session.open_response(7, sealed.body_mutation.body) == (403, b'{"error":{}}')
+
+
+def test_the_inner_status_is_read_from_the_value_field_too(processor):
+    session = processor.handshake()
+    body = session.session_id + session.seal_request(1, "/v1/fleet", "", b"")
+    *_, last = processor.transport(body, HeaderValue(key=":status", value="429"), b"slow down")
+    assert session.open_response(1, last.response_body.response.body_mutation.body) == (429, b"slow down")
+
+
+def test_a_replayed_request_is_refused_and_ends_the_session(processor):
+    session = processor.handshake()
+    body = session.session_id + session.seal_request(3, "/v1/fleet", "", b"")
+    assert processor.transport(body)[-1].is_set("response_body")
+    assert _refusal(processor.transport(body)[1]) == (400, "noise_bad_message")
+    fresh = session.session_id + session.seal_request(4, "/v1/fleet", "", b"")
+    assert _refusal(processor.transport(fresh)[1]) == (401, "noise_session_unknown")
+
+
+def test_a_tampered_request_is_refused_and_ends_the_session(processor):
+    session = processor.handshake()
+    body = bytearray(session.session_id + session.seal_request(0, "/v1/fleet", "", b"{}"))
+    body[-1] ^= 1
+    assert _refusal(processor.transport(bytes(body))[1]) == (400, "noise_bad_message")
+    fresh = session.session_id + session.seal_request(1, "/v1/fleet", "", b"{}")
+    assert _refusal(processor.transport(fresh)[1]) == (401, "noise_session_unknown")
+
+
+@pytest.mark.parametrize("path,auth", [("/healthz", ""), ("/v1/fleet\r\nx-bkv-device-key: forged", ""),
+                                       ("/v1/fleet", "Bearer t\nx: y")])
+def test_an_inner_request_off_the_v1_api_or_with_control_characters_is_refused(processor, path, auth):
+    session = processor.handshake()
+    body = session.session_id + session.seal_request(0, path, auth, b"")
+    assert _refusal(processor.transport(body)[1]) == (400, "noise_bad_message")
+
+
+def test_a_body_for_an_unknown_session_asks_for_a_new_handshake(processor):
+    assert _refusal(processor.transport(b"\x01" * 64)[1]) == (401, "noise_session_unknown")
+    assert _refusal(processor.transport(b"\x01" * SESSION_ID_LEN)[1]) == (401, "noise_session_unknown")
+
+
+def test_a_handshake_made_for_another_edge_key_fails(processor):
+    initiator = Initiator(StaticKey.generate(), StaticKey.generate().public)
+    _, answer = processor.stream("handshake", REQUEST_HEADERS,
+                                 ProcessingRequest(request_body=HttpBody(body=initiator.first_message())))
+    assert _refusal(answer) == (400, "noise_handshake_failed")
+
+
+def test_a_client_that_pinned_another_key_cannot_finish_the_handshake(processor):
+    session = processor.handshake()  # the edge's real answer...
+    initiator = Initiator(StaticKey.generate(), processor.key.public)
+    _, answer = processor.stream("handshake", REQUEST_HEADERS, ProcessingRequest(
+        request_body=HttpBody(body=initiator.first_message())))
+    other = Initiator(StaticKey.generate(), StaticKey.generate().public)
+    other.first_message()
+    with pytest.raises(HandshakeFailed):  # ... read by a client that expected another edge
+        other.finish(answer.immediate_response.body[:SESSION_ID_LEN], answer.immediate_response.body[SESSION_ID_LEN:])
+    assert session.session_id != answer.immediate_response.body[:SESSION_ID_LEN]
+
+
+def test_a_stream_without_a_route_from_envoy_is_refused(processor):
+    assert _refusal(processor.stream(None, REQUEST_HEADERS)[0]) == (404, "not_found")
+    assert _refusal(processor.stream("other", REQUEST_HEADERS)[0]) == (404, "not_found")
+
+
+def test_a_response_phase_on_the_handshake_route_is_refused(processor):
+    answer, = processor.stream("handshake", ProcessingRequest(response_body=HttpBody(body=b"x")))
+    assert _refusal(answer) == (404, "not_found")
+
+
+def test_response_phases_before_a_request_was_opened_are_refused(processor):
+    answer, = processor.stream("transport", ProcessingRequest(response_body=HttpBody(body=b"x")))
+    assert _refusal(answer) == (404, "not_found")
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x22\x05ab", b"\x0f", b"\x09abc", bytes(ProcessingRequest()),
+                                 bytes(ProcessingRequest(response_headers=HttpHeaders()))])
+def test_truncated_phaseless_or_statusless_messages_are_refused(processor, raw):
+    answer, = processor.stream("transport", raw)
+    assert _refusal(answer) == (400, "noise_bad_message")
+
+
+def test_concurrent_requests_on_one_session_are_each_accepted_once(processor):
+    session = processor.handshake()
+    bodies = [session.session_id + session.seal_request(c, "/v1/fleet", "", b"%d" % c) for c in range(40)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: processor.transport(b, answer=b"ok"), bodies))
+    for counter, stream in enumerate(answers):
+        assert session.open_response(counter, stream[-1].response_body.response.body_mutation.body) == (200, b"ok")
+
+
+def test_metrics_count_handshakes_and_refusals_by_reason(processor):
+    def value(text: str, name: str) -> float:
+        return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
+
+    before = httpx.get(processor.metrics_url).text
+    processor.handshake()
+    processor.transport(b"\x01" * 64)
+    after = httpx.get(processor.metrics_url).text
+    assert value(after, "bkv_noise_handshakes_total") == value(before, "bkv_noise_handshakes_total") + 1
+    unknown = 'bkv_noise_rejections_total{reason="noise_session_unknown"}'
+    assert value(after, unknown) == value(before, unknown) + 1
+    assert value(after, "bkv_noise_sessions") >= 1
+
+
+def test_the_oldest_session_goes_first_when_the_table_is_full(tmp_path):
+    p = Processor(tmp_path, "--max-sessions", "2")
+    try:
+        first, second, third = p.handshake(), p.handshake(), p.handshake()
+
+        def status(s: Session) -> bool:
+            return p.transport(s.session_id + s.seal_request(0, "/v1/fleet", "", b""))[1].is_set("immediate_response")
+
+        assert status(first) and not status(second) and not status(third)
+    finally:
+        p.close()
+
+
+def test_an_expired_session_asks_for_a_new_handshake(tmp_path):
+    p = Processor(tmp_path, "--session-ttl", "1ns")
+    try:
+        s = p.handshake()
+        assert _refusal(p.transport(s.session_id + s.seal_request(0, "/v1/fleet", "", b""))[1]) == \
+            (401, "noise_session_unknown")
+    finally:
+        p.close()
+
+
+def test_the_floor_command_measures_the_edge_cryptography():
+    out = subprocess.run([_processor_binary(), "floor", "--iterations", "20"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    floor = json.loads(out)
+    assert set(floor) == {"handshake", "request"} and 0 < floor["request"] < floor["handshake"] < 0.05
+
+
+def test_a_key_file_that_is_not_an_x25519_key_stops_it_at_start(tmp_path):
+    bad = tmp_path / "edge.key"
+    bad.write_text(base64.b64encode(b"short").decode())
+    res = subprocess.run([_processor_binary(), "serve", "--listen", f"127.0.0.1:{_port()}", "--key-file", str(bad)],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "not an X25519 key" in res.stderr
