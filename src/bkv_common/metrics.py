@@ -21,6 +21,8 @@ HSM_OP = Histogram(
 ETCD_TXN = Histogram(
     "bkv_etcd_txn_duration_seconds", "etcd transaction latency", ["operation"], buckets=_LATENCY_BUCKETS
 )
+ETCD_BATCH = Histogram("bkv_etcd_swaps_per_txn", "Compare-and-swaps sent together in one etcd transaction",
+                       buckets=(1, 2, 4, 8, 16, 32, 64))
 ETCD_CONFLICTS = Counter("bkv_etcd_txn_conflicts", "Compare-and-swap transactions that lost a race", ["operation"])
 RETRIES = Counter("bkv_retries", "Retries after a retryable failure, by target", ["target"])
 ISLAND_ROUTING = Counter("bkv_island_routing", "Requests routed to each island", ["island"])

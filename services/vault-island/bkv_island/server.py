@@ -18,7 +18,7 @@ from bkv_island.store import EtcdRecordStore
 def build_app(settings: IslandSettings) -> RpcApp:
     etcd = make_client(settings.etcd_endpoints)
     hsm = HsmHttpClient(settings.hsm_url_list)
-    island = Island(settings.island_id, EtcdRecordStore(etcd, settings.etcd_prefix), hsm)
+    island = Island(settings.island_id, EtcdRecordStore(etcd, settings.etcd_prefix, group_commit=settings.group_commit), hsm)
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []
 

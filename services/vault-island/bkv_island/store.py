@@ -6,10 +6,20 @@ hash of the user id), whose value is the
 JSON of :class:`bkv_hsm_proxy.api.Entry`. Writes are compare-and-swap on the
 key's etcd ``mod_revision`` (0 when absent), so concurrent replicas never
 overwrite each other's decrements.
+
+Swaps are group-committed: while one transaction is in flight, the swaps
+that arrive meanwhile wait and then go together in the next one (each with
+its own compare), so under load one etcd round trip and one Raft entry
+carry many decrements. Nothing waits for a batch to fill: a lone swap goes
+at once. A batch is all-or-nothing in etcd, so when any compare fails the
+store answers ``False`` only to the swaps whose record really moved on and
+sends the others again -- each caller sees exactly what a transaction of
+its own would have told it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -64,6 +74,16 @@ class RecordStore(Protocol):
 
 
 CACHE_ENTRIES = 100_000
+MAX_BATCH = 64  # swaps per transaction; etcd refuses more than 128 operations (--max-txn-ops)
+
+
+@dataclass
+class _Swap:
+    key: bytes
+    expected_revision: int
+    entry: Entry
+    value: bytes
+    outcome: asyncio.Future
 
 
 class EtcdRecordStore:
@@ -72,10 +92,13 @@ class EtcdRecordStore:
     makes the swap fail, and the failed transaction returns the current
     entry in the same round trip."""
 
-    def __init__(self, client: aetcd.Client, prefix: str) -> None:
+    def __init__(self, client: aetcd.Client, prefix: str, *, group_commit: bool = True) -> None:
         self._etcd = client
+        self._group_commit = group_commit
         self._prefix = prefix
         self._cache: OrderedDict[bytes, Stored] = OrderedDict()
+        self._pending: list[_Swap] = []
+        self._committer: asyncio.Task | None = None
         # Export the conflict counters at 0 from the start, so dashboards and
         # alerts see a series before the first race.
         for operation in ("swap", "move"):
@@ -113,32 +136,91 @@ class EtcdRecordStore:
         return stored
 
     async def swap(self, island: str, ref: str, expected_revision: int, entry: Entry) -> bool:
-        key = ref_key(self._prefix, island, ref)
+        op = _Swap(ref_key(self._prefix, island, ref), expected_revision, entry, entry.model_dump_json().encode(),
+                   asyncio.get_running_loop().create_future())
+        if not self._group_commit:  # one transaction per swap (loadtest/bench_store.py's baseline)
+            try:
+                await self._commit([op])
+            except errors.StoreUnavailable:
+                self._cache.pop(op.key, None)
+                raise
+            return op.outcome.done() and op.outcome.result()
+        self._pending.append(op)
+        if self._committer is None:
+            # A task of its own: a caller that is cancelled must not strand the others' swaps.
+            self._committer = asyncio.get_running_loop().create_task(self._commit_pending())
+        return await op.outcome
+
+    async def _commit_pending(self) -> None:
+        batch: list[_Swap] = []
+        try:
+            while self._pending:
+                batch, later, keys = [], [], set()
+                for op in self._pending:
+                    if op.outcome.done():
+                        continue  # its caller gave up before it was sent: not written, as before batching
+                    # etcd refuses a key twice in one transaction; the second goes next time.
+                    if op.key in keys or len(batch) == MAX_BATCH:
+                        later.append(op)
+                    else:
+                        batch.append(op)
+                        keys.add(op.key)
+                self._pending = later
+                try:
+                    again = await self._commit(batch)
+                except Exception as exc:  # noqa: BLE001 - each caller gets what its own transaction would have raised
+                    again = []
+                    for op in batch:
+                        self._cache.pop(op.key, None)
+                        _settle(op, exc=errors.StoreUnavailable(str(exc))
+                                if isinstance(exc, errors.StoreUnavailable) else exc)
+                if len(again) == len(batch):  # cannot happen (a failed compare settles its swap); never spin
+                    for op in again:
+                        _settle(op, result=False)
+                    again = []
+                self._pending[:0] = again
+                batch = []
+        finally:
+            # Cancelled (the island is stopping): nobody is left waiting without an answer.
+            for op in batch + self._pending:
+                _settle(op, exc=errors.StoreUnavailable("the island stopped during a write"))
+            self._pending = []
+            self._committer = None
+
+    async def _commit(self, batch: list[_Swap]) -> list[_Swap]:
+        """One transaction for ``batch``; settles every swap whose outcome is
+        known and returns the ones to send again."""
         tx = self._etcd.transactions
         t = time.perf_counter()
+        metrics.ETCD_BATCH.observe(len(batch))
         try:
             ok, responses = await self._etcd.transaction(
-                compare=[tx.mod(key) == expected_revision],
-                success=[tx.put(key, entry.model_dump_json().encode())],
-                failure=[tx.get(key)],
+                compare=[tx.mod(op.key) == op.expected_revision for op in batch],
+                success=[tx.put(op.key, op.value) for op in batch],
+                failure=[tx.get(op.key) for op in batch],
             )
         except RETRYABLE as exc:
-            # The outcome is unknown; the caller re-reads and the revision tells.
-            self._cache.pop(key, None)
+            # The outcome is unknown; each caller re-reads and its tag tells whether it landed.
             raise errors.StoreUnavailable("etcd unreachable during a write") from exc
         finally:
             metrics.ETCD_TXN.labels("swap").observe(time.perf_counter() - t)
         if ok:
-            self._remember(key, Stored(entry, responses[0].response_put.header.revision))
-        else:
+            revision = responses[0].response_put.header.revision  # one transaction, one revision
+            for op in batch:
+                self._remember(op.key, Stored(op.entry, revision))
+                _settle(op, result=True)
+            return []
+        again = []
+        for op, current in zip(batch, responses):
+            stored = Stored(Entry.model_validate_json(current[0][0]), current[0][1].mod_revision) if current \
+                else Stored(ABSENT, 0)
+            if stored.revision == op.expected_revision:
+                again.append(op)  # not this one's race: another swap in the batch lost
+                continue
             metrics.ETCD_CONFLICTS.labels("swap").inc()
-            current = responses[0] if responses else []
-            if current:
-                value, meta = current[0]
-                self._remember(key, Stored(Entry.model_validate_json(value), meta.mod_revision))
-            else:
-                self._remember(key, Stored(ABSENT, 0))
-        return ok
+            self._remember(op.key, stored)
+            _settle(op, result=False)
+        return again
 
     async def move(self, from_island: str, to_island: str, ref: str, expected_revision: int,
                    entry: Entry) -> bool:
@@ -157,6 +239,15 @@ class EtcdRecordStore:
         if not ok:
             metrics.ETCD_CONFLICTS.labels("move").inc()
         return ok
+
+
+def _settle(op: _Swap, *, result: bool | None = None, exc: BaseException | None = None) -> None:
+    if op.outcome.done():  # settled already, or its caller was cancelled while the write was in flight
+        return
+    if exc is not None:
+        op.outcome.set_exception(exc)
+    else:
+        op.outcome.set_result(result)
 
 
 class InMemoryRecordStoreFake:
