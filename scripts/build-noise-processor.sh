@@ -9,6 +9,8 @@ src="$(cd "$(dirname "$0")/../services/edge/noise-processor" && pwd)"
 mkdir -p "$(dirname "$out")"
 cd "$src"
 # Static, no cgo: the binary runs in any image.
-GO111MODULE=off GOPATH=/usr/share/gocode CGO_ENABLED=0 GOFLAGS=-trimpath go vet .
-GO111MODULE=off GOPATH=/usr/share/gocode CGO_ENABLED=0 go build -trimpath -ldflags=-s -o "$out.tmp" .
+export GO111MODULE=off GOPATH=/usr/share/gocode CGO_ENABLED=0
+go vet .
+go test -count=1 .  # its own unit tests (the replay window); the black-box ones are tests/test_edge_processor.py
+go build -trimpath -ldflags=-s -o "$out.tmp" .
 mv "$out.tmp" "$out"

@@ -147,6 +147,18 @@ def test_a_replayed_request_is_refused_and_ends_the_session(processor):
     assert _refusal(processor.transport(fresh)[1]) == (401, "noise_session_unknown")
 
 
+def test_requests_out_of_order_are_accepted_within_the_window_and_refused_below_it(processor):
+    def send(session: Session, counter: int) -> bool:
+        stream = processor.transport(session.session_id + session.seal_request(counter, "/v1/fleet", "", b""))
+        return not stream[1].is_set("immediate_response")
+
+    session = processor.handshake()
+    assert send(session, 5000) and send(session, 905) and send(session, 4999)  # 5000 - 905 < 4096
+    assert not send(session, 905)  # seen: a replay
+    late = processor.handshake()
+    assert send(late, 5000) and not send(late, 904)  # 4096 below the highest: too old to tell
+
+
 def test_a_tampered_request_is_refused_and_ends_the_session(processor):
     session = processor.handshake()
     body = bytearray(session.session_id + session.seal_request(0, "/v1/fleet", "", b"{}"))

@@ -124,12 +124,18 @@ func serve(args []string) error {
 			w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 			_, _ = w.Write(p.metrics.exposition(p.sessions.len()))
 		})
-		go func() { log.Print(http.Serve(mlis, mux)) }()
+		metricsServer := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() { log.Print(metricsServer.Serve(mlis)) }()
 	}
 	server := grpc.NewServer(grpc.CustomCodec(rawCodec{}), grpc.UnknownServiceHandler(p.handle))
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
-	go func() { <-stop; server.Stop() }()
+	go func() {
+		<-stop
+		// Let the requests in flight finish (Envoy fails closed without us), but not forever.
+		time.AfterFunc(5*time.Second, server.Stop)
+		server.GracefulStop()
+	}()
 	log.Printf("noise processor on %s", lis.Addr())
 	return server.Serve(lis)
 }

@@ -50,10 +50,41 @@ type session struct {
 	peer       []byte
 	created    time.Time
 
-	mu   sync.Mutex
-	seen map[uint64]struct{}
+	mu     sync.Mutex
+	replay replayWindow
+}
+
+// replayWindow remembers which of the last `window` counters below the
+// highest one were accepted: a fixed 512-byte bitmap per session, so a
+// client cannot grow the processor's memory by spreading its counters.
+type replayWindow struct {
+	bits [window / 64]uint64
 	high uint64
 	any  bool // a counter has been accepted (high is meaningful)
+}
+
+func (w *replayWindow) fresh(c uint64) bool {
+	if !w.any || c > w.high {
+		return true
+	}
+	if w.high-c >= window {
+		return false // too old to tell: refused
+	}
+	return w.bits[(c/64)%(window/64)]&(1<<(c%64)) == 0
+}
+
+func (w *replayWindow) mark(c uint64) {
+	if !w.any || c > w.high {
+		if !w.any || c-w.high >= window {
+			w.bits = [window / 64]uint64{}
+		} else {
+			for n := w.high + 1; n < c; n++ { // counters skipped over are not seen yet
+				w.bits[(n/64)%(window/64)] &^= 1 << (n % 64)
+			}
+		}
+		w.high, w.any = c, true
+	}
+	w.bits[(c/64)%(window/64)] |= 1 << (c % 64)
 }
 
 func (s *session) String() string { return "session(keys redacted)" }
@@ -76,8 +107,7 @@ func respond(key staticKey, message1 []byte) (*session, []byte, error) {
 	if err != nil || c2s == nil {
 		return nil, nil, errHandshake("the handshake does not verify for this edge key")
 	}
-	s := &session{recv: c2s.Cipher(), send: s2c.Cipher(), peer: hs.PeerStatic(), created: time.Now(),
-		seen: map[uint64]struct{}{}}
+	s := &session{recv: c2s.Cipher(), send: s2c.Cipher(), peer: hs.PeerStatic(), created: time.Now()}
 	if _, err := rand.Read(s.id[:]); err != nil {
 		return nil, nil, err
 	}
@@ -92,24 +122,14 @@ func (s *session) openRequest(sealed []byte) (counter uint64, path, auth string,
 	counter = binary.BigEndian.Uint64(sealed[:8])
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, replayed := s.seen[counter]; replayed || (s.any && s.high >= window && counter <= s.high-window) {
+	if !s.replay.fresh(counter) {
 		return 0, "", "", nil, errBadMessage("replayed or too old")
 	}
 	inner, err := s.recv.Decrypt(nil, counter, s.id[:], sealed[8:])
 	if err != nil {
 		return 0, "", "", nil, errBadMessage("ciphertext failed authentication")
 	}
-	s.seen[counter] = struct{}{}
-	if !s.any || counter > s.high {
-		s.high, s.any = counter, true
-		if s.high >= window {
-			for c := range s.seen {
-				if c <= s.high-window {
-					delete(s.seen, c)
-				}
-			}
-		}
-	}
+	s.replay.mark(counter) // only once it authenticated
 	rawPath, rest, ok := cut(inner)
 	rawAuth, body, ok2 := cut(rest)
 	if !ok || !ok2 || !headerSafe(rawPath) || !headerSafe(rawAuth) {
