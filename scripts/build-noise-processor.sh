@@ -10,6 +10,8 @@ mkdir -p "$(dirname "$out")"
 cd "$src"
 # Static, no cgo: the binary runs in any image.
 export GO111MODULE=off GOPATH=/usr/share/gocode CGO_ENABLED=0
+# Go keeps its build cache under $HOME; a CI runner or an image build may have none.
+[ -n "${GOCACHE:-}${XDG_CACHE_HOME:-}${HOME:-}" ] || export GOCACHE=/tmp/bkv-go-build
 go vet .
 go test -count=1 .  # its own unit tests (the replay window); the black-box ones are tests/test_edge_processor.py
 go build -trimpath -ldflags=-s -o "$out.tmp" .
