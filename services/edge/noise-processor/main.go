@@ -1,6 +1,6 @@
 // bkv-noise-processor: the Noise edge's gRPC processor for Envoy's HTTP
 // ext_proc filter (docs/edge.md). Compiled because the processor sees every
-// request and a Python one cost ~1.6 ms of CPU per request, most of it
+// request and a Python one cost ~1.4 ms of CPU per request, most of it
 // gRPC machinery (docs/performance.md, "Optimisation log").
 //
 //	bkv-noise-processor serve --listen 127.0.0.1:9002 --key-file edge.key [--metrics-listen HOST:PORT]
