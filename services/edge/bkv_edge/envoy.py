@@ -28,7 +28,7 @@ def _mode(request_headers: str = "SKIP", request_body: str = "NONE", response_he
 
 def _noise_route(path: str, route: str, mode: dict) -> dict:
     """POST ``path`` to the frontend through the processor, which learns the
-    route from the stream's initial metadata (bkv_edge/processor.py)."""
+    route from the stream's initial metadata (services/edge/noise-processor/exchange.go)."""
     return {"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
             "route": {"cluster": "frontend", "timeout": "30s"},
             "typed_per_filter_config": {_EXT_PROC: {
