@@ -72,3 +72,31 @@ def test_fleet_init_is_idempotent_and_keeps_the_fleet_key(fleet):
     assert again["created"] is False
     assert again["fleet_public_key"] == fleet.fleet_params["fleet_public_key"]
     assert pin not in out.stdout + out.stderr
+
+
+def test_a_token_missing_when_the_library_loaded_is_found_by_the_next_attempt(tmp_path):
+    """The start-up race behind `retry_sync(Pkcs11Hsm(...))` in bkv_hsm_proxy/__main__.py:
+    SoftHSM2 lists tokens once per initialization, so a retry must rescan."""
+    import subprocess
+    import sys
+
+    (tmp_path / "tokens").mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    script = f"""
+import subprocess
+from bkv_hsm_proxy.errors import HsmLoginFailed
+from bkv_hsm_proxy.hsm import Pkcs11Hsm
+try:
+    Pkcs11Hsm({SOFTHSM_MODULE!r}, "late", "1234")
+    raise SystemExit("opened a token that does not exist yet")
+except HsmLoginFailed:
+    pass
+subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "late", "--so-pin", "5678", "--pin", "1234"],
+               check=True, capture_output=True)
+Pkcs11Hsm({SOFTHSM_MODULE!r}, "late", "1234").close()
+print("opened")
+"""
+    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "opened", res.stderr

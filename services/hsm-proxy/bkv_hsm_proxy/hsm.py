@@ -111,7 +111,15 @@ class Pkcs11Hsm:
         self._lock = threading.Lock()
         with _mapped("open"):
             lib = pkcs11.lib(module)
-            token = lib.get_token(token_label=token_label)
+            try:
+                token = lib.get_token(token_label=token_label)
+            except pkcs11.exceptions.NoSuchToken:
+                # SoftHSM2 lists its tokens once, when the library is initialized: a
+                # token whose files another process was rewriting at that moment would
+                # stay missing for good. Look again on a fresh scan (the caller's
+                # retry comes back here if it is still missing).
+                lib.reinitialize()
+                token = lib.get_token(token_label=token_label)
             self._session = token.open(rw=True, user_pin=user_pin)
         self.token_info = {
             "label": token.label,
