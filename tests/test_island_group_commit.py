@@ -77,8 +77,10 @@ class _Gated:
     def __init__(self, client) -> None:
         self._client, self.transactions = client, client.transactions
         self.in_flight, self.release = asyncio.Event(), asyncio.Event()
+        self.sent: list[int] = []  # swaps per transaction
 
     async def transaction(self, **kwargs):
+        self.sent.append(len(kwargs["success"]))
         self.in_flight.set()
         await self.release.wait()
         return await self._client.transaction(**kwargs)
@@ -100,6 +102,7 @@ async def test_a_swap_whose_caller_gave_up_before_it_was_sent_is_not_written(etc
     assert await store.swap(island, "after", 0, _entry(1))  # the store keeps working
     assert await etcd.get(ref_key("/bkv", island, "abandoned")) is None
     assert await etcd.get(ref_key("/bkv", island, "after")) is not None
+    assert gated.sent == [1, 1]  # "kept", then "after": nothing, not even an empty transaction, for the other
 
 
 async def test_etcd_unreachable_tells_every_caller_in_the_batch_that_the_outcome_is_unknown(island):

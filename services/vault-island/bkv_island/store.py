@@ -139,12 +139,8 @@ class EtcdRecordStore:
         op = _Swap(ref_key(self._prefix, island, ref), expected_revision, entry, entry.model_dump_json().encode(),
                    asyncio.get_running_loop().create_future())
         if not self._group_commit:  # one transaction per swap (loadtest/bench_store.py's baseline)
-            try:
-                await self._commit([op])
-            except errors.StoreUnavailable:
-                self._cache.pop(op.key, None)
-                raise
-            return op.outcome.done() and op.outcome.result()
+            await self._commit([op])  # settles it: alone, a failed compare can only be its own
+            return op.outcome.result()
         self._pending.append(op)
         if self._committer is None:
             # A task of its own: a caller that is cancelled must not strand the others' swaps.
@@ -166,12 +162,13 @@ class EtcdRecordStore:
                         batch.append(op)
                         keys.add(op.key)
                 self._pending = later
+                if not batch:
+                    break  # every caller left gave up
                 try:
                     again = await self._commit(batch)
                 except Exception as exc:  # noqa: BLE001 - each caller gets what its own transaction would have raised
                     again = []
                     for op in batch:
-                        self._cache.pop(op.key, None)
                         _settle(op, exc=errors.StoreUnavailable(str(exc))
                                 if isinstance(exc, errors.StoreUnavailable) else exc)
                 if len(again) == len(batch):  # cannot happen (a failed compare settles its swap); never spin
@@ -201,6 +198,8 @@ class EtcdRecordStore:
             )
         except RETRYABLE as exc:
             # The outcome is unknown; each caller re-reads and its tag tells whether it landed.
+            for op in batch:
+                self._cache.pop(op.key, None)
             raise errors.StoreUnavailable("etcd unreachable during a write") from exc
         finally:
             metrics.ETCD_TXN.labels("swap").observe(time.perf_counter() - t)
