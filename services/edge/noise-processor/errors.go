@@ -19,10 +19,10 @@ type edgeError struct {
 
 func (e *edgeError) Error() string { return e.message }
 
-func errHandshake(msg string) error      { return &edgeError{400, "noise_handshake_failed", msg} }
-func errUnknownSession(msg string) error { return &edgeError{401, "noise_session_unknown", msg} }
-func errBadMessage(msg string) error     { return &edgeError{400, "noise_bad_message", msg} }
-func errNotNoise() error {
+func errHandshake(msg string) *edgeError      { return &edgeError{400, "noise_handshake_failed", msg} }
+func errUnknownSession(msg string) *edgeError { return &edgeError{401, "noise_session_unknown", msg} }
+func errBadMessage(msg string) *edgeError     { return &edgeError{400, "noise_bad_message", msg} }
+func errNotNoise() *edgeError {
 	return &edgeError{404, "not_found", "only POST /noise/handshake and POST /noise/v1 are served here"}
 }
 
@@ -32,6 +32,13 @@ func asEdgeError(err error) *edgeError {
 		return e
 	}
 	return &edgeError{400, "noise_bad_message", err.Error()}
+}
+
+// refuse counts a refusal by its code and answers it: the stream ends there.
+func (p *processor) refuse(err error) []byte {
+	e := asEdgeError(err)
+	p.metrics.rejected(e.code)
+	return e.answer()
 }
 
 func (e *edgeError) answer() []byte {

@@ -50,9 +50,7 @@ type exchange struct {
 func (x *exchange) on(p phase) (answer []byte, done bool) {
 	answer, done, err := x.step(p)
 	if err != nil {
-		e := asEdgeError(err)
-		x.p.metrics.rejected(e.code)
-		return e.answer(), true
+		return x.p.refuse(err), true
 	}
 	return answer, done
 }

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"flag"
 	"io"
-	"sort"
 	"strings"
 	"syscall"
 
@@ -65,15 +64,6 @@ func floor(args []string, out io.Writer) error {
 	}
 	request := (cpuSeconds() - start) / float64(n)
 	return json.NewEncoder(out).Encode(map[string]float64{"handshake": handshake, "request": request})
-}
-
-func sortedKeys(m map[string]uint64) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }
 
 func cpuSeconds() float64 {

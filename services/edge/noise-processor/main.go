@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -65,9 +66,7 @@ func (p *processor) handle(_ interface{}, stream grpc.ServerStream) error {
 		var answer []byte
 		done := false
 		if ph, err := decodeRequest(raw); err != nil {
-			e := asEdgeError(errBadMessage(err.Error()))
-			p.metrics.rejected(e.code)
-			answer, done = e.answer(), true
+			answer, done = p.refuse(errBadMessage(err.Error())), true
 		} else {
 			answer, done = x.on(ph)
 		}
@@ -206,4 +205,13 @@ func (m *metrics) exposition(sessions int) []byte {
 	b.WriteString("# TYPE bkv_noise_sessions gauge\n")
 	fmt.Fprintf(&b, "bkv_noise_sessions %d\n", sessions)
 	return b.Bytes()
+}
+
+func sortedKeys(m map[string]uint64) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
 }
