@@ -25,6 +25,11 @@ def test_the_benchmark_runs_every_scenario_through_noise_and_the_flood_respects_
         assert r["floor_ms_per_op"] > 0 and r["ratio_to_floor"] > 1
     assert result["limit_check"].endswith(": ok"), result["limit_check"]
     assert (tmp_path / "bench.md").read_text().count("|") > 20
+    # The verdict on each of the four targets, with the cost our services cannot remove.
+    verdicts = result["targets"]
+    assert len(verdicts) == 4 and all(isinstance(t["met"], bool) for t in verdicts)
+    assert verdicts[1]["fixed_ms"] >= rows["recovery"]["floor_ms_per_op"] > 0
+    assert "Against the targets" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "locust-guess.html").exists()
     # The paced run asked for half the saturated throughput (Locust's pacing is approximate).
     half, full = rows["recovery at half saturation"], rows["recovery"]
