@@ -4,7 +4,11 @@
 
 Starts a fleet, sends guesses with the async SDK at concurrency 1 and 8, and
 prints CPU milliseconds per guess for every fleet process. ``--noise`` goes
-through Envoy and the Noise processor (the real path); ``--profile DIR``
+through Envoy and the Noise processor (the real path); ``--threads`` also
+splits each Python service's CPU by thread, from /proc (the event loop's
+thread apart from gRPC's and the others) -- py-spy counts a thread blocked
+in native code, such as gRPC's poller in epoll, as busy, so its profiles
+cannot say what those threads cost; ``--profile DIR``
 records each Python service with py-spy (``pip install py-spy``) during the
 concurrency-8 run and writes one raw (collapsed) profile per process. Used to measure
 each optimisation before and after (docs/performance.md): check out the
@@ -30,7 +34,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "loadtest")]
 
 import opaque_ke_py as opaque  # noqa: E402
 
-from bench import cpu_seconds  # noqa: E402
+from bench import CLK, cpu_seconds  # noqa: E402
 from bkv.sdk import VaultClient  # noqa: E402
 from bkv.transport import AsyncNoiseTransport  # noqa: E402
 from bkv_common.encoding import b64d  # noqa: E402
@@ -58,13 +62,29 @@ def start_profilers(fleet, out: Path, seconds: int) -> list[subprocess.Popen]:
             if p.pid and not name.startswith(("etcd", "envoy"))]
 
 
-async def measure(fleet, ops: int, noise: bool = False, profile: Path | None = None) -> None:
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a process by thread: "main" (the event loop's) or the
+    thread's name (gRPC names its threads "event_engine"; others inherit "python")."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = "main" if int(tid) == pid else Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # the thread ended
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK
+    return out
+
+
+async def measure(fleet, ops: int, noise: bool = False, profile: Path | None = None, threads: bool = False) -> None:
     async with make_client(fleet, noise) as c:
         await c.register(BackupKey(os.urandom(32)), "pw")
         pids = {n: p.pid for n, p in fleet.procs.items()}
         for conc in (1, 8):
             spies = start_profilers(fleet, profile, 600) if profile and conc == 8 else []
             before = {k: cpu_seconds([v]) for k, v in pids.items()}
+            python = {k: v for k, v in pids.items() if k.startswith(("frontend", "island", "hsm"))}
+            by_thread = {k: thread_cpu(v) for k, v in python.items()} if threads else {}
             t, c0 = time.perf_counter(), time.process_time()
 
             async def worker(m: int) -> None:
@@ -80,6 +100,11 @@ async def measure(fleet, ops: int, noise: bool = False, profile: Path | None = N
                 spy.wait(timeout=60)
             print(f"concurrency {conc}: {ops / wall:.0f} guesses/s, client {1000 * client / ops:.2f} ms/op, "
                   f"server {sum(spent.values()):.2f} ms/op {busy}")
+            for k, start in by_thread.items():
+                now = thread_cpu(python[k])
+                split = {t: round(1000 * (now[t] - start.get(t, 0.0)) / ops, 3) for t in now}
+                if sum(split.values()) > 0.1:
+                    print(f"  {k} by thread, ms/op: {dict(sorted(split.items(), key=lambda kv: -kv[1]))}")
 
 
 def main() -> int:
@@ -87,11 +112,12 @@ def main() -> int:
     ap.add_argument("--ops", type=int, default=400)
     ap.add_argument("--noise", action="store_true", help="through Envoy and the Noise processor")
     ap.add_argument("--profile", type=Path, help="write a py-spy profile of each service here")
+    ap.add_argument("--threads", action="store_true", help="split each Python service's CPU by thread")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bkv-hotpath-") as tmp:
         fleet = start_fleet(Path(tmp), max_attempts=1000)
         try:
-            asyncio.run(measure(fleet, args.ops, args.noise, args.profile))
+            asyncio.run(measure(fleet, args.ops, args.noise, args.profile, args.threads))
         finally:
             fleet.down()
     return 0
