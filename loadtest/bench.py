@@ -45,15 +45,18 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 CLK = os.sysconf("SC_CLK_TCK")
 
 
+def stat_cpu_seconds(stat: Path) -> float:
+    """utime + stime from a /proc ``stat`` file (a process's or a thread's);
+    0 if it has ended."""
+    try:
+        fields = stat.read_text().rsplit(") ", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK
+    except (OSError, IndexError):
+        return 0.0
+
+
 def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
-        except (OSError, IndexError):
-            pass
-    return total / CLK
+    return sum(stat_cpu_seconds(Path(f"/proc/{pid}/stat")) for pid in pids)
 
 
 def machine() -> dict:

@@ -34,7 +34,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "loadtest")]
 
 import opaque_ke_py as opaque  # noqa: E402
 
-from bench import CLK, cpu_seconds  # noqa: E402
+from bench import cpu_seconds, stat_cpu_seconds  # noqa: E402
 from bkv.sdk import VaultClient  # noqa: E402
 from bkv.transport import AsyncNoiseTransport  # noqa: E402
 from bkv_common.encoding import b64d  # noqa: E402
@@ -66,13 +66,12 @@ def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of a process by thread: "main" (the event loop's) or the
     thread's name (gRPC names its threads "event_engine"; others inherit "python")."""
     out: dict[str, float] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            name = "main" if int(tid) == pid else Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
+            name = "main" if int(task.name) == pid else (task / "comm").read_text().strip()
+        except OSError:
             continue  # the thread ended
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK
+        out[name] = out.get(name, 0.0) + stat_cpu_seconds(task / "stat")
     return out
 
 
