@@ -35,6 +35,12 @@ def write_report() -> None:
               "(a new leader had to be elected); for the island added, how long `bkv-island add-island` took. Max guesses counts the audit's own probe: a guesser stops at "
               "8 wrong guesses, so 9 means nothing was counted twice or lost; the flood user must reach exactly 10 "
               "and then be locked out.", "",
+              "Site cut off: the site chosen is one whose etcd member does not lead, and the recovery time runs from "
+              "the heal. etcd members run with `--pre-vote` and every client pings each connection to a member every "
+              "2 s (`bkv_common/etcd.py`, `KEEPALIVE_MS`); before both (2026-11-25), the cut member deposed the leader "
+              "when it came back (term 2 -> 10) and calls waited on connections to it that still looked alive: "
+              "7.1 s to the first recovery and 23 errors seen by clients, and once, in CI, a recovery past the "
+              "client's 10 s timeout.", "",
               "Slow links: this machine's kernel has no `sch_netem` (`tc qdisc ... netem` answers \"Specified "
               "qdisc kind is unknown\"), so the test rate-limits every site link with `tc tbf` instead of adding "
               "100 ms and 5% loss; on a kernel with netem the same test uses netem (`Sites.slow`).", "",

@@ -304,6 +304,8 @@ class Fleet:
 
     # -- process specs -------------------------------------------------------------
     def _specs(self) -> list[Proc]:
+        from bkv_common.etcd import ETCD_KEEPALIVE_MIN_TIME  # here: aetcd loads gRPC, which `bkv` seldom needs
+
         s, py = self.spec, sys.executable
         procs: list[Proc] = []
         n = s.etcd_members
@@ -324,6 +326,12 @@ class Fleet:
                 # Wider timings between sites: links may be slowed to 100 ms.
                 "--heartbeat-interval", "50" if ns is None else "100",
                 "--election-timeout", "500" if ns is None else "1500",
+                # A member cut off would otherwise raise its term with every election it
+                # tries alone, and on rejoining depose the leader: seconds without commits
+                # (etcd 3.4's default is off; 3.5's is on).
+                "--pre-vote=true",
+                # Let clients ping as often as bkv_common.etcd.KEEPALIVE_MS.
+                f"--grpc-keepalive-min-time={ETCD_KEEPALIVE_MIN_TIME}",
             ], {"ETCD_UNSUPPORTED_ARCH": ""}, cport, None, netns=ns, host=ip))
         _, user_pin = self._pins()
         hsm_env = {**self._softhsm_env(), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL,
