@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,9 +63,6 @@ def test_the_opaque_setup_is_stored_only_sealed(token):
 
 
 def test_fleet_init_is_idempotent_and_keeps_the_fleet_key(fleet):
-    import subprocess
-    import sys
-
     pin = json.loads((fleet.state / "hsm" / "pins.json").read_text())["user"]
     out = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "fleet-init"], capture_output=True, text=True,
                          env={**os.environ, "SOFTHSM2_CONF": str(fleet.state / "hsm" / "softhsm2.conf"),
@@ -74,23 +74,30 @@ def test_fleet_init_is_idempotent_and_keeps_the_fleet_key(fleet):
     assert pin not in out.stdout + out.stderr
 
 
-def test_a_token_missing_when_the_library_loaded_is_found_by_the_next_attempt(tmp_path):
-    """The start-up race behind `retry_sync(Pkcs11Hsm(...))` in bkv_hsm_proxy/__main__.py:
-    SoftHSM2 lists tokens once per initialization, so a retry must rescan."""
-    import subprocess
-    import sys
-
+def _softhsm_conf(tmp_path) -> Path:
     (tmp_path / "tokens").mkdir()
     conf = tmp_path / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    return conf
+
+
+def _init_token(conf: Path, label: str) -> None:
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", "5678", "--pin", "1234"],
+                   check=True, capture_output=True, env={**os.environ, "SOFTHSM2_CONF": str(conf)})
+
+
+def test_a_token_missing_when_the_library_loaded_is_found_by_the_next_attempt(tmp_path):
+    """The start-up race behind `open_token` (bkv_hsm_proxy/hsm.py): SoftHSM2
+    lists tokens once per initialization, so a retry must rescan."""
+    conf = _softhsm_conf(tmp_path)
     script = f"""
 import subprocess
-from bkv_hsm_proxy.errors import HsmLoginFailed
+from bkv_hsm_proxy.errors import HsmTokenUnavailable
 from bkv_hsm_proxy.hsm import Pkcs11Hsm
 try:
     Pkcs11Hsm({SOFTHSM_MODULE!r}, "late", "1234")
     raise SystemExit("opened a token that does not exist yet")
-except HsmLoginFailed:
+except HsmTokenUnavailable:
     pass
 subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "late", "--so-pin", "5678", "--pin", "1234"],
                check=True, capture_output=True)
@@ -100,3 +107,45 @@ print("opened")
     res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "opened", res.stderr
+
+
+def test_processes_opening_one_token_at_once_all_come_up(tmp_path):
+    """Six hsm-proxies starting together on one SoftHSM2 token: now and then one
+    sees no token, or CKR_GENERAL_ERROR while another's login rewrites the
+    token file (measured: 10 of 90 opens). `open_token` tries again; before,
+    a general error ended the process (a CI run lost the sites fleet to it)."""
+    conf = _softhsm_conf(tmp_path)
+    _init_token(conf, "shared")
+    script = f"""
+from bkv_hsm_proxy.hsm import open_token
+open_token({SOFTHSM_MODULE!r}, "shared", "1234").close()
+print("opened")
+"""
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    for _ in range(8):
+        procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0 and out.strip() == "opened", err[-2000:]
+
+
+def test_a_wrong_pin_fails_at_once_and_is_never_tried_again(tmp_path):
+    """A real HSM locks its user PIN after a few wrong ones: `open_token`
+    must not spend them. Were it retried, the short deadline would end in
+    DeadlineExceeded instead."""
+    conf = _softhsm_conf(tmp_path)
+    _init_token(conf, "pinned")
+    script = f"""
+from bkv_common.retry import Backoff
+from bkv_hsm_proxy.errors import HsmLoginFailed
+from bkv_hsm_proxy.hsm import open_token
+try:
+    open_token({SOFTHSM_MODULE!r}, "pinned", "0000", backoff=Backoff(deadline_s=3.0, first_delay_s=0.1))
+except HsmLoginFailed as exc:
+    print("refused", exc)
+"""
+    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.startswith("refused open: PinIncorrect"), res.stdout + res.stderr
+    assert "0000" not in res.stdout + res.stderr

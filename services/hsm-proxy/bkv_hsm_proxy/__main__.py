@@ -116,17 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         from bkv_common.service import run
         from bkv_hsm_proxy.app import create_app
         from bkv_hsm_proxy.core import VaultHsm
-        from bkv_hsm_proxy.hsm import Pkcs11Hsm
+        from bkv_hsm_proxy.hsm import open_token
 
-        from bkv_common.retry import Backoff, retry_sync
-        from bkv_hsm_proxy.errors import HsmLoginFailed
-
-        # SoftHSM2 now and then reports no token to a process that starts while
-        # another opens the same token directory: try again for a few seconds.
-        hsm = retry_sync(lambda _: Pkcs11Hsm(settings.pkcs11_module, settings.token_label,
-                                             settings.user_pin.get_secret_value()),
-                         retry_on=lambda e: isinstance(e, HsmLoginFailed),
-                         backoff=Backoff(deadline_s=10.0, first_delay_s=0.1, max_delay_s=1.0))
+        hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
         vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
         run(create_app(vault), settings.host, settings.port, settings.metrics_port)
         return 0

@@ -13,7 +13,10 @@
     ├── RecordDestroyed              410 record_destroyed
     └── HsmError                     503 unavailable -- the token misbehaved
         ├── HsmKeyMissing            (fleet-init was not run)
-        ├── HsmLoginFailed           (wrong PIN / no token)
+        ├── HsmLoginFailed           (wrong PIN: never tried again, a real HSM locks it)
+        ├── HsmTokenUnavailable      (no such token, or a general error while opening:
+        │                             SoftHSM2 processes opening one token at once;
+        │                             open_token tries again for a few seconds)
         └── HsmAuthTagMismatch       (AES-GCM tag check failed: raised by unseal,
                                       turned into one of the rejections above)
 """
@@ -67,6 +70,12 @@ class HsmKeyMissing(HsmError):
 
 class HsmLoginFailed(HsmError):
     pass
+
+
+class HsmTokenUnavailable(HsmError):
+    """The token could not be opened just now: not listed, or a general error.
+    With SoftHSM2 both happen while other processes open the same token
+    directory (a login rewrites the token's file), and pass within moments."""
 
 
 class HsmAuthTagMismatch(HsmError):

@@ -11,13 +11,13 @@ from bkv_common import bundle as bd
 from bkv_common import evidence as ev
 from bkv_common.encoding import b64e
 from bkv_hsm_proxy.core import VaultHsm
-from bkv_hsm_proxy.hsm import Pkcs11Hsm
+from bkv_hsm_proxy.hsm import open_token
 from bkv_hsm_proxy.settings import HsmProxySettings
 
 
 def make_evidence(settings: HsmProxySettings, bundle_text: str, operator_key: bd.RootKey) -> ev.Evidence:
     signed = bd.SignedBundle.from_json(bundle_text)
-    hsm = Pkcs11Hsm(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+    hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
     try:
         vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
         params = vault.params()

@@ -12,7 +12,7 @@ from pathlib import Path
 from bkv_common.encoding import fleet_id_for
 from bkv_common.fleetmap import FLEET_PARAMS_KEY
 from bkv_hsm_proxy.core import VaultHsm
-from bkv_hsm_proxy.hsm import Pkcs11Hsm
+from bkv_hsm_proxy.hsm import open_token
 from bkv_hsm_proxy.settings import HsmProxySettings
 
 
@@ -22,7 +22,7 @@ def fleet_init(settings: HsmProxySettings, out: Path | None, new_generation: boo
     and describe the oldest fleet (the one /v1/fleet names). With it
     (rotation): add a fleet -- new keys, the OPAQUE setup re-sealed for them --
     and describe that one; /v1/fleet keeps naming the old one until it retires."""
-    hsm = Pkcs11Hsm(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+    hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
     try:
         created = False
         gens = hsm.generations()
@@ -83,7 +83,7 @@ def retire_fleet(settings: HsmProxySettings, fleet_id: str) -> dict:
 
     if not settings.etcd_endpoints:
         raise RetireRefused("BKV_HSM_ETCD_ENDPOINTS is needed to check that no record still uses the fleet")
-    hsm = Pkcs11Hsm(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+    hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
     try:
         fleets = {fleet_id_for(hsm.public_key_der(g)): g for g in hsm.generations()}
         if fleet_id not in fleets:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bkv_common import metrics
+from bkv_common.retry import Backoff, retry_sync
 from bkv_hsm_proxy import errors
 
 NONCE_LEN = 12
@@ -91,14 +92,31 @@ def _mapped(operation: str) -> Iterator[None]:
         # SoftHSM2 reports a failed GCM tag check as CKR_GENERAL_ERROR.
         if operation == "unseal":
             raise errors.HsmAuthTagMismatch(operation) from exc
+        if operation == "open":
+            raise errors.HsmTokenUnavailable(f"{operation}: token error") from exc
         raise errors.HsmError(f"{operation}: token error") from exc
-    except (px.PinIncorrect, px.PinLenRange, px.UserNotLoggedIn, px.NoSuchToken) as exc:
+    except px.NoSuchToken as exc:
+        raise errors.HsmTokenUnavailable(f"{operation}: NoSuchToken") from exc
+    except (px.PinIncorrect, px.PinLenRange, px.UserNotLoggedIn) as exc:
         raise errors.HsmLoginFailed(f"{operation}: {type(exc).__name__}") from exc
     except (px.NoSuchKey, px.ObjectHandleInvalid, px.KeyHandleInvalid) as exc:
         # Also a key destroyed by another process (a retired fleet).
         raise errors.HsmKeyMissing(f"{operation}: key not found") from exc
     except px.PKCS11Error as exc:
         raise errors.HsmError(f"{operation}: {type(exc).__name__}") from exc
+
+
+# Opening the token at start-up: long enough for the other processes opening it to finish.
+OPEN_BACKOFF = Backoff(deadline_s=10.0, first_delay_s=0.1, max_delay_s=1.0)
+
+
+def open_token(module: str, token_label: str, user_pin: str, *, backoff: Backoff = OPEN_BACKOFF) -> "Pkcs11Hsm":
+    """A :class:`Pkcs11Hsm` for ``token_label``, tried again while the token is
+    unavailable (``HsmTokenUnavailable``: SoftHSM2 processes opening one token
+    directory at once see no token or a general error now and then). A wrong
+    PIN is never tried again: a real HSM locks the PIN after a few."""
+    return retry_sync(lambda _: Pkcs11Hsm(module, token_label, user_pin),
+                      retry_on=lambda e: isinstance(e, errors.HsmTokenUnavailable), backoff=backoff)
 
 
 class Pkcs11Hsm:
@@ -116,7 +134,7 @@ class Pkcs11Hsm:
             except pkcs11.exceptions.NoSuchToken:
                 # SoftHSM2 lists its tokens once, when the library is initialized: a
                 # token whose files another process was rewriting at that moment would
-                # stay missing for good. Look again on a fresh scan (the caller's
+                # stay missing for good. Look again on a fresh scan (open_token's
                 # retry comes back here if it is still missing).
                 lib.reinitialize()
                 token = lib.get_token(token_label=token_label)
