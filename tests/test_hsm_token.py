@@ -111,9 +111,10 @@ print("opened")
 
 def test_processes_opening_one_token_at_once_all_come_up(tmp_path):
     """Six hsm-proxies starting together on one SoftHSM2 token: now and then one
-    sees no token, or CKR_GENERAL_ERROR while another's login rewrites the
-    token file (measured: 10 of 90 opens). `open_token` tries again; before,
-    a general error ended the process (a CI run lost the sites fleet to it)."""
+    sees no token, CKR_GENERAL_ERROR or an uninitialized user PIN while
+    another's login rewrites the token file (measured: 10 of 90 opens).
+    `open_token` tries again; before, all but "no token" ended the process (a
+    CI run lost the sites fleet to it)."""
     conf = _softhsm_conf(tmp_path)
     _init_token(conf, "shared")
     script = f"""

@@ -14,9 +14,10 @@
     └── HsmError                     503 unavailable -- the token misbehaved
         ├── HsmKeyMissing            (fleet-init was not run)
         ├── HsmLoginFailed           (wrong PIN: never tried again, a real HSM locks it)
-        ├── HsmTokenUnavailable      (no such token, or a general error while opening:
-        │                             SoftHSM2 processes opening one token at once;
-        │                             open_token tries again for a few seconds)
+        ├── HsmTokenUnavailable      (any other failure while opening -- no token, a
+        │                             general error, "PIN not initialized": SoftHSM2
+        │                             processes opening one token at once; open_token
+        │                             tries again for a few seconds)
         └── HsmAuthTagMismatch       (AES-GCM tag check failed: raised by unseal,
                                       turned into one of the rejections above)
 """
@@ -73,9 +74,10 @@ class HsmLoginFailed(HsmError):
 
 
 class HsmTokenUnavailable(HsmError):
-    """The token could not be opened just now: not listed, or a general error.
-    With SoftHSM2 both happen while other processes open the same token
-    directory (a login rewrites the token's file), and pass within moments."""
+    """The token could not be opened just now, for a reason other than the PIN.
+    With SoftHSM2 this happens while other processes open the same token
+    directory (a login rewrites the token's file: a reader may find no token,
+    a general error, or no user PIN), and passes within moments."""
 
 
 class HsmAuthTagMismatch(HsmError):
