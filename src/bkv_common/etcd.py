@@ -14,15 +14,18 @@ import aetcd
 import aetcd.exceptions
 
 RPC_TIMEOUT_S = 5
-# Every connection to a member is pinged this often and dropped if a ping goes
-# unanswered as long (gRPC also sets TCP_USER_TIMEOUT to it). Without it, a
-# connection to a member that was cut off looks healthy to round robin: calls
-# sent on it wait out RPC_TIMEOUT_S, and after the network heals they still
-# wait for TCP's backed-off retransmissions -- seconds without a commit. The
-# members must allow pings this often: --grpc-keepalive-min-time (etcd's
+# Every connection to a member is pinged every KEEPALIVE_MS and dropped when a
+# ping goes unanswered for KEEPALIVE_TIMEOUT_MS (gRPC also sets TCP_USER_TIMEOUT
+# to it). Without it, a connection to a member that was cut off looks healthy
+# to round robin: calls sent on it wait out RPC_TIMEOUT_S, and after the
+# network heals they still wait for TCP's backed-off retransmissions --
+# seconds without a commit. The members must allow pings this often: --grpc-keepalive-min-time (etcd's
 # default, 5 s, is longer) is set to ETCD_KEEPALIVE_MIN_TIME by the dev fleet
 # and the chart.
 KEEPALIVE_MS = 2000
+# Long enough for a ping behind a slow, lossy link (the sites test throttles
+# every link); short enough to replace a dead connection before a cut heals.
+KEEPALIVE_TIMEOUT_MS = 5000
 ETCD_KEEPALIVE_MIN_TIME = "1s"
 
 # Errors after which the same operation may simply be tried again.
@@ -54,7 +57,7 @@ def make_client(endpoints: str) -> aetcd.Client:
         raise ValueError("no etcd endpoints configured")
     options = {"grpc.lb_policy_name": "round_robin", "grpc.enable_retries": 0,
                "grpc.initial_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 1000,
-               "grpc.keepalive_time_ms": KEEPALIVE_MS, "grpc.keepalive_timeout_ms": KEEPALIVE_MS,
+               "grpc.keepalive_time_ms": KEEPALIVE_MS, "grpc.keepalive_timeout_ms": KEEPALIVE_TIMEOUT_MS,
                "grpc.keepalive_permit_without_calls": 1, "grpc.http2.max_pings_without_data": 0}
     if len(hosts) == 1 or not all(_is_ip(h) for h, _ in hosts):
         # A single name (in Kubernetes, the etcd client Service) balances itself.

@@ -116,20 +116,24 @@ def open_token(module: str, token_label: str, user_pin: str, *, backoff: Backoff
     unavailable (``HsmTokenUnavailable``: SoftHSM2 processes opening one token
     directory at once see no token or a general error now and then). A wrong
     PIN is never tried again: a real HSM locks the PIN after a few."""
-    return retry_sync(lambda _: Pkcs11Hsm(module, token_label, user_pin),
+    # Each retry rescans: SoftHSM2 keeps what it read at initialization (a missing
+    # token, an uninitialized PIN) until the library is initialized again.
+    return retry_sync(lambda attempt: Pkcs11Hsm(module, token_label, user_pin, rescan=attempt > 0),
                       retry_on=lambda e: isinstance(e, errors.HsmTokenUnavailable), backoff=backoff)
 
 
 class Pkcs11Hsm:
     """A logged-in session on one token, with the fleet's keys looked up once."""
 
-    def __init__(self, module: str, token_label: str, user_pin: str) -> None:
+    def __init__(self, module: str, token_label: str, user_pin: str, *, rescan: bool = False) -> None:
         import pkcs11
 
         self._pkcs11 = pkcs11
         self._lock = threading.Lock()
         with _mapped("open"):
             lib = pkcs11.lib(module)
+            if rescan:
+                lib.reinitialize()
             try:
                 token = lib.get_token(token_label=token_label)
             except pkcs11.exceptions.NoSuchToken:
