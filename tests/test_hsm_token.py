@@ -93,7 +93,7 @@ def test_a_token_missing_when_the_library_loaded_is_found_by_the_next_attempt(tm
     script = f"""
 import subprocess
 from bkv_hsm_proxy.errors import HsmTokenUnavailable
-from bkv_hsm_proxy.hsm import Pkcs11Hsm
+from bkv_hsm_proxy.hsm import Pkcs11Hsm, open_token
 try:
     Pkcs11Hsm({SOFTHSM_MODULE!r}, "late", "1234")
     raise SystemExit("opened a token that does not exist yet")
@@ -101,7 +101,7 @@ except HsmTokenUnavailable:
     pass
 subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "late", "--so-pin", "5678", "--pin", "1234"],
                check=True, capture_output=True)
-Pkcs11Hsm({SOFTHSM_MODULE!r}, "late", "1234").close()
+open_token({SOFTHSM_MODULE!r}, "late", "1234").close()
 print("opened")
 """
     res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "SOFTHSM2_CONF": str(conf)},

@@ -19,9 +19,9 @@ RPC_TIMEOUT_S = 5
 # to it). Without it, a connection to a member that was cut off looks healthy
 # to round robin: calls sent on it wait out RPC_TIMEOUT_S, and after the
 # network heals they still wait for TCP's backed-off retransmissions --
-# seconds without a commit. The members must allow pings this often: --grpc-keepalive-min-time (etcd's
-# default, 5 s, is longer) is set to ETCD_KEEPALIVE_MIN_TIME by the dev fleet
-# and the chart.
+# seconds without a commit. The members must allow pings this often:
+# --grpc-keepalive-min-time (etcd's default, 5 s, is longer) is set to
+# ETCD_KEEPALIVE_MIN_TIME by the dev fleet and the chart.
 KEEPALIVE_MS = 2000
 # Long enough for a ping behind a slow, lossy link (the sites test throttles
 # every link); short enough to replace a dead connection before a cut heals.

@@ -114,10 +114,11 @@ OPEN_BACKOFF = Backoff(deadline_s=10.0, first_delay_s=0.1, max_delay_s=1.0)
 def open_token(module: str, token_label: str, user_pin: str, *, backoff: Backoff = OPEN_BACKOFF) -> "Pkcs11Hsm":
     """A :class:`Pkcs11Hsm` for ``token_label``, tried again while the token is
     unavailable (``HsmTokenUnavailable``: SoftHSM2 processes opening one token
-    directory at once see no token or a general error now and then). A wrong
-    PIN is never tried again: a real HSM locks the PIN after a few."""
-    # Each retry rescans: SoftHSM2 keeps what it read at initialization (a missing
-    # token, an uninitialized PIN) until the library is initialized again.
+    directory at once see no token, a general error or no user PIN now and
+    then). A wrong PIN is never tried again: a real HSM locks the PIN after a few."""
+    # Each retry rescans: SoftHSM2 reads its tokens once, when the library is
+    # initialized, and keeps what it read (a token missing because another process
+    # was rewriting its files, an uninitialized PIN) until it is initialized again.
     return retry_sync(lambda attempt: Pkcs11Hsm(module, token_label, user_pin, rescan=attempt > 0),
                       retry_on=lambda e: isinstance(e, errors.HsmTokenUnavailable), backoff=backoff)
 
@@ -134,15 +135,7 @@ class Pkcs11Hsm:
             lib = pkcs11.lib(module)
             if rescan:
                 lib.reinitialize()
-            try:
-                token = lib.get_token(token_label=token_label)
-            except pkcs11.exceptions.NoSuchToken:
-                # SoftHSM2 lists its tokens once, when the library is initialized: a
-                # token whose files another process was rewriting at that moment would
-                # stay missing for good. Look again on a fresh scan (open_token's
-                # retry comes back here if it is still missing).
-                lib.reinitialize()
-                token = lib.get_token(token_label=token_label)
+            token = lib.get_token(token_label=token_label)
             self._session = token.open(rw=True, user_pin=user_pin)
         self.token_info = {
             "label": token.label,
