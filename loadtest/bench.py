@@ -95,14 +95,14 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
     rs = vault.registration_start(api.RegistrationStartIn(user_id="floor", island="island-a", current=absent,
                                                           registration_request=start.get_message()))
     fin = opaque.client_registration_finish(b"pw", start.get_state(), rs.registration_response)
-    reg_in = api.RegistrationFinishIn(user_id="floor", island="island-a", current=absent, challenge=rs.challenge,
+    reg_in = api.RegistrationFinishIn(user_id="floor", island="island-a", request_id=os.urandom(16), current=absent, challenge=rs.challenge,
                                       registration_upload=fin.get_message(), ek=os.urandom(48), k_nonce=os.urandom(12))
     entry = vault.registration_finish(reg_in).new_entry
     login = opaque.client_login_start(b"pw")
-    ls_in = api.LoginStartIn(user_id="floor", island="island-a", current=entry, credential_request=login.get_message())
+    ls_in = api.LoginStartIn(user_id="floor", island="island-a", request_id=os.urandom(16), current=entry, credential_request=login.get_message())
     ls = vault.login_start(ls_in)
     cfin = opaque.client_login_finish(b"pw", login.get_state(), ls.credential_response).get_message()
-    lf_in = api.LoginFinishIn(user_id="floor", island="island-a", current=ls.new_entry, login_state=ls.login_state,
+    lf_in = api.LoginFinishIn(user_id="floor", island="island-a", request_id=os.urandom(16), current=ls.new_entry, login_state=ls.login_state,
                               credential_finalization=cfin)
     req = start.get_message()
 

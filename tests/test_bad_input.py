@@ -31,27 +31,31 @@ def post(fleet, user, path, *, json=None, content=None, headers=None, token=True
     return httpx.post(fleet.frontend_url + path, json=json, content=content, headers=h)
 
 
+RID = B(os.urandom(16))
 CASES = [
     # (name, path, body or raw bytes, expected status, expected code)
     ("empty json", "/v1/recovery/start", {}, 400, "invalid_request"),
-    ("not base64", "/v1/recovery/start", {"credential_request": "%%%"}, 400, "invalid_request"),
-    ("wrong type", "/v1/recovery/start", {"credential_request": 12}, 400, "invalid_request"),
-    ("unknown field", "/v1/recovery/start", {"credential_request": B(b"x" * 96), "user_id": "someone-else"}, 400,
+    ("not base64", "/v1/recovery/start", {"request_id": RID, "credential_request": "%%%"}, 400, "invalid_request"),
+    ("wrong type", "/v1/recovery/start", {"request_id": RID, "credential_request": 12}, 400, "invalid_request"),
+    ("unknown field", "/v1/recovery/start", {"request_id": RID, "credential_request": B(b"x" * 96), "user_id": "someone-else"}, 400,
      "invalid_request"),
-    ("short opaque", "/v1/recovery/start", {"credential_request": B(b"x")}, 400, "malformed_opaque_message"),
-    ("garbage opaque", "/v1/recovery/start", {"credential_request": B(os.urandom(96))}, 400,
+    ("short opaque", "/v1/recovery/start", {"request_id": RID, "credential_request": B(b"x")}, 400, "malformed_opaque_message"),
+    ("garbage opaque", "/v1/recovery/start", {"request_id": RID, "credential_request": B(os.urandom(96))}, 400,
      "malformed_opaque_message"),
-    ("oversized field", "/v1/recovery/start", {"credential_request": B(os.urandom(10_000))}, 400, "invalid_request"),
+    ("oversized field", "/v1/recovery/start", {"request_id": RID, "credential_request": B(os.urandom(10_000))}, 400, "invalid_request"),
     ("not json", "/v1/recovery/start", b"{not json", 400, "invalid_request"),
+    ("no request id", "/v1/recovery/start", {"credential_request": B(os.urandom(96))}, 400, "invalid_request"),
+    ("short request id", "/v1/recovery/start", {"request_id": B(os.urandom(15)), "credential_request": B(os.urandom(96))},
+     400, "invalid_request"),
     ("garbage login state", "/v1/recovery/finish",
-     {"login_state": B(os.urandom(300)), "credential_finalization": B(os.urandom(64))}, 400, "login_state_rejected"),
+     {"request_id": RID, "login_state": B(os.urandom(300)), "credential_finalization": B(os.urandom(64))}, 400, "login_state_rejected"),
     ("garbage registration request", "/v1/registration/start", {"registration_request": B(os.urandom(7))}, 400,
      "malformed_opaque_message"),
     ("forged challenge", "/v1/registration/finish",
-     {"challenge": B(os.urandom(60)), "registration_upload": B(os.urandom(192)), "ek": B(os.urandom(48)),
+     {"request_id": RID, "challenge": B(os.urandom(60)), "registration_upload": B(os.urandom(192)), "ek": B(os.urandom(48)),
       "k_nonce": B(os.urandom(12))}, 400, "challenge_rejected"),
     ("wrong ek size", "/v1/registration/finish",
-     {"challenge": B(os.urandom(60)), "registration_upload": B(os.urandom(192)), "ek": B(os.urandom(5)),
+     {"request_id": RID, "challenge": B(os.urandom(60)), "registration_upload": B(os.urandom(192)), "ek": B(os.urandom(5)),
       "k_nonce": B(os.urandom(12))}, 400, "invalid_request"),
 ]
 
@@ -109,7 +113,8 @@ async def test_an_expired_token_is_refused(fleet, victim):
 
 
 async def test_recovery_for_an_unknown_user_is_a_404_with_a_stable_code(fleet):
-    resp = post(fleet, unique_user("nobody"), "/v1/recovery/start", json={"credential_request": B(b"x" * 96)})
+    resp = post(fleet, unique_user("nobody"), "/v1/recovery/start",
+                json={"request_id": RID, "credential_request": B(b"x" * 96)})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_record"
 
 

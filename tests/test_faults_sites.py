@@ -62,13 +62,13 @@ async def read_entry(endpoints: str, key: str) -> tuple[bytes, int]:
 
 
 MINORITY_PROBE = r"""
-import json, sys, httpx
+import json, os, sys, httpx
 import opaque_ke_py as opaque
 from bkv_common.encoding import b64e
 req = opaque.client_login_start(b"pw-" + sys.argv[2].encode()).get_message()
 try:
     r = httpx.post(sys.argv[1] + "/island/v1/recovery/start",
-                   json={"user_id": sys.argv[2], "credential_request": b64e(req)}, timeout=20)
+                   json={"user_id": sys.argv[2], "request_id": b64e(os.urandom(16)), "credential_request": b64e(req)}, timeout=20)
     print(json.dumps({"status": r.status_code}))
 except httpx.HTTPError as exc:
     print(json.dumps({"status": None, "error": type(exc).__name__}))

@@ -43,7 +43,7 @@ async def _register(island: Island, user: str, pw: bytes = b"pw"):
     out = await island.registration_start(iapi.RegistrationStartIn(user_id=user,
                                                                    registration_request=start.get_message()))
     fin = opaque.client_registration_finish(pw, start.get_state(), out.registration_response)
-    return out, fin, iapi.RegistrationFinishIn(user_id=user, challenge=out.challenge,
+    return out, fin, iapi.RegistrationFinishIn(user_id=user, request_id=os.urandom(16), challenge=out.challenge,
                                                registration_upload=fin.get_message(), ek=os.urandom(48),
                                                k_nonce=os.urandom(12))
 
@@ -62,12 +62,12 @@ async def test_a_login_state_older_than_its_ttl_is_rejected_and_the_record_is_ke
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
     login = opaque.client_login_start(b"pw")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     fin = opaque.client_login_finish(b"pw", login.get_state(), out.credential_response)
     clock.ms += 60_001
     before = dict(store.data)
     with pytest.raises(herr.LoginStateRejected, match="expired"):
-        await island.recovery_finish(iapi.RecoveryFinishIn(user_id="alice", login_state=out.login_state,
+        await island.recovery_finish(iapi.RecoveryFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
                                                            credential_finalization=fin.get_message()))
     assert store.data == before
 
@@ -77,9 +77,9 @@ async def test_a_forged_finalization_is_the_one_uniform_authentication_failure(p
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
     login = opaque.client_login_start(b"pw")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     with pytest.raises(herr.AuthenticationFailed) as failed:
-        await island.recovery_finish(iapi.RecoveryFinishIn(user_id="alice", login_state=out.login_state,
+        await island.recovery_finish(iapi.RecoveryFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
                                                            credential_finalization=os.urandom(64)))
     assert str(failed.value) == "authentication failed"
 
@@ -92,7 +92,7 @@ async def test_concurrent_guesses_on_the_fake_store_are_counted_exactly(parts):
     async def guess():
         login = opaque.client_login_start(b"wrong")
         try:
-            return await island.recovery_start(iapi.RecoveryStartIn(user_id="alice",
+            return await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16),
                                                                      credential_request=login.get_message()))
         except Exception as exc:  # noqa: BLE001
             return exc
@@ -116,14 +116,14 @@ async def test_a_lost_compare_and_swap_releases_nothing_and_retries_from_a_fresh
         if calls["n"] == 1:
             # Another replica decremented first.
             entry, rev = store.data[("island-a", user_ref("alice"))]
-            other = vault.login_start(hapi.LoginStartIn(user_id="alice", island="island-a", current=entry,
+            other = vault.login_start(hapi.LoginStartIn(user_id="alice", island="island-a", request_id=os.urandom(16), current=entry,
                                                         credential_request=opaque.client_login_start(b"x").get_message()))
             await real_swap("island-a", user_ref("alice"), rev, other.new_entry)
         return await real_swap(*args)
 
     store.swap = swap_that_loses_once
     login = opaque.client_login_start(b"pw")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     assert out.attempts_left == 1  # 3 - the other replica's guess - ours
     assert calls["n"] == 2
 
@@ -146,11 +146,11 @@ async def test_a_write_whose_answer_was_lost_but_that_landed_takes_one_attempt_n
 
     store.swap = swap_that_lands_but_times_out
     login = opaque.client_login_start(b"wrong")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     assert out.attempts_left == 2 and calls["n"] == 1  # one guess, one attempt, no second evaluation
     entry, _ = store.data[("island-a", user_ref("alice"))]
     login = opaque.client_login_start(b"wrong again")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     assert out.attempts_left == 1
 
 
@@ -171,7 +171,7 @@ async def test_a_write_that_did_not_land_is_retried_once_it_is_known_not_to_have
 
     store.swap = swap_that_fails_once
     login = opaque.client_login_start(b"wrong")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", credential_request=login.get_message()))
+    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     assert out.attempts_left == 2 and calls["n"] == 2
 
 

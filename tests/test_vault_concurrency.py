@@ -38,7 +38,8 @@ async def test_fifty_concurrent_wrong_guesses_across_both_replicas_evaluate_at_m
     async with httpx.AsyncClient(timeout=30) as http:
         async def guess(i: int) -> httpx.Response:
             req = opaque.client_login_start(f"wrong guess {i}".encode()).get_message()
-            body = {"user_id": user, "credential_request": base64.b64encode(req).decode()}
+            body = {"user_id": user, "request_id": base64.b64encode(os.urandom(16)).decode(),
+                    "credential_request": base64.b64encode(req).decode()}
             return await http.post(urls[i % 2] + "/island/v1/recovery/start", json=body)
 
         answers = await asyncio.gather(*(guess(i) for i in range(50)))

@@ -77,12 +77,28 @@ def _post(fleet, user: str, path: str, body: dict) -> httpx.Response:
                       headers={"authorization": f"Bearer {fleet.issuer().mint(user)}"})
 
 
+def _new_id(body: dict) -> dict:
+    return {**body, "request_id": base64.b64encode(os.urandom(16)).decode()}
+
+
+async def test_a_resent_registration_finish_gets_the_committed_answer_and_changes_nothing(make_client, fleet, etcd):
+    user, k = unique_user(), os.urandom(32)
+    rec = RecordingTransport()
+    await make_client(user, transport=rec).register(BackupKey(k), PW)
+    before = await read_entry(etcd, fleet, user)
+    again = _post(fleet, user, "/v1/registration/finish", rec.body("/v1/registration/finish"))
+    assert again.status_code == 200 and again.json() == rec.answer("/v1/registration/finish")
+    assert await read_entry(etcd, fleet, user) == before
+    assert (await make_client(user).recover(PW)).key.reveal() == k
+
+
 async def test_a_replayed_registration_challenge_is_rejected_and_changes_nothing(make_client, fleet, etcd):
     user, k = unique_user(), os.urandom(32)
     rec = RecordingTransport()
     await make_client(user, transport=rec).register(BackupKey(k), PW)
     before = await read_entry(etcd, fleet, user)
-    replay = _post(fleet, user, "/v1/registration/finish", rec.body("/v1/registration/finish"))
+    # The same challenge in a new request (a new id): the challenge is spent.
+    replay = _post(fleet, user, "/v1/registration/finish", _new_id(rec.body("/v1/registration/finish")))
     assert replay.status_code == 400 and replay.json()["error"]["code"] == "challenge_rejected"
     assert await read_entry(etcd, fleet, user) == before
     assert (await make_client(user).recover(PW)).key.reveal() == k
@@ -92,7 +108,7 @@ async def test_a_challenge_for_one_user_is_refused_for_another(make_client, flee
     alice, mallory = unique_user(), unique_user()
     rec = RecordingTransport()
     await make_client(alice, transport=rec).register(BackupKey(os.urandom(32)), PW)
-    stolen = _post(fleet, mallory, "/v1/registration/finish", rec.body("/v1/registration/finish"))
+    stolen = _post(fleet, mallory, "/v1/registration/finish", _new_id(rec.body("/v1/registration/finish")))
     assert stolen.status_code == 400 and stolen.json()["error"]["code"] == "challenge_rejected"
 
 
@@ -102,7 +118,7 @@ async def test_a_replayed_login_state_is_rejected_and_costs_no_attempt(make_clie
     rec = RecordingTransport()
     await make_client(user, transport=rec).recover(PW)
     before = await read_entry(etcd, fleet, user)
-    replay = _post(fleet, user, "/v1/recovery/finish", rec.body("/v1/recovery/finish"))
+    replay = _post(fleet, user, "/v1/recovery/finish", _new_id(rec.body("/v1/recovery/finish")))
     assert replay.status_code == 400 and replay.json()["error"]["code"] == "login_state_rejected"
     assert await read_entry(etcd, fleet, user) == before
     with pytest.raises(errors.WrongPassword) as wrong:
@@ -120,5 +136,5 @@ async def test_a_login_state_is_superseded_by_a_newer_attempt(make_client, fleet
     with pytest.raises(errors.WrongPassword):
         await make_client(user).recover("wrong again")
     stale = _post(fleet, user, "/v1/recovery/finish",
-                  {"login_state": first_state, "credential_finalization": base64.b64encode(b"\0" * 64).decode()})
+                  _new_id({"login_state": first_state, "credential_finalization": base64.b64encode(b"\0" * 64).decode()}))
     assert stale.status_code == 400 and stale.json()["error"]["code"] == "login_state_rejected"

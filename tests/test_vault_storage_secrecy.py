@@ -72,7 +72,7 @@ async def test_a_record_copied_to_another_island_does_not_open_there(make_client
     entry, _, _ = await read_entry(etcd, fleet, user)
     # Ask the HSM to open it as if it lived on the other island: the AAD names the home island.
     hsm = f"http://127.0.0.1:{fleet.procs['hsm-proxy0'].port}"
-    body = hapi.LoginStartIn(user_id=user, island=other, current=entry, credential_request=b"\x00" * 96)
+    body = hapi.LoginStartIn(user_id=user, island=other, request_id=os.urandom(16), current=entry, credential_request=b"\x00" * 96)
     resp = httpx.post(hsm + "/hsm/v1/login/start", content=body.model_dump_json(),
                       headers={"content-type": "application/json"})
     assert resp.status_code == 500 and resp.json()["error"]["code"] == "record_integrity_failure"

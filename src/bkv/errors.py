@@ -8,6 +8,8 @@
     ├── NoRecord           nothing is registered for this account
     ├── Unauthorized       the account token was refused; sign in again
     ├── VaultUnavailable   the vault did not answer before the deadline; try later
+    │   └── UnsignedAnswer no_record / record_destroyed without the fleet's signature for this
+    │                      request: not acted on (someone on the path, or a tier, may have forged it)
     ├── BadSignature       a vault answer failed the fleet signature check; nothing was acted on
     ├── UntrustedFleet     no validation bundle verified against the pinned roots; nothing was sent
     └── ProtocolError      the vault refused a step (``code`` says which); start the operation again
@@ -46,6 +48,12 @@ class Unauthorized(VaultError):
 
 class VaultUnavailable(VaultError):
     """Retried until the deadline without an answer. Safe to try again later."""
+
+
+class UnsignedAnswer(VaultUnavailable):
+    """An answer that would change what the device does with K (no record,
+    destroyed) came without the fleet's signature over this request. It was
+    not acted on and nothing changed on the device: treat it like no answer."""
 
 
 class BadSignature(VaultError):

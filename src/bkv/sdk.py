@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel, ValidationError
 
 from bkv import errors
-from bkv_common import labels
-from bkv_common.encoding import canonical, fleet_id_for, request_digest, u32, u64
+from bkv_common import labels, transcripts
+from bkv_common.encoding import canonical, fleet_id_for
 from bkv_common.retry import Backoff, DeadlineExceeded, retry, retry_sync
 from bkv_common.secrets import BackupKey, Password
 from bkv_common.wire import ErrorBody
@@ -59,13 +59,17 @@ class Recovery:
 
 @dataclass(frozen=True)
 class Call:
+    """One HTTP exchange. Every call may be sent again after any failure
+    (a reset connection, a 5xx, a new Noise session): the ones that change
+    state carry a request id and ``request`` (their fingerprint,
+    ``bkv_common.transcripts``), and the vault answers a resend of them from
+    what it committed, so a resend never spends an attempt."""
+
     method: str
     path: str
     body: BaseModel | None
     out: type[BaseModel] | None
-    # May this request be sent again after a failure mid-request? Only if a
-    # second copy cannot cost the user anything (e.g. an extra attempt).
-    idempotent: bool
+    request: bytes | None = None  # fingerprint the signed refusals (no_record, record_destroyed) must cover
 
 
 @dataclass(frozen=True)
@@ -104,12 +108,24 @@ class VaultProtocol:
         self.user_id = user_id
         self._uid = user_id.encode()
 
-    def verify(self, signature: bytes, label: bytes, *fields: bytes) -> None:
+    def verify(self, signature: bytes, transcript: bytes) -> None:
+        """``transcript``: one of ``bkv_common.transcripts``'s, for our fleet."""
         try:
-            self._fleet_key.verify(signature, canonical(label, self.fleet_id.encode(), *fields),
-                                   ec.ECDSA(hashes.SHA256()))
+            self._fleet_key.verify(signature, transcript, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
             raise errors.BadSignature("a vault answer failed the fleet signature check; nothing was acted on") from None
+
+    def refusal_is_signed(self, call: Call, code: transcripts.Refusal, signature: bytes | None) -> bool:
+        """A ``no_record`` / ``record_destroyed`` counts only when the fleet
+        signed it for this very request (an old one, or one for another
+        request or account, does not verify)."""
+        if call.request is None or signature is None:
+            return False
+        try:
+            self.verify(signature, transcripts.refusal_answer(self.fleet_id, call.request, code))
+        except errors.BadSignature:
+            return False
+        return True
 
     # -- operations (sans I/O) -------------------------------------------------------
     def register(self, key: BackupKey, password: Password | str) -> Steps:
@@ -118,9 +134,9 @@ class VaultProtocol:
         req = started.get_message()
         out: api.RegistrationStartOut = yield Call(
             "POST", "/v1/registration/start", api.RegistrationStartRequest(fleet_id=self.fleet_id, registration_request=req),
-            api.RegistrationStartOut, idempotent=True)
-        self.verify(out.signature, labels.SIG_REGISTRATION_START, self._uid, request_digest(req),
-                    out.registration_response, out.challenge)
+            api.RegistrationStartOut)
+        self.verify(out.signature, transcripts.registration_start_answer(
+            self.fleet_id, self.user_id, req, out.registration_response, out.challenge))
         try:
             finished = yield Work(opaque.client_registration_finish, (pw, started.get_state(), out.registration_response))
         except ValueError:
@@ -129,13 +145,17 @@ class VaultProtocol:
         k_nonce = os.urandom(12)
         ek = AESGCM(opaque_k).encrypt(k_nonce, key.reveal(), canonical(labels.EK_AAD, self._uid))
         upload = finished.get_message()
+        rid = os.urandom(transcripts.REQUEST_ID_LEN)
+        request = transcripts.registration_finish_request(self.fleet_id, self.user_id, rid, out.challenge, upload,
+                                                          ek, k_nonce)
         done: api.RegistrationFinishOut = yield Call(
             "POST", "/v1/registration/finish",
-            api.RegistrationFinishRequest(fleet_id=self.fleet_id, challenge=out.challenge, registration_upload=upload,
-                                          ek=ek, k_nonce=k_nonce),
-            api.RegistrationFinishOut, idempotent=False)
-        self.verify(done.signature, labels.SIG_REGISTRATION_FINISH, self._uid, request_digest(upload),
-                    u64(done.version), u32(done.max_attempts))
+            api.RegistrationFinishRequest(fleet_id=self.fleet_id, request_id=rid, challenge=out.challenge,
+                                          registration_upload=upload, ek=ek, k_nonce=k_nonce),
+            api.RegistrationFinishOut, request)
+        # Covers ek and k_nonce: a tier that swapped them gets no valid "registered".
+        self.verify(done.signature, transcripts.registration_finish_answer(
+            self.fleet_id, request, done.version, done.max_attempts))
         return Registration(version=done.version, max_attempts=done.max_attempts)
 
     def recover(self, password: Password | str) -> Steps:
@@ -148,12 +168,15 @@ class VaultProtocol:
             # The one wrong-password outcome; the count is the fleet's signed word.
             raise errors.WrongPassword(out.attempts_left) from None
         fin = finished.get_message()
+        rid = os.urandom(transcripts.REQUEST_ID_LEN)
+        request = transcripts.login_finish_request(self.fleet_id, self.user_id, rid, out.login_state, fin)
         done: api.RecoveryFinishOut = yield Call(
             "POST", "/v1/recovery/finish",
-            api.RecoveryFinishRequest(fleet_id=self.fleet_id, login_state=out.login_state, credential_finalization=fin),
-            api.RecoveryFinishOut, idempotent=False)
-        self.verify(done.signature, labels.SIG_LOGIN_FINISH, self._uid, request_digest(fin), done.wrapped_key,
-                    done.rk_nonce, done.record_status.value.encode())
+            api.RecoveryFinishRequest(fleet_id=self.fleet_id, request_id=rid, login_state=out.login_state,
+                                      credential_finalization=fin),
+            api.RecoveryFinishOut, request)
+        self.verify(done.signature, transcripts.login_finish_answer(
+            self.fleet_id, request, done.wrapped_key, done.rk_nonce, done.record_status.value))
         try:
             inner = AESGCM(_hkdf(finished.get_session_key(), labels.RECOVERY_WRAP_INFO)).decrypt(
                 done.rk_nonce, done.wrapped_key, canonical(labels.RECOVERY_WRAP_AAD, self._uid))
@@ -166,38 +189,48 @@ class VaultProtocol:
 
     def recovery_start(self, credential_request: bytes) -> Steps:
         """Only the first, cheap step of a recovery (the guess-flood load path)."""
+        rid = os.urandom(transcripts.REQUEST_ID_LEN)
+        request = transcripts.login_start_request(self.fleet_id, self.user_id, rid, credential_request)
         out: api.RecoveryStartOut = yield Call(
-            "POST", "/v1/recovery/start", api.RecoveryStartRequest(fleet_id=self.fleet_id, credential_request=credential_request),
-            api.RecoveryStartOut, idempotent=False)
-        self.verify(out.signature, labels.SIG_LOGIN_START, self._uid, request_digest(credential_request),
-                    out.credential_response, u32(out.attempts_left))
+            "POST", "/v1/recovery/start",
+            api.RecoveryStartRequest(fleet_id=self.fleet_id, request_id=rid, credential_request=credential_request),
+            api.RecoveryStartOut, request)
+        self.verify(out.signature, transcripts.login_start_answer(
+            self.fleet_id, request, out.credential_response, out.attempts_left))
         return out
 
     def delete(self) -> Steps:
-        out: api.DeleteOut = yield Call("DELETE", "/v1/record", None, api.DeleteOut, idempotent=True)
+        out: api.DeleteOut = yield Call("DELETE", "/v1/record", None, api.DeleteOut)
         return out.deleted
 
     def fleet(self) -> Steps:
-        return (yield Call("GET", "/v1/fleet", None, api.FleetInfo, idempotent=True))
+        return (yield Call("GET", "/v1/fleet", None, api.FleetInfo))
 
 
 # -- answers to outcomes (shared by both drivers) ----------------------------------------
-def _error(resp: httpx.Response) -> errors.VaultError:
+_REFUSALS = {"no_record": transcripts.Refusal.NO_RECORD, "record_destroyed": transcripts.Refusal.RECORD_DESTROYED}
+# Sealed answers that say "not now": the same request is sent again (it is safe: see Call).
+_RESEND = {502, 503, 504}
+
+
+def _error(protocol: VaultProtocol, call: Call, resp: httpx.Response) -> errors.VaultError:
     try:
         err = ErrorBody.model_validate_json(resp.content).error
-        code, message = err.code.value, err.message
+        code, message, signature = err.code.value, err.message, err.signature
     except ValidationError:
-        code, message = "http_error", f"HTTP {resp.status_code}"
-    if code == "unauthenticated":
-        return errors.Unauthorized("the account token was refused; sign in again")
+        code, message, signature = "http_error", f"HTTP {resp.status_code}", None
+    if code in _REFUSALS and not protocol.refusal_is_signed(call, _REFUSALS[code], signature):
+        # Only a fleet signature over this request makes these two true; anyone
+        # on the path or in a tier could have written this one.
+        return errors.UnsignedAnswer(f"the vault said {code!r} without the fleet's signature for this request; "
+                                     "not acted on, nothing was changed on this device; try again later")
     if code == "no_record":
         return errors.NoRecord("no key is escrowed for this account")
-    if code == "outcome_unknown":
-        return errors.VaultUnavailable("the vault lost the connection mid-request; this attempt may or may not "
-                                       "have been counted; try again")
     if code == "record_destroyed":
         return errors.LockedOut("the escrowed key was destroyed after too many wrong passwords (or disabled); "
                                 "backups made with it can no longer be decrypted")
+    if code == "unauthenticated":
+        return errors.Unauthorized("the account token was refused; sign in again")
     return errors.ProtocolError(code, message)
 
 
@@ -207,11 +240,11 @@ def _request_args(call: Call) -> dict:
     return {"content": call.body.model_dump_json(), "headers": {"content-type": "application/json"}}
 
 
-def _decode(call: Call, resp: httpx.Response):
-    if resp.status_code == 503:
-        raise _Retry("the vault is unavailable")
+def _decode(protocol: VaultProtocol, call: Call, resp: httpx.Response):
+    if resp.status_code in _RESEND:
+        raise _Retry(f"the vault answered {resp.status_code}")
     if resp.status_code >= 400:
-        raise _error(resp)
+        raise _error(protocol, call, resp)
     if call.out is None:
         return None
     try:
@@ -225,11 +258,11 @@ def _edge_failure(exc: Exception) -> errors.VaultError:
                                "nothing was sent; check the pinned edge key")
 
 
-def _transport_failure(call: Call, exc: Exception) -> Exception:
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)) or call.idempotent:
-        return _Retry(str(exc) or type(exc).__name__)
-    return errors.VaultUnavailable(f"the connection failed mid-request ({type(exc).__name__}); the vault may or "
-                                   "may not have counted this attempt; try again")
+def _transport_failure(exc: Exception) -> Exception:
+    """Any failure on the way (a reset, a timeout, a clear answer outside the
+    Noise seal -- the edge's refusal or a forgery): send the same request
+    again; a resend is answered from the commit, never evaluated twice."""
+    return _Retry(str(exc) or type(exc).__name__)
 
 
 def _resume(steps: Steps, value: Any, error: BaseException | None) -> tuple[bool, Any]:
@@ -277,10 +310,10 @@ class VaultClient:
             try:
                 resp = await self._http.request(call.method, call.path, **_request_args(call))
             except httpx.TransportError as exc:
-                raise _transport_failure(call, exc) from exc
+                raise _transport_failure(exc) from exc
             except NoiseError as exc:
                 raise _edge_failure(exc) from exc
-            return _decode(call, resp)
+            return _decode(self.protocol, call, resp)
 
         try:
             return await retry(attempt, retry_on=lambda e: isinstance(e, _Retry), backoff=self._backoff)
@@ -352,10 +385,10 @@ class VaultClientSync:
             try:
                 resp = self._http.request(call.method, call.path, **_request_args(call))
             except httpx.TransportError as exc:
-                raise _transport_failure(call, exc) from exc
+                raise _transport_failure(exc) from exc
             except NoiseError as exc:
                 raise _edge_failure(exc) from exc
-            return _decode(call, resp)
+            return _decode(self.protocol, call, resp)
 
         try:
             return retry_sync(attempt, retry_on=lambda e: isinstance(e, _Retry), backoff=self._backoff)

@@ -5,6 +5,12 @@ only for a dev fleet started with ``--plaintext``.
 
 A wrong pinned key fails at the handshake, before any request is sent: the
 first handshake message carries no application data.
+
+Only what opens under the session's key is the vault's answer. Anything in
+clear -- the edge's own refusals, and whatever someone on the path forges --
+is a transport failure (:class:`EdgeRefused`, an ``httpx.TransportError``),
+never a vault outcome: the SDK sends the same request again, which the vault
+answers from what it committed (docs/protocol.md, "Resends").
 """
 
 from __future__ import annotations
@@ -35,8 +41,14 @@ def tls_context() -> ssl.SSLContext:
 
 
 class NoiseError(Exception):
-    """The edge could not be authenticated, or its answer did not open. Never
-    retried: it means a wrong pinned key or someone in the middle."""
+    """The edge could not be authenticated at the handshake. Never retried:
+    it means a wrong pinned key or someone in the middle."""
+
+
+class EdgeRefused(httpx.TransportError):
+    """A clear answer outside the seal (the edge's refusal, or a forgery), or
+    a sealed one that did not open: no word from the vault. Carries only the
+    outer status, never the clear body's claims."""
 
 
 def _sealed(request: httpx.Request, session: Session, counter: int) -> bytes:
@@ -51,13 +63,11 @@ def _sealed(request: httpx.Request, session: Session, counter: int) -> bytes:
 
 def _inner_response(session: Session, counter: int, resp_status: int, content: bytes, request) -> httpx.Response:
     if resp_status != 200:
-        # The edge refused before the vault saw anything (unknown session, tampering...): a clear error.
-        return httpx.Response(resp_status, content=content, headers={"content-type": "application/json"},
-                              request=request)
+        raise EdgeRefused(f"the edge answered {resp_status} in clear (not the vault's word)", request=request)
     try:
         status, body = session.open_response(counter, content)
-    except Exception as exc:  # noqa: BLE001
-        raise NoiseError("the edge's answer failed authentication") from exc
+    except Exception as exc:  # noqa: BLE001 - garbled on the way, or forged: no answer at all
+        raise EdgeRefused("the edge's answer did not open under the session key", request=request) from exc
     return httpx.Response(status, content=body, headers={"content-type": "application/json"}, request=request)
 
 
@@ -83,14 +93,26 @@ class _Base:
                              content=session.session_id + _sealed(request, session, counter), headers=_OCTETS)
 
     def _start(self, answer: httpx.Response, initiator: Initiator) -> Session:
-        if answer.status_code != 200 or len(answer.content) <= SESSION_ID_LEN:
-            raise NoiseError(f"the edge refused the handshake ({answer.status_code})")
+        if answer.status_code == 400:
+            # What the edge answers a first message made for another key: most
+            # likely a wrong pinned key. Not retried; it changes nothing on the
+            # device either way (forged or not, it is no vault outcome).
+            raise NoiseError("the edge refused the handshake (400): is the pinned edge key right?")
+        if answer.status_code != 200:
+            raise EdgeRefused(f"the edge refused the handshake ({answer.status_code})")
+        if len(answer.content) <= SESSION_ID_LEN:
+            raise NoiseError("the edge's handshake answer is too short")
         try:
             session = initiator.finish(answer.content[:SESSION_ID_LEN], answer.content[SESSION_ID_LEN:])
         except HandshakeFailed as exc:
             raise NoiseError(str(exc)) from exc
         self._counter = itertools.count()
         return session
+
+    def _forget_closed(self, session: Session, outer_status: int) -> None:
+        # The edge closes a session on a message it refuses (400): start a new one next time.
+        if outer_status == 400 and self._session is session:
+            self._session = None
 
 
 class AsyncNoiseTransport(_Base, httpx.AsyncBaseTransport):
@@ -113,8 +135,11 @@ class AsyncNoiseTransport(_Base, httpx.AsyncBaseTransport):
             answer = await self._http.handle_async_request(self._outer_request(request, session, counter))
             content = await answer.aread()
             if answer.status_code == 401 and attempt == 0:
-                self._session = None  # the edge forgot us (restart, expiry): one new handshake
+                # The edge forgot us (restart, expiry) -- or someone says so: one new
+                # handshake and the same request again, which the vault answers from its commit.
+                self._session = None
                 continue
+            self._forget_closed(session, answer.status_code)
             return _inner_response(session, counter, answer.status_code, content, request)
         raise AssertionError("unreachable")
 
@@ -148,6 +173,7 @@ class NoiseTransport(_Base, httpx.BaseTransport):
             if answer.status_code == 401 and attempt == 0:
                 self._session = None
                 continue
+            self._forget_closed(session, answer.status_code)
             return _inner_response(session, counter, answer.status_code, content, request)
         raise AssertionError("unreachable")
 

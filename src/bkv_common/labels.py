@@ -18,18 +18,21 @@ RECORD_AAD: Final = b"bkv/v1/aead/record"            # sealed vault record
 OPAQUE_SETUP_AAD: Final = b"bkv/v1/aead/opaque-setup"  # sealed OPAQUE server setup
 CHALLENGE_AAD: Final = b"bkv/v1/aead/registration-challenge"
 LOGIN_STATE_AAD: Final = b"bkv/v1/aead/login-state"
+REPLY_AAD: Final = b"bkv/v1/aead/reply"              # a committed answer kept for resends
 
 # Fleet signature transcripts (ECDSA P-256 over SHA-256 of the transcript).
 SIG_REGISTRATION_START: Final = b"bkv/v1/sig/registration-start"
 SIG_REGISTRATION_FINISH: Final = b"bkv/v1/sig/registration-finish"
 SIG_LOGIN_START: Final = b"bkv/v1/sig/login-start"
 SIG_LOGIN_FINISH: Final = b"bkv/v1/sig/login-finish"
+SIG_REFUSAL: Final = b"bkv/v1/sig/refusal"            # no_record / record_destroyed, bound to the request
 
 # Hashes.
 USER_KEY_HASH: Final = b"bkv/v1/hash/user-key"        # etcd key for a user's record
 RENDEZVOUS_HASH: Final = b"bkv/v1/hash/rendezvous"    # user -> island placement
 FLEET_ID_HASH: Final = b"bkv/v1/hash/fleet-id"        # fleet id from its public key
 REQUEST_HASH: Final = b"bkv/v1/hash/request"          # request digests inside transcripts
+REQUEST_FINGERPRINT: Final = b"bkv/v1/hash/request-fingerprint"  # a whole state-changing request
 
 # Validation bundles (docs/ota.md): the operator signs, the witness countersigns.
 BUNDLE_HASH: Final = b"bkv/v1/hash/bundle"                 # a bundle's id and chain link

@@ -33,4 +33,6 @@ RECOVERIES_SUCCEEDED = Counter("bkv_recoveries_succeeded", "Recoveries whose fin
 RECORDS_DESTROYED = Counter("bkv_records_destroyed", "Records destroyed because attempts ran out")
 LOCKOUT_HITS = Counter("bkv_lockout_hits", "Recovery attempts against a destroyed record")
 REGISTRATIONS = Counter("bkv_registrations", "Registrations committed")
+RESENDS_ANSWERED = Counter("bkv_resends_answered",
+                           "Resent requests answered from the kept, committed answer (never evaluated again)")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 from bkv_common.encoding import b64d, b64e
 
@@ -40,6 +40,10 @@ B64 = Annotated[
 ]
 
 
+# A client-chosen id for each state-changing request (bkv_common.transcripts).
+RequestId = Annotated[B64, Field(min_length=16, max_length=16)]
+
+
 class Frozen(BaseModel):
     """Base of every wire model: immutable, unknown fields refused."""
 
@@ -62,6 +66,8 @@ class ErrorCode(str, enum.Enum):
     NOT_FOUND = "not_found"
     UNAVAILABLE = "unavailable"
     OUTCOME_UNKNOWN = "outcome_unknown"
+    REQUEST_ID_REUSED = "request_id_reused"
+    REQUEST_SUPERSEDED = "request_superseded"
     INTERNAL = "internal"
 
 
@@ -69,6 +75,10 @@ class ErrorDetail(Frozen):
     code: ErrorCode
     message: str
     retryable: bool = False
+    # The fleet's signature on no_record / record_destroyed for this request
+    # (bkv_common.transcripts.refusal_answer). A device acts on those two only
+    # when it verifies; every other error changes nothing on the device.
+    signature: B64 | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ErrorBody(Frozen):

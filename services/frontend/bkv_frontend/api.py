@@ -7,7 +7,7 @@ answers, passed through unchanged; the client checks their fleet signatures.
 
 from __future__ import annotations
 
-from bkv_common.wire import B64, Frozen
+from bkv_common.wire import B64, Frozen, RequestId
 from bkv_hsm_proxy.api import FleetId, FleetParams, RecordStatus
 from bkv_island.api import (
     DeleteOut,
@@ -46,17 +46,24 @@ class RegistrationStartRequest(_Pinned):
     registration_request: B64
 
 
-class RegistrationFinishRequest(_Pinned):
+class _Identified(_Pinned):
+    # Client-chosen, 16 random bytes, new for each request and the same on
+    # every resend of it: a resend is answered from what was committed, so it
+    # never spends an attempt (bkv_common.transcripts).
+    request_id: RequestId
+
+
+class RegistrationFinishRequest(_Identified):
     challenge: B64
     registration_upload: B64
     ek: B64
     k_nonce: B64
 
 
-class RecoveryStartRequest(_Pinned):
+class RecoveryStartRequest(_Identified):
     credential_request: B64
 
 
-class RecoveryFinishRequest(_Pinned):
+class RecoveryFinishRequest(_Identified):
     login_state: B64
     credential_finalization: B64

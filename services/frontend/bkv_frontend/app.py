@@ -128,7 +128,9 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                                         idempotent=True)
         return old is not None or home != asked
 
-    # The OPAQUE routes: what the island gets for each public request.
+    # The OPAQUE routes: what the island gets for each public request. All are
+    # safe to send again: the state-changing ones carry the client's request
+    # id, and any replica answers a resend from what was committed.
     async def registration_start_(req: api.RegistrationStartRequest, user: str) -> Response:
         return await relay(user, "/island/v1/registration/start",
                            iapi.RegistrationStartIn(user_id=user, fleet_id=req.fleet_id,
@@ -137,21 +139,23 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
 
     async def registration_finish_(req: api.RegistrationFinishRequest, user: str) -> Response:
         return await relay(user, "/island/v1/registration/finish",
-                           iapi.RegistrationFinishIn(user_id=user, fleet_id=req.fleet_id, challenge=req.challenge,
+                           iapi.RegistrationFinishIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
+                                                     challenge=req.challenge,
                                                      registration_upload=req.registration_upload, ek=req.ek,
-                                                     k_nonce=req.k_nonce), idempotent=False)
+                                                     k_nonce=req.k_nonce), idempotent=True)
 
     async def recovery_start_(req: api.RecoveryStartRequest, user: str) -> Response:
         return await relay(user, "/island/v1/recovery/start",
-                           iapi.RecoveryStartIn(user_id=user, fleet_id=req.fleet_id,
+                           iapi.RecoveryStartIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
                                                 credential_request=req.credential_request),
-                           idempotent=False)
+                           idempotent=True)
 
     async def recovery_finish_(req: api.RecoveryFinishRequest, user: str) -> Response:
         return await relay(user, "/island/v1/recovery/finish",
-                           iapi.RecoveryFinishIn(user_id=user, fleet_id=req.fleet_id, login_state=req.login_state,
+                           iapi.RecoveryFinishIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
+                                                 login_state=req.login_state,
                                                  credential_finalization=req.credential_finalization),
-                           idempotent=False)
+                           idempotent=True)
 
     # path: (request model, answer model -- for the schema only: the island's bytes go out unchanged, handler)
     opaque_routes: dict[str, tuple[type[BaseModel], type[BaseModel], OpaqueHandler]] = {

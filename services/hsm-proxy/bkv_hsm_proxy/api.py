@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
-from bkv_common.wire import B64, Frozen
+from bkv_common.wire import B64, Frozen, RequestId
 
 UserId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._@+\-]{1,128}$")]
 IslandId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$")]
@@ -27,6 +27,21 @@ class EntryState(str, enum.Enum):
     DESTROYED = "destroyed"  # tombstone: attempts ran out or the user disabled it
 
 
+RequestIdHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+RECENT_REQUESTS = 16  # request ids an entry remembers after their answer is gone
+
+
+class LastRequest(Frozen):
+    """The request that wrote this entry, and its answer sealed by the HSM
+    (``bkv_common.transcripts.reply_aad``): a resend of it -- same id, same
+    fingerprint -- is answered from here by any replica instead of being
+    evaluated again, so a resend never spends an attempt."""
+
+    id: RequestIdHex
+    fingerprint: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    reply: B64
+
+
 class Entry(Frozen):
     """A user's etcd entry as the island read it. ``version`` grows by one on
     every change and survives destruction, so sealed challenges and login
@@ -36,10 +51,18 @@ class Entry(Frozen):
     version: int = Field(ge=0)
     sealed: B64 | None = None
     fleet_id: FleetId | None = None  # the fleet whose keys sealed it (None: the oldest)
-    # Set by the island on what it writes: the writing request's tag, so a retry
-    # can tell that a write whose answer was lost did land. Not sealed: it only
-    # ever decides whether to answer again, never what the record says.
-    tag: str | None = Field(None, max_length=32)
+    # Not sealed: they only ever decide whether a request was answered
+    # already, never what the record says (the HSM-boundary issue, #17, moves
+    # that decision inside the boundary).
+    request: LastRequest | None = None
+    # Ids of earlier requests whose answers are gone: a resend of one is
+    # refused (request_superseded), never evaluated again.
+    recent: list[RequestIdHex] = Field(default_factory=list, max_length=RECENT_REQUESTS)
+
+    def answered(self) -> list[str]:
+        """The request ids the entry that follows this one must remember."""
+        ids = self.recent + ([self.request.id] if self.request is not None else [])
+        return ids[-RECENT_REQUESTS:]
 
 
 # -- registration --------------------------------------------------------------
@@ -61,6 +84,7 @@ class RegistrationFinishIn(Frozen):
     user_id: UserId
     island: IslandId
     fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
+    request_id: RequestId
     current: Entry
     challenge: B64
     registration_upload: B64
@@ -79,6 +103,7 @@ class LoginStartIn(Frozen):
     user_id: UserId
     island: IslandId
     fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
+    request_id: RequestId
     current: Entry
     credential_request: B64
 
@@ -102,6 +127,7 @@ class LoginFinishIn(Frozen):
     user_id: UserId
     island: IslandId
     fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
+    request_id: RequestId
     current: Entry
     login_state: B64
     credential_finalization: B64
@@ -112,6 +138,37 @@ class LoginFinishOut(Frozen):
     wrapped_key: B64
     rk_nonce: B64
     record_status: RecordStatus
+    signature: B64
+
+
+# -- resends and refusals --------------------------------------------------------
+class ReplyOpenIn(Frozen):
+    """A resend of the request that wrote ``current``: open its sealed answer."""
+
+    user_id: UserId
+    island: IslandId
+    current: Entry
+    request_id: RequestId
+    fingerprint: B64  # bkv_common.transcripts.*_request, as the island computed it
+
+
+class ReplyOpenOut(Frozen):
+    reply: B64  # the JSON answer exactly as first committed
+
+
+class RefusalIn(Frozen):
+    """No live record for a login: sign ``no_record`` or ``record_destroyed``
+    (decided by ``current.state``) for this one request."""
+
+    user_id: UserId
+    island: IslandId
+    fleet_id: FleetId | None = None
+    current: Entry
+    fingerprint: B64
+
+
+class RefusalOut(Frozen):
+    code: str  # bkv_common.transcripts.Refusal
     signature: B64
 
 

@@ -45,4 +45,6 @@ def create_app(vault: VaultHsm) -> RpcApp:
         "/hsm/v1/login/finish": (api.LoginFinishIn, sync(vault.login_finish)),
         "/hsm/v1/reseal": (api.ResealIn, sync(vault.reseal)),
         "/hsm/v1/migrate": (api.MigrateIn, sync(vault.migrate)),
+        "/hsm/v1/reply/open": (api.ReplyOpenIn, sync(vault.open_reply)),
+        "/hsm/v1/refusal": (api.RefusalIn, sync(vault.refusal)),
     }, map_error=map_error, get_routes={"/hsm/v1/fleet": fleet})

@@ -14,6 +14,11 @@ back with a compare-and-swap. Three rules carry the security argument:
 * Sealed records bind user id, island, version and the fleet whose key
   sealed them in the AEAD's associated data, so they cannot be moved between
   users, islands or fleets (invariant 4).
+* Every answer a device acts on is signed over the whole request it answers
+  (``bkv_common.transcripts``), and every state change keeps its answer
+  sealed in the new entry (``Entry.request``), so a resend of the same
+  request is answered from the commit (:meth:`VaultHsm.open_reply`) instead of
+  being evaluated again (invariant 10).
 
 A token may hold several fleets (key generations, docs/ota.md): each request
 names the fleet the client pinned (``fleet_id``; none means the oldest), which
@@ -24,6 +29,7 @@ and moves to another fleet only through :meth:`VaultHsm.migrate`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import struct
 import time
@@ -35,8 +41,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from bkv_common import labels, metrics
-from bkv_common.encoding import canonical, fleet_id_for, request_digest, u32, u64, user_ref
+from bkv_common import labels, metrics, transcripts
+from bkv_common.encoding import b64e, canonical, fleet_id_for, u32, u64, user_ref
 from bkv_hsm_proxy import api, errors
 from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, HsmBackend, generation_label
 
@@ -45,6 +51,10 @@ LOGIN_STATE_TTL_MS = 60_000
 EK_LEN = 32 + 16  # AES-256-GCM of a 32-byte K
 K_NONCE_LEN = 12
 RECORD_FORMAT = 1
+
+
+def json_bytes(answer: dict) -> bytes:
+    return json.dumps(answer, separators=(",", ":")).encode()
 
 
 class Clock(Protocol):
@@ -206,11 +216,24 @@ class VaultHsm:
         return api.FleetParams(fleet_id=fleet_id_for(der), fleet_public_key=der, max_attempts=self.max_attempts)
 
     # -- helpers -----------------------------------------------------------------
-    def _sign(self, fleet: str | None, label: bytes, *fields: bytes) -> bytes:
+    def _sign(self, fleet: str | None, transcript) -> bytes:
+        """``transcript(signing fleet id)``: one of ``bkv_common.transcripts``."""
         gen = self._gen(fleet)
-        fleet_id = fleet or self.fleet_id
         with self._fleet_may_be_gone(gen):
-            return self._hsm.sign(canonical(label, fleet_id.encode(), *fields), gen)
+            return self._hsm.sign(transcript(fleet or self.fleet_id), gen)
+
+    def _reply(self, ref: str, island: str, new_entry: api.Entry, current: api.Entry, request_id: bytes,
+               fingerprint: bytes, answer: dict) -> api.Entry:
+        """``new_entry`` carrying ``answer`` (the client-facing JSON, exactly as
+        the island will send it) sealed for resends, and the ids of the
+        requests before it. Sealed by the fleet that sealed the record."""
+        gen = self._gen(new_entry.fleet_id or self.fleet_id)
+        body = json_bytes(answer)
+        sealed = self._hsm.seal(transcripts.reply_aad(ref, island, new_entry.version, request_id, fingerprint),
+                                body, gen)
+        return new_entry.model_copy(update={
+            "request": api.LastRequest(id=request_id.hex(), fingerprint=fingerprint.hex(), reply=sealed),
+            "recent": current.answered()})
 
     def _seal_transient(self, fleet: str | None, label: bytes, uid: bytes, island: str, data: bytes) -> bytes:
         """Challenges and login states: sealed by the fleet the client talks to."""
@@ -264,8 +287,8 @@ class VaultHsm:
         expires = self._clock.now_ms() + CHALLENGE_TTL_MS
         challenge = self._seal_transient(req.fleet_id, labels.CHALLENGE_AAD, uid, req.island,
                                          _pack(u64(req.current.version), u64(expires), self._rng.token_bytes(16)))
-        sig = self._sign(req.fleet_id, labels.SIG_REGISTRATION_START, uid, request_digest(req.registration_request),
-                         response, challenge)
+        sig = self._sign(req.fleet_id, lambda fleet: transcripts.registration_start_answer(
+            fleet, req.user_id, req.registration_request, response, challenge))
         return api.RegistrationStartOut(registration_response=response, challenge=challenge, signature=sig)
 
     def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
@@ -284,9 +307,14 @@ class VaultHsm:
         password_file = self._opaque("registration_finish", opaque.server_registration_finish,
                                      req.registration_upload).get_password_file()
         record = Record(password_file, req.ek, req.k_nonce, self.max_attempts, self.max_attempts)
-        entry = self._seal_record(user_ref(req.user_id), req.island, req.current.version + 1, record, req.fleet_id)
-        sig = self._sign(req.fleet_id, labels.SIG_REGISTRATION_FINISH, uid, request_digest(req.registration_upload),
-                         u64(entry.version), u32(self.max_attempts))
+        ref = user_ref(req.user_id)
+        entry = self._seal_record(ref, req.island, req.current.version + 1, record, req.fleet_id)
+        fp = transcripts.registration_finish_request(req.fleet_id, req.user_id, req.request_id, req.challenge,
+                                                     req.registration_upload, req.ek, req.k_nonce)
+        sig = self._sign(req.fleet_id, lambda fleet: transcripts.registration_finish_answer(
+            fleet, fp, entry.version, self.max_attempts))
+        entry = self._reply(ref, req.island, entry, req.current, req.request_id, fp, {
+            "version": entry.version, "max_attempts": self.max_attempts, "signature": b64e(sig)})
         return api.RegistrationFinishOut(new_entry=entry, max_attempts=self.max_attempts, signature=sig)
 
     # -- login (recovery) --------------------------------------------------------
@@ -312,8 +340,11 @@ class VaultHsm:
             _pack(started.get_state(), u64(version), u64(expires), record.ek, record.k_nonce,
                   self._rng.token_bytes(16)))
         response = started.get_message()
-        sig = self._sign(req.fleet_id, labels.SIG_LOGIN_START, uid, request_digest(req.credential_request),
-                         response, u32(left))
+        fp = transcripts.login_start_request(req.fleet_id, req.user_id, req.request_id, req.credential_request)
+        sig = self._sign(req.fleet_id, lambda fleet: transcripts.login_start_answer(fleet, fp, response, left))
+        new_entry = self._reply(user_ref(req.user_id), req.island, new_entry, req.current, req.request_id, fp, {
+            "credential_response": b64e(response), "login_state": b64e(login_state), "attempts_left": left,
+            "signature": b64e(sig)})
         return api.LoginStartOut(new_entry=new_entry, attempts_left=left, credential_response=response,
                                  login_state=login_state, signature=sig)
 
@@ -350,10 +381,42 @@ class VaultHsm:
             # The guess that used the last attempt was right: K goes back, the record stays gone.
             new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
             status = api.RecordStatus.DESTROYED
-        sig = self._sign(req.fleet_id, labels.SIG_LOGIN_FINISH, uid, request_digest(req.credential_finalization),
-                         wrapped, rk_nonce, status.value.encode())
+        fp = transcripts.login_finish_request(req.fleet_id, req.user_id, req.request_id, req.login_state,
+                                              req.credential_finalization)
+        sig = self._sign(req.fleet_id, lambda fleet: transcripts.login_finish_answer(
+            fleet, fp, wrapped, rk_nonce, status.value))
+        new_entry = self._reply(user_ref(req.user_id), req.island, new_entry, req.current, req.request_id, fp, {
+            "wrapped_key": b64e(wrapped), "rk_nonce": b64e(rk_nonce), "record_status": status.value,
+            "signature": b64e(sig)})
         return api.LoginFinishOut(new_entry=new_entry, wrapped_key=wrapped, rk_nonce=rk_nonce,
                                   record_status=status, signature=sig)
+
+    # -- resends and refusals ----------------------------------------------------
+    def open_reply(self, req: api.ReplyOpenIn) -> api.ReplyOpenOut:
+        """The committed answer to a resend of the request that wrote
+        ``current``. The island asks only when id and fingerprint match; the
+        AAD checks both again, so an entry edited to point at another request
+        opens nothing."""
+        last = req.current.request
+        if last is None or last.id != req.request_id.hex() or last.fingerprint != req.fingerprint.hex():
+            raise errors.BadRequest("this entry was not written by that request")
+        gen = self._gen(req.current.fleet_id or self.fleet_id)
+        try:
+            body = self._hsm.unseal(transcripts.reply_aad(user_ref(req.user_id), req.island, req.current.version,
+                                                          req.request_id, req.fingerprint), last.reply, gen)
+        except errors.HsmAuthTagMismatch:
+            raise errors.RecordIntegrityFailure("the kept answer does not open for this request") from None
+        return api.ReplyOpenOut(reply=body)
+
+    def refusal(self, req: api.RefusalIn) -> api.RefusalOut:
+        """Sign ``no_record`` or ``record_destroyed`` for one request: a device
+        acts on neither unless it is signed and bound to its own request."""
+        if req.current.state is api.EntryState.LIVE:
+            raise errors.BadRequest("the record is live: nothing to refuse")
+        code = (transcripts.Refusal.NO_RECORD if req.current.state is api.EntryState.ABSENT
+                else transcripts.Refusal.RECORD_DESTROYED)
+        sig = self._sign(req.fleet_id, lambda fleet: transcripts.refusal_answer(fleet, req.fingerprint, code))
+        return api.RefusalOut(code=code.value, signature=sig)
 
     # -- moving records between islands ------------------------------------------
     def reseal(self, req: api.ResealIn) -> api.ResealOut:
@@ -362,7 +425,8 @@ class VaultHsm:
             return api.ResealOut(new_entry=req.current)
         record = self._open_record(req.user_ref, req.from_island, req.current)
         return api.ResealOut(new_entry=self._seal_record(req.user_ref, req.to_island, req.current.version, record,
-                                                         req.current.fleet_id))
+                                                         req.current.fleet_id).model_copy(
+            update={"recent": req.current.answered()}))  # a kept answer is bound to its island: resends are refused
 
     def migrate(self, req: api.MigrateIn) -> api.ResealOut:
         """Re-seal a record under another fleet's keys (rotation), attempts
@@ -373,4 +437,5 @@ class VaultHsm:
             return api.ResealOut(new_entry=req.current)
         record = self._open_record(req.user_ref, req.island, req.current)
         return api.ResealOut(new_entry=self._seal_record(req.user_ref, req.island, req.current.version, record,
-                                                         req.to_fleet))
+                                                         req.to_fleet).model_copy(
+            update={"recent": req.current.answered()}))  # a kept answer is sealed by the old fleet: refused

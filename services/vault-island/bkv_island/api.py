@@ -6,7 +6,7 @@ them through. Requests carry the user id the frontend authenticated.
 
 from __future__ import annotations
 
-from bkv_common.wire import B64, Frozen
+from bkv_common.wire import B64, Frozen, RequestId
 from bkv_hsm_proxy.api import FleetId, IslandId, RecordStatus, UserId, UserRef
 
 
@@ -25,6 +25,7 @@ class RegistrationStartOut(Frozen):
 class RegistrationFinishIn(Frozen):
     user_id: UserId
     fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
+    request_id: RequestId  # client-chosen: a resend with the same id is answered from the commit
     challenge: B64
     registration_upload: B64
     ek: B64
@@ -40,6 +41,7 @@ class RegistrationFinishOut(Frozen):
 class RecoveryStartIn(Frozen):
     user_id: UserId
     fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
+    request_id: RequestId  # client-chosen: a resend with the same id is answered from the commit
     credential_request: B64
 
 
@@ -55,6 +57,7 @@ class RecoveryStartOut(Frozen):
 class RecoveryFinishIn(Frozen):
     user_id: UserId
     fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
+    request_id: RequestId  # client-chosen: a resend with the same id is answered from the commit
     login_state: B64
     credential_finalization: B64
 

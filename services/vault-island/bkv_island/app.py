@@ -12,8 +12,10 @@ _STATUS = {
     errors.NoRecord: (404, ErrorCode.NO_RECORD, False),
     errors.RecordDestroyed: (410, ErrorCode.RECORD_DESTROYED, False),
     errors.Contended: (409, ErrorCode.CONFLICT, True),
+    errors.RequestIdReused: (409, ErrorCode.REQUEST_ID_REUSED, False),
+    errors.RequestSuperseded: (409, ErrorCode.REQUEST_SUPERSEDED, False),
     errors.StoreUnavailable: (503, ErrorCode.UNAVAILABLE, True),
-    errors.OutcomeUnknown: (502, ErrorCode.OUTCOME_UNKNOWN, False),
+    errors.OutcomeUnknown: (502, ErrorCode.OUTCOME_UNKNOWN, True),
 }
 
 
@@ -24,7 +26,10 @@ def map_error(exc: Exception) -> tuple[int, ErrorBody] | None:
         return 503, error_body(ErrorCode.UNAVAILABLE, "the HSM is unreachable; try again shortly", True)
     if type(exc) in _STATUS:
         status, code, retryable = _STATUS[type(exc)]
-        return status, error_body(code, str(exc), retryable)
+        body = error_body(code, str(exc), retryable)
+        if isinstance(exc, errors.Refused) and exc.signature is not None:
+            body = body.model_copy(update={"error": body.error.model_copy(update={"signature": exc.signature})})
+        return status, body
     return None
 
 

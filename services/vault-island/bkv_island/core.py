@@ -9,10 +9,9 @@ That is what makes the attempt count exact under any number of replicas.
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
-from bkv_common import metrics
+from bkv_common import metrics, transcripts
 from bkv_common.retry import Backoff, DeadlineExceeded, retry
 from bkv_hsm_proxy import api as hapi
 from bkv_island import api, errors
@@ -41,25 +40,33 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class _Writes:
-    """The writes of one client request. Each carries the request's tag, so
-    when etcd loses the answer to one, the next read tells whether it landed
-    (our tag is there): the retry then answers with what that write stood
-    for, instead of evaluating the same guess again and taking a second
-    attempt. Any of our prepared answers will do: they differ only in random
-    nonces, never in the count or the version."""
+    """The writes of one client request, all carrying its request id (the
+    HSM puts it, with the answer sealed, into every entry it makes for the
+    request). When etcd loses the answer to a write, or the client resends
+    the request, the next read shows whether it landed: then the request is
+    answered from the commit -- from memory in this process, else by having
+    the HSM open the answer kept in the entry -- never evaluated again, which
+    would take a second attempt."""
 
-    def __init__(self) -> None:
-        self.tag = os.urandom(12).hex()
+    def __init__(self, request_id: bytes, fingerprint: bytes) -> None:
+        self.request_id = request_id
+        self.fingerprint = fingerprint
         self.unsure = False
         self._answer = None
-        self._version: int | None = None
+        self._reply: bytes | None = None
 
     def prepare(self, entry: hapi.Entry, answer) -> hapi.Entry:
-        self._answer, self._version = answer, entry.version
-        return entry.model_copy(update={"tag": self.tag})
+        if entry.request is None or entry.request.id != self.request_id.hex():
+            raise errors.IslandError("the HSM's entry does not carry this request")  # a bug, not an outcome
+        self._answer, self._reply = answer, entry.request.reply
+        return entry
 
-    def landed(self, stored: Stored):
-        if self._answer is not None and stored.entry.tag == self.tag and stored.entry.version == self._version:
+    def remembered(self, stored: Stored):
+        """Our own answer, if ``stored`` is the very entry this process
+        prepared (another replica's commit for the same request has the same
+        id and version but its own sealed reply: its answer is the one to give)."""
+        req = stored.entry.request
+        if self._answer is not None and req is not None and req.reply == self._reply:
             return self._answer
         return None
 
@@ -96,6 +103,47 @@ class Island:
                 raise _LostRace() from exc
             raise
 
+    async def _answered(self, user_id: str, stored: Stored, writes: _Writes, out_type):
+        """The committed answer if ``stored`` was written by this very
+        request; raises if the id was used otherwise; None if it is new."""
+        entry, rid = stored.entry, writes.request_id.hex()
+        if entry.request is not None and entry.request.id == rid:
+            if entry.request.fingerprint != writes.fingerprint.hex():
+                raise errors.RequestIdReused("this request id was used for another request; nothing was done")
+            if (mine := writes.remembered(stored)) is not None:
+                return mine
+            if stored.cached:  # answer a resend only from the newest entry: read it
+                self._store.forget(self.island_id, user_ref(user_id))
+                raise _LostRace()
+            metrics.RESENDS_ANSWERED.inc()
+            kept = await self._hsm.open_reply(hapi.ReplyOpenIn(
+                user_id=user_id, island=self.island_id, current=entry, request_id=writes.request_id,
+                fingerprint=writes.fingerprint))
+            return out_type.model_validate_json(kept.reply)
+        if rid in entry.recent:
+            if stored.cached:  # perhaps an old view: decide on a fresh read
+                self._store.forget(self.island_id, user_ref(user_id))
+                raise _LostRace()
+            raise errors.RequestSuperseded("this request was answered before and a later change has landed since; "
+                                           "nothing was done: start the operation again")
+        return None
+
+    async def _refuse(self, user_id: str, fleet_id: str | None, stored: Stored, writes: _Writes) -> None:
+        """No live record: raise the fleet-signed refusal for this request."""
+        if stored.entry.state is hapi.EntryState.LIVE:
+            return
+        if stored.cached:  # never refuse on a possibly stale view
+            stored = await self._store.read(self.island_id, user_ref(user_id), fresh=True)
+            if stored.entry.state is hapi.EntryState.LIVE:
+                raise _LostRace()
+        out = await self._hsm.refusal(hapi.RefusalIn(user_id=user_id, island=self.island_id, fleet_id=fleet_id,
+                                                     current=stored.entry, fingerprint=writes.fingerprint))
+        if stored.entry.state is hapi.EntryState.ABSENT:
+            raise errors.NoRecord("no record for this user", out.signature)
+        metrics.LOCKOUT_HITS.inc()
+        raise errors.RecordDestroyed("this record was destroyed after too many wrong passwords, or disabled",
+                                     out.signature)
+
     async def _commit(self, user_id: str, revision: int, entry: hapi.Entry, writes: _Writes) -> None:
         try:
             ok = await self._store.swap(self.island_id, user_ref(user_id), revision, entry)
@@ -116,15 +164,16 @@ class Island:
         return api.RegistrationStartOut(**out.model_dump())
 
     async def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
-        writes = _Writes()
+        writes = _Writes(req.request_id, transcripts.registration_finish_request(
+            req.fleet_id, req.user_id, req.request_id, req.challenge, req.registration_upload, req.ek, req.k_nonce))
 
         async def attempt(_: int) -> api.RegistrationFinishOut:
             stored = await self._store.read(self.island_id, user_ref(req.user_id))
-            if (done := writes.landed(stored)) is not None:
+            if (done := await self._answered(req.user_id, stored, writes, api.RegistrationFinishOut)) is not None:
                 return done
             out = await self._hsm_on(req.user_id, stored, self._hsm.registration_finish(hapi.RegistrationFinishIn(
-                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
-                challenge=req.challenge,
+                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
+                current=stored.entry, challenge=req.challenge,
                 registration_upload=req.registration_upload, ek=req.ek, k_nonce=req.k_nonce)))
             answer = api.RegistrationFinishOut(version=out.new_entry.version, max_attempts=out.max_attempts,
                                                signature=out.signature)
@@ -136,18 +185,17 @@ class Island:
 
     # -- recovery --------------------------------------------------------------------
     async def recovery_start(self, req: api.RecoveryStartIn) -> api.RecoveryStartOut:
-        writes = _Writes()
+        writes = _Writes(req.request_id, transcripts.login_start_request(
+            req.fleet_id, req.user_id, req.request_id, req.credential_request))
 
         async def attempt(_: int) -> api.RecoveryStartOut:
             stored = await self._store.read(self.island_id, user_ref(req.user_id))
-            if (done := writes.landed(stored)) is not None:
+            if (done := await self._answered(req.user_id, stored, writes, api.RecoveryStartOut)) is not None:
                 return done
-            if stored.cached and stored.entry.state is not hapi.EntryState.LIVE:
-                stored = await self._store.read(self.island_id, user_ref(req.user_id), fresh=True)
-            self._require_live(stored.entry)
+            await self._refuse(req.user_id, req.fleet_id, stored, writes)
             out = await self._hsm_on(req.user_id, stored, self._hsm.login_start(hapi.LoginStartIn(
-                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
-                credential_request=req.credential_request)))
+                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
+                current=stored.entry, credential_request=req.credential_request)))
             answer = api.RecoveryStartOut(credential_response=out.credential_response, login_state=out.login_state,
                                           attempts_left=out.attempts_left, signature=out.signature)
             # The decrement is durable on a quorum before the response leaves (invariant 3).
@@ -160,19 +208,19 @@ class Island:
         return await self._loop(attempt, "recovery", writes)
 
     async def recovery_finish(self, req: api.RecoveryFinishIn) -> api.RecoveryFinishOut:
-        writes = _Writes()
+        writes = _Writes(req.request_id, transcripts.login_finish_request(
+            req.fleet_id, req.user_id, req.request_id, req.login_state, req.credential_finalization))
 
         async def attempt(_: int) -> api.RecoveryFinishOut:
             stored = await self._store.read(self.island_id, user_ref(req.user_id))
-            if (done := writes.landed(stored)) is not None:
+            if (done := await self._answered(req.user_id, stored, writes, api.RecoveryFinishOut)) is not None:
                 return done
             if stored.entry.state is hapi.EntryState.ABSENT:
-                stored = await self._store.read(self.island_id, user_ref(req.user_id), fresh=True)
-                if stored.entry.state is hapi.EntryState.ABSENT:
-                    raise errors.NoRecord("no record for this user")
+                # (A destroyed entry still finishes: the guess that used the last attempt may be right.)
+                await self._refuse(req.user_id, req.fleet_id, stored, writes)
             out = await self._hsm_on(req.user_id, stored, self._hsm.login_finish(hapi.LoginFinishIn(
-                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
-                login_state=req.login_state,
+                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
+                current=stored.entry, login_state=req.login_state,
                 credential_finalization=req.credential_finalization)))
             answer = api.RecoveryFinishOut(wrapped_key=out.wrapped_key, rk_nonce=out.rk_nonce,
                                            record_status=out.record_status, signature=out.signature)
@@ -189,9 +237,11 @@ class Island:
             stored = await self._store.read(self.island_id, user_ref(req.user_id), fresh=True)
             if stored.entry.state is not hapi.EntryState.LIVE:
                 return api.DeleteOut(deleted=False)
-            tomb = hapi.Entry(state=hapi.EntryState.DESTROYED, version=stored.entry.version + 1)
+            tomb = hapi.Entry(state=hapi.EntryState.DESTROYED, version=stored.entry.version + 1,
+                              recent=stored.entry.answered())
             # Deleting is idempotent: a lost answer is settled by reading again.
-            await self._commit(req.user_id, stored.revision, tomb, _Writes())
+            if not await self._store.swap(self.island_id, user_ref(req.user_id), stored.revision, tomb):
+                raise _LostRace()
             return api.DeleteOut(deleted=True)
 
         return await self._loop(attempt, "delete")
@@ -230,12 +280,3 @@ class Island:
 
     async def list_refs(self, req: api.ListRefsIn) -> api.ListRefsOut:
         return api.ListRefsOut(user_refs=await self._store.list_refs(self.island_id))
-
-
-    @staticmethod
-    def _require_live(entry: hapi.Entry) -> None:
-        if entry.state is hapi.EntryState.ABSENT:
-            raise errors.NoRecord("no record for this user")
-        if entry.state is hapi.EntryState.DESTROYED:
-            metrics.LOCKOUT_HITS.inc()
-            raise errors.RecordDestroyed("this record was destroyed after too many wrong passwords, or disabled")

@@ -35,6 +35,12 @@ class HsmHttpClient:
     async def migrate(self, req: hapi.MigrateIn) -> hapi.ResealOut:
         return await self._c.call("POST", "/hsm/v1/migrate", req, hapi.ResealOut, idempotent=True)
 
+    async def open_reply(self, req: hapi.ReplyOpenIn) -> hapi.ReplyOpenOut:
+        return await self._c.call("POST", "/hsm/v1/reply/open", req, hapi.ReplyOpenOut, idempotent=True)
+
+    async def refusal(self, req: hapi.RefusalIn) -> hapi.RefusalOut:
+        return await self._c.call("POST", "/hsm/v1/refusal", req, hapi.RefusalOut, idempotent=True)
+
 
 class InProcessHsm:
     """Unit tests only: calls ``VaultHsm`` directly."""
@@ -59,3 +65,9 @@ class InProcessHsm:
 
     async def migrate(self, req):
         return self.vault.migrate(req)
+
+    async def open_reply(self, req):
+        return self.vault.open_reply(req)
+
+    async def refusal(self, req):
+        return self.vault.refusal(req)
