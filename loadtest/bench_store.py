@@ -49,7 +49,7 @@ async def run(etcd, etcd_pid: int, group_commit: bool, writers: int, seconds: fl
         while time.monotonic() < stop:
             version += 1
             # About the size of a real sealed entry.
-            entry = Entry(state=EntryState.LIVE, version=version, sealed="c2VhbGVk" * 60, tag=f"t{version}")
+            entry = Entry(state=EntryState.LIVE, version=version, sealed="c2VhbGVk" * 60, recent=[f"{version:032x}"])
             if not await store.swap(island, f"user{w}", revision, entry):
                 raise RuntimeError("a writer lost a race on its own record")
             revision = (await store.read(island, f"user{w}")).revision

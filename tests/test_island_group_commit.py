@@ -17,7 +17,7 @@ from bkv_island.store import MAX_BATCH, EtcdRecordStore, ref_key
 
 
 def _entry(version: int) -> Entry:
-    return Entry(state=EntryState.LIVE, version=version, sealed="c2VhbGVk", tag=f"t{version}")
+    return Entry(state=EntryState.LIVE, version=version, sealed="c2VhbGVk", recent=[f"{version:032x}"])
 
 
 @pytest.fixture
