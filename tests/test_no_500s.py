@@ -19,7 +19,7 @@ import jwt
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from bkv_common.encoding import user_ref
+from bkv_common.encoding import fleet_id_for, user_ref
 from conftest import unique_user
 
 B = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
@@ -172,6 +172,42 @@ def test_a_version_in_exponent_notation_is_refused(fleet):
     _, hsm = _urls(fleet)
     raw = json.dumps(_hsm_registration_start(fleet, 0)).replace('"version": 0', '"version": 1e400').encode()
     assert_4xx(_post(hsm + "/hsm/v1/registration/start", None, raw=raw), "invalid_request")
+
+
+def test_a_version_of_five_thousand_digits_is_refused(fleet):
+    _, hsm = _urls(fleet)
+    raw = json.dumps(_hsm_registration_start(fleet, 0)).replace('"version": 0', '"version": ' + "9" * 5000).encode()
+    assert_4xx(_post(hsm + "/hsm/v1/registration/start", None, raw=raw), "invalid_request")
+
+
+def test_a_content_length_of_five_thousand_digits_is_not_a_500(fleet):
+    """Python's int() refuses strings past 4300 digits (ValueError): the guard must not get that far."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(fleet.frontend_url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/recovery/start HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: " + b"9" * 5000 + b"\r\n\r\n{}")
+        head = sock.recv(64)
+    assert head.startswith(b"HTTP/1.1 4"), head
+
+
+@pytest.mark.parametrize("bundle", [
+    "[" * 20000 + "]" * 20000,
+    # Well formed but for the sequence, which the signatures cover as a u64.
+    json.dumps({"bundle": {"format_version": 1, "sequence": U64, "prev_hash": B(b"\1" * 32), "issued_at": 1,
+                           "fleets": [{"fleet_id": fleet_id_for(b"key"), "fleet_public_key": B(b"key"),
+                                       "edge_public_key": B(bytes(32)), "not_before": 0, "not_after": 1}]},
+                "operator_signature": B(bytes(64))}),
+    json.dumps({"bundle": {"format_version": 1, "sequence": 1, "prev_hash": B(bytes(32)), "issued_at": 1,
+                           "fleets": [{"fleet_id": ["a"], "fleet_public_key": "", "edge_public_key": "",
+                                       "not_before": 0, "not_after": 1}]}, "operator_signature": ""}),
+    json.dumps([1, 2]),
+], ids=["deep nesting", "sequence past u64", "fleet id a list", "a list"])
+def test_the_witness_refuses_a_malformed_bundle_with_a_400(fleet, bundle):
+    resp = _post(fleet.witness_url + "/witness/v1/countersign", {"bundle": bundle})
+    assert_4xx(resp, "invalid_request")
 
 
 def test_attempt_counts_are_bounded_in_the_wire_models():
