@@ -45,7 +45,8 @@ def mint(fleet, **overrides) -> str:
     claims = {"iss": issuer.issuer, "aud": issuer.audience, "sub": unique_user("n500"), "iat": now,
               "exp": now + 600, **overrides}
     claims = {k: v for k, v in claims.items() if v is not _DROP}
-    return jwt.encode(claims, issuer._key, algorithm="EdDSA")  # noqa: SLF001 - the test's own issuer
+    # Signed as raw JSON: jwt.encode itself refuses some of the claims tested here.
+    return jwt.api_jws.encode(json.dumps(claims).encode(), issuer._key, algorithm="EdDSA")  # noqa: SLF001
 
 
 _DROP = object()
@@ -94,6 +95,9 @@ BAD_CLAIMS = [
     ("iat a float", {"iat": time.time()}),
     ("nbf a string", {"nbf": "1"}),
     ("nbf a list", {"nbf": [1]}),
+    ("aud a number", {"aud": 5}),
+    ("aud a list of numbers", {"aud": [5, None]}),
+    ("iss an object", {"iss": {"name": "bkv-dev-issuer"}}),
 ]
 
 
@@ -109,6 +113,14 @@ def test_a_signed_token_with_a_claim_of_the_wrong_type_is_a_401_not_a_500(fleet,
         assert resp.json()["error"]["code"] == "unauthenticated"
     # The FastAPI routes use the same check.
     resp = httpx.delete(fleet.frontend_url + "/v1/record", headers={"authorization": f"Bearer {token}"})
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthenticated"
+
+
+@pytest.mark.parametrize("payload", [b"[1, 2]", b"\"alice\"", b"null", b"{" * 3000 + b"}" * 3000, b"\xff\xfe"])
+def test_a_signed_token_whose_payload_is_not_an_object_is_a_401(fleet, payload):
+    token = jwt.api_jws.encode(payload, fleet.issuer()._key, algorithm="EdDSA")  # noqa: SLF001
+    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"credential_request": B(b"x" * 96)},
+                 headers={"authorization": f"Bearer {token}"})
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthenticated"
 
 
