@@ -27,13 +27,14 @@ def test_a_declared_route_is_its_own_label_and_anything_else_is_unmatched():
 
 
 def test_a_templated_route_is_labelled_by_its_template_never_by_the_value():
-    table = RouteTable(["/v1/users/{user}", "/files/{rest:path}", "/static"])
+    table = RouteTable(["/v1/users/{user}", "/files/{rest:path}", "/n/{id:int}", "/static"])
     assert table.label("/v1/users/alice") == "/v1/users/{user}"
     assert table.label("/v1/users/" + "b" * 4096) == "/v1/users/{user}"
     assert table.label("/v1/users/alice/extra") == UNMATCHED  # one segment only
     assert table.label("/v1/users/") == UNMATCHED
     assert table.label("/files/a/b/c") == "/files/{rest:path}"
     assert table.label("/static") == "/static"
+    assert table.label("/n/42") == "/n/{id:int}" and table.label("/n/4/2") == UNMATCHED
 
 
 def test_methods_outside_the_known_set_are_other():

@@ -43,7 +43,6 @@ LOCKOUT_HITS = Counter("bkv_lockout_hits", "Recovery attempts against a destroye
 REGISTRATIONS = Counter("bkv_registrations", "Registrations committed")
 
 
-
 # -- bounded HTTP labels -------------------------------------------------------------
 UNMATCHED = "unmatched"  # any path that is not a declared route
 OTHER = "other"          # a method outside KNOWN_METHODS, a status outside 100-599
@@ -71,8 +70,9 @@ class RouteTable:
 
 def _template_regex(template: str) -> str:
     out, pos = [], 0
-    for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}", template):
-        out += [re.escape(template[pos:m.start()]), ".+" if m.group(2) else "[^/]+"]
+    # Starlette's syntax: {name} or {name:convertor}; only :path spans slashes.
+    for m in re.finditer(r"\{[A-Za-z_][A-Za-z0-9_]*(:[a-z]+)?\}", template):
+        out += [re.escape(template[pos:m.start()]), ".+" if m.group(1) == ":path" else "[^/]+"]
         pos = m.end()
     return "".join(out + [re.escape(template[pos:])])
 

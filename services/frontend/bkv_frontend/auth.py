@@ -83,17 +83,18 @@ class TokenVerifier:
         except jwt.PyJWTError:
             raise Unauthenticated() from None
         except (TypeError, ValueError, OverflowError, RecursionError):
-            # PyJWT reads a claim it checks with int(): 1e999 (inf) or a deep nest escapes it.
+            # PyJWT (2.15) turns these into DecodeError itself; whatever another version does,
+            # a claim it converts (int(), json) must not escape as a 500.
             raise Unauthenticated() from None
         check_claim_types(claims)
         return claims
 
 
+MAX_TIME = 2**63 - 1  # seconds; any real exp/iat/nbf is far below
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TIME
-
-
-MAX_TIME = 2**63 - 1  # seconds; also what keeps `exp + LEEWAY_S` a plain comparison
 
 
 def check_claim_types(claims: object) -> None:
