@@ -112,12 +112,12 @@ class SignedBundle:
         try:
             d = json.loads(text)
             b = d["bundle"]
-            fleets = tuple(Fleet(f["fleet_id"], b64d(f["fleet_public_key"]), b64d(f["edge_public_key"]),
+            fleets = tuple(Fleet(_str(f["fleet_id"]), b64d(f["fleet_public_key"]), b64d(f["edge_public_key"]),
                                  _int(f["not_before"]), _int(f["not_after"])) for f in b["fleets"])
             bundle = Bundle(_int(b["sequence"]), b64d(b["prev_hash"]), _int(b["issued_at"]), fleets,
                             _int(b["format_version"]))
             signed = cls(bundle, b64d(d["operator_signature"]), b64d(d.get("witness_signature", "")))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise MalformedBundle(f"the bundle does not parse: {type(exc).__name__}") from None
         check_format(bundle)
         return signed
@@ -126,9 +126,15 @@ class SignedBundle:
         return SignedBundle(self.bundle, self.operator_signature, signature)
 
 
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError("not a string")
+    return v
+
+
 def _int(v: object) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError("not a non-negative integer")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 2**63 - 1:  # packed as u64, +1 fits
+        raise ValueError("not an integer in [0, 2^63)")
     return v
 
 

@@ -1,15 +1,23 @@
 """Every Prometheus metric of the fleet, named by Prometheus conventions.
 
 Each process registers only what it touches (metrics are module globals of
-the default registry). No user id ever becomes a label.
+the default registry). No user id ever becomes a label, and no label takes
+a value from the request as sent: HTTP metrics are labelled by the route
+template that matched (or ``unmatched``), a method from a fixed set and the
+status the service chose (see :func:`http_labels`). A raw path as a label
+let anyone grow /metrics and the process's memory without bound.
 """
+
+import re
+from collections.abc import Iterable
 
 from prometheus_client import Counter, Histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 HTTP_REQUESTS = Counter(
-    "bkv_http_requests", "Requests served, by service, operation and outcome", ["service", "operation", "outcome"]
+    "bkv_http_requests", "Requests served, by service, operation (route template), method and outcome (status)",
+    ["service", "operation", "method", "outcome"]
 )
 HTTP_LATENCY = Histogram(
     "bkv_http_request_duration_seconds", "Request latency", ["service", "operation"], buckets=_LATENCY_BUCKETS
@@ -36,3 +44,57 @@ REGISTRATIONS = Counter("bkv_registrations", "Registrations committed")
 RESENDS_ANSWERED = Counter("bkv_resends_answered",
                            "Resent requests answered from the kept, committed answer (never evaluated again)")
 
+
+# -- bounded HTTP labels -------------------------------------------------------------
+UNMATCHED = "unmatched"  # any path that is not a declared route
+OTHER = "other"          # a method outside KNOWN_METHODS, a status outside 100-599
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RouteTable:
+    """A service's declared route templates; :meth:`label` names the one a
+    path matches, else ``unmatched``. Static paths are one set lookup;
+    templates (``/x/{id}``, ``/files/{p:path}``) are tried in order."""
+
+    def __init__(self, templates: Iterable[str]) -> None:
+        templates = list(dict.fromkeys(templates))
+        self.static = frozenset(t for t in templates if "{" not in t)
+        self._templated = [(re.compile(_template_regex(t)), t) for t in templates if "{" in t]
+
+    def label(self, path: str) -> str:
+        if path in self.static:
+            return path
+        for rx, template in self._templated:
+            if rx.fullmatch(path):
+                return template
+        return UNMATCHED
+
+
+def _template_regex(template: str) -> str:
+    out, pos = [], 0
+    # Starlette's syntax: {name} or {name:convertor}; only :path spans slashes.
+    for m in re.finditer(r"\{[A-Za-z_][A-Za-z0-9_]*(:[a-z]+)?\}", template):
+        out += [re.escape(template[pos:m.start()]), ".+" if m.group(1) == ":path" else "[^/]+"]
+        pos = m.end()
+    return "".join(out + [re.escape(template[pos:])])
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else OTHER
+
+
+def status_label(status: object) -> str:
+    if isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
+        return str(status)
+    return OTHER
+
+
+def http_labels(routes: RouteTable, path: str, method: str, status: object) -> tuple[str, str, str]:
+    """(operation, method, outcome) of a request, each from a bounded set."""
+    return routes.label(path), method_label(method), status_label(status)
+
+
+def observe_http(service: str, routes: RouteTable, path: str, method: str, status: object, seconds: float) -> None:
+    operation, method_, outcome = http_labels(routes, path, method, status)
+    HTTP_LATENCY.labels(service, operation).observe(seconds)
+    HTTP_REQUESTS.labels(service, operation, method_, outcome).inc()

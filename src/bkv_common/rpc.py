@@ -53,6 +53,11 @@ async def read_body(receive) -> bytes | None:
             return b"".join(chunks)
 
 
+def _no_such(method: str, path: str) -> str:
+    # Echo a bounded prefix only: the path is whatever the caller sent.
+    return f"no such endpoint: {method[:16]} {path[:128]}"
+
+
 class RpcApp:
     def __init__(self, service: str, routes: dict[str, tuple[type[BaseModel], Handler]], *,
                  map_error: ErrorMapper, ready: Callable[[], bool] = lambda: True,
@@ -66,6 +71,8 @@ class RpcApp:
         self._ready = ready
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
+        # Metric labels: a declared route, or "unmatched" (never the raw path).
+        self._labels = metrics.RouteTable([*routes, *self._get])
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -79,7 +86,8 @@ class RpcApp:
             return
         route = self._routes.get(path)
         if method != "POST" or route is None:
-            await self._send_error(send, 404, error_body(ErrorCode.NOT_FOUND, f"no such endpoint: {method} {path}"))
+            await self._send_error(send, 404, error_body(ErrorCode.NOT_FOUND, _no_such(method, path)))
+            metrics.observe_http(self.service, self._labels, path, method, 404, 0.0)
             return
         headers = dict(scope["headers"])
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
@@ -108,8 +116,7 @@ class RpcApp:
         headers_out = _JSON + ([(b"retry-after", b"1")] if status == 503 else [])
         await send({"type": "http.response.start", "status": status, "headers": headers_out})
         await send({"type": "http.response.body", "body": out})
-        metrics.HTTP_LATENCY.labels(self.service, path).observe(time.perf_counter() - start)
-        metrics.HTTP_REQUESTS.labels(self.service, path, str(status)).inc()
+        metrics.observe_http(self.service, self._labels, path, method, status, time.perf_counter() - start)
 
     async def _get_request(self, path: str, send) -> None:
         if path == "/healthz":
@@ -123,7 +130,7 @@ class RpcApp:
         elif path in self._get:
             status, body, ctype = 200, (await self._get[path]()).model_dump_json().encode(), b"application/json"
         else:
-            await self._send_error(send, 404, error_body(ErrorCode.NOT_FOUND, f"no such endpoint: GET {path}"))
+            await self._send_error(send, 404, error_body(ErrorCode.NOT_FOUND, _no_such("GET", path)))
             return
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", ctype)]})
         await send({"type": "http.response.body", "body": body})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,15 +33,19 @@ class GuardAndMeasure:
     """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task and
     a stream per request): content-type and size checks, latency metrics."""
 
-    def __init__(self, app, service: str) -> None:
+    def __init__(self, app, service: str, routes: Iterable[str] | None = None) -> None:
+        """``routes``: the declared route templates, the only values the
+        operation label takes (else ``unmatched``); by default the routes of
+        ``app`` (a FastAPI or Starlette app)."""
         self.app = app
         self.service = service
+        self.routes = metrics.RouteTable(route_templates(app) if routes is None else routes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"]
+        path = scope["path"]
         if scope["method"] in ("POST", "PUT", "PATCH"):
             headers = dict(scope["headers"])
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
@@ -53,7 +57,7 @@ class GuardAndMeasure:
                 await error_response(413, ErrorCode.PAYLOAD_TOO_LARGE,
                                      f"bodies are limited to {MAX_BODY_BYTES} bytes")(scope, receive, send)
                 return
-        if route.startswith(("/metrics", "/healthz", "/readyz")):
+        if path in _UNMEASURED:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
@@ -64,9 +68,28 @@ class GuardAndMeasure:
                 status[0] = message["status"]
             await send(message)
 
-        await self.app(scope, receive, send_wrapper)
-        metrics.HTTP_LATENCY.labels(self.service, route).observe(time.perf_counter() - start)
-        metrics.HTTP_REQUESTS.labels(self.service, route, str(status[0])).inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            metrics.observe_http(self.service, self.routes, path, scope["method"], status[0],
+                                 time.perf_counter() - start)
+
+
+_UNMEASURED = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
+class _RoutesOf:
+    def __init__(self, app) -> None:
+        self._app = app
+
+    def __iter__(self):
+        return iter(route_templates(self._app))
+
+
+def route_templates(app) -> list[str]:
+    """The path templates a Starlette/FastAPI app declares (empty if ``app``
+    has no router: every request is then ``unmatched``)."""
+    return [r.path for r in getattr(app, "routes", ()) if isinstance(getattr(r, "path", None), str)]
 
 
 def install_common(app: FastAPI, service: str, *, ready: Callable[[], bool], guard: bool = True) -> None:
@@ -78,7 +101,8 @@ def install_common(app: FastAPI, service: str, *, ready: Callable[[], bool], gua
         return error_response(400, ErrorCode.INVALID_REQUEST, validation_message(exc))
 
     if guard:
-        app.add_middleware(GuardAndMeasure, service=service)
+        # Starlette builds the middleware at the first request, when every route is declared.
+        app.add_middleware(GuardAndMeasure, service=service, routes=_RoutesOf(app))
 
     @app.get("/healthz", include_in_schema=False)
     async def _healthz() -> dict:

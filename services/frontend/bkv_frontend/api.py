@@ -7,6 +7,8 @@ answers, passed through unchanged; the client checks their fleet signatures.
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from bkv_common.wire import B64, Frozen, RequestId
 from bkv_hsm_proxy.api import FleetId, FleetParams, RecordStatus
 from bkv_island.api import (
@@ -29,7 +31,7 @@ class FleetInfo(Frozen):
 
     fleet_id: str
     fleet_public_key: B64
-    max_attempts: int
+    max_attempts: int = Field(ge=1, le=1000)
     opaque_suite: str
     signature_alg: str
     edge_public_key: str = ""  # base64 X25519 key of the Noise edge, if there is one

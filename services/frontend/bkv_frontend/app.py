@@ -20,7 +20,13 @@ from pydantic import BaseModel, ValidationError
 from bkv_common.encoding import user_ref
 from bkv_common.http import UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, decode_error
 from bkv_common.rpc import MAX_BODY_BYTES, read_body, validation_message
-from bkv_common.service import GuardAndMeasure, error_response, install_common, passthrough_response
+from bkv_common.service import (
+    GuardAndMeasure,
+    error_response,
+    install_common,
+    passthrough_response,
+    route_templates,
+)
 from bkv_common.wire import ErrorCode
 from bkv_frontend import api
 from bkv_frontend.auth import TokenVerifier, Unauthenticated, check_device
@@ -174,7 +180,9 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     async def delete(user: User) -> Response:
         return await relay(user, "/island/v1/record/delete", iapi.DeleteIn(user_id=user), idempotent=True)
 
-    return GuardAndMeasure(OpaqueFastPath(app, opaque_routes, account, map_error), service="frontend")
+    # Metrics name only the routes declared above (every one is in app.routes by now).
+    return GuardAndMeasure(OpaqueFastPath(app, opaque_routes, account, map_error), service="frontend",
+                           routes=route_templates(app))
 
 
 OpaqueHandler = Callable[[BaseModel, str], Awaitable[Response]]

@@ -17,7 +17,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-USER_ID = re.compile(r"^[A-Za-z0-9._@+\-]{1,128}$")
+# Always used with fullmatch: Python's `$` also matches before a final newline,
+# so "alice\n" passed here and was refused by the island (pydantic's Rust regex).
+USER_ID = re.compile(r"[A-Za-z0-9._@+\-]{1,128}")
+MAX_DEVICE_KEY_CHARS = 256  # a Noise static key in base64 is 44
 LEEWAY_S = 30
 VERIFIED_CACHE = 50_000
 
@@ -32,12 +35,14 @@ class Unauthenticated(Exception):
 def check_device(claims: dict, device_header: str | None, *, required: bool) -> None:
     """A token bound to a device (``cnf.bkv_device_key``) is only good over a
     Noise session with that device's key; a stolen token alone is useless."""
-    bound = (claims.get("cnf") or {}).get("bkv_device_key")
+    cnf = claims.get("cnf")
+    bound = cnf.get("bkv_device_key") if isinstance(cnf, dict) else None  # both checked by TokenVerifier
     if bound is None:
         if required:
             raise Unauthenticated()
         return
-    if device_header is None or not hmac.compare_digest(str(bound), device_header):
+    # Bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+    if device_header is None or not hmac.compare_digest(str(bound).encode(), device_header.encode("latin-1")):
         raise Unauthenticated()
 
 
@@ -77,9 +82,41 @@ class TokenVerifier:
             )
         except jwt.PyJWTError:
             raise Unauthenticated() from None
-        if not isinstance(claims.get("sub"), str) or not USER_ID.match(claims["sub"]):
-            raise Unauthenticated()
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            # PyJWT (2.15) turns these into DecodeError itself; whatever another version does,
+            # a claim it converts (int(), json) must not escape as a 500.
+            raise Unauthenticated() from None
+        check_claim_types(claims)
         return claims
+
+
+MAX_TIME = 2**63 - 1  # seconds; any real exp/iat/nbf is far below
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TIME
+
+
+def check_claim_types(claims: object) -> None:
+    """Every claim this service reads has the type it is read as; anything
+    else is a 401, never a 500 later. PyJWT checks exp/iat/nbf with int(),
+    which takes "123" and 1.5, and never looks at cnf."""
+    if not isinstance(claims, dict):
+        raise Unauthenticated()
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not USER_ID.fullmatch(sub):
+        raise Unauthenticated()
+    if not _is_int(claims.get("exp")) or not _is_int(claims.get("iat")):
+        raise Unauthenticated()
+    if "nbf" in claims and not _is_int(claims["nbf"]):
+        raise Unauthenticated()
+    if "cnf" in claims:
+        cnf = claims["cnf"]
+        if not isinstance(cnf, dict):
+            raise Unauthenticated()
+        key = cnf.get("bkv_device_key")
+        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_DEVICE_KEY_CHARS):
+            raise Unauthenticated()
 
 
 class DevIssuer:
@@ -117,7 +154,7 @@ class DevIssuer:
         return cls(key)
 
     def mint(self, user_id: str, *, ttl_s: int = 30 * 24 * 3600, device_key_b64: str | None = None) -> str:
-        if not USER_ID.match(user_id):
+        if not USER_ID.fullmatch(user_id):
             raise ValueError("user ids are 1-128 characters of letters, digits and . _ @ + -")
         now = int(time.time())
         claims = {"iss": self.issuer, "aud": self.audience, "sub": user_id, "iat": now, "exp": now + ttl_s}

@@ -13,6 +13,7 @@ import aetcd
 from bkv_common import metrics
 from bkv_common.fleetmap import FLEET_BUNDLE_KEY, FLEET_PARAMS_KEY, read_map, read_replicas, rendezvous
 from bkv_common.http import ServiceClient
+from bkv_hsm_proxy.api import FleetParams
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ class FleetView:
         replicas = await read_replicas(self._etcd, self._prefix)
         got = await self._etcd.get((self._prefix + FLEET_PARAMS_KEY).encode())
         if got is not None:
-            self.params = json.loads(got.value)
+            params = json.loads(got.value)
+            # etcd may lie: parameters that are not a FleetParams are refused here (the
+            # last good view stays) rather than failing every GET /v1/fleet with a 500.
+            FleetParams.model_validate({k: params[k] for k in FleetParams.model_fields if k in params})
+            self.params = params
         got = await self._etcd.get((self._prefix + FLEET_BUNDLE_KEY).encode())
         if got is not None:
             self.bundle = got.value

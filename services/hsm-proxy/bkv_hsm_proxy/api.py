@@ -48,7 +48,7 @@ class Entry(Frozen):
     states bound to it are single use."""
 
     state: EntryState
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=2**63 - 1)  # +1 still fits the u64 it is sealed and signed as
     sealed: B64 | None = None
     fleet_id: FleetId | None = None  # the fleet whose keys sealed it (None: the oldest)
     # Not sealed: they only ever decide whether a request was answered
@@ -94,7 +94,7 @@ class RegistrationFinishIn(Frozen):
 
 class RegistrationFinishOut(Frozen):
     new_entry: Entry
-    max_attempts: int
+    max_attempts: int = Field(ge=1, le=1000)  # settings.max_attempts' range
     signature: B64
 
 
@@ -112,7 +112,7 @@ class LoginStartOut(Frozen):
     """Commit ``new_entry`` first; only then may the rest reach the client."""
 
     new_entry: Entry
-    attempts_left: int
+    attempts_left: int = Field(ge=0, le=1000)
     credential_response: B64
     login_state: B64
     signature: B64
@@ -199,6 +199,6 @@ class FleetParams(Frozen):
 
     fleet_id: str
     fleet_public_key: B64  # SubjectPublicKeyInfo DER, ECDSA P-256
-    max_attempts: int
+    max_attempts: int = Field(ge=1, le=1000)
     opaque_suite: str = "ristretto255-tripledh-argon2id"
     signature_alg: str = "ecdsa-p256-sha256"

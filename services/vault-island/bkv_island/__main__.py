@@ -20,18 +20,37 @@ async def _with_etcd(fn):
         await client.close()
 
 
+def _matching(pattern: str, what: str):
+    """An argparse type: the whole argument matches ``pattern`` (fullmatch:
+    Python's `$` would let a trailing newline through)."""
+    import re
+
+    rx = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not rx.fullmatch(value):
+            raise argparse.ArgumentTypeError(f"not a valid {what}: {value!r}")
+        return value
+
+    return check
+
+
+ISLAND_ARG = _matching(r"[a-z0-9][a-z0-9\-]{0,62}", "island id (lowercase letters, digits and dashes)")
+FLEET_ARG = _matching(r"[0-9a-f]{32}", "fleet id (32 hex digits)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bkv-island", description="A vault island of Backup Key Vault.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("serve", help="serve this island replica (settings from BKV_ISLAND_* variables)")
     sm = sub.add_parser("set-map", help="write the island map to etcd (BKV_ISLAND_ETCD_ENDPOINTS/PREFIX)")
-    sm.add_argument("islands", nargs="+")
+    sm.add_argument("islands", nargs="+", type=ISLAND_ARG)
     sm.add_argument("--if-absent", action="store_true",
                     help="only write a first map; an existing one changes through add-island, which moves records")
     ai = sub.add_parser("add-island", help="add a running island to the map and move the users that now hash to it")
-    ai.add_argument("island")
+    ai.add_argument("island", type=ISLAND_ARG)
     mf = sub.add_parser("migrate-fleet", help="rotation: re-seal every record under a new fleet's keys")
-    mf.add_argument("fleet_id")
+    mf.add_argument("fleet_id", type=FLEET_ARG)
     args = parser.parse_args(argv)
 
     if args.cmd == "migrate-fleet":

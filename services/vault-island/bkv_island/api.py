@@ -6,6 +6,8 @@ them through. Requests carry the user id the frontend authenticated.
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from bkv_common.wire import B64, Frozen, RequestId
 from bkv_hsm_proxy.api import FleetId, IslandId, RecordStatus, UserId, UserRef
 
@@ -33,8 +35,8 @@ class RegistrationFinishIn(Frozen):
 
 
 class RegistrationFinishOut(Frozen):
-    version: int
-    max_attempts: int
+    version: int = Field(ge=0, le=2**63 - 1)
+    max_attempts: int = Field(ge=1, le=1000)
     signature: B64
 
 
@@ -50,7 +52,7 @@ class RecoveryStartOut(Frozen):
 
     credential_response: B64
     login_state: B64
-    attempts_left: int
+    attempts_left: int = Field(ge=0, le=1000)
     signature: B64
 
 

@@ -31,6 +31,16 @@ class IslandSettings(ServiceSettings):
             raise ValueError("island ids are lowercase letters, digits and dashes")
         return v
 
+    @field_validator("replica_id")
+    @classmethod
+    def _replica_id(cls, v: str) -> str:
+        import re
+
+        # A pod name (DNS-1123 subdomain); it becomes an etcd key segment, so no "/" or newline.
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?", v):
+            raise ValueError("replica ids are lowercase letters, digits, dots and dashes (a pod name)")
+        return v
+
     @property
     def hsm_url_list(self) -> list[str]:
         return split_list(self.hsm_urls)

@@ -4,6 +4,8 @@ canonical encoding, not this JSON."""
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from bkv_common.wire import B64, Frozen
 
 
@@ -16,7 +18,7 @@ class CountersignOut(Frozen):
     publishing it. Asking again for the same bundle returns the same answer."""
 
     witness_signature: B64
-    sequence: int
+    sequence: int = Field(ge=1, le=2**63 - 1)  # as bkv_common.bundle reads it
 
 
 class LogOut(Frozen):
