@@ -63,6 +63,10 @@ def _outcomes() -> Iterator[None]:
         _fail(str(exc), E.UNAUTHORIZED)
     except errors.BadSignature as exc:
         _fail(str(exc), E.BAD_SIGNATURE)
+    except errors.ProtocolError as exc:
+        # The code only: the message is free text from whoever answered, and a
+        # forger would write instructions there.
+        _fail(f"the vault refused the request ({exc.code}); see docs/api.md for the code", E.ERROR)
     except errors.VaultError as exc:
         _fail(str(exc), E.ERROR)
     except serr.CorruptBackup as exc:
