@@ -49,11 +49,12 @@ def _outcomes() -> Iterator[None]:
         yield
     except errors.WrongPassword as exc:
         _fail(str(exc), E.WRONG_PASSWORD)
-    except errors.LockedOut as exc:
+    except errors.LockedOut:
         # Say what happened and where to read on; never what to run: the
         # answer may be forged, and "make a new key" is what a forger wants.
-        _fail(f"{exc}. Backups protected by it can no longer be decrypted. "
-              f"See {DOCS_LOCKED_OUT} before doing anything else.", E.LOCKED_OUT)
+        _fail("the vault answered that the escrowed key was destroyed (too many wrong passwords, or disabled): "
+              f"backups protected by it can no longer be decrypted. See {DOCS_LOCKED_OUT} before doing "
+              "anything else.", E.LOCKED_OUT)
     except errors.VaultUnavailable as exc:
         _fail(str(exc), E.VAULT_UNAVAILABLE)
     except errors.NoRecord:
