@@ -259,6 +259,13 @@ def test_a_backup_never_makes_a_new_key_when_the_store_holds_vault_mode_backups(
     assert first.returncode == 0 and json.loads(first.stdout)["new_key"] is True, first.stderr
 
 
+def test_a_backup_counts_a_backup_with_a_damaged_header_as_one_that_needs_the_escrowed_key(device, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / f"{'ab' * 16}.bkv").write_bytes(b"not a header" * 10)
+    res = device("backup", str(make_source(tmp_path)), "--store", str(tmp_path / "s"))
+    assert res.returncode == 13 and "or with a damaged header" in res.stderr, res.stderr
+
+
 def test_a_backup_never_makes_a_new_key_when_this_device_escrowed_before(fleet, tmp_path):
     from bkv.config import EscrowMarks
 

@@ -162,18 +162,24 @@ async def _recover_or_create(cfg, password: str, *, new_key: bool, guarded: bool
         return k, True
 
 
-def _vault_mode_backups(store: str) -> int:
+def _vault_mode_backups(store: str) -> tuple[int, int]:
+    """(vault-mode backups, backups whose header is damaged) in the store: a
+    damaged one may have been made with the escrowed key too."""
     from bkv.storage import list_backups
 
-    return sum(1 for b in list_backups(store) if b.key_mode == "vault")
+    backups = list_backups(store)
+    return sum(b.key_mode == "vault" for b in backups), sum(b.kind == "damaged" for b in backups)
 
 
-def _stop_key_not_recovered(exc: _KeyNotRecovered, in_store: int, seen_here: bool) -> None:
+def _stop_key_not_recovered(exc: _KeyNotRecovered, in_store: tuple[int, int], seen_here: bool) -> None:
     said = "it has no key for this account" if isinstance(exc.answer, errors.NoRecord) else \
         "the key for this account was destroyed"
     why = []
-    if in_store:
-        why.append(f"this store holds {in_store} backup{'s' if in_store != 1 else ''} made with an escrowed key")
+    vault, damaged = in_store
+    if vault or damaged:
+        n = vault + damaged
+        why.append(f"this store holds {n} backup{'s' if n != 1 else ''} made with an escrowed key"
+                   + (" or with a damaged header" if damaged else ""))
     if seen_here:
         why.append("this device escrowed or recovered a key for this account before")
     _fail(f"backup stopped: the escrowed backup key could not be recovered (the vault answered that {said}, "
@@ -240,8 +246,7 @@ def register_commands(app: typer.Typer) -> None:
                     _confirm_new_key(yes_abandon)
                 from bkv.config import EscrowMarks
 
-                marks = EscrowMarks()
-                in_store, seen_here = _vault_mode_backups(store), marks.has(cfg)
+                in_store, seen_here = _vault_mode_backups(store), EscrowMarks().has(cfg)
                 pw = _password(password_stdin)
 
                 def confirm(first: str) -> str:
@@ -252,11 +257,12 @@ def register_commands(app: typer.Typer) -> None:
                     return first
 
                 try:
-                    k, created = _run(_recover_or_create(cfg, pw, new_key=new_key, guarded=bool(in_store or seen_here),
+                    k, created = _run(_recover_or_create(cfg, pw, new_key=new_key,
+                                                         guarded=bool(any(in_store) or seen_here),
                                                          confirm_new=confirm))
                 except _KeyNotRecovered as exc:
                     _stop_key_not_recovered(exc, in_store, seen_here)
-                marks.mark(cfg)
+                _mark_escrowed(cfg)
                 mode = fmt.KEY_MODE_VAULT
             bar = _Bar("encrypting", as_json)
             t = time.monotonic()
@@ -419,4 +425,10 @@ def _mark_escrowed(cfg) -> None:
     """This device now knows the account has an escrowed key (EscrowMarks)."""
     from bkv.config import EscrowMarks
 
-    EscrowMarks().mark(cfg)
+    marks = EscrowMarks()
+    try:
+        marks.mark(cfg)
+    except OSError as exc:
+        # The key is fine; only the guard for later backups is missing. Say so, go on.
+        typer.echo(f"bkv: warning: could not write {marks.path} ({exc.strerror or exc}); later backups from "
+                   "this device rely on the store alone to refuse making a new key", err=True)
