@@ -4,6 +4,7 @@ local fleet, on a local store and on an S3 store (moto's server)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import subprocess
@@ -49,11 +50,11 @@ def s3_endpoint():
     server.stop()
 
 
-@pytest.fixture
-def device(fleet, tmp_path):
-    """A machine with nothing but the client config for a fresh account."""
-    user = unique_user("cli")
-    home = tmp_path / "home"
+def make_device(fleet, home: Path, user: str | None = None):
+    """A machine with nothing but the client config for an account (a fresh
+    one unless ``user`` is given): a ``bkv(*args)`` runner. Two devices of
+    one account have their own Noise keys and tokens."""
+    user = user or unique_user("cli")
     # Through Envoy and Noise, as a real device: its own key and a token bound to it.
     device_key = StaticKey.generate()
     token = fleet.issuer().mint(user, device_key_b64=base64.b64encode(device_key.public).decode())
@@ -61,15 +62,38 @@ def device(fleet, tmp_path):
                        user_id=user, token=token, edge_url=fleet.edge_url, edge_public_key=fleet.edge_public_key,
                        device_key=base64.b64encode(device_key.reveal()).decode())
     cfg.save(home / "bkv" / "config.toml")
-    def bkv(*args, stdin: str | None = None, password: str | None = PW):
+
+    def bkv(*args, stdin: str | None = None, password: str | None = PW, tty_input: str | None = None):
         e = {**os.environ, "XDG_CONFIG_HOME": str(home)}  # read now: the S3 fixture may have added to it
         e.pop("BKV_PASSWORD", None)
         if password is not None:
             e["BKV_PASSWORD"] = password
-        return subprocess.run([sys.executable, "-m", "bkv.cli", *args], env=e, input=stdin, capture_output=True,
-                              text=True, timeout=120)
+        argv = [sys.executable, "-m", "bkv.cli", *args]
+        if tty_input is None:
+            return subprocess.run(argv, env=e, input=stdin, capture_output=True, text=True, timeout=120)
+        # A user at a terminal: stdin is a pseudo-terminal, typed ahead of the prompt.
+        master, slave = os.openpty()
+        try:
+            with subprocess.Popen(argv, env=e, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) as proc:
+                os.close(slave)
+                slave = -1
+                os.write(master, tty_input.encode())
+                out, err = proc.communicate(timeout=120)
+            return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        finally:
+            os.close(master)
+            if slave != -1:
+                os.close(slave)
 
+    bkv.user, bkv.config, bkv.home = user, cfg, home
     return bkv
+
+
+@pytest.fixture
+def device(fleet, tmp_path):
+    """A machine with nothing but the client config for a fresh account."""
+    return make_device(fleet, tmp_path / "home")
 
 
 def make_source(root: Path) -> Path:
@@ -146,6 +170,8 @@ def test_a_lockout_exits_4_and_says_the_backup_cannot_be_decrypted(device, tmp_p
         device("verify", "--store", str(tmp_path / "s"), password=f"wrong {i}")
     res = device("restore", "--store", str(tmp_path / "s"), "--dest", str(tmp_path / "d"))
     assert res.returncode == 4 and "can no longer be decrypted" in res.stderr
+    # What happened and where to read on; never a command to run (a forged answer would use it).
+    assert "docs/cli.md" in res.stderr and "--new-key" not in res.stderr
 
 
 def _flip(d: bytes) -> bytes:
@@ -209,4 +235,85 @@ def test_disable_destroys_the_key_and_optionally_the_backups(device, tmp_path):
     res = device("disable", "--yes", "--store", str(tmp_path / "s"), "--delete-backups")
     assert res.returncode == 0 and "1 backups deleted" in res.stdout
     assert json.loads(device("list", "--store", str(tmp_path / "s"), "--json").stdout) == []
-    assert device("backup", str(src), "--store", str(tmp_path / "s2")).returncode == 4  # the key is gone for good
+    # The key is gone for good, and this device escrowed one: no new key without --new-key, confirmed.
+    res = device("backup", str(src), "--store", str(tmp_path / "s2"))
+    assert res.returncode == 13 and "destroyed" in res.stderr, res.stderr
+    assert json.loads(device("list", "--store", str(tmp_path / "s2"), "--json").stdout) == []
+
+
+def test_a_backup_never_makes_a_new_key_when_the_store_holds_vault_mode_backups(fleet, device, tmp_path):
+    src = make_source(tmp_path)
+    store = str(tmp_path / "s")
+    assert device("backup", str(src), "--store", store).returncode == 0
+    # Another account, on a device that never escrowed, whose vault truly holds nothing:
+    # the store's vault-mode backup is enough to refuse making a key.
+    other = make_device(fleet, tmp_path / "other-home")
+    res = other("backup", str(src), "--store", store, "--password-stdin", stdin=PW + "\n", password=None)
+    assert res.returncode == 13, res.stderr
+    assert "could not be recovered" in res.stderr and "undecryptable" in res.stderr
+    assert "this store holds 1 backup made with an escrowed key" in res.stderr
+    assert "docs/cli.md" in res.stderr and "--new-key" not in res.stderr
+    assert len(json.loads(device("list", "--store", store, "--json").stdout)) == 1
+    # Nothing was escrowed for it: its first backup into an empty store makes the key, as always.
+    first = other("backup", str(src), "--store", str(tmp_path / "s2"), "--json")
+    assert first.returncode == 0 and json.loads(first.stdout)["new_key"] is True, first.stderr
+
+
+def test_a_backup_counts_a_backup_with_a_damaged_header_as_one_that_needs_the_escrowed_key(device, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / f"{'ab' * 16}.bkv").write_bytes(b"not a header" * 10)
+    res = device("backup", str(make_source(tmp_path)), "--store", str(tmp_path / "s"))
+    assert res.returncode == 13 and "or with a damaged header" in res.stderr, res.stderr
+
+
+def test_a_backup_never_makes_a_new_key_when_this_device_escrowed_before(fleet, tmp_path):
+    from bkv.config import EscrowMarks
+
+    src = make_source(tmp_path)
+    fresh = make_device(fleet, tmp_path / "home")
+    # This device escrowed for the account before (the mark a backup leaves); the vault says no_record.
+    EscrowMarks(fresh.home / "bkv" / "escrowed.json").mark(fresh.config)
+    res = fresh("backup", str(src), "--store", str(tmp_path / "s"))
+    assert res.returncode == 13, res.stderr
+    assert "has no key for this account" in res.stderr and "this device escrowed or recovered a key" in res.stderr
+    assert json.loads(fresh("list", "--store", str(tmp_path / "s"), "--json").stdout) == []
+
+
+def test_a_backup_leaves_the_escrow_mark_only_for_its_own_account_and_vault(fleet, device, tmp_path):
+    from bkv.config import EscrowMarks
+
+    src = make_source(tmp_path)
+    assert device("backup", str(src), "--store", str(tmp_path / "s")).returncode == 0
+    marks = EscrowMarks(device.home / "bkv" / "escrowed.json")
+    assert marks.has(device.config)
+    assert not marks.has(dataclasses.replace(device.config, user_id=device.user + "-other"))
+    assert (marks.path.stat().st_mode & 0o777) == 0o600
+
+
+def test_new_key_needs_an_explicit_confirmation_and_then_abandons_the_old_backups(device, tmp_path):
+    src = make_source(tmp_path)
+    store = str(tmp_path / "s")
+    old = json.loads(device("backup", str(src), "--store", store, "--json").stdout)
+    refused = device("backup", str(src), "--store", store, "--new-key")  # a script: stdin is no terminal
+    assert refused.returncode == 2 and "--yes-abandon-old-backups" in refused.stderr
+    alone = device("backup", str(src), "--store", store, "--yes-abandon-old-backups")
+    assert alone.returncode == 2 and "only confirms --new-key" in alone.stderr
+    assert len(json.loads(device("list", "--store", store, "--json").stdout)) == 1
+    res = device("backup", str(src), "--store", store, "--new-key", "--yes-abandon-old-backups", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["new_key"] is True, res.stderr
+    # Really abandoned: the old backup no longer decrypts; the new one does.
+    lost = device("verify", "--store", store, "--backup", old["backup_id"])
+    assert lost.returncode == 10, lost.stderr
+    assert device("verify", "--store", store).returncode == 0
+
+
+def test_new_key_at_a_terminal_asks_for_the_typed_phrase(device, tmp_path):
+    src = make_source(tmp_path)
+    store = str(tmp_path / "s")
+    assert device("backup", str(src), "--store", store).returncode == 0
+    wrong = device("backup", str(src), "--store", store, "--new-key", tty_input="yes\n")
+    assert wrong.returncode == 2 and "not confirmed" in wrong.stderr, wrong.stderr
+    assert device("verify", "--store", store).returncode == 0  # the key did not change
+    typed = device("backup", str(src), "--store", store, "--new-key", "--json", tty_input="abandon old backups\n")
+    assert typed.returncode == 0 and json.loads(typed.stdout)["new_key"] is True, typed.stderr
+    assert len(json.loads(device("list", "--store", store, "--json").stdout)) == 2

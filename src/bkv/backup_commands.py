@@ -25,6 +25,9 @@ STORE = typer.Option(..., "--store", help="where backups live: a path, file://..
 JSON = typer.Option(False, "--json", help="print one JSON object instead of text (for scripts)")
 PW_STDIN = typer.Option(False, "--password-stdin", help="read the password from the first line of stdin")
 KEY = typer.Option(None, "--key", help="the 64-digit key of a key-mode backup (or BKV_KEY)")
+DOCS_LOCKED_OUT = "docs/cli.md, \"When the escrowed key does not come back\""
+# Typed at the prompt to confirm `bkv backup --new-key` (or pass --yes-abandon-old-backups).
+NEW_KEY_PHRASE = "abandon old backups"
 
 
 def _exit():
@@ -46,9 +49,12 @@ def _outcomes() -> Iterator[None]:
         yield
     except errors.WrongPassword as exc:
         _fail(str(exc), E.WRONG_PASSWORD)
-    except errors.LockedOut as exc:
-        _fail(f"{exc}. Backups protected by it can no longer be decrypted. "
-              "`bkv backup --new-key` starts over with a new key.", E.LOCKED_OUT)
+    except errors.LockedOut:
+        # Say what happened and where to read on; never what to run: the
+        # answer may be forged, and "make a new key" is what a forger wants.
+        _fail("the vault answered that the escrowed key was destroyed (too many wrong passwords, or disabled): "
+              f"backups protected by it can no longer be decrypted. See {DOCS_LOCKED_OUT} before doing "
+              "anything else.", E.LOCKED_OUT)
     except errors.VaultUnavailable as exc:
         _fail(str(exc), E.VAULT_UNAVAILABLE)
     except errors.NoRecord:
@@ -58,6 +64,10 @@ def _outcomes() -> Iterator[None]:
         _fail(str(exc), E.UNAUTHORIZED)
     except errors.BadSignature as exc:
         _fail(str(exc), E.BAD_SIGNATURE)
+    except errors.ProtocolError as exc:
+        # The code only: the message is free text from whoever answered, and a
+        # forger would write instructions there.
+        _fail(f"the vault refused the request ({exc.code}); see docs/api.md for the code", E.ERROR)
     except errors.VaultError as exc:
         _fail(str(exc), E.ERROR)
     except serr.CorruptBackup as exc:
@@ -122,19 +132,74 @@ def _run(coro):
     return asyncio.run(coro)
 
 
-async def _recover_or_create(cfg, password: str, *, new_key: bool, confirm_new) -> tuple:
+class _KeyNotRecovered(Exception):
+    """The vault answered that the account has no key (or a destroyed one),
+    but this account is known to have one: stop, make nothing."""
+
+    def __init__(self, answer: errors.VaultError) -> None:
+        self.answer = answer
+
+
+async def _recover_or_create(cfg, password: str, *, new_key: bool, guarded: bool, confirm_new) -> tuple:
+    """(K, made a new one). ``guarded``: the store holds vault-mode backups or
+    this device has seen an escrowed key for the account; then no vault
+    answer (``no_record``, ``record_destroyed``, forged or not) makes a new
+    K: only ``new_key``, confirmed by the user, does."""
     from bkv_common.secrets import BackupKey
 
     async with cfg.client() as vault:
         if not new_key:
             try:
                 return (await vault.recover(password)).key, False
-            except errors.NoRecord:
-                pass
+            except (errors.NoRecord, errors.LockedOut) as exc:
+                if guarded:
+                    raise _KeyNotRecovered(exc) from None
+                if isinstance(exc, errors.LockedOut):
+                    raise
         password = confirm_new(password)
         k = BackupKey(os.urandom(32))
         await vault.register(k, password)
         return k, True
+
+
+def _vault_mode_backups(store: str) -> tuple[int, int]:
+    """(vault-mode backups, backups whose header is damaged) in the store: a
+    damaged one may have been made with the escrowed key too."""
+    from bkv.storage import list_backups
+
+    backups = list_backups(store)
+    return sum(b.key_mode == "vault" for b in backups), sum(b.kind == "damaged" for b in backups)
+
+
+def _stop_key_not_recovered(exc: _KeyNotRecovered, in_store: tuple[int, int], seen_here: bool) -> None:
+    said = "it has no key for this account" if isinstance(exc.answer, errors.NoRecord) else \
+        "the key for this account was destroyed"
+    why = []
+    vault, damaged = in_store
+    if vault or damaged:
+        n = vault + damaged
+        why.append(f"this store holds {n} backup{'s' if n != 1 else ''} made with an escrowed key"
+                   + (" or with a damaged header" if damaged else ""))
+    if seen_here:
+        why.append("this device escrowed or recovered a key for this account before")
+    _fail(f"backup stopped: the escrowed backup key could not be recovered (the vault answered that {said}, "
+          f"but {' and '.join(why)}). Such an answer can also be forged on the network. Making a new key "
+          "would leave the earlier backups undecryptable for good, so nothing was made, escrowed or written. "
+          f"Try again later, and restore an earlier backup to check the key; read {DOCS_LOCKED_OUT} "
+          "before starting over with a new key.", _exit().KEY_NOT_RECOVERED)
+
+
+def _confirm_new_key(yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        _fail("--new-key replaces the escrowed key: backups made with the old one can then never be decrypted. "
+              "Confirm it at a terminal, or pass --yes-abandon-old-backups", _exit().USAGE)
+    typer.echo("--new-key makes a new backup key and escrows it in place of the current one: every backup "
+               "made with the current key can then never be decrypted.", err=True)
+    typed = typer.prompt(f"Type \"{NEW_KEY_PHRASE}\" to go on", default="", show_default=False, err=True)
+    if typed.strip().lower() != NEW_KEY_PHRASE:
+        _fail("not confirmed; nothing was changed", _exit().USAGE)
 
 
 def register_commands(app: typer.Typer) -> None:
@@ -146,12 +211,18 @@ def register_commands(app: typer.Typer) -> None:
                store: str = STORE, key_mode: bool = typer.Option(False, "--key-mode", help=(
                    "use no vault: protect the backup with a 64-digit key, printed once")),
                key: Optional[str] = KEY, new_key: bool = typer.Option(False, "--new-key", help=(
-                   "make a new backup key and escrow it (after a lockout or to rotate)")),
+                   "make a new backup key and escrow it in place of the current one; backups made with "
+                   "the current key can then never be decrypted (asks for a typed confirmation)")),
+               yes_abandon: bool = typer.Option(False, "--yes-abandon-old-backups", help=(
+                   "with --new-key: confirm without a prompt (scripts)")),
                password_stdin: bool = PW_STDIN, as_json: bool = JSON) -> None:
         """Encrypt SOURCE on this device and write it to the store.
 
         The first backup makes the key K and escrows it in the vault under a
         password (asked twice); later backups recover K with the password.
+        Once the store holds vault-mode backups, or this device has escrowed
+        a key, a backup never makes a new key on its own: if the key does not
+        come back it stops (exit 13) and only --new-key, confirmed, starts over.
 
         Example: bkv backup ~/chats --store s3://my-bucket/backups
         """
@@ -168,7 +239,14 @@ def register_commands(app: typer.Typer) -> None:
                 printed_digits = None if given else digits
                 k, mode, created = digits.backup_key(), fmt.KEY_MODE_DIGITS, not given
             else:
+                if yes_abandon and not new_key:
+                    _fail("--yes-abandon-old-backups only confirms --new-key", _exit().USAGE)
                 cfg = _config()
+                if new_key:
+                    _confirm_new_key(yes_abandon)
+                from bkv.config import EscrowMarks
+
+                in_store, seen_here = _vault_mode_backups(store), EscrowMarks().has(cfg)
                 pw = _password(password_stdin)
 
                 def confirm(first: str) -> str:
@@ -178,7 +256,13 @@ def register_commands(app: typer.Typer) -> None:
                         _fail("the two passwords differ; nothing was changed", _exit().USAGE)
                     return first
 
-                k, created = _run(_recover_or_create(cfg, pw, new_key=new_key, confirm_new=confirm))
+                try:
+                    k, created = _run(_recover_or_create(cfg, pw, new_key=new_key,
+                                                         guarded=bool(any(in_store) or seen_here),
+                                                         confirm_new=confirm))
+                except _KeyNotRecovered as exc:
+                    _stop_key_not_recovered(exc, in_store, seen_here)
+                _mark_escrowed(cfg)
                 mode = fmt.KEY_MODE_VAULT
             bar = _Bar("encrypting", as_json)
             t = time.monotonic()
@@ -282,6 +366,7 @@ def register_commands(app: typer.Typer) -> None:
                     await vault.register(k, new)
 
             _run(go())
+            _mark_escrowed(cfg)
         typer.echo("password changed; existing backups stay readable with the new password")
 
     @app.command("disable")
@@ -331,4 +416,19 @@ def _key_for(info, key: str | None, password_stdin: bool):
         async with cfg.client() as vault:
             return (await vault.recover(pw)).key
 
-    return _run(go())
+    k = _run(go())
+    _mark_escrowed(cfg)
+    return k
+
+
+def _mark_escrowed(cfg) -> None:
+    """This device now knows the account has an escrowed key (EscrowMarks)."""
+    from bkv.config import EscrowMarks
+
+    marks = EscrowMarks()
+    try:
+        marks.mark(cfg)
+    except OSError as exc:
+        # The key is fine; only the guard for later backups is missing. Say so, go on.
+        typer.echo(f"bkv: warning: could not write {marks.path} ({exc.strerror or exc}); later backups from "
+                   "this device rely on the store alone to refuse making a new key", err=True)

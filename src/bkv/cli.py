@@ -38,6 +38,7 @@ class ExitCode(enum.IntEnum):
     WRONG_KEY = 10
     STORE_ERROR = 11
     AUDIT_FAILED = 12
+    KEY_NOT_RECOVERED = 13  # bkv backup stopped: the escrowed key did not come back, and no new one was made
 
 
 def _fail(message: str, code: ExitCode) -> None:

@@ -3,12 +3,17 @@
 It holds the vault address, what the client trusts -- either the two root
 keys of validation bundles (docs/ota.md) or, older style, one pinned fleet
 public key -- and the identity (user id and account token). The token is a credential, so the file is
-written with mode 0600. Nothing else about the user ever lands on disk.
+written with mode 0600. Beside it, ``escrowed.json`` remembers which accounts this
+device has seen an escrowed key for (see :class:`EscrowMarks`); nothing else about
+the user ever lands on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +87,14 @@ class ClientConfig:
             return fleet.fleet_public_key, fleet.edge_public_key
         return self.fleet_key_der, b64d(self.edge_public_key) if self.edge_public_key else None
 
+    @property
+    def vault_anchor(self) -> str:
+        """Names the vault this config trusts (its pinned fleet key, or its
+        pinned bundle roots), so a mark made against one vault never guards
+        a first backup against another."""
+        pinned = self.fleet_public_key or f"{self.operator_root}|{self.witness_root}"
+        return hashlib.sha256(pinned.encode()).hexdigest()[:32]
+
     def save(self, path: Path | None = None) -> Path:
         path = path or config_path()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,3 +142,54 @@ class ClientConfig:
         except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"the client config at {path} is incomplete or malformed: {exc}") from None
         return cfg
+
+
+class EscrowMarks:
+    """Which (vault, account) pairs this device has escrowed a key for, or
+    recovered one from: ``escrowed.json`` beside the config.
+
+    Why: a ``no_record`` or ``record_destroyed`` answer may be forged on the
+    network path; if the device then made a new key and escrowed it, the
+    real escrow would be replaced and every earlier backup lost. Once this
+    device knows the account has a key, ``bkv backup`` never makes a new one
+    on its own (docs/cli.md). Holds no secret: user ids and vault digests only.
+    A file that does not parse counts as "escrowed" for every account: the
+    safe side.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or config_path().with_name("escrowed.json")
+
+    def _read(self) -> dict | None:
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("accounts"), list):
+                return None
+            return data
+        except FileNotFoundError:
+            return {"accounts": []}
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _id(cfg: ClientConfig) -> dict:
+        return {"vault": cfg.vault_anchor, "user_id": cfg.user_id}
+
+    def has(self, cfg: ClientConfig) -> bool:
+        data = self._read()
+        if data is None:
+            return True
+        want = self._id(cfg)
+        return any(isinstance(a, dict) and {k: a.get(k) for k in want} == want for a in data["accounts"])
+
+    def mark(self, cfg: ClientConfig) -> None:
+        if self.has(cfg):
+            return
+        data = self._read() or {"accounts": []}
+        data["accounts"].append({**self._id(cfg), "since": int(time.time())})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, self.path)
