@@ -32,6 +32,7 @@ FLEET_ID_HASH: Final = b"bkv/v1/hash/fleet-id"        # fleet id from its public
 REQUEST_HASH: Final = b"bkv/v1/hash/request"          # request digests inside transcripts
 
 # Validation bundles (docs/ota.md): the operator signs, the witness countersigns.
+BUNDLE_BODY: Final = b"bkv/v1/bundle"                      # the canonical body (format 2 adds expires_at)
 BUNDLE_HASH: Final = b"bkv/v1/hash/bundle"                 # a bundle's id and chain link
 SIG_BUNDLE_OPERATOR: Final = b"bkv/v1/sig/bundle-operator"
 SIG_BUNDLE_WITNESS: Final = b"bkv/v1/sig/bundle-witness"
