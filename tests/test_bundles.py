@@ -173,7 +173,7 @@ def test_the_sooner_of_the_signed_expiry_and_the_clients_max_age_ends_a_bundle(r
         TrustStore(operator.public, witness_key.public, max_age_s=0)
 
 
-def test_the_expiry_is_signed_and_a_format_1_bundle_without_one_is_refused(roots, witness):
+def test_the_expiry_is_signed_and_a_format_1_bundle_without_one_is_refused(roots, witness, tmp_path):
     operator, witness_key = roots
     signed = publish(operator, witness, None, [make_fleet()])
     longer = signed.to_json().replace(f'"expires_at": {signed.bundle.expires_at}',
@@ -184,6 +184,10 @@ def test_the_expiry_is_signed_and_a_format_1_bundle_without_one_is_refused(roots
     old_format = signed.to_json().replace('"format_version": 2', '"format_version": 1')
     with pytest.raises(bd.MalformedBundle, match="format 1"):
         bd.SignedBundle.from_json(old_format)
+    # A cache an older client wrote is set aside (it could never be used), not a crash.
+    cache = tmp_path / "bundle.json"
+    cache.write_text(old_format)
+    assert TrustStore(operator.public, witness_key.public, cache).current is None
     with pytest.raises(bd.MalformedBundle, match="expires after"):
         bd.operator_sign(bd.Bundle(1, bd.GENESIS, T0, T0, (make_fleet(),)), operator)
 

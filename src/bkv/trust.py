@@ -40,7 +40,12 @@ class TrustStore:
         self._clock = clock
         self._current: bd.SignedBundle | None = None
         if cache_file is not None and cache_file.exists():
-            cached = bd.SignedBundle.from_json(cache_file.read_text())
+            text = cache_file.read_text()
+            if _format_of(text) not in (None, bd.FORMAT_VERSION):
+                # Cached by an older client (format 1 had no expiry): never usable now.
+                log.warning("ignoring the cached validation bundle: format %s", _format_of(text))
+                return
+            cached = bd.SignedBundle.from_json(text)
             bd.verify(cached, operator_root, witness_root)  # a tampered cache is not trusted
             self._current = cached
 
@@ -126,7 +131,7 @@ def fetch_and_choose(edge_url: str, store: TrustStore, preferred_fleet: str | No
         store.require_fresh()
     except bd.BundleStale as exc:
         raise errors.StaleBundle(
-            f"{exc}: it is older than this client accepts (bundle_max_age_days = {store.max_age_s / 86400:g}), "
+            f"{exc}: it has expired or is older than this client accepts (bundle_max_age_days = {store.max_age_s / 86400:g}), "
             f"and no newer one came from {edge_url} ({why_not_newer}). Nothing was sent. Check this device's "
             "network and clock and try again; if it goes on, something on the network may be withholding the "
             "vault's new fleet keys, or the operator has stopped re-signing bundles: tell the vault's operator "
@@ -136,6 +141,15 @@ def fetch_and_choose(edge_url: str, store: TrustStore, preferred_fleet: str | No
     if chosen is None:
         raise errors.UntrustedFleet("the validation bundle lists no fleet valid now")
     return chosen
+
+
+def _format_of(text: str) -> object:
+    import json
+
+    try:
+        return json.loads(text)["bundle"]["format_version"]
+    except (ValueError, KeyError, TypeError):
+        return None  # from_json says what is wrong
 
 
 def _describe(exc: Exception) -> str:
