@@ -300,6 +300,18 @@ async def _etcd_get(endpoints: str, key: str) -> bytes | None:
         await client.close()
 
 
+def _publish_argv(tmp_path: Path, operator: bd.RootKey, witness_url: str, etcd_endpoints: str, prefix: str):
+    """`bkv-hsm-proxy publish-bundle` for one new fleet, into its own etcd keyspace."""
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(b64e(operator.reveal()) + "\n")
+    f = make_fleet(now=int(time.time()))
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"fleet_id": f.fleet_id, "fleet_public_key": b64e(f.fleet_public_key)}))
+    return [sys.executable, "-m", "bkv_hsm_proxy", "publish-bundle", "--operator-key", str(key_file),
+            "--witness-url", witness_url, "--fleet-params", str(params), "--edge-public-key", b64e(f.edge_public_key),
+            "--etcd-endpoints", etcd_endpoints, "--etcd-prefix", prefix]
+
+
 def test_a_publisher_killed_between_the_witness_and_etcd_is_finished_by_the_next_run_without_a_fork(
         roots, witness_process, fleet, tmp_path):
     from bkv.audit import audit
@@ -307,11 +319,6 @@ def test_a_publisher_killed_between_the_witness_and_etcd_is_finished_by_the_next
 
     operator, _ = roots
     url, witness_public_b64, _ = witness_process
-    key_file = tmp_path / "operator.key"
-    key_file.write_text(b64e(operator.reveal()) + "\n")
-    f = make_fleet(now=int(time.time()))
-    params = tmp_path / "params.json"
-    params.write_text(json.dumps({"fleet_id": f.fleet_id, "fleet_public_key": b64e(f.fleet_public_key)}))
     prefix = f"/pubtest-{os.urandom(4).hex()}"  # the shared fleet's etcd, a keyspace of our own
     killing = threading.Event()
     publisher: dict[str, subprocess.Popen] = {}
@@ -325,9 +332,7 @@ def test_a_publisher_killed_between_the_witness_and_etcd_is_finished_by_the_next
         return answer
 
     with OnPath(url, between_witness_and_etcd) as box:
-        argv = [sys.executable, "-m", "bkv_hsm_proxy", "publish-bundle", "--operator-key", str(key_file),
-                "--witness-url", box.url, "--fleet-params", str(params), "--edge-public-key", b64e(f.edge_public_key),
-                "--etcd-endpoints", fleet.etcd_endpoints, "--etcd-prefix", prefix]
+        argv = _publish_argv(tmp_path, operator, box.url, fleet.etcd_endpoints, prefix)
         first = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert first.returncode == 0 and json.loads(first.stdout)["sequence"] == 1, first.stderr
         killing.set()
@@ -357,6 +362,29 @@ def test_a_publisher_killed_between_the_witness_and_etcd_is_finished_by_the_next
     audit(entries, entries, operator.public, bd.b64d(witness_public_b64))
     assert asyncio.run(_etcd_get(fleet.etcd_endpoints, prefix + FLEET_BUNDLE_KEY)).decode() == entries[2]
     assert asyncio.run(_etcd_get(fleet.etcd_endpoints, prefix + FLEET_PENDING_BUNDLE_KEY)) is None
+
+
+def test_a_bundle_the_witness_logged_but_etcd_never_got_is_published_from_the_log_not_forked(
+        roots, witness_process, fleet, tmp_path):
+    """What a publisher from before pending bundles left behind (or an etcd restored
+    from a backup): the witness holds bundle 2, etcd serves bundle 1, no pending key."""
+    from bkv_common.fleetmap import FLEET_BUNDLE_KEY
+
+    operator, _ = roots
+    url, _, _ = witness_process
+    prefix = f"/pubtest-{os.urandom(4).hex()}"
+    argv = _publish_argv(tmp_path, operator, url, fleet.etcd_endpoints, prefix)
+    assert subprocess.run(argv, capture_output=True, timeout=60).returncode == 0
+    first = bd.SignedBundle.from_json(asyncio.run(_etcd_get(fleet.etcd_endpoints, prefix + FLEET_BUNDLE_KEY)))
+    orphan = bd.operator_sign(bd.next_bundle(first, list(first.bundle.fleets)), operator)
+    assert httpx.post(f"{url}/witness/v1/countersign", json={"bundle": orphan.to_json()}).status_code == 200
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["finished_pending"] == [2] and json.loads(again.stdout)["sequence"] == 3
+    entries = httpx.get(f"{url}/witness/v1/log").json()["entries"]
+    assert [bd.SignedBundle.from_json(e).bundle.sequence for e in entries] == [1, 2, 3]
+    assert bd.SignedBundle.from_json(entries[1]).bundle == orphan.bundle
+    assert asyncio.run(_etcd_get(fleet.etcd_endpoints, prefix + FLEET_BUNDLE_KEY)).decode() == entries[2]
 
 
 # -- audit ------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ not build another bundle at that sequence: the witness would refuse it as a
 fork and publishing would be wedged for good. Every run therefore first
 finishes a pending bundle -- the same bytes, which get the same
 countersignature again -- and only then publishes what it was asked for.
+A bundle the witness logged but etcd never got without a pending key (a run
+from before pending bundles, or an etcd restored from a backup) is taken
+from the witness log and published as it is, for the same reason.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class PublishError(Exception):
 @dataclass(frozen=True)
 class Published:
     bundle: bd.SignedBundle  # the bundle now served
-    finished: tuple[int, ...] = ()  # sequences of pending bundles an earlier run left, published first
+    # Sequences an earlier run left half-published (pending, or only in the witness log), published first.
+    finished: tuple[int, ...] = ()
 
 
 def fleet_entry(params_file: Path, edge_public_key: str, valid_days: float, now: int) -> bd.Fleet:
@@ -93,6 +97,25 @@ def publish_bundle(etcd_endpoints: str, prefix: str, operator_key: bd.RootKey, w
             raise PublishError(f"the witness refused bundle {signed.bundle.sequence}: {res.text[:300]}")
         return signed.with_witness(b64d(res.json()["witness_signature"]))
 
+    async def logged_successor(http: httpx.AsyncClient, current: bd.SignedBundle | None) -> bd.SignedBundle | None:
+        """The bundle the witness already logged right after ``current``, if any."""
+        try:
+            res = await http.get(witness_url.rstrip("/") + "/witness/v1/log")
+            res.raise_for_status()
+            entries = res.json()["entries"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            raise PublishError(f"the witness log could not be read ({type(exc).__name__}); nothing published") \
+                from None
+        want = current.bundle.sequence + 1 if current is not None else 1
+        if len(entries) < want:
+            return None
+        logged = bd.SignedBundle.from_json(entries[want - 1])
+        if not _extends(logged, current):
+            raise PublishError(f"the witness log and etcd disagree at bundle {want}: the logged one does not "
+                               "extend the one etcd serves; compare them (GET /witness/v1/log) before publishing")
+        bd.verify_operator(logged, operator_key.public)
+        return logged
+
     async def go() -> Published:
         client = await connect(etcd_endpoints)
         tx = client.transactions
@@ -109,6 +132,16 @@ def publish_bundle(etcd_endpoints: str, prefix: str, operator_key: bd.RootKey, w
                     same_pending = [tx.mod(pending_key) == got_pending.mod_revision] if got_pending is not None \
                         else [tx.version(pending_key) == 0]
                     pending = bd.SignedBundle.from_json(got_pending.value) if got_pending is not None else None
+                    logged = await logged_successor(http, current)
+                    if logged is not None and (pending is None or pending.bundle != logged.bundle):
+                        # Anything else at this sequence would be a fork: publish the logged one.
+                        ok, _ = await client.transaction(
+                            compare=same_current + same_pending,
+                            success=[tx.put(key, logged.to_json().encode()), tx.delete(pending_key)], failure=[])
+                        if ok:
+                            log.warning("published bundle %d from the witness log", logged.bundle.sequence)
+                            finished.append(logged.bundle.sequence)
+                        continue
                     if pending is not None and _extends(pending, current):
                         out = await countersign(http, pending)
                         # Served and no longer pending, in one step, only if nothing moved meanwhile.
@@ -122,11 +155,11 @@ def publish_bundle(etcd_endpoints: str, prefix: str, operator_key: bd.RootKey, w
                         log.warning("published bundle %d that an earlier run left pending", out.bundle.sequence)
                         finished.append(out.bundle.sequence)
                         continue
-                    if mine is not None:
-                        raise PublishError("our pending bundle was replaced by another publisher; run again")
+                    # Ours (if any) was superseded by another publisher: build it again on top.
                     # A pending bundle that does not extend the current one is left over from
                     # one already published (or from a restored etcd): replaced below.
-                    signed = bd.operator_sign(bd.next_bundle(current, choose(current), now, valid_for_s),
+                    issued = max(now, current.bundle.issued_at if current is not None else 0)
+                    signed = bd.operator_sign(bd.next_bundle(current, choose(current), issued, valid_for_s),
                                               operator_key)
                     ok, _ = await client.transaction(
                         compare=same_current + same_pending,
