@@ -94,7 +94,8 @@ def publish_bundle(etcd_endpoints: str, prefix: str, operator_key: bd.RootKey, w
             raise PublishError(f"the witness could not be reached ({type(exc).__name__}); bundle "
                                f"{signed.bundle.sequence} stays pending and the next run publishes it") from None
         if res.status_code != 200:
-            raise PublishError(f"the witness refused bundle {signed.bundle.sequence}: {res.text[:300]}")
+            raise PublishError(f"the witness refused bundle {signed.bundle.sequence}: {res.text[:300]}; it stays "
+                               f"pending (if it can never be countersigned, delete {pending_key.decode()} in etcd)")
         return signed.with_witness(b64d(res.json()["witness_signature"]))
 
     async def logged_successor(http: httpx.AsyncClient, current: bd.SignedBundle | None) -> bd.SignedBundle | None:
