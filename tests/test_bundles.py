@@ -4,10 +4,14 @@ an older one, and a witness never countersigns a fork."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from bkv.trust import TrustStore
 from bkv_common import bundle as bd
 from bkv_common.encoding import b64e, fleet_id_for
 from bkv_witness.core import Witness, WitnessRefused
+from onpath import OnPath
 
 
 def make_fleet(now: int = 1_800_000_000, days: int = 365) -> bd.Fleet:
@@ -38,7 +43,7 @@ def roots():
 @pytest.fixture
 def witness(roots, tmp_path):
     operator, witness_key = roots
-    return Witness(witness_key, operator.public, tmp_path / "witness.log")
+    return Witness(witness_key, operator.public, tmp_path / "witness.log", clock=lambda: 1_800_000_000)
 
 
 def publish(operator, witness, prev, fleets, now=1_800_000_000) -> bd.SignedBundle:
@@ -106,13 +111,107 @@ def test_a_tampered_cache_is_not_trusted(roots, witness, tmp_path):
         TrustStore(operator.public, witness_key.public, cache)
 
 
+# -- freshness ---------------------------------------------------------------------------------
+
+DAY = 86400
+T0 = 1_800_000_000
+
+
+class FakeClock:
+    """Unix seconds that only the test moves."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_bundle_is_used_only_until_the_clients_max_age_and_a_resigned_one_renews_it(roots, tmp_path):
+    operator, witness_key = roots
+    clock = FakeClock(T0)
+    witness = Witness(witness_key, operator.public, tmp_path / "witness.log", clock=clock)
+    first = publish(operator, witness, None, [make_fleet()], now=T0)
+    fleet = first.bundle.fleets[0]
+    assert first.bundle.expires_at == T0 + bd.DEFAULT_VALIDITY_S
+    cache = tmp_path / "bundle.json"
+    store = TrustStore(operator.public, witness_key.public, cache, max_age_s=7 * DAY, clock=clock)
+    store.accept(first.to_json())
+    clock.now = T0 + 7 * DAY - 1
+    assert store.fleet(fleet.fleet_id) == fleet
+    clock.now = T0 + 7 * DAY
+    assert store.fleet(fleet.fleet_id) is None and store.valid_fleets() == []
+    with pytest.raises(bd.BundleStale, match="stopped being usable"):
+        store.require_fresh()
+    # A restart does not make the cached bundle fresh again.
+    assert TrustStore(operator.public, witness_key.public, cache, clock=clock).valid_fleets() == []
+    # The operator re-signs the same fleets: a newer bundle, fresh again.
+    resigned = publish(operator, witness, first, list(first.bundle.fleets), now=int(clock.now))
+    store.accept(resigned.to_json())
+    assert store.fleet(fleet.fleet_id) == fleet and store.current.bundle.sequence == 2
+    # The older bundle still never replaces it.
+    with pytest.raises(bd.BundleRollback):
+        store.accept(first.to_json())
+
+
+def test_the_sooner_of_the_signed_expiry_and_the_clients_max_age_ends_a_bundle(roots, tmp_path):
+    operator, witness_key = roots
+    clock = FakeClock(T0)
+    witness = Witness(witness_key, operator.public, tmp_path / "witness.log", clock=clock)
+    one_day = witness.countersign(bd.operator_sign(bd.next_bundle(None, [make_fleet()], T0, valid_for_s=DAY),
+                                                   operator))
+    lenient = TrustStore(operator.public, witness_key.public, max_age_s=30 * DAY, clock=clock)
+    lenient.accept(one_day.to_json())
+    clock.now = T0 + DAY - 1
+    assert lenient.valid_fleets()
+    clock.now = T0 + DAY  # the operator's expiry, though the client would allow 30 days
+    assert lenient.valid_fleets() == []
+    strict = TrustStore(operator.public, witness_key.public, max_age_s=3600, clock=FakeClock(T0 + 3600))
+    strict.accept(one_day.to_json())  # adopted (it is the newest), but not used
+    assert strict.current == one_day and strict.valid_fleets() == []
+    with pytest.raises(ValueError):
+        TrustStore(operator.public, witness_key.public, max_age_s=0)
+
+
+def test_the_expiry_is_signed_and_a_format_1_bundle_without_one_is_refused(roots, witness, tmp_path):
+    operator, witness_key = roots
+    signed = publish(operator, witness, None, [make_fleet()])
+    longer = signed.to_json().replace(f'"expires_at": {signed.bundle.expires_at}',
+                                      f'"expires_at": {signed.bundle.expires_at + 365 * DAY}')
+    assert longer != signed.to_json()
+    with pytest.raises(bd.BadBundleSignature):
+        TrustStore(operator.public, witness_key.public).accept(longer)
+    old_format = signed.to_json().replace('"format_version": 2', '"format_version": 1')
+    with pytest.raises(bd.MalformedBundle, match="format 1"):
+        bd.SignedBundle.from_json(old_format)
+    # A cache an older client wrote is set aside (it could never be used), not a crash.
+    cache = tmp_path / "bundle.json"
+    cache.write_text(old_format)
+    assert TrustStore(operator.public, witness_key.public, cache).current is None
+    with pytest.raises(bd.MalformedBundle, match="expires after"):
+        bd.operator_sign(bd.Bundle(1, bd.GENESIS, T0, T0, (make_fleet(),)), operator)
+
+
+def test_the_witness_refuses_a_bundle_issued_before_the_last_one_or_in_the_future(roots, witness):
+    operator, _ = roots
+    first = publish(operator, witness, None, [make_fleet()], now=T0)
+    earlier = bd.operator_sign(bd.next_bundle(first, [make_fleet()], T0 - 1), operator)
+    with pytest.raises(WitnessRefused, match="issued before"):
+        witness.countersign(earlier)
+    future = bd.operator_sign(bd.next_bundle(first, [make_fleet()], T0 + 3600), operator)
+    with pytest.raises(WitnessRefused, match="future"):
+        witness.countersign(future)
+    assert len(witness.log()) == 1
+
+
 def test_the_witness_refuses_a_fork_a_gap_and_an_unsigned_bundle(roots, witness):
     operator, _ = roots
     first = publish(operator, witness, None, [make_fleet()])
     fork = bd.operator_sign(bd.next_bundle(None, [make_fleet()]), operator)  # another bundle 1
     with pytest.raises(WitnessRefused, match="fork"):
         witness.countersign(fork)
-    gap = bd.operator_sign(bd.Bundle(3, bd.bundle_hash(first.bundle), 0, (make_fleet(),)), operator)
+    gap = bd.operator_sign(bd.Bundle(3, bd.bundle_hash(first.bundle), 1_800_000_000, 1_800_086_400,
+                                     (make_fleet(),)), operator)
     with pytest.raises(WitnessRefused, match="does not extend"):
         witness.countersign(gap)
     stranger = bd.operator_sign(bd.next_bundle(first, [make_fleet()]), bd.RootKey.generate())
@@ -186,6 +285,106 @@ def test_a_witness_process_countersigns_a_chain_refuses_a_fork_and_serves_its_lo
     assert store.accept(entries[-1]).bundle == prev.bundle
     # Read-only: nothing but countersign writes.
     assert httpx.post(f"{url}/witness/v1/log", json={}).status_code in (404, 405)
+
+
+# -- publishing: real etcd, the real witness process, a publisher killed midway ---------------
+
+async def _etcd_get(endpoints: str, key: str) -> bytes | None:
+    from bkv_common.etcd import connect
+
+    client = await connect(endpoints)
+    try:
+        got = await client.get(key.encode())
+        return got.value if got is not None else None
+    finally:
+        await client.close()
+
+
+def _publish_argv(tmp_path: Path, operator: bd.RootKey, witness_url: str, etcd_endpoints: str, prefix: str):
+    """`bkv-hsm-proxy publish-bundle` for one new fleet, into its own etcd keyspace."""
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(b64e(operator.reveal()) + "\n")
+    f = make_fleet(now=int(time.time()))
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"fleet_id": f.fleet_id, "fleet_public_key": b64e(f.fleet_public_key)}))
+    return [sys.executable, "-m", "bkv_hsm_proxy", "publish-bundle", "--operator-key", str(key_file),
+            "--witness-url", witness_url, "--fleet-params", str(params), "--edge-public-key", b64e(f.edge_public_key),
+            "--etcd-endpoints", etcd_endpoints, "--etcd-prefix", prefix]
+
+
+def test_a_publisher_killed_between_the_witness_and_etcd_is_finished_by_the_next_run_without_a_fork(
+        roots, witness_process, fleet, tmp_path):
+    from bkv.audit import audit
+    from bkv_common.fleetmap import FLEET_BUNDLE_KEY, FLEET_PENDING_BUNDLE_KEY
+
+    operator, _ = roots
+    url, witness_public_b64, _ = witness_process
+    prefix = f"/pubtest-{os.urandom(4).hex()}"  # the shared fleet's etcd, a keyspace of our own
+    killing = threading.Event()
+    publisher: dict[str, subprocess.Popen] = {}
+
+    def between_witness_and_etcd(method, path, body, forward):
+        answer = forward()  # the witness has countersigned and logged the bundle ...
+        if killing.is_set() and path == "/witness/v1/countersign":
+            publisher["proc"].kill()  # ... and the publisher dies before it hears back
+            publisher["proc"].wait()
+            return None
+        return answer
+
+    with OnPath(url, between_witness_and_etcd) as box:
+        argv = _publish_argv(tmp_path, operator, box.url, fleet.etcd_endpoints, prefix)
+        first = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert first.returncode == 0 and json.loads(first.stdout)["sequence"] == 1, first.stderr
+        killing.set()
+        publisher["proc"] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert publisher["proc"].wait(timeout=60) == -signal.SIGKILL
+        killing.clear()
+        logged = httpx.get(f"{url}/witness/v1/log").json()["entries"]
+        assert [bd.SignedBundle.from_json(e).bundle.sequence for e in logged] == [1, 2]
+        served = asyncio.run(_etcd_get(fleet.etcd_endpoints, prefix + FLEET_BUNDLE_KEY))
+        assert bd.SignedBundle.from_json(served).bundle.sequence == 1  # the swap never happened
+        pending = bd.SignedBundle.from_json(asyncio.run(_etcd_get(fleet.etcd_endpoints,
+                                                                  prefix + FLEET_PENDING_BUNDLE_KEY)))
+        assert pending.bundle == bd.SignedBundle.from_json(logged[1]).bundle
+
+        # The next run asks for other content (fleet windows of 30 days): before the pending
+        # key, it built a different bundle 2 here, which the witness refused as a fork, for good.
+        again = subprocess.run(argv + ["--valid-days", "30"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    out = json.loads(again.stdout)
+    assert out["finished_pending"] == [2] and out["sequence"] == 3
+    entries = httpx.get(f"{url}/witness/v1/log").json()["entries"]
+    chain = [bd.SignedBundle.from_json(e) for e in entries]
+    assert [c.bundle.sequence for c in chain] == [1, 2, 3]
+    assert chain[1].bundle == pending.bundle and chain[1].operator_signature == pending.operator_signature
+    assert chain[2].bundle.fleets[0].not_after - chain[2].bundle.fleets[0].not_before == 30 * 86400 + 300
+    # One chain, no fork, both roots' signatures on every entry; etcd serves the log's last entry byte for byte.
+    audit(entries, entries, operator.public, bd.b64d(witness_public_b64))
+    assert asyncio.run(_etcd_get(fleet.etcd_endpoints, prefix + FLEET_BUNDLE_KEY)).decode() == entries[2]
+    assert asyncio.run(_etcd_get(fleet.etcd_endpoints, prefix + FLEET_PENDING_BUNDLE_KEY)) is None
+
+
+def test_a_bundle_the_witness_logged_but_etcd_never_got_is_published_from_the_log_not_forked(
+        roots, witness_process, fleet, tmp_path):
+    """What a publisher from before pending bundles left behind (or an etcd restored
+    from a backup): the witness holds bundle 2, etcd serves bundle 1, no pending key."""
+    from bkv_common.fleetmap import FLEET_BUNDLE_KEY
+
+    operator, _ = roots
+    url, _, _ = witness_process
+    prefix = f"/pubtest-{os.urandom(4).hex()}"
+    argv = _publish_argv(tmp_path, operator, url, fleet.etcd_endpoints, prefix)
+    assert subprocess.run(argv, capture_output=True, timeout=60).returncode == 0
+    first = bd.SignedBundle.from_json(asyncio.run(_etcd_get(fleet.etcd_endpoints, prefix + FLEET_BUNDLE_KEY)))
+    orphan = bd.operator_sign(bd.next_bundle(first, list(first.bundle.fleets)), operator)
+    assert httpx.post(f"{url}/witness/v1/countersign", json={"bundle": orphan.to_json()}).status_code == 200
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["finished_pending"] == [2] and json.loads(again.stdout)["sequence"] == 3
+    entries = httpx.get(f"{url}/witness/v1/log").json()["entries"]
+    assert [bd.SignedBundle.from_json(e).bundle.sequence for e in entries] == [1, 2, 3]
+    assert bd.SignedBundle.from_json(entries[1]).bundle == orphan.bundle
+    assert asyncio.run(_etcd_get(fleet.etcd_endpoints, prefix + FLEET_BUNDLE_KEY)).decode() == entries[2]
 
 
 # -- audit ------------------------------------------------------------------------------------

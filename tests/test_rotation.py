@@ -142,3 +142,91 @@ def test_a_fleet_that_still_seals_records_is_not_retired(rot_fleet, tmp_path):
     res = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "retire-fleet", current], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "only fleet" in res.stderr
+
+
+# -- an on-path attacker withholds the newest bundle --------------------------------------------
+
+class FakeClock:
+    """The device's clock (unix seconds); only the test moves it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def device_config(fleet, edge_url: str, user: str):
+    """A device that pins only the two roots and reaches the vault through ``edge_url``."""
+    import base64
+
+    from bkv.config import ClientConfig
+    from bkv_edge.noise import StaticKey
+
+    device = StaticKey.generate()
+    operator_root, witness_root = fleet.root_public_keys()
+    token = fleet.issuer().mint(user, device_key_b64=base64.b64encode(device.public).decode())
+    return ClientConfig(url=edge_url, fleet_public_key="", user_id=user, token=token, edge_url=edge_url,
+                        device_key=base64.b64encode(device.reveal()).decode(), operator_root=operator_root,
+                        witness_root=witness_root)
+
+
+async def test_a_client_whose_newest_bundle_is_withheld_keeps_working_only_until_its_max_age(
+        rot_fleet, tmp_path, monkeypatch):
+    """After a rotation (say, a fleet key compromise), something on the path forges a 404 for
+    /v1/bundle or serves an older validly signed bundle. The device keeps using its cached
+    bundle while it is fresh, then refuses -- sending nothing -- instead of staying on old
+    fleet keys for the fleets' year."""
+    import time
+
+    import httpx
+
+    from bkv.config import config_path
+    from bkv_common import bundle as bd
+    from bkv_common.secrets import BackupKey
+    from onpath import OnPath
+
+    fleet = rot_fleet
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "device"))
+    withhold: dict[str, object] = {"with": None}  # None (pass), "404", or the bytes of an older bundle
+
+    def on_path(method, path, body, forward):
+        if method == "GET" and path == "/v1/bundle" and withhold["with"] == "404":
+            return 404, {"content-type": "application/json"}, b'{"error": {"code": "not_found"}}'
+        if method == "GET" and path == "/v1/bundle" and isinstance(withhold["with"], bytes):
+            return 200, {"content-type": "application/json"}, withhold["with"]
+        return forward()
+
+    clock = FakeClock(time.time())
+    user, key = f"withheld-{os.urandom(4).hex()}", BackupKey(os.urandom(32))
+    with OnPath(fleet.edge_url, on_path) as box:
+        cfg = device_config(fleet, box.url, user)
+        async with cfg.client(clock=clock) as phone:
+            await phone.register(key, "pw")
+        cache = config_path().with_name("bundle.json")
+        cached = bd.SignedBundle.from_json(cache.read_text()).bundle
+        # The operator publishes a newer bundle; the attacker withholds it from now on.
+        await asyncio.to_thread(hsm_admin, fleet, "resign-bundle", "--operator-key",
+                                str(fleet.state / "ota" / "operator.key"), "--witness-url", fleet.witness_url,
+                                "--etcd-endpoints", fleet.etcd_endpoints)
+        oldest = httpx.get(f"{fleet.witness_url}/witness/v1/log").json()["entries"][0].encode()
+        stale_at = cached.issued_at + 7 * 86400  # the default bundle_max_age_days
+        for attack in ("404", oldest):
+            withhold["with"] = attack
+            clock.now = stale_at - 60
+            async with cfg.client(clock=clock) as phone:
+                assert (await phone.recover("pw")).key == key
+            assert bd.SignedBundle.from_json(cache.read_text()).bundle == cached
+            clock.now = stale_at
+            before = len(box.seen)
+            with pytest.raises(errors.StaleBundle, match="bundle_max_age_days") as refused:
+                cfg.client(clock=clock)
+            assert "Nothing was sent" in str(refused.value) and "operator" in str(refused.value)
+            assert box.seen[before:] == [("GET", "/v1/bundle")]  # no Noise handshake, no request
+        # Off the attacker's path, the device takes the newer bundle at once.
+        withhold["with"] = None
+        clock.now = time.time()
+        async with cfg.client(clock=clock) as phone:
+            assert (await phone.recover("pw")).key == key
+        newest = bd.SignedBundle.from_json(cache.read_text()).bundle
+        assert newest.sequence == cached.sequence + 1 and newest.fleets == cached.fleets

@@ -49,6 +49,8 @@ class ClientConfig:
     # then come from the verified bundle (cached next to this file).
     operator_root: str | None = None
     witness_root: str | None = None
+    # A cached bundle older than this is not used (docs/ota.md, Freshness).
+    bundle_max_age_days: float = 7.0
 
     def __repr__(self) -> str:
         return f"ClientConfig(url={self.url!r}, user_id={self.user_id!r}, token=(redacted))"
@@ -61,7 +63,8 @@ class ClientConfig:
     def fleet_id(self) -> str:
         return fleet_id_for(self.fleet_key_der)
 
-    def client(self, **kwargs):
+    def client(self, *, clock=None, **kwargs):
+        """``clock`` (unix seconds) is what the bundle freshness check reads; tests inject one."""
         from bkv.sdk import VaultClient
 
         if self.transport == "plaintext":
@@ -69,20 +72,23 @@ class ClientConfig:
         from bkv.transport import AsyncNoiseTransport
         from bkv_edge.noise import StaticKey
 
-        fleet_key, edge_key = self.trusted_keys()
+        fleet_key, edge_key = self.trusted_keys(clock)
         if not (self.edge_url and edge_key and self.device_key):
             raise ConfigError("the config has no Noise edge (edge_url, edge_public_key, device_key); "
                               "set transport = \"plaintext\" only for a dev fleet run with --plaintext")
         transport = AsyncNoiseTransport(self.edge_url, edge_key, StaticKey(b64d(self.device_key)))
         return VaultClient(self.edge_url, fleet_key, self.user_id, self.token, transport=transport, **kwargs)
 
-    def trusted_keys(self) -> tuple[bytes, bytes | None]:
+    def trusted_keys(self, clock=None) -> tuple[bytes, bytes | None]:
         """(fleet public key DER, edge public key): from a verified validation
         bundle if the config pins roots, else the pinned values."""
         if self.operator_root and self.witness_root:
+            import time
+
             from bkv.trust import TrustStore, fetch_and_choose
 
-            store = TrustStore(b64d(self.operator_root), b64d(self.witness_root), config_path().with_name("bundle.json"))
+            store = TrustStore(b64d(self.operator_root), b64d(self.witness_root), config_path().with_name("bundle.json"),
+                               max_age_s=self.bundle_max_age_days * 86400, clock=clock or time.time)
             fleet = fetch_and_choose(self.edge_url or self.url, store, self.fleet_id if self.fleet_public_key else None)
             return fleet.fleet_public_key, fleet.edge_public_key
         return self.fleet_key_der, b64d(self.edge_public_key) if self.edge_public_key else None
@@ -102,7 +108,8 @@ class ClientConfig:
         if self.fleet_public_key:
             vault.update(fleet_public_key=self.fleet_public_key, fleet_id=self.fleet_id)
         if self.operator_root and self.witness_root:
-            vault.update(operator_root=self.operator_root, witness_root=self.witness_root)
+            vault.update(operator_root=self.operator_root, witness_root=self.witness_root,
+                         bundle_max_age_days=self.bundle_max_age_days)
         if self.edge_url:
             vault.update(edge_url=self.edge_url, edge_public_key=self.edge_public_key or "")
         identity = {"user_id": self.user_id, "token": self.token}
@@ -132,7 +139,10 @@ class ClientConfig:
                       user_id=identity["user_id"], token=identity["token"],
                       dev_state_dir=data.get("dev", {}).get("state_dir"), edge_url=vault.get("edge_url"),
                       edge_public_key=vault.get("edge_public_key"), device_key=identity.get("device_key"),
-                      transport=vault.get("transport", "noise"))
+                      transport=vault.get("transport", "noise"),
+                      bundle_max_age_days=float(vault.get("bundle_max_age_days", 7.0)))
+            if not cfg.bundle_max_age_days > 0:
+                raise ValueError("bundle_max_age_days must be a positive number of days")
             if cfg.transport not in ("noise", "plaintext"):
                 raise ValueError("transport must be noise or plaintext")
             if cfg.fleet_public_key:

@@ -519,16 +519,21 @@ class Fleet:
                 (ota / f"{who}.pub").write_text(pub.strip() + "\n")
 
     def _publish_bundle(self) -> None:
-        """Publish a bundle naming this fleet, once (etcd keeps it across restarts)."""
+        """Publish a bundle naming this fleet, once (etcd keeps it across restarts);
+        on later `up`s, re-sign it if it is older than half a day (clients stop
+        using a bundle a week after it was issued: docs/ota.md, Freshness)."""
         ota = self.state / "ota"
         marker = ota / "published"
         want = f"{self.fleet_params['fleet_id']} {self.edge_public_key}"
+        common = ["--operator-key", str(ota / "operator.key"), "--witness-url", self.witness_url,
+                  "--etcd-endpoints", self.etcd_endpoints]
         if not (marker.exists() and marker.read_text() == want):
-            self._run([sys.executable, "-m", "bkv_hsm_proxy", "publish-bundle", "--operator-key",
-                       str(ota / "operator.key"), "--witness-url", self.witness_url,
+            self._run([sys.executable, "-m", "bkv_hsm_proxy", "publish-bundle", *common,
                        "--fleet-params", str(self.state / "fleet-params.json"),
-                       "--edge-public-key", self.edge_public_key, "--etcd-endpoints", self.etcd_endpoints], {})
+                       "--edge-public-key", self.edge_public_key], {})
             marker.write_text(want)
+        else:
+            self._run([sys.executable, "-m", "bkv_hsm_proxy", "resign-bundle", *common, "--min-age-hours", "12"], {})
         # Ready means a new client can bootstrap: the frontend serves the bundle.
         wait_until(lambda: httpx.get(f"{self.frontend_url}/v1/bundle", timeout=1.0).status_code == 200, 30,
                    "the frontend to serve the validation bundle")

@@ -12,6 +12,7 @@
     │                      request: not acted on (someone on the path, or a tier, may have forged it)
     ├── BadSignature       a vault answer failed the fleet signature check; nothing was acted on
     ├── UntrustedFleet     no validation bundle verified against the pinned roots; nothing was sent
+    │   └── StaleBundle    the newest bundle this device has is too old (a newer one may be withheld)
     └── ProtocolError      the vault refused a step (``code`` says which); start the operation again
 """
 
@@ -65,6 +66,14 @@ class UntrustedFleet(VaultError):
     """The vault's validation bundle did not verify against the pinned
     operator and witness roots (or lists no fleet valid now), and no earlier
     good bundle is cached. Nothing was sent to any fleet."""
+
+
+class StaleBundle(UntrustedFleet):
+    """The newest validation bundle this device holds is past its expiry or
+    older than the configured maximum age, and no newer one could be fetched:
+    a newer one (new fleet keys after a rotation) may be withheld. Nothing was
+    sent. Check the network and the device clock, then try again; if it goes
+    on, tell the vault's operator."""
 
 
 class ProtocolError(VaultError):

@@ -13,7 +13,14 @@ Exceptions::
     BundleError                 the bundle must not be used
     ├── MalformedBundle         it does not parse or breaks a format rule
     ├── BadBundleSignature      a signature is missing or wrong (``party`` says whose)
-    └── BundleRollback          its sequence is below one already accepted
+    ├── BundleRollback          its sequence is below one already accepted
+    └── BundleStale             it is past its ``expires_at`` or older than the client's maximum age
+
+Freshness: the operator signs ``issued_at`` and ``expires_at`` into every
+bundle and re-signs the current content on a schedule (``bkv-hsm-proxy
+resign-bundle``, daily), so a client can tell a withheld newer bundle from
+"nothing changed": it uses a bundle only until ``expires_at`` and at most
+its own maximum age after ``issued_at`` (:func:`fresh_until`).
 """
 
 from __future__ import annotations
@@ -29,8 +36,12 @@ from bkv_common import labels
 from bkv_common.encoding import b64d, b64e, canonical, digest, fleet_id_for, u32, u64
 from bkv_common.secrets import Secret
 
-FORMAT_VERSION = 1
+# 2: issued_at and expires_at are signed and enforced (format 1 had no expiry, so a
+# withheld newer bundle could freeze a client on old fleet keys; it is refused).
+FORMAT_VERSION = 2
 GENESIS = bytes(32)  # prev_hash of the first bundle
+RESIGN_PERIOD_S = 86400  # the operator re-signs the current bundle daily
+DEFAULT_VALIDITY_S = 7 * 86400  # expires_at - issued_at the operator signs by default
 
 
 class BundleError(Exception):
@@ -49,6 +60,15 @@ class BadBundleSignature(BundleError):
 
 class BundleRollback(BundleError):
     pass
+
+
+class BundleStale(BundleError):
+    """Validly signed, but too old to trust: a newer bundle may exist and be
+    withheld. ``stale_since`` is when it stopped being usable (unix seconds)."""
+
+    def __init__(self, message: str, stale_since: float) -> None:
+        super().__init__(message)
+        self.stale_since = stale_since
 
 
 class RootKey(Secret):
@@ -85,6 +105,7 @@ class Bundle:
     sequence: int
     prev_hash: bytes
     issued_at: int
+    expires_at: int  # unix seconds: no client uses the bundle from then on
     fleets: tuple[Fleet, ...]
     format_version: int = FORMAT_VERSION
 
@@ -100,7 +121,7 @@ class SignedBundle:
         b = self.bundle
         return json.dumps({
             "bundle": {"format_version": b.format_version, "sequence": b.sequence, "prev_hash": b64e(b.prev_hash),
-                       "issued_at": b.issued_at, "fleets": [
+                       "issued_at": b.issued_at, "expires_at": b.expires_at, "fleets": [
                            {"fleet_id": f.fleet_id, "fleet_public_key": b64e(f.fleet_public_key),
                             "edge_public_key": b64e(f.edge_public_key), "not_before": f.not_before,
                             "not_after": f.not_after} for f in b.fleets]},
@@ -114,8 +135,10 @@ class SignedBundle:
             b = d["bundle"]
             fleets = tuple(Fleet(_str(f["fleet_id"]), b64d(f["fleet_public_key"]), b64d(f["edge_public_key"]),
                                  _int(f["not_before"]), _int(f["not_after"])) for f in b["fleets"])
-            bundle = Bundle(_int(b["sequence"]), b64d(b["prev_hash"]), _int(b["issued_at"]), fleets,
-                            _int(b["format_version"]))
+            if _int(b["format_version"]) != FORMAT_VERSION:
+                raise MalformedBundle(f"bundle format {b['format_version']} is not {FORMAT_VERSION}")
+            bundle = Bundle(_int(b["sequence"]), b64d(b["prev_hash"]), _int(b["issued_at"]),
+                            _int(b["expires_at"]), fleets, _int(b["format_version"]))
             signed = cls(bundle, b64d(d["operator_signature"]), b64d(d.get("witness_signature", "")))
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise MalformedBundle(f"the bundle does not parse: {type(exc).__name__}") from None
@@ -143,6 +166,8 @@ def check_format(b: Bundle) -> None:
         raise MalformedBundle(f"bundle format {b.format_version} is not {FORMAT_VERSION}")
     if b.sequence < 1 or len(b.prev_hash) != 32 or (b.sequence == 1) != (b.prev_hash == GENESIS):
         raise MalformedBundle("the sequence or the previous hash is not valid")
+    if b.expires_at <= b.issued_at:
+        raise MalformedBundle("a bundle expires after it is issued")
     if not b.fleets or len({f.fleet_id for f in b.fleets}) != len(b.fleets):
         raise MalformedBundle("a bundle lists one or more fleets, each once")
     for f in b.fleets:
@@ -153,10 +178,13 @@ def check_format(b: Bundle) -> None:
 
 
 def bundle_body(b: Bundle) -> bytes:
-    fields = [u32(b.format_version), u64(b.sequence), b.prev_hash, u64(b.issued_at), u32(len(b.fleets))]
+    """The one transcript both signatures cover (through :func:`bundle_hash`):
+    the signer and every verifier call this, never their own encoding."""
+    fields = [u32(b.format_version), u64(b.sequence), b.prev_hash, u64(b.issued_at), u64(b.expires_at),
+              u32(len(b.fleets))]
     for f in b.fleets:
         fields += [f.fleet_id.encode(), f.fleet_public_key, f.edge_public_key, u64(f.not_before), u64(f.not_after)]
-    return canonical(b"bkv/v1/bundle", *fields)
+    return canonical(labels.BUNDLE_BODY, *fields)
 
 
 def bundle_hash(b: Bundle) -> bytes:
@@ -202,11 +230,33 @@ def verify(signed: SignedBundle, operator_root: bytes, witness_root: bytes, *, m
         raise BundleRollback(f"bundle {signed.bundle.sequence} is older than the accepted {min_sequence}")
 
 
-def next_bundle(prev: SignedBundle | None, fleets: list[Fleet], now: int | None = None) -> Bundle:
-    """The bundle that extends ``prev`` (or the first one)."""
+def fresh_until(b: Bundle, max_age_s: float) -> float:
+    """When a client with this maximum age stops using the bundle: at its
+    signed ``expires_at``, or ``max_age_s`` after ``issued_at`` if sooner
+    (the client's own bound, whatever window the operator signed)."""
+    return min(b.expires_at, b.issued_at + max_age_s)
+
+
+def check_fresh(b: Bundle, max_age_s: float, now: float) -> None:
+    """Raise :class:`BundleStale` if the bundle must not be used at ``now``."""
+    until = fresh_until(b, max_age_s)
+    if now >= until:
+        raise BundleStale(f"validation bundle {b.sequence} (issued {_utc(b.issued_at)}) stopped being usable at "
+                          f"{_utc(until)}", until)
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+
+
+def next_bundle(prev: SignedBundle | None, fleets: list[Fleet], now: int | None = None,
+                valid_for_s: int = DEFAULT_VALIDITY_S) -> Bundle:
+    """The bundle that extends ``prev`` (or the first one), issued ``now`` and
+    expiring ``valid_for_s`` later."""
+    issued = int(time.time()) if now is None else now
     return Bundle(sequence=prev.bundle.sequence + 1 if prev else 1,
                   prev_hash=bundle_hash(prev.bundle) if prev else GENESIS,
-                  issued_at=int(time.time()) if now is None else now, fleets=tuple(fleets))
+                  issued_at=issued, expires_at=issued + valid_for_s, fleets=tuple(fleets))
 
 
 def public_key_b64(key: RootKey) -> str:
@@ -223,5 +273,5 @@ def load_root_key(path) -> RootKey:
 
 
 __all__ = ["Bundle", "Fleet", "SignedBundle", "RootKey", "BundleError", "MalformedBundle", "BadBundleSignature",
-           "BundleRollback", "bundle_body", "bundle_hash", "operator_sign", "witness_countersign", "verify",
+           "BundleRollback", "BundleStale", "check_fresh", "fresh_until", "bundle_body", "bundle_hash", "operator_sign", "witness_countersign", "verify",
            "verify_operator", "next_bundle"]

@@ -26,6 +26,9 @@ ISLAND_MAP_KEY = "/fleet/islands"
 FLEET_PARAMS_KEY = "/fleet/params"
 # The current validation bundle (docs/ota.md), as SignedBundle JSON.
 FLEET_BUNDLE_KEY = "/fleet/bundle"
+# The bundle being published: stored before the witness sees it, so a failed
+# run's bundle is retried byte for byte instead of forked (bkv_hsm_proxy.bundles).
+FLEET_PENDING_BUNDLE_KEY = "/fleet/pending-bundle"
 REPLICAS_PREFIX = "/replicas/"
 REPLICA_TTL_S = 6
 

@@ -35,6 +35,7 @@ REQUEST_HASH: Final = b"bkv/v1/hash/request"          # request digests inside t
 REQUEST_FINGERPRINT: Final = b"bkv/v1/hash/request-fingerprint"  # a whole state-changing request
 
 # Validation bundles (docs/ota.md): the operator signs, the witness countersigns.
+BUNDLE_BODY: Final = b"bkv/v1/bundle"                      # the canonical body (format 2 adds expires_at)
 BUNDLE_HASH: Final = b"bkv/v1/hash/bundle"                 # a bundle's id and chain link
 SIG_BUNDLE_OPERATOR: Final = b"bkv/v1/sig/bundle-operator"
 SIG_BUNDLE_WITNESS: Final = b"bkv/v1/sig/bundle-witness"

@@ -1,4 +1,4 @@
-"""``bkv-hsm-proxy serve | fleet-init | publish-configmap | publish-bundle | evidence``."""
+"""``bkv-hsm-proxy serve | fleet-init | publish-configmap | publish-bundle | resign-bundle | evidence``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import json
 import os
 import sys
 from pathlib import Path
+
+
+def bd_default_days() -> float:
+    from bkv_common.bundle import DEFAULT_VALIDITY_S
+
+    return DEFAULT_VALIDITY_S / 86400
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +39,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="a fleet's parameters (fleet-init --out); repeat for each fleet, preferred first")
     pb.add_argument("--edge-public-key", action="append", required=True,
                     help="the Noise edge key (base64) for each --fleet-params, in order")
-    pb.add_argument("--valid-days", type=float, default=365.0)
-    pb.add_argument("--etcd-endpoints", default=os.environ.get("BKV_HSM_ETCD_ENDPOINTS", "127.0.0.1:2379"))
-    pb.add_argument("--etcd-prefix", default=os.environ.get("BKV_HSM_ETCD_PREFIX", "/bkv"))
+    pb.add_argument("--valid-days", type=float, default=365.0, help="each fleet's validity window")
+    rs = sub.add_parser("resign-bundle", help="re-publish the current bundle's fleets with a fresh issued_at and "
+                                              "expires_at; run it daily (docs/ota.md, Freshness)")
+    rs.add_argument("--operator-key", type=Path, required=True, help="the operator root key file (base64 Ed25519)")
+    rs.add_argument("--witness-url", required=True)
+    rs.add_argument("--min-age-hours", type=float, default=0.0,
+                    help="do nothing if the current bundle was issued less than this long ago")
+    for p in (pb, rs):
+        p.add_argument("--expires-in-days", type=float, default=bd_default_days(),
+                       help="the bundle's own expiry (signed); clients also stop at their max age")
+        p.add_argument("--etcd-endpoints", default=os.environ.get("BKV_HSM_ETCD_ENDPOINTS", "127.0.0.1:2379"))
+        p.add_argument("--etcd-prefix", default=os.environ.get("BKV_HSM_ETCD_PREFIX", "/bkv"))
     evc = sub.add_parser("evidence", help="the deployment evidence of this token's fleet: signed by the fleet key "
                                           "in the token and by the operator (settings from BKV_HSM_*)")
     evc.add_argument("--bundle", type=Path, required=True, help="the bundle that introduced this fleet (JSON)")
@@ -43,23 +58,34 @@ def main(argv: list[str] | None = None) -> int:
     evc.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    if args.cmd == "publish-bundle":
+    if args.cmd in ("publish-bundle", "resign-bundle"):
         import time
 
         from bkv_common import bundle as bd
-        from bkv_hsm_proxy.bundles import PublishError, fleet_entry, publish_bundle
+        from bkv_hsm_proxy.bundles import PublishError, current_bundle, fleet_entry, publish_bundle, same_fleets
 
-        if len(args.fleet_params) != len(args.edge_public_key):
-            parser.error("give one --edge-public-key per --fleet-params")
         now = int(time.time())
         try:
-            fleets = [fleet_entry(p, e, args.valid_days, now) for p, e in zip(args.fleet_params, args.edge_public_key)]
+            if args.cmd == "publish-bundle":
+                if len(args.fleet_params) != len(args.edge_public_key):
+                    parser.error("give one --edge-public-key per --fleet-params")
+                fleets = [fleet_entry(p, e, args.valid_days, now)
+                          for p, e in zip(args.fleet_params, args.edge_public_key)]
+            else:
+                fleets = same_fleets
+                if args.min_age_hours > 0:
+                    cur = current_bundle(args.etcd_endpoints, args.etcd_prefix)
+                    if cur is not None and now - cur.bundle.issued_at < args.min_age_hours * 3600:
+                        print(json.dumps({"sequence": cur.bundle.sequence, "resigned": False}))
+                        return 0
             out = publish_bundle(args.etcd_endpoints, args.etcd_prefix, bd.load_root_key(args.operator_key),
-                                 args.witness_url, fleets, now)
+                                 args.witness_url, fleets, now, int(args.expires_in_days * 86400))
         except (PublishError, bd.BundleError, OSError, ValueError) as exc:
             print(f"bkv-hsm-proxy: no bundle published: {exc}", file=sys.stderr)
             return 1
-        print(json.dumps({"sequence": out.bundle.sequence, "fleets": [f.fleet_id for f in out.bundle.fleets]}))
+        b = out.bundle.bundle
+        print(json.dumps({"sequence": b.sequence, "fleets": [f.fleet_id for f in b.fleets], "issued_at": b.issued_at,
+                          "expires_at": b.expires_at, "finished_pending": list(out.finished)}))
         return 0
 
     if args.cmd == "publish-configmap":

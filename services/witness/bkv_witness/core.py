@@ -6,6 +6,12 @@ So the operator cannot show two different bundles with the same sequence
 (a fork) to different clients: the witness refuses the second, and anyone
 can read the log to see every bundle that was ever valid.
 
+Time only moves forward in the log: a bundle's ``issued_at`` is never below
+the last one's and never more than ``MAX_CLOCK_SKEW_S`` ahead of the
+witness's clock, so nobody -- not even a thief of the operator key -- can get
+a bundle countersigned that stays fresh for clients longer than the operator
+meant (bundles carry a freshness window, docs/ota.md).
+
 Exceptions::
 
     WitnessError
@@ -18,9 +24,14 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bkv_common import bundle as bd
+
+
+MAX_CLOCK_SKEW_S = 600
 
 
 class WitnessError(Exception):
@@ -33,8 +44,10 @@ class WitnessRefused(WitnessError):
 
 
 class Witness:
-    def __init__(self, key: bd.RootKey, operator_root: bytes, log_path: Path) -> None:
+    def __init__(self, key: bd.RootKey, operator_root: bytes, log_path: Path,
+                 clock: Callable[[], float] = time.time) -> None:
         self._key = key
+        self._clock = clock
         self._operator_root = operator_root
         self._log_path = log_path
         self._lock = threading.Lock()
@@ -69,6 +82,11 @@ class Witness:
             if seq != want or signed.bundle.prev_hash != prev:
                 raise WitnessRefused(f"not countersigned: bundle {seq} does not extend the log "
                                      f"(next is {want}, after hash {prev.hex()[:16]}...)")
+            if last is not None and signed.bundle.issued_at < last.bundle.issued_at:
+                raise WitnessRefused(f"not countersigned: bundle {seq} is issued before bundle {seq - 1}")
+            if signed.bundle.issued_at > self._clock() + MAX_CLOCK_SKEW_S:
+                raise WitnessRefused(f"not countersigned: bundle {seq} is issued in the future "
+                                     f"(more than {MAX_CLOCK_SKEW_S} s ahead of the witness's clock)")
             out = signed.with_witness(bd.witness_countersign(signed, self._key))
             # Logged durably before the countersignature leaves.
             with open(self._log_path, "a") as f:
