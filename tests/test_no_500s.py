@@ -107,7 +107,7 @@ def test_a_signed_token_with_a_claim_of_the_wrong_type_is_a_401_not_a_500(fleet,
     # Twice: the second is answered from the verified-token cache, where a
     # string exp used to blow up (`"123" + 30`).
     for _ in range(2):
-        resp = _post(fleet.frontend_url + "/v1/recovery/start", {"credential_request": B(b"x" * 96)},
+        resp = _post(fleet.frontend_url + "/v1/recovery/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                      headers={"authorization": f"Bearer {token}"})
         assert resp.status_code == 401, resp.text
         assert resp.json()["error"]["code"] == "unauthenticated"
@@ -119,14 +119,14 @@ def test_a_signed_token_with_a_claim_of_the_wrong_type_is_a_401_not_a_500(fleet,
 @pytest.mark.parametrize("payload", [b"[1, 2]", b"\"alice\"", b"null", b"{" * 3000 + b"}" * 3000, b"\xff\xfe"])
 def test_a_signed_token_whose_payload_is_not_an_object_is_a_401(fleet, payload):
     token = jwt.api_jws.encode(payload, fleet.issuer()._key, algorithm="EdDSA")  # noqa: SLF001
-    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {token}"})
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthenticated"
 
 
 def test_a_well_typed_token_still_works(fleet):
     """The checks above refuse only wrong types: a plain token reaches the island (no record: 404)."""
-    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {mint(fleet)}"})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_record"
 
@@ -136,14 +136,14 @@ def test_a_non_ascii_device_key_in_header_or_token_is_a_401_not_a_500(fleet, hea
     # compare_digest refuses non-ASCII str with a TypeError: the frontend compares bytes. The
     # token's key is non-ASCII too, so even a plain header used to fail.
     token = mint(fleet, cnf={"bkv_device_key": "ß" + B(os.urandom(32))})
-    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {token}", "x-bkv-device-key": header})
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthenticated"
 
 
 def test_a_bound_token_with_the_matching_header_passes_the_device_check(fleet):
     key = B(os.urandom(32))
-    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {mint(fleet, cnf={'bkv_device_key': key})}",
                           "x-bkv-device-key": key})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_record"
@@ -262,12 +262,17 @@ def test_a_user_id_with_a_trailing_newline_is_refused_by_the_frontend_first(flee
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthenticated"
 
 
+RID = B(os.urandom(16))
+
+
 def test_ids_with_a_trailing_newline_are_refused_by_the_island(fleet):
     island, _ = _urls(fleet)
     fid = fleet.fleet_params["fleet_id"]
     cases = [
-        ("/island/v1/recovery/start", {"user_id": "alice" + NL, "credential_request": B(b"x" * 96)}),
-        ("/island/v1/recovery/start", {"user_id": "alice", "fleet_id": fid + NL, "credential_request": B(b"x")}),
+        ("/island/v1/recovery/start", {"user_id": "alice" + NL, "request_id": RID, "credential_request": B(b"x" * 96)}),
+        ("/island/v1/recovery/start", {"user_id": "alice", "fleet_id": fid + NL, "request_id": RID,
+                                       "credential_request": B(b"x")}),
+        ("/island/v1/recovery/start", {"user_id": "alice", "request_id": RID + NL, "credential_request": B(b"x")}),
         ("/island/v1/record/delete", {"user_id": unique_user("nl") + NL}),
         ("/island/v1/admin/move", {"user_ref": user_ref("alice") + NL, "to_island": "island-b"}),
         ("/island/v1/admin/move", {"user_ref": user_ref("alice"), "to_island": "island-b" + NL}),
