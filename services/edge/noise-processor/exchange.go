@@ -37,25 +37,27 @@ var (
 	sealedHeaders          = []header{{":status", []byte("200")}, {"content-type", []byte("application/octet-stream")}}
 )
 
-// outerAllowed: the only upstream response headers left in a sealed answer
-// (both are overwritten: content-type here, content-length with the sealed
-// body). Everything else the upstream said -- www-authenticate, location,
-// retry-after, set-cookie, server, x-envoy-* -- would tell the network what
-// the seal hides, so it goes. Pseudo-headers are Envoy's (:status is set).
+// outerAllowed: the only upstream response header left in a sealed answer
+// is content-type, overwritten. Everything else the upstream said --
+// www-authenticate, location, retry-after, set-cookie, server, x-envoy-* --
+// would tell the network what the seal hides, so it goes; content-length
+// too: Envoy drops it from an answer whose body we supply at the headers
+// (a bodiless one) and sends that one chunked, so every sealed answer goes
+// out chunked, framed alike. Pseudo-headers are Envoy's (:status is set).
 func outerAllowed(name string) bool {
-	return name == "content-type" || name == "content-length" || strings.HasPrefix(name, ":")
+	return name == "content-type" || strings.HasPrefix(name, ":")
 }
 
 // outerHeaders: the mutation that leaves only the allow-list and sets the
 // sealed answer's own headers (Envoy removes before it sets).
-func outerHeaders(names []string, extra ...header) *extprocv3.HeaderMutation {
+func outerHeaders(names []string) *extprocv3.HeaderMutation {
 	var remove []string
 	for _, name := range names {
 		if !outerAllowed(name) {
 			remove = append(remove, name)
 		}
 	}
-	return headerMutation(append(append([]header(nil), sealedHeaders...), extra...), remove...)
+	return headerMutation(sealedHeaders, remove...)
 }
 
 type processor struct {
@@ -97,12 +99,12 @@ func (x *exchange) step(p phase) ([]byte, bool, error) {
 			// No body follows (a 204, a bare redirect): no body phase will
 			// come, so the sealed answer replaces the empty body now.
 			sealed := x.session.sealResponse(x.counter, x.status, nil)
-			return replaceResponse(sealed, outerHeaders(p.headerNames, contentLength(sealed))), true, nil
+			return replaceResponse(sealed, outerHeaders(p.headerNames)), true, nil
 		}
 		return headersResponse(phaseResponseHeaders, outerHeaders(p.headerNames)), false, nil
 	case x.route == routeTransport && p.kind == phaseResponseBody && x.session != nil:
 		sealed := x.session.sealResponse(x.counter, x.status, p.body)
-		return bodyResponse(phaseResponseBody, sealed, headerMutation([]header{contentLength(sealed)})), true, nil
+		return bodyResponse(phaseResponseBody, sealed, nil), true, nil
 	}
 	// Envoy sends nothing else in the modes it is configured with; refuse
 	// rather than pass anything through that we did not look at.
@@ -141,8 +143,4 @@ func (x *exchange) open(body []byte) ([]byte, error) {
 		{deviceHeader, []byte(base64.StdEncoding.EncodeToString(s.peer))},
 	}, deviceHeader) // Envoy removes before it sets: every client copy goes, then ours
 	return bodyResponse(phaseRequestBody, payload, headers), nil
-}
-
-func contentLength(body []byte) header {
-	return header{"content-length", []byte(strconv.Itoa(len(body)))}
 }
