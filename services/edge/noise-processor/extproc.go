@@ -1,7 +1,9 @@
 package main
 
 // The ext_proc messages, with Envoy's generated types (go-control-plane):
-// parsed and encoded with protobuf-go.
+// parsed with protobuf-go, encoded with the vtprotobuf marshallers
+// go-control-plane generates beside the types (build tag vtprotobuf, which
+// scripts/build-noise-processor.sh sets: half the CPU of proto.Marshal here).
 // The gRPC stream itself carries raw bytes (rawCodec, main.go) so that a
 // message that does not parse is refused like any other bad message
 // instead of ending the stream with a gRPC error.
@@ -97,8 +99,8 @@ func headerMutation(set []header, remove ...string) *extprocv3.HeaderMutation {
 }
 
 func encode(r *extprocv3.ProcessingResponse) []byte {
-	out, err := proto.Marshal(r)
-	if err != nil { // only for a message we built wrong
+	out, err := marshal(r) // marshal_vt.go, or marshal_proto.go without the vtprotobuf tag
+	if err != nil {        // only for a message we built wrong
 		panic(err)
 	}
 	return out

@@ -148,8 +148,9 @@ func main() {
 	log.SetPrefix("bkv-noise-processor: ")
 	if os.Getenv("GOMAXPROCS") == "" {
 		// One thread runs Go code: a core serves thousands of requests a second,
-		// waking a second thread per message cost more CPU than it saved
-		// (docs/performance.md), and Go 1.19 does not see the pod's CPU limit.
+		// and waking a second thread per message cost more CPU than it saved
+		// (docs/performance.md). Go >= 1.25 sees a pod's CPU limit, but never
+		// goes below 2 from it, and without a limit it takes every core.
 		runtime.GOMAXPROCS(1)
 	}
 	if len(os.Args) < 2 {
