@@ -13,16 +13,35 @@
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG DEBIAN_IMAGE=debian:bookworm-slim
 
-# The Noise processor (Go), from Debian's Go packages exactly as
-# scripts/setup.sh builds it locally: no module download. Static binary.
+# The Noise processor (Go module, services/edge/noise-processor): a static
+# binary built by the same script as scripts/setup.sh. Bookworm's own Go
+# (1.19) is too old for go.mod; bookworm-backports' golang-go (1.23) knows
+# GOTOOLCHAIN and fetches the Go that GO_TOOLCHAIN names (>= go.mod's `go`
+# line) from the Go module proxy, checked against the Go checksum database;
+# then the modules, checked against go.sum. Everything is fetched in one
+# step and the build runs offline (GOPROXY=off). Behind a TLS-inspecting
+# proxy, pass the machine's CA bundle as a secret -- mounted for the
+# downloads only, never written into a layer:
+#   docker build --secret id=ca_bundle,src="$SSL_CERT_FILE" .
+# (and HTTPS_PROXY, GOPROXY as --build-arg where the network needs them).
 FROM ${DEBIAN_IMAGE} AS noise-processor
-RUN apt-get update \
- && apt-get install -y --no-install-recommends golang-go golang-google-grpc-dev \
-        golang-github-flynn-noise-dev golang-golang-x-crypto-dev \
+ARG GO_TOOLCHAIN=go1.26.8
+ARG GOPROXY=https://proxy.golang.org,direct
+RUN echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/bookworm-backports.list \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends -t bookworm-backports golang-go \
+ && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
+ENV GOTOOLCHAIN=${GO_TOOLCHAIN} GOFLAGS=-mod=readonly
 WORKDIR /src
 COPY scripts/build-noise-processor.sh ./scripts/
 COPY services/edge/noise-processor ./services/edge/noise-processor
+RUN --mount=type=secret,id=ca_bundle,required=false \
+    if [ -s /run/secrets/ca_bundle ]; then export SSL_CERT_FILE=/run/secrets/ca_bundle; fi \
+ && cd services/edge/noise-processor \
+ && GOPROXY="$GOPROXY" go version \
+ && GOPROXY="$GOPROXY" go list -deps -test -tags vtprotobuf ./... >/dev/null
+ENV GOPROXY=off
 RUN bash scripts/build-noise-processor.sh /out/bkv-noise-processor
 
 FROM ${PYTHON_IMAGE} AS build

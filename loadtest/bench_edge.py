@@ -32,19 +32,28 @@ from bkv_edge.noise import StaticKey  # noqa: E402
 from conftest import _free_base_port, start_fleet  # noqa: E402
 
 
-def measure(name: str, send, n: int, pids: list[int]) -> dict:
+def measure(name: str, send, n: int, pids: list[int], processor: int | None = None) -> dict:
     send()
     c0, t0 = cpu_seconds(pids), time.perf_counter()
+    p0 = cpu_seconds([processor]) if processor else 0.0
     for _ in range(n):
         send()
     wall = time.perf_counter() - t0
-    return {"path": name, "latency_ms": 1000 * wall / n, "server_cpu_ms": 1000 * (cpu_seconds(pids) - c0) / n}
+    row = {"path": name, "latency_ms": 1000 * wall / n, "server_cpu_ms": 1000 * (cpu_seconds(pids) - c0) / n}
+    if processor:
+        row["processor_cpu_ms"] = 1000 * (cpu_seconds([processor]) - p0) / n
+    return row
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--processor", help="another bkv-noise-processor binary (an A/B of two builds)")
     args = ap.parse_args()
+    if args.processor:
+        import bkv.devfleet
+
+        bkv.devfleet._processor_binary = lambda: args.processor
     with tempfile.TemporaryDirectory(prefix="bkv-bench-edge-") as tmp:
         fleet = start_fleet(Path(tmp))
         plain_port, admin = _free_base_port(), _free_base_port()
@@ -66,7 +75,7 @@ def main() -> int:
                         lambda: http.get(f"http://127.0.0.1:{plain_port}/v1/fleet").raise_for_status(),
                         args.requests, [fe, plain.pid]),
                 measure("Noise through Envoy + processor", lambda: noise.get("/v1/fleet").raise_for_status(),
-                        args.requests, [fe, envoy, proc]),
+                        args.requests, [fe, envoy, proc], processor=proc),
             ]
             edge_half = 1000 * noise_floor(300)["handshake"]
         finally:
@@ -81,6 +90,8 @@ def main() -> int:
     for r in rows:
         print(f"| {r['path']} | {r['latency_ms']:.2f} | {r['latency_ms'] / base['latency_ms']:.2f} | "
               f"{r['server_cpu_ms']:.2f} | {r['server_cpu_ms'] / base['server_cpu_ms']:.2f} |")
+    print(f"\nThe processor alone: {rows[2]['processor_cpu_ms']:.3f} ms CPU per Noise request"
+          f"{' (' + args.processor + ')' if args.processor else ''}.")
     print(f"\nThe edge's half of an IK handshake (`bkv-noise-processor floor`): {edge_half:.2f} ms CPU, once per session.")
     return 0
 

@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # prometheus: the dashboards test scrapes the local fleet with the real one.
-# golang-*: the Noise processor is Go, built from Debian's packages offline.
-APT_PACKAGES=(etcd-server softhsm2 prometheus
-              golang-go golang-google-grpc-dev golang-github-flynn-noise-dev golang-golang-x-crypto-dev)
+# Go is not among them: the Noise processor is a Go module that needs a newer
+# Go than Debian's (scripts/build-noise-processor.sh says which, and stops
+# with a clear message without it).
+APT_PACKAGES=(etcd-server softhsm2 prometheus)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -46,7 +47,8 @@ fi
 
 # The Noise processor (Go) beside the interpreter, rebuilt when its sources change.
 proc_stamp=.venv/.bkv-noise-processor
-proc_want=$(cat services/edge/noise-processor/*.go scripts/build-noise-processor.sh | sha256sum | cut -d' ' -f1)
+proc_want=$(cat services/edge/noise-processor/*.go services/edge/noise-processor/go.mod \
+                services/edge/noise-processor/go.sum scripts/build-noise-processor.sh | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/bkv-noise-processor ] || [ ! -f "$proc_stamp" ] || [ "$(cat "$proc_stamp")" != "$proc_want" ]; then
   echo "setup: building the Noise processor"
   bash scripts/build-noise-processor.sh "$PWD/.venv/bin/bkv-noise-processor"

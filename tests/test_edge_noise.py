@@ -173,3 +173,73 @@ def test_the_rendered_envoy_config_validates_with_envoy_itself(fleet):
 def test_envoy_exposes_its_own_prometheus_stats(fleet):
     text = httpx.get(f"http://127.0.0.1:{fleet.spec.base_port + 901}/stats/prometheus").text
     assert "envoy_http_downstream_rq_total" in text
+
+
+# -- what an observer on the network sees of an answer (security issue #15) --------------
+# Only these headers leave Envoy on a sealed answer: the processor removes every
+# other upstream header (content-length too: every sealed answer goes out
+# chunked, a bodiless one as well), and Envoy adds only its date and its
+# constant server name.
+OUTER_ALLOWED = {"content-type", "transfer-encoding", "date", "server"}
+
+
+async def _session(noise_client):
+    client = noise_client(unique_user("noise"))
+    await client.fleet()  # opens the session
+    return client.noise._session
+
+
+def _sealed_post(fleet, session, counter: int, path: str, auth: str = "", body: bytes = b"") -> httpx.Response:
+    return httpx.post(fleet.edge_url + "/noise/v1", content=session.session_id + session.seal_request(
+        counter, path, auth, body), headers={"content-type": "application/octet-stream"})
+
+
+def _assert_outer_is_bare(resp: httpx.Response) -> None:
+    assert resp.status_code == 200
+    assert set(resp.headers.keys()) <= OUTER_ALLOWED, resp.headers
+    assert resp.headers["content-type"] == "application/octet-stream"
+    assert resp.headers["transfer-encoding"] == "chunked"
+    assert resp.headers.get("server", "envoy") == "envoy"
+    assert len(resp.content) in (2048 + 16, 8192 + 16, 32768 + 16)
+
+
+@pytest.mark.parametrize("path,auth,inner_status,upstream_header", [
+    ("/v1/fleet", "", 200, None),  # a vault answer
+    ("/v1/fleet/", "", 307, "location"),  # a trailing slash: a bare redirect
+    ("/v1/no/such/call", "", 404, None),
+    ("/v1/recovery/start", "Bearer not-a-token", 401, "www-authenticate"),
+])
+async def test_a_sealed_answer_leaves_envoy_with_only_the_allow_listed_headers(
+        noise_client, fleet, path, auth, inner_status, upstream_header):
+    session = await _session(noise_client)
+    resp = _sealed_post(fleet, session, 100, path, auth, b"{}")
+    _assert_outer_is_bare(resp)
+    status, body = session.open_response(100, resp.content)
+    assert status == inner_status, body
+    if upstream_header:  # the frontend did say it: inside the seal its effect is the status
+        assert upstream_header not in resp.headers
+
+
+async def test_an_upstream_answer_without_a_body_arrives_sealed(noise_client, fleet):
+    """FastAPI's redirect for a trailing slash is a 307 with no body: no body
+    phase reaches the processor, which seals the status at the headers."""
+    session = await _session(noise_client)
+    resp = _sealed_post(fleet, session, 200, "/v1/fleet/")
+    _assert_outer_is_bare(resp)
+    assert session.open_response(200, resp.content) == (307, b"")
+
+
+async def test_no_record_and_a_live_record_answer_a_recovery_start_with_the_same_outer_size(noise_client):
+    """In clear the two answers are ~100 and ~970 bytes: an observer would
+    know whether an account has a key escrowed. Padded, both are one rung."""
+    live = unique_user("noise")
+    await noise_client(live).register(BackupKey(os.urandom(32)), PW)
+    with_record, without = noise_client(live, record=True), noise_client(unique_user("noise"), record=True)
+    await with_record.recover(PW)
+    with pytest.raises(errors.NoRecord):
+        await without.recover(PW)
+
+    def recovery_start(client) -> bytes:
+        return [e for e in client.noise._http.exchanges if e[0] == "/noise/v1"][0][2]
+
+    assert len(recovery_start(with_record)) == len(recovery_start(without)) == 2048 + 16

@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
+import os
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from envoy_data_plane.envoy.config.core.v3 import HeaderMap, HeaderValue
 from envoy_data_plane.envoy.service.ext_proc.v3 import (
     HttpBody,
@@ -27,7 +30,7 @@ from envoy_data_plane.envoy.service.ext_proc.v3 import (
 )
 
 from bkv.devfleet import _processor_binary, wait_until
-from bkv_edge.errors import HandshakeFailed
+from bkv_edge.errors import BadMessage, HandshakeFailed
 from bkv_edge.noise import SESSION_ID_LEN, Initiator, Session, StaticKey
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -75,14 +78,18 @@ class Processor:
         return initiator.finish(imm.body[:SESSION_ID_LEN], imm.body[SESSION_ID_LEN:])
 
     def transport(self, body: bytes, status_header: HeaderValue | None = None,
-                  answer: bytes = b"") -> list[ProcessingResponse]:
+                  answer: bytes | None = b"", headers: list[HeaderValue] = ()) -> list[ProcessingResponse]:
+        """``answer=None``: the upstream answer has no body, so its headers
+        end the stream and no body phase follows (as Envoy does)."""
         status_header = status_header or HeaderValue(key=":status", raw_value=b"200")
+        response_headers = ProcessingRequest(response_headers=HttpHeaders(headers=HeaderMap(headers=[
+            HeaderValue(key="content-type", raw_value=b"application/json"), status_header, *headers]),
+            end_of_stream=answer is None))
+        tail = [] if answer is None else [ProcessingRequest(response_body=HttpBody(body=answer, end_of_stream=True))]
         return self.stream("transport", REQUEST_HEADERS,
                            ProcessingRequest(request_body=HttpBody(body=body, end_of_stream=True),
                                              protocol_config=ProtocolConfiguration()),
-                           ProcessingRequest(response_headers=HttpHeaders(headers=HeaderMap(headers=[
-                               HeaderValue(key="content-type", raw_value=b"application/json"), status_header]))),
-                           ProcessingRequest(response_body=HttpBody(body=answer, end_of_stream=True)))
+                           response_headers, *tail)
 
     def close(self) -> None:
         self.channel.close()
@@ -124,11 +131,78 @@ def test_a_transport_request_opens_to_the_inner_request_and_its_answer_is_sealed
     assert common.header_mutation.remove_headers == ["x-bkv-device-key"]
     assert inner["x-bkv-device-key"] == base64.b64encode(device.public)
 
-    outer = _set_headers(response_headers.response_headers.response.header_mutation)
-    assert outer[":status"] == b"200"  # the real status travels sealed
+    outer = response_headers.response_headers.response.header_mutation
+    assert _set_headers(outer) == {":status": b"200", "content-type": b"application/octet-stream"}
+    assert outer.remove_headers == []  # content-type, the only upstream header here, is overwritten
     sealed = response_body.response_body.response
-    assert _set_headers(sealed.header_mutation)["content-length"] == str(len(sealed.body_mutation.body)).encode()
+    assert not sealed.is_set("header_mutation")  # no content-length: every sealed answer goes out chunked
     assert session.open_response(7, sealed.body_mutation.body) == (403, b'{"error":{}}')
+
+
+UPSTREAM_HEADERS = [HeaderValue(key=k, raw_value=v) for k, v in (
+    (b"www-authenticate", b"Bearer"), (b"location", b"/v1/fleet"), (b"retry-after", b"1"),
+    (b"x-envoy-upstream-service-time", b"12"), (b"server", b"uvicorn"), (b"set-cookie", b"a=b"),
+    (b"content-length", b"0"), (b"date", b"Sun, 29 Nov 2026 22:00:00 GMT"))]
+
+
+def test_only_the_allow_listed_headers_stay_on_a_sealed_answer(processor):
+    session = processor.handshake()
+    body = session.session_id + session.seal_request(1, "/v1/recovery/start", "Bearer x", b"")
+    _, _, response_headers, _ = processor.transport(body, HeaderValue(key=":status", raw_value=b"401"),
+                                                    b'{"error":{}}', UPSTREAM_HEADERS)
+    mutation = response_headers.response_headers.response.header_mutation
+    assert sorted(mutation.remove_headers) == sorted(
+        ["www-authenticate", "location", "retry-after", "x-envoy-upstream-service-time", "server", "set-cookie",
+         "content-length", "date"])
+    assert _set_headers(mutation) == {":status": b"200", "content-type": b"application/octet-stream"}
+
+
+def test_an_answer_without_a_body_is_sealed_at_its_headers(processor):
+    """A bare 307 (a trailing slash) ends the stream at its headers: no body
+    phase comes, so the sealed status and empty body replace the empty body there."""
+    session = processor.handshake()
+    body = session.session_id + session.seal_request(2, "/v1/fleet/", "", b"")
+    stream = processor.transport(body, HeaderValue(key=":status", raw_value=b"307"), None, UPSTREAM_HEADERS)
+    assert len(stream) == 3  # the stream ends at the response headers
+    common = stream[-1].response_headers.response
+    assert common.status.name == "CONTINUE_AND_REPLACE"
+    sealed = common.body_mutation.body
+    assert session.open_response(2, sealed) == (307, b"")
+    assert _set_headers(common.header_mutation) == {":status": b"200", "content-type": b"application/octet-stream"}
+    assert "location" in common.header_mutation.remove_headers
+    assert len(sealed) == 2048 + 16
+
+
+@pytest.mark.parametrize("size,sealed", [(0, 2048), (500, 2048), (2042, 2048), (2043, 8192), (8186, 8192),
+                                         (8187, 32768), (32762, 32768), (32763, 65536), (70000, 98304)])
+def test_answers_are_padded_to_the_few_sizes_of_the_ladder(processor, size, sealed):
+    session = processor.handshake()
+    answer = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    body = session.session_id + session.seal_request(3, "/v1/fleet", "", b"")
+    *_, last = processor.transport(body, answer=answer)
+    out = last.response_body.response.body_mutation.body
+    assert len(out) == sealed + 16  # the padded plaintext and the AEAD tag
+    assert session.open_response(3, out) == (200, answer)
+
+
+def _forged_answer(session: Session, counter: int, plain: bytes) -> bytes:
+    """An answer sealed with the session's own key, as only the edge could."""
+    return ChaCha20Poly1305(session.k_recv).encrypt(b"\0" * 4 + struct.pack("<Q", counter), plain, session.session_id)
+
+
+@pytest.mark.parametrize("plain", [
+    struct.pack(">HI", 200, 2043) + b"x" * 2042,  # a length past the end
+    struct.pack(">HI", 200, 2) + b"ok" + b"\0" * 2039 + b"\1",  # padding that is not zeros
+    struct.pack(">HI", 200, 2) + b"ok" + b"\0" * 1016,  # padded to a size not on the ladder
+    struct.pack(">HI", 200, 2) + b"ok" + b"\0" * 8184,  # padded past the rung it belongs to
+    b"\0\xc8",  # the old format: status and body only
+])
+def test_the_device_opens_only_an_answer_padded_as_agreed(plain):
+    session = Session(os.urandom(SESSION_ID_LEN), os.urandom(32), os.urandom(32))
+    good = struct.pack(">HI", 200, 2) + b"ok" + b"\0" * (2048 - 8)
+    assert session.open_response(9, _forged_answer(session, 9, good)) == (200, b"ok")
+    with pytest.raises(BadMessage):
+        session.open_response(9, _forged_answer(session, 9, plain))
 
 
 def test_the_inner_status_is_read_from_the_value_field_too(processor):

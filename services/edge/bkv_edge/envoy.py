@@ -106,15 +106,23 @@ def render(listen_host: str, listen_port: int, upstream_port: int, processor_por
                                 "failure_mode_allow": False,  # fail closed: nothing passes unprocessed
                                 "message_timeout": "2s",
                                 "allow_mode_override": False,
-                                "mutation_rules": {"allow_all_routing": True},
+                                # The processor rewrites :path; it removes every upstream header
+                                # of a sealed answer but its allow-list, x-envoy-* included; and a
+                                # mutation Envoy refused would let something pass unsealed, so a
+                                # refused one fails the request instead of being skipped.
+                                "mutation_rules": {"allow_all_routing": True, "allow_envoy": True,
+                                                   "disallow_is_error": True},
                                 # The processor rewrites :path but the request keeps the route it
                                 # matched (the Noise route to the frontend).
                                 "route_cache_action": "RETAIN",
                                 # Off unless a route turns it on (_vault_routes).
                                 "processing_mode": _mode()}},
                         ] if noise else []) + [
+                            # No x-envoy-upstream-service-time (nor other x-envoy-* answers):
+                            # how long the vault took tells outcomes apart.
                             {"name": "envoy.filters.http.router", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                                "suppress_envoy_headers": True}},
                         ],
                     }}]}],
             }],

@@ -4,7 +4,7 @@
 
     EdgeError
     ├── HandshakeFailed     the edge did not prove the pinned key
-    └── BadMessage          the edge's answer failed authentication
+    └── BadMessage          the edge's answer failed authentication or is not padded as agreed
 
 The edge's own refusals are JSON answers with these codes (the processor's
 tree: services/edge/noise-processor/errors.go; docs/edge.md):

@@ -11,7 +11,12 @@ pair is ever used twice.
 
     request body  = u64 counter | ChaCha20-Poly1305(k_c2s, nonce(counter), inner, aad = session_id)
     inner         = u16 len | path | u16 len | authorization | body
-    response body = ChaCha20-Poly1305(k_s2c, nonce(counter), u16 status | body, aad = session_id)
+    response body = ChaCha20-Poly1305(k_s2c, nonce(counter), padded, aad = session_id)
+    padded        = u16 status | u32 len | body | zero bytes up to padded_size(6 + len)
+
+Answers are padded inside the seal to a few sizes (2 KiB, 8 KiB, 32 KiB,
+then multiples of 32 KiB), so that the outer length does not tell one
+outcome of a route from another (docs/edge.md).
 """
 
 from __future__ import annotations
@@ -31,6 +36,16 @@ from bkv_edge.errors import BadMessage, HandshakeFailed
 PROTOCOL = b"Noise_IK_25519_ChaChaPoly_SHA256"
 PROLOGUE = b"bkv/v1/noise"
 SESSION_ID_LEN = 16
+ANSWER_HEADER_LEN = 6  # u16 status | u32 body length
+PADDING_RUNGS = (2 << 10, 8 << 10, 32 << 10)  # the processor's (noise.go: paddingRungs)
+
+
+def padded_size(n: int) -> int:
+    """The sealed plaintext's length for ``n`` bytes of status, length and body."""
+    for rung in PADDING_RUNGS:
+        if n <= rung:
+            return rung
+    return -(-n // PADDING_RUNGS[-1]) * PADDING_RUNGS[-1]
 
 
 class StaticKey(Secret):
@@ -78,9 +93,15 @@ class Session:
             plain = ChaCha20Poly1305(self.k_recv).decrypt(_nonce(counter), body, self.session_id)
         except InvalidTag:
             raise BadMessage("the edge's answer failed authentication") from None
-        if len(plain) < 2:
+        if len(plain) < ANSWER_HEADER_LEN:
             raise BadMessage("the edge's answer has no status")
-        return struct.unpack(">H", plain[:2])[0], plain[2:]
+        status, length = struct.unpack(">HI", plain[:ANSWER_HEADER_LEN])
+        end = ANSWER_HEADER_LEN + length
+        # The padding is checked too: an answer that is not padded as agreed
+        # (a wrong length, a wrong size, anything but zeros) is not opened.
+        if end > len(plain) or len(plain) != padded_size(end) or plain[end:] != bytes(len(plain) - end):
+            raise BadMessage("the edge's answer is not padded as agreed")
+        return status, plain[ANSWER_HEADER_LEN:end]
 
 
 def _connection(static: StaticKey) -> NoiseConnection:

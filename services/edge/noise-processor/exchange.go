@@ -12,11 +12,17 @@ package main
 //     the inner request (path, authorization, body, and x-bkv-device-key set
 //     to the session's authenticated device key after every client-supplied
 //     copy is removed); the response headers, whose status we keep and
-//     replace with 200; the buffered response body, sealed with that status.
+//     replace with 200, and every header but the allow-list removed; the
+//     buffered response body, sealed and padded with that status -- or, when
+//     the answer has no body (no body phase comes), the sealed status and
+//     empty body put in its place at the headers.
 
 import (
 	"encoding/base64"
 	"strconv"
+	"strings"
+
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 )
 
 const (
@@ -28,9 +34,31 @@ const (
 
 var (
 	continueRequestHeaders = headersResponse(phaseRequestHeaders, nil)
-	sealedHeaders          = headerMutation([]header{{":status", []byte("200")},
-		{"content-type", []byte("application/octet-stream")}})
+	sealedHeaders          = []header{{":status", []byte("200")}, {"content-type", []byte("application/octet-stream")}}
 )
+
+// outerAllowed: the only upstream response header left in a sealed answer
+// is content-type, overwritten. Everything else the upstream said --
+// www-authenticate, location, retry-after, set-cookie, server, x-envoy-* --
+// would tell the network what the seal hides, so it goes; content-length
+// too: Envoy drops it from an answer whose body we supply at the headers
+// (a bodiless one) and sends that one chunked, so every sealed answer goes
+// out chunked, framed alike. Pseudo-headers are Envoy's (:status is set).
+func outerAllowed(name string) bool {
+	return name == "content-type" || strings.HasPrefix(name, ":")
+}
+
+// outerHeaders: the mutation that leaves only the allow-list and sets the
+// sealed answer's own headers (Envoy removes before it sets).
+func outerHeaders(names []string) *extprocv3.HeaderMutation {
+	var remove []string
+	for _, name := range names {
+		if !outerAllowed(name) {
+			remove = append(remove, name)
+		}
+	}
+	return headerMutation(sealedHeaders, remove...)
+}
 
 type processor struct {
 	key      staticKey
@@ -67,11 +95,16 @@ func (x *exchange) step(p phase) ([]byte, bool, error) {
 		return answer, false, err
 	case x.route == routeTransport && p.kind == phaseResponseHeaders && x.session != nil:
 		x.status = p.status // sealed with the body, replaced by 200 outside
-		return headersResponse(phaseResponseHeaders, sealedHeaders), false, nil
+		if p.endOfStream {
+			// No body follows (a 204, a bare redirect): no body phase will
+			// come, so the sealed answer replaces the empty body now.
+			sealed := x.session.sealResponse(x.counter, x.status, nil)
+			return replaceResponse(sealed, outerHeaders(p.headerNames)), true, nil
+		}
+		return headersResponse(phaseResponseHeaders, outerHeaders(p.headerNames)), false, nil
 	case x.route == routeTransport && p.kind == phaseResponseBody && x.session != nil:
 		sealed := x.session.sealResponse(x.counter, x.status, p.body)
-		return bodyResponse(phaseResponseBody, sealed, headerMutation([]header{
-			{"content-length", []byte(strconv.Itoa(len(sealed)))}})), true, nil
+		return bodyResponse(phaseResponseBody, sealed, nil), true, nil
 	}
 	// Envoy sends nothing else in the modes it is configured with; refuse
 	// rather than pass anything through that we did not look at.

@@ -1,207 +1,83 @@
 package main
 
-// The few parts of Envoy's ext_proc protobuf the processor uses, encoded and
-// decoded by hand: it only ever reads which phase a message is, the buffered
-// body and the response's :status, and only ever answers with a header or
-// body mutation or an immediate response. Field numbers are those of
-// envoy/service/ext_proc/v3/external_processor.proto and
-// envoy/config/core/v3/base.proto; tests/test_edge_processor.py checks every
-// message against the generated classes (envoy-data-plane).
+// The ext_proc messages, with Envoy's generated types (go-control-plane):
+// parsed with protobuf-go, encoded with the vtprotobuf marshallers
+// go-control-plane generates beside the types (build tag vtprotobuf, which
+// scripts/build-noise-processor.sh sets: half the CPU of proto.Marshal here).
+// The gRPC stream itself carries raw bytes (rawCodec, main.go) so that a
+// message that does not parse is refused like any other bad message
+// instead of ending the stream with a gRPC error.
 
 import (
 	"errors"
 	"strconv"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"google.golang.org/protobuf/proto"
 )
 
-// ProcessingRequest's `request` oneof.
+// The phases the processor tells apart (ProcessingRequest's `request` oneof).
 const (
-	phaseRequestHeaders  = 2
-	phaseResponseHeaders = 3
-	phaseRequestBody     = 4
-	phaseResponseBody    = 5
-	phaseRequestTrailers = 6
-	phaseResponseTrail   = 7
+	phaseNone = iota
+	phaseRequestHeaders
+	phaseResponseHeaders
+	phaseRequestBody
+	phaseResponseBody
+	phaseOther // trailers, flow control: never configured, refused
 )
-
-// HeaderValueOption.HeaderAppendAction
-const overwriteIfExistsOrAdd = 2
-
-var errTruncated = errors.New("truncated ext_proc message")
 
 // phase is one ProcessingRequest: its kind; for a body phase the body; for
-// the response headers, the :status.
+// the response headers, the :status, every header name and whether a body follows.
 type phase struct {
-	kind   int
-	body   []byte
-	status int
+	kind        int
+	body        []byte
+	status      int
+	headerNames []string
+	endOfStream bool
 }
-
-type field struct {
-	number int
-	wire   int
-	varint uint64
-	bytes  []byte
-}
-
-func readVarint(buf []byte, i int) (uint64, int, error) {
-	var result uint64
-	for shift := uint(0); ; shift += 7 {
-		if i >= len(buf) || shift > 63 {
-			return 0, 0, errTruncated
-		}
-		b := buf[i]
-		i++
-		result |= uint64(b&0x7f) << shift
-		if b&0x80 == 0 {
-			return result, i, nil
-		}
-	}
-}
-
-// fields walks the top-level fields of one message.
-func fields(buf []byte, visit func(f field) error) error {
-	for i := 0; i < len(buf); {
-		key, next, err := readVarint(buf, i)
-		if err != nil {
-			return err
-		}
-		i = next
-		f := field{number: int(key >> 3), wire: int(key & 7)}
-		switch f.wire {
-		case 0:
-			if f.varint, i, err = readVarint(buf, i); err != nil {
-				return err
-			}
-		case 2:
-			var n uint64
-			if n, i, err = readVarint(buf, i); err != nil {
-				return err
-			}
-			if n > uint64(len(buf)-i) {
-				return errTruncated
-			}
-			f.bytes, i = buf[i:i+int(n)], i+int(n)
-		case 1, 5: // fixed64, fixed32
-			width := 8
-			if f.wire == 5 {
-				width = 4
-			}
-			if width > len(buf)-i {
-				return errTruncated
-			}
-			f.bytes, i = buf[i:i+width], i+width
-		default:
-			return errors.New("unsupported protobuf wire type")
-		}
-		if err := visit(f); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-var errFound = errors.New("found") // stops a walk early
 
 // decodeRequest tells which phase a ProcessingRequest is; attributes, metadata
-// and protocol configuration are skipped.
+// and protocol configuration are ignored.
 func decodeRequest(data []byte) (phase, error) {
-	var p phase
-	err := fields(data, func(f field) error {
-		if f.number < phaseRequestHeaders || f.number > phaseResponseTrail || f.wire != 2 {
-			return nil
-		}
-		p.kind = f.number
-		switch f.number {
-		case phaseRequestBody, phaseResponseBody:
-			if err := fields(f.bytes, func(g field) error {
-				if g.number == 1 && g.wire == 2 {
-					p.body = g.bytes
-				}
-				return nil
-			}); err != nil {
-				return err
-			}
-		case phaseResponseHeaders:
-			status, err := statusOf(f.bytes)
-			if err != nil {
-				return err
-			}
-			p.status = status
-		}
-		return errFound
-	})
-	if err == errFound {
-		return p, nil
+	var req extprocv3.ProcessingRequest
+	if err := proto.Unmarshal(data, &req); err != nil {
+		return phase{}, errors.New("malformed ext_proc message")
 	}
-	if err == nil {
-		err = errors.New("ext_proc message without a phase")
-	}
-	return p, err
-}
-
-// statusOf reads :status from HttpHeaders{1: HeaderMap{1: HeaderValue{1: key, 2: value, 3: raw_value}}}.
-func statusOf(httpHeaders []byte) (int, error) {
-	status := -1
-	err := fields(httpHeaders, func(f field) error {
-		if f.number != 1 || f.wire != 2 {
-			return nil
-		}
-		return fields(f.bytes, func(h field) error {
-			if h.number != 1 || h.wire != 2 {
-				return nil
+	switch r := req.Request.(type) {
+	case *extprocv3.ProcessingRequest_RequestHeaders:
+		return phase{kind: phaseRequestHeaders}, nil
+	case *extprocv3.ProcessingRequest_RequestBody:
+		return phase{kind: phaseRequestBody, body: r.RequestBody.GetBody()}, nil
+	case *extprocv3.ProcessingRequest_ResponseBody:
+		return phase{kind: phaseResponseBody, body: r.ResponseBody.GetBody()}, nil
+	case *extprocv3.ProcessingRequest_ResponseHeaders:
+		p := phase{kind: phaseResponseHeaders, status: -1, endOfStream: r.ResponseHeaders.GetEndOfStream()}
+		for _, h := range r.ResponseHeaders.GetHeaders().GetHeaders() {
+			p.headerNames = append(p.headerNames, h.GetKey())
+			if h.GetKey() != ":status" {
+				continue
 			}
-			var key, value []byte
-			if err := fields(h.bytes, func(v field) error {
-				if v.wire == 2 && v.number == 1 {
-					key = v.bytes
-				} else if v.wire == 2 && (v.number == 2 || v.number == 3) && len(v.bytes) > 0 {
-					value = v.bytes
-				}
-				return nil
-			}); err != nil {
-				return err
-			}
-			if string(key) != ":status" {
-				return nil
+			value := h.GetRawValue()
+			if len(value) == 0 {
+				value = []byte(h.GetValue())
 			}
 			n, err := strconv.Atoi(string(value))
 			if err != nil || n < 100 || n > 999 {
-				return errors.New("malformed :status")
+				return phase{}, errors.New("malformed :status")
 			}
-			status = n
-			return errFound
-		})
-	})
-	if err == errFound {
-		return status, nil
+			p.status = n
+		}
+		if p.status < 0 {
+			return phase{}, errors.New("response headers without :status")
+		}
+		return p, nil
+	case nil:
+		return phase{}, errors.New("ext_proc message without a phase")
+	default:
+		return phase{kind: phaseOther}, nil
 	}
-	if err == nil {
-		err = errors.New("response headers without :status")
-	}
-	return 0, err
-}
-
-// -- encoding ---------------------------------------------------------------------------
-
-func appendVarint(out []byte, n uint64) []byte {
-	for n >= 0x80 {
-		out = append(out, byte(n)|0x80)
-		n >>= 7
-	}
-	return append(out, byte(n))
-}
-
-func bytesField(out []byte, number int, value []byte) []byte {
-	out = appendVarint(out, uint64(number<<3|2))
-	out = appendVarint(out, uint64(len(value)))
-	return append(out, value...)
-}
-
-func intField(out []byte, number int, value uint64) []byte {
-	if value == 0 {
-		return out
-	}
-	return appendVarint(appendVarint(out, uint64(number<<3)), value)
 }
 
 type header struct {
@@ -211,15 +87,21 @@ type header struct {
 
 // headerMutation: each set header overwrites any copy already there; removed
 // headers go first in Envoy's order of application.
-func headerMutation(set []header, remove ...string) []byte {
-	var out []byte
+func headerMutation(set []header, remove ...string) *extprocv3.HeaderMutation {
+	m := &extprocv3.HeaderMutation{RemoveHeaders: remove}
 	for _, h := range set {
-		value := bytesField(bytesField(nil, 1, []byte(h.key)), 3, h.value)
-		option := intField(bytesField(nil, 1, value), 3, overwriteIfExistsOrAdd)
-		out = bytesField(out, 1, option)
+		m.SetHeaders = append(m.SetHeaders, &corev3.HeaderValueOption{
+			Header:       &corev3.HeaderValue{Key: h.key, RawValue: h.value},
+			AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
+		})
 	}
-	for _, key := range remove {
-		out = bytesField(out, 2, []byte(key))
+	return m
+}
+
+func encode(r *extprocv3.ProcessingResponse) []byte {
+	out, err := marshal(r) // marshal_vt.go, or marshal_proto.go without the vtprotobuf tag
+	if err != nil {        // only for a message we built wrong
+		panic(err)
 	}
 	return out
 }
@@ -227,36 +109,47 @@ func headerMutation(set []header, remove ...string) []byte {
 // bodyResponse answers a body phase: CONTINUE, replacing the body and
 // mutating the headers (allowed because the body is buffered: the headers
 // have not left Envoy yet).
-func bodyResponse(kind int, body []byte, headers []byte) []byte {
-	var common []byte
-	if len(headers) > 0 {
-		common = bytesField(common, 2, headers)
-	}
-	common = bytesField(common, 3, bytesField(nil, 1, body))
-	number := 3 // request_body
+func bodyResponse(kind int, body []byte, headers *extprocv3.HeaderMutation) []byte {
+	common := &extprocv3.BodyResponse{Response: &extprocv3.CommonResponse{
+		HeaderMutation: headers,
+		BodyMutation:   &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: body}},
+	}}
 	if kind == phaseResponseBody {
-		number = 4
+		return encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{ResponseBody: common}})
 	}
-	return bytesField(nil, number, bytesField(nil, 1, common))
+	return encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: common}})
 }
 
 // headersResponse answers a headers phase: CONTINUE with an optional mutation.
-func headersResponse(kind int, headers []byte) []byte {
-	number := 1 // request_headers
+func headersResponse(kind int, headers *extprocv3.HeaderMutation) []byte {
+	answer := &extprocv3.HeadersResponse{}
+	if headers != nil {
+		answer.Response = &extprocv3.CommonResponse{HeaderMutation: headers}
+	}
 	if kind == phaseResponseHeaders {
-		number = 2
+		return encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: answer}})
 	}
-	var inner []byte
-	if len(headers) > 0 {
-		inner = bytesField(nil, 1, bytesField(nil, 2, headers))
-	}
-	return bytesField(nil, number, inner)
+	return encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: answer}})
+}
+
+// replaceResponse answers response headers that end the stream (no body
+// follows, so no body phase will come): CONTINUE_AND_REPLACE gives the
+// answer the body it did not have.
+func replaceResponse(body []byte, headers *extprocv3.HeaderMutation) []byte {
+	return encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
+			Status:         extprocv3.CommonResponse_CONTINUE_AND_REPLACE,
+			HeaderMutation: headers,
+			BodyMutation:   &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: body}},
+		}}}})
 }
 
 // immediateResponse ends the stream with an answer of our own.
 func immediateResponse(status int, body []byte, contentType string) []byte {
-	immediate := bytesField(nil, 1, intField(nil, 1, uint64(status)))
-	immediate = bytesField(immediate, 2, headerMutation([]header{{"content-type", []byte(contentType)}}))
-	immediate = bytesField(immediate, 3, body)
-	return bytesField(nil, 7, immediate)
+	return encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
+		ImmediateResponse: &extprocv3.ImmediateResponse{
+			Status:  &typev3.HttpStatus{Code: typev3.StatusCode(status)},
+			Headers: headerMutation([]header{{"content-type", []byte(contentType)}}),
+			Body:    body,
+		}}})
 }

@@ -28,23 +28,27 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
 const processMethod = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 
-// rawCodec hands the stream raw protobuf bytes both ways (extproc.go encodes them).
+// rawCodec hands the stream raw protobuf bytes both ways (extproc.go decodes
+// and encodes them, so that a message that does not parse gets a refusal).
 type rawCodec struct{}
 
-func (rawCodec) Marshal(v interface{}) ([]byte, error) { return v.([]byte), nil }
-func (rawCodec) Unmarshal(data []byte, v interface{}) error {
-	*(v.(*[]byte)) = append([]byte(nil), data...)
+func (rawCodec) Marshal(v any) (mem.BufferSlice, error) {
+	return mem.BufferSlice{mem.SliceBuffer(v.([]byte))}, nil
+}
+func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	*(v.(*[]byte)) = data.Materialize() // a copy: gRPC frees data on return
 	return nil
 }
-func (rawCodec) String() string { return "raw" }
+func (rawCodec) Name() string { return "proto" }
 
-func (p *processor) handle(_ interface{}, stream grpc.ServerStream) error {
+func (p *processor) handle(_ any, stream grpc.ServerStream) error {
 	if method, _ := grpc.MethodFromServerStream(stream); method != processMethod {
 		return status.Error(codes.Unimplemented, "only "+processMethod+" is served")
 	}
@@ -126,7 +130,7 @@ func serve(args []string) error {
 		metricsServer := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() { log.Print(metricsServer.Serve(mlis)) }()
 	}
-	server := grpc.NewServer(grpc.CustomCodec(rawCodec{}), grpc.UnknownServiceHandler(p.handle))
+	server := grpc.NewServer(grpc.ForceServerCodecV2(rawCodec{}), grpc.UnknownServiceHandler(p.handle))
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 	go func() {
@@ -144,8 +148,9 @@ func main() {
 	log.SetPrefix("bkv-noise-processor: ")
 	if os.Getenv("GOMAXPROCS") == "" {
 		// One thread runs Go code: a core serves thousands of requests a second,
-		// waking a second thread per message cost more CPU than it saved
-		// (docs/performance.md), and Go 1.19 does not see the pod's CPU limit.
+		// and waking a second thread per message cost more CPU than it saved
+		// (docs/performance.md). Go >= 1.25 sees a pod's CPU limit, but never
+		// goes below 2 from it, and without a limit it takes every core.
 		runtime.GOMAXPROCS(1)
 	}
 	if len(os.Args) < 2 {

@@ -5,7 +5,8 @@ package main
 //
 //	request body  = session_id | u64 counter | ChaCha20-Poly1305(k_c2s, nonce(counter), inner, aad = session_id)
 //	inner         = u16 len | path | u16 len | authorization | body
-//	response body = ChaCha20-Poly1305(k_s2c, nonce(counter), u16 status | body, aad = session_id)
+//	response body = ChaCha20-Poly1305(k_s2c, nonce(counter), padded, aad = session_id)
+//	padded        = u16 status | u32 len | body | zero bytes up to paddedSize (below)
 //
 // Counters are explicit because requests on one session may arrive out of
 // order; each is accepted once, within a window below the highest seen.
@@ -141,11 +142,37 @@ func (s *session) openRequest(sealed []byte) (counter uint64, path, auth string,
 	return counter, string(rawPath), string(rawAuth), body, nil
 }
 
-// sealResponse seals the inner status and body with the request's counter under the other key.
+// Answers are padded inside the seal to a few sizes so that their outer
+// length tells no outcome apart (a missing record from a live one, a wrong
+// guess from a right one): 2 KiB holds every vault answer with room to grow
+// (the largest, a recovery start on a live record, is under 1 KiB), then
+// each rung is 4x the last, then multiples of the last rung.
+const (
+	answerHeaderLen = 2 + 4
+	largestRung     = 32 << 10
+)
+
+var paddingRungs = [...]int{2 << 10, 8 << 10, largestRung}
+
+// paddedSize is the sealed plaintext's length for n bytes of status, length and body.
+func paddedSize(n int) int {
+	for _, rung := range paddingRungs {
+		if n <= rung {
+			return rung
+		}
+	}
+	return (n + largestRung - 1) / largestRung * largestRung
+}
+
+// sealResponse seals the inner status and body, padded, with the request's
+// counter under the other key.
 func (s *session) sealResponse(counter uint64, status int, body []byte) []byte {
-	plain := make([]byte, 2, 2+len(body))
+	plain := make([]byte, answerHeaderLen, paddedSize(answerHeaderLen+len(body)))
 	binary.BigEndian.PutUint16(plain, uint16(status))
-	return s.send.Encrypt(nil, counter, s.id[:], append(plain, body...))
+	binary.BigEndian.PutUint32(plain[2:], uint32(len(body)))
+	plain = append(plain, body...)
+	plain = plain[:cap(plain)] // the padding: zeros, as make left them
+	return s.send.Encrypt(make([]byte, 0, len(plain)+16), counter, s.id[:], plain)
 }
 
 // cut splits a u16-length-prefixed field off the front.
