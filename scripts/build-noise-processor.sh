@@ -17,19 +17,27 @@ if [ -z "${HOME:-}" ]; then
   [ -n "${GOMODCACHE:-}" ] || export GOMODCACHE="$GOPATH/pkg/mod"
 fi
 # The Go that go.mod asks for, or a clear refusal (not a compiler error later).
+# Debian's go (1.19) may come first on PATH; the official install in
+# /usr/local/go is tried too.
 want=$(sed -n 's/^go \([0-9][0-9.]*\).*/\1/p' "$src/go.mod")
-if ! command -v go >/dev/null 2>&1; then
-  echo "build-noise-processor: no \`go\` on PATH; the Noise processor needs Go >= $want (https://go.dev/dl/)" >&2
+go_version() {  # asked inside the module: a Go >= 1.21 may switch toolchains (GOTOOLCHAIN)
+  (cd "$src" && "$1" env GOVERSION 2>/dev/null | sed -n 's/^go\([0-9][0-9.]*\).*/\1/p') || true
+}
+GO=""
+for cand in "$(command -v go || true)" /usr/local/go/bin/go; do
+  [ -n "$cand" ] && [ -x "$cand" ] || continue
+  have=$(go_version "$cand")
+  if [ -n "$have" ] && [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -1)" = "$want" ]; then
+    GO=$cand
+    break
+  fi
+done
+if [ -z "$GO" ]; then
+  echo "build-noise-processor: no Go >= $want found (\`go\` on PATH: $(command -v go || echo none));" \
+       "install it (https://go.dev/dl/), or with Go >= 1.21 set GOTOOLCHAIN=go$want to fetch it" >&2
   exit 1
 fi
-# Asked inside the module: a Go >= 1.21 with GOTOOLCHAIN=auto (or go1.X) switches
-# to the toolchain go.mod needs, fetched from the module proxy, and reports that.
-have=$(cd "$src" && go env GOVERSION 2>/dev/null | sed -n 's/^go\([0-9][0-9.]*\).*/\1/p') || true
-if [ -z "$have" ] || [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -1)" != "$want" ]; then
-  echo "build-noise-processor: $(command -v go) is $(go version 2>/dev/null | cut -d' ' -f3 || echo 'an unknown Go');" \
-       "go.mod requires Go >= $want (install it, or with Go >= 1.21 set GOTOOLCHAIN=go$want to fetch it)" >&2
-  exit 1
-fi
+export PATH="$(dirname "$GO"):$PATH"
 
 # Static, no cgo: the binary runs in any image. The vtprotobuf tag compiles
 # go-control-plane's generated marshallers (extproc.go).
