@@ -178,3 +178,38 @@ async def test_a_write_that_did_not_land_is_retried_once_it_is_known_not_to_have
 def test_the_vault_repr_never_shows_the_opaque_setup(parts):
     vault, *_ = parts
     assert "redacted" in repr(vault) and vault._setup.to_bytes().hex() not in repr(vault)
+
+
+async def test_what_the_hsm_signs_is_what_the_client_verifies_with_the_same_transcript(parts):
+    from bkv.sdk import VaultProtocol
+    from bkv_common import transcripts
+
+    vault, island, _, _ = parts
+    _, _, finish = await _register(island, "alice")
+    done = await island.registration_finish(finish)
+    client = VaultProtocol(vault.public_key_der, "alice")
+    request = transcripts.registration_finish_request(None, "alice", finish.request_id, finish.challenge,
+                                                      finish.registration_upload, finish.ek, finish.k_nonce)
+    client.verify(done.signature, transcripts.registration_finish_answer(
+        client.fleet_id, request, done.version, done.max_attempts))
+    swapped = transcripts.registration_finish_request(None, "alice", finish.request_id, finish.challenge,
+                                                      finish.registration_upload, os.urandom(48), finish.k_nonce)
+    with pytest.raises(Exception, match="signature"):
+        client.verify(done.signature, transcripts.registration_finish_answer(
+            client.fleet_id, swapped, done.version, done.max_attempts))
+
+
+async def test_a_resent_guess_is_answered_from_the_commit_on_the_fake_store(parts):
+    vault, island, store, _ = parts
+    _, _, finish = await _register(island, "alice")
+    await island.registration_finish(finish)
+    guess = iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16),
+                                 credential_request=opaque.client_login_start(b"wrong").get_message())
+    first = await island.recovery_start(guess)
+    # A second island object stands in for another replica: nothing in memory, only the entry.
+    other = Island("island-a", store, InProcessHsm(vault))
+    store.forget("island-a", user_ref("alice"))
+    again = await other.recovery_start(guess)
+    assert again == first and first.attempts_left == 2
+    entry, _ = store.data[("island-a", user_ref("alice"))]
+    assert entry.request.id == guess.request_id.hex() and entry.version == 2
