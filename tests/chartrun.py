@@ -56,7 +56,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from bkv.devfleet import wait_until  # the project's one poll-until-deadline helper
+from bkv.devfleet import bridge_forwarding, wait_until  # wait_until: the one poll-until-deadline helper
 
 VENV_BIN = Path(sys.executable).parent
 # What the Dockerfile's ENV gives our image's containers.
@@ -232,6 +232,7 @@ class ChartRun:
         self._ip("link", "add", self.BRIDGE, "type", "bridge")
         self._ip("addr", "add", f"{self.gateway}/{self.net.prefixlen}", "dev", self.BRIDGE)
         self._ip("link", "set", self.BRIDGE, "up")
+        bridge_forwarding(self.BRIDGE, True)  # a host firewall (Docker's) may drop bridged traffic
         hosts = self._hosts_file()
         for i, p in enumerate(self.pods.values()):
             self._ip("netns", "add", p.netns)
@@ -258,6 +259,7 @@ class ChartRun:
             subprocess.run(["ip", "netns", "del", p.netns], capture_output=True)
             shutil.rmtree(Path("/etc/netns") / p.netns, ignore_errors=True)
         subprocess.run(["ip", "link", "del", self.BRIDGE], capture_output=True)
+        bridge_forwarding(self.BRIDGE, False)
 
     # -- volumes and env -----------------------------------------------------------------
     def _volume_dir(self, pod: Pod, vol: dict) -> Path:

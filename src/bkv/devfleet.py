@@ -99,6 +99,23 @@ class NetemUnavailable(FleetError):
     """The kernel cannot delay or drop packets with tc netem."""
 
 
+def bridge_forwarding(bridge: str, allow: bool) -> None:
+    """Let traffic through a bridge of ours even where the host's firewall
+    forwards nothing by default: Docker sets the FORWARD policy to DROP and
+    loads br_netfilter, after which frames between two ports of one bridge
+    pass iptables too -- and our namespaces could no longer reach each other.
+    A no-op without iptables (nothing there drops them either)."""
+    if not shutil.which("iptables"):
+        return
+    for direction in ("-i", "-o"):
+        rule = ["FORWARD", direction, bridge, "-m", "comment", "--comment", "bkv-netns", "-j", "ACCEPT"]
+        present = subprocess.run(["iptables", "-C", *rule], capture_output=True).returncode == 0
+        if allow and not present:
+            subprocess.run(["iptables", "-I", *rule], capture_output=True)
+        elif not allow and present:
+            subprocess.run(["iptables", "-D", *rule], capture_output=True)
+
+
 class Sites:
     """The network of a fleet with sites: a bridge in the root namespace and
     one namespace per site joined to it by a veth pair. Faults act on the
@@ -138,6 +155,7 @@ class Sites:
         self._ip("ip", "link", "add", self.bridge, "type", "bridge")
         self._ip("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         self._ip("ip", "link", "set", self.bridge, "up")
+        bridge_forwarding(self.bridge, True)
         for i in range(self.n):
             ns, peer = self.ns(i), f"{self.bridge}p{i}"
             self._ip("ip", "netns", "add", ns)
@@ -155,6 +173,7 @@ class Sites:
         for i in range(self.n):
             self._ip("ip", "netns", "del", self.ns(i), check=False)
         self._ip("ip", "link", "del", self.bridge, check=False)
+        bridge_forwarding(self.bridge, False)
 
     def cut(self, i: int) -> None:
         """Site i loses its link: nothing goes in or out."""
