@@ -115,10 +115,15 @@ class Island:
             if stored.cached:  # answer a resend only from the newest entry: read it
                 self._store.forget(self.island_id, user_ref(user_id))
                 raise _LostRace()
+            try:
+                kept = await self._hsm.open_reply(hapi.ReplyOpenIn(
+                    user_id=user_id, island=self.island_id, current=entry, request_id=writes.request_id,
+                    fingerprint=writes.fingerprint))
+            except UpstreamError as exc:
+                # Sealed by a fleet retired since, or edited in etcd: never evaluate again.
+                raise errors.RequestSuperseded("this request was answered before, and that answer can no longer "
+                                               "be given; nothing was done: start the operation again") from exc
             metrics.RESENDS_ANSWERED.inc()
-            kept = await self._hsm.open_reply(hapi.ReplyOpenIn(
-                user_id=user_id, island=self.island_id, current=entry, request_id=writes.request_id,
-                fingerprint=writes.fingerprint))
             return out_type.model_validate_json(kept.reply)
         if rid in entry.recent:
             if stored.cached:  # perhaps an old view: decide on a fresh read
@@ -133,9 +138,10 @@ class Island:
         if stored.entry.state is hapi.EntryState.LIVE:
             return
         if stored.cached:  # never refuse on a possibly stale view
-            stored = await self._store.read(self.island_id, user_ref(user_id), fresh=True)
-            if stored.entry.state is hapi.EntryState.LIVE:
-                raise _LostRace()
+            fresh = await self._store.read(self.island_id, user_ref(user_id), fresh=True)
+            if fresh.revision != stored.revision:
+                raise _LostRace()  # it moved on: decide again from the top (a resend, a new record...)
+            stored = fresh
         out = await self._hsm.refusal(hapi.RefusalIn(user_id=user_id, island=self.island_id, fleet_id=fleet_id,
                                                      current=stored.entry, fingerprint=writes.fingerprint))
         if stored.entry.state is hapi.EntryState.ABSENT:
