@@ -175,6 +175,48 @@ def test_every_pod_meets_the_restricted_security_standard(name):
             assert sc["seccompProfile"]["type"] == "RuntimeDefault", (where, c["name"])
 
 
+def test_the_helm_test_pod_registers_and_recovers_through_the_public_service_as_a_restricted_pod():
+    objs = objects(render(values_for("dev", tests={"enabled": True, "issuerKey": LOADTEST_ISSUER_PEM})))
+    pod = next(o for o in objs if o["kind"] == "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    c = pod["spec"]["containers"][0]
+    assert c["command"] == ["python", "-m", "bkv.helmtest"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["BKV_TEST_EDGE_URL"]["value"] == "http://bkv.vault.svc.cluster.local:443"
+    assert env["BKV_TEST_FLEET_KEY"]["valueFrom"]["configMapKeyRef"]["name"] == "bkv-fleet-public"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    secret = next(o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == "bkv-test-issuer")
+    assert secret["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    # Off by default; on without the issuer key, a clear error.
+    assert not any(o["kind"] == "Pod" for o in objects(render(values_for("dev"))))
+    with pytest.raises(helm.HelmError, match="tests.issuerKeySecret or tests.issuerKey"):
+        render(values_for("dev", tests={"enabled": True}))
+
+
+def test_the_chart_readme_lists_every_value_with_its_default():
+    """charts/backup-key-vault/README.md has a row per value of values.yaml, with the same default."""
+    def leaves(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else k
+            # Maps handed to Kubernetes whole (resources, selectors, labels) are one value.
+            if isinstance(v, dict) and v and not key.endswith(("resources", "Resources", "Selector", "labels")):
+                yield from leaves(v, key)
+            else:
+                yield key, v
+
+    rows = {}
+    for line in (CHART / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = (json.loads(cells[1].strip("`")), cells[2])
+    values = dict(leaves(yaml.safe_load((CHART / "values.yaml").read_text())))
+    assert set(rows) == set(values), (set(values) ^ set(rows))
+    for key, default in values.items():
+        assert rows[key][0] == default, key
+        assert len(rows[key][1]) >= 8, f"{key}: say what it means"
+
+
 def test_every_long_running_container_has_probes_and_resources():
     for where, spec in pod_specs(objects(render(values_for("default")))):
         if where.startswith("Job/"):
