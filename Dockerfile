@@ -59,6 +59,9 @@ LABEL org.opencontainers.image.title="backup-key-vault" \
 RUN apt-get update \
  && apt-get install -y --no-install-recommends softhsm2 \
  && rm -rf /var/lib/apt/lists/* \
+ # The token directory is a volume mounted below /var/lib/softhsm, which the
+ # package makes root-only (2770 root:softhsm): uid 10001 could not reach its own mount.
+ && chmod 0755 /var/lib/softhsm \
  && groupadd --system --gid 10001 bkv \
  && useradd --system --uid 10001 --gid bkv --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin bkv
 COPY --from=build /opt/bkv /opt/bkv

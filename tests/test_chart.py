@@ -187,7 +187,7 @@ def test_the_helm_test_pod_registers_and_recovers_through_the_public_service_as_
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     secret = next(o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == "bkv-test-issuer")
-    assert secret["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert "helm.sh/hook" not in (secret["metadata"].get("annotations") or {})  # helm test --logs reads pods only
     # Off by default; on without the issuer key, a clear error.
     assert not any(o["kind"] == "Pod" for o in objects(render(values_for("dev"))))
     with pytest.raises(helm.HelmError, match="tests.issuerKeySecret or tests.issuerKey"):
@@ -215,6 +215,14 @@ def test_the_chart_readme_lists_every_value_with_its_default():
     for key, default in values.items():
         assert rows[key][0] == default, key
         assert len(rows[key][1]) >= 8, f"{key}: say what it means"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_no_pod_gets_service_link_env_vars_that_would_override_its_settings(name):
+    # Found on a real node: the Service bkv-frontend-metrics made Kubernetes set
+    # BKV_FRONTEND_METRICS_PORT=tcp://..., which the frontend read as its port.
+    for where, spec in pod_specs(objects(render(values_for(name)))):
+        assert spec.get("enableServiceLinks") is False, where
 
 
 def test_every_long_running_container_has_probes_and_resources():

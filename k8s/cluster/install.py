@@ -102,7 +102,7 @@ def install(extra: dict | None = None, timeout: int = 900) -> dict:
 
 def revision() -> int:
     with config() as cfg:
-        return int(cfg.status(RELEASE)["version"])
+        return int(cfg.status(RELEASE)["revision"])
 
 
 def wait_ready(timeout: float = 600) -> None:
@@ -187,7 +187,7 @@ def main() -> int:
         node[last] = json.loads(raw)
     if args.action == "install":
         rel = install(extra)
-        print(f"installed {RELEASE} revision {rel.get('version')} in namespace {NAMESPACE}: every pod Ready")
+        print(f"installed {RELEASE} revision {rel.get('revision')} in namespace {NAMESPACE}: every pod Ready")
     elif args.action == "test":
         out = helm_test()
         print(out.get("logs", "").strip())
