@@ -62,6 +62,16 @@ for root in "$BKV_STATE" "$BKV_RUN"; do
     awk -v r="$root" '$2 ~ "^"r {print $2}' /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
 done
 
+# The kubelet's own chains (kube-proxy --cleanup leaves them).
+for ipt in iptables ip6tables; do
+    for table in filter nat mangle; do
+        $ipt -t "$table" -D INPUT -j KUBE-FIREWALL 2>/dev/null
+        $ipt -t "$table" -D OUTPUT -j KUBE-FIREWALL 2>/dev/null
+        for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do
+            $ipt -t "$table" -F "$chain" 2>/dev/null && $ipt -t "$table" -X "$chain" 2>/dev/null
+        done
+    done
+done
 for dir in -i -o; do
     while iptables -D FORWARD $dir "$BKV_BRIDGE" -j ACCEPT -m comment --comment bkv-cluster 2>/dev/null; do :; done
 done
