@@ -1,6 +1,6 @@
 # The two set-up commands of the README: `make demo` and `make test`;
 # `make cluster` / `make cluster-down` for the chart on a real one-node Kubernetes.
-.PHONY: setup demo test down cluster cluster-down
+.PHONY: setup demo test down cluster cluster-down cluster-test
 
 setup:
 	bash scripts/setup.sh
@@ -22,3 +22,7 @@ cluster: setup
 
 cluster-down:
 	bash scripts/cluster-down.sh
+
+# tests/test_cluster.py: brings the node up, runs the chart's end-to-end tests, takes it down.
+cluster-test: setup
+	BKV_CLUSTER_TESTS=1 bash scripts/test.sh tests/test_cluster.py

@@ -415,6 +415,11 @@ def test_the_dockerfile_is_multi_stage_pinned_slim_and_non_root():
 
 # -- smoke run: the rendered pods as local processes ---------------------------------------
 
+# What the real one-node Kubernetes of tests/test_cluster.py shows (it runs with
+# BKV_CLUSTER_TESTS=1) is not run again as processes; the smoke run keeps only
+# what the node does not exercise (the Locust Jobs) when the node runs.
+on_real_node = pytest.mark.skipif(os.environ.get("BKV_CLUSTER_TESTS") == "1",
+                                  reason="shown on the real node by tests/test_cluster.py")
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="network namespaces need root and iproute2")
 
@@ -441,6 +446,7 @@ def chart_fleet(tmp_path_factory):
 
 
 @needs_root
+@on_real_node
 async def test_the_rendered_chart_runs_and_a_key_is_registered_and_recovered_through_it(chart_fleet):
     from bkv.sdk import VaultClient
     from bkv.transport import AsyncNoiseTransport
@@ -475,6 +481,7 @@ async def test_the_rendered_chart_runs_and_a_key_is_registered_and_recovered_thr
 
 
 @needs_root
+@on_real_node
 def test_in_the_rendered_chart_only_envoy_is_reachable_from_outside_the_frontend_pod(chart_fleet):
     run, _ = chart_fleet
     (frontend,) = run.pods_of("bkv-frontend")
@@ -493,6 +500,7 @@ def test_in_the_rendered_chart_only_envoy_is_reachable_from_outside_the_frontend
 
 
 @needs_root
+@on_real_node
 def test_the_bkv_cli_backs_up_and_restores_through_the_rendered_chart(chart_fleet, tmp_path):
     """The README's cluster path: `bkv dev cluster` reads the published
     ConfigMap, then `bkv backup` and `bkv restore` work through Envoy."""

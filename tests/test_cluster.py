@@ -179,6 +179,21 @@ def test_every_running_container_runs_as_10001_with_a_read_only_root_and_no_capa
     assert {s.split("/")[1] for s in seen} >= {"etcd", "island", "hsm-proxy", "frontend", "envoy", "noise-processor"}
 
 
+def test_only_envoy_is_reachable_from_outside_the_frontend_pod(cluster):
+    import httpx
+    import socket
+
+    pod = next(p for p in pods() if component(p) == "frontend")
+    ip = pod["status"]["podIP"]
+    with pytest.raises(OSError):   # the frontend binds the pod's loopback only
+        socket.create_connection((ip, 8080), timeout=2).close()
+    socket.create_connection((ip, 8443), timeout=5).close()   # Envoy's Noise listener
+    ops = f"http://{ip}:9902"
+    assert httpx.get(f"{ops}/readyz").status_code == 200
+    # The ops listener routes no vault API.
+    assert httpx.post(f"{ops}/v1/recovery/start", json={}).status_code == 404
+
+
 def test_service_dns_resolves_inside_the_cluster(cluster):
     island = next(p for p in pods() if component(p) == "island")["metadata"]["name"]
     out = node.kubectl("exec", island, "--", "python", "-c",
