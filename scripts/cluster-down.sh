@@ -43,12 +43,27 @@ except Exception:
         case $ns in /var/run/netns/cni-*|/run/netns/cni-*) umount "$ns" 2>/dev/null; rm -f "$ns";; esac
     done
 fi
+if ! { [ -S "$BKV_CONTAINERD_SOCK" ] && $CTR version >/dev/null 2>&1; } && [ -d "$BKV_STATE/containerd" ]; then
+    # Our containerd was ended without us (a session's processes killed): the
+    # pod network namespaces it made (CRI names them cni-*) are left mounted.
+    for ns in /var/run/netns/cni-*; do [ -e "$ns" ] && { umount "$ns" 2>/dev/null; rm -f "$ns"; }; done
+fi
 stop containerd
 # Shims of our containerd only (they name its socket), by pid.
 for p in /proc/[0-9]*; do
     if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "-address $BKV_CONTAINERD_SOCK "; then
         kill -9 "${p#/proc/}" 2>/dev/null
     fi
+done
+# Whatever still runs in the node's pod cgroups (containers whose runtime was
+# ended under them): only our kubelet makes /kubepods.
+for _ in $(seq 20); do
+    pids=$(cat $(find /sys/fs/cgroup/pids/kubepods -name cgroup.procs 2>/dev/null) 2>/dev/null)
+    [ -z "$pids" ] && break
+    kill -9 $pids 2>/dev/null; sleep 0.5
+done
+for h in /sys/fs/cgroup/*/kubepods; do
+    [ -d "$h" ] && find "$h" -depth -type d -exec rmdir {} + 2>/dev/null
 done
 stop kube-proxy
 [ -x "$BKV_BIN/kube-proxy" ] && "$BKV_BIN/kube-proxy" --cleanup >/dev/null 2>&1

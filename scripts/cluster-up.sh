@@ -11,6 +11,12 @@ cd "$(dirname "$0")/.."
 only_node=false; [ "${1:-}" = --node ] && only_node=true
 
 t0=$SECONDS
+# A node left by a session whose processes were ended (state on disk, no
+# API server): remove it first, rather than start on its stale mounts.
+if [ -d "$BKV_STATE" ] && ! { [ -f "$BKV_RUN/kube-apiserver.pid" ] && kill -0 "$(cat "$BKV_RUN/kube-apiserver.pid")" 2>/dev/null; }; then
+    echo "cluster-up: removing a node that is no longer running"
+    bash scripts/cluster-down.sh
+fi
 bash scripts/cluster-setup.sh
 bash scripts/cluster-build.sh
 bash scripts/cluster-images.sh

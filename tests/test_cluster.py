@@ -8,7 +8,8 @@ Role, PVCs, the security contexts as applied, pods coming back, helm upgrade
 and helm test.
 
 The node comes up once per run (scripts/cluster-up.sh, as `make cluster`)
-and goes down at the end (scripts/cluster-down.sh) unless BKV_CLUSTER_KEEP=1.
+and goes down at the end (scripts/cluster-down.sh) unless BKV_CLUSTER_KEEP=1;
+BKV_CLUSTER_REUSE=1 starts from a node already up instead of a new one.
 Root only; run with BKV_CLUSTER_TESTS=1 (docs/kubernetes.md):
 
     BKV_CLUSTER_TESTS=1 .venv/bin/python -m pytest -q tests/test_cluster.py
@@ -52,8 +53,13 @@ UID = GID = 10001
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The node and the install, once for the module."""
+    """The node and the install, once for the module: from nothing (a node
+    left running, perhaps by another work tree with another token issuer, is
+    removed first) unless BKV_CLUSTER_REUSE=1."""
     t = time.monotonic()
+    if os.environ.get("BKV_CLUSTER_REUSE") != "1":
+        subprocess.run(["bash", str(REPO / "scripts" / "cluster-down.sh")], cwd=REPO, timeout=600,
+                       capture_output=True)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "cluster-up.sh")], cwd=REPO, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=3600)
     print(proc.stdout[-4000:])
