@@ -284,3 +284,5 @@ async def test_helm_upgrade_with_a_changed_value_and_a_rebuilt_image_loses_no_re
     # The attempt spent before the upgrade is still spent; the record is still there.
     assert await wrong_guess(user) == left - 1
     assert await recover(user, password) == key
+    # Only the tag goes (its layers are bkv:dev's); the node's copy goes with cluster-down.
+    subprocess.run(["/usr/bin/docker", "image", "rm", f"bkv:{tag}"], capture_output=True, timeout=120)
