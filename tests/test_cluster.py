@@ -267,7 +267,7 @@ async def test_helm_upgrade_with_a_changed_value_and_a_rebuilt_image_loses_no_re
     before = node.revision()
     # A rebuilt image: the same tree with a new label gives a new image id.
     tag = f"dev-{int(time.time())}"
-    subprocess.run(["/usr/bin/docker", "build", "-q", "--label", f"bkv.rebuild={tag}",
+    subprocess.run(["/usr/bin/docker", "build", "-q", "--network", "host", "--label", f"bkv.rebuild={tag}",
                     "--build-arg", "DEBIAN_IMAGE=bkv-base/debian:bookworm",
                     "--build-arg", "PYTHON_IMAGE=bkv-base/python:3.11",
                     "--secret", "id=ca,src=/etc/ssl/certs/ca-certificates.crt", "-t", f"bkv:{tag}", "."],
