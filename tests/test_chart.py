@@ -175,6 +175,56 @@ def test_every_pod_meets_the_restricted_security_standard(name):
             assert sc["seccompProfile"]["type"] == "RuntimeDefault", (where, c["name"])
 
 
+def test_the_helm_test_pod_registers_and_recovers_through_the_public_service_as_a_restricted_pod():
+    objs = objects(render(values_for("dev", tests={"enabled": True, "issuerKey": LOADTEST_ISSUER_PEM})))
+    pod = next(o for o in objs if o["kind"] == "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    c = pod["spec"]["containers"][0]
+    assert c["command"] == ["python", "-m", "bkv.helmtest"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["BKV_TEST_EDGE_URL"]["value"] == "http://bkv.vault.svc.cluster.local:443"
+    assert env["BKV_TEST_FLEET_KEY"]["valueFrom"]["configMapKeyRef"]["name"] == "bkv-fleet-public"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    secret = next(o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == "bkv-test-issuer")
+    assert "helm.sh/hook" not in (secret["metadata"].get("annotations") or {})  # helm test --logs reads pods only
+    # Off by default; on without the issuer key, a clear error.
+    assert not any(o["kind"] == "Pod" for o in objects(render(values_for("dev"))))
+    with pytest.raises(helm.HelmError, match="tests.issuerKeySecret or tests.issuerKey"):
+        render(values_for("dev", tests={"enabled": True}))
+
+
+def test_the_chart_readme_lists_every_value_with_its_default():
+    """charts/backup-key-vault/README.md has a row per value of values.yaml, with the same default."""
+    def leaves(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else k
+            # Maps handed to Kubernetes whole (resources, selectors, labels) are one value.
+            if isinstance(v, dict) and v and not key.endswith(("resources", "Resources", "Selector", "labels")):
+                yield from leaves(v, key)
+            else:
+                yield key, v
+
+    rows = {}
+    for line in (CHART / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = (json.loads(cells[1].strip("`")), cells[2])
+    values = dict(leaves(yaml.safe_load((CHART / "values.yaml").read_text())))
+    assert set(rows) == set(values), (set(values) ^ set(rows))
+    for key, default in values.items():
+        assert rows[key][0] == default, key
+        assert len(rows[key][1]) >= 8, f"{key}: say what it means"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_no_pod_gets_service_link_env_vars_that_would_override_its_settings(name):
+    # Found on a real node: the Service bkv-frontend-metrics made Kubernetes set
+    # BKV_FRONTEND_METRICS_PORT=tcp://..., which the frontend read as its port.
+    for where, spec in pod_specs(objects(render(values_for(name)))):
+        assert spec.get("enableServiceLinks") is False, where
+
+
 def test_every_long_running_container_has_probes_and_resources():
     for where, spec in pod_specs(objects(render(values_for("default")))):
         if where.startswith("Job/"):
@@ -365,6 +415,11 @@ def test_the_dockerfile_is_multi_stage_pinned_slim_and_non_root():
 
 # -- smoke run: the rendered pods as local processes ---------------------------------------
 
+# What the real one-node Kubernetes of tests/test_cluster.py shows (it runs with
+# BKV_CLUSTER_TESTS=1) is not run again as processes; the smoke run keeps only
+# what the node does not exercise (the Locust Jobs) when the node runs.
+on_real_node = pytest.mark.skipif(os.environ.get("BKV_CLUSTER_TESTS") == "1",
+                                  reason="shown on the real node by tests/test_cluster.py")
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="network namespaces need root and iproute2")
 
@@ -391,6 +446,7 @@ def chart_fleet(tmp_path_factory):
 
 
 @needs_root
+@on_real_node
 async def test_the_rendered_chart_runs_and_a_key_is_registered_and_recovered_through_it(chart_fleet):
     from bkv.sdk import VaultClient
     from bkv.transport import AsyncNoiseTransport
@@ -425,6 +481,7 @@ async def test_the_rendered_chart_runs_and_a_key_is_registered_and_recovered_thr
 
 
 @needs_root
+@on_real_node
 def test_in_the_rendered_chart_only_envoy_is_reachable_from_outside_the_frontend_pod(chart_fleet):
     run, _ = chart_fleet
     (frontend,) = run.pods_of("bkv-frontend")
@@ -443,6 +500,7 @@ def test_in_the_rendered_chart_only_envoy_is_reachable_from_outside_the_frontend
 
 
 @needs_root
+@on_real_node
 def test_the_bkv_cli_backs_up_and_restores_through_the_rendered_chart(chart_fleet, tmp_path):
     """The README's cluster path: `bkv dev cluster` reads the published
     ConfigMap, then `bkv backup` and `bkv restore` work through Envoy."""

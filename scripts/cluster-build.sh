@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Builds the node's binaries from source, once per machine, into a cache
+# outside the work tree (BKV_CLUSTER_CACHE, default /var/cache/bkv-cluster):
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
+#   kube-proxy, kubectl   from the k8s.io/kubernetes module at K8S_VERSION
+#   etcd         from go.etcd.io/etcd/server/v3 (its etcdmain, as etcd's own main)
+#   coredns      from github.com/coredns/coredns
+# Every binary is built only if missing: a warm run costs nothing.
+#
+# Why Kubernetes v1.34: these machines run cgroup v1. From v1.35 the kubelet
+# refuses cgroup v1 unless failCgroupV1 is false, and upstream has announced
+# the removal of cgroup v1 support altogether; v1.34 is the newest release in
+# which cgroup v1 is still a supported (maintenance-mode) configuration, and it
+# still accepts containerd 1.6 (Debian bookworm's). The kubelet config sets
+# failCgroupV1: false explicitly anyway, so the choice is written down twice.
+set -euo pipefail
+
+K8S_VERSION=${K8S_VERSION:-v1.34.4}
+ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.14.7}
+CACHE=${BKV_CLUSTER_CACHE:-/var/cache/bkv-cluster}
+GO=${GO:-/usr/local/go/bin/go}
+BIN=$CACHE/bin/$K8S_VERSION
+export GOMODCACHE=$CACHE/gomod GOCACHE=$CACHE/gocache GOFLAGS=-mod=mod GOTOOLCHAIN=local
+export CGO_ENABLED=0
+# More compile jobs than cores: under nice 19 on a busy machine each gets a
+# sliver; on an idle one it costs nothing.
+export GOFLAGS="$GOFLAGS -p=${BKV_BUILD_JOBS:-4}"
+mkdir -p "$BIN" "$CACHE/src"
+# Heavy builds yield to everything else on the machine.
+NICE="nice -n 19"
+
+need() { for b in "$@"; do [ -x "$BIN/$b" ] || return 0; done; return 1; }
+
+if need kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; then
+    echo "cluster-build: Kubernetes $K8S_VERSION (cold build, several minutes)"
+    json=$($GO mod download -json "k8s.io/kubernetes@$K8S_VERSION")
+    dir=$(printf '%s' "$json" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+    src=$CACHE/src/kubernetes-$K8S_VERSION
+    if [ ! -f "$src/.ready" ]; then
+        rm -rf "$src"; cp -r "$dir" "$src"; chmod -R u+w "$src"
+        # The module's go.mod points its staging modules (k8s.io/api, ...)
+        # at ./staging, which a module zip does not carry: take the published
+        # staging modules of the same release (v0.X.Y for v1.X.Y) instead.
+        stage=v0.${K8S_VERSION#v1.}
+        (cd "$src" && rm -f go.work go.work.sum \
+          && for m in $(sed -n 's/^\s*\(k8s.io\/[a-z0-9-]*\) => .*/\1/p' go.mod); do
+                 $GO mod edit -dropreplace="$m" -require="$m@$stage"; done)
+        touch "$src/.ready"
+    fi
+    major=${K8S_VERSION#v}; minor=${major#*.}; minor=${minor%%.*}; major=${major%%.*}
+    pkg=k8s.io/component-base/version
+    ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor \
+-X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    ldflags="$ldflags -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
+    for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
+        [ -x "$BIN/$b" ] && continue
+        echo "cluster-build: $b"
+        (cd "$src" && $NICE $GO build -trimpath -ldflags "$ldflags" -o "$BIN/$b.tmp" "./cmd/$b")
+        mv "$BIN/$b.tmp" "$BIN/$b"
+    done
+fi
+
+if need etcd; then
+    echo "cluster-build: etcd $ETCD_VERSION"
+    e=$CACHE/src/etcd-$ETCD_VERSION; mkdir -p "$e"
+    cat > "$e/main.go" <<'GO'
+// etcd's own main (go.etcd.io/etcd/v3's main.go): the server's etcdmain.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+GO
+    (cd "$e" && { [ -f go.mod ] || $GO mod init bkv.local/etcd >/dev/null 2>&1; } \
+      && $GO get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null \
+      && $NICE $GO build -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" .)
+    mv "$BIN/etcd.tmp" "$BIN/etcd"
+fi
+
+if need coredns; then
+    echo "cluster-build: coredns $COREDNS_VERSION"
+    c=$CACHE/src/coredns-$COREDNS_VERSION
+    if [ ! -f "$c/.ready" ]; then
+        json=$($GO mod download -json "github.com/coredns/coredns@$COREDNS_VERSION")
+        dir=$(printf '%s' "$json" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+        rm -rf "$c"; cp -r "$dir" "$c"; chmod -R u+w "$c"; touch "$c/.ready"
+    fi
+    (cd "$c" && $NICE $GO build -trimpath -ldflags "-s -w" -o "$BIN/coredns.tmp" .)
+    mv "$BIN/coredns.tmp" "$BIN/coredns"
+fi
+
+LOCAL_PATH_VERSION=${LOCAL_PATH_VERSION:-v0.0.30}
+if need local-path-provisioner; then
+    echo "cluster-build: local-path-provisioner $LOCAL_PATH_VERSION"
+    l=$CACHE/src/local-path-$LOCAL_PATH_VERSION
+    if [ ! -f "$l/.ready" ]; then
+        json=$($GO mod download -json "github.com/rancher/local-path-provisioner@$LOCAL_PATH_VERSION")
+        dir=$(printf '%s' "$json" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+        rm -rf "$l"; cp -r "$dir" "$l"; chmod -R u+w "$l"; touch "$l/.ready"
+    fi
+    (cd "$l" && $NICE $GO build -trimpath -ldflags "-s -w" -o "$BIN/local-path-provisioner.tmp" .)
+    mv "$BIN/local-path-provisioner.tmp" "$BIN/local-path-provisioner"
+fi
+
+# The pod sandbox ("pause") from the Kubernetes source itself: the image
+# registry.k8s.io/pause cannot be pulled here.
+if need pause; then
+    echo "cluster-build: pause"
+    p=$($GO mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')/build/pause/linux/pause.c
+    gcc -Os -static -DVERSION="$K8S_VERSION" -o "$BIN/pause.tmp" "$p" && strip "$BIN/pause.tmp"
+    mv "$BIN/pause.tmp" "$BIN/pause"
+fi
+echo "cluster-build: all binaries in $BIN"
