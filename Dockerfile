@@ -25,7 +25,7 @@ ARG DEBIAN_IMAGE=debian:bookworm-slim
 # step and the build runs offline (GOPROXY=off). Behind a TLS-inspecting
 # proxy, pass the machine's CA bundle as a secret -- mounted for the
 # downloads only, never written into a layer:
-#   docker build --secret id=ca_bundle,src="$SSL_CERT_FILE" .
+#   docker build --secret id=ca,src="$SSL_CERT_FILE" .   (the same secret pip's stage uses)
 # (and HTTPS_PROXY, GOPROXY as --build-arg where the network needs them).
 FROM ${DEBIAN_IMAGE} AS noise-processor
 ARG GO_TOOLCHAIN=go1.26.8
@@ -39,8 +39,8 @@ ENV GOTOOLCHAIN=${GO_TOOLCHAIN} GOFLAGS=-mod=readonly
 WORKDIR /src
 COPY scripts/build-noise-processor.sh ./scripts/
 COPY services/edge/noise-processor ./services/edge/noise-processor
-RUN --mount=type=secret,id=ca_bundle,required=false \
-    if [ -s /run/secrets/ca_bundle ]; then export SSL_CERT_FILE=/run/secrets/ca_bundle; fi \
+RUN --mount=type=secret,id=ca,target=/run/secrets/ca,required=false \
+    if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \
  && cd services/edge/noise-processor \
  && GOPROXY="$GOPROXY" go version \
  && GOPROXY="$GOPROXY" go list -deps -test -tags vtprotobuf ./... >/dev/null
