@@ -59,7 +59,9 @@ class GuardAndMeasure:
             await error_response(405, ErrorCode.METHOD_NOT_ALLOWED, "method not allowed on this path",
                                  headers={"Allow": ", ".join(sorted(allowed))})(scope, receive, send)
             return
-        if scope["method"] in ("POST", "PUT", "PATCH"):
+        # Bodies are checked only where a route may read one: an unknown path is the app's 404.
+        known = allowed is not None or self.routes.label(path) != metrics.UNMATCHED
+        if known and scope["method"] in ("POST", "PUT", "PATCH"):
             headers = dict(scope["headers"])
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if ctype != b"application/json":
