@@ -18,8 +18,10 @@ shrinking, no example database; the whole run takes well under two minutes.
 
 from __future__ import annotations
 
+import json
 import time
 
+import httpx
 import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
@@ -83,3 +85,45 @@ def test_schemathesis_finds_nothing_the_schema_does_not_document(fleet):
                       "POST /v1/recovery/start", "POST /v1/recovery/finish", "DELETE /v1/record"}, called
     assert set(CHECKS) <= set(ran), ran
     assert took < TIME_BOUND_S
+
+
+def test_the_schema_states_byte_lengths_patterns_and_error_codes_and_no_422(fleet):
+    spec = httpx.get(fleet.frontend_url + "/openapi.json").json()
+    assert "422" not in json.dumps(spec["paths"])
+    props = spec["components"]["schemas"]["RegistrationFinishRequest"]["properties"]
+    # Encoded lengths of 48, 12 and 16 bytes (standard base64, padded).
+    assert (props["ek"]["minLength"], props["ek"]["maxLength"]) == (64, 64)
+    assert (props["k_nonce"]["minLength"], props["k_nonce"]["maxLength"]) == (16, 16)
+    assert (props["request_id"]["minLength"], props["request_id"]["pattern"]) == (24, "^[A-Za-z0-9+/]{22}==$")
+    assert props["challenge"]["pattern"].startswith("^(?:[A-Za-z0-9+/]{4})*")
+    assert props["fleet_id"]["anyOf"][0]["pattern"] == "^[0-9a-f]{32}$"
+    finish = spec["paths"]["/v1/recovery/finish"]["post"]
+    assert finish["security"] == [{"bearerAuth": []}]
+    code_enum = {status: r["content"]["application/json"]["schema"]["properties"]["error"]["properties"]["code"]["enum"]
+                 for status, r in finish["responses"].items() if status != "200"}
+    assert code_enum["403"] == ["authentication_failed"] and code_enum["410"] == ["record_destroyed"]
+    assert set(code_enum["400"]) == {"invalid_request", "malformed_opaque_message", "login_state_rejected"}
+    assert set(code_enum) == {"400", "401", "403", "404", "409", "410", "413", "415", "500", "502", "503"}
+
+
+_KNOWN = [("/v1/registration/start", "POST"),  # answered by the fast path
+          ("/v1/record", "DELETE"),  # by FastAPI
+          ("/v1/fleet", "GET, POST")]
+
+
+@pytest.mark.parametrize("path, allow, method", [
+    (path, allow, method) for path, allow in _KNOWN
+    for method in ("PUT", "PATCH", "GET", "DELETE", "OPTIONS", "TRACE") if method not in allow.split(", ")])
+def test_an_undeclared_method_on_a_known_path_is_405_with_allow_never_415(fleet, path, allow, method):
+    # No JSON content type: the method is refused before the body is looked at.
+    resp = httpx.request(method, fleet.frontend_url + path, content=b"x", headers={"content-type": "text/plain"})
+    assert resp.status_code == 405
+    assert resp.headers["allow"] == allow
+    assert resp.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT"])
+def test_an_unknown_path_stays_404_whatever_the_method(fleet, method):
+    resp = httpx.request(method, fleet.frontend_url + "/v1/no-such-route", content=b"x",
+                         headers={"content-type": "text/plain"})
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
