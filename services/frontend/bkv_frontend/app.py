@@ -218,8 +218,9 @@ class OpaqueFastPath:
     """Pure ASGI: answers ``POST`` on the OPAQUE routes itself -- auth (the
     same ``account``), body validation (400 as FastAPI's handler gives it),
     the handler, errors through the same ``map_error`` -- and passes
-    everything else to FastAPI. Content type, size and metrics are checked
-    and counted by the GuardAndMeasure around both."""
+    everything else to FastAPI. Undeclared methods (405), content type,
+    size and metrics are checked and counted by the GuardAndMeasure around
+    both."""
 
     def __init__(self, app, routes: dict[str, tuple[type[BaseModel], type[BaseModel], OpaqueHandler]], account,
                  map_error: Callable[[Exception], Response | None]) -> None:
