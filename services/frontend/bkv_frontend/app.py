@@ -130,7 +130,9 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     # The validation bundle (docs/ota.md): public and self-authenticating, so
     # the edge passes GET /v1/bundle in clear -- a client needs it to learn
     # the edge key it then opens Noise with.
-    @app.get("/v1/bundle", include_in_schema=False)
+    @app.get("/v1/bundle", summary="The current validation bundle (docs/ota.md)", responses={200: {
+        "description": "SignedBundle JSON, self-authenticating: the client checks its signatures",
+        "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def bundle() -> Response:
         if view.bundle is None:
             return error_response(404, ErrorCode.NOT_FOUND, "this fleet publishes no validation bundle")
@@ -190,7 +192,7 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     for path, (model, out, handler) in opaque_routes.items():
         app.add_api_route(path, _documented(model, handler, account), methods=["POST"], response_model=out)
 
-    @app.post("/v1/record/delete", include_in_schema=False)
+    @app.post("/v1/record/delete", response_model=api.DeleteOut, summary="Delete record (POST twin, over Noise)")
     @app.delete("/v1/record", response_model=api.DeleteOut)
     async def delete(user: User) -> Response:
         return await relay(user, "/island/v1/record/delete", iapi.DeleteIn(user_id=user), idempotent=True)

@@ -17,19 +17,26 @@ from fastapi import FastAPI
 
 from bkv_common.wire import ErrorBody, ErrorCode as C
 
-# What each status means, whatever the route (docs/api.md: Errors).
-_DESCRIPTIONS = {
-    400: "Bad input: nothing changed",
-    401: "No valid account token",
-    403: "The credential finalization did not verify (the one wrong-password error)",
-    404: "No record for this account (fleet-signed)",
-    409: "Refused: nothing was done",
-    410: "The record is destroyed (fleet-signed)",
-    413: "Body over 64 KiB",
-    415: "Not application/json",
-    500: "record_integrity_failure: the stored record does not open (tampered storage); internal: a bug",
-    502: "The outcome is unknown: resend the same request (same request_id)",
-    503: "Temporarily unavailable: retry after Retry-After",
+# What each code means (docs/api.md: Errors); a response's description lists its codes.
+_MEANING = {
+    C.INVALID_REQUEST: "the body does not parse or breaks the schema, or names an unknown fleet",
+    C.MALFORMED_OPAQUE_MESSAGE: "an OPAQUE message does not deserialize",
+    C.CHALLENGE_REJECTED: "the challenge expired, was used, superseded, or is another user's",
+    C.LOGIN_STATE_REJECTED: "the login state expired, was used, superseded, or is another user's",
+    C.UNAUTHENTICATED: "no valid account token",
+    C.AUTHENTICATION_FAILED: "the credential finalization did not verify (the one wrong-password error)",
+    C.NO_RECORD: "nothing registered for this account (fleet-signed)",
+    C.NOT_FOUND: "this fleet publishes no validation bundle",
+    C.CONFLICT: "the record kept changing until the deadline; retry",
+    C.REQUEST_ID_REUSED: "this request_id came before with another body",
+    C.REQUEST_SUPERSEDED: "a resend whose answer is gone; start over",
+    C.RECORD_DESTROYED: "attempts ran out, or the record was disabled (fleet-signed)",
+    C.PAYLOAD_TOO_LARGE: "body over 64 KiB",
+    C.UNSUPPORTED_MEDIA_TYPE: "not application/json",
+    C.RECORD_INTEGRITY_FAILURE: "the stored record does not open for this user (tampered storage)",
+    C.INTERNAL: "a bug",
+    C.OUTCOME_UNKNOWN: "may or may not have landed: resend the same request (same request_id)",
+    C.UNAVAILABLE: "temporarily unavailable: retry after Retry-After",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (retryable errors)",
                                 "schema": {"type": "integer"}}}
@@ -67,7 +74,10 @@ ROUTE_ERRORS: dict[tuple[str, str], dict[int, list[C]]] = {
         _BODY, _AUTH, _ALWAYS, _RESEND,
         {400: [C.MALFORMED_OPAQUE_MESSAGE, C.LOGIN_STATE_REJECTED], 403: [C.AUTHENTICATION_FAILED],
          404: [C.NO_RECORD], 410: [C.RECORD_DESTROYED]}),
+    ("/v1/bundle", "get"): {404: [C.NOT_FOUND], 500: [C.INTERNAL]},
     ("/v1/record", "delete"): _merge(_AUTH, _ALWAYS, {409: [C.CONFLICT]}),
+    ("/v1/record/delete", "post"): _merge(_AUTH, _ALWAYS, {409: [C.CONFLICT], 413: [C.PAYLOAD_TOO_LARGE],
+                                                          415: [C.UNSUPPORTED_MEDIA_TYPE]}),
 }
 AUTHENTICATED = {op for op, errors in ROUTE_ERRORS.items() if 401 in errors}
 _AUTH_HEADERS = {"authorization", "x-bkv-device-key"}  # the token, and the edge's device key
@@ -82,7 +92,8 @@ def _error_schema(detail: dict, codes: Iterable[C]) -> dict:
 
 
 def install(app: FastAPI) -> None:
-    """Replace ``app.openapi`` by the corrected schema (built once, on first use)."""
+    """Replace ``app.openapi`` by the corrected schema, built once, here:
+    call it after every route is declared."""
     original = app.openapi
     detail = ErrorBody.model_json_schema(mode="serialization")["$defs"]["ErrorDetail"]
     detail.pop("title", None)
@@ -103,7 +114,7 @@ def install(app: FastAPI) -> None:
                     raise RuntimeError(f"{method.upper()} {path}: no error table in bkv_frontend.openapi")
                 op["responses"].pop("422", None)
                 for status, codes in errors.items():
-                    response = {"description": f"{_DESCRIPTIONS[status]}. Codes: {', '.join(c.value for c in codes)}",
+                    response = {"description": "\n".join(f"- `{c.value}`: {_MEANING[c]}" for c in codes),
                                 "content": {"application/json": {"schema": _error_schema(detail, codes)}}}
                     if status in (409, 502, 503):
                         response["headers"] = _RETRY_AFTER
@@ -119,3 +130,4 @@ def install(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    openapi()  # now, with every route declared: a route without an error table fails at startup
