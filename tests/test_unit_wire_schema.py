@@ -15,7 +15,7 @@ from bkv_common.wire import B64, RequestId, fixed_b64
 FIELDS = {"any size": B64, "request_id (16 B)": RequestId, "ek (48 B)": fixed_b64(48), "k_nonce (12 B)": fixed_b64(12)}
 TRICKY = ["", "=", "==", "QQ==", "QR==", "QQ=", "Q===", "QUI=", "QUJD", "QQ==QQ==", "QU=I", "Q", "QUJDRA", "QQ==\n",
           "\nQQ==", "QU JD", "QUJD\x00", "QUJD-_==", "A" * 5464, "A" * 5468, "A" * 24, "A" * 22 + "==", "A" * 64,
-          "A" * 16, "A" * 63 + "="]
+          "A" * 16, "A" * 63 + "=", "QUJ\u00e9", "\u0660\u0661==", "QUJD===="]
 
 
 def _by_schema(schema: dict, value: str) -> bool:
