@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,22 +31,37 @@ def passthrough_response(status: int, body: ErrorBody) -> JSONResponse:
 
 class GuardAndMeasure:
     """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task and
-    a stream per request): content-type and size checks, latency metrics."""
+    a stream per request): 405 for a method a known path does not declare,
+    content-type and size checks, latency metrics."""
 
-    def __init__(self, app, service: str, routes: Iterable[str] | None = None) -> None:
+    def __init__(self, app, service: str, routes: Iterable[str] | None = None,
+                 methods: Mapping[str, frozenset[str]] | None = None) -> None:
         """``routes``: the declared route templates, the only values the
         operation label takes (else ``unmatched``); by default the routes of
-        ``app`` (a FastAPI or Starlette app)."""
+        ``app`` (a FastAPI or Starlette app). ``methods``: path -> the methods
+        it declares (by default ``route_methods(app)`` at the first request);
+        any other method on that path is 405, before the content type is
+        looked at, so a PUT is never told to change its body."""
         self.app = app
         self.service = service
         self.routes = metrics.RouteTable(route_templates(app) if routes is None else routes)
+        self._methods = methods
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if scope["method"] in ("POST", "PUT", "PATCH"):
+        if self._methods is None:
+            self._methods = route_methods(self.app)
+        allowed = self._methods.get(path)
+        if allowed is not None and scope["method"] not in allowed:
+            await error_response(405, ErrorCode.METHOD_NOT_ALLOWED, "method not allowed on this path",
+                                 headers={"Allow": ", ".join(sorted(allowed))})(scope, receive, send)
+            return
+        # Bodies are checked only where a route may read one: an unknown path is the app's 404.
+        known = allowed is not None or self.routes.label(path) != metrics.UNMATCHED
+        if known and scope["method"] in ("POST", "PUT", "PATCH"):
             headers = dict(scope["headers"])
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if ctype != b"application/json":
@@ -90,6 +105,17 @@ def route_templates(app) -> list[str]:
     """The path templates a Starlette/FastAPI app declares (empty if ``app``
     has no router: every request is then ``unmatched``)."""
     return [r.path for r in getattr(app, "routes", ()) if isinstance(getattr(r, "path", None), str)]
+
+
+def route_methods(app) -> dict[str, frozenset[str]]:
+    """Each plain path an app declares, with the methods it answers there
+    (paths with parameters are left to the app's router)."""
+    out: dict[str, frozenset[str]] = {}
+    for r in getattr(app, "routes", ()):
+        path, methods = getattr(r, "path", None), getattr(r, "methods", None)
+        if isinstance(path, str) and methods and "{" not in path:
+            out[path] = out.get(path, frozenset()) | frozenset(methods)
+    return out
 
 
 def install_common(app: FastAPI, service: str, *, ready: Callable[[], bool], guard: bool = True) -> None:

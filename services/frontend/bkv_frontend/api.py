@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from bkv_common.wire import B64, Frozen, RequestId
-from bkv_hsm_proxy.api import FleetId, FleetParams, RecordStatus
+from bkv_common.wire import B64, Frozen, RequestId, fixed_b64
+from bkv_hsm_proxy.api import EK_LEN, K_NONCE_LEN, FleetId, FleetParams, RecordStatus
 from bkv_island.api import (
     DeleteOut,
     RecoveryFinishOut,
@@ -24,6 +24,12 @@ __all__ = [
     "RegistrationFinishOut", "RecoveryStartRequest", "RecoveryStartOut", "RecoveryFinishRequest",
     "RecoveryFinishOut", "DeleteOut", "RecordStatus", "FleetParams",
 ]
+
+
+# Fixed sizes, refused here (400 invalid_request, as the hsm-proxy would
+# refuse them) so that the published schema states them.
+Ek = fixed_b64(EK_LEN)
+KNonce = fixed_b64(K_NONCE_LEN)
 
 
 class FleetInfo(Frozen):
@@ -58,8 +64,8 @@ class _Identified(_Pinned):
 class RegistrationFinishRequest(_Identified):
     challenge: B64
     registration_upload: B64
-    ek: B64
-    k_nonce: B64
+    ek: Ek
+    k_nonce: KNonce
 
 
 class RecoveryStartRequest(_Identified):

@@ -16,6 +16,7 @@ from typing import Annotated, Awaitable, Callable
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bkv_common.encoding import user_ref
 from bkv_common.http import UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, decode_error
@@ -25,10 +26,11 @@ from bkv_common.service import (
     error_response,
     install_common,
     passthrough_response,
+    route_methods,
     route_templates,
 )
 from bkv_common.wire import ErrorCode
-from bkv_frontend import api
+from bkv_frontend import api, openapi
 from bkv_frontend.auth import TokenVerifier, Unauthenticated, check_device
 from bkv_frontend.routing import FleetView, NotReady
 from bkv_island import api as iapi
@@ -79,6 +81,18 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     for cls in (Unauthenticated, UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, NotReady):
         app.add_exception_handler(cls, _mapped)
 
+    async def _routing(_: Request, exc: StarletteHTTPException) -> Response:
+        # The router's own refusals, in the one error shape (GuardAndMeasure
+        # answers most 405s before they get here).
+        if exc.status_code == 405:
+            return error_response(405, ErrorCode.METHOD_NOT_ALLOWED, "method not allowed on this path",
+                                  headers=exc.headers)
+        if exc.status_code == 404:
+            return error_response(404, ErrorCode.NOT_FOUND, "no such endpoint")
+        return Response(status_code=exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, _routing)
+
     # async on purpose: a plain `def` dependency would run in a worker thread.
     async def account(authorization: Annotated[str | None, Header()] = None,
                       x_bkv_device_key: Annotated[str | None, Header()] = None) -> str:
@@ -101,8 +115,9 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
 
     User = Annotated[str, Depends(account)]
 
-    # Over Noise every call is a POST (docs/edge.md), hence the POST twins.
-    @app.post("/v1/fleet", include_in_schema=False)
+    # Over Noise every call is a POST (docs/edge.md), hence the POST twins
+    # (this one in the schema: it shares its path with the GET).
+    @app.post("/v1/fleet", summary="Fleet (POST twin, for clients over Noise)")
     @app.get("/v1/fleet")
     async def fleet() -> api.FleetInfo:
         if view.params is None:
@@ -115,7 +130,9 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     # The validation bundle (docs/ota.md): public and self-authenticating, so
     # the edge passes GET /v1/bundle in clear -- a client needs it to learn
     # the edge key it then opens Noise with.
-    @app.get("/v1/bundle", include_in_schema=False)
+    @app.get("/v1/bundle", summary="The current validation bundle (docs/ota.md)", responses={200: {
+        "description": "SignedBundle JSON, self-authenticating: the client checks its signatures",
+        "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def bundle() -> Response:
         if view.bundle is None:
             return error_response(404, ErrorCode.NOT_FOUND, "this fleet publishes no validation bundle")
@@ -175,14 +192,15 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     for path, (model, out, handler) in opaque_routes.items():
         app.add_api_route(path, _documented(model, handler, account), methods=["POST"], response_model=out)
 
-    @app.post("/v1/record/delete", include_in_schema=False)
+    @app.post("/v1/record/delete", response_model=api.DeleteOut, summary="Delete record (POST twin, over Noise)")
     @app.delete("/v1/record", response_model=api.DeleteOut)
     async def delete(user: User) -> Response:
         return await relay(user, "/island/v1/record/delete", iapi.DeleteIn(user_id=user), idempotent=True)
 
+    openapi.install(app)
     # Metrics name only the routes declared above (every one is in app.routes by now).
     return GuardAndMeasure(OpaqueFastPath(app, opaque_routes, account, map_error), service="frontend",
-                           routes=route_templates(app))
+                           routes=route_templates(app), methods=route_methods(app))
 
 
 OpaqueHandler = Callable[[BaseModel, str], Awaitable[Response]]
@@ -202,8 +220,9 @@ class OpaqueFastPath:
     """Pure ASGI: answers ``POST`` on the OPAQUE routes itself -- auth (the
     same ``account``), body validation (400 as FastAPI's handler gives it),
     the handler, errors through the same ``map_error`` -- and passes
-    everything else to FastAPI. Content type, size and metrics are checked
-    and counted by the GuardAndMeasure around both."""
+    everything else to FastAPI. Undeclared methods (405), content type,
+    size and metrics are checked and counted by the GuardAndMeasure around
+    both."""
 
     def __init__(self, app, routes: dict[str, tuple[type[BaseModel], type[BaseModel], OpaqueHandler]], account,
                  map_error: Callable[[Exception], Response | None]) -> None:

@@ -20,6 +20,9 @@ IslandId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$
 UserRef = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]  # bkv_common.encoding.user_ref
 FleetId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]  # bkv_common.encoding.fleet_id_for
 
+EK_LEN = 32 + 16  # the client's AES-256-GCM of its 32-byte K
+K_NONCE_LEN = 12
+
 
 class EntryState(str, enum.Enum):
     ABSENT = "absent"        # never registered

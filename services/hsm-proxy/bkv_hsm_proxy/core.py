@@ -48,8 +48,8 @@ from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, HsmBackend, generation_label
 
 CHALLENGE_TTL_MS = 120_000
 LOGIN_STATE_TTL_MS = 60_000
-EK_LEN = 32 + 16  # AES-256-GCM of a 32-byte K
-K_NONCE_LEN = 12
+EK_LEN = api.EK_LEN  # AES-256-GCM of a 32-byte K
+K_NONCE_LEN = api.K_NONCE_LEN
 RECORD_FORMAT = 1
 
 

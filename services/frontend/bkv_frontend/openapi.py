@@ -1,0 +1,133 @@
+"""The frontend's /openapi.json, made to tell the truth.
+
+FastAPI documents 200 and a 422 the API never gives (validation is 400
+``invalid_request``). Here every public operation lists each status it can
+really answer, each with the one error body's schema and, as a JSON-schema
+``enum`` on ``error.code``, the stable codes that status carries on that
+route (client generators and schemathesis both read it). Auth is the bearer
+security scheme, not header parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+from fastapi import FastAPI
+
+from bkv_common.wire import ErrorBody, ErrorCode as C
+
+# What each code means (docs/api.md: Errors); a response's description lists its codes.
+_MEANING = {
+    C.INVALID_REQUEST: "the body does not parse or breaks the schema, or names an unknown fleet",
+    C.MALFORMED_OPAQUE_MESSAGE: "an OPAQUE message does not deserialize",
+    C.CHALLENGE_REJECTED: "the challenge expired, was used, superseded, or is another user's",
+    C.LOGIN_STATE_REJECTED: "the login state expired, was used, superseded, or is another user's",
+    C.UNAUTHENTICATED: "no valid account token",
+    C.AUTHENTICATION_FAILED: "the credential finalization did not verify (the one wrong-password error)",
+    C.NO_RECORD: "nothing registered for this account (fleet-signed)",
+    C.NOT_FOUND: "this fleet publishes no validation bundle",
+    C.CONFLICT: "the record kept changing until the deadline; retry",
+    C.REQUEST_ID_REUSED: "this request_id came before with another body",
+    C.REQUEST_SUPERSEDED: "a resend whose answer is gone; start over",
+    C.RECORD_DESTROYED: "attempts ran out, or the record was disabled (fleet-signed)",
+    C.PAYLOAD_TOO_LARGE: "body over 64 KiB",
+    C.UNSUPPORTED_MEDIA_TYPE: "not application/json",
+    C.RECORD_INTEGRITY_FAILURE: "the stored record does not open for this user (tampered storage)",
+    C.INTERNAL: "a bug",
+    C.OUTCOME_UNKNOWN: "may or may not have landed: resend the same request (same request_id)",
+    C.UNAVAILABLE: "temporarily unavailable: retry after Retry-After",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (retryable errors)",
+                                "schema": {"type": "integer"}}}
+
+_BODY = {400: [C.INVALID_REQUEST], 413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}
+_AUTH = {401: [C.UNAUTHENTICATED]}
+_ALWAYS = {500: [C.INTERNAL], 503: [C.UNAVAILABLE]}
+_RESEND = {409: [C.CONFLICT, C.REQUEST_ID_REUSED, C.REQUEST_SUPERSEDED], 502: [C.OUTCOME_UNKNOWN],
+           500: [C.INTERNAL, C.RECORD_INTEGRITY_FAILURE]}  # a resend opens the answer kept in storage
+
+
+def _merge(*tables: dict[int, list[C]]) -> dict[int, list[C]]:
+    out: dict[int, list[C]] = {}
+    for table in tables:
+        for status, codes in table.items():
+            out[status] = out.get(status, []) + [c for c in codes if c not in out.get(status, [])]
+    return dict(sorted(out.items()))
+
+
+# (path, method): every error status the operation can answer, with its codes.
+# Kept by hand against the islands' and the hsm-proxy's _STATUS tables and
+# the frontend's map_error; tests/test_openapi_schemathesis.py fails on any
+# status or code the API gives that is not listed here.
+ROUTE_ERRORS: dict[tuple[str, str], dict[int, list[C]]] = {
+    ("/v1/fleet", "get"): _ALWAYS,
+    ("/v1/fleet", "post"): _merge({413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}, _ALWAYS),
+    ("/v1/registration/start", "post"): _merge(
+        _BODY, _AUTH, _ALWAYS, {400: [C.MALFORMED_OPAQUE_MESSAGE], 409: [C.CONFLICT]}),
+    ("/v1/registration/finish", "post"): _merge(
+        _BODY, _AUTH, _ALWAYS, _RESEND, {400: [C.MALFORMED_OPAQUE_MESSAGE, C.CHALLENGE_REJECTED]}),
+    ("/v1/recovery/start", "post"): _merge(
+        _BODY, _AUTH, _ALWAYS, _RESEND,
+        {400: [C.MALFORMED_OPAQUE_MESSAGE], 404: [C.NO_RECORD], 410: [C.RECORD_DESTROYED]}),
+    ("/v1/recovery/finish", "post"): _merge(
+        _BODY, _AUTH, _ALWAYS, _RESEND,
+        {400: [C.MALFORMED_OPAQUE_MESSAGE, C.LOGIN_STATE_REJECTED], 403: [C.AUTHENTICATION_FAILED],
+         404: [C.NO_RECORD], 410: [C.RECORD_DESTROYED]}),
+    ("/v1/bundle", "get"): {404: [C.NOT_FOUND], 500: [C.INTERNAL]},
+    ("/v1/record", "delete"): _merge(_AUTH, _ALWAYS, {409: [C.CONFLICT]}),
+    ("/v1/record/delete", "post"): _merge(_AUTH, _ALWAYS, {409: [C.CONFLICT], 413: [C.PAYLOAD_TOO_LARGE],
+                                                          415: [C.UNSUPPORTED_MEDIA_TYPE]}),
+}
+AUTHENTICATED = {op for op, errors in ROUTE_ERRORS.items() if 401 in errors}
+_AUTH_HEADERS = {"authorization", "x-bkv-device-key"}  # the token, and the edge's device key
+
+
+def _error_schema(detail: dict, codes: Iterable[C]) -> dict:
+    """ErrorBody with ``error.code`` narrowed to ``codes``."""
+    detail = copy.deepcopy(detail)
+    detail["properties"]["code"] = {"type": "string", "enum": [c.value for c in codes]}
+    return {"type": "object", "title": "ErrorBody", "properties": {"error": detail}, "required": ["error"],
+            "additionalProperties": False}
+
+
+def install(app: FastAPI) -> None:
+    """Replace ``app.openapi`` by the corrected schema, built once, here:
+    call it after every route is declared."""
+    original = app.openapi
+    detail = ErrorBody.model_json_schema(mode="serialization")["$defs"]["ErrorDetail"]
+    detail.pop("title", None)
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearerAuth"] = {
+            "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+            "description": "The account token (EdDSA JWT); the user id is its sub"}
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema["components"].get("schemas", {}).pop(name, None)
+        for path, item in schema["paths"].items():
+            for method, op in item.items():
+                errors = ROUTE_ERRORS.get((path, method))
+                if errors is None:
+                    raise RuntimeError(f"{method.upper()} {path}: no error table in bkv_frontend.openapi")
+                op["responses"].pop("422", None)
+                for status, codes in errors.items():
+                    response = {"description": "\n".join(f"- `{c.value}`: {_MEANING[c]}" for c in codes),
+                                "content": {"application/json": {"schema": _error_schema(detail, codes)}}}
+                    if status in (409, 502, 503):
+                        response["headers"] = _RETRY_AFTER
+                    op["responses"][str(status)] = response
+                params = [p for p in op.get("parameters", []) if p["name"].lower() not in _AUTH_HEADERS]
+                if params:
+                    op["parameters"] = params
+                else:
+                    op.pop("parameters", None)
+                if (path, method) in AUTHENTICATED:
+                    op["security"] = [{"bearerAuth": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    openapi()  # now, with every route declared: a route without an error table fails at startup
