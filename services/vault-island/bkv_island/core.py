@@ -90,6 +90,11 @@ class Island:
                 raise errors.StoreUnavailable("etcd unreachable; try again shortly") from exc
             raise errors.Contended(f"{name}: too many concurrent changes to this record; try again") from exc
 
+    def _start_over(self, user_id: str) -> _LostRace:
+        """Drop this user's cached entry; the loop then decides again from a fresh read."""
+        self._store.forget(self.island_id, user_ref(user_id))
+        return _LostRace()
+
     async def _hsm_on(self, user_id: str, stored: Stored, call):
         """Run an HSM step on ``stored``. If the HSM refuses and our entry came
         from the cache, the cache may be stale (a version mismatch, or a record
@@ -99,8 +104,7 @@ class Island:
             return await call
         except UpstreamError as exc:
             if stored.cached:
-                self._store.forget(self.island_id, user_ref(user_id))
-                raise _LostRace() from exc
+                raise self._start_over(user_id) from exc
             raise
 
     async def _answered(self, user_id: str, stored: Stored, writes: _Writes, out_type):
@@ -113,8 +117,7 @@ class Island:
             if (mine := writes.remembered(stored)) is not None:
                 return mine
             if stored.cached:  # answer a resend only from the newest entry: read it
-                self._store.forget(self.island_id, user_ref(user_id))
-                raise _LostRace()
+                raise self._start_over(user_id)
             try:
                 kept = await self._hsm.open_reply(hapi.ReplyOpenIn(
                     user_id=user_id, island=self.island_id, current=entry, request_id=writes.request_id,
@@ -127,8 +130,7 @@ class Island:
             return out_type.model_validate_json(kept.reply)
         if rid in entry.recent:
             if stored.cached:  # perhaps an old view: decide on a fresh read
-                self._store.forget(self.island_id, user_ref(user_id))
-                raise _LostRace()
+                raise self._start_over(user_id)
             raise errors.RequestSuperseded("this request was answered before and a later change has landed since; "
                                            "nothing was done: start the operation again")
         return None
