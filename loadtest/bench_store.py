@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "loadtest")]
 
 from bench import cpu_seconds, machine  # noqa: E402
-from bkv.devfleet import wait_until  # noqa: E402
-from bkv_common.etcd import connect  # noqa: E402
-from bkv_hsm_proxy.api import Entry, EntryState  # noqa: E402
+from bkv_dev.fleet import wait_until  # noqa: E402
+from bkv_server.etcd import connect  # noqa: E402
+from bkv_protocol.hsm_api import Entry, EntryState  # noqa: E402
 from bkv_island.store import EtcdRecordStore  # noqa: E402
 
 

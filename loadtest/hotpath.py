@@ -37,9 +37,9 @@ import opaque_ke_py as opaque  # noqa: E402
 from bench import cpu_seconds, stat_cpu_seconds  # noqa: E402
 from bkv.sdk import VaultClient  # noqa: E402
 from bkv.transport import AsyncNoiseTransport  # noqa: E402
-from bkv_common.encoding import b64d  # noqa: E402
-from bkv_common.secrets import BackupKey  # noqa: E402
-from bkv_edge.noise import StaticKey  # noqa: E402
+from bkv_protocol.encoding import b64d  # noqa: E402
+from bkv_protocol.secrets import BackupKey  # noqa: E402
+from bkv_protocol.noise import StaticKey  # noqa: E402
 from conftest import start_fleet  # noqa: E402
 
 
@@ -88,7 +88,7 @@ async def measure(fleet, ops: int, noise: bool = False, profile: Path | None = N
 
             async def worker(m: int) -> None:
                 for _ in range(m):
-                    await c.recovery_start(opaque.client_login_start(os.urandom(8)).get_message())
+                    await c.login_start(opaque.client_login_start(os.urandom(8)).get_message())
 
             await asyncio.gather(*(worker(ops // conc) for _ in range(conc)))
             wall, client = time.perf_counter() - t, time.process_time() - c0

@@ -39,9 +39,9 @@ from locust import User, between, constant, events, tag, task  # noqa: F401
 from bkv import errors
 from bkv.sdk import VaultClientSync
 from bkv.transport import NoiseTransport, tls_context
-from bkv_edge.noise import StaticKey
-from bkv_common.encoding import b64d
-from bkv_common.secrets import BackupKey
+from bkv_protocol.noise import StaticKey
+from bkv_protocol.encoding import b64d
+from bkv_protocol.secrets import BackupKey
 
 from accounts import account as _account
 
@@ -55,7 +55,7 @@ _next_account = itertools.count()
 
 
 def _issuer():
-    from bkv_frontend.auth import DevIssuer
+    from bkv_dev.issuer import DevIssuer
 
     return DevIssuer.load(__import__("pathlib").Path(os.environ["BKV_LOAD_ISSUER_DIR"]))  # read-only in a pod
 
@@ -180,7 +180,7 @@ class GuessFlood(_VaultUser):
     def guess(self) -> None:
         vault = next(self._cycle)
         req = opaque.client_login_start(os.urandom(12)).get_message()
-        self.timed("guess", lambda: vault.recovery_start(req), expected=(errors.LockedOut,))
+        self.timed("guess", lambda: vault.login_start(req), expected=(errors.LockedOut,))
 
 
 class Registration(_VaultUser):

@@ -25,11 +25,11 @@ from accounts import account  # noqa: E402
 from bkv import errors  # noqa: E402
 from bkv.sdk import VaultClient  # noqa: E402
 from bkv.transport import AsyncNoiseTransport  # noqa: E402
-from bkv_common.encoding import b64d  # noqa: E402
-from bkv_common.retry import Backoff, retry  # noqa: E402
-from bkv_common.secrets import BackupKey  # noqa: E402
-from bkv_edge.noise import StaticKey  # noqa: E402
-from bkv_frontend.auth import DevIssuer  # noqa: E402
+from bkv_protocol.encoding import b64d  # noqa: E402
+from bkv_protocol.retry import Backoff, retry  # noqa: E402
+from bkv_protocol.secrets import BackupKey  # noqa: E402
+from bkv_protocol.noise import StaticKey  # noqa: E402
+from bkv_dev.issuer import DevIssuer  # noqa: E402
 
 
 async def seed(n: int, prefix: str, *, url: str, fleet_key: bytes, issuer: DevIssuer, edge_url: str = "",

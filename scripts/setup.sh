@@ -37,11 +37,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.bkv-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml protocol/pyproject.toml client/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing the Python package into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[dev]'
+  # Three distributions from this checkout: the protocol, the client, the
+  # services with their dev tooling (docs/architecture.md, "Packages").
+  .venv/bin/pip install -q -e ./protocol -e ./client -e '.[dev]'
   echo "$want" > "$stamp"
 fi
 

@@ -56,7 +56,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from bkv.devfleet import bridge_forwarding, wait_until  # wait_until: the one poll-until-deadline helper
+from bkv_dev.fleet import bridge_forwarding, wait_until  # wait_until: the one poll-until-deadline helper
 
 VENV_BIN = Path(sys.executable).parent
 # What the Dockerfile's ENV gives our image's containers.

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bkv.devfleet import Fleet, FleetSpec
+from bkv_dev.fleet import Fleet, FleetSpec
 from bkv.sdk import VaultClient
-from bkv_common.encoding import b64d
+from bkv_protocol.encoding import b64d
 
 
 def _free_base_port() -> int:
@@ -114,8 +114,8 @@ async def make_client(fleet):
 
 async def read_entry(etcd, fleet, user: str):
     """The user's entry as etcd holds it: (Entry, raw bytes or None, key)."""
-    from bkv_common.fleetmap import rendezvous
-    from bkv_hsm_proxy.api import Entry, EntryState
+    from bkv_server.fleetmap import rendezvous
+    from bkv_protocol.hsm_api import Entry, EntryState
     from bkv_island.store import user_key
 
     key = user_key("/bkv", rendezvous(user, fleet.spec.islands), user)
@@ -127,7 +127,7 @@ async def read_entry(etcd, fleet, user: str):
 
 @pytest.fixture
 async def etcd(fleet):
-    from bkv_common.etcd import connect
+    from bkv_server.etcd import connect
 
     client = await connect(fleet.etcd_endpoints)
     yield client

@@ -37,7 +37,7 @@ def write_report() -> None:
               "and then be locked out.", "",
               "Site cut off: the site chosen is one whose etcd member does not lead, and the recovery time runs from "
               "the heal. etcd members run with `--pre-vote` and every client pings each connection to a member every "
-              "2 s (`bkv_common/etcd.py`, `KEEPALIVE_MS`); before both (2026-11-25), the cut member deposed the leader "
+              "2 s (`bkv_server/etcd.py`, `KEEPALIVE_MS`); before both (2026-11-25), the cut member deposed the leader "
               "when it came back (term 2 -> 10) and calls waited on connections to it that still looked alive: "
               "7.1 s to the first recovery and 23 errors seen by clients, and once, in CI, a recovery past the "
               "client's 10 s timeout.", "",

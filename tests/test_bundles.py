@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 
 from bkv.cli import app
 from bkv.trust import TrustStore
-from bkv_common import bundle as bd
-from bkv_common.encoding import b64e, fleet_id_for
+from bkv_protocol import bundle as bd
+from bkv_protocol.encoding import b64e, fleet_id_for
 from bkv_witness.core import Witness, WitnessRefused
 from onpath import OnPath
 
@@ -290,7 +290,7 @@ def test_a_witness_process_countersigns_a_chain_refuses_a_fork_and_serves_its_lo
 # -- publishing: real etcd, the real witness process, a publisher killed midway ---------------
 
 async def _etcd_get(endpoints: str, key: str) -> bytes | None:
-    from bkv_common.etcd import connect
+    from bkv_server.etcd import connect
 
     client = await connect(endpoints)
     try:
@@ -315,7 +315,7 @@ def _publish_argv(tmp_path: Path, operator: bd.RootKey, witness_url: str, etcd_e
 def test_a_publisher_killed_between_the_witness_and_etcd_is_finished_by_the_next_run_without_a_fork(
         roots, witness_process, fleet, tmp_path):
     from bkv.audit import audit
-    from bkv_common.fleetmap import FLEET_BUNDLE_KEY, FLEET_PENDING_BUNDLE_KEY
+    from bkv_server.fleetmap import FLEET_BUNDLE_KEY, FLEET_PENDING_BUNDLE_KEY
 
     operator, _ = roots
     url, witness_public_b64, _ = witness_process
@@ -368,7 +368,7 @@ def test_a_bundle_the_witness_logged_but_etcd_never_got_is_published_from_the_lo
         roots, witness_process, fleet, tmp_path):
     """What a publisher from before pending bundles left behind (or an etcd restored
     from a backup): the witness holds bundle 2, etcd serves bundle 1, no pending key."""
-    from bkv_common.fleetmap import FLEET_BUNDLE_KEY
+    from bkv_server.fleetmap import FLEET_BUNDLE_KEY
 
     operator, _ = roots
     url, _, _ = witness_process

@@ -180,7 +180,7 @@ def test_the_helm_test_pod_registers_and_recovers_through_the_public_service_as_
     pod = next(o for o in objs if o["kind"] == "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     c = pod["spec"]["containers"][0]
-    assert c["command"] == ["python", "-m", "bkv.helmtest"]
+    assert c["command"] == ["python", "-m", "bkv_dev.helmtest"]
     env = {e["name"]: e for e in c["env"]}
     assert env["BKV_TEST_EDGE_URL"]["value"] == "http://bkv.vault.svc.cluster.local:443"
     assert env["BKV_TEST_FLEET_KEY"]["valueFrom"]["configMapKeyRef"]["name"] == "bkv-fleet-public"
@@ -429,7 +429,7 @@ def chart_fleet(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).parent))
     from chartrun import ChartRun
 
-    from bkv_frontend.auth import DevIssuer
+    from bkv_dev.issuer import DevIssuer
 
     work = tmp_path_factory.mktemp("chartrun")
     issuer = DevIssuer.load_or_create(work / "issuer")
@@ -450,9 +450,9 @@ def chart_fleet(tmp_path_factory):
 async def test_the_rendered_chart_runs_and_a_key_is_registered_and_recovered_through_it(chart_fleet):
     from bkv.sdk import VaultClient
     from bkv.transport import AsyncNoiseTransport
-    from bkv_common.encoding import b64d
-    from bkv_common.secrets import BackupKey
-    from bkv_edge.noise import StaticKey
+    from bkv_protocol.encoding import b64d
+    from bkv_protocol.secrets import BackupKey
+    from bkv_protocol.noise import StaticKey
 
     run, issuer = chart_fleet
     # The fleet-init Job published the keys clients pin, through the API with its own token.
@@ -492,7 +492,7 @@ def test_in_the_rendered_chart_only_envoy_is_reachable_from_outside_the_frontend
     assert "bkv_http_requests_total" in httpx.get(f"{ops}/metrics").text
     assert "envoy_" in httpx.get(f"{ops}/stats/prometheus").text
     # The ops listener routes no vault API, plain or otherwise.
-    assert httpx.post(f"{ops}/v1/recovery/start", json={}).status_code == 404
+    assert httpx.post(f"{ops}/v1/login/start", json={}).status_code == 404
     assert httpx.get(f"{ops}/v1/fleet").status_code == 404
     (hsm,) = run.pods_of("bkv-hsm-proxy")
     assert "bkv_hsm_operation_duration_seconds" in httpx.get(f"http://{hsm.ip}:9100/metrics").text

@@ -15,7 +15,7 @@ import pytest
 
 from bkv.config import ClientConfig
 from bkv.storage.format import HEADER_LEN
-from bkv_edge.noise import StaticKey
+from bkv_protocol.noise import StaticKey
 from conftest import _free_base_port, unique_user
 
 PW = "my chat backup password"

@@ -34,9 +34,9 @@ import pytest
 from bkv import errors
 from bkv.sdk import VaultClient
 from bkv.transport import AsyncNoiseTransport
-from bkv_common.encoding import b64d
-from bkv_common.secrets import BackupKey
-from bkv_edge.noise import StaticKey
+from bkv_protocol.encoding import b64d
+from bkv_protocol.secrets import BackupKey
+from bkv_protocol.noise import StaticKey
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "k8s" / "cluster"))
@@ -77,7 +77,7 @@ def keys() -> tuple[bytes, bytes]:
 
 def vault_client(user: str) -> VaultClient:
     """A new device reaching the frontend Service from the host, through Envoy and Noise."""
-    from bkv_frontend.auth import DevIssuer
+    from bkv_dev.issuer import DevIssuer
 
     fleet_key, edge_key = keys()
     url = node.edge_url()
@@ -197,7 +197,7 @@ def test_only_envoy_is_reachable_from_outside_the_frontend_pod(cluster):
     ops = f"http://{ip}:9902"
     assert httpx.get(f"{ops}/readyz").status_code == 200
     # The ops listener routes no vault API.
-    assert httpx.post(f"{ops}/v1/recovery/start", json={}).status_code == 404
+    assert httpx.post(f"{ops}/v1/login/start", json={}).status_code == 404
 
 
 def test_service_dns_resolves_inside_the_cluster(cluster):

@@ -20,9 +20,9 @@ import pytest
 from bkv import errors
 from bkv.sdk import VaultClient
 from bkv.transport import AsyncNoiseTransport
-from bkv_common.encoding import b64d
-from bkv_common.secrets import BackupKey
-from bkv_edge.noise import StaticKey
+from bkv_protocol.encoding import b64d
+from bkv_protocol.secrets import BackupKey
+from bkv_protocol.noise import StaticKey
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "charts" / "backup-key-vault" / "dashboards"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"

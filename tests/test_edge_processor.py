@@ -29,9 +29,9 @@ from envoy_data_plane.envoy.service.ext_proc.v3 import (
     ProtocolConfiguration,
 )
 
-from bkv.devfleet import _processor_binary, wait_until
-from bkv_edge.errors import BadMessage, HandshakeFailed
-from bkv_edge.noise import SESSION_ID_LEN, Initiator, Session, StaticKey
+from bkv_dev.fleet import _processor_binary, wait_until
+from bkv_protocol.noise import BadMessage, HandshakeFailed
+from bkv_protocol.noise import SESSION_ID_LEN, Initiator, Session, StaticKey
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 REQUEST_HEADERS = ProcessingRequest(request_headers=HttpHeaders(headers=HeaderMap(headers=[
@@ -117,7 +117,7 @@ def _set_headers(mutation) -> dict[str, bytes]:
 def test_a_transport_request_opens_to_the_inner_request_and_its_answer_is_sealed_with_the_inner_status(processor):
     device = StaticKey.generate()
     session = processor.handshake(device)
-    body = session.session_id + session.seal_request(7, "/v1/recovery/start", "Bearer t", b'{"a":1}')
+    body = session.session_id + session.seal_request(7, "/v1/login/start", "Bearer t", b'{"a":1}')
     headers, request, response_headers, response_body = processor.transport(
         body, HeaderValue(key=":status", raw_value=b"403"), b'{"error":{}}')
 
@@ -125,7 +125,7 @@ def test_a_transport_request_opens_to_the_inner_request_and_its_answer_is_sealed
     common = request.request_body.response
     assert common.body_mutation.body == b'{"a":1}'
     inner = _set_headers(common.header_mutation)
-    assert inner[":path"] == b"/v1/recovery/start" and inner["authorization"] == b"Bearer t"
+    assert inner[":path"] == b"/v1/login/start" and inner["authorization"] == b"Bearer t"
     assert inner["content-length"] == b"7" and inner["content-type"] == b"application/json"
     # Every client-supplied copy of the device header goes; ours is what the handshake proved.
     assert common.header_mutation.remove_headers == ["x-bkv-device-key"]
@@ -147,7 +147,7 @@ UPSTREAM_HEADERS = [HeaderValue(key=k, raw_value=v) for k, v in (
 
 def test_only_the_allow_listed_headers_stay_on_a_sealed_answer(processor):
     session = processor.handshake()
-    body = session.session_id + session.seal_request(1, "/v1/recovery/start", "Bearer x", b"")
+    body = session.session_id + session.seal_request(1, "/v1/login/start", "Bearer x", b"")
     _, _, response_headers, _ = processor.transport(body, HeaderValue(key=":status", raw_value=b"401"),
                                                     b'{"error":{}}', UPSTREAM_HEADERS)
     mutation = response_headers.response_headers.response.header_mutation

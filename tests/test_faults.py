@@ -15,9 +15,9 @@ import pytest
 
 from bkv import errors
 from bkv.sdk import VaultClient
-from bkv_common.encoding import b64d
-from bkv_common.retry import Backoff
-from bkv_common.secrets import BackupKey
+from bkv_protocol.encoding import b64d
+from bkv_protocol.retry import Backoff
+from bkv_protocol.secrets import BackupKey
 from conftest import start_fleet, unique_user
 
 from reliability_report import ROWS
@@ -156,7 +156,7 @@ async def test_killing_two_of_five_etcd_members_loses_nothing_and_the_fleet_keep
 
 
 async def test_killing_the_etcd_leader_during_a_guess_flood_evaluates_at_most_the_limit(fleet5):
-    from bkv_common.etcd import connect
+    from bkv_server.etcd import connect
 
     ledger = Ledger()
     (user,) = await seed(fleet5, ledger, 1, "flood")
@@ -215,7 +215,7 @@ async def add_island(fleet, island: str, timeout_s: float = 120) -> float:
 
 async def test_adding_an_island_under_load_moves_only_its_users_with_their_attempt_counts(fleet5, etcd5):
     """Runs last in this module: it changes the island map."""
-    from bkv_common.fleetmap import rendezvous
+    from bkv_server.fleetmap import rendezvous
     from bkv_island.store import user_key
 
     ledger = Ledger()
@@ -256,7 +256,7 @@ async def test_adding_an_island_under_load_moves_only_its_users_with_their_attem
 
 @pytest.fixture
 async def etcd5(fleet5):
-    from bkv_common.etcd import connect
+    from bkv_server.etcd import connect
 
     c = await connect(fleet5.etcd_endpoints)
     yield c

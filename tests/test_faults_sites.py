@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from bkv.devfleet import NetemUnavailable
-from bkv_common.encoding import user_ref
-from bkv_common.etcd import connect
+from bkv_dev.fleet import NetemUnavailable
+from bkv_protocol.encoding import user_ref
+from bkv_server.etcd import connect
 from conftest import start_fleet
 from reliability_report import ROWS
 from test_faults import LIMIT, Ledger, audit, client, load, run_fault, seed
@@ -64,10 +64,10 @@ async def read_entry(endpoints: str, key: str) -> tuple[bytes, int]:
 MINORITY_PROBE = r"""
 import json, os, sys, httpx
 import opaque_ke_py as opaque
-from bkv_common.encoding import b64e
+from bkv_protocol.encoding import b64e
 req = opaque.client_login_start(b"pw-" + sys.argv[2].encode()).get_message()
 try:
-    r = httpx.post(sys.argv[1] + "/island/v1/recovery/start",
+    r = httpx.post(sys.argv[1] + "/island/v1/login/start",
                    json={"user_id": sys.argv[2], "request_id": b64e(os.urandom(16)), "credential_request": b64e(req)}, timeout=20)
     print(json.dumps({"status": r.status_code}))
 except httpx.HTTPError as exc:
@@ -119,7 +119,7 @@ async def test_a_site_cut_off_serves_no_state_change_and_the_fleet_does_not_dive
     # start an election, so it came back at the old term)...
     assert views[0][0] == status.raft_term, (status.raft_term, views)
     # ...and the first recovery after healing did not wait on connections to the cut
-    # member that looked alive (gRPC keepalive, bkv_common.etcd.KEEPALIVE_MS): without
+    # member that looked alive (gRPC keepalive, bkv_server.etcd.KEEPALIVE_MS): without
     # both, it took 4-5 s on a quiet machine, and past a client's 10 s timeout under load.
     assert ROWS[-1]["recovery_s"] < 3.0, ROWS[-1]
 

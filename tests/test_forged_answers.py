@@ -157,7 +157,7 @@ def test_connections_dropped_after_forwarding_spend_no_extra_attempt(fleet, devi
 
 
 async def test_the_sdk_never_takes_forged_503s_as_a_lockout(fleet, device, proxy, tmp_path):
-    from bkv_common.secrets import BackupKey
+    from bkv_protocol.secrets import BackupKey
 
     key = BackupKey(bytes(range(32)))
     async with device.config.client() as direct:
@@ -177,7 +177,7 @@ async def test_the_sdk_never_takes_forged_503s_as_a_lockout(fleet, device, proxy
 @pytest.mark.parametrize("answer", [no_record(), record_destroyed(409), record_destroyed(410)],
                          ids=["404 no_record", "409 record_destroyed", "410 record_destroyed"])
 async def test_the_sdk_acts_on_no_unsigned_no_record_or_record_destroyed(fleet, device, proxy, answer):
-    from bkv_common.secrets import BackupKey
+    from bkv_protocol.secrets import BackupKey
 
     key = BackupKey(bytes(range(1, 33)))
     async with device.config.client() as direct:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bkv.devfleet import SOFTHSM_MODULE, TOKEN_LABEL
+from bkv_dev.fleet import SOFTHSM_MODULE, TOKEN_LABEL
 
 
 @pytest.fixture
@@ -45,8 +45,8 @@ def test_the_token_refuses_to_export_the_sealing_key(token):
 
 
 def test_the_opaque_setup_is_stored_only_sealed(token):
-    from bkv_common import labels
-    from bkv_common.encoding import canonical
+    from bkv_protocol import labels
+    from bkv_protocol.encoding import canonical
     from bkv_hsm_proxy.core import VaultHsm
     from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL
 
@@ -138,7 +138,7 @@ def test_a_wrong_pin_fails_at_once_and_is_never_tried_again(tmp_path):
     conf = _softhsm_conf(tmp_path)
     _init_token(conf, "pinned")
     script = f"""
-from bkv_common.retry import Backoff
+from bkv_protocol.retry import Backoff
 from bkv_hsm_proxy.errors import HsmLoginFailed
 from bkv_hsm_proxy.hsm import open_token
 try:

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from bkv_hsm_proxy.api import Entry, EntryState
+from bkv_protocol.hsm_api import Entry, EntryState
 from bkv_island import errors
 from bkv_island.store import MAX_BATCH, EtcdRecordStore, ref_key
 
@@ -106,7 +106,7 @@ async def test_a_swap_whose_caller_gave_up_before_it_was_sent_is_not_written(etc
 
 
 async def test_etcd_unreachable_tells_every_caller_in_the_batch_that_the_outcome_is_unknown(island):
-    from bkv_common.etcd import connect
+    from bkv_server.etcd import connect
 
     dead = await connect("127.0.0.1:9")  # nothing listens on the discard port
     try:

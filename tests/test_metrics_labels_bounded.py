@@ -12,17 +12,17 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from bkv_common import metrics
-from bkv_common.metrics import OTHER, UNMATCHED, RouteTable, http_labels, method_label, status_label
+from bkv_server import metrics
+from bkv_server.metrics import OTHER, UNMATCHED, RouteTable, http_labels, method_label, status_label
 
 # -- the label functions (unit) -------------------------------------------------------
 
 
 def test_a_declared_route_is_its_own_label_and_anything_else_is_unmatched():
-    table = RouteTable(["/v1/recovery/start", "/v1/fleet"])
-    assert table.label("/v1/recovery/start") == "/v1/recovery/start"
-    for path in ("/v1/recovery/start/", "/v1/recovery/start/x", "/V1/FLEET", "/v1/fleet\n", "", "/",
-                 "/" + "a" * 4096, "/v1/recovery/start?x=1", "/v1/recovery/%2e%2e"):
+    table = RouteTable(["/v1/login/start", "/v1/fleet"])
+    assert table.label("/v1/login/start") == "/v1/login/start"
+    for path in ("/v1/login/start/", "/v1/login/start/x", "/V1/FLEET", "/v1/fleet\n", "", "/",
+                 "/" + "a" * 4096, "/v1/login/start?x=1", "/v1/recovery/%2e%2e"):
         assert table.label(path) == UNMATCHED, path
 
 
@@ -80,7 +80,7 @@ def _label_values(service: str) -> set[str]:
 async def test_rpc_app_labels_unknown_paths_unmatched_in_process():
     from pydantic import BaseModel
 
-    from bkv_common.rpc import RpcApp
+    from bkv_server.rpc import RpcApp
 
     class In(BaseModel):
         x: int
@@ -103,7 +103,7 @@ async def test_rpc_app_labels_unknown_paths_unmatched_in_process():
 async def test_guard_and_measure_labels_a_fastapi_app_by_its_routes_in_process():
     from fastapi import FastAPI
 
-    from bkv_common.service import install_common
+    from bkv_server.service import install_common
 
     app = FastAPI()
 
@@ -124,7 +124,7 @@ async def test_guard_and_measure_labels_a_fastapi_app_by_its_routes_in_process()
 # -- a real fleet: the frontend, an island and an hsm-proxy as processes -----------------
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "PROPFIND", "PURGE", "MKCOL", "SEARCH"]
-PREFIXES = ["/", "/v1/", "/v1/recovery/start/", "/metrics", "/healthz/", "/island/v1/", "/hsm/v1/login/start/"]
+PREFIXES = ["/", "/v1/", "/v1/login/start/", "/metrics", "/healthz/", "/island/v1/", "/hsm/v1/login/start/"]
 
 
 def _random_path(rng: random.Random, size: int = 4096) -> tuple[str, str]:

@@ -19,7 +19,7 @@ import jwt
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from bkv_common.encoding import fleet_id_for, user_ref
+from bkv_protocol.encoding import fleet_id_for, user_ref
 from conftest import unique_user
 
 B = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
@@ -107,7 +107,7 @@ def test_a_signed_token_with_a_claim_of_the_wrong_type_is_a_401_not_a_500(fleet,
     # Twice: the second is answered from the verified-token cache, where a
     # string exp used to blow up (`"123" + 30`).
     for _ in range(2):
-        resp = _post(fleet.frontend_url + "/v1/recovery/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
+        resp = _post(fleet.frontend_url + "/v1/login/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                      headers={"authorization": f"Bearer {token}"})
         assert resp.status_code == 401, resp.text
         assert resp.json()["error"]["code"] == "unauthenticated"
@@ -119,14 +119,14 @@ def test_a_signed_token_with_a_claim_of_the_wrong_type_is_a_401_not_a_500(fleet,
 @pytest.mark.parametrize("payload", [b"[1, 2]", b"\"alice\"", b"null", b"{" * 3000 + b"}" * 3000, b"\xff\xfe"])
 def test_a_signed_token_whose_payload_is_not_an_object_is_a_401(fleet, payload):
     token = jwt.api_jws.encode(payload, fleet.issuer()._key, algorithm="EdDSA")  # noqa: SLF001
-    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/login/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {token}"})
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthenticated"
 
 
 def test_a_well_typed_token_still_works(fleet):
     """The checks above refuse only wrong types: a plain token reaches the island (no record: 404)."""
-    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/login/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {mint(fleet)}"})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_record"
 
@@ -136,14 +136,14 @@ def test_a_non_ascii_device_key_in_header_or_token_is_a_401_not_a_500(fleet, hea
     # compare_digest refuses non-ASCII str with a TypeError: the frontend compares bytes. The
     # token's key is non-ASCII too, so even a plain header used to fail.
     token = mint(fleet, cnf={"bkv_device_key": "ß" + B(os.urandom(32))})
-    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/login/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {token}", "x-bkv-device-key": header})
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthenticated"
 
 
 def test_a_bound_token_with_the_matching_header_passes_the_device_check(fleet):
     key = B(os.urandom(32))
-    resp = _post(fleet.frontend_url + "/v1/recovery/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/login/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {mint(fleet, cnf={'bkv_device_key': key})}",
                           "x-bkv-device-key": key})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_record"
@@ -199,7 +199,7 @@ def test_a_content_length_of_five_thousand_digits_is_not_a_500(fleet):
 
     u = urlsplit(fleet.frontend_url)
     with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/recovery/start HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        sock.sendall(b"POST /v1/login/start HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"content-length: " + b"9" * 5000 + b"\r\n\r\n{}")
         head = sock.recv(64)
     assert head.startswith(b"HTTP/1.1 4"), head
@@ -223,12 +223,12 @@ def test_the_witness_refuses_a_malformed_bundle_with_a_400(fleet, bundle):
 
 
 def test_attempt_counts_are_bounded_in_the_wire_models():
-    from bkv_hsm_proxy import api as hapi
-    from bkv_island import api as iapi
+    from bkv_protocol import hsm_api as hapi
+    from bkv_protocol import island_api as iapi
 
     for bad in (-1, 1001, U64):
         with pytest.raises(ValidationError):
-            iapi.RecoveryStartOut(credential_response=b"r", login_state=b"s", attempts_left=bad, signature=b"g")
+            iapi.LoginStartOut(credential_response=b"r", login_state=b"s", attempts_left=bad, signature=b"g")
         with pytest.raises(ValidationError):
             hapi.FleetParams(fleet_id="f", fleet_public_key=b"k", max_attempts=bad if bad != -1 else 0)
     with pytest.raises(ValidationError):
@@ -244,7 +244,7 @@ NL = "\n"
 def test_every_id_type_refuses_a_trailing_newline_and_any_other_junk():
     """pydantic-core's Rust regex reads `$` as the end of the text (Python's
     re does not): this pins that, for every id pattern of the wire models."""
-    from bkv_hsm_proxy.api import FleetId, IslandId, UserId, UserRef
+    from bkv_protocol.hsm_api import FleetId, IslandId, UserId, UserRef
 
     good = {UserId: "alice", IslandId: "island-a", UserRef: "ab" * 32, FleetId: "cd" * 16}
     for typ, value in good.items():
@@ -269,10 +269,10 @@ def test_ids_with_a_trailing_newline_are_refused_by_the_island(fleet):
     island, _ = _urls(fleet)
     fid = fleet.fleet_params["fleet_id"]
     cases = [
-        ("/island/v1/recovery/start", {"user_id": "alice" + NL, "request_id": RID, "credential_request": B(b"x" * 96)}),
-        ("/island/v1/recovery/start", {"user_id": "alice", "fleet_id": fid + NL, "request_id": RID,
+        ("/island/v1/login/start", {"user_id": "alice" + NL, "request_id": RID, "credential_request": B(b"x" * 96)}),
+        ("/island/v1/login/start", {"user_id": "alice", "fleet_id": fid + NL, "request_id": RID,
                                        "credential_request": B(b"x")}),
-        ("/island/v1/recovery/start", {"user_id": "alice", "request_id": RID + NL, "credential_request": B(b"x")}),
+        ("/island/v1/login/start", {"user_id": "alice", "request_id": RID + NL, "credential_request": B(b"x")}),
         ("/island/v1/record/delete", {"user_id": unique_user("nl") + NL}),
         ("/island/v1/admin/move", {"user_ref": user_ref("alice") + NL, "to_island": "island-b"}),
         ("/island/v1/admin/move", {"user_ref": user_ref("alice"), "to_island": "island-b" + NL}),
@@ -389,8 +389,8 @@ def _island_routes(fleet) -> dict[str, dict]:
         "/island/v1/registration/finish": {"user_id": user, "challenge": B(os.urandom(60)),
                                            "registration_upload": B(os.urandom(192)), "ek": B(os.urandom(48)),
                                            "k_nonce": B(os.urandom(12))},
-        "/island/v1/recovery/start": {"user_id": user, "credential_request": B(os.urandom(96))},
-        "/island/v1/recovery/finish": {"user_id": user, "login_state": B(os.urandom(300)),
+        "/island/v1/login/start": {"user_id": user, "credential_request": B(os.urandom(96))},
+        "/island/v1/login/finish": {"user_id": user, "login_state": B(os.urandom(300)),
                                        "credential_finalization": B(os.urandom(64))},
         "/island/v1/record/delete": {"user_id": user},
         "/island/v1/admin/move": {"user_ref": ref, "to_island": "island-b"},
@@ -405,8 +405,8 @@ def _frontend_routes(fleet) -> dict[str, dict]:
         "/v1/registration/start": {"fleet_id": fid, "registration_request": B(os.urandom(32))},
         "/v1/registration/finish": {"challenge": B(os.urandom(60)), "registration_upload": B(os.urandom(192)),
                                     "ek": B(os.urandom(48)), "k_nonce": B(os.urandom(12))},
-        "/v1/recovery/start": {"credential_request": B(os.urandom(96))},
-        "/v1/recovery/finish": {"login_state": B(os.urandom(300)), "credential_finalization": B(os.urandom(64))},
+        "/v1/login/start": {"credential_request": B(os.urandom(96))},
+        "/v1/login/finish": {"login_state": B(os.urandom(300)), "credential_finalization": B(os.urandom(64))},
         "/v1/record/delete": {},
         "/v1/fleet": {},
     }

@@ -15,12 +15,12 @@ import pytest
 
 from bkv import errors
 from bkv.config import ClientConfig
-from bkv_common import bundle as bd
-from bkv_common.encoding import b64d
-from bkv_common.etcd import connect
-from bkv_common.fleetmap import FLEET_BUNDLE_KEY
-from bkv_common.secrets import BackupKey
-from bkv_edge.noise import StaticKey
+from bkv_protocol import bundle as bd
+from bkv_protocol.encoding import b64d
+from bkv_server.etcd import connect
+from bkv_server.fleetmap import FLEET_BUNDLE_KEY
+from bkv_protocol.secrets import BackupKey
+from bkv_protocol.noise import StaticKey
 
 
 def roots_only_config(fleet, user: str) -> ClientConfig:
@@ -137,7 +137,7 @@ def test_deployment_evidence_verifies_and_the_audit_fails_on_any_altered_byte_of
     from typer.testing import CliRunner
 
     from bkv.cli import app
-    from bkv_common import evidence as ev
+    from bkv_protocol import evidence as ev
 
     bundle_file = tmp_path / "bundle.json"
     bundle_file.write_text(httpx.get(f"{fleet.edge_url}/v1/bundle").text + "\n")

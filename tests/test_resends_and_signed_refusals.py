@@ -17,10 +17,10 @@ import pytest
 
 from bkv import errors
 from bkv.sdk import Call, VaultProtocol
-from bkv_common import transcripts
-from bkv_common.encoding import b64d
-from bkv_common.fleetmap import rendezvous
-from bkv_common.secrets import BackupKey
+from bkv_protocol import transcripts
+from bkv_protocol.encoding import b64d
+from bkv_server.fleetmap import rendezvous
+from bkv_protocol.secrets import BackupKey
 from conftest import RecordingTransport, read_entry, unique_user
 
 PW = "a perfectly good password"
@@ -64,7 +64,7 @@ async def test_a_recovery_start_resent_to_every_replica_is_answered_from_the_com
             "credential_request": B(opaque.client_login_start(b"a wrong guess").get_message())}
     evaluated = sum(_metric(u, "bkv_guesses_evaluated_total") for u in urls)
     resent = sum(_metric(u, "bkv_resends_answered_total") for u in urls)
-    answers = [httpx.post(urls[i % 2] + "/island/v1/recovery/start", json=body, timeout=20) for i in range(6)]
+    answers = [httpx.post(urls[i % 2] + "/island/v1/login/start", json=body, timeout=20) for i in range(6)]
     assert {a.status_code for a in answers} == {200}
     assert len({a.content for a in answers}) == 1, [a.content for a in answers]  # byte for byte the committed answer
     assert answers[0].json()["attempts_left"] == 9
@@ -79,11 +79,11 @@ async def test_a_request_id_reused_with_another_body_is_refused_and_changes_noth
     await make_client(user).register(BackupKey(os.urandom(32)), PW)
     url = _replica_urls(fleet, user)[0]
     rid = B(os.urandom(16))
-    first = httpx.post(url + "/island/v1/recovery/start", timeout=20, json={
+    first = httpx.post(url + "/island/v1/login/start", timeout=20, json={
         "user_id": user, "request_id": rid, "credential_request": B(opaque.client_login_start(b"g1").get_message())})
     assert first.status_code == 200
     before = await read_entry(etcd, fleet, user)
-    other = httpx.post(url + "/island/v1/recovery/start", timeout=20, json={
+    other = httpx.post(url + "/island/v1/login/start", timeout=20, json={
         "user_id": user, "request_id": rid, "credential_request": B(opaque.client_login_start(b"g2").get_message())})
     assert other.status_code == 409 and other.json()["error"]["code"] == "request_id_reused"
     assert await read_entry(etcd, fleet, user) == before
@@ -95,11 +95,11 @@ async def test_a_resend_after_a_later_change_is_refused_as_superseded_and_spends
     url = _replica_urls(fleet, user)[0]
     body = {"user_id": user, "request_id": B(os.urandom(16)),
             "credential_request": B(opaque.client_login_start(b"g1").get_message())}
-    assert httpx.post(url + "/island/v1/recovery/start", json=body, timeout=20).status_code == 200
+    assert httpx.post(url + "/island/v1/login/start", json=body, timeout=20).status_code == 200
     with pytest.raises(errors.WrongPassword):
         await make_client(user).recover("another wrong guess")  # a later change lands
     before = await read_entry(etcd, fleet, user)
-    late = httpx.post(url + "/island/v1/recovery/start", json=body, timeout=20)
+    late = httpx.post(url + "/island/v1/login/start", json=body, timeout=20)
     assert late.status_code == 409 and late.json()["error"]["code"] == "request_superseded"
     assert await read_entry(etcd, fleet, user) == before
 
@@ -109,12 +109,12 @@ async def test_no_record_is_signed_for_the_request_it_answers_and_the_client_act
     rec = RecordingTransport()
     with pytest.raises(errors.NoRecord):
         await make_client(user, transport=rec).recover(PW)
-    refusal = json.loads([e for e in rec.exchanges if e[0] == "/v1/recovery/start"][0][2])["error"]
+    refusal = json.loads([e for e in rec.exchanges if e[0] == "/v1/login/start"][0][2])["error"]
     assert refusal["code"] == "no_record" and refusal["signature"]
     # The same signature does not vouch for any other request.
     proto = _protocol(fleet, user)
     other = transcripts.login_start_request(proto.fleet_id, user, os.urandom(16), b"\0" * 32)
-    assert not proto.refusal_is_signed(Call("POST", "/v1/recovery/start", None, None, other),
+    assert not proto.refusal_is_signed(Call("POST", "/v1/login/start", None, None, other),
                                        transcripts.Refusal.NO_RECORD, b64d(refusal["signature"]))
 
 
@@ -126,7 +126,7 @@ async def test_record_destroyed_is_signed_and_the_client_acts_on_it(make_client,
     rec = RecordingTransport()
     with pytest.raises(errors.LockedOut):
         await make_client(user, transport=rec).recover(PW)
-    refusal = json.loads([e for e in rec.exchanges if e[0] == "/v1/recovery/start"][0][2])["error"]
+    refusal = json.loads([e for e in rec.exchanges if e[0] == "/v1/login/start"][0][2])["error"]
     assert refusal["code"] == "record_destroyed" and refusal["signature"]
 
 
@@ -147,7 +147,7 @@ async def test_an_unsigned_or_replayed_refusal_is_not_acted_on(make_client, flee
             self.signature, self.forged = signature, 0
 
         async def handle_async_request(self, request):
-            if request.url.path == "/v1/recovery/start":
+            if request.url.path == "/v1/login/start":
                 self.forged += 1
                 err = {"code": code, "message": "run bkv backup --new-key", "retryable": False}
                 if self.signature:

@@ -15,9 +15,9 @@ import pytest
 
 from bkv import errors
 from bkv.sdk import VaultClient
-from bkv_common.encoding import b64d
-from bkv_common.etcd import connect
-from bkv_common.retry import Backoff
+from bkv_protocol.encoding import b64d
+from bkv_server.etcd import connect
+from bkv_protocol.retry import Backoff
 from conftest import start_fleet
 from test_faults import LIMIT, Ledger, audit, load, seed
 
@@ -161,7 +161,7 @@ def device_config(fleet, edge_url: str, user: str):
     import base64
 
     from bkv.config import ClientConfig
-    from bkv_edge.noise import StaticKey
+    from bkv_protocol.noise import StaticKey
 
     device = StaticKey.generate()
     operator_root, witness_root = fleet.root_public_keys()
@@ -182,8 +182,8 @@ async def test_a_client_whose_newest_bundle_is_withheld_keeps_working_only_until
     import httpx
 
     from bkv.config import config_path
-    from bkv_common import bundle as bd
-    from bkv_common.secrets import BackupKey
+    from bkv_protocol import bundle as bd
+    from bkv_protocol.secrets import BackupKey
     from onpath import OnPath
 
     fleet = rot_fleet

@@ -14,10 +14,10 @@ import time
 import pytest
 
 from bkv import errors
-from bkv_common.encoding import user_ref
-from bkv_common.etcd import connect
-from bkv_common.fleetmap import rendezvous
-from bkv_common.secrets import BackupKey
+from bkv_protocol.encoding import user_ref
+from bkv_server.etcd import connect
+from bkv_server.fleetmap import rendezvous
+from bkv_protocol.secrets import BackupKey
 from conftest import start_fleet
 from reliability_report import ROWS
 from test_faults import LIMIT, Ledger, add_island, audit, client, load

@@ -12,7 +12,7 @@ from bkv.storage import create_backup, list_backups, restore_backup, verify_back
 from bkv.storage import format as fmt
 from bkv.storage.errors import (CorruptBackup, DestinationNotEmpty, NoBackup, TruncatedBackup,
                                 UnsupportedEntry, WrongKey)
-from bkv_common.secrets import BackupKey
+from bkv_protocol.secrets import BackupKey
 
 CHUNK = 4096  # small chunks, so small test files span many
 
@@ -174,7 +174,7 @@ def test_memory_stays_flat_for_a_large_backup_and_restore(tmp_path):
 import os
 from pathlib import Path
 from bkv.storage import create_backup, restore_backup
-from bkv_common.secrets import BackupKey
+from bkv_protocol.secrets import BackupKey
 k = BackupKey(os.urandom(32))
 create_backup(Path({str(big)!r}), {str(tmp_path / 'store')!r}, k)
 restore_backup({str(tmp_path / 'store')!r}, Path({str(tmp_path / 'out')!r}), k)

@@ -6,11 +6,11 @@ import pickle
 
 import pytest
 
-from bkv_common import labels
-from bkv_common.encoding import canonical
-from bkv_common.fleetmap import rendezvous
-from bkv_common.retry import Backoff, DeadlineExceeded, retry
-from bkv_common.secrets import BackupKey, Password
+from bkv_protocol import labels
+from bkv_protocol.encoding import canonical
+from bkv_server.fleetmap import rendezvous
+from bkv_protocol.retry import Backoff, DeadlineExceeded, retry
+from bkv_protocol.secrets import BackupKey, Password
 
 
 def test_every_domain_separation_label_is_distinct_and_versioned():

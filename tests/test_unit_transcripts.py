@@ -1,5 +1,5 @@
 """Unit tests of the signed transcripts and request fingerprints
-(bkv_common/transcripts.py): every field of a request changes its
+(bkv_protocol/transcripts.py): every field of a request changes its
 fingerprint, every transcript has its own label, and what the hsm-proxy
 signs is exactly what the SDK verifies."""
 
@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from bkv_common import labels, transcripts
-from bkv_common.encoding import canonical
+from bkv_protocol import labels, transcripts
+from bkv_protocol.encoding import canonical
 
 FLEET = "0" * 32
 RID = bytes(range(16))

@@ -9,12 +9,12 @@ import os
 import opaque_ke_py as opaque
 import pytest
 
-from bkv_common.encoding import user_ref
-from bkv_hsm_proxy import api as hapi
+from bkv_protocol.encoding import user_ref
+from bkv_protocol import hsm_api as hapi
 from bkv_hsm_proxy import errors as herr
 from bkv_hsm_proxy.core import VaultHsm
 from bkv_hsm_proxy.hsm import InMemoryHsmFake
-from bkv_island import api as iapi
+from bkv_protocol import island_api as iapi
 from bkv_island.core import Island
 from bkv_island.hsm_client import InProcessHsm
 from bkv_island.store import InMemoryRecordStoreFake
@@ -62,12 +62,12 @@ async def test_a_login_state_older_than_its_ttl_is_rejected_and_the_record_is_ke
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
     login = opaque.client_login_start(b"pw")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     fin = opaque.client_login_finish(b"pw", login.get_state(), out.credential_response)
     clock.ms += 60_001
     before = dict(store.data)
     with pytest.raises(herr.LoginStateRejected, match="expired"):
-        await island.recovery_finish(iapi.RecoveryFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
+        await island.login_finish(iapi.LoginFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
                                                            credential_finalization=fin.get_message()))
     assert store.data == before
 
@@ -77,9 +77,9 @@ async def test_a_forged_finalization_is_the_one_uniform_authentication_failure(p
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
     login = opaque.client_login_start(b"pw")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     with pytest.raises(herr.AuthenticationFailed) as failed:
-        await island.recovery_finish(iapi.RecoveryFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
+        await island.login_finish(iapi.LoginFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
                                                            credential_finalization=os.urandom(64)))
     assert str(failed.value) == "authentication failed"
 
@@ -92,13 +92,13 @@ async def test_concurrent_guesses_on_the_fake_store_are_counted_exactly(parts):
     async def guess():
         login = opaque.client_login_start(b"wrong")
         try:
-            return await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16),
+            return await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
                                                                      credential_request=login.get_message()))
         except Exception as exc:  # noqa: BLE001
             return exc
 
     results = await asyncio.gather(*(guess() for _ in range(12)))
-    answered = [r for r in results if isinstance(r, iapi.RecoveryStartOut)]
+    answered = [r for r in results if isinstance(r, iapi.LoginStartOut)]
     assert sorted(r.attempts_left for r in answered) == [0, 1, 2]
     entry, _ = store.data[("island-a", user_ref("alice"))]
     assert entry.state is hapi.EntryState.DESTROYED
@@ -123,7 +123,7 @@ async def test_a_lost_compare_and_swap_releases_nothing_and_retries_from_a_fresh
 
     store.swap = swap_that_loses_once
     login = opaque.client_login_start(b"pw")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     assert out.attempts_left == 1  # 3 - the other replica's guess - ours
     assert calls["n"] == 2
 
@@ -146,11 +146,11 @@ async def test_a_write_whose_answer_was_lost_but_that_landed_takes_one_attempt_n
 
     store.swap = swap_that_lands_but_times_out
     login = opaque.client_login_start(b"wrong")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     assert out.attempts_left == 2 and calls["n"] == 1  # one guess, one attempt, no second evaluation
     entry, _ = store.data[("island-a", user_ref("alice"))]
     login = opaque.client_login_start(b"wrong again")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     assert out.attempts_left == 1
 
 
@@ -171,7 +171,7 @@ async def test_a_write_that_did_not_land_is_retried_once_it_is_known_not_to_have
 
     store.swap = swap_that_fails_once
     login = opaque.client_login_start(b"wrong")
-    out = await island.recovery_start(iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     assert out.attempts_left == 2 and calls["n"] == 2
 
 
@@ -182,7 +182,7 @@ def test_the_vault_repr_never_shows_the_opaque_setup(parts):
 
 async def test_what_the_hsm_signs_is_what_the_client_verifies_with_the_same_transcript(parts):
     from bkv.sdk import VaultProtocol
-    from bkv_common import transcripts
+    from bkv_protocol import transcripts
 
     vault, island, _, _ = parts
     _, _, finish = await _register(island, "alice")
@@ -203,13 +203,13 @@ async def test_a_resent_guess_is_answered_from_the_commit_on_the_fake_store(part
     vault, island, store, _ = parts
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
-    guess = iapi.RecoveryStartIn(user_id="alice", request_id=os.urandom(16),
+    guess = iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
                                  credential_request=opaque.client_login_start(b"wrong").get_message())
-    first = await island.recovery_start(guess)
+    first = await island.login_start(guess)
     # A second island object stands in for another replica: nothing in memory, only the entry.
     other = Island("island-a", store, InProcessHsm(vault))
     store.forget("island-a", user_ref("alice"))
-    again = await other.recovery_start(guess)
+    again = await other.login_start(guess)
     assert again == first and first.attempts_left == 2
     entry, _ = store.data[("island-a", user_ref("alice"))]
     assert entry.request.id == guess.request_id.hex() and entry.version == 2

@@ -10,7 +10,7 @@ import re
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from bkv_common.wire import B64, RequestId, fixed_b64
+from bkv_protocol.wire import B64, RequestId, fixed_b64
 
 FIELDS = {"any size": B64, "request_id (16 B)": RequestId, "ek (48 B)": fixed_b64(48), "k_nonce (12 B)": fixed_b64(12)}
 TRICKY = ["", "=", "==", "QQ==", "QR==", "QQ=", "Q===", "QUI=", "QUJD", "QQ==QQ==", "QU=I", "Q", "QUJDRA", "QQ==\n",

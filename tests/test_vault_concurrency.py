@@ -11,9 +11,9 @@ import opaque_ke_py as opaque
 import pytest
 
 from bkv import errors
-from bkv_common.fleetmap import rendezvous
-from bkv_common.secrets import BackupKey
-from bkv_hsm_proxy.api import EntryState
+from bkv_server.fleetmap import rendezvous
+from bkv_protocol.secrets import BackupKey
+from bkv_protocol.hsm_api import EntryState
 from conftest import read_entry, unique_user
 
 
@@ -40,7 +40,7 @@ async def test_fifty_concurrent_wrong_guesses_across_both_replicas_evaluate_at_m
             req = opaque.client_login_start(f"wrong guess {i}".encode()).get_message()
             body = {"user_id": user, "request_id": base64.b64encode(os.urandom(16)).decode(),
                     "credential_request": base64.b64encode(req).decode()}
-            return await http.post(urls[i % 2] + "/island/v1/recovery/start", json=body)
+            return await http.post(urls[i % 2] + "/island/v1/login/start", json=body)
 
         answers = await asyncio.gather(*(guess(i) for i in range(50)))
     statuses = [a.status_code for a in answers]

@@ -14,9 +14,9 @@ from opaque_ke_py import client_login_start
 
 from bkv import errors
 from bkv.sdk import VaultClient
-from bkv_common.encoding import b64d
-from bkv_common.retry import Backoff
-from bkv_common.secrets import BackupKey
+from bkv_protocol.encoding import b64d
+from bkv_protocol.retry import Backoff
+from bkv_protocol.secrets import BackupKey
 from conftest import start_fleet, unique_user
 
 PW = "faulty but fine"
@@ -43,7 +43,7 @@ async def test_with_every_hsm_proxy_down_the_vault_answers_503_and_writes_nothin
     try:
         token = small_fleet.issuer().mint(user)
         req = client_login_start(b"x").get_message()
-        resp = httpx.post(small_fleet.frontend_url + "/v1/recovery/start", timeout=30,
+        resp = httpx.post(small_fleet.frontend_url + "/v1/login/start", timeout=30,
                           json={"request_id": base64.b64encode(os.urandom(16)).decode(),
                                 "credential_request": base64.b64encode(req).decode()},
                           headers={"authorization": f"Bearer {token}"})

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from bkv import errors
-from bkv_common.secrets import BackupKey
-from bkv_hsm_proxy.api import EntryState
+from bkv_protocol.secrets import BackupKey
+from bkv_protocol.hsm_api import EntryState
 from conftest import read_entry, unique_user
 
 PW = "correct horse battery staple"
@@ -125,7 +125,7 @@ async def test_fleet_endpoint_publishes_the_public_key_and_never_the_opaque_setu
     info = await make_client(unique_user()).fleet()
     params = fleet.fleet_params
     assert info.fleet_public_key.hex() != "" and info.max_attempts == 10
-    from bkv_common.encoding import b64d
+    from bkv_protocol.encoding import b64d
 
     assert info.fleet_public_key == b64d(params["fleet_public_key"])
     assert len(info.fleet_public_key) == 91  # a P-256 SubjectPublicKeyInfo, nothing more
@@ -133,7 +133,7 @@ async def test_fleet_endpoint_publishes_the_public_key_and_never_the_opaque_setu
 
 def test_the_blocking_client_drives_the_same_protocol(fleet):
     from bkv.sdk import VaultClientSync
-    from bkv_common.encoding import b64d
+    from bkv_protocol.encoding import b64d
 
     user, k = unique_user(), new_key()
     key = b64d(fleet.fleet_params["fleet_public_key"])

@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from bkv import errors
-from bkv_common.fleetmap import rendezvous
-from bkv_common.secrets import BackupKey
-from bkv_hsm_proxy import api as hapi
+from bkv_server.fleetmap import rendezvous
+from bkv_protocol.secrets import BackupKey
+from bkv_protocol import hsm_api as hapi
 from conftest import RecordingTransport, read_entry, unique_user
 
 PW = "hunter2 but longer"

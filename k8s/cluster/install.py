@@ -49,7 +49,7 @@ def kubectl_json(*args: str) -> dict:
 
 def issuer_keys() -> tuple[str, str]:
     """(public PEM, private PEM) of the dev token issuer kept beside the kubeconfig."""
-    from bkv_frontend.auth import DevIssuer
+    from bkv_dev.issuer import DevIssuer
 
     DevIssuer.load_or_create(ISSUER_DIR)
     return (ISSUER_DIR / "issuer-public.pem").read_text(), (ISSUER_DIR / "issuer-key.pem").read_text()

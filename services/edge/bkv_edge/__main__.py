@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     rv.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    from bkv_edge.noise import StaticKey
+    from bkv_protocol.noise import StaticKey
 
     if args.cmd == "keygen":
         key = StaticKey.generate()
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_key(path: Path):
-    from bkv_edge.noise import StaticKey
+    from bkv_protocol.noise import StaticKey
 
     raw = base64.b64decode(path.read_text().strip(), validate=True)
     if len(raw) != 32:

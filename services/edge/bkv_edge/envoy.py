@@ -76,7 +76,7 @@ def render(listen_host: str, listen_port: int, upstream_port: int, processor_por
                 "address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
         }
         # Idle upstream connections close before the frontend's keep-alive
-        # timeout (bkv_common.http.SERVER_KEEP_ALIVE_S), so Envoy never sends a
+        # timeout (bkv_server.http.SERVER_KEEP_ALIVE_S), so Envoy never sends a
         # request on a connection the frontend is closing.
         c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

@@ -1,4 +1,4 @@
-"""What the device's side of the Noise channel raises (bkv_edge/noise.py).
+"""What the device's side of the Noise channel raises (protocol/src/bkv_protocol/noise.py).
 
 ::
 

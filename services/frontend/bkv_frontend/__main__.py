@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"bkv-frontend: bad settings: {exc}", file=sys.stderr)
         return 2
-    from bkv_common.etcd import make_client
-    from bkv_common.service import run
+    from bkv_server.etcd import make_client
+    from bkv_server.service import run
     from bkv_frontend.app import create_app
     from bkv_frontend.auth import TokenVerifier
     from bkv_frontend.routing import FleetView

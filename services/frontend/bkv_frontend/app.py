@@ -18,10 +18,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bkv_common.encoding import user_ref
-from bkv_common.http import UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, decode_error
-from bkv_common.rpc import MAX_BODY_BYTES, read_body, validation_message
-from bkv_common.service import (
+from bkv_protocol.encoding import user_ref
+from bkv_server.http import UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, decode_error
+from bkv_server.rpc import MAX_BODY_BYTES, read_body, validation_message
+from bkv_server.service import (
     GuardAndMeasure,
     error_response,
     install_common,
@@ -29,11 +29,12 @@ from bkv_common.service import (
     route_methods,
     route_templates,
 )
-from bkv_common.wire import ErrorCode
-from bkv_frontend import api, openapi
+from bkv_protocol.wire import ErrorCode
+from bkv_protocol import v1 as api
+from bkv_frontend import openapi
 from bkv_frontend.auth import TokenVerifier, Unauthenticated, check_device
 from bkv_frontend.routing import FleetView, NotReady
-from bkv_island import api as iapi
+from bkv_protocol import island_api as iapi
 
 
 def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: float = 1.0,
@@ -167,15 +168,15 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                                                      registration_upload=req.registration_upload, ek=req.ek,
                                                      k_nonce=req.k_nonce), idempotent=True)
 
-    async def recovery_start_(req: api.RecoveryStartRequest, user: str) -> Response:
-        return await relay(user, "/island/v1/recovery/start",
-                           iapi.RecoveryStartIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
+    async def recovery_start_(req: api.LoginStartRequest, user: str) -> Response:
+        return await relay(user, "/island/v1/login/start",
+                           iapi.LoginStartIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
                                                 credential_request=req.credential_request),
                            idempotent=True)
 
-    async def recovery_finish_(req: api.RecoveryFinishRequest, user: str) -> Response:
-        return await relay(user, "/island/v1/recovery/finish",
-                           iapi.RecoveryFinishIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
+    async def recovery_finish_(req: api.LoginFinishRequest, user: str) -> Response:
+        return await relay(user, "/island/v1/login/finish",
+                           iapi.LoginFinishIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
                                                  login_state=req.login_state,
                                                  credential_finalization=req.credential_finalization),
                            idempotent=True)
@@ -184,8 +185,8 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     opaque_routes: dict[str, tuple[type[BaseModel], type[BaseModel], OpaqueHandler]] = {
         "/v1/registration/start": (api.RegistrationStartRequest, api.RegistrationStartOut, registration_start_),
         "/v1/registration/finish": (api.RegistrationFinishRequest, api.RegistrationFinishOut, registration_finish_),
-        "/v1/recovery/start": (api.RecoveryStartRequest, api.RecoveryStartOut, recovery_start_),
-        "/v1/recovery/finish": (api.RecoveryFinishRequest, api.RecoveryFinishOut, recovery_finish_),
+        "/v1/login/start": (api.LoginStartRequest, api.LoginStartOut, recovery_start_),
+        "/v1/login/finish": (api.LoginFinishRequest, api.LoginFinishOut, recovery_finish_),
     }
     # The same routes in FastAPI, for the schema (/openapi.json); requests to
     # them are answered by OpaqueFastPath before they get here.

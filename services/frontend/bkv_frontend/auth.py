@@ -1,7 +1,7 @@
 """Account tokens: EdDSA (Ed25519) JWTs from the app's identity service.
 
-The frontend only verifies; :class:`DevIssuer` mints tokens for the local dev
-fleet (it signs for anyone, so it never runs in production). A token names
+The frontend only verifies; ``bkv_dev.issuer.DevIssuer`` mints tokens for the
+local dev fleet (it signs for anyone, so it never runs in production). A token names
 the user (``sub``); an optional ``cnf.bkv_device_key`` binds it to a device's
 Noise static key (see docs/edge.md).
 """
@@ -9,17 +9,15 @@ Noise static key (see docs/edge.md).
 from __future__ import annotations
 
 import hmac
-import re
 import time
 from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-# Always used with fullmatch: Python's `$` also matches before a final newline,
-# so "alice\n" passed here and was refused by the island (pydantic's Rust regex).
-USER_ID = re.compile(r"[A-Za-z0-9._@+\-]{1,128}")
+from bkv_protocol.ids import USER_ID_RE
+
 MAX_DEVICE_KEY_CHARS = 256  # a Noise static key in base64 is 44
 LEEWAY_S = 30
 VERIFIED_CACHE = 50_000
@@ -104,7 +102,7 @@ def check_claim_types(claims: object) -> None:
     if not isinstance(claims, dict):
         raise Unauthenticated()
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not USER_ID.fullmatch(sub):
+    if not isinstance(sub, str) or not USER_ID_RE.fullmatch(sub):
         raise Unauthenticated()
     if not _is_int(claims.get("exp")) or not _is_int(claims.get("iat")):
         raise Unauthenticated()
@@ -117,47 +115,3 @@ def check_claim_types(claims: object) -> None:
         key = cnf.get("bkv_device_key")
         if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_DEVICE_KEY_CHARS):
             raise Unauthenticated()
-
-
-class DevIssuer:
-    """The dev fleet's identity service: an Ed25519 key in the state dir."""
-
-    def __init__(self, private_key: Ed25519PrivateKey, issuer: str = "bkv-dev-issuer", audience: str = "bkv") -> None:
-        self._key = private_key
-        self.issuer = issuer
-        self.audience = audience
-
-    def __repr__(self) -> str:
-        return "DevIssuer(key=(redacted))"
-
-    @classmethod
-    def load_or_create(cls, directory: Path) -> DevIssuer:
-        directory.mkdir(parents=True, exist_ok=True)
-        priv_path = directory / "issuer-key.pem"
-        if priv_path.exists():
-            key = cls.load(directory)._key
-        else:
-            key = Ed25519PrivateKey.generate()
-            priv_path.touch(mode=0o600)
-            priv_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
-        (directory / "issuer-public.pem").write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        return cls(key)
-
-    @classmethod
-    def load(cls, directory: Path) -> DevIssuer:
-        """The existing key only, writing nothing (a read-only Secret mount)."""
-        key = serialization.load_pem_private_key((directory / "issuer-key.pem").read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError("the issuer key is not an Ed25519 private key")
-        return cls(key)
-
-    def mint(self, user_id: str, *, ttl_s: int = 30 * 24 * 3600, device_key_b64: str | None = None) -> str:
-        if not USER_ID.fullmatch(user_id):
-            raise ValueError("user ids are 1-128 characters of letters, digits and . _ @ + -")
-        now = int(time.time())
-        claims = {"iss": self.issuer, "aud": self.audience, "sub": user_id, "iat": now, "exp": now + ttl_s}
-        if device_key_b64:
-            claims["cnf"] = {"bkv_device_key": device_key_b64}
-        return jwt.encode(claims, self._key, algorithm="EdDSA")

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from fastapi import FastAPI
 
-from bkv_common.wire import ErrorBody, ErrorCode as C
+from bkv_protocol.wire import ErrorBody, ErrorCode as C
 
 # What each code means (docs/api.md: Errors); a response's description lists its codes.
 _MEANING = {
@@ -67,10 +67,10 @@ ROUTE_ERRORS: dict[tuple[str, str], dict[int, list[C]]] = {
         _BODY, _AUTH, _ALWAYS, {400: [C.MALFORMED_OPAQUE_MESSAGE], 409: [C.CONFLICT]}),
     ("/v1/registration/finish", "post"): _merge(
         _BODY, _AUTH, _ALWAYS, _RESEND, {400: [C.MALFORMED_OPAQUE_MESSAGE, C.CHALLENGE_REJECTED]}),
-    ("/v1/recovery/start", "post"): _merge(
+    ("/v1/login/start", "post"): _merge(
         _BODY, _AUTH, _ALWAYS, _RESEND,
         {400: [C.MALFORMED_OPAQUE_MESSAGE], 404: [C.NO_RECORD], 410: [C.RECORD_DESTROYED]}),
-    ("/v1/recovery/finish", "post"): _merge(
+    ("/v1/login/finish", "post"): _merge(
         _BODY, _AUTH, _ALWAYS, _RESEND,
         {400: [C.MALFORMED_OPAQUE_MESSAGE, C.LOGIN_STATE_REJECTED], 403: [C.AUTHENTICATION_FAILED],
          404: [C.NO_RECORD], 410: [C.RECORD_DESTROYED]}),

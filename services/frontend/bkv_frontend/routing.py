@@ -1,6 +1,6 @@
 """The frontend's view of the fleet, re-read from etcd in the background:
 island map, live replicas per island, and the public fleet parameters.
-Users go to islands by :func:`bkv_common.fleetmap.rendezvous`."""
+Users go to islands by :func:`bkv_server.fleetmap.rendezvous`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import logging
 
 import aetcd
 
-from bkv_common import metrics
-from bkv_common.fleetmap import FLEET_BUNDLE_KEY, FLEET_PARAMS_KEY, read_map, read_replicas, rendezvous
-from bkv_common.http import ServiceClient
-from bkv_hsm_proxy.api import FleetParams
+from bkv_server import metrics
+from bkv_server.fleetmap import FLEET_BUNDLE_KEY, FLEET_PARAMS_KEY, read_map, read_replicas, rendezvous
+from bkv_server.http import ServiceClient
+from bkv_protocol.hsm_api import FleetParams
 
 log = logging.getLogger(__name__)
 

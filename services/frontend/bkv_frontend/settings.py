@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic_settings import SettingsConfigDict
 
-from bkv_common.settings import ServiceSettings
+from bkv_server.settings import ServiceSettings
 
 
 class FrontendSettings(ServiceSettings):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def bd_default_days() -> float:
-    from bkv_common.bundle import DEFAULT_VALIDITY_S
+    from bkv_protocol.bundle import DEFAULT_VALIDITY_S
 
     return DEFAULT_VALIDITY_S / 86400
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("publish-bundle", "resign-bundle"):
         import time
 
-        from bkv_common import bundle as bd
+        from bkv_protocol import bundle as bd
         from bkv_hsm_proxy.bundles import PublishError, current_bundle, fleet_entry, publish_bundle, same_fleets
 
         now = int(time.time())
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.cmd == "publish-configmap":
-        from bkv_common.retry import DeadlineExceeded
+        from bkv_protocol.retry import DeadlineExceeded
         from bkv_hsm_proxy.kube import PublishError, publish_configmap
 
         try:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
-    from bkv_common.retry import DeadlineExceeded
+    from bkv_protocol.retry import DeadlineExceeded
     from bkv_hsm_proxy.errors import HsmError
     from bkv_hsm_proxy.settings import HsmProxySettings
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.cmd == "evidence":
-            from bkv_common import bundle as bd
+            from bkv_protocol import bundle as bd
             from bkv_hsm_proxy.evidence import make_evidence, write
 
             try:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(json.dumps({"retired": args.fleet_id, "fleet_id": params["fleet_id"]}))
             return 0
-        from bkv_common.service import run
+        from bkv_server.service import run
         from bkv_hsm_proxy.app import create_app
         from bkv_hsm_proxy.core import VaultHsm
         from bkv_hsm_proxy.hsm import open_token

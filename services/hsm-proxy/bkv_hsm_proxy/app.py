@@ -3,9 +3,10 @@ every PKCS#11 call happens on one thread (SoftHSM2 is not safe otherwise)."""
 
 from __future__ import annotations
 
-from bkv_common.rpc import RpcApp, error_body
-from bkv_common.wire import ErrorBody, ErrorCode
-from bkv_hsm_proxy import api, errors
+from bkv_server.rpc import RpcApp, error_body
+from bkv_protocol.wire import ErrorBody, ErrorCode
+from bkv_protocol import hsm_api as api
+from bkv_hsm_proxy import errors
 from bkv_hsm_proxy.core import VaultHsm
 
 # One place maps the exception tree to HTTP.

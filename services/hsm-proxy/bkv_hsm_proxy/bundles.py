@@ -28,10 +28,10 @@ from pathlib import Path
 
 import httpx
 
-from bkv_common import bundle as bd
-from bkv_common.encoding import b64d
-from bkv_common.fleetmap import FLEET_BUNDLE_KEY, FLEET_PENDING_BUNDLE_KEY
-from bkv_common.retry import Backoff, DeadlineExceeded, retry
+from bkv_protocol import bundle as bd
+from bkv_protocol.encoding import b64d
+from bkv_server.fleetmap import FLEET_BUNDLE_KEY, FLEET_PENDING_BUNDLE_KEY
+from bkv_protocol.retry import Backoff, DeadlineExceeded, retry
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def publish_bundle(etcd_endpoints: str, prefix: str, operator_key: bd.RootKey, w
                    now: int | None = None, valid_for_s: int = bd.DEFAULT_VALIDITY_S) -> Published:
     """Publish a bundle listing ``fleets`` (or ``fleets(current bundle)``),
     issued ``now`` and expiring ``valid_for_s`` later, after any pending one."""
-    from bkv_common.etcd import connect
+    from bkv_server.etcd import connect
 
     now = int(time.time()) if now is None else now
     key = (prefix + FLEET_BUNDLE_KEY).encode()
@@ -176,7 +176,7 @@ def publish_bundle(etcd_endpoints: str, prefix: str, operator_key: bd.RootKey, w
 
 def current_bundle(etcd_endpoints: str, prefix: str) -> bd.SignedBundle | None:
     """The bundle etcd serves now, if any."""
-    from bkv_common.etcd import connect
+    from bkv_server.etcd import connect
 
     async def go() -> bd.SignedBundle | None:
         client = await connect(etcd_endpoints)

@@ -15,7 +15,7 @@ back with a compare-and-swap. Three rules carry the security argument:
   sealed them in the AEAD's associated data, so they cannot be moved between
   users, islands or fleets (invariant 4).
 * Every answer a device acts on is signed over the whole request it answers
-  (``bkv_common.transcripts``), and every state change keeps its answer
+  (``bkv_protocol.transcripts``), and every state change keeps its answer
   sealed in the new entry (``Entry.request``), so a resend of the same
   request is answered from the commit (:meth:`VaultHsm.open_reply`) instead of
   being evaluated again (invariant 10).
@@ -41,9 +41,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from bkv_common import labels, metrics, transcripts
-from bkv_common.encoding import b64e, canonical, fleet_id_for, u32, u64, user_ref
-from bkv_hsm_proxy import api, errors
+from bkv_protocol import labels, transcripts
+from bkv_server import metrics
+from bkv_protocol.encoding import b64e, canonical, fleet_id_for, u32, u64, user_ref
+from bkv_protocol import hsm_api as api
+from bkv_hsm_proxy import errors
 from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, HsmBackend, generation_label
 
 CHALLENGE_TTL_MS = 120_000
@@ -217,7 +219,7 @@ class VaultHsm:
 
     # -- helpers -----------------------------------------------------------------
     def _sign(self, fleet: str | None, transcript) -> bytes:
-        """``transcript(signing fleet id)``: one of ``bkv_common.transcripts``."""
+        """``transcript(signing fleet id)``: one of ``bkv_protocol.transcripts``."""
         gen = self._gen(fleet)
         with self._fleet_may_be_gone(gen):
             return self._hsm.sign(transcript(fleet or self.fleet_id), gen)

@@ -7,9 +7,9 @@ import json
 from importlib.metadata import version
 from pathlib import Path
 
-from bkv_common import bundle as bd
-from bkv_common import evidence as ev
-from bkv_common.encoding import b64e
+from bkv_protocol import bundle as bd
+from bkv_protocol import evidence as ev
+from bkv_protocol.encoding import b64e
 from bkv_hsm_proxy.core import VaultHsm
 from bkv_hsm_proxy.hsm import open_token
 from bkv_hsm_proxy.settings import HsmProxySettings

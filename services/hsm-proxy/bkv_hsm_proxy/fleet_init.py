@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bkv_common.encoding import fleet_id_for
-from bkv_common.fleetmap import FLEET_PARAMS_KEY
+from bkv_protocol.encoding import fleet_id_for
+from bkv_server.fleetmap import FLEET_PARAMS_KEY
 from bkv_hsm_proxy.core import VaultHsm
 from bkv_hsm_proxy.hsm import open_token
 from bkv_hsm_proxy.settings import HsmProxySettings
@@ -49,10 +49,10 @@ def fleet_init(settings: HsmProxySettings, out: Path | None, new_generation: boo
     if settings.etcd_endpoints and not new_generation:
         import asyncio
 
-        from bkv_common.etcd import connect
+        from bkv_server.etcd import connect
 
-        from bkv_common.etcd import RETRYABLE
-        from bkv_common.retry import Backoff, retry
+        from bkv_server.etcd import RETRYABLE
+        from bkv_protocol.retry import Backoff, retry
 
         async def publish_once(_: int) -> None:
             client = await connect(settings.etcd_endpoints)
@@ -79,7 +79,7 @@ def retire_fleet(settings: HsmProxySettings, fleet_id: str) -> dict:
     import asyncio
     import json as _json
 
-    from bkv_common.etcd import connect
+    from bkv_server.etcd import connect
 
     if not settings.etcd_endpoints:
         raise RetireRefused("BKV_HSM_ETCD_ENDPOINTS is needed to check that no record still uses the fleet")

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bkv_common import metrics
-from bkv_common.retry import Backoff, retry_sync
+from bkv_server import metrics
+from bkv_protocol.retry import Backoff, retry_sync
 from bkv_hsm_proxy import errors
 
 NONCE_LEN = 12

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from bkv_common.retry import Backoff, retry_sync
+from bkv_protocol.retry import Backoff, retry_sync
 
 PUBLIC_FIELDS = ("fleet_id", "fleet_public_key", "max_attempts", "opaque_suite", "signature_alg",
                  "key_attributes", "token")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from bkv_common.settings import ServiceSettings
+from bkv_server.settings import ServiceSettings
 
 
 class HsmProxySettings(ServiceSettings):

@@ -11,7 +11,7 @@ import sys
 async def _with_etcd(fn):
     """``await fn(client, prefix)`` with an etcd client from BKV_ISLAND_ETCD_ENDPOINTS /
     BKV_ISLAND_ETCD_PREFIX, closed afterwards (the admin commands)."""
-    from bkv_common.etcd import connect
+    from bkv_server.etcd import connect
 
     client = await connect(os.environ.get("BKV_ISLAND_ETCD_ENDPOINTS", "127.0.0.1:2379"))
     try:
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.cmd == "set-map":
-        from bkv_common.etcd import RETRYABLE
-        from bkv_common.fleetmap import read_map, set_first_island_map, set_island_map
-        from bkv_common.retry import Backoff, retry
+        from bkv_server.etcd import RETRYABLE
+        from bkv_server.fleetmap import read_map, set_first_island_map, set_island_map
+        from bkv_protocol.retry import Backoff, retry
 
         async def set_map(client, prefix: str) -> str:
             if args.if_absent and not await set_first_island_map(client, prefix, args.islands):
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"bkv-island: bad settings: {exc}", file=sys.stderr)
         return 2
-    from bkv_common.service import run
+    from bkv_server.service import run
     from bkv_island.server import build_app
 
     run(build_app(settings), settings.host, settings.port, settings.metrics_port)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from bkv_common.http import UpstreamError, UpstreamUnavailable
-from bkv_common.rpc import RpcApp, error_body
-from bkv_common.wire import ErrorBody, ErrorCode
-from bkv_island import api, errors
+from bkv_server.http import UpstreamError, UpstreamUnavailable
+from bkv_server.rpc import RpcApp, error_body
+from bkv_protocol.wire import ErrorBody, ErrorCode
+from bkv_protocol import island_api as api
+from bkv_island import errors
 from bkv_island.core import Island
 
 _STATUS = {
@@ -37,8 +38,8 @@ def create_app(island: Island, **hooks) -> RpcApp:
     return RpcApp("vault-island", {
         "/island/v1/registration/start": (api.RegistrationStartIn, island.registration_start),
         "/island/v1/registration/finish": (api.RegistrationFinishIn, island.registration_finish),
-        "/island/v1/recovery/start": (api.RecoveryStartIn, island.recovery_start),
-        "/island/v1/recovery/finish": (api.RecoveryFinishIn, island.recovery_finish),
+        "/island/v1/login/start": (api.LoginStartIn, island.login_start),
+        "/island/v1/login/finish": (api.LoginFinishIn, island.login_finish),
         "/island/v1/record/delete": (api.DeleteIn, island.delete),
         "/island/v1/admin/move": (api.MoveIn, island.move),
         "/island/v1/admin/migrate": (api.MigrateIn, island.migrate),

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from bkv_common import metrics, transcripts
-from bkv_common.retry import Backoff, DeadlineExceeded, retry
-from bkv_hsm_proxy import api as hapi
-from bkv_island import api, errors
-from bkv_common.encoding import user_ref
-from bkv_common.http import UpstreamError
+from bkv_protocol import transcripts
+from bkv_server import metrics
+from bkv_protocol.retry import Backoff, DeadlineExceeded, retry
+from bkv_protocol import hsm_api as hapi
+from bkv_protocol import island_api as api
+from bkv_island import errors
+from bkv_protocol.encoding import user_ref
+from bkv_server.http import UpstreamError
 from bkv_island.store import RecordStore, Stored
 
 CAS_BACKOFF = Backoff(deadline_s=8.0, first_delay_s=0.002, max_delay_s=0.2)
@@ -192,19 +194,19 @@ class Island:
         return await self._loop(attempt, "registration", writes)
 
     # -- recovery --------------------------------------------------------------------
-    async def recovery_start(self, req: api.RecoveryStartIn) -> api.RecoveryStartOut:
+    async def login_start(self, req: api.LoginStartIn) -> api.LoginStartOut:
         writes = _Writes(req.request_id, transcripts.login_start_request(
             req.fleet_id, req.user_id, req.request_id, req.credential_request))
 
-        async def attempt(_: int) -> api.RecoveryStartOut:
+        async def attempt(_: int) -> api.LoginStartOut:
             stored = await self._store.read(self.island_id, user_ref(req.user_id))
-            if (done := await self._answered(req.user_id, stored, writes, api.RecoveryStartOut)) is not None:
+            if (done := await self._answered(req.user_id, stored, writes, api.LoginStartOut)) is not None:
                 return done
             await self._refuse(req.user_id, req.fleet_id, stored, writes)
             out = await self._hsm_on(req.user_id, stored, self._hsm.login_start(hapi.LoginStartIn(
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
                 current=stored.entry, credential_request=req.credential_request)))
-            answer = api.RecoveryStartOut(credential_response=out.credential_response, login_state=out.login_state,
+            answer = api.LoginStartOut(credential_response=out.credential_response, login_state=out.login_state,
                                           attempts_left=out.attempts_left, signature=out.signature)
             # The decrement is durable on a quorum before the response leaves (invariant 3).
             await self._commit(req.user_id, stored.revision, writes.prepare(out.new_entry, answer), writes)
@@ -215,13 +217,13 @@ class Island:
 
         return await self._loop(attempt, "recovery", writes)
 
-    async def recovery_finish(self, req: api.RecoveryFinishIn) -> api.RecoveryFinishOut:
+    async def login_finish(self, req: api.LoginFinishIn) -> api.LoginFinishOut:
         writes = _Writes(req.request_id, transcripts.login_finish_request(
             req.fleet_id, req.user_id, req.request_id, req.login_state, req.credential_finalization))
 
-        async def attempt(_: int) -> api.RecoveryFinishOut:
+        async def attempt(_: int) -> api.LoginFinishOut:
             stored = await self._store.read(self.island_id, user_ref(req.user_id))
-            if (done := await self._answered(req.user_id, stored, writes, api.RecoveryFinishOut)) is not None:
+            if (done := await self._answered(req.user_id, stored, writes, api.LoginFinishOut)) is not None:
                 return done
             if stored.entry.state is hapi.EntryState.ABSENT:
                 # (A destroyed entry still finishes: the guess that used the last attempt may be right.)
@@ -230,7 +232,7 @@ class Island:
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
                 current=stored.entry, login_state=req.login_state,
                 credential_finalization=req.credential_finalization)))
-            answer = api.RecoveryFinishOut(wrapped_key=out.wrapped_key, rk_nonce=out.rk_nonce,
+            answer = api.LoginFinishOut(wrapped_key=out.wrapped_key, rk_nonce=out.rk_nonce,
                                            record_status=out.record_status, signature=out.signature)
             # Committing the reset also consumes the login state (the version moves on).
             await self._commit(req.user_id, stored.revision, writes.prepare(out.new_entry, answer), writes)

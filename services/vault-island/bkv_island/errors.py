@@ -14,7 +14,7 @@
     └── OutcomeUnknown      502 outcome_unknown  -- a write may or may not have landed; resend the same
                                                     request (same id): it is answered from the commit
 
-Errors from the hsm-proxy arrive as ``bkv_common.http.UpstreamError`` and are
+Errors from the hsm-proxy arrive as ``bkv_server.http.UpstreamError`` and are
 passed on unchanged; ``UpstreamUnavailable`` becomes 503.
 """
 
@@ -25,7 +25,7 @@ class IslandError(Exception):
 
 class Refused(IslandError):
     """No live record. ``signature`` is the fleet's over (request, outcome),
-    from the hsm-proxy (``bkv_common.transcripts.refusal_answer``); None only
+    from the hsm-proxy (``bkv_protocol.transcripts.refusal_answer``); None only
     where no request is being answered (admin paths)."""
 
     def __init__(self, message: str, signature: bytes | None = None) -> None:

@@ -3,8 +3,8 @@ or in-process (unit tests of island logic with ``InMemoryHsmFake``)."""
 
 from __future__ import annotations
 
-from bkv_common.http import ServiceClient
-from bkv_hsm_proxy import api as hapi
+from bkv_server.http import ServiceClient
+from bkv_protocol import hsm_api as hapi
 from bkv_hsm_proxy.core import VaultHsm
 
 

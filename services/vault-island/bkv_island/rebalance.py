@@ -14,9 +14,9 @@ import asyncio
 
 import aetcd
 
-from bkv_common.fleetmap import read_map, read_replicas, rendezvous_ref, set_island_map
-from bkv_common.http import ServiceClient
-from bkv_island import api
+from bkv_server.fleetmap import read_map, read_replicas, rendezvous_ref, set_island_map
+from bkv_server.http import ServiceClient
+from bkv_protocol import island_api as api
 
 
 async def _each_ref(islands: list[str], replicas: dict[str, list[str]], fn, concurrency: int) -> tuple[int, int]:

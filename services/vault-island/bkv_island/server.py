@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from bkv_common.etcd import make_client
-from bkv_common.fleetmap import announce_replica
-from bkv_common.rpc import RpcApp
+from bkv_server.etcd import make_client
+from bkv_server.fleetmap import announce_replica
+from bkv_server.rpc import RpcApp
 from bkv_island.app import create_app
 from bkv_island.core import Island
 from bkv_island.hsm_client import HsmHttpClient

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import field_validator
 from pydantic_settings import SettingsConfigDict
 
-from bkv_common.settings import ServiceSettings, split_list
+from bkv_server.settings import ServiceSettings, split_list
 
 
 class IslandSettings(ServiceSettings):

@@ -1,9 +1,9 @@
 """The record store seam: :class:`RecordStore`, on etcd or in memory.
 
 Each user has one key under the island's prefix,
-``<prefix>/records/<island>/<user ref>`` (``bkv_common.encoding.user_ref``: a
+``<prefix>/records/<island>/<user ref>`` (``bkv_protocol.encoding.user_ref``: a
 hash of the user id), whose value is the
-JSON of :class:`bkv_hsm_proxy.api.Entry`. Writes are compare-and-swap on the
+JSON of :class:`bkv_protocol.hsm_api.Entry`. Writes are compare-and-swap on the
 key's etcd ``mod_revision`` (0 when absent), so concurrent replicas never
 overwrite each other's decrements.
 
@@ -27,10 +27,10 @@ from typing import Protocol
 
 import aetcd
 
-from bkv_common import metrics
-from bkv_common.encoding import user_ref
-from bkv_common.etcd import RETRYABLE
-from bkv_hsm_proxy.api import Entry, EntryState
+from bkv_server import metrics
+from bkv_protocol.encoding import user_ref
+from bkv_server.etcd import RETRYABLE
+from bkv_protocol.hsm_api import Entry, EntryState
 from bkv_island import errors
 
 

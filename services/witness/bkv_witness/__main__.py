@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="serve the witness (settings from BKV_WITNESS_* variables)")
     args = ap.parse_args(argv)
 
-    from bkv_common import bundle as bd
-    from bkv_common.encoding import b64d, b64e
+    from bkv_protocol import bundle as bd
+    from bkv_protocol.encoding import b64d, b64e
 
     if args.cmd == "keygen":
         key = bd.RootKey.generate()
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"bkv-witness: bad settings: {exc}", file=sys.stderr)
         return 2
-    from bkv_common.service import run
+    from bkv_server.service import run
     from bkv_witness.app import create_app
     from bkv_witness.core import Witness
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from bkv_common import bundle as bd
-from bkv_common.rpc import RpcApp, error_body
-from bkv_common.wire import ErrorCode
-from bkv_witness import api
+from bkv_protocol import bundle as bd
+from bkv_server.rpc import RpcApp, error_body
+from bkv_protocol.wire import ErrorCode
+from bkv_protocol import witness_api as api
 from bkv_witness.core import Witness, WitnessRefused
 
 

@@ -21,14 +21,13 @@ Exceptions::
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bkv_common import bundle as bd
+from bkv_protocol import bundle as bd
 
 
 MAX_CLOCK_SKEW_S = 600
@@ -95,15 +94,3 @@ class Witness:
                 os.fsync(f.fileno())
             self._entries.append(out)
             return out
-
-
-def read_log(text: str) -> list[str]:
-    """The entries of a witness log (the JSON of GET /witness/v1/log, or the
-    log file's lines), as the exact texts the witness wrote."""
-    text = text.strip()
-    if text.startswith('{"entries"'):
-        try:
-            return list(json.loads(text)["entries"])
-        except (ValueError, KeyError):
-            raise bd.MalformedBundle("the witness log does not parse") from None
-    return [line for line in text.split("\n") if line]

@@ -1,0 +1,434 @@
+"""``bkv backup / restore / list / verify / password change / disable``.
+
+K is recovered from the vault for every backup and restore (nothing secret
+is kept on disk); in key mode it comes from the 64 digits instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from bkv import errors
+from bkv.storage import errors as serr
+
+STORE = typer.Option(..., "--store", help="where backups live: a path, file://..., or s3://bucket/prefix")
+JSON = typer.Option(False, "--json", help="print one JSON object instead of text (for scripts)")
+PW_STDIN = typer.Option(False, "--password-stdin", help="read the password from the first line of stdin")
+KEY = typer.Option(None, "--key", help="the 64-digit key of a key-mode backup (or BKV_KEY)")
+DOCS_LOCKED_OUT = "docs/cli.md, \"When the escrowed key does not come back\""
+# Typed at the prompt to confirm `bkv backup --new-key` (or pass --yes-abandon-old-backups).
+NEW_KEY_PHRASE = "abandon old backups"
+
+
+def _exit():
+    from bkv.cli import ExitCode
+
+    return ExitCode
+
+
+def _fail(message: str, code) -> None:
+    typer.echo(f"bkv: {message}", err=True)
+    raise typer.Exit(int(code))
+
+
+@contextlib.contextmanager
+def _outcomes() -> Iterator[None]:
+    """Every expected failure becomes its documented exit code and one line."""
+    E = _exit()
+    try:
+        yield
+    except errors.WrongPassword as exc:
+        _fail(str(exc), E.WRONG_PASSWORD)
+    except errors.LockedOut:
+        # Say what happened and where to read on; never what to run: the
+        # answer may be forged, and "make a new key" is what a forger wants.
+        _fail("the vault answered that the escrowed key was destroyed (too many wrong passwords, or disabled): "
+              f"backups protected by it can no longer be decrypted. See {DOCS_LOCKED_OUT} before doing "
+              "anything else.", E.LOCKED_OUT)
+    except errors.VaultUnavailable as exc:
+        _fail(str(exc), E.VAULT_UNAVAILABLE)
+    except errors.NoRecord:
+        _fail("no key is escrowed for this account: nothing to recover (was the backup made in key mode?)",
+              E.NO_RECORD)
+    except errors.Unauthorized as exc:
+        _fail(str(exc), E.UNAUTHORIZED)
+    except errors.BadSignature as exc:
+        _fail(str(exc), E.BAD_SIGNATURE)
+    except errors.ProtocolError as exc:
+        # The code only: the message is free text from whoever answered, and a
+        # forger would write instructions there.
+        _fail(f"the vault refused the request ({exc.code}); see docs/api.md for the code", E.ERROR)
+    except errors.VaultError as exc:
+        _fail(str(exc), E.ERROR)
+    except serr.CorruptBackup as exc:
+        _fail(f"the backup is corrupt or was tampered with: {exc}. Nothing was restored.", E.CORRUPT_BACKUP)
+    except (serr.WrongKey, serr.BadKeyDigits) as exc:
+        _fail(str(exc), E.WRONG_KEY)
+    except (serr.StoreError, serr.NoBackup) as exc:
+        _fail(str(exc), E.STORE_ERROR)
+    except (serr.DestinationNotEmpty, serr.UnsupportedEntry) as exc:
+        _fail(str(exc), E.USAGE)
+
+
+def _config():
+    from bkv.config import ClientConfig, ConfigError
+
+    try:
+        return ClientConfig.load()
+    except ConfigError as exc:
+        _fail(str(exc), _exit().USAGE)
+
+
+def _password(stdin: bool, *, confirm: bool = False, prompt: str = "Password") -> str:
+    if stdin:
+        line = sys.stdin.readline().rstrip("\n")
+        if not line:
+            _fail("--password-stdin: no password on stdin", _exit().USAGE)
+        return line
+    if os.environ.get("BKV_PASSWORD"):
+        return os.environ["BKV_PASSWORD"]
+    if not sys.stdin.isatty():
+        _fail("no password: use --password-stdin, BKV_PASSWORD, or run in a terminal", _exit().USAGE)
+    pw = getpass.getpass(f"{prompt}: ")
+    if confirm and getpass.getpass(f"{prompt} (again): ") != pw:
+        _fail("the two passwords differ; nothing was changed", _exit().USAGE)
+    if not pw:
+        _fail("the password is empty", _exit().USAGE)
+    return pw
+
+
+class _Bar:
+    """A progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self._label, self._bar, self._done = label, None, 0
+        self._on = not quiet and sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._on:
+            return
+        if self._bar is None:
+            self._bar = typer.progressbar(length=max(total, 1), label=self._label, file=sys.stderr)
+            self._bar.__enter__()
+        self._bar.update(done - self._done)
+        self._done = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+class _KeyNotRecovered(Exception):
+    """The vault answered that the account has no key (or a destroyed one),
+    but this account is known to have one: stop, make nothing."""
+
+    def __init__(self, answer: errors.VaultError) -> None:
+        self.answer = answer
+
+
+async def _recover_or_create(cfg, password: str, *, new_key: bool, guarded: bool, confirm_new) -> tuple:
+    """(K, made a new one). ``guarded``: the store holds vault-mode backups or
+    this device has seen an escrowed key for the account; then no vault
+    answer (``no_record``, ``record_destroyed``, forged or not) makes a new
+    K: only ``new_key``, confirmed by the user, does."""
+    from bkv_protocol.secrets import BackupKey
+
+    async with cfg.client() as vault:
+        if not new_key:
+            try:
+                return (await vault.recover(password)).key, False
+            except (errors.NoRecord, errors.LockedOut) as exc:
+                if guarded:
+                    raise _KeyNotRecovered(exc) from None
+                if isinstance(exc, errors.LockedOut):
+                    raise
+        password = confirm_new(password)
+        k = BackupKey(os.urandom(32))
+        await vault.register(k, password)
+        return k, True
+
+
+def _vault_mode_backups(store: str) -> tuple[int, int]:
+    """(vault-mode backups, backups whose header is damaged) in the store: a
+    damaged one may have been made with the escrowed key too."""
+    from bkv.storage import list_backups
+
+    backups = list_backups(store)
+    return sum(b.key_mode == "vault" for b in backups), sum(b.kind == "damaged" for b in backups)
+
+
+def _stop_key_not_recovered(exc: _KeyNotRecovered, in_store: tuple[int, int], seen_here: bool) -> None:
+    said = "it has no key for this account" if isinstance(exc.answer, errors.NoRecord) else \
+        "the key for this account was destroyed"
+    why = []
+    vault, damaged = in_store
+    if vault or damaged:
+        n = vault + damaged
+        why.append(f"this store holds {n} backup{'s' if n != 1 else ''} made with an escrowed key"
+                   + (" or with a damaged header" if damaged else ""))
+    if seen_here:
+        why.append("this device escrowed or recovered a key for this account before")
+    _fail(f"backup stopped: the escrowed backup key could not be recovered (the vault answered that {said}, "
+          f"but {' and '.join(why)}). Such an answer can also be forged on the network. Making a new key "
+          "would leave the earlier backups undecryptable for good, so nothing was made, escrowed or written. "
+          f"Try again later, and restore an earlier backup to check the key; read {DOCS_LOCKED_OUT} "
+          "before starting over with a new key.", _exit().KEY_NOT_RECOVERED)
+
+
+def _confirm_new_key(yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        _fail("--new-key replaces the escrowed key: backups made with the old one can then never be decrypted. "
+              "Confirm it at a terminal, or pass --yes-abandon-old-backups", _exit().USAGE)
+    typer.echo("--new-key makes a new backup key and escrows it in place of the current one: every backup "
+               "made with the current key can then never be decrypted.", err=True)
+    typed = typer.prompt(f"Type \"{NEW_KEY_PHRASE}\" to go on", default="", show_default=False, err=True)
+    if typed.strip().lower() != NEW_KEY_PHRASE:
+        _fail("not confirmed; nothing was changed", _exit().USAGE)
+
+
+def register_commands(app: typer.Typer) -> None:
+    password_app = typer.Typer(help="Manage the password that protects the backup key.", no_args_is_help=True)
+    app.add_typer(password_app, name="password")
+
+    @app.command("backup")
+    def backup(source: Path = typer.Argument(..., exists=True, help="a directory or a single file (e.g. a SQLite db)"),
+               store: str = STORE, key_mode: bool = typer.Option(False, "--key-mode", help=(
+                   "use no vault: protect the backup with a 64-digit key, printed once")),
+               key: Optional[str] = KEY, new_key: bool = typer.Option(False, "--new-key", help=(
+                   "make a new backup key and escrow it in place of the current one; backups made with "
+                   "the current key can then never be decrypted (asks for a typed confirmation)")),
+               yes_abandon: bool = typer.Option(False, "--yes-abandon-old-backups", help=(
+                   "with --new-key: confirm without a prompt (scripts)")),
+               password_stdin: bool = PW_STDIN, as_json: bool = JSON) -> None:
+        """Encrypt SOURCE on this device and write it to the store.
+
+        The first backup makes the key K and escrows it in the vault under a
+        password (asked twice); later backups recover K with the password.
+        Once the store holds vault-mode backups, or this device has escrowed
+        a key, a backup never makes a new key on its own: if the key does not
+        come back it stops (exit 13) and only --new-key, confirmed, starts over.
+
+        Example: bkv backup ~/chats --store s3://my-bucket/backups
+        """
+        from bkv.storage import create_backup
+        from bkv.storage import format as fmt
+        from bkv.storage.keymode import KeyDigits
+
+        with _outcomes():
+            printed_digits = None
+            given = key or os.environ.get("BKV_KEY")
+            if key_mode or given:
+                # Key mode: reuse the digits the user has, or make new ones and show them once.
+                digits = KeyDigits.parse(given) if given else KeyDigits.generate()
+                printed_digits = None if given else digits
+                k, mode, created = digits.backup_key(), fmt.KEY_MODE_DIGITS, not given
+            else:
+                if yes_abandon and not new_key:
+                    _fail("--yes-abandon-old-backups only confirms --new-key", _exit().USAGE)
+                cfg = _config()
+                if new_key:
+                    _confirm_new_key(yes_abandon)
+                from bkv.config import EscrowMarks
+
+                in_store, seen_here = _vault_mode_backups(store), EscrowMarks().has(cfg)
+                pw = _password(password_stdin)
+
+                def confirm(first: str) -> str:
+                    if password_stdin or os.environ.get("BKV_PASSWORD") or not sys.stdin.isatty():
+                        return first
+                    if getpass.getpass("New backup key: confirm the password: ") != first:
+                        _fail("the two passwords differ; nothing was changed", _exit().USAGE)
+                    return first
+
+                try:
+                    k, created = _run(_recover_or_create(cfg, pw, new_key=new_key,
+                                                         guarded=bool(any(in_store) or seen_here),
+                                                         confirm_new=confirm))
+                except _KeyNotRecovered as exc:
+                    _stop_key_not_recovered(exc, in_store, seen_here)
+                _mark_escrowed(cfg)
+                mode = fmt.KEY_MODE_VAULT
+            bar = _Bar("encrypting", as_json)
+            t = time.monotonic()
+            try:
+                info = create_backup(source, store, k, key_mode=mode, progress=bar)
+            finally:
+                bar.close()
+        out = {**info.as_dict(), "new_key": created, "seconds": round(time.monotonic() - t, 2)}
+        if printed_digits is not None:
+            out["key"] = printed_digits.grouped()
+        if as_json:
+            typer.echo(json.dumps(out))
+            return
+        typer.echo(f"backup {info.backup_id} written to {store} ({info.size} bytes)")
+        if printed_digits is not None:
+            typer.echo("\nYour backup key -- write it down now; it is shown only this once and nobody can "
+                       "recover it for you:\n")
+            typer.echo(f"    {printed_digits.grouped()}\n")
+        elif created:
+            typer.echo("a new backup key was made and escrowed in the vault under your password")
+
+    @app.command("restore")
+    def restore(store: str = STORE, dest: Path = typer.Option(..., "--dest", help="an absent or empty directory"),
+                key: Optional[str] = KEY, backup_id: Optional[str] = typer.Option(None, "--backup",
+                                                                                  help="backup id (default: latest)"),
+                replace: bool = typer.Option(False, "--replace", help="replace a non-empty DEST, only on success"),
+                password_stdin: bool = PW_STDIN, as_json: bool = JSON) -> None:
+        """Recover the key, authenticate the whole backup, then move it into DEST.
+
+        A failed restore leaves DEST exactly as it was.
+
+        Example: bkv restore --store s3://my-bucket/backups --dest ~/chats-restored
+        """
+        from bkv.storage import latest_info, restore_backup
+
+        with _outcomes():
+            k = _key_for(latest_info(store, backup_id), key, password_stdin)
+            bar = _Bar("restoring", as_json)
+            try:
+                info = restore_backup(store, dest, k, backup_id, replace=replace, progress=bar)
+            finally:
+                bar.close()
+        if as_json:
+            typer.echo(json.dumps({**info.as_dict(), "dest": str(dest)}))
+        else:
+            typer.echo(f"restored backup {info.backup_id} into {dest}")
+
+    @app.command("list")
+    def list_(store: str = STORE, as_json: bool = JSON) -> None:
+        """List the backups in a store, oldest first.
+
+        Example: bkv list --store ./backups
+        """
+        from bkv.storage import list_backups
+
+        with _outcomes():
+            backups = list_backups(store)
+        if as_json:
+            typer.echo(json.dumps([b.as_dict() for b in backups]))
+            return
+        if not backups:
+            typer.echo(f"no backups in {store}")
+        for b in backups:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.created / 1000))
+            typer.echo(f"{b.backup_id}  {when}  {b.kind:<4}  {b.key_mode:<6}  {b.size} bytes")
+
+    @app.command("verify")
+    def verify(store: str = STORE, key: Optional[str] = KEY,
+               backup_id: Optional[str] = typer.Option(None, "--backup", help="backup id (default: latest)"),
+               password_stdin: bool = PW_STDIN, as_json: bool = JSON) -> None:
+        """Authenticate every byte of a backup without writing anything.
+
+        Example: bkv verify --store ./backups
+        """
+        from bkv.storage import latest_info, verify_backup
+
+        with _outcomes():
+            k = _key_for(latest_info(store, backup_id), key, password_stdin)
+            bar = _Bar("verifying", as_json)
+            try:
+                info = verify_backup(store, k, backup_id, progress=bar)
+            finally:
+                bar.close()
+        typer.echo(json.dumps({**info.as_dict(), "ok": True}) if as_json else f"backup {info.backup_id} is intact")
+
+    @password_app.command("change")
+    def password_change(password_stdin: bool = typer.Option(False, "--password-stdin", help=(
+            "read the old and the new password from the first two lines of stdin"))) -> None:
+        """Re-escrow the same key under a new password (the old one stops working).
+
+        Example: bkv password change
+        """
+        cfg = _config()
+        with _outcomes():
+            old = _password(password_stdin, prompt="Current password")
+            new = _password(password_stdin, confirm=not password_stdin, prompt="New password")
+
+            async def go() -> None:
+                async with cfg.client() as vault:
+                    k = (await vault.recover(old)).key
+                    await vault.register(k, new)
+
+            _run(go())
+            _mark_escrowed(cfg)
+        typer.echo("password changed; existing backups stay readable with the new password")
+
+    @app.command("disable")
+    def disable(yes: bool = typer.Option(False, "--yes", help="do not ask for confirmation"),
+                store: Optional[str] = typer.Option(None, "--store", help="with --delete-backups: the store"),
+                delete_backups: bool = typer.Option(False, "--delete-backups", help="also delete every backup")) -> None:
+        """Destroy the escrowed key in the vault (and optionally the backups).
+
+        Backups made with that key can then never be decrypted.
+
+        Example: bkv disable --yes
+        """
+        from bkv.storage import delete_backups as drop
+
+        if delete_backups and not store:
+            _fail("--delete-backups needs --store", _exit().USAGE)
+        if not yes and not typer.confirm("Destroy the escrowed backup key for good?", err=True):
+            raise typer.Exit(int(_exit().USAGE))
+        cfg = _config()
+        with _outcomes():
+            async def go() -> bool:
+                async with cfg.client() as vault:
+                    return await vault.delete()
+
+            deleted = _run(go())
+            removed = drop(store) if delete_backups else 0
+        typer.echo(("escrowed key destroyed" if deleted else "no escrowed key was left")
+                   + (f"; {removed} backups deleted" if delete_backups else ""))
+
+
+def _key_for(info, key: str | None, password_stdin: bool):
+    from bkv.storage.keymode import KeyDigits
+
+    if info.kind == "damaged":
+        raise serr.CorruptBackup(f"backup {info.backup_id} has a damaged header")
+    if info.key_mode == "digits":
+        text = key or os.environ.get("BKV_KEY")
+        if not text:
+            if not sys.stdin.isatty():
+                _fail("this backup was made in key mode: pass --key (or BKV_KEY)", _exit().USAGE)
+            text = getpass.getpass("Backup key (64 digits): ")
+        return KeyDigits.parse(text).backup_key()
+    cfg = _config()
+    pw = _password(password_stdin)
+
+    async def go():
+        async with cfg.client() as vault:
+            return (await vault.recover(pw)).key
+
+    k = _run(go())
+    _mark_escrowed(cfg)
+    return k
+
+
+def _mark_escrowed(cfg) -> None:
+    """This device now knows the account has an escrowed key (EscrowMarks)."""
+    from bkv.config import EscrowMarks
+
+    marks = EscrowMarks()
+    try:
+        marks.mark(cfg)
+    except OSError as exc:
+        # The key is fine; only the guard for later backups is missing. Say so, go on.
+        typer.echo(f"bkv: warning: could not write {marks.path} ({exc.strerror or exc}); later backups from "
+                   "this device rely on the store alone to refuse making a new key", err=True)

@@ -1,0 +1,421 @@
+"""The client SDK: escrow a 32-byte backup key K under a password.
+
+The client runs the client side of OPAQUE (names follow the RFC's phases),
+checks the fleet signature on every answer before acting on it, and keeps K
+and the password on the device. See docs/protocol.md for every byte.
+
+The protocol is written once, without I/O: each operation is a generator
+that yields :class:`Call` (an HTTP exchange) or :class:`Work` (CPU-heavy
+client work such as Argon2) and receives the result. :class:`VaultClient`
+(asyncio) and :class:`VaultClientSync` (blocking; used under Locust) drive
+the same generators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Generator
+
+import httpx
+import opaque_ke_py as opaque
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import BaseModel, ValidationError
+
+from bkv import errors
+from bkv_protocol import labels, transcripts
+from bkv_protocol.encoding import canonical, fleet_id_for
+from bkv_protocol.retry import Backoff, DeadlineExceeded, retry, retry_sync
+from bkv_protocol.secrets import BackupKey, Password
+from bkv_protocol.wire import ErrorBody
+from bkv.transport import NoiseError, tls_context
+from bkv_protocol import v1 as api
+
+DEFAULT_BACKOFF = Backoff(deadline_s=15.0, first_delay_s=0.05, max_delay_s=1.0)
+
+
+def _hkdf(secret: bytes, info: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(secret)
+
+
+@dataclass(frozen=True)
+class Registration:
+    version: int
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class Recovery:
+    key: BackupKey
+    # "reset": attempts are back to the maximum. "destroyed": the last attempt
+    # was used; K is back but the record is gone, so register again.
+    record_status: str
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP exchange. Every call may be sent again after any failure
+    (a reset connection, a 5xx, a new Noise session): the ones that change
+    state carry a request id and ``request`` (their fingerprint,
+    ``bkv_protocol.transcripts``), and the vault answers a resend of them from
+    what it committed, so a resend never spends an attempt."""
+
+    method: str
+    path: str
+    body: BaseModel | None
+    out: type[BaseModel] | None
+    request: bytes | None = None  # fingerprint the signed refusals (no_record, record_destroyed) must cover
+
+
+@dataclass(frozen=True)
+class Work:
+    fn: Callable[..., Any]
+    args: tuple
+
+
+Steps = Generator["Call | Work", Any, Any]
+
+
+class _Retry(Exception):
+    pass
+
+
+def _pw(password: Password | str) -> bytes:
+    if isinstance(password, Password):
+        return password.reveal()
+    if isinstance(password, str):
+        if not password:
+            raise ValueError("the password is empty")
+        return password.encode("utf-8")
+    raise TypeError("password must be a Password or str")
+
+
+class VaultProtocol:
+    """The client side of the protocol for one account on one fleet.
+    ``fleet_public_key`` is the pinned DER key."""
+
+    def __init__(self, fleet_public_key: bytes, user_id: str) -> None:
+        key = serialization.load_der_public_key(fleet_public_key)
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise ValueError("the pinned fleet key must be an ECDSA P-256 public key")
+        self._fleet_key = key
+        self.fleet_id = fleet_id_for(fleet_public_key)
+        self.user_id = user_id
+        self._uid = user_id.encode()
+
+    def verify(self, signature: bytes, transcript: bytes) -> None:
+        """``transcript``: one of ``bkv_protocol.transcripts``'s, for our fleet."""
+        try:
+            self._fleet_key.verify(signature, transcript, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise errors.BadSignature("a vault answer failed the fleet signature check; nothing was acted on") from None
+
+    def refusal_is_signed(self, call: Call, code: transcripts.Refusal, signature: bytes | None) -> bool:
+        """A ``no_record`` / ``record_destroyed`` counts only when the fleet
+        signed it for this very request (an old one, or one for another
+        request or account, does not verify)."""
+        if call.request is None or signature is None:
+            return False
+        try:
+            self.verify(signature, transcripts.refusal_answer(self.fleet_id, call.request, code))
+        except errors.BadSignature:
+            return False
+        return True
+
+    # -- operations (sans I/O) -------------------------------------------------------
+    def register(self, key: BackupKey, password: Password | str) -> Steps:
+        pw = _pw(password)
+        started = opaque.client_registration_start(pw)
+        req = started.get_message()
+        out: api.RegistrationStartOut = yield Call(
+            "POST", "/v1/registration/start", api.RegistrationStartRequest(fleet_id=self.fleet_id, registration_request=req),
+            api.RegistrationStartOut)
+        self.verify(out.signature, transcripts.registration_start_answer(
+            self.fleet_id, self.user_id, req, out.registration_response, out.challenge))
+        try:
+            finished = yield Work(opaque.client_registration_finish, (pw, started.get_state(), out.registration_response))
+        except ValueError:
+            raise errors.ProtocolError("malformed_opaque_message", "the registration response does not parse") from None
+        opaque_k = _hkdf(finished.get_export_key(), labels.OPAQUE_K_INFO)
+        k_nonce = os.urandom(12)
+        ek = AESGCM(opaque_k).encrypt(k_nonce, key.reveal(), canonical(labels.EK_AAD, self._uid))
+        upload = finished.get_message()
+        rid = os.urandom(transcripts.REQUEST_ID_LEN)
+        request = transcripts.registration_finish_request(self.fleet_id, self.user_id, rid, out.challenge, upload,
+                                                          ek, k_nonce)
+        done: api.RegistrationFinishOut = yield Call(
+            "POST", "/v1/registration/finish",
+            api.RegistrationFinishRequest(fleet_id=self.fleet_id, request_id=rid, challenge=out.challenge,
+                                          registration_upload=upload, ek=ek, k_nonce=k_nonce),
+            api.RegistrationFinishOut, request)
+        # Covers ek and k_nonce: a tier that swapped them gets no valid "registered".
+        self.verify(done.signature, transcripts.registration_finish_answer(
+            self.fleet_id, request, done.version, done.max_attempts))
+        return Registration(version=done.version, max_attempts=done.max_attempts)
+
+    def recover(self, password: Password | str) -> Steps:
+        pw = _pw(password)
+        started = opaque.client_login_start(pw)
+        out = yield from self.login_start(started.get_message())
+        try:
+            finished = yield Work(opaque.client_login_finish, (pw, started.get_state(), out.credential_response))
+        except ValueError:
+            # The one wrong-password outcome; the count is the fleet's signed word.
+            raise errors.WrongPassword(out.attempts_left) from None
+        fin = finished.get_message()
+        rid = os.urandom(transcripts.REQUEST_ID_LEN)
+        request = transcripts.login_finish_request(self.fleet_id, self.user_id, rid, out.login_state, fin)
+        done: api.LoginFinishOut = yield Call(
+            "POST", "/v1/login/finish",
+            api.LoginFinishRequest(fleet_id=self.fleet_id, request_id=rid, login_state=out.login_state,
+                                      credential_finalization=fin),
+            api.LoginFinishOut, request)
+        self.verify(done.signature, transcripts.login_finish_answer(
+            self.fleet_id, request, done.wrapped_key, done.rk_nonce, done.record_status.value))
+        try:
+            inner = AESGCM(_hkdf(finished.get_session_key(), labels.RECOVERY_WRAP_INFO)).decrypt(
+                done.rk_nonce, done.wrapped_key, canonical(labels.RECOVERY_WRAP_AAD, self._uid))
+            ek, k_nonce = inner[:-12], inner[-12:]
+            k = AESGCM(_hkdf(finished.get_export_key(), labels.OPAQUE_K_INFO)).decrypt(
+                k_nonce, ek, canonical(labels.EK_AAD, self._uid))
+        except (InvalidTag, ValueError):
+            raise errors.ProtocolError("unwrap_failed", "the recovered key did not authenticate") from None
+        return Recovery(key=BackupKey(k), record_status=done.record_status.value)
+
+    def login_start(self, credential_request: bytes) -> Steps:
+        """Only the first, cheap step of a recovery (the guess-flood load path)."""
+        rid = os.urandom(transcripts.REQUEST_ID_LEN)
+        request = transcripts.login_start_request(self.fleet_id, self.user_id, rid, credential_request)
+        out: api.LoginStartOut = yield Call(
+            "POST", "/v1/login/start",
+            api.LoginStartRequest(fleet_id=self.fleet_id, request_id=rid, credential_request=credential_request),
+            api.LoginStartOut, request)
+        self.verify(out.signature, transcripts.login_start_answer(
+            self.fleet_id, request, out.credential_response, out.attempts_left))
+        return out
+
+    def delete(self) -> Steps:
+        out: api.DeleteOut = yield Call("DELETE", "/v1/record", None, api.DeleteOut)
+        return out.deleted
+
+    def fleet(self) -> Steps:
+        return (yield Call("GET", "/v1/fleet", None, api.FleetInfo))
+
+
+# -- answers to outcomes (shared by both drivers) ----------------------------------------
+_REFUSALS = {"no_record": transcripts.Refusal.NO_RECORD, "record_destroyed": transcripts.Refusal.RECORD_DESTROYED}
+# Sealed answers that say "not now": the same request is sent again (it is safe: see Call).
+_RESEND = {502, 503, 504}
+
+
+def _error(protocol: VaultProtocol, call: Call, resp: httpx.Response) -> errors.VaultError:
+    try:
+        err = ErrorBody.model_validate_json(resp.content).error
+        code, message, signature = err.code.value, err.message, err.signature
+    except ValidationError:
+        code, message, signature = "http_error", f"HTTP {resp.status_code}", None
+    if code in _REFUSALS and not protocol.refusal_is_signed(call, _REFUSALS[code], signature):
+        # Only a fleet signature over this request makes these two true; anyone
+        # on the path or in a tier could have written this one.
+        return errors.UnsignedAnswer(f"the vault said {code!r} without the fleet's signature for this request; "
+                                     "not acted on, nothing was changed on this device; try again later")
+    if code == "no_record":
+        return errors.NoRecord("no key is escrowed for this account")
+    if code == "record_destroyed":
+        return errors.LockedOut("the escrowed key was destroyed after too many wrong passwords (or disabled); "
+                                "backups made with it can no longer be decrypted")
+    if code == "unauthenticated":
+        return errors.Unauthorized("the account token was refused; sign in again")
+    return errors.ProtocolError(code, message)
+
+
+def _request_args(call: Call) -> dict:
+    if call.body is None:
+        return {}
+    return {"content": call.body.model_dump_json(), "headers": {"content-type": "application/json"}}
+
+
+def _decode(protocol: VaultProtocol, call: Call, resp: httpx.Response):
+    if resp.status_code in _RESEND:
+        raise _Retry(f"the vault answered {resp.status_code}")
+    if resp.status_code >= 400:
+        raise _error(protocol, call, resp)
+    if call.out is None:
+        return None
+    try:
+        return call.out.model_validate_json(resp.content)
+    except ValidationError as exc:
+        raise errors.ProtocolError("malformed_response", "the vault sent an answer that does not parse") from exc
+
+
+def _edge_failure(exc: Exception) -> errors.VaultError:
+    return errors.BadSignature(f"the vault's Noise edge could not be authenticated ({exc}); "
+                               "nothing was sent; check the pinned edge key")
+
+
+def _transport_failure(exc: Exception) -> Exception:
+    """Any failure on the way (a reset, a timeout, a clear answer outside the
+    Noise seal -- the edge's refusal or a forgery): send the same request
+    again; a resend is answered from the commit, never evaluated twice."""
+    return _Retry(str(exc) or type(exc).__name__)
+
+
+def _resume(steps: Steps, value: Any, error: BaseException | None) -> tuple[bool, Any]:
+    """Feed the last result (or error) to the protocol: (True, its return
+    value) when it finished, else (False, the next step)."""
+    try:
+        return False, (steps.throw(error) if error is not None else steps.send(value))
+    except StopIteration as done:
+        return True, done.value
+
+
+def _unavailable(backoff: Backoff, exc: DeadlineExceeded) -> errors.VaultUnavailable:
+    return errors.VaultUnavailable(
+        f"the vault did not answer within {backoff.deadline_s:.0f}s ({exc.__cause__}); "
+        "nothing was changed on this device; try again later")
+
+
+class VaultClient:
+    """asyncio driver. Use as ``async with VaultClient(...) as vault``."""
+
+    def __init__(self, base_url: str, fleet_public_key: bytes, user_id: str, token: str, *,
+                 transport: httpx.AsyncBaseTransport | None = None, backoff: Backoff = DEFAULT_BACKOFF,
+                 timeout_s: float = 10.0) -> None:
+        self.protocol = VaultProtocol(fleet_public_key, user_id)
+        self.user_id = user_id
+        self.fleet_id = self.protocol.fleet_id
+        self._backoff = backoff
+        self._http = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=timeout_s,
+                                       headers={"authorization": f"Bearer {token}"}, verify=tls_context())
+
+    def __repr__(self) -> str:
+        return f"VaultClient(user_id={self.user_id!r}, fleet_id={self.fleet_id}, token=(redacted))"
+
+    async def __aenter__(self) -> VaultClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: Call):
+        async def attempt(_: int):
+            try:
+                resp = await self._http.request(call.method, call.path, **_request_args(call))
+            except httpx.TransportError as exc:
+                raise _transport_failure(exc) from exc
+            except NoiseError as exc:
+                raise _edge_failure(exc) from exc
+            return _decode(self.protocol, call, resp)
+
+        try:
+            return await retry(attempt, retry_on=lambda e: isinstance(e, _Retry), backoff=self._backoff)
+        except DeadlineExceeded as exc:
+            raise _unavailable(self._backoff, exc) from exc
+
+    async def _drive(self, steps: Steps):
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            finished, step = _resume(steps, value, error)
+            if finished:
+                return step
+            value, error = None, None
+            try:
+                if isinstance(step, Call):
+                    value = await self._send(step)
+                else:
+                    value = await asyncio.to_thread(step.fn, *step.args)
+            except ValueError as exc:  # an OPAQUE step refused its input: the protocol decides
+                error = exc
+
+    async def fleet(self) -> api.FleetInfo:
+        return await self._drive(self.protocol.fleet())
+
+    async def register(self, key: BackupKey, password: Password | str) -> Registration:
+        """Escrow ``key`` under ``password``. Replaces any earlier registration."""
+        return await self._drive(self.protocol.register(key, password))
+
+    async def recover(self, password: Password | str) -> Recovery:
+        """Get K back. Raises :class:`~bkv.errors.WrongPassword` with the
+        attempts left, or :class:`~bkv.errors.LockedOut`."""
+        return await self._drive(self.protocol.recover(password))
+
+    async def login_start(self, credential_request: bytes) -> api.LoginStartOut:
+        return await self._drive(self.protocol.login_start(credential_request))
+
+    async def delete(self) -> bool:
+        """Destroy this account's escrowed key. True if there was one."""
+        return await self._drive(self.protocol.delete())
+
+
+class VaultClientSync:
+    """Blocking driver of the same protocol (Locust users, scripts)."""
+
+    def __init__(self, base_url: str, fleet_public_key: bytes, user_id: str, token: str, *,
+                 transport: httpx.BaseTransport | None = None, backoff: Backoff = DEFAULT_BACKOFF,
+                 timeout_s: float = 10.0) -> None:
+        self.protocol = VaultProtocol(fleet_public_key, user_id)
+        self.user_id = user_id
+        self._backoff = backoff
+        self._http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout_s,
+                                  headers={"authorization": f"Bearer {token}"}, verify=tls_context())
+
+    def __repr__(self) -> str:
+        return f"VaultClientSync(user_id={self.user_id!r}, token=(redacted))"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> VaultClientSync:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _send(self, call: Call):
+        def attempt(_: int):
+            try:
+                resp = self._http.request(call.method, call.path, **_request_args(call))
+            except httpx.TransportError as exc:
+                raise _transport_failure(exc) from exc
+            except NoiseError as exc:
+                raise _edge_failure(exc) from exc
+            return _decode(self.protocol, call, resp)
+
+        try:
+            return retry_sync(attempt, retry_on=lambda e: isinstance(e, _Retry), backoff=self._backoff)
+        except DeadlineExceeded as exc:
+            raise _unavailable(self._backoff, exc) from exc
+
+    def _drive(self, steps: Steps):
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            finished, step = _resume(steps, value, error)
+            if finished:
+                return step
+            value, error = None, None
+            try:
+                value = self._send(step) if isinstance(step, Call) else step.fn(*step.args)
+            except ValueError as exc:
+                error = exc
+
+    def register(self, key: BackupKey, password: Password | str) -> Registration:
+        return self._drive(self.protocol.register(key, password))
+
+    def recover(self, password: Password | str) -> Recovery:
+        return self._drive(self.protocol.recover(password))
+
+    def login_start(self, credential_request: bytes) -> api.LoginStartOut:
+        return self._drive(self.protocol.login_start(credential_request))
+
+    def delete(self) -> bool:
+        return self._drive(self.protocol.delete())

@@ -1,0 +1,109 @@
+"""Every fleet-signed transcript, one function each, and the fingerprint of
+every state-changing request. The hsm-proxy calls these to sign and the SDK
+calls the very same functions to verify, so the two can never disagree on
+which fields a signature covers.
+
+A state-changing request (registration finish, login start, login finish)
+carries a client-chosen ``request_id`` (16 random bytes). Its *fingerprint*
+is a hash over the route, the pinned fleet, the user, the request id and
+every field of the body: the whole request. Each answer's signature covers
+the fingerprint, so
+
+* an answer is bound to the request it answers (an old signed answer, or one
+  made for another request, fails the device's check), and
+* the island can tell a resend (same id, same fingerprint: answer from what
+  was committed) from a different request reusing an id (refused).
+
+Names follow the OPAQUE RFC's phases (registration, login); the public API
+calls login "recovery".
+"""
+
+from __future__ import annotations
+
+import enum
+
+from bkv_protocol import labels
+from bkv_protocol.encoding import canonical, digest, request_digest, u32, u64
+
+REQUEST_ID_LEN = 16
+
+
+class Route(str, enum.Enum):
+    """The state-changing requests, as named inside fingerprints."""
+
+    REGISTRATION_FINISH = "registration-finish"
+    LOGIN_START = "login-start"
+    LOGIN_FINISH = "login-finish"
+
+
+class Refusal(str, enum.Enum):
+    """Signed outcomes without an OPAQUE message: each changes what a device
+    does with K, so each is signed and bound to the request."""
+
+    NO_RECORD = "no_record"
+    RECORD_DESTROYED = "record_destroyed"
+
+
+def _fleet(fleet_id: str | None) -> bytes:
+    return (fleet_id or "").encode()
+
+
+def _fingerprint(route: Route, fleet_id: str | None, user_id: str, request_id: bytes, *fields: bytes) -> bytes:
+    if len(request_id) != REQUEST_ID_LEN:
+        raise ValueError(f"a request id is {REQUEST_ID_LEN} bytes")
+    return digest(labels.REQUEST_FINGERPRINT, route.value.encode(), _fleet(fleet_id), user_id.encode(), request_id,
+                  *fields)
+
+
+# -- request fingerprints (the whole request) ------------------------------------------
+def registration_finish_request(fleet_id: str | None, user_id: str, request_id: bytes, challenge: bytes,
+                                registration_upload: bytes, ek: bytes, k_nonce: bytes) -> bytes:
+    return _fingerprint(Route.REGISTRATION_FINISH, fleet_id, user_id, request_id, challenge, registration_upload,
+                        ek, k_nonce)
+
+
+def login_start_request(fleet_id: str | None, user_id: str, request_id: bytes, credential_request: bytes) -> bytes:
+    return _fingerprint(Route.LOGIN_START, fleet_id, user_id, request_id, credential_request)
+
+
+def login_finish_request(fleet_id: str | None, user_id: str, request_id: bytes, login_state: bytes,
+                         credential_finalization: bytes) -> bytes:
+    return _fingerprint(Route.LOGIN_FINISH, fleet_id, user_id, request_id, login_state, credential_finalization)
+
+
+# -- signed answers ---------------------------------------------------------------------
+# ``fleet_id`` is the signing fleet (the one the client pinned), never empty here.
+def registration_start_answer(fleet_id: str, user_id: str, registration_request: bytes,
+                              registration_response: bytes, challenge: bytes) -> bytes:
+    """Registration start changes nothing, so it has no request id; the
+    request is its (random, blinded) OPAQUE message."""
+    return canonical(labels.SIG_REGISTRATION_START, fleet_id.encode(), user_id.encode(),
+                     request_digest(registration_request), registration_response, challenge)
+
+
+def registration_finish_answer(fleet_id: str, request: bytes, version: int, max_attempts: int) -> bytes:
+    """``request`` is :func:`registration_finish_request`: it covers ``ek``,
+    ``k_nonce`` and the challenge, so a tier that swaps them gets no signature."""
+    return canonical(labels.SIG_REGISTRATION_FINISH, fleet_id.encode(), request, u64(version), u32(max_attempts))
+
+
+def login_start_answer(fleet_id: str, request: bytes, credential_response: bytes, attempts_left: int) -> bytes:
+    return canonical(labels.SIG_LOGIN_START, fleet_id.encode(), request, credential_response, u32(attempts_left))
+
+
+def login_finish_answer(fleet_id: str, request: bytes, wrapped_key: bytes, rk_nonce: bytes,
+                        record_status: str) -> bytes:
+    return canonical(labels.SIG_LOGIN_FINISH, fleet_id.encode(), request, wrapped_key, rk_nonce,
+                     record_status.encode())
+
+
+def refusal_answer(fleet_id: str, request: bytes, refusal: Refusal) -> bytes:
+    """``no_record`` or ``record_destroyed`` for the request fingerprinted as ``request``."""
+    return canonical(labels.SIG_REFUSAL, fleet_id.encode(), request, refusal.value.encode())
+
+
+def reply_aad(user_ref: str, island: str, version: int, request_id: bytes, request: bytes) -> bytes:
+    """Associated data of a committed answer kept sealed in the entry for
+    resends: bound to the user, island and entry version it was committed
+    with, and to the exact request."""
+    return canonical(labels.REPLY_AAD, bytes.fromhex(user_ref), island.encode(), u64(version), request_id, request)

@@ -1,0 +1,122 @@
+"""Public v1 wire types (what the SDK sends and receives).
+
+The user id never travels in a body: it comes from the verified account
+token, so nobody can act on a stranger's record. The answers are defined
+here and nowhere else: the island answers with them and the frontend relays
+them unchanged; the client checks their fleet signatures
+(``bkv_protocol.transcripts``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import Field
+
+from bkv_protocol.ids import EK_LEN, K_NONCE_LEN, FleetId
+from bkv_protocol.wire import B64, Frozen, RequestId, fixed_b64
+
+__all__ = [
+    "FleetInfo", "RegistrationStartRequest", "RegistrationStartOut", "RegistrationFinishRequest",
+    "RegistrationFinishOut", "LoginStartRequest", "LoginStartOut", "LoginFinishRequest",
+    "LoginFinishOut", "DeleteOut", "RecordStatus", "FleetParams",
+]
+
+
+# Fixed sizes, refused here (400 invalid_request, as the hsm-proxy would
+# refuse them) so that the published schema states them.
+Ek = fixed_b64(EK_LEN)
+KNonce = fixed_b64(K_NONCE_LEN)
+
+
+class FleetInfo(Frozen):
+    """``GET /v1/fleet``: what a client pins. Never the OPAQUE server setup."""
+
+    fleet_id: str
+    fleet_public_key: B64
+    max_attempts: int = Field(ge=1, le=1000)
+    opaque_suite: str
+    signature_alg: str
+    edge_public_key: str = ""  # base64 X25519 key of the Noise edge, if there is one
+    api_version: str = "v1"
+
+
+class _Pinned(Frozen):
+    # The fleet the client pinned, which must sign the answer. Left out: the
+    # vault's oldest fleet (clients from before keys rotated).
+    fleet_id: FleetId | None = None
+
+
+class RegistrationStartRequest(_Pinned):
+    registration_request: B64
+
+
+class _Identified(_Pinned):
+    # Client-chosen, 16 random bytes, new for each request and the same on
+    # every resend of it: a resend is answered from what was committed, so it
+    # never spends an attempt (bkv_protocol.transcripts).
+    request_id: RequestId
+
+
+class RegistrationFinishRequest(_Identified):
+    challenge: B64
+    registration_upload: B64
+    ek: Ek
+    k_nonce: KNonce
+
+
+class LoginStartRequest(_Identified):
+    credential_request: B64
+
+
+class LoginFinishRequest(_Identified):
+    login_state: B64
+    credential_finalization: B64
+
+
+# -- answers (the island makes them, the frontend relays them) -------------------
+class RecordStatus(str, enum.Enum):
+    RESET = "reset"          # attempts back to the maximum
+    DESTROYED = "destroyed"  # the last attempt was used; the client should register again
+
+
+class FleetParams(Frozen):
+    """What clients pin and what the frontend publishes. Never the OPAQUE setup."""
+
+    fleet_id: str
+    fleet_public_key: B64  # SubjectPublicKeyInfo DER, ECDSA P-256
+    max_attempts: int = Field(ge=1, le=1000)
+    opaque_suite: str = "ristretto255-tripledh-argon2id"
+    signature_alg: str = "ecdsa-p256-sha256"
+
+
+class RegistrationStartOut(Frozen):
+    registration_response: B64
+    challenge: B64
+    signature: B64
+
+
+class RegistrationFinishOut(Frozen):
+    version: int = Field(ge=0, le=2**63 - 1)
+    max_attempts: int = Field(ge=1, le=1000)
+    signature: B64
+
+
+class LoginStartOut(Frozen):
+    """``attempts_left`` is what remains *after* this guess; it is signed."""
+
+    credential_response: B64
+    login_state: B64
+    attempts_left: int = Field(ge=0, le=1000)
+    signature: B64
+
+
+class LoginFinishOut(Frozen):
+    wrapped_key: B64
+    rk_nonce: B64
+    record_status: RecordStatus
+    signature: B64
+
+
+class DeleteOut(Frozen):
+    deleted: bool

@@ -1,0 +1,116 @@
+"""Wire conventions shared by every service's ``api.py``.
+
+Binary fields travel as strict standard base64 strings. Every error body has
+one shape, ``{"error": {"code", "message", "retryable"}}``; the codes in
+:class:`ErrorCode` are stable and documented in docs/api.md.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
+
+from bkv_protocol.encoding import b64d, b64e
+
+# Largest binary field any endpoint accepts (OPAQUE messages are < 400 bytes,
+# sealed blobs < 1 KiB); anything bigger is refused before any work.
+MAX_FIELD_BYTES = 4096
+# Its longest base64 form (padded: a multiple of 4 characters).
+_MAX_FIELD_CHARS = 4 * -(-MAX_FIELD_BYTES // 3)
+
+# Strict standard base64 with padding: the pattern the schema publishes.
+# _decode accepts exactly these strings (tests/test_unit_wire_schema.py), on
+# any 3.11 patch release: it checks the padding itself rather than rely on
+# how strict this Python's b64decode is about it.
+_B64_RE = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+
+
+def _decode(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a base64 string")
+    if len(value) > _MAX_FIELD_CHARS:
+        raise ValueError("field too large")
+    # Whole 4-character blocks, "=" only as the last one or two (a regex here
+    # costs several times the decode); b64d(validate=True) checks the alphabet.
+    data = value.rstrip("=")
+    if len(value) % 4 or len(value) - len(data) > 2 or "=" in data:
+        raise ValueError("not valid base64")
+    try:
+        return b64d(value)
+    except Exception:
+        raise ValueError("not valid base64") from None
+
+
+def _b64_schema(size: int | None = None) -> dict:
+    """The JSON schema of a base64 field: any size up to MAX_FIELD_BYTES, or
+    exactly ``size`` bytes (its encoded length and padding are then fixed)."""
+    if size is None:
+        return {"type": "string", "contentEncoding": "base64", "pattern": f"^{_B64_RE}$",
+                "maxLength": _MAX_FIELD_CHARS}
+    chars, pad = 4 * -(-size // 3), (3 - size % 3) % 3
+    return {"type": "string", "contentEncoding": "base64", "pattern": f"^[A-Za-z0-9+/]{{{chars - pad}}}{'=' * pad}$",
+            "minLength": chars, "maxLength": chars, "description": f"{size} bytes, base64"}
+
+
+B64 = Annotated[
+    bytes,
+    BeforeValidator(_decode),
+    PlainSerializer(b64e, return_type=str, when_used="json"),
+    WithJsonSchema(_b64_schema()),
+]
+
+
+def fixed_b64(size: int) -> object:
+    """A base64 field of exactly ``size`` bytes (400 invalid_request otherwise)."""
+    return Annotated[bytes, BeforeValidator(_decode), Field(min_length=size, max_length=size),
+                     PlainSerializer(b64e, return_type=str, when_used="json"), WithJsonSchema(_b64_schema(size))]
+
+
+# A client-chosen id for each state-changing request (bkv_protocol.transcripts).
+RequestId = fixed_b64(16)
+
+
+class Frozen(BaseModel):
+    """Base of every wire model: immutable, unknown fields refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ErrorCode(str, enum.Enum):
+    INVALID_REQUEST = "invalid_request"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNAUTHENTICATED = "unauthenticated"
+    MALFORMED_OPAQUE_MESSAGE = "malformed_opaque_message"
+    NO_RECORD = "no_record"
+    RECORD_DESTROYED = "record_destroyed"
+    CHALLENGE_REJECTED = "challenge_rejected"
+    LOGIN_STATE_REJECTED = "login_state_rejected"
+    AUTHENTICATION_FAILED = "authentication_failed"
+    RECORD_INTEGRITY_FAILURE = "record_integrity_failure"
+    CONFLICT = "conflict"
+    NOT_FOUND = "not_found"
+    UNAVAILABLE = "unavailable"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    REQUEST_ID_REUSED = "request_id_reused"
+    REQUEST_SUPERSEDED = "request_superseded"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    INTERNAL = "internal"
+
+
+class ErrorDetail(Frozen):
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+    # The fleet's signature on no_record / record_destroyed for this request
+    # (bkv_protocol.transcripts.refusal_answer). A device acts on those two only
+    # when it verifies; every other error changes nothing on the device.
+    signature: B64 | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ErrorBody(Frozen):
+    error: ErrorDetail

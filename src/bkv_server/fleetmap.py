@@ -1,0 +1,122 @@
+"""The island map and the replica registry, both kept in etcd, and the
+rendezvous hash that places users on islands.
+
+* ``<prefix>/fleet/islands``: JSON ``{"islands": [ids...]}``, set by an admin
+  (``bkv-island set-map``). Changing it moves users: see docs/architecture.md.
+* ``<prefix>/replicas/<island>/<replica>``: the replica's URL, on a lease that
+  the replica keeps alive; a dead replica drops out within the lease TTL.
+* ``<prefix>/fleet/params``: public fleet parameters from fleet-init.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import aetcd
+
+from bkv_protocol import labels
+from bkv_protocol.encoding import digest, user_ref
+from bkv_server.etcd import RETRYABLE
+
+log = logging.getLogger(__name__)
+
+ISLAND_MAP_KEY = "/fleet/islands"
+FLEET_PARAMS_KEY = "/fleet/params"
+# The current validation bundle (docs/ota.md), as SignedBundle JSON.
+FLEET_BUNDLE_KEY = "/fleet/bundle"
+# The bundle being published: stored before the witness sees it, so a failed
+# run's bundle is retried byte for byte instead of forked (bkv_hsm_proxy.bundles).
+FLEET_PENDING_BUNDLE_KEY = "/fleet/pending-bundle"
+REPLICAS_PREFIX = "/replicas/"
+REPLICA_TTL_S = 6
+
+
+def rendezvous_ref(ref: str, islands: list[str]) -> str:
+    """Highest-random-weight placement of a user ref (see
+    :func:`bkv_protocol.encoding.user_ref`): adding an island moves only the
+    users whose highest score is now the new island's."""
+    if not islands:
+        raise ValueError("the island map is empty")
+    return max(islands, key=lambda i: digest(labels.RENDEZVOUS_HASH, i.encode(), bytes.fromhex(ref)))
+
+
+def rendezvous(user_id: str, islands: list[str]) -> str:
+    return rendezvous_ref(user_ref(user_id), islands)
+
+
+async def set_island_map(client: aetcd.Client, prefix: str, islands: list[str],
+                         previous: list[str] | None = None) -> None:
+    """``previous`` is set while records move to a new map (docs/architecture.md)."""
+    value = {"islands": sorted(set(islands))}
+    if previous is not None:
+        value["previous"] = sorted(set(previous))
+    await client.put((prefix + ISLAND_MAP_KEY).encode(), json.dumps(value).encode())
+
+
+async def set_first_island_map(client: aetcd.Client, prefix: str, islands: list[str]) -> bool:
+    """Write the map only if there is none yet (one transaction). An existing
+    map changes only through ``add-island``, which moves the records."""
+    key = (prefix + ISLAND_MAP_KEY).encode()
+    tx = client.transactions
+    ok, _ = await client.transaction(compare=[tx.version(key) == 0],
+                                     success=[tx.put(key, json.dumps({"islands": sorted(set(islands))}).encode())],
+                                     failure=[])
+    return ok
+
+
+async def read_map(client: aetcd.Client, prefix: str) -> tuple[list[str], list[str] | None]:
+    """(islands, previous islands while a migration runs, else None)."""
+    got = await client.get((prefix + ISLAND_MAP_KEY).encode())
+    if not got:
+        return [], None
+    value = json.loads(got.value)
+    return value["islands"], value.get("previous")
+
+
+async def read_island_map(client: aetcd.Client, prefix: str) -> list[str]:
+    return (await read_map(client, prefix))[0]
+
+
+async def read_replicas(client: aetcd.Client, prefix: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    base = prefix + REPLICAS_PREFIX
+    for kv in await client.get_prefix(base.encode()):
+        island = kv.key.decode()[len(base):].split("/", 1)[0]
+        out.setdefault(island, []).append(kv.value.decode())
+    for urls in out.values():
+        urls.sort()
+    return out
+
+
+async def announce_replica(client: aetcd.Client, prefix: str, island: str, replica: str, url: str,
+                           stop: asyncio.Event) -> None:
+    """Keep ``url`` registered under a lease until ``stop`` is set; re-register
+    after etcd outages (the lease may have expired meanwhile)."""
+    key = f"{prefix}{REPLICAS_PREFIX}{island}/{replica}".encode()
+    lease = None
+    while not stop.is_set():
+        try:
+            if lease is None:
+                lease = await client.lease(REPLICA_TTL_S)
+                await client.put(key, url.encode(), lease=lease)
+            else:
+                reply = await lease.refresh()
+                if reply is None or reply.TTL <= 0:
+                    lease = None
+                    continue
+        except RETRYABLE:
+            lease = None
+        except Exception:  # noqa: BLE001 - keep announcing whatever happens
+            log.exception("replica announcement failed")
+            lease = None
+        try:
+            await asyncio.wait_for(stop.wait(), REPLICA_TTL_S / 3)
+        except asyncio.TimeoutError:
+            pass
+    if lease is not None:
+        try:
+            await lease.revoke()
+        except Exception:  # noqa: BLE001 - best effort on shutdown
+            pass
