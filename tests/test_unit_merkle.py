@@ -280,8 +280,9 @@ def test_a_proof_against_an_old_root_does_not_verify_against_the_new_one():
     p_before, root_before = t.prove(k2), t.root()
     t.set(rng.randbytes(32), vh(rng))
     assert t.root() != root_before
-    with pytest.raises(ProofInvalid):
-        verify(t.root(), k, old_proof)
+    for key, proof in ((k, old_proof), (k2, p_before)):
+        with pytest.raises(ProofInvalid):
+            verify(t.root(), key, proof)
 
 
 def test_non_canonical_proofs_are_refused_even_where_the_root_would_match():
