@@ -33,6 +33,8 @@ RENDEZVOUS_HASH: Final = b"bkv/v1/hash/rendezvous"    # user -> island placement
 FLEET_ID_HASH: Final = b"bkv/v1/hash/fleet-id"        # fleet id from its public key
 REQUEST_HASH: Final = b"bkv/v1/hash/request"          # request digests inside transcripts
 REQUEST_FINGERPRINT: Final = b"bkv/v1/hash/request-fingerprint"  # a whole state-changing request
+TRIE_LEAF: Final = b"bkv/v1/hash/trie-leaf"          # a record in an island's sparse Merkle trie (merkle.py)
+TRIE_NODE: Final = b"bkv/v1/hash/trie-node"
 
 # Validation bundles (docs/ota.md): the operator signs, the witness countersigns.
 BUNDLE_BODY: Final = b"bkv/v1/bundle"                      # the canonical body (format 2 adds expires_at)

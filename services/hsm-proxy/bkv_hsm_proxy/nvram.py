@@ -1,0 +1,251 @@
+"""The hsm-proxy's small persistent state: per island, the newest log head it
+captured (a stand-in for HSM NVRAM).
+
+Why: etcd and the islands are untrusted and may roll back or fork an island's
+log. The hsm-proxy remembers, per island, the ``(index, mac, root)`` of the
+newest log entry it emitted, in a file only it writes, and answers a request
+only after the head that request produced is on disk. After a restart it
+therefore never accepts an older log than one whose effects a client may
+have seen.
+
+Rules this file keeps:
+
+- Heads never go backwards: ``persist`` refuses (``HeadRegression``) a lower
+  index than the newest head accepted for that island (on disk or pending),
+  and the same index with a different mac or root (a fork).
+- Writes are atomic: temp file in the same directory, fsync, rename over,
+  fsync the directory. A failed write leaves the previous file intact.
+- Group commit: callers await ``persist``; while one write runs (in a thread,
+  since fsync blocks), later updates gather and go out together in the next
+  single write. A caller returns once a write containing its head (or a newer
+  one for the same island) is durable.
+- A missing file is an empty state (first start); an unreadable one is an
+  error (``StateFileCorrupt``), never silently empty: forgetting heads is a
+  rollback. The file carries a SHA-256 checksum so a flipped digit in an
+  index cannot pass as a valid older head.
+
+File (JSON, canonical: sorted keys, no spaces)::
+
+    {"fleet": "...", "format": 1,
+     "heads": {"<island>": {"index": 7, "mac": "<64 hex>", "root": "<64 hex>"}},
+     "sha256": "<hex of SHA-256 over the same object without this field>"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Head", "StateFile", "StateFileError", "StateFileCorrupt", "FleetMismatch",
+           "HeadRegression", "StateWriteFailed", "FORMAT"]
+
+FORMAT = 1
+
+
+class StateFileError(Exception):
+    """The state file cannot be used; the hsm-proxy must not start."""
+
+
+class StateFileCorrupt(StateFileError):
+    pass
+
+
+class FleetMismatch(StateFileError):
+    """The file belongs to another fleet."""
+
+
+class HeadRegression(ValueError):
+    """An update would move an island's head backwards or fork it."""
+
+
+class StateWriteFailed(OSError):
+    """The write carrying this caller's update failed; ``__cause__`` says why.
+    The update may still reach disk with a later write."""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    index: int
+    mac: bytes
+    root: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.index) is not int or self.index < 0:
+            raise ValueError("index must be a non-negative int")
+        for name in ("mac", "root"):
+            v = getattr(self, name)
+            if type(v) is not bytes or len(v) != 32:
+                raise ValueError(f"{name} must be 32 bytes")
+
+    def __repr__(self) -> str:
+        return f"Head(index={self.index}, mac={self.mac.hex()[:12]}.., root={self.root.hex()[:12]}..)"
+
+
+def _canonical_json(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _encode(fleet: str, heads: dict[str, Head]) -> bytes:
+    body = {"format": FORMAT, "fleet": fleet, "heads": {
+        i: {"index": h.index, "mac": h.mac.hex(), "root": h.root.hex()} for i, h in heads.items()}}
+    body["sha256"] = hashlib.sha256(_canonical_json(body)).hexdigest()
+    return _canonical_json(body) + b"\n"
+
+
+def _hex32(v: object) -> bytes:
+    if type(v) is not str or len(v) != 64 or v != v.lower():
+        raise ValueError("not 64 lowercase hex digits")
+    return bytes.fromhex(v)
+
+
+def _decode(data: bytes) -> tuple[str, dict[str, Head]]:
+    """Strict: anything but a file this module wrote raises StateFileCorrupt."""
+    try:
+        obj = json.loads(data)
+        if type(obj) is not dict or set(obj) != {"format", "fleet", "heads", "sha256"}:
+            raise ValueError("unexpected fields")
+        check = obj.pop("sha256")
+        if check != hashlib.sha256(_canonical_json(obj)).hexdigest():
+            raise ValueError("checksum mismatch")
+        if type(obj["format"]) is not int or obj["format"] != FORMAT:
+            raise ValueError(f"format {obj['format']!r}, expected {FORMAT}")
+        if type(obj["fleet"]) is not str or type(obj["heads"]) is not dict:
+            raise ValueError("bad fleet or heads")
+        heads = {}
+        for island, h in obj["heads"].items():
+            if type(h) is not dict or set(h) != {"index", "mac", "root"}:
+                raise ValueError(f"bad head for {island!r}")
+            heads[island] = Head(h["index"], _hex32(h["mac"]), _hex32(h["root"]))
+        return obj["fleet"], heads
+    except (ValueError, TypeError, KeyError, RecursionError) as e:  # JSON/Unicode errors are ValueErrors
+        raise StateFileCorrupt(f"state file unreadable: {e}") from e
+
+
+class StateFile:
+    """Per-island log heads, persisted with group commit. One writer: only
+    this object (in one process) may write ``path``."""
+
+    def __init__(self, path: str | os.PathLike[str], fleet: str = "") -> None:
+        self.path = Path(path)
+        self.fleet = fleet
+        self._loaded = False
+        self._durable: dict[str, Head] = {}  # what the file holds
+        self._newest: dict[str, Head] = {}   # accepted by persist: durable or pending
+        self._next: asyncio.Future[None] | None = None  # the write the next callers join
+        self._writer: asyncio.Task[None] | None = None
+        # For metrics.
+        self.persist_calls = 0
+        self.writes = 0           # successful file writes
+        self.write_failures = 0
+        self.heads_written = 0    # heads that changed, summed over writes
+        self.waiting = 0          # callers waiting for a write now
+
+    @property
+    def _tmp(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.tmp")
+
+    def load(self) -> None:
+        """Read the file (missing = empty). Raises StateFileCorrupt or FleetMismatch."""
+        if self._writer is not None and not self._writer.done():
+            raise RuntimeError("load() while a write is in flight")
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            heads: dict[str, Head] = {}
+        else:
+            fleet, heads = _decode(data)
+            if fleet != self.fleet:
+                raise FleetMismatch(f"state file {self.path} is for fleet {fleet!r}, not {self.fleet!r}")
+        self._durable, self._newest, self._loaded = heads, dict(heads), True
+
+    def heads(self) -> dict[str, Head]:
+        """The newest head accepted per island: on disk, or being written.
+        (They differ only while a write is pending, or after one failed.)"""
+        return dict(self._newest)
+
+    def head(self, island: str) -> Head | None:
+        return self._newest.get(island)
+
+    def durable_heads(self) -> dict[str, Head]:
+        """The heads the file holds."""
+        return dict(self._durable)
+
+    async def persist(self, updates: dict[str, Head]) -> None:
+        """Return once every update (or a newer head for its island) is on
+        disk. Raises HeadRegression (nothing applied) or StateWriteFailed."""
+        if not self._loaded:
+            raise RuntimeError("load() the state file before persisting")
+        self.persist_calls += 1
+        for island, h in updates.items():
+            if type(island) is not str or not isinstance(h, Head):
+                raise TypeError("updates map island ids (str) to Heads")
+            cur = self._newest.get(island)
+            if cur is not None and (h.index < cur.index or (h.index == cur.index and h != cur)):
+                raise HeadRegression(f"island {island!r}: {h!r} does not extend {cur!r}")
+        self._newest.update(updates)
+        if all(island in self._durable and self._durable[island].index >= h.index
+               for island, h in updates.items()):
+            return  # already on disk (a repeat)
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        fut = self._next
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop())
+        self.waiting += 1
+        try:
+            await asyncio.shield(fut)  # a cancelled caller must not cancel the shared write
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise StateWriteFailed(f"writing {self.path} failed: {e}") from e
+        finally:
+            self.waiting -= 1
+
+    async def _write_loop(self) -> None:
+        while self._next is not None:
+            fut, self._next = self._next, None
+            snapshot = dict(self._newest)  # everything accepted so far
+            try:
+                await asyncio.to_thread(self._write_file, snapshot)
+            except asyncio.CancelledError:
+                fut.cancel()
+                raise
+            except Exception as e:
+                self.write_failures += 1
+                fut.set_exception(e)
+                fut.exception()  # retrieved: no "never retrieved" noise if every caller left
+            else:
+                self.writes += 1
+                self.heads_written += sum(self._durable.get(i) != h for i, h in snapshot.items())
+                self._durable = snapshot
+                fut.set_result(None)
+
+    def _write_file(self, heads: dict[str, Head]) -> None:
+        # A temp file left by a crash is simply truncated here; load() leaves it
+        # alone, so reading the state (e.g. from a tool) never disturbs a write.
+        data, tmp = _encode(self.fleet, heads), self._tmp
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # whatever the umask, and if a stale temp file had another mode
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)  # the rename itself durable
+        finally:
+            os.close(dfd)
