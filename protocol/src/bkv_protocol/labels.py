@@ -35,6 +35,14 @@ REQUEST_HASH: Final = b"bkv/v1/hash/request"          # request digests inside t
 REQUEST_FINGERPRINT: Final = b"bkv/v1/hash/request-fingerprint"  # a whole state-changing request
 TRIE_LEAF: Final = b"bkv/v1/hash/trie-leaf"          # a record in an island's sparse Merkle trie (merkle.py)
 TRIE_NODE: Final = b"bkv/v1/hash/trie-node"
+LOG_RECORD: Final = b"bkv/v1/hash/log-record"        # a record's etcd entry as a trie leaf value
+
+# The HSM-held log (bkv_hsm_proxy/log.py): keys derived inside the boundary, MACs and the held answers.
+LOG_KEY_INFO: Final = b"bkv/v1/kdf/log-key"          # OPAQUE server setup -> the log key
+HELD_ANSWER_INFO: Final = b"bkv/v1/kdf/held-answer"  # log key -> the key answers are held under
+LOG_ENTRY_MAC: Final = b"bkv/v1/mac/log-entry"
+LOG_CAPTURE_MAC: Final = b"bkv/v1/mac/log-capture"   # an hsm-proxy's statement that it captured an entry
+HELD_ANSWER_AAD: Final = b"bkv/v1/aead/held-answer"
 
 # Validation bundles (docs/ota.md): the operator signs, the witness countersigns.
 BUNDLE_BODY: Final = b"bkv/v1/bundle"                      # the canonical body (format 2 adds expires_at)
