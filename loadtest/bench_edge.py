@@ -58,7 +58,7 @@ def main() -> int:
         fleet = start_fleet(Path(tmp))
         plain_port, admin = _free_base_port(), _free_base_port()
         cfg = Path(tmp) / "plain-envoy.json"
-        cfg.write_text(render("127.0.0.1", plain_port, fleet.spec.base_port + 80, 1, admin, noise=False))
+        cfg.write_text(render("127.0.0.1", plain_port, fleet.ports.frontend, 1, admin, noise=False))
         plain = subprocess.Popen([_envoy_binary(), "-c", str(cfg), "--disable-hot-restart", "--log-level", "warn"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

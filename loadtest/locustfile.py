@@ -39,13 +39,14 @@ from locust import User, between, constant, events, tag, task  # noqa: F401
 from bkv import errors
 from bkv.sdk import VaultClientSync
 from bkv.transport import NoiseTransport, tls_context
+from bkv_dev.ports import Ports
 from bkv_protocol.noise import StaticKey
 from bkv_protocol.encoding import b64d
 from bkv_protocol.secrets import BackupKey
 
 from accounts import account as _account
 
-URL = os.environ.get("BKV_LOAD_URL", "http://127.0.0.1:18080")
+URL = os.environ.get("BKV_LOAD_URL", Ports().frontend_url)  # default: `bkv dev up`'s frontend
 EDGE_URL = os.environ.get("BKV_LOAD_EDGE_URL", "")   # set: go through Envoy and Noise (the real path)
 EDGE_KEY = os.environ.get("BKV_LOAD_EDGE_KEY", "")
 PREFIX = os.environ.get("BKV_LOAD_PREFIX", "load")

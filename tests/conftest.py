@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from bkv_dev.fleet import Fleet, FleetSpec
+from bkv_dev.ports import Ports
 from bkv.sdk import VaultClient
 from bkv_protocol.encoding import b64d
 
@@ -22,8 +23,8 @@ def _free_base_port() -> int:
         # Below the kernel's ephemeral range (32768+): an outgoing connection
         # could otherwise take one of the fleet's ports between check and bind.
         base = random.randrange(10000, 32768 - 1000, 10)
-        ports = [base + o for o in (2, 3, 80, 350, 100, 101, 200, 201, 202, 210, 211, 212, 220, 221, 443, 901)] + \
-                [base + 379 + i for i in range(12)]
+        # Room for the largest layout of the tests (islands added later too).
+        ports = Ports(base, etcd_members=6, hsm_proxies=2, islands=("a", "b", "c"), replicas_per_island=3).all()
         ok = True
         for p in ports:
             with socket.socket() as s:

@@ -10,6 +10,8 @@ import tomllib
 
 import pytest
 
+from bkv_dev.ports import Ports
+
 from conftest import _free_base_port
 
 BKV = [sys.executable, "-m", "bkv.cli"]
@@ -34,7 +36,7 @@ def bkv(env, *args, check=True):
 def test_dev_up_starts_the_fleet_writes_the_config_and_is_idempotent(cli_env):
     env, base, root = cli_env
     out = bkv(env, "dev", "up", "--base-port", str(base)).stdout
-    assert f"http://127.0.0.1:{base + 443} (Noise, via Envoy)" in out
+    assert f"{Ports(base).edge_url} (Noise, via Envoy)" in out
     cfg_path = root / "config" / "bkv" / "config.toml"
     cfg = tomllib.loads(cfg_path.read_text())
     assert cfg["identity"]["user_id"] == "dev-user" and cfg["vault"]["fleet_public_key"]
@@ -65,12 +67,13 @@ def test_dev_login_switches_the_identity(cli_env):
 def test_dev_up_with_a_taken_port_says_which_port(tmp_path):
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "c"), "BKV_DEV_STATE": str(tmp_path / "s")}
     base = _free_base_port()
+    frontend = Ports(base).frontend
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", base + 80))
+        squatter.bind(("127.0.0.1", frontend))
         squatter.listen()
         res = bkv(env, "dev", "up", "--base-port", str(base), check=False)
     assert res.returncode == 1
-    assert f"port {base + 80}" in res.stderr and "frontend" in res.stderr
+    assert f"port {frontend}" in res.stderr and "frontend" in res.stderr
 
 
 def test_dev_down_purge_removes_every_trace(cli_env):

@@ -45,20 +45,20 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
 
 
 def scrape_config(fleet) -> str:
-    b = fleet.spec.base_port
+    ports = fleet.ports
     jobs = {
-        "frontend": [f"127.0.0.1:{b + 80}"],
-        "hsm-proxy": [f"127.0.0.1:{b + 100 + i}" for i in range(fleet.spec.hsm_proxies)],
-        "vault-island": [f"127.0.0.1:{b + 200 + 10 * j + r}" for j in range(len(fleet.spec.islands))
-                         for r in range(fleet.spec.replicas_per_island)],
-        "etcd": [f"127.0.0.1:{fleet.etcd_client_port(i)}" for i in range(fleet.spec.etcd_members)],
-        "noise-processor": [f"127.0.0.1:{b + 3}"],
+        "frontend": [f"127.0.0.1:{ports.frontend}"],
+        "hsm-proxy": [f"127.0.0.1:{ports.hsm_proxy(i)}" for i in range(ports.hsm_proxies)],
+        "vault-island": [f"127.0.0.1:{ports.island(j, r)}" for j in range(len(ports.islands))
+                         for r in range(ports.replicas_per_island)],
+        "etcd": [f"127.0.0.1:{ports.etcd_client(i)}" for i in range(ports.etcd_members)],
+        "noise-processor": [f"127.0.0.1:{ports.processor_metrics}"],
     }
     lines = ["global:", "  scrape_interval: 1s", "  evaluation_interval: 1s", "scrape_configs:"]
     for job, targets in jobs.items():
         lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {json.dumps(targets)}"]
     lines += ["  - job_name: envoy", "    metrics_path: /stats/prometheus", "    static_configs:",
-              f"      - targets: [\"127.0.0.1:{b + 901}\"]"]
+              f"      - targets: [\"127.0.0.1:{ports.envoy_admin}\"]"]
     return "\n".join(lines) + "\n"
 
 

@@ -159,7 +159,7 @@ def test_the_frontend_and_the_processor_listen_on_loopback_only(fleet):
     listening = _listeners()
     for name in ("frontend", "noise-processor"):
         assert listening[fleet.procs[name].port] == "127.0.0.1", name
-    assert listening[fleet.spec.base_port + 901] == "127.0.0.1"  # Envoy's admin
+    assert listening[fleet.ports.envoy_admin] == "127.0.0.1"
 
 
 def test_the_rendered_envoy_config_validates_with_envoy_itself(fleet):
@@ -171,7 +171,7 @@ def test_the_rendered_envoy_config_validates_with_envoy_itself(fleet):
 
 
 def test_envoy_exposes_its_own_prometheus_stats(fleet):
-    text = httpx.get(f"http://127.0.0.1:{fleet.spec.base_port + 901}/stats/prometheus").text
+    text = httpx.get(f"http://127.0.0.1:{fleet.ports.envoy_admin}/stats/prometheus").text
     assert "envoy_http_downstream_rq_total" in text
 
 

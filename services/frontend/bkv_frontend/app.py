@@ -168,13 +168,13 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                                                      registration_upload=req.registration_upload, ek=req.ek,
                                                      k_nonce=req.k_nonce), idempotent=True)
 
-    async def recovery_start_(req: api.LoginStartRequest, user: str) -> Response:
+    async def login_start_(req: api.LoginStartRequest, user: str) -> Response:
         return await relay(user, "/island/v1/login/start",
                            iapi.LoginStartIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
                                                 credential_request=req.credential_request),
                            idempotent=True)
 
-    async def recovery_finish_(req: api.LoginFinishRequest, user: str) -> Response:
+    async def login_finish_(req: api.LoginFinishRequest, user: str) -> Response:
         return await relay(user, "/island/v1/login/finish",
                            iapi.LoginFinishIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
                                                  login_state=req.login_state,
@@ -185,8 +185,8 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     opaque_routes: dict[str, tuple[type[BaseModel], type[BaseModel], OpaqueHandler]] = {
         "/v1/registration/start": (api.RegistrationStartRequest, api.RegistrationStartOut, registration_start_),
         "/v1/registration/finish": (api.RegistrationFinishRequest, api.RegistrationFinishOut, registration_finish_),
-        "/v1/login/start": (api.LoginStartRequest, api.LoginStartOut, recovery_start_),
-        "/v1/login/finish": (api.LoginFinishRequest, api.LoginFinishOut, recovery_finish_),
+        "/v1/login/start": (api.LoginStartRequest, api.LoginStartOut, login_start_),
+        "/v1/login/finish": (api.LoginFinishRequest, api.LoginFinishOut, login_finish_),
     }
     # The same routes in FastAPI, for the schema (/openapi.json); requests to
     # them are answered by OpaqueFastPath before they get here.
