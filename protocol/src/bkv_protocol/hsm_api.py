@@ -9,19 +9,23 @@ release the client-facing part of the answer.
 from __future__ import annotations
 
 import enum
+import hashlib
 from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
+from bkv_protocol import labels
+from bkv_protocol.encoding import canonical, u64
 from bkv_protocol.ids import EK_LEN, K_NONCE_LEN, FleetId, IslandId, RequestIdHex, UserId, UserRef  # noqa: F401  (re-exported for the hop's users)
 from bkv_protocol.v1 import FleetParams, RecordStatus  # noqa: F401  (public; the hsm-proxy makes them)
-from bkv_protocol.wire import B64, Frozen, RequestId
+from bkv_protocol.wire import B64, ErrorDetail, Frozen, RequestId, fixed_b64
 
 
 class EntryState(str, enum.Enum):
     ABSENT = "absent"        # never registered
     LIVE = "live"            # a sealed record
     DESTROYED = "destroyed"  # tombstone: attempts ran out or the user disabled it
+    MOVED = "moved"          # moved to ``Entry.moved_to``; ``sealed`` is the record sealed for that island
 
 
 RECENT_REQUESTS = 16  # request ids an entry remembers after their answer is gone
@@ -54,11 +58,25 @@ class Entry(Frozen):
     # Ids of earlier requests whose answers are gone: a resend of one is
     # refused (request_superseded), never evaluated again.
     recent: list[RequestIdHex] = Field(default_factory=list, max_length=RECENT_REQUESTS)
+    moved_to: IslandId | None = Field(None, exclude_if=lambda v: v is None)  # state MOVED only
 
     def answered(self) -> list[str]:
         """The request ids the entry that follows this one must remember."""
         ids = self.recent + ([self.request.id] if self.request is not None else [])
         return ids[-RECENT_REQUESTS:]
+
+
+def entry_digest(entry: Entry | None) -> bytes | None:
+    """A record's leaf value in the trie: every field of its etcd entry,
+    canonically (None: the user has no entry on this island)."""
+    if entry is None or entry.state is EntryState.ABSENT:
+        return None
+    req = entry.request
+    return hashlib.sha256(canonical(
+        labels.LOG_RECORD, entry.state.value.encode(), u64(entry.version), entry.sealed or b"",
+        (entry.fleet_id or "").encode(),
+        b"" if req is None else canonical(b"", req.id.encode(), req.fingerprint.encode(), req.reply),
+        ",".join(entry.recent).encode(), (entry.moved_to or "").encode())).digest()
 
 
 # -- registration --------------------------------------------------------------
@@ -134,11 +152,14 @@ class LoginFinishOut(Frozen):
 
 # -- resends and refusals --------------------------------------------------------
 class ReplyOpenIn(Frozen):
-    """A resend of the request that wrote ``current``: open its sealed answer."""
+    """A resend of the request that wrote ``current``: open its sealed answer,
+    if ``current`` is in a committed head (a quorum's statements for it)."""
 
     user_id: UserId
     island: IslandId
     current: Entry
+    proven: Proven
+    statements: list[Statement] = Field(max_length=16)
     request_id: RequestId
     fingerprint: B64  # bkv_protocol.transcripts.*_request, as the island computed it
 
@@ -155,6 +176,7 @@ class RefusalIn(Frozen):
     island: IslandId
     fleet_id: FleetId | None = None
     current: Entry
+    proven: Proven
     fingerprint: B64
 
 
@@ -185,3 +207,152 @@ class MigrateIn(Frozen):
 
 
 # -- fleet ---------------------------------------------------------------------
+
+
+# -- the HSM-held log (bkv_hsm_proxy/log.py, docs/protocol.md) ---------------------
+Mac = fixed_b64(32)
+HsmId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$")]
+
+
+class LogEntry(Frozen):
+    """One link of an island's log, MAC'd by the boundary."""
+
+    island: IslandId
+    index: int = Field(ge=0, le=2**63 - 1)
+    root: Mac  # the island's trie root after this entry
+    prev_mac: Mac
+    salt: fixed_b64(16)
+    mac: Mac
+
+
+class Statement(Frozen):
+    """An hsm-proxy's MAC'd statement that it captured ``(island, index, mac)``."""
+
+    hsm: HsmId
+    island: IslandId
+    index: int = Field(ge=0, le=2**63 - 1)
+    mac: Mac
+    tag: Mac
+
+
+class Proven(Frozen):
+    """A record's entry and its trie proof against ``head`` (the island's
+    newest log entry): what every request that reads or changes a record
+    carries, so that the boundary, not etcd, decides what is current."""
+
+    head: LogEntry
+    proof: B64  # bkv_protocol.merkle.Proof.to_bytes()
+
+
+class OpKind(str, enum.Enum):
+    REGISTRATION_FINISH = "registration_finish"
+    LOGIN_START = "login_start"
+    LOGIN_FINISH = "login_finish"
+    MIGRATE = "migrate"
+    DELETE = "delete"
+    MOVE_OUT = "move_out"
+    MOVE_IN = "move_in"
+
+
+class DeleteIn(Frozen):
+    user_ref: UserRef
+    island: IslandId
+    current: Entry
+
+
+class MoveOutIn(Frozen):
+    """Leave ``island`` for ``to_island``: the entry becomes MOVED, carrying
+    the record sealed for its destination, attempts intact."""
+
+    user_ref: UserRef
+    island: IslandId
+    current: Entry
+    to_island: IslandId
+
+
+class MoveInIn(Frozen):
+    """Arrive on ``island`` from a *committed* MOVED entry of another island:
+    that island's head, a quorum's capture statements for it, and the MOVED
+    entry's proof against it."""
+
+    user_ref: UserRef
+    island: IslandId
+    current: Entry
+    moved: Entry
+    from_head: LogEntry
+    from_statements: list[Statement] = Field(max_length=16)
+    from_proof: B64
+
+
+class Op(Frozen):
+    """One state change of a batch; exactly the field named by ``kind`` is set."""
+
+    kind: OpKind
+    proof: B64  # of this op's record against the batch's head
+    registration_finish: RegistrationFinishIn | None = None
+    login_start: LoginStartIn | None = None
+    login_finish: LoginFinishIn | None = None
+    migrate: MigrateIn | None = None
+    delete: DeleteIn | None = None
+    move_out: MoveOutIn | None = None
+    move_in: MoveInIn | None = None
+
+    def body(self):
+        return getattr(self, self.kind.value)
+
+
+class ApplyIn(Frozen):
+    head: LogEntry
+    ops: list[Op] = Field(min_length=1, max_length=64)
+
+
+class OpResult(Frozen):
+    """Either the op's next entry (and, if a client waits for it, its answer
+    *held*: sealed to the boundary until the entry is committed) or why it
+    was refused (nothing changed), with the status the refusal maps to."""
+
+    new_entry: Entry | None = None
+    held: B64 | None = None
+    status: int = 200
+    error: ErrorDetail | None = None
+
+
+class ApplyOut(Frozen):
+    entry: LogEntry | None  # None: every op was refused, nothing to append
+    results: list[OpResult]
+
+
+class CaptureIn(Frozen):
+    entries: list[LogEntry] = Field(min_length=1, max_length=256)  # oldest first, one island
+
+
+class CaptureOut(Frozen):
+    statement: Statement
+
+
+class ReleaseIn(Frozen):
+    entry: LogEntry
+    statements: list[Statement] = Field(max_length=16)
+    held: list[B64] = Field(max_length=64)
+
+
+class ReleaseOut(Frozen):
+    answers: list[B64]  # in the order of ``held``
+
+
+class GenesisIn(Frozen):
+    island: IslandId
+
+
+class LogHead(Frozen):
+    index: int
+    mac: Mac
+
+
+class LogHeadsOut(Frozen):
+    """What this hsm-proxy captured, per island (admin)."""
+
+    hsm: HsmId
+    members: list[HsmId]
+    quorum: int
+    heads: dict[str, LogHead]

@@ -100,6 +100,13 @@ class ErrorCode(str, enum.Enum):
     REQUEST_SUPERSEDED = "request_superseded"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL = "internal"
+    # The HSM-held log (island <-> hsm-proxy only; a device sees them as 503 unavailable).
+    STALE_HEAD = "stale_head"              # the head shown is older than the boundary's: catch up
+    NOT_NEXT_ENTRY = "not_next_entry"      # capture refused: not the next link of this hsm-proxy's chain
+    PROOF_REFUSED = "proof_refused"        # a record that is not what the log says
+    LOG_NOT_AUTHENTIC = "log_not_authentic"
+    NO_QUORUM = "no_quorum"                # too few hsm-proxies captured the entry yet
+    LOG_DIVERGED = "log_diverged"          # etcd is behind the boundary or does not add up: fail closed
 
 
 class ErrorDetail(Frozen):

@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="the bundle's own expiry (signed); clients also stop at their max age")
         p.add_argument("--etcd-endpoints", default=os.environ.get("BKV_HSM_ETCD_ENDPOINTS", "127.0.0.1:2379"))
         p.add_argument("--etcd-prefix", default=os.environ.get("BKV_HSM_ETCD_PREFIX", "/bkv"))
+    ist = sub.add_parser("init-state", help="create this hsm-proxy's state file (its log heads, the stand-in for "
+                                             "HSM NVRAM) and fix the fleet's hsm-proxies; refuses to overwrite one")
+    ist.add_argument("--hsm-id", required=True, help="this hsm-proxy's id, one of --members")
+    ist.add_argument("--members", required=True, help="every hsm-proxy of the fleet, comma-separated")
+    sub.add_parser("log-heads", help="print the log head this hsm-proxy captured for each island (JSON)")
     evc = sub.add_parser("evidence", help="the deployment evidence of this token's fleet: signed by the fleet key "
                                           "in the token and by the operator (settings from BKV_HSM_*)")
     evc.add_argument("--bundle", type=Path, required=True, help="the bundle that introduced this fleet (JSON)")
@@ -139,6 +144,25 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(json.dumps({"retired": args.fleet_id, "fleet_id": params["fleet_id"]}))
             return 0
+        from bkv_hsm_proxy import nvram
+
+        if args.cmd == "init-state":
+            try:
+                nvram.init_state(settings.state_file, args.hsm_id, args.members.split(","))
+            except (nvram.StateFileError, ValueError, OSError) as exc:
+                print(f"bkv-hsm-proxy: no state file made: {exc}", file=sys.stderr)
+                return 1
+            print(json.dumps({"state_file": settings.state_file, "hsm": args.hsm_id}))
+            return 0
+        try:
+            state, hsm_id, members = nvram.open_state(settings.state_file)
+        except (nvram.StateFileError, OSError) as exc:
+            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+            return 4
+        if args.cmd == "log-heads":
+            print(json.dumps({"hsm": hsm_id, "members": members, "heads": {
+                i: {"index": h.index, "mac": h.mac.hex()} for i, h in sorted(state.durable_heads().items())}}))
+            return 0
         from bkv_server.service import run
         from bkv_hsm_proxy.app import create_app
         from bkv_hsm_proxy.core import VaultHsm
@@ -146,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
         vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
+        vault.attach_log(state, hsm_id, members)
         run(create_app(vault), settings.host, settings.port, settings.metrics_port)
         return 0
     except HsmError as exc:

@@ -46,7 +46,10 @@ from bkv_server import metrics
 from bkv_protocol.encoding import b64e, canonical, fleet_id_for, u32, u64, user_ref
 from bkv_protocol import hsm_api as api
 from bkv_hsm_proxy import errors
+from bkv_hsm_proxy import log as hlog
 from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, HsmBackend, generation_label
+from bkv_hsm_proxy.log import IslandLog
+from bkv_protocol import merkle
 
 CHALLENGE_TTL_MS = 120_000
 LOGIN_STATE_TTL_MS = 60_000
@@ -142,7 +145,10 @@ class VaultHsm:
         self.max_attempts = max_attempts
         self._fleets: dict[str, int] = {}  # fleet id -> key generation
         self._reload()
-        self._setup = opaque.ServerSetupData.from_bytes(self._open_setup(hsm, max(self._fleets.values())))
+        setup = self._open_setup(hsm, max(self._fleets.values()))
+        self._setup = opaque.ServerSetupData.from_bytes(setup)
+        self.log_key = hlog.LogKey.from_setup(setup)  # the same in every hsm-proxy of the fleet, across rotations
+        self.log: IslandLog | None = None  # attach_log(): serve needs it, fleet-init does not
 
     def _reload(self) -> None:
         gens = self._hsm.generations()
@@ -162,6 +168,9 @@ class VaultHsm:
             return hsm.unseal(VaultHsm._setup_aad_for(fleet_id_for(hsm.public_key_der(gen))), sealed_setup, gen)
         except errors.HsmAuthTagMismatch:
             raise errors.HsmError("the sealed OPAQUE setup does not open with this token's key") from None
+
+    def attach_log(self, state, hsm_id: str, members: list[str]) -> None:
+        self.log = IslandLog(self.log_key, hsm_id, members, state)
 
     def fleets(self) -> dict[str, int]:
         return dict(self._fleets)
@@ -293,7 +302,7 @@ class VaultHsm:
             fleet, req.user_id, req.registration_request, response, challenge))
         return api.RegistrationStartOut(registration_response=response, challenge=challenge, signature=sig)
 
-    def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
+    def registration_finish(self, req: api.RegistrationFinishIn) -> tuple[api.Entry, dict]:
         uid = req.user_id.encode()
         if len(req.ek) != EK_LEN or len(req.k_nonce) != K_NONCE_LEN:
             raise errors.BadRequest(f"ek must be {EK_LEN} bytes and k_nonce {K_NONCE_LEN} bytes")
@@ -315,12 +324,11 @@ class VaultHsm:
                                                      req.registration_upload, req.ek, req.k_nonce)
         sig = self._sign(req.fleet_id, lambda fleet: transcripts.registration_finish_answer(
             fleet, fp, entry.version, self.max_attempts))
-        entry = self._reply(ref, req.island, entry, req.current, req.request_id, fp, {
-            "version": entry.version, "max_attempts": self.max_attempts, "signature": b64e(sig)})
-        return api.RegistrationFinishOut(new_entry=entry, max_attempts=self.max_attempts, signature=sig)
+        answer = {"version": entry.version, "max_attempts": self.max_attempts, "signature": b64e(sig)}
+        return self._reply(ref, req.island, entry, req.current, req.request_id, fp, answer), answer
 
     # -- login (recovery) --------------------------------------------------------
-    def login_start(self, req: api.LoginStartIn) -> api.LoginStartOut:
+    def login_start(self, req: api.LoginStartIn) -> tuple[api.Entry, dict]:
         uid = req.user_id.encode()
         record = self._open_record(user_ref(req.user_id), req.island, req.current)
         if record.attempts_left <= 0:  # only reachable for records written by an older build
@@ -344,13 +352,12 @@ class VaultHsm:
         response = started.get_message()
         fp = transcripts.login_start_request(req.fleet_id, req.user_id, req.request_id, req.credential_request)
         sig = self._sign(req.fleet_id, lambda fleet: transcripts.login_start_answer(fleet, fp, response, left))
-        new_entry = self._reply(user_ref(req.user_id), req.island, new_entry, req.current, req.request_id, fp, {
-            "credential_response": b64e(response), "login_state": b64e(login_state), "attempts_left": left,
-            "signature": b64e(sig)})
-        return api.LoginStartOut(new_entry=new_entry, attempts_left=left, credential_response=response,
-                                 login_state=login_state, signature=sig)
+        answer = {"credential_response": b64e(response), "login_state": b64e(login_state), "attempts_left": left,
+                  "signature": b64e(sig)}
+        return self._reply(user_ref(req.user_id), req.island, new_entry, req.current, req.request_id, fp,
+                           answer), answer
 
-    def login_finish(self, req: api.LoginFinishIn) -> api.LoginFinishOut:
+    def login_finish(self, req: api.LoginFinishIn) -> tuple[api.Entry, dict]:
         uid = req.user_id.encode()
         try:
             server_state, version_b, expires_b, ek, k_nonce, _ = _unpack(
@@ -387,18 +394,41 @@ class VaultHsm:
                                               req.credential_finalization)
         sig = self._sign(req.fleet_id, lambda fleet: transcripts.login_finish_answer(
             fleet, fp, wrapped, rk_nonce, status.value))
-        new_entry = self._reply(user_ref(req.user_id), req.island, new_entry, req.current, req.request_id, fp, {
-            "wrapped_key": b64e(wrapped), "rk_nonce": b64e(rk_nonce), "record_status": status.value,
-            "signature": b64e(sig)})
-        return api.LoginFinishOut(new_entry=new_entry, wrapped_key=wrapped, rk_nonce=rk_nonce,
-                                  record_status=status, signature=sig)
+        answer = {"wrapped_key": b64e(wrapped), "rk_nonce": b64e(rk_nonce), "record_status": status.value,
+                  "signature": b64e(sig)}
+        return self._reply(user_ref(req.user_id), req.island, new_entry, req.current, req.request_id, fp,
+                           answer), answer
+
+    # -- what the log says is current ------------------------------------------------
+    def _log(self) -> IslandLog:
+        if self.log is None:
+            raise errors.HsmError("this hsm-proxy has no state file: run init-state (docs/reliability.md)")
+        return self.log
+
+    def _proven(self, ref: str, island: str, current: api.Entry, proven: api.Proven) -> hlog.LogEntry:
+        """``current`` is what the island's newest head says the record is."""
+        head = _entry(proven.head)
+        if head.island != island:
+            raise hlog.ProofRefused("the head is another island's")
+        log = self._log()
+        log.check_head(head)
+        try:
+            found = merkle.verify(head.root, bytes.fromhex(ref), merkle.Proof.from_bytes(proven.proof))
+        except ValueError:
+            raise hlog.ProofRefused("the proof does not match the head's root") from None
+        if found != hlog.entry_digest(current):
+            raise hlog.ProofRefused("the record is not the one the log says is current")
+        return head
 
     # -- resends and refusals ----------------------------------------------------
     def open_reply(self, req: api.ReplyOpenIn) -> api.ReplyOpenOut:
         """The committed answer to a resend of the request that wrote
-        ``current``. The island asks only when id and fingerprint match; the
-        AAD checks both again, so an entry edited to point at another request
-        opens nothing."""
+        ``current``: only if ``current`` is in a head a quorum captured (an
+        answer of a branch that never committed must never leave). The AAD
+        checks id and fingerprint again, so an entry edited to point at
+        another request opens nothing."""
+        head = self._proven(user_ref(req.user_id), req.island, req.current, req.proven)
+        self._log().committed(head, [_statement(s) for s in req.statements])
         last = req.current.request
         if last is None or last.id != req.request_id.hex() or last.fingerprint != req.fingerprint.hex():
             raise errors.BadRequest("this entry was not written by that request")
@@ -411,33 +441,134 @@ class VaultHsm:
         return api.ReplyOpenOut(reply=body)
 
     def refusal(self, req: api.RefusalIn) -> api.RefusalOut:
-        """Sign ``no_record`` or ``record_destroyed`` for one request: a device
-        acts on neither unless it is signed and bound to its own request."""
-        if req.current.state is api.EntryState.LIVE:
-            raise errors.BadRequest("the record is live: nothing to refuse")
+        """Sign ``no_record`` or ``record_destroyed`` for one request, when the
+        log proves the record absent or destroyed: a device acts on neither
+        unless it is signed and bound to its own request."""
+        self._proven(user_ref(req.user_id), req.island, req.current, req.proven)
+        if req.current.state not in (api.EntryState.ABSENT, api.EntryState.DESTROYED):
+            raise errors.BadRequest("the record is not absent or destroyed: nothing to refuse")
         code = (transcripts.Refusal.NO_RECORD if req.current.state is api.EntryState.ABSENT
                 else transcripts.Refusal.RECORD_DESTROYED)
         sig = self._sign(req.fleet_id, lambda fleet: transcripts.refusal_answer(fleet, req.fingerprint, code))
         return api.RefusalOut(code=code.value, signature=sig)
 
-    # -- moving records between islands ------------------------------------------
-    def reseal(self, req: api.ResealIn) -> api.ResealOut:
-        """Re-seal a record for another island, attempts intact. Tombstones move as tombstones."""
-        if req.current.state is not api.EntryState.LIVE:
-            return api.ResealOut(new_entry=req.current)
-        record = self._open_record(req.user_ref, req.from_island, req.current)
-        return api.ResealOut(new_entry=self._seal_record(req.user_ref, req.to_island, req.current.version, record,
-                                                         req.current.fleet_id).model_copy(
-            update={"recent": req.current.answered()}))  # a kept answer is bound to its island: resends are refused
-
-    def migrate(self, req: api.MigrateIn) -> api.ResealOut:
-        """Re-seal a record under another fleet's keys (rotation), attempts
-        intact. The version stays, so a recovery in flight (its login state is
-        bound to the version) still finishes; the old copy dies with the old
-        fleet's keys when that fleet is retired."""
+    # -- changes with no client waiting ------------------------------------------------
+    def migrate(self, req: api.MigrateIn) -> tuple[api.Entry, None]:
+        """Rotation: re-seal a record under another fleet's keys, attempts
+        intact, version + 1 (a login state issued before finishes against the
+        version it was bound to only if nothing changed since: it fails
+        cleanly otherwise, and the device starts again)."""
         if req.current.state is not api.EntryState.LIVE or req.current.fleet_id == req.to_fleet:
-            return api.ResealOut(new_entry=req.current)
+            raise errors.BadRequest("nothing to migrate")
         record = self._open_record(req.user_ref, req.island, req.current)
-        return api.ResealOut(new_entry=self._seal_record(req.user_ref, req.island, req.current.version, record,
-                                                         req.to_fleet).model_copy(
-            update={"recent": req.current.answered()}))  # a kept answer is sealed by the old fleet: refused
+        return self._seal_record(req.user_ref, req.island, req.current.version + 1, record, req.to_fleet).model_copy(
+            update={"recent": req.current.answered()}), None  # a kept answer is sealed by the old fleet: refused
+
+    def delete(self, req: api.DeleteIn) -> tuple[api.Entry, None]:
+        if req.current.state is not api.EntryState.LIVE:
+            raise errors.BadRequest("nothing to delete")
+        return api.Entry(state=api.EntryState.DESTROYED, version=req.current.version + 1,
+                         recent=req.current.answered()), None
+
+    def move_out(self, req: api.MoveOutIn) -> tuple[api.Entry, None]:
+        """The record leaves: MOVED, sealed for its destination at the next
+        version (tombstones move as tombstones, with nothing sealed)."""
+        if req.current.state not in (api.EntryState.LIVE, api.EntryState.DESTROYED) or req.to_island == req.island:
+            raise errors.BadRequest("nothing to move")
+        version = req.current.version + 1
+        sealed = None
+        if req.current.state is api.EntryState.LIVE:
+            record = self._open_record(req.user_ref, req.island, req.current)
+            sealed = self._seal_record(req.user_ref, req.to_island, version, record, req.current.fleet_id).sealed
+        return api.Entry(state=api.EntryState.MOVED, version=version, sealed=sealed, fleet_id=req.current.fleet_id,
+                         moved_to=req.to_island, recent=req.current.answered()), None
+
+    def move_in(self, req: api.MoveInIn) -> tuple[api.Entry, None]:
+        """The record arrives, from a MOVED entry its island *committed*: a
+        move that was only proposed there must not make a second live copy."""
+        log = self._log()
+        head = _entry(req.from_head)
+        log.committed(head, [_statement(s) for s in req.from_statements])
+        try:
+            found = merkle.verify(head.root, bytes.fromhex(req.user_ref), merkle.Proof.from_bytes(req.from_proof))
+        except ValueError:
+            raise hlog.ProofRefused("the moved entry's proof does not match its island's head") from None
+        moved = req.moved
+        if found != hlog.entry_digest(moved) or moved.state is not api.EntryState.MOVED \
+                or moved.moved_to != req.island or head.island == req.island:
+            raise hlog.ProofRefused("that island's log does not say this record moved here")
+        if req.current.state not in (api.EntryState.ABSENT, api.EntryState.MOVED) \
+                or req.current.version >= moved.version:
+            raise errors.BadRequest("the record is here already")
+        state = api.EntryState.LIVE if moved.sealed is not None else api.EntryState.DESTROYED
+        return api.Entry(state=state, version=moved.version, sealed=moved.sealed, fleet_id=moved.fleet_id,
+                         recent=moved.answered()), None
+
+    # -- the log: apply, capture, release (log.py, docs/protocol.md) ----------------------
+    def apply(self, req: api.ApplyIn) -> tuple[hlog.LogEntry | None, list[tuple[api.Entry | None, bytes | None,
+                                                                                  Exception | None]]]:
+        """A batch of changes against the island's newest head: the next log
+        entry and, per op, its next record entry and its answer *held* (sealed
+        to the boundary until a quorum captured the entry) -- or the error
+        that refused it (nothing changed). An HSM failure fails the batch."""
+        log = self._log()
+        head = _entry(req.head)
+        log.check_head(head)
+        steps = {api.OpKind.REGISTRATION_FINISH: self.registration_finish, api.OpKind.LOGIN_START: self.login_start,
+                 api.OpKind.LOGIN_FINISH: self.login_finish, api.OpKind.MIGRATE: self.migrate,
+                 api.OpKind.DELETE: self.delete, api.OpKind.MOVE_OUT: self.move_out, api.OpKind.MOVE_IN: self.move_in}
+        changes, results = [], []
+        for op in req.ops:
+            body = op.body()
+            try:
+                if body is None:
+                    raise errors.BadRequest(f"the op names {op.kind.value} but does not carry it")
+                ref = body.user_ref if hasattr(body, "user_ref") else user_ref(body.user_id)
+                if body.island != head.island:
+                    raise hlog.ProofRefused("the op is for another island than the head's")
+                self._proven(ref, head.island, body.current, api.Proven(head=req.head, proof=op.proof))
+                new_entry, answer = steps[op.kind](body)
+            except errors.HsmError:
+                raise
+            except errors.HsmProxyError as exc:
+                results.append((None, None, exc))
+                continue
+            current = None if body.current.state is api.EntryState.ABSENT else body.current
+            changes.append(hlog.Change(bytes.fromhex(ref), current, merkle.Proof.from_bytes(op.proof), new_entry))
+            results.append((new_entry, None if answer is None else json_bytes(answer), None))
+        if not changes:
+            return None, results
+        try:
+            entry = log.apply(head, changes)
+        except hlog.LogError as exc:  # two ops on one record: a bug of the island's batching
+            raise errors.BadRequest(str(exc)) from None
+        return entry, [(e, None if a is None else log.hold(entry, a), x) for e, a, x in results]
+
+    async def capture(self, req: api.CaptureIn) -> api.CaptureOut:
+        s = await self._log().capture([_entry(e) for e in req.entries])
+        return api.CaptureOut(statement=_statement_wire(s))
+
+    def release(self, req: api.ReleaseIn) -> api.ReleaseOut:
+        return api.ReleaseOut(answers=self._log().release(_entry(req.entry), [_statement(s) for s in req.statements],
+                                                          list(req.held)))
+
+    def log_heads(self) -> api.LogHeadsOut:
+        log = self._log()
+        return api.LogHeadsOut(hsm=log.hsm_id, members=sorted(log.members), quorum=log.quorum,
+                               heads={i: api.LogHead(index=h.index, mac=h.mac) for i, h in log.heads().items()})
+
+
+def _entry(w: api.LogEntry) -> hlog.LogEntry:
+    return hlog.LogEntry(w.island, w.index, w.root, w.prev_mac, w.salt, w.mac)
+
+
+def entry_wire(e: hlog.LogEntry) -> api.LogEntry:
+    return api.LogEntry(island=e.island, index=e.index, root=e.root, prev_mac=e.prev_mac, salt=e.salt, mac=e.mac)
+
+
+def _statement(w: api.Statement) -> hlog.Statement:
+    return hlog.Statement(w.hsm, w.island, w.index, w.mac, w.tag)
+
+
+def _statement_wire(s: hlog.Statement) -> api.Statement:
+    return api.Statement(hsm=s.hsm, island=s.island, index=s.index, mac=s.mac, tag=s.tag)

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from bkv_hsm_proxy.errors import HsmProxyError
 from bkv_hsm_proxy.nvram import Head, StateFile
 from bkv_protocol import hsm_api as api
 from bkv_protocol import labels, merkle
@@ -60,7 +61,7 @@ NO_MAC = bytes(32)  # the genesis entry's prev_mac
 NO_SALT = bytes(16)
 
 
-class LogError(Exception):
+class LogError(HsmProxyError):
     """A log step was refused; nothing was changed or released."""
 
 
@@ -130,17 +131,7 @@ def genesis(key: LogKey, island: str) -> LogEntry:
                     entry_mac(key, island, 0, merkle.PLACEHOLDER, NO_MAC, NO_SALT))
 
 
-def entry_digest(entry: api.Entry | None) -> bytes | None:
-    """A record's leaf value in the trie: every field of its etcd entry,
-    canonically (None: the user has no entry on this island)."""
-    if entry is None or entry.state is api.EntryState.ABSENT:
-        return None
-    req = entry.request
-    return hashlib.sha256(canonical(
-        labels.LOG_RECORD, entry.state.value.encode(), u64(entry.version), entry.sealed or b"",
-        (entry.fleet_id or "").encode(),
-        b"" if req is None else canonical(b"", req.id.encode(), req.fingerprint.encode(), req.reply),
-        ",".join(entry.recent).encode())).digest()
+entry_digest = api.entry_digest  # a record's leaf value (bkv_protocol.hsm_api)
 
 
 @dataclass(frozen=True, slots=True)

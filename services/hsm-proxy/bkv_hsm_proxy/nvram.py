@@ -249,3 +249,37 @@ class StateFile:
             os.fsync(dfd)  # the rename itself durable
         finally:
             os.close(dfd)
+
+
+# -- the file as the hsm-proxy uses it ---------------------------------------------------
+def _identity(hsm_id: str, members: list[str]) -> str:
+    if hsm_id not in members or len(set(members)) != len(members) or not all(members):
+        raise ValueError("--members must list every hsm-proxy once, this one included")
+    return json.dumps({"hsm": hsm_id, "members": members}, sort_keys=True, separators=(",", ":"))
+
+
+def init_state(path: str | os.PathLike[str], hsm_id: str, members: list[str]) -> None:
+    """Create the state file: no heads yet, and which hsm-proxies the fleet
+    has (kept inside the boundary: only this process writes the file)."""
+    p = Path(path)
+    if p.exists():
+        raise StateFileError(f"{p} exists: a state file is never replaced (that would roll the HSM back)")
+    state = StateFile(p, _identity(hsm_id, members))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    state._write_file({})  # noqa: SLF001 - the first write, before any caller
+
+
+def open_state(path: str | os.PathLike[str]) -> tuple[StateFile, str, list[str]]:
+    """The state file and this hsm-proxy's identity; a missing file is refused."""
+    p = Path(path)
+    if not p.exists():
+        raise StateFileError(f"no state file at {p}: run `bkv-hsm-proxy init-state` once; if it was lost, "
+                             "this hsm-proxy was rolled back (docs/reliability.md, 'Restoring etcd')")
+    try:
+        fleet = json.loads(_decode(p.read_bytes())[0])
+        identity = _identity(fleet["hsm"], fleet["members"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateFileCorrupt(f"{p}: the hsm-proxy's identity does not parse: {exc}") from None
+    state = StateFile(p, identity)
+    state.load()
+    return state, fleet["hsm"], list(fleet["members"])

@@ -1,0 +1,337 @@
+"""This replica's view of its island's log, and the one appender loop that
+turns record changes into log entries (issue #17; the rules are the
+boundary's: bkv_hsm_proxy/log.py, docs/protocol.md).
+
+The view: the newest log head, every record of the island and the sparse
+Merkle trie over them (``bkv_protocol.merkle``), kept equal to what etcd
+holds. Keys, under the fleet's prefix::
+
+    log/<island>/head                  the newest LogEntry (JSON)
+    log/<island>/entries/<index:020d>  {"entry": LogEntry, "refs": [user refs it changed]}
+    records/<island>/<ref>             the record's Entry (JSON), as before
+
+Every change goes through :meth:`Ledger.change`: changes queue, and one
+task at a time takes a batch (distinct records, up to ``max_batch``) and
+
+1. asks one hsm-proxy to **apply** it against the head: the next entry, each
+   record's next entry and each answer *held* by the boundary;
+2. **appends** it: one etcd transaction puts the records, the entry and the
+   new head iff the head is still ours (else: catch up, build the batch again);
+3. has the hsm-proxies **capture** it (each persists it in its state file;
+   one that is behind is first given the entries it missed) and the boundary
+   **release** the answers once a quorum captured.
+
+Nothing the boundary produced leaves before step 3, so a replica that dies,
+a lost race or a lying etcd can waste work but never an extra guess. If etcd
+shows a head older than the one the boundary captured, or records that do
+not add up to the head's root, the island fails closed (``LedgerDiverged``):
+a clear error and the ``bkv_log_diverged_total`` metric, never a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import aetcd
+
+from bkv_island import errors
+from bkv_protocol import hsm_api as hapi
+from bkv_protocol import merkle
+from bkv_protocol.wire import ErrorBody
+from bkv_server import metrics
+from bkv_server.etcd import RETRYABLE
+from bkv_server.http import UpstreamError
+
+log = logging.getLogger(__name__)
+
+ABSENT = hapi.Entry(state=hapi.EntryState.ABSENT, version=0)
+MAX_BATCH = 32          # ops per entry (etcd takes up to 128 operations per transaction)
+CATCH_UP_CHUNK = 128    # entries per capture when an hsm-proxy is behind
+
+
+_digest = hapi.entry_digest  # a record's leaf value: one definition, shared with the boundary
+
+
+class HsmLogPort(Protocol):
+    """The hsm-proxies as the appender needs them (bkv_island.hsm_client)."""
+
+    async def genesis(self, island: str) -> hapi.LogEntry: ...
+    async def apply(self, req: hapi.ApplyIn) -> hapi.ApplyOut: ...
+    async def commit(self, entries: list[hapi.LogEntry], chain: Callable) -> list[hapi.Statement]: ...
+    async def release(self, req: hapi.ReleaseIn) -> hapi.ReleaseOut: ...
+
+
+@dataclass
+class _Pending:
+    ref: str
+    build: Callable[[hapi.Entry, bytes], hapi.Op]
+    outcome: asyncio.Future = field(repr=False)
+
+
+class Ledger:
+    def __init__(self, island: str, etcd: aetcd.Client, prefix: str, hsm: HsmLogPort, *,
+                 max_batch: int = MAX_BATCH, deadline_s: float = 8.0) -> None:
+        self.island = island
+        self._etcd = etcd
+        self._hsm = hsm
+        self._max_batch = max_batch
+        self._deadline_s = deadline_s
+        base = f"{prefix}/log/{island}"
+        self._head_key = f"{base}/head".encode()
+        self._entries = f"{base}/entries/"
+        self._records = f"{prefix}/records/{island}/"
+        self.head: hapi.LogEntry | None = None
+        self._head_rev = 0  # mod_revision of the head key; 0: absent (the genesis head)
+        self.trie = merkle.Trie()
+        self.records: dict[str, hapi.Entry] = {}
+        self.statements: list[hapi.Statement] = []  # a quorum's, for self.head, once known
+        self._queue: list[_Pending] = []
+        self._appender: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # sync and append never interleave
+
+    # -- the view ------------------------------------------------------------------------
+    def _entry_key(self, index: int) -> bytes:
+        return f"{self._entries}{index:020d}".encode()
+
+    async def load(self) -> None:
+        """Read the head and every record; refuse a view that does not add up."""
+        async with self._lock:
+            await self._load()
+
+    async def _load(self) -> None:
+        try:
+            got = await self._etcd.get(self._head_key)
+            kvs = await self._etcd.get_prefix(self._records.encode())
+        except RETRYABLE as exc:
+            raise errors.StoreUnavailable("etcd unreachable") from exc
+        if got is None:
+            head, rev = await self._hsm.genesis(self.island), 0
+        else:
+            head, rev = hapi.LogEntry.model_validate_json(got.value), got.mod_revision
+        trie, records = merkle.Trie(), {}
+        for kv in kvs:
+            ref = kv.key.decode()[len(self._records):]
+            entry = hapi.Entry.model_validate_json(kv.value)
+            records[ref] = entry
+            if (d := _digest(entry)) is not None:
+                trie.set(bytes.fromhex(ref), d)
+        if trie.root() != head.root:
+            self._diverged(f"the records in etcd do not add up to log head #{head.index}")
+        self.head, self._head_rev, self.trie, self.records, self.statements = head, rev, trie, records, []
+
+    def _diverged(self, why: str):
+        metrics.LOG_DIVERGED.labels(self.island).inc()
+        log.error("island %s: %s: failing closed (docs/reliability.md, 'Restoring etcd')", self.island, why)
+        raise errors.LedgerDiverged(f"island {self.island}: {why}; the vault fails closed until etcd is restored")
+
+    async def sync(self) -> None:
+        """Catch up with what other replicas appended (or learn that etcd went back)."""
+        async with self._lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
+        if self.head is None:
+            return await self._load()
+        try:
+            got = await self._etcd.get(self._head_key)
+        except RETRYABLE as exc:
+            raise errors.StoreUnavailable("etcd unreachable") from exc
+        if got is None or got.mod_revision == self._head_rev:
+            if got is None and self.head.index > 0:
+                self._diverged(f"the log head is gone from etcd (this replica saw #{self.head.index})")
+            return
+        new = hapi.LogEntry.model_validate_json(got.value)
+        if new.index < self.head.index:
+            self._diverged(f"etcd's log head #{new.index} is older than #{self.head.index} seen before")
+        try:
+            entries = await self._etcd.get_range(self._entry_key(self.head.index + 1), self._entry_key(new.index + 1))
+        except RETRYABLE as exc:
+            raise errors.StoreUnavailable("etcd unreachable") from exc
+        refs = {r for kv in entries for r in json.loads(kv.value)["refs"]}
+        if len(entries) != new.index - self.head.index:
+            return await self._load()  # entries missing: read everything (and check it)
+        for ref in refs:
+            try:
+                got_rec = await self._etcd.get(f"{self._records}{ref}".encode())
+            except RETRYABLE as exc:
+                raise errors.StoreUnavailable("etcd unreachable") from exc
+            entry = ABSENT if got_rec is None else hapi.Entry.model_validate_json(got_rec.value)
+            self._adopt_record(ref, entry)
+        if self.trie.root() != new.root:
+            return await self._load()  # a record moved on again meanwhile, or etcd lies: read it all
+        self.head, self._head_rev, self.statements = new, got.mod_revision, []
+
+    def _adopt_record(self, ref: str, entry: hapi.Entry) -> None:
+        self.records[ref] = entry
+        if (d := _digest(entry)) is not None:
+            self.trie.set(bytes.fromhex(ref), d)
+
+    def current(self, ref: str) -> hapi.Entry:
+        return self.records.get(ref, ABSENT)
+
+    def proven(self, ref: str) -> hapi.Proven:
+        assert self.head is not None
+        return hapi.Proven(head=self.head, proof=self.trie.prove(bytes.fromhex(ref)).to_bytes())
+
+    async def committed_statements(self) -> list[hapi.Statement]:
+        """A quorum's statements for the current head (asked again if not known)."""
+        if not self.statements:
+            self.statements = await self._hsm.commit([self.head], self._chain)
+        return self.statements
+
+    # -- changes -------------------------------------------------------------------------------
+    async def change(self, ref: str, build: Callable[[hapi.Entry, bytes], hapi.Op]
+                     ) -> tuple[hapi.Entry, bytes | None]:
+        """Apply one change to record ``ref``: ``build(current entry, proof)``
+        makes the op from what the log says is current when its batch goes.
+        Returns the committed entry and the released answer (None for an op
+        no client waits on); raises the boundary's refusal as UpstreamError."""
+        p = _Pending(ref, build, asyncio.get_running_loop().create_future())
+        self._queue.append(p)
+        if self._appender is None:
+            self._appender = asyncio.get_running_loop().create_task(self._run())
+        return await p.outcome
+
+    async def _run(self) -> None:
+        batch: list[_Pending] = []
+        try:
+            while self._queue:
+                batch, later, refs = [], [], set()
+                for p in self._queue:
+                    if p.outcome.done():
+                        continue
+                    if p.ref in refs or len(batch) == self._max_batch:
+                        later.append(p)
+                    else:
+                        batch.append(p)
+                        refs.add(p.ref)
+                self._queue = later
+                if batch:
+                    try:
+                        async with self._lock:
+                            await self._append(batch)
+                    except Exception as exc:  # noqa: BLE001 - each caller learns why its change did not land
+                        for p in batch:
+                            _settle(p, exc=exc)
+                batch = []
+        finally:
+            for p in batch + self._queue:
+                _settle(p, exc=errors.StoreUnavailable("the island stopped during a write"))
+            self._queue = []
+            self._appender = None
+
+    async def _append(self, batch: list[_Pending]) -> None:
+        deadline = time.monotonic() + self._deadline_s
+        while True:
+            if self.head is None:
+                await self._load()
+            ops, live = [], []
+            for p in batch:
+                if p.outcome.done():
+                    continue
+                try:
+                    ops.append(p.build(self.current(p.ref), self.trie.prove(bytes.fromhex(p.ref)).to_bytes()))
+                    live.append(p)
+                except Exception as exc:  # noqa: BLE001 - settled without the boundary (e.g. a resend)
+                    _settle(p, exc=exc)
+            if not ops:
+                return
+            t = time.perf_counter()
+            try:
+                out = await self._hsm.apply(hapi.ApplyIn(head=self.head, ops=ops))
+            except UpstreamError as exc:
+                if exc.body.error.code.value == "stale_head":
+                    await self._sync()  # another replica appended, or etcd went back (then: diverged)
+                    if time.monotonic() < deadline:
+                        continue
+                raise
+            finally:
+                metrics.HSM_CALL.labels("apply").observe(time.perf_counter() - t)
+            if out.entry is None:
+                for p, r in zip(live, out.results):
+                    _settle(p, exc=_refusal(r))
+                return
+            if not await self._put(out, live):
+                metrics.RETRIES.labels("log-append").inc()
+                await self._sync()
+                if time.monotonic() >= deadline:
+                    raise errors.Contended("too many concurrent changes to this island's log; try again")
+                continue
+            await self._release(out, live)
+            return
+
+    async def _put(self, out: hapi.ApplyOut, live: list[_Pending]) -> bool:
+        """One transaction: the records, the entry and the head, iff the head is ours."""
+        tx = self._etcd.transactions
+        changed = [(p.ref, r.new_entry) for p, r in zip(live, out.results) if r.new_entry is not None]
+        entry = out.entry
+        puts = [tx.put(f"{self._records}{ref}".encode(), e.model_dump_json().encode()) for ref, e in changed]
+        puts.append(tx.put(self._entry_key(entry.index), json.dumps(
+            {"entry": json.loads(entry.model_dump_json()), "refs": [ref for ref, _ in changed]}).encode()))
+        puts.append(tx.put(self._head_key, entry.model_dump_json().encode()))
+        t = time.perf_counter()
+        metrics.ETCD_BATCH.observe(len(changed))
+        try:
+            ok, responses = await self._etcd.transaction(
+                compare=[tx.mod(self._head_key) == self._head_rev], success=puts, failure=[])
+        except RETRYABLE:
+            # Unknown outcome: the head says whether it landed.
+            await self._sync_settling(entry)
+            return self.head is not None and self.head.mac == entry.mac
+        finally:
+            metrics.ETCD_TXN.labels("log-append").observe(time.perf_counter() - t)
+        if not ok:
+            metrics.ETCD_CONFLICTS.labels("log-append").inc()
+            return False
+        for ref, e in changed:
+            self._adopt_record(ref, e)
+        self.head, self._head_rev, self.statements = entry, responses[-1].response_put.header.revision, []
+        return True
+
+    async def _sync_settling(self, entry: hapi.LogEntry) -> None:
+        deadline = time.monotonic() + self._deadline_s
+        while True:
+            try:
+                return await self._sync()
+            except errors.StoreUnavailable:
+                if time.monotonic() >= deadline:
+                    raise errors.OutcomeUnknown("etcd lost the answer to a write; this attempt may or may not "
+                                                "have been counted") from None
+                await asyncio.sleep(0.1)
+
+    async def _chain(self, after: int, upto: int) -> list[hapi.LogEntry]:
+        """The entries after index ``after`` up to ``upto``, from etcd, for an hsm-proxy that is behind."""
+        try:
+            got = await self._etcd.get_range(self._entry_key(after + 1), self._entry_key(upto + 1))
+        except RETRYABLE as exc:
+            raise errors.StoreUnavailable("etcd unreachable") from exc
+        return [hapi.LogEntry.model_validate(json.loads(kv.value)["entry"]) for kv in got]
+
+    async def _release(self, out: hapi.ApplyOut, live: list[_Pending]) -> None:
+        self.statements = await self._hsm.commit([out.entry], self._chain)
+        held = [r.held for r in out.results if r.held is not None]
+        answers = iter((await self._hsm.release(hapi.ReleaseIn(
+            entry=out.entry, statements=self.statements, held=held))).answers if held else [])
+        for p, r in zip(live, out.results):
+            if r.error is not None:
+                _settle(p, exc=_refusal(r))
+            else:
+                _settle(p, result=(r.new_entry, next(answers) if r.held is not None else None))
+
+
+def _refusal(r: hapi.OpResult) -> UpstreamError:
+    return UpstreamError(r.status, ErrorBody(error=r.error))
+
+
+def _settle(p: _Pending, *, result=None, exc: BaseException | None = None) -> None:
+    if p.outcome.done():
+        return
+    if exc is not None:
+        p.outcome.set_exception(exc)
+    else:
+        p.outcome.set_result(result)
