@@ -25,7 +25,8 @@ from bkv.cli import app
 from bkv.trust import TrustStore
 from bkv_protocol import bundle as bd
 from bkv_protocol.encoding import b64e, fleet_id_for
-from bkv_witness.core import Witness, WitnessRefused
+from bkv_witness.core import Witness
+from bkv_witness.errors import WitnessRefused
 from onpath import OnPath
 
 

@@ -80,7 +80,7 @@ def _label_values(service: str) -> set[str]:
 async def test_rpc_app_labels_unknown_paths_unmatched_in_process():
     from pydantic import BaseModel
 
-    from bkv_server.rpc import RpcApp
+    from bkv_server.rpc import ErrorTable, RpcApp
 
     class In(BaseModel):
         x: int
@@ -88,7 +88,7 @@ async def test_rpc_app_labels_unknown_paths_unmatched_in_process():
     async def handler(req: In) -> In:
         return req
 
-    app = RpcApp("test-rpc-labels", {"/t/v1/echo": (In, handler)}, map_error=lambda e: None)
+    app = RpcApp("test-rpc-labels", {"/t/v1/echo": (In, handler)}, errors=ErrorTable())
     rng = random.Random(4)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.post("/t/v1/echo", json={"x": 1})).status_code == 200

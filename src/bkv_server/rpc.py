@@ -2,7 +2,8 @@
 
 :class:`RpcApp` is a minimal ASGI app: a dict of ``POST path -> (request
 model, handler)``, strict content-type and size checks, one exception
-mapping, and ``/healthz``, ``/readyz``, ``/metrics``. It does what FastAPI
+mapping (:class:`ErrorTable`, the one every service's errors go through,
+the frontend's too), and ``/healthz``, ``/readyz``, ``/metrics``. It does what FastAPI
 did for these internal hops at a fraction of the CPU (measured in
 docs/performance.md): no dependency injection, no middleware stack, and the
 answer is serialized once.
@@ -12,24 +13,65 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator, NamedTuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from bkv_server import metrics
+from bkv_server.http import UpstreamError
 from bkv_protocol.wire import ErrorBody, ErrorCode, ErrorDetail
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 Handler = Callable[[BaseModel], Awaitable[BaseModel]]
-ErrorMapper = Callable[[Exception], "tuple[int, ErrorBody] | None"]
 _JSON = [(b"content-type", b"application/json")]
 
 
-def error_body(code: ErrorCode, message: str, retryable: bool = False) -> ErrorBody:
-    return ErrorBody(error=ErrorDetail(code=code, message=message, retryable=retryable))
+def error_body(code: ErrorCode, message: str, retryable: bool = False,
+               signature: bytes | None = None) -> ErrorBody:
+    return ErrorBody(error=ErrorDetail(code=code, message=message, retryable=retryable, signature=signature))
+
+
+class ErrorRule(NamedTuple):
+    exc: type[Exception]
+    status: int
+    code: ErrorCode
+    retryable: bool
+    message: str | None = None  # said instead of str(exc), where that would name internals
+
+
+class ErrorTable:
+    """A service's exceptions as HTTP answers: rules ``(exception class,
+    status, code, retryable[, message])`` tried with ``isinstance`` in
+    order, so a subclass comes before its base (tests/test_unit_error_tables.py
+    checks every table). Anything no rule matches is a bug: 500 ``internal``.
+
+    Two things hold for every service, so no table says them: an upstream's
+    own error answer (:class:`~bkv_server.http.UpstreamError`) is passed on
+    unchanged, and a fleet signature an exception carries (``signature``,
+    on the islands' refusals) goes into the body."""
+
+    def __init__(self, *rules: tuple) -> None:
+        self.rules = tuple(ErrorRule(*rule) for rule in rules)
+
+    def __iter__(self) -> Iterator[ErrorRule]:
+        return iter(self.rules)
+
+    def rule_for(self, cls: type[Exception]) -> ErrorRule | None:
+        """The rule an exception of class ``cls`` is answered by."""
+        return next((rule for rule in self.rules if issubclass(cls, rule.exc)), None)
+
+    def answer(self, exc: Exception) -> tuple[int, ErrorBody] | None:
+        """(status, body) for ``exc``; None if no rule matches."""
+        if isinstance(exc, UpstreamError):
+            return exc.status, exc.body
+        rule = self.rule_for(type(exc))
+        if rule is None:
+            return None
+        return rule.status, error_body(rule.code, rule.message or str(exc), rule.retryable,
+                                       getattr(exc, "signature", None))
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -60,14 +102,14 @@ def _no_such(method: str, path: str) -> str:
 
 class RpcApp:
     def __init__(self, service: str, routes: dict[str, tuple[type[BaseModel], Handler]], *,
-                 map_error: ErrorMapper, ready: Callable[[], bool] = lambda: True,
+                 errors: ErrorTable, ready: Callable[[], bool] = lambda: True,
                  on_startup: Callable[[], Awaitable[None]] | None = None,
                  on_shutdown: Callable[[], Awaitable[None]] | None = None,
                  get_routes: dict[str, Callable[[], Awaitable[BaseModel]]] | None = None) -> None:
         self.service = service
         self._routes = routes
         self._get = get_routes or {}
-        self._map_error = map_error
+        self._errors = errors
         self._ready = ready
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
@@ -107,7 +149,7 @@ class RpcApp:
         except ValidationError as exc:
             status, out = 400, error_body(ErrorCode.INVALID_REQUEST, validation_message(exc)).model_dump_json().encode()
         except Exception as exc:  # noqa: BLE001 - every failure becomes a mapped answer
-            mapped = self._map_error(exc)
+            mapped = self._errors.answer(exc)
             if mapped is None:
                 log.exception("unexpected error in %s %s", self.service, path)
                 mapped = 500, error_body(ErrorCode.INTERNAL, "internal error")

@@ -23,9 +23,11 @@ def error_response(status: int, code: ErrorCode, message: str, retryable: bool =
                         headers=headers)
 
 
-def passthrough_response(status: int, body: ErrorBody) -> JSONResponse:
-    """An upstream's error, passed on unchanged (with retry advice if retryable)."""
-    headers = {"Retry-After": "1"} if body.error.retryable else None
+def passthrough_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error body as it is -- an upstream's, or from an ErrorTable -- with
+    retry advice if retryable."""
+    if body.error.retryable:
+        headers = {**(headers or {}), "Retry-After": "1"}
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 

@@ -1,4 +1,4 @@
-"""The public v1 API and its one exception-to-HTTP mapping (``map_error``).
+"""The public v1 API; its errors are answered by ``errors.TABLE`` (``map_error``).
 
 FastAPI serves the API and its schema; the four OPAQUE routes -- the whole
 login and registration load -- are answered by :class:`OpaqueFastPath` in
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bkv_protocol.encoding import user_ref
-from bkv_server.http import UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, decode_error
+from bkv_server.http import UpstreamError, decode_error
 from bkv_server.rpc import MAX_BODY_BYTES, read_body, validation_message
 from bkv_server.service import (
     GuardAndMeasure,
@@ -31,9 +31,10 @@ from bkv_server.service import (
 )
 from bkv_protocol.wire import ErrorCode
 from bkv_protocol import v1 as api
-from bkv_frontend import openapi
-from bkv_frontend.auth import TokenVerifier, Unauthenticated, check_device
-from bkv_frontend.routing import FleetView, NotReady
+from bkv_frontend import errors, openapi
+from bkv_frontend.auth import TokenVerifier, check_device
+from bkv_frontend.errors import NotReady
+from bkv_frontend.routing import FleetView
 from bkv_protocol import island_api as iapi
 
 
@@ -60,26 +61,17 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
 
     def map_error(exc: Exception) -> Response | None:
         """Every expected failure of a public route, as its HTTP answer (None: a bug)."""
-        if isinstance(exc, Unauthenticated):
-            return error_response(401, ErrorCode.UNAUTHENTICATED, "a valid account token is required",
-                                  headers={"WWW-Authenticate": "Bearer"})
-        if isinstance(exc, UpstreamError):
-            return passthrough_response(exc.status, exc.body)
-        if isinstance(exc, UpstreamOutcomeUnknown):
-            return error_response(502, ErrorCode.OUTCOME_UNKNOWN, "the vault lost the connection mid-request; this "
-                                  "attempt may or may not have been counted")
-        if isinstance(exc, UpstreamUnavailable):
-            return error_response(503, ErrorCode.UNAVAILABLE, "the vault is temporarily unavailable; retry shortly",
-                                  True, {"Retry-After": "1"})
-        if isinstance(exc, NotReady):
-            return error_response(503, ErrorCode.UNAVAILABLE, "the vault is starting; retry shortly", True,
-                                  {"Retry-After": "1"})
-        return None
+        answer = errors.TABLE.answer(exc)
+        if answer is None:
+            return None
+        status, body = answer
+        # passthrough_response adds Retry-After to a retryable answer.
+        return passthrough_response(status, body, {"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
     async def _mapped(_: Request, exc: Exception) -> Response:
         return map_error(exc)
 
-    for cls in (Unauthenticated, UpstreamError, UpstreamOutcomeUnknown, UpstreamUnavailable, NotReady):
+    for cls in (UpstreamError, *(rule.exc for rule in errors.TABLE)):
         app.add_exception_handler(cls, _mapped)
 
     async def _routing(_: Request, exc: StarletteHTTPException) -> Response:

@@ -16,6 +16,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from bkv_frontend.errors import Unauthenticated
 from bkv_protocol.ids import USER_ID_RE
 
 MAX_DEVICE_KEY_CHARS = 256  # a Noise static key in base64 is 44
@@ -24,10 +25,6 @@ VERIFIED_CACHE = 50_000
 
 
 DEVICE_HEADER = "x-bkv-device-key"  # set by the Noise edge only (docs/edge.md)
-
-
-class Unauthenticated(Exception):
-    """Missing, malformed, expired or foreign token. The message is uniform."""
 
 
 def check_device(claims: dict, device_header: str | None, *, required: bool) -> None:

@@ -15,7 +15,11 @@ from typing import Iterable
 
 from fastapi import FastAPI
 
+from bkv_frontend import errors as ferr
+from bkv_hsm_proxy import errors as herr
+from bkv_island import errors as ierr
 from bkv_protocol.wire import ErrorBody, ErrorCode as C
+from bkv_server.http import UpstreamUnavailable
 
 # What each code means (docs/api.md: Errors); a response's description lists its codes.
 _MEANING = {
@@ -41,11 +45,16 @@ _MEANING = {
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (retryable errors)",
                                 "schema": {"type": "integer"}}}
 
-_BODY = {400: [C.INVALID_REQUEST], 413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}
-_AUTH = {401: [C.UNAUTHENTICATED]}
-_ALWAYS = {500: [C.INTERNAL], 503: [C.UNAVAILABLE]}
-_RESEND = {409: [C.CONFLICT, C.REQUEST_ID_REUSED, C.REQUEST_SUPERSEDED], 502: [C.OUTCOME_UNKNOWN],
-           500: [C.INTERNAL, C.RECORD_INTEGRITY_FAILURE]}  # a resend opens the answer kept in storage
+# The frontend's own table, then what it passes on: the islands' answers,
+# and through them the hsm-proxy's.
+_TABLES = (ferr.TABLE, ierr.TABLE, herr.TABLE)
+
+
+def _answers(*raised: type[Exception]) -> dict[int, list[C]]:
+    """The status and code each exception is answered with: from the
+    services' error tables, so the schema cannot drift from them."""
+    rules = [next(r for table in _TABLES if (r := table.rule_for(cls)) is not None) for cls in raised]
+    return _merge(*({rule.status: [rule.code]} for rule in rules))
 
 
 def _merge(*tables: dict[int, list[C]]) -> dict[int, list[C]]:
@@ -56,28 +65,34 @@ def _merge(*tables: dict[int, list[C]]) -> dict[int, list[C]]:
     return dict(sorted(out.items()))
 
 
+# Answered before any handler runs (GuardAndMeasure, body validation), or a bug.
+_BODY = {400: [C.INVALID_REQUEST], 413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}
+_AUTH = _answers(ferr.Unauthenticated)
+_ALWAYS = _merge({500: [C.INTERNAL]}, _answers(UpstreamUnavailable, ferr.NotReady))
+_RESEND = _merge({500: [C.INTERNAL]}, _answers(  # a resend opens the answer kept in storage
+    ierr.Contended, ierr.RequestIdReused, ierr.RequestSuperseded, ierr.OutcomeUnknown, herr.RecordIntegrityFailure))
+
 # (path, method): every error status the operation can answer, with its codes.
-# Kept by hand against the islands' and the hsm-proxy's _STATUS tables and
-# the frontend's map_error; tests/test_openapi_schemathesis.py fails on any
-# status or code the API gives that is not listed here.
+# Which exceptions each route can meet is kept by hand; their statuses and
+# codes come from the tables. tests/test_openapi_schemathesis.py fails on
+# any status or code the API gives that is not listed here.
 ROUTE_ERRORS: dict[tuple[str, str], dict[int, list[C]]] = {
     ("/v1/fleet", "get"): _ALWAYS,
     ("/v1/fleet", "post"): _merge({413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}, _ALWAYS),
     ("/v1/registration/start", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, {400: [C.MALFORMED_OPAQUE_MESSAGE], 409: [C.CONFLICT]}),
+        _BODY, _AUTH, _ALWAYS, _answers(herr.MalformedOpaqueMessage, ierr.Contended)),
     ("/v1/registration/finish", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _RESEND, {400: [C.MALFORMED_OPAQUE_MESSAGE, C.CHALLENGE_REJECTED]}),
+        _BODY, _AUTH, _ALWAYS, _RESEND, _answers(herr.MalformedOpaqueMessage, herr.ChallengeRejected)),
     ("/v1/login/start", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _RESEND,
-        {400: [C.MALFORMED_OPAQUE_MESSAGE], 404: [C.NO_RECORD], 410: [C.RECORD_DESTROYED]}),
+        _BODY, _AUTH, _ALWAYS, _RESEND, _answers(herr.MalformedOpaqueMessage, ierr.NoRecord, ierr.RecordDestroyed)),
     ("/v1/login/finish", "post"): _merge(
         _BODY, _AUTH, _ALWAYS, _RESEND,
-        {400: [C.MALFORMED_OPAQUE_MESSAGE, C.LOGIN_STATE_REJECTED], 403: [C.AUTHENTICATION_FAILED],
-         404: [C.NO_RECORD], 410: [C.RECORD_DESTROYED]}),
+        _answers(herr.MalformedOpaqueMessage, herr.LoginStateRejected, herr.AuthenticationFailed, ierr.NoRecord,
+                 ierr.RecordDestroyed)),
     ("/v1/bundle", "get"): {404: [C.NOT_FOUND], 500: [C.INTERNAL]},
-    ("/v1/record", "delete"): _merge(_AUTH, _ALWAYS, {409: [C.CONFLICT]}),
-    ("/v1/record/delete", "post"): _merge(_AUTH, _ALWAYS, {409: [C.CONFLICT], 413: [C.PAYLOAD_TOO_LARGE],
-                                                          415: [C.UNSUPPORTED_MEDIA_TYPE]}),
+    ("/v1/record", "delete"): _merge(_AUTH, _ALWAYS, _answers(ierr.Contended)),
+    ("/v1/record/delete", "post"): _merge(_AUTH, _ALWAYS, _answers(ierr.Contended),
+                                          {413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}),
 }
 AUTHENTICATED = {op for op, errors in ROUTE_ERRORS.items() if 401 in errors}
 _AUTH_HEADERS = {"authorization", "x-bkv-device-key"}  # the token, and the edge's device key

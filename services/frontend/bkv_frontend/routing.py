@@ -10,16 +10,13 @@ import logging
 
 import aetcd
 
+from bkv_frontend.errors import NotReady
 from bkv_server import metrics
 from bkv_server.fleetmap import FLEET_BUNDLE_KEY, FLEET_PARAMS_KEY, read_map, read_replicas, rendezvous
 from bkv_server.http import ServiceClient
 from bkv_protocol.hsm_api import FleetParams
 
 log = logging.getLogger(__name__)
-
-
-class NotReady(Exception):
-    pass
 
 
 class FleetView:

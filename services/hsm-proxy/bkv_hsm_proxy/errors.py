@@ -1,26 +1,29 @@
-"""Exceptions of the hsm-proxy, mapped to HTTP in ``app.py`` (one place).
+"""Exceptions of the hsm-proxy, and ``TABLE``: how each is answered over HTTP.
 
 ::
 
-    HsmProxyError
-    ├── BadRequest                   400 invalid_request
-    │   ├── MalformedOpaqueMessage   400 malformed_opaque_message
-    │   └── UnknownFleet             400 invalid_request (the pinned fleet is not, or no longer, here)
-    ├── ChallengeRejected            400 challenge_rejected (expired, replayed, foreign)
-    ├── LoginStateRejected           400 login_state_rejected (expired, used, foreign)
-    ├── AuthenticationFailed         403 authentication_failed (the one wrong-password error)
-    ├── RecordIntegrityFailure       500 record_integrity_failure (sealed record will not open)
-    ├── RecordDestroyed              410 record_destroyed
-    └── HsmError                     503 unavailable -- the token misbehaved
-        ├── HsmKeyMissing            (fleet-init was not run)
-        ├── HsmLoginFailed           (wrong PIN: never tried again, a real HSM locks it)
-        ├── HsmTokenUnavailable      (any other failure while opening -- no token, a
-        │                             general error, "PIN not initialized": SoftHSM2
-        │                             processes opening one token at once; open_token
-        │                             tries again for a few seconds)
-        └── HsmAuthTagMismatch       (AES-GCM tag check failed: raised by unseal,
-                                      turned into one of the rejections above)
+    HsmProxyError                -- a base; raised bare only by a bug (500)
+    ├── BadRequest               -- the request is wrong as sent
+    │   ├── MalformedOpaqueMessage
+    │   └── UnknownFleet         (the pinned fleet is not, or no longer, here)
+    ├── ChallengeRejected        (expired, replayed, foreign)
+    ├── LoginStateRejected       (expired, used, foreign)
+    ├── AuthenticationFailed     (the one wrong-password error)
+    ├── RecordIntegrityFailure   (sealed record will not open)
+    ├── RecordDestroyed
+    └── HsmError                 -- the token misbehaved: try again
+        ├── HsmKeyMissing        (fleet-init was not run)
+        ├── HsmLoginFailed       (wrong PIN: never tried again, a real HSM locks it)
+        ├── HsmTokenUnavailable  (any other failure while opening -- no token, a
+        │                         general error, "PIN not initialized": SoftHSM2
+        │                         processes opening one token at once; open_token
+        │                         tries again for a few seconds)
+        └── HsmAuthTagMismatch   (AES-GCM tag check failed: raised by unseal,
+                                  turned into one of the rejections above)
 """
+
+from bkv_protocol.wire import ErrorCode as C
+from bkv_server.rpc import ErrorTable
 
 
 class HsmProxyError(Exception):
@@ -82,3 +85,15 @@ class HsmTokenUnavailable(HsmError):
 
 class HsmAuthTagMismatch(HsmError):
     pass
+
+
+TABLE = ErrorTable(
+    (MalformedOpaqueMessage, 400, C.MALFORMED_OPAQUE_MESSAGE, False),
+    (BadRequest, 400, C.INVALID_REQUEST, False),
+    (ChallengeRejected, 400, C.CHALLENGE_REJECTED, False),
+    (LoginStateRejected, 400, C.LOGIN_STATE_REJECTED, False),
+    (AuthenticationFailed, 403, C.AUTHENTICATION_FAILED, False),
+    (RecordDestroyed, 410, C.RECORD_DESTROYED, False),
+    (RecordIntegrityFailure, 500, C.RECORD_INTEGRITY_FAILURE, False),
+    (HsmError, 503, C.UNAVAILABLE, True),
+)

@@ -1,15 +1,35 @@
-"""An island's logic: read the entry, let the HSM decide, commit by CAS.
+"""An island's logic: every change to a record is one loop, written once
+(:meth:`Island._change`):
 
-Every operation is one loop through the shared retry helper: read the
-user's entry, ask the hsm-proxy for the next entry, and compare-and-swap it
-in. If another replica changed the entry in between, the swap fails, nothing
-the HSM produced is released, and the loop starts over from a fresh read.
-That is what makes the attempt count exact under any number of replicas.
+1. **read** the record's entry -- from this replica's cache for a client
+   request, past it on the paths without a request id (delete, admin);
+2. **answered?** a client request whose id the entry already carries is
+   answered from that commit (a resend, or a write whose answer etcd lost),
+   never evaluated again; an id the entry lists as superseded is refused;
+3. **settle** what needs no HSM step: a refusal signed by the fleet (no
+   live record), or an answer with nothing to write (nothing to delete);
+4. **step**: the hsm-proxy (or, for a delete, the island itself) makes the
+   next entry and the answer; if the HSM refuses a cached entry, the cache
+   may be stale: drop it and start over from a fresh read;
+5. **commit** the entry iff the record is still at the version read
+   (:meth:`Island._commit`: a compare-and-swap in etcd, or for a move one
+   transaction), then count it and return the answer.
+
+If another replica changed the record in between, the commit fails, nothing
+the HSM produced is released, and the loop starts over from a fresh read:
+that is what makes the attempt count exact under any number of replicas.
+The loop ends with ``Contended`` after the backoff's deadline, with
+``StoreUnavailable`` if etcd stayed unreachable, and with ``OutcomeUnknown``
+if a write's outcome was never settled (a new request could count it twice).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, NamedTuple, Protocol
+
+from prometheus_client import Counter
+from pydantic import BaseModel
 
 from bkv_protocol import transcripts
 from bkv_server import metrics
@@ -50,18 +70,19 @@ class _Writes:
     the HSM open the answer kept in the entry -- never evaluated again, which
     would take a second attempt."""
 
-    def __init__(self, request_id: bytes, fingerprint: bytes) -> None:
+    def __init__(self, user_id: str, request_id: bytes, fingerprint: bytes, out_type: type[BaseModel]) -> None:
+        self.user_id = user_id
         self.request_id = request_id
         self.fingerprint = fingerprint
+        self.out_type = out_type  # the answer's type, to open a kept answer into
         self.unsure = False
         self._answer = None
         self._reply: bytes | None = None
 
-    def prepare(self, entry: hapi.Entry, answer) -> hapi.Entry:
+    def prepare(self, entry: hapi.Entry, answer) -> None:
         if entry.request is None or entry.request.id != self.request_id.hex():
             raise errors.IslandError("the HSM's entry does not carry this request")  # a bug, not an outcome
         self._answer, self._reply = answer, entry.request.reply
-        return entry
 
     def remembered(self, stored: Stored):
         """Our own answer, if ``stored`` is the very entry this process
@@ -73,6 +94,25 @@ class _Writes:
         return None
 
 
+class _Next(NamedTuple):
+    """What a step made: the entry to commit, the answer to give once it is
+    committed, and the counters that commit moves."""
+    entry: hapi.Entry
+    answer: BaseModel
+    counts: tuple[Counter, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One state-changing operation, as the loop runs it."""
+    name: str  # for the Contended message
+    ref: str  # the record's key (user_ref)
+    step: Callable[[Stored], Awaitable[_Next]]
+    writes: _Writes | None = None  # a client request; None: delete and admin paths (idempotent)
+    settle: Callable[[Stored], Awaitable[Any]] | None = None  # a refusal (raises), an answer, or None: go on
+    to_island: str | None = None  # a move: the commit writes the entry there
+
+
 class Island:
     def __init__(self, island_id: str, store: RecordStore, hsm: HsmPort, *, backoff: Backoff = CAS_BACKOFF) -> None:
         self.island_id = island_id
@@ -80,7 +120,50 @@ class Island:
         self._hsm = hsm
         self._backoff = backoff
 
-    async def _loop(self, op, name: str, writes: _Writes | None = None):
+    # -- the one loop --------------------------------------------------------------
+    async def _change(self, op: _Op):
+        """Read, answered?, settle, step, commit (the module docstring), until
+        it returns or the backoff's deadline passes."""
+
+        async def attempt(_: int):
+            stored = await self._store.read(self.island_id, op.ref, fresh=op.writes is None)
+            if op.writes is not None and (done := await self._answered(op.ref, stored, op.writes)) is not None:
+                return done
+            if op.settle is not None and (done := await op.settle(stored)) is not None:
+                return done
+            try:
+                nxt = await op.step(stored)
+            except UpstreamError as exc:
+                if stored.cached:  # the HSM refused a perhaps stale view: decide again on a fresh read
+                    raise self._start_over(op.ref) from exc
+                raise
+            await self._commit(op, stored, nxt)
+            for counter in nxt.counts:
+                counter.inc()
+            return nxt.answer
+
+        return await self._retry(attempt, op.name, op.writes)
+
+    async def _commit(self, op: _Op, stored: Stored, nxt: _Next) -> None:
+        """Make ``nxt.entry`` the record iff it is still at the revision read
+        (a move: in one transaction, under ``op.to_island``); else _LostRace.
+        The one place that says what committing is, so it can be replaced whole."""
+        if op.writes is not None:
+            op.writes.prepare(nxt.entry, nxt.answer)
+        try:
+            if op.to_island is None:
+                ok = await self._store.swap(self.island_id, op.ref, stored.revision, nxt.entry)
+            else:
+                ok = await self._store.move(self.island_id, op.to_island, op.ref, stored.revision, nxt.entry)
+        except errors.StoreUnavailable:
+            if op.writes is not None:
+                op.writes.unsure = True  # it may have landed: the next read tells (our tag)
+            raise
+        if not ok:
+            metrics.RETRIES.labels("etcd-cas").inc()
+            raise _LostRace()
+
+    async def _retry(self, op, name: str, writes: _Writes | None = None):
         try:
             return await retry(op, retry_on=_retryable, backoff=self._backoff)
         except DeadlineExceeded as exc:
@@ -92,24 +175,12 @@ class Island:
                 raise errors.StoreUnavailable("etcd unreachable; try again shortly") from exc
             raise errors.Contended(f"{name}: too many concurrent changes to this record; try again") from exc
 
-    def _start_over(self, user_id: str) -> _LostRace:
-        """Drop this user's cached entry; the loop then decides again from a fresh read."""
-        self._store.forget(self.island_id, user_ref(user_id))
+    def _start_over(self, ref: str) -> _LostRace:
+        """Drop this record's cached entry; the loop then decides again from a fresh read."""
+        self._store.forget(self.island_id, ref)
         return _LostRace()
 
-    async def _hsm_on(self, user_id: str, stored: Stored, call):
-        """Run an HSM step on ``stored``. If the HSM refuses and our entry came
-        from the cache, the cache may be stale (a version mismatch, or a record
-        rewritten behind our back): drop it and start over from a fresh read,
-        which then decides for good."""
-        try:
-            return await call
-        except UpstreamError as exc:
-            if stored.cached:
-                raise self._start_over(user_id) from exc
-            raise
-
-    async def _answered(self, user_id: str, stored: Stored, writes: _Writes, out_type):
+    async def _answered(self, ref: str, stored: Stored, writes: _Writes):
         """The committed answer if ``stored`` was written by this very
         request; raises if the id was used otherwise; None if it is new."""
         entry, rid = stored.entry, writes.request_id.hex()
@@ -119,174 +190,151 @@ class Island:
             if (mine := writes.remembered(stored)) is not None:
                 return mine
             if stored.cached:  # answer a resend only from the newest entry: read it
-                raise self._start_over(user_id)
+                raise self._start_over(ref)
             try:
                 kept = await self._hsm.open_reply(hapi.ReplyOpenIn(
-                    user_id=user_id, island=self.island_id, current=entry, request_id=writes.request_id,
+                    user_id=writes.user_id, island=self.island_id, current=entry, request_id=writes.request_id,
                     fingerprint=writes.fingerprint))
             except UpstreamError as exc:
                 # Sealed by a fleet retired since, or edited in etcd: never evaluate again.
                 raise errors.RequestSuperseded("this request was answered before, and that answer can no longer "
                                                "be given; nothing was done: start the operation again") from exc
             metrics.RESENDS_ANSWERED.inc()
-            return out_type.model_validate_json(kept.reply)
+            return writes.out_type.model_validate_json(kept.reply)
         if rid in entry.recent:
             if stored.cached:  # perhaps an old view: decide on a fresh read
-                raise self._start_over(user_id)
+                raise self._start_over(ref)
             raise errors.RequestSuperseded("this request was answered before and a later change has landed since; "
                                            "nothing was done: start the operation again")
         return None
 
-    async def _refuse(self, user_id: str, fleet_id: str | None, stored: Stored, writes: _Writes) -> None:
+    async def _refuse(self, fleet_id: str | None, stored: Stored, writes: _Writes) -> None:
         """No live record: raise the fleet-signed refusal for this request."""
         if stored.entry.state is hapi.EntryState.LIVE:
             return
         if stored.cached:  # never refuse on a possibly stale view
-            fresh = await self._store.read(self.island_id, user_ref(user_id), fresh=True)
+            fresh = await self._store.read(self.island_id, user_ref(writes.user_id), fresh=True)
             if fresh.revision != stored.revision:
                 raise _LostRace()  # it moved on: decide again from the top (a resend, a new record...)
             stored = fresh
-        out = await self._hsm.refusal(hapi.RefusalIn(user_id=user_id, island=self.island_id, fleet_id=fleet_id,
-                                                     current=stored.entry, fingerprint=writes.fingerprint))
+        out = await self._hsm.refusal(hapi.RefusalIn(user_id=writes.user_id, island=self.island_id,
+                                                     fleet_id=fleet_id, current=stored.entry,
+                                                     fingerprint=writes.fingerprint))
         if stored.entry.state is hapi.EntryState.ABSENT:
             raise errors.NoRecord("no record for this user", out.signature)
         metrics.LOCKOUT_HITS.inc()
         raise errors.RecordDestroyed("this record was destroyed after too many wrong passwords, or disabled",
                                      out.signature)
 
-    async def _commit(self, user_id: str, revision: int, entry: hapi.Entry, writes: _Writes) -> None:
-        try:
-            ok = await self._store.swap(self.island_id, user_ref(user_id), revision, entry)
-        except errors.StoreUnavailable:
-            writes.unsure = True  # it may have landed: the next read tells (our tag)
-            raise
-        if not ok:
-            metrics.RETRIES.labels("etcd-cas").inc()
-            raise _LostRace()
-
     # -- registration --------------------------------------------------------------
     async def registration_start(self, req: api.RegistrationStartIn) -> api.RegistrationStartOut:
-        # Fresh: the challenge is bound to this version, so it must be the real one.
-        stored = await self._loop(lambda _: self._store.read(self.island_id, user_ref(req.user_id), fresh=True), "read")
+        # Changes nothing. Fresh: the challenge is bound to this version, so it must be the real one.
+        stored = await self._retry(lambda _: self._store.read(self.island_id, user_ref(req.user_id), fresh=True),
+                                   "read")
         out = await self._hsm.registration_start(hapi.RegistrationStartIn(
             user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
             registration_request=req.registration_request))
         return api.RegistrationStartOut(**out.model_dump())
 
     async def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
-        writes = _Writes(req.request_id, transcripts.registration_finish_request(
-            req.fleet_id, req.user_id, req.request_id, req.challenge, req.registration_upload, req.ek, req.k_nonce))
-
-        async def attempt(_: int) -> api.RegistrationFinishOut:
-            stored = await self._store.read(self.island_id, user_ref(req.user_id))
-            if (done := await self._answered(req.user_id, stored, writes, api.RegistrationFinishOut)) is not None:
-                return done
-            out = await self._hsm_on(req.user_id, stored, self._hsm.registration_finish(hapi.RegistrationFinishIn(
+        async def step(stored: Stored) -> _Next:
+            out = await self._hsm.registration_finish(hapi.RegistrationFinishIn(
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
                 current=stored.entry, challenge=req.challenge,
-                registration_upload=req.registration_upload, ek=req.ek, k_nonce=req.k_nonce)))
-            answer = api.RegistrationFinishOut(version=out.new_entry.version, max_attempts=out.max_attempts,
-                                               signature=out.signature)
-            await self._commit(req.user_id, stored.revision, writes.prepare(out.new_entry, answer), writes)
-            metrics.REGISTRATIONS.inc()
-            return answer
+                registration_upload=req.registration_upload, ek=req.ek, k_nonce=req.k_nonce))
+            return _Next(out.new_entry, api.RegistrationFinishOut(
+                version=out.new_entry.version, max_attempts=out.max_attempts, signature=out.signature),
+                (metrics.REGISTRATIONS,))
 
-        return await self._loop(attempt, "registration", writes)
+        return await self._change(_Op("registration", user_ref(req.user_id), step, _Writes(
+            req.user_id, req.request_id, transcripts.registration_finish_request(
+                req.fleet_id, req.user_id, req.request_id, req.challenge, req.registration_upload, req.ek,
+                req.k_nonce), api.RegistrationFinishOut)))
 
     # -- recovery --------------------------------------------------------------------
     async def login_start(self, req: api.LoginStartIn) -> api.LoginStartOut:
-        writes = _Writes(req.request_id, transcripts.login_start_request(
-            req.fleet_id, req.user_id, req.request_id, req.credential_request))
+        writes = _Writes(req.user_id, req.request_id, transcripts.login_start_request(
+            req.fleet_id, req.user_id, req.request_id, req.credential_request), api.LoginStartOut)
 
-        async def attempt(_: int) -> api.LoginStartOut:
-            stored = await self._store.read(self.island_id, user_ref(req.user_id))
-            if (done := await self._answered(req.user_id, stored, writes, api.LoginStartOut)) is not None:
-                return done
-            await self._refuse(req.user_id, req.fleet_id, stored, writes)
-            out = await self._hsm_on(req.user_id, stored, self._hsm.login_start(hapi.LoginStartIn(
+        async def settle(stored: Stored) -> None:
+            await self._refuse(req.fleet_id, stored, writes)
+
+        async def step(stored: Stored) -> _Next:
+            out = await self._hsm.login_start(hapi.LoginStartIn(
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
-                current=stored.entry, credential_request=req.credential_request)))
-            answer = api.LoginStartOut(credential_response=out.credential_response, login_state=out.login_state,
-                                          attempts_left=out.attempts_left, signature=out.signature)
+                current=stored.entry, credential_request=req.credential_request))
             # The decrement is durable on a quorum before the response leaves (invariant 3).
-            await self._commit(req.user_id, stored.revision, writes.prepare(out.new_entry, answer), writes)
-            metrics.GUESSES_EVALUATED.inc()
+            counts = (metrics.GUESSES_EVALUATED,)
             if out.new_entry.state is hapi.EntryState.DESTROYED:
-                metrics.RECORDS_DESTROYED.inc()
-            return answer
+                counts += (metrics.RECORDS_DESTROYED,)
+            return _Next(out.new_entry, api.LoginStartOut(
+                credential_response=out.credential_response, login_state=out.login_state,
+                attempts_left=out.attempts_left, signature=out.signature), counts)
 
-        return await self._loop(attempt, "recovery", writes)
+        return await self._change(_Op("recovery", user_ref(req.user_id), step, writes, settle))
 
     async def login_finish(self, req: api.LoginFinishIn) -> api.LoginFinishOut:
-        writes = _Writes(req.request_id, transcripts.login_finish_request(
-            req.fleet_id, req.user_id, req.request_id, req.login_state, req.credential_finalization))
+        writes = _Writes(req.user_id, req.request_id, transcripts.login_finish_request(
+            req.fleet_id, req.user_id, req.request_id, req.login_state, req.credential_finalization),
+            api.LoginFinishOut)
 
-        async def attempt(_: int) -> api.LoginFinishOut:
-            stored = await self._store.read(self.island_id, user_ref(req.user_id))
-            if (done := await self._answered(req.user_id, stored, writes, api.LoginFinishOut)) is not None:
-                return done
+        async def settle(stored: Stored) -> None:
+            # (A destroyed entry still finishes: the guess that used the last attempt may be right.)
             if stored.entry.state is hapi.EntryState.ABSENT:
-                # (A destroyed entry still finishes: the guess that used the last attempt may be right.)
-                await self._refuse(req.user_id, req.fleet_id, stored, writes)
-            out = await self._hsm_on(req.user_id, stored, self._hsm.login_finish(hapi.LoginFinishIn(
+                await self._refuse(req.fleet_id, stored, writes)
+
+        async def step(stored: Stored) -> _Next:
+            out = await self._hsm.login_finish(hapi.LoginFinishIn(
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
                 current=stored.entry, login_state=req.login_state,
-                credential_finalization=req.credential_finalization)))
-            answer = api.LoginFinishOut(wrapped_key=out.wrapped_key, rk_nonce=out.rk_nonce,
-                                           record_status=out.record_status, signature=out.signature)
+                credential_finalization=req.credential_finalization))
             # Committing the reset also consumes the login state (the version moves on).
-            await self._commit(req.user_id, stored.revision, writes.prepare(out.new_entry, answer), writes)
-            metrics.RECOVERIES_SUCCEEDED.inc()
-            return answer
+            return _Next(out.new_entry, api.LoginFinishOut(
+                wrapped_key=out.wrapped_key, rk_nonce=out.rk_nonce, record_status=out.record_status,
+                signature=out.signature), (metrics.RECOVERIES_SUCCEEDED,))
 
-        return await self._loop(attempt, "recovery", writes)
+        return await self._change(_Op("recovery", user_ref(req.user_id), step, writes, settle))
 
     # -- deletion and moves -----------------------------------------------------------
+    # No request id: each is idempotent, so a lost answer is settled by running it again.
     async def delete(self, req: api.DeleteIn) -> api.DeleteOut:
-        async def attempt(_: int) -> api.DeleteOut:
-            stored = await self._store.read(self.island_id, user_ref(req.user_id), fresh=True)
-            if stored.entry.state is not hapi.EntryState.LIVE:
-                return api.DeleteOut(deleted=False)
-            tomb = hapi.Entry(state=hapi.EntryState.DESTROYED, version=stored.entry.version + 1,
-                              recent=stored.entry.answered())
-            # Deleting is idempotent: a lost answer is settled by reading again.
-            if not await self._store.swap(self.island_id, user_ref(req.user_id), stored.revision, tomb):
-                raise _LostRace()
-            return api.DeleteOut(deleted=True)
+        async def settle(stored: Stored) -> api.DeleteOut | None:
+            return None if stored.entry.state is hapi.EntryState.LIVE else api.DeleteOut(deleted=False)
 
-        return await self._loop(attempt, "delete")
+        async def step(stored: Stored) -> _Next:  # the island's own step: a tombstone needs no HSM
+            return _Next(hapi.Entry(state=hapi.EntryState.DESTROYED, version=stored.entry.version + 1,
+                                    recent=stored.entry.answered()), api.DeleteOut(deleted=True))
+
+        return await self._change(_Op("delete", user_ref(req.user_id), step, settle=settle))
 
     async def move(self, req: api.MoveIn) -> api.MoveOut:
         """Re-seal the record for ``to_island`` (the AAD binds the island) and
         move it in one transaction, version and attempt count intact."""
 
-        async def attempt(_: int) -> api.MoveOut:
-            stored = await self._store.read(self.island_id, req.user_ref, fresh=True)
-            if stored.entry.state is hapi.EntryState.ABSENT:
-                return api.MoveOut(moved=False)
+        async def settle(stored: Stored) -> api.MoveOut | None:
+            return api.MoveOut(moved=False) if stored.entry.state is hapi.EntryState.ABSENT else None
+
+        async def step(stored: Stored) -> _Next:
             out = await self._hsm.reseal(hapi.ResealIn(user_ref=req.user_ref, from_island=self.island_id,
                                                        to_island=req.to_island, current=stored.entry))
-            if not await self._store.move(self.island_id, req.to_island, req.user_ref, stored.revision,
-                                          out.new_entry):
-                raise _LostRace()
-            return api.MoveOut(moved=True)
+            return _Next(out.new_entry, api.MoveOut(moved=True))
 
-        return await self._loop(attempt, "move")
+        return await self._change(_Op("move", req.user_ref, step, settle=settle, to_island=req.to_island))
 
     async def migrate(self, req: api.MigrateIn) -> api.MigrateOut:
         """Re-seal one record under another fleet, in one compare-and-swap:
         a guess or recovery racing with it wins or loses the swap like any other."""
-        async def attempt(_: int) -> api.MigrateOut:
-            stored = await self._store.read(self.island_id, req.user_ref, fresh=True)
-            if stored.entry.state is not hapi.EntryState.LIVE or stored.entry.fleet_id == req.to_fleet:
-                return api.MigrateOut(migrated=False)
+
+        async def settle(stored: Stored) -> api.MigrateOut | None:
+            done = stored.entry.state is not hapi.EntryState.LIVE or stored.entry.fleet_id == req.to_fleet
+            return api.MigrateOut(migrated=False) if done else None
+
+        async def step(stored: Stored) -> _Next:
             out = await self._hsm.migrate(hapi.MigrateIn(user_ref=req.user_ref, island=self.island_id,
                                                          current=stored.entry, to_fleet=req.to_fleet))
-            if not await self._store.swap(self.island_id, req.user_ref, stored.revision, out.new_entry):
-                raise _LostRace()
-            return api.MigrateOut(migrated=True)
+            return _Next(out.new_entry, api.MigrateOut(migrated=True))
 
-        return await self._loop(attempt, "migrate")
+        return await self._change(_Op("migrate", req.user_ref, step, settle=settle))
 
     async def list_refs(self, req: api.ListRefsIn) -> api.ListRefsOut:
         return api.ListRefsOut(user_refs=await self._store.list_refs(self.island_id))

@@ -1,22 +1,26 @@
-"""Exceptions of a vault island, mapped to HTTP in ``app.py``.
+"""Exceptions of a vault island, and ``TABLE``: how each is answered over HTTP.
 
 ::
 
-    IslandError
-    ├── Refused                                  -- carries the fleet's signature for this request
-    │   ├── NoRecord        404 no_record        -- never registered (or deleted and gone)
-    │   └── RecordDestroyed 410 record_destroyed -- attempts ran out, or disabled
-    ├── Contended           409 conflict         -- lost every compare-and-swap until the deadline
-    ├── RequestIdReused     409 request_id_reused -- this request id came with another body; nothing done
-    ├── RequestSuperseded   409 request_superseded -- a resend of a request whose answer is gone (a
-    │                                               later change landed): nothing done, start again
-    ├── StoreUnavailable    503 unavailable      -- etcd unreachable; nothing was written, try again
-    └── OutcomeUnknown      502 outcome_unknown  -- a write may or may not have landed; resend the same
-                                                    request (same id): it is answered from the commit
+    IslandError                   -- a base; raised bare only by a bug (500)
+    ├── Refused                   -- a base: carries the fleet's signature for this request
+    │   ├── NoRecord              -- never registered (or deleted and gone)
+    │   └── RecordDestroyed       -- attempts ran out, or disabled
+    ├── Contended                 -- lost every compare-and-swap until the deadline
+    ├── RequestIdReused           -- this request id came with another body; nothing done
+    ├── RequestSuperseded         -- a resend of a request whose answer is gone (a later
+    │                                change landed): nothing done, start again
+    ├── StoreUnavailable          -- etcd unreachable; nothing was written, try again
+    └── OutcomeUnknown            -- a write may or may not have landed; resend the same
+                                     request (same id): it is answered from the commit
 
 Errors from the hsm-proxy arrive as ``bkv_server.http.UpstreamError`` and are
-passed on unchanged; ``UpstreamUnavailable`` becomes 503.
+passed on unchanged (every ``ErrorTable`` does); ``UpstreamUnavailable`` is 503.
 """
+
+from bkv_protocol.wire import ErrorCode as C
+from bkv_server.http import UpstreamUnavailable
+from bkv_server.rpc import ErrorTable
 
 
 class IslandError(Exception):
@@ -63,3 +67,15 @@ class OutcomeUnknown(IslandError):
     """etcd lost the answer to a write and could not be asked whether it
     landed. A resend of the same request (same id) settles it: answered from
     the commit if it landed, evaluated if it did not."""
+
+
+TABLE = ErrorTable(
+    (NoRecord, 404, C.NO_RECORD, False),
+    (RecordDestroyed, 410, C.RECORD_DESTROYED, False),
+    (Contended, 409, C.CONFLICT, True),
+    (RequestIdReused, 409, C.REQUEST_ID_REUSED, False),
+    (RequestSuperseded, 409, C.REQUEST_SUPERSEDED, False),
+    (StoreUnavailable, 503, C.UNAVAILABLE, True),
+    (OutcomeUnknown, 502, C.OUTCOME_UNKNOWN, True),
+    (UpstreamUnavailable, 503, C.UNAVAILABLE, True, "the HSM is unreachable; try again shortly"),
+)

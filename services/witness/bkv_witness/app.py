@@ -5,18 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from bkv_protocol import bundle as bd
-from bkv_server.rpc import RpcApp, error_body
-from bkv_protocol.wire import ErrorCode
+from bkv_server.rpc import RpcApp
 from bkv_protocol import witness_api as api
-from bkv_witness.core import Witness, WitnessRefused
-
-
-def _map_error(exc: Exception):
-    if isinstance(exc, WitnessRefused):
-        return 409, error_body(ErrorCode.INVALID_REQUEST, str(exc))
-    if isinstance(exc, bd.BundleError):
-        return 400, error_body(ErrorCode.INVALID_REQUEST, str(exc))
-    return None
+from bkv_witness import errors
+from bkv_witness.core import Witness
 
 
 def create_app(witness: Witness) -> RpcApp:
@@ -33,5 +25,5 @@ def create_app(witness: Witness) -> RpcApp:
         return api.PublicKeyOut(witness_public_key=witness.public_key)
 
     return RpcApp("witness", {"/witness/v1/countersign": (api.CountersignIn, countersign)},
-                  map_error=_map_error,
+                  errors=errors.TABLE,
                   get_routes={"/witness/v1/log": log, "/witness/v1/public-key": public_key})

@@ -12,11 +12,7 @@ witness's clock, so nobody -- not even a thief of the operator key -- can get
 a bundle countersigned that stays fresh for clients longer than the operator
 meant (bundles carry a freshness window, docs/ota.md).
 
-Exceptions::
-
-    WitnessError
-    └── WitnessRefused          the bundle does not extend the log (fork, gap, replay
-                                of an older one) or is not operator-signed
+Its exceptions are in ``bkv_witness.errors``.
 """
 
 from __future__ import annotations
@@ -28,18 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bkv_protocol import bundle as bd
+from bkv_witness.errors import WitnessRefused
 
 
 MAX_CLOCK_SKEW_S = 600
-
-
-class WitnessError(Exception):
-    pass
-
-
-class WitnessRefused(WitnessError):
-    """Not countersigned; the message says why. The operator must publish a
-    bundle that extends the witness log (GET /witness/v1/log)."""
 
 
 class Witness:
