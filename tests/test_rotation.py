@@ -18,7 +18,7 @@ from bkv.sdk import VaultClient
 from bkv_protocol.encoding import b64d
 from bkv_server.etcd import connect
 from bkv_protocol.retry import Backoff
-from conftest import start_fleet
+from bkv_dev.fleet import start_fleet
 from test_faults import LIMIT, Ledger, audit, load, seed
 
 

@@ -17,8 +17,10 @@ bundle naming its fleet, which clients verify against the two roots.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -652,3 +654,41 @@ class Fleet:
                 shutil.rmtree(self.state)
             else:
                 self._save()
+
+
+# Every port a fleet of up to 3 islands x 3 replicas, 2 hsm-proxies and 6 etcd
+# members takes, as offsets from its base (the layout in this module's docstring).
+_FLEET_PORT_OFFSETS = (2, 3, 80, 350, 100, 101, 200, 201, 202, 210, 211, 212, 220, 221, 222, 443, 901,
+                       *(379 + i for i in range(12)))
+
+
+def free_base_port() -> int:
+    """A base port whose fleet ports are all free now (for throwaway fleets
+    in tests and benchmarks, which run side by side)."""
+    for _ in range(200):
+        # Below the kernel's ephemeral range (32768+): an outgoing connection
+        # could otherwise take one of the fleet's ports between check and bind.
+        base = random.randrange(10000, 32768 - 1000, 10)
+        with contextlib.ExitStack() as held:
+            try:
+                for offset in _FLEET_PORT_OFFSETS:
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", base + offset))
+            except OSError:
+                continue
+        return base
+    raise FleetError("no free port range")
+
+
+def start_fleet(state_dir: Path, **spec) -> Fleet:
+    """A throwaway fleet under ``state_dir`` on free ports, up and healthy
+    (torn down again if it cannot come up). Tests and benchmarks reach the
+    frontend directly as well as through the edge: plaintext is on unless
+    ``allow_plaintext=False``."""
+    spec.setdefault("allow_plaintext", True)
+    fleet = Fleet(FleetSpec(state_dir=str(state_dir), base_port=free_base_port(), **spec))
+    try:
+        fleet.up()
+    except BaseException:
+        fleet.down()
+        raise
+    return fleet
