@@ -26,7 +26,7 @@ from bkv.trust import TrustStore
 from bkv_protocol import bundle as bd
 from bkv_protocol.encoding import b64e, fleet_id_for
 from bkv_witness.core import Witness, WitnessRefused
-from onpath import OnPath
+from support.onpath import OnPath
 
 
 def make_fleet(now: int = 1_800_000_000, days: int = 365) -> bd.Fleet:

@@ -184,7 +184,7 @@ async def test_a_client_whose_newest_bundle_is_withheld_keeps_working_only_until
     from bkv.config import config_path
     from bkv_protocol import bundle as bd
     from bkv_protocol.secrets import BackupKey
-    from onpath import OnPath
+    from support.onpath import OnPath
 
     fleet = rot_fleet
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "device"))
