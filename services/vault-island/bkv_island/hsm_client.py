@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from bkv_server.http import ServiceClient
 from bkv_protocol import hsm_api as hapi
-from bkv_hsm_proxy.core import VaultHsm
 
 
 class HsmHttpClient:
@@ -43,9 +42,10 @@ class HsmHttpClient:
 
 
 class InProcessHsm:
-    """Unit tests only: calls ``VaultHsm`` directly."""
+    """Unit tests only: calls a ``bkv_hsm_proxy.core.VaultHsm`` directly (not
+    imported: one service never imports another, tests/test_layering.py)."""
 
-    def __init__(self, vault: VaultHsm) -> None:
+    def __init__(self, vault) -> None:
         self.vault = vault
 
     async def registration_start(self, req):
