@@ -40,4 +40,3 @@ class HsmHttpClient:
 
     async def refusal(self, req: hapi.RefusalIn) -> hapi.RefusalOut:
         return await self._c.call("POST", "/hsm/v1/refusal", req, hapi.RefusalOut, idempotent=True)
-
