@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
 CLK = os.sysconf("SC_CLK_TCK")
@@ -353,7 +352,7 @@ def main() -> int:
     ap.add_argument("--no-half", action="store_true", help="skip the recovery run at half saturation")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     args = ap.parse_args()
-    from conftest import start_fleet  # the same fleet the tests use
+    from bkv_dev.fleet import start_fleet  # the same fleet the tests use
 
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bkv-bench-") as tmp:

@@ -19,17 +19,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "loadtest")]
+sys.path[:0] = [str(ROOT / "loadtest")]
 
 import httpx  # noqa: E402
 
 from bench import cpu_seconds, machine, noise_floor  # noqa: E402
-from bkv_dev.fleet import _envoy_binary, wait_until  # noqa: E402
+from bkv_dev.fleet import _envoy_binary, free_base_port, start_fleet, wait_until  # noqa: E402
 from bkv.transport import NoiseTransport  # noqa: E402
 from bkv_protocol.encoding import b64d  # noqa: E402
 from bkv_edge.envoy import render  # noqa: E402
 from bkv_protocol.noise import StaticKey  # noqa: E402
-from conftest import _free_base_port, start_fleet  # noqa: E402
 
 
 def measure(name: str, send, n: int, pids: list[int], processor: int | None = None) -> dict:
@@ -56,7 +55,7 @@ def main() -> int:
         bkv_dev.fleet._processor_binary = lambda: args.processor
     with tempfile.TemporaryDirectory(prefix="bkv-bench-edge-") as tmp:
         fleet = start_fleet(Path(tmp))
-        plain_port, admin = _free_base_port(), _free_base_port()
+        plain_port, admin = free_base_port(), free_base_port()
         cfg = Path(tmp) / "plain-envoy.json"
         cfg.write_text(render("127.0.0.1", plain_port, fleet.ports.frontend, 1, admin, noise=False))
         plain = subprocess.Popen([_envoy_binary(), "-c", str(cfg), "--disable-hot-restart", "--log-level", "warn"],

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "loadtest")]
+sys.path[:0] = [str(ROOT / "loadtest")]
 
 import opaque_ke_py as opaque  # noqa: E402
 
@@ -40,7 +40,7 @@ from bkv.transport import AsyncNoiseTransport  # noqa: E402
 from bkv_protocol.encoding import b64d  # noqa: E402
 from bkv_protocol.secrets import BackupKey  # noqa: E402
 from bkv_protocol.noise import StaticKey  # noqa: E402
-from conftest import start_fleet  # noqa: E402
+from bkv_dev.fleet import start_fleet  # noqa: E402
 
 
 def make_client(fleet, noise: bool) -> VaultClient:

@@ -6,49 +6,13 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-from pathlib import Path
 
 import httpx
 import pytest
 
-from bkv_dev.fleet import Fleet, FleetSpec
-from bkv_dev.ports import Ports
+from bkv_dev.fleet import Fleet, start_fleet
 from bkv.sdk import VaultClient
 from bkv_protocol.encoding import b64d
-
-
-def _free_base_port() -> int:
-    for _ in range(200):
-        # Below the kernel's ephemeral range (32768+): an outgoing connection
-        # could otherwise take one of the fleet's ports between check and bind.
-        base = random.randrange(10000, 32768 - 1000, 10)
-        # Room for the largest layout of the tests (islands added later too).
-        ports = Ports(base, etcd_members=6, hsm_proxies=2, islands=("a", "b", "c"), replicas_per_island=3).all()
-        ok = True
-        for p in ports:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
-
-
-def start_fleet(tmp: Path, **spec) -> Fleet:
-    # Tests reach the frontend directly too (the explicit dev plaintext flag);
-    # the Noise edge runs as well, for the tests that go through it.
-    spec.setdefault("allow_plaintext", True)
-    fleet = Fleet(FleetSpec(state_dir=str(tmp), base_port=_free_base_port(), **spec))
-    try:
-        fleet.up()
-    except BaseException:
-        fleet.down()
-        raise
-    return fleet
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -27,7 +27,7 @@ from bkv_protocol import bundle as bd
 from bkv_protocol.encoding import b64e, fleet_id_for
 from bkv_witness.core import Witness
 from bkv_witness.errors import WitnessRefused
-from onpath import OnPath
+from support.onpath import OnPath
 
 
 def make_fleet(now: int = 1_800_000_000, days: int = 365) -> bd.Fleet:

@@ -3,7 +3,7 @@ renders it (helm-python-sdk), every object validates against the Kubernetes
 schemas (kubernetes-validate), `kubectl kustomize` renders the dev overlay,
 static checks hold the security posture and the NetworkPolicies to their
 promises, and a smoke run starts the rendered pods as local processes
-(tests/chartrun.py) and registers and recovers a key through them."""
+(tests/support/chartrun.py) and registers and recovers a key through them."""
 
 from __future__ import annotations
 
@@ -426,8 +426,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
 
 @pytest.fixture(scope="module")
 def chart_fleet(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from chartrun import ChartRun
+    from support.chartrun import ChartRun
 
     from bkv_dev.issuer import DevIssuer
 

@@ -16,7 +16,8 @@ import pytest
 from bkv.config import ClientConfig
 from bkv.storage.format import HEADER_LEN
 from bkv_protocol.noise import StaticKey
-from conftest import _free_base_port, unique_user
+from bkv_dev.fleet import free_base_port
+from conftest import unique_user
 
 PW = "my chat backup password"
 
@@ -25,7 +26,7 @@ PW = "my chat backup password"
 def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
-    port = _free_base_port()
+    port = free_base_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",

@@ -10,9 +10,8 @@ import tomllib
 
 import pytest
 
+from bkv_dev.fleet import free_base_port
 from bkv_dev.ports import Ports
-
-from conftest import _free_base_port
 
 BKV = [sys.executable, "-m", "bkv.cli"]
 
@@ -21,7 +20,7 @@ BKV = [sys.executable, "-m", "bkv.cli"]
 def cli_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     env = {**os.environ, "XDG_CONFIG_HOME": str(root / "config"), "BKV_DEV_STATE": str(root / "state")}
-    base = _free_base_port()
+    base = free_base_port()
     yield env, base, root
     subprocess.run([*BKV, "dev", "down", "--purge"], env=env, capture_output=True, timeout=60)
 
@@ -66,7 +65,7 @@ def test_dev_login_switches_the_identity(cli_env):
 
 def test_dev_up_with_a_taken_port_says_which_port(tmp_path):
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "c"), "BKV_DEV_STATE": str(tmp_path / "s")}
-    base = _free_base_port()
+    base = free_base_port()
     frontend = Ports(base).frontend
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", frontend))

@@ -16,10 +16,9 @@ import time
 
 import pytest
 
-from bkv_dev.fleet import NetemUnavailable
+from bkv_dev.fleet import NetemUnavailable, start_fleet
 from bkv_protocol.encoding import user_ref
 from bkv_server.etcd import connect
-from conftest import start_fleet
 from reliability_report import ROWS
 from test_faults import LIMIT, Ledger, audit, client, load, run_fault, seed
 

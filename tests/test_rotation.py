@@ -18,7 +18,7 @@ from bkv.sdk import VaultClient
 from bkv_protocol.encoding import b64d
 from bkv_server.etcd import connect
 from bkv_protocol.retry import Backoff
-from conftest import start_fleet
+from bkv_dev.fleet import start_fleet
 from test_faults import LIMIT, Ledger, audit, load, seed
 
 
@@ -184,7 +184,7 @@ async def test_a_client_whose_newest_bundle_is_withheld_keeps_working_only_until
     from bkv.config import config_path
     from bkv_protocol import bundle as bd
     from bkv_protocol.secrets import BackupKey
-    from onpath import OnPath
+    from support.onpath import OnPath
 
     fleet = rot_fleet
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "device"))

@@ -18,7 +18,7 @@ from bkv_protocol.encoding import user_ref
 from bkv_server.etcd import connect
 from bkv_server.fleetmap import rendezvous
 from bkv_protocol.secrets import BackupKey
-from conftest import start_fleet
+from bkv_dev.fleet import start_fleet
 from reliability_report import ROWS
 from test_faults import LIMIT, Ledger, add_island, audit, client, load
 

@@ -64,3 +64,14 @@ def test_an_upstreams_answer_passes_unchanged_and_a_fixed_message_hides_the_exce
     status, body = frontend.TABLE.answer(UpstreamUnavailable("island unavailable at http://10.0.0.7:8101"))
     assert status == 503 and "10.0.0.7" not in body.error.message and body.error.retryable
     assert isinstance(body, ErrorBody)
+
+
+def test_the_upstream_answers_the_openapi_documents_are_what_the_island_and_hsm_proxy_tables_give():
+    import importlib
+
+    from bkv_frontend.openapi import UPSTREAM
+
+    for name, (status, code) in UPSTREAM.items():
+        module, cls = name.rsplit(".", 1)
+        rule = importlib.import_module(module).TABLE.rule_for(getattr(importlib.import_module(module), cls))
+        assert (rule.status, rule.code) == (status, code), name

@@ -13,19 +13,9 @@ from bkv_protocol.encoding import user_ref
 from bkv_protocol import hsm_api as hapi
 from bkv_hsm_proxy import errors as herr
 from bkv_hsm_proxy.core import VaultHsm
-from bkv_hsm_proxy.hsm import InMemoryHsmFake
 from bkv_protocol import island_api as iapi
 from bkv_island.core import Island
-from bkv_island.hsm_client import InProcessHsm
-from bkv_island.store import InMemoryRecordStoreFake
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.ms = 1_700_000_000_000
-
-    def now_ms(self) -> int:
-        return self.ms
+from fakes import FakeClock, InMemoryHsmFake, InMemoryRecordStoreFake, InProcessHsmFake
 
 
 @pytest.fixture
@@ -35,7 +25,7 @@ def parts():
     clock = FakeClock()
     vault = VaultHsm(hsm, max_attempts=3, clock=clock)
     store = InMemoryRecordStoreFake()
-    return vault, Island("island-a", store, InProcessHsm(vault)), store, clock
+    return vault, Island("island-a", store, InProcessHsmFake(vault)), store, clock
 
 
 async def _register(island: Island, user: str, pw: bytes = b"pw"):
@@ -100,6 +90,7 @@ async def test_concurrent_guesses_on_the_fake_store_are_counted_exactly(parts):
     results = await asyncio.gather(*(guess() for _ in range(12)))
     answered = [r for r in results if isinstance(r, iapi.LoginStartOut)]
     assert sorted(r.attempts_left for r in answered) == [0, 1, 2]
+    assert store.lost_swaps >= 1  # the guesses did race: some read the entry another then changed
     entry, _ = store.data[("island-a", user_ref("alice"))]
     assert entry.state is hapi.EntryState.DESTROYED
 
@@ -207,7 +198,7 @@ async def test_a_resent_guess_is_answered_from_the_commit_on_the_fake_store(part
                                  credential_request=opaque.client_login_start(b"wrong").get_message())
     first = await island.login_start(guess)
     # A second island object stands in for another replica: nothing in memory, only the entry.
-    other = Island("island-a", store, InProcessHsm(vault))
+    other = Island("island-a", store, InProcessHsmFake(vault))
     store.forget("island-a", user_ref("alice"))
     again = await other.login_start(guess)
     assert again == first and first.attempts_left == 2

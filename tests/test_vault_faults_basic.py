@@ -17,7 +17,8 @@ from bkv.sdk import VaultClient
 from bkv_protocol.encoding import b64d
 from bkv_protocol.retry import Backoff
 from bkv_protocol.secrets import BackupKey
-from conftest import start_fleet, unique_user
+from bkv_dev.fleet import start_fleet
+from conftest import unique_user
 
 PW = "faulty but fine"
 

@@ -17,11 +17,14 @@ bundle naming its fleet, which clients verify against the two roots.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -421,3 +424,37 @@ class Fleet:
                 shutil.rmtree(self.state)
             else:
                 self._save()
+
+
+def free_base_port() -> int:
+    """A base port whose fleet ports are all free now (for throwaway fleets
+    in tests and benchmarks, which run side by side)."""
+    for _ in range(200):
+        # Below the kernel's ephemeral range (32768+): an outgoing connection
+        # could otherwise take one of the fleet's ports between check and bind.
+        base = random.randrange(10000, 32768 - 1000, 10)
+        # Room for the largest layout of the tests (islands added later too).
+        ports = Ports(base, etcd_members=6, hsm_proxies=2, islands=("a", "b", "c"), replicas_per_island=3).all()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in ports:
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise FleetError("no free port range")
+
+
+def start_fleet(state_dir: Path, **spec) -> Fleet:
+    """A throwaway fleet under ``state_dir`` on free ports, up and healthy
+    (torn down again if it cannot come up). Tests and benchmarks reach the
+    frontend directly as well as through the edge: plaintext is on unless
+    ``allow_plaintext=False``."""
+    spec.setdefault("allow_plaintext", True)
+    fleet = Fleet(FleetSpec(state_dir=str(state_dir), base_port=free_base_port(), **spec))
+    try:
+        fleet.up()
+    except BaseException:
+        fleet.down()
+        raise
+    return fleet

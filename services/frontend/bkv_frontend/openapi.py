@@ -16,8 +16,6 @@ from typing import Iterable
 from fastapi import FastAPI
 
 from bkv_frontend import errors as ferr
-from bkv_hsm_proxy import errors as herr
-from bkv_island import errors as ierr
 from bkv_protocol.wire import ErrorBody, ErrorCode as C
 from bkv_server.http import UpstreamUnavailable
 
@@ -45,16 +43,32 @@ _MEANING = {
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (retryable errors)",
                                 "schema": {"type": "integer"}}}
 
-# The frontend's own table, then what it passes on: the islands' answers,
-# and through them the hsm-proxy's.
-_TABLES = (ferr.TABLE, ierr.TABLE, herr.TABLE)
+# What the frontend passes on unchanged: the islands' answers, and through
+# them the hsm-proxy's, by the exception that makes them. A service never
+# imports another (tests/test_layering.py), so they are written here, and
+# tests/test_unit_error_tables.py checks each against the island's and the
+# hsm-proxy's TABLE: the schema cannot drift from them.
+UPSTREAM: dict[str, tuple[int, C]] = {
+    "bkv_island.errors.Contended": (409, C.CONFLICT),
+    "bkv_island.errors.RequestIdReused": (409, C.REQUEST_ID_REUSED),
+    "bkv_island.errors.RequestSuperseded": (409, C.REQUEST_SUPERSEDED),
+    "bkv_island.errors.OutcomeUnknown": (502, C.OUTCOME_UNKNOWN),
+    "bkv_island.errors.NoRecord": (404, C.NO_RECORD),
+    "bkv_island.errors.RecordDestroyed": (410, C.RECORD_DESTROYED),
+    "bkv_hsm_proxy.errors.RecordIntegrityFailure": (500, C.RECORD_INTEGRITY_FAILURE),
+    "bkv_hsm_proxy.errors.MalformedOpaqueMessage": (400, C.MALFORMED_OPAQUE_MESSAGE),
+    "bkv_hsm_proxy.errors.ChallengeRejected": (400, C.CHALLENGE_REJECTED),
+    "bkv_hsm_proxy.errors.LoginStateRejected": (400, C.LOGIN_STATE_REJECTED),
+    "bkv_hsm_proxy.errors.AuthenticationFailed": (403, C.AUTHENTICATION_FAILED),
+}
 
 
-def _answers(*raised: type[Exception]) -> dict[int, list[C]]:
-    """The status and code each exception is answered with: from the
-    services' error tables, so the schema cannot drift from them."""
-    rules = [next(r for table in _TABLES if (r := table.rule_for(cls)) is not None) for cls in raised]
-    return _merge(*({rule.status: [rule.code]} for rule in rules))
+def _answers(*raised: type[Exception] | str) -> dict[int, list[C]]:
+    """The status and code each exception is answered with: the frontend's
+    own from its table, an upstream's (named) from UPSTREAM."""
+    pairs = [UPSTREAM[cls] if isinstance(cls, str) else (ferr.TABLE.rule_for(cls).status,
+                                                          ferr.TABLE.rule_for(cls).code) for cls in raised]
+    return _merge(*({status: [code]} for status, code in pairs))
 
 
 def _merge(*tables: dict[int, list[C]]) -> dict[int, list[C]]:
@@ -70,7 +84,7 @@ _BODY = {400: [C.INVALID_REQUEST], 413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORT
 _AUTH = _answers(ferr.Unauthenticated)
 _ALWAYS = _merge({500: [C.INTERNAL]}, _answers(UpstreamUnavailable, ferr.NotReady))
 _RESEND = _merge({500: [C.INTERNAL]}, _answers(  # a resend opens the answer kept in storage
-    ierr.Contended, ierr.RequestIdReused, ierr.RequestSuperseded, ierr.OutcomeUnknown, herr.RecordIntegrityFailure))
+    "bkv_island.errors.Contended", "bkv_island.errors.RequestIdReused", "bkv_island.errors.RequestSuperseded", "bkv_island.errors.OutcomeUnknown", "bkv_hsm_proxy.errors.RecordIntegrityFailure"))
 
 # (path, method): every error status the operation can answer, with its codes.
 # Which exceptions each route can meet is kept by hand; their statuses and
@@ -80,18 +94,18 @@ ROUTE_ERRORS: dict[tuple[str, str], dict[int, list[C]]] = {
     ("/v1/fleet", "get"): _ALWAYS,
     ("/v1/fleet", "post"): _merge({413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}, _ALWAYS),
     ("/v1/registration/start", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _answers(herr.MalformedOpaqueMessage, ierr.Contended)),
+        _BODY, _AUTH, _ALWAYS, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_island.errors.Contended")),
     ("/v1/registration/finish", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _RESEND, _answers(herr.MalformedOpaqueMessage, herr.ChallengeRejected)),
+        _BODY, _AUTH, _ALWAYS, _RESEND, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_hsm_proxy.errors.ChallengeRejected")),
     ("/v1/login/start", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _RESEND, _answers(herr.MalformedOpaqueMessage, ierr.NoRecord, ierr.RecordDestroyed)),
+        _BODY, _AUTH, _ALWAYS, _RESEND, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_island.errors.NoRecord", "bkv_island.errors.RecordDestroyed")),
     ("/v1/login/finish", "post"): _merge(
         _BODY, _AUTH, _ALWAYS, _RESEND,
-        _answers(herr.MalformedOpaqueMessage, herr.LoginStateRejected, herr.AuthenticationFailed, ierr.NoRecord,
-                 ierr.RecordDestroyed)),
+        _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_hsm_proxy.errors.LoginStateRejected", "bkv_hsm_proxy.errors.AuthenticationFailed", "bkv_island.errors.NoRecord",
+                 "bkv_island.errors.RecordDestroyed")),
     ("/v1/bundle", "get"): {404: [C.NOT_FOUND], 500: [C.INTERNAL]},
-    ("/v1/record", "delete"): _merge(_AUTH, _ALWAYS, _answers(ierr.Contended)),
-    ("/v1/record/delete", "post"): _merge(_AUTH, _ALWAYS, _answers(ierr.Contended),
+    ("/v1/record", "delete"): _merge(_AUTH, _ALWAYS, _answers("bkv_island.errors.Contended")),
+    ("/v1/record/delete", "post"): _merge(_AUTH, _ALWAYS, _answers("bkv_island.errors.Contended"),
                                           {413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}),
 }
 AUTHENTICATED = {op for op, errors in ROUTE_ERRORS.items() if 401 in errors}

@@ -1,9 +1,8 @@
-"""The HSM seam: :class:`HsmBackend` and its two implementations.
+"""The HSM seam: :class:`HsmBackend` and its implementation.
 
 ``Pkcs11Hsm`` talks to a real PKCS#11 token (SoftHSM2 here). Every call goes
 through one lock: SoftHSM2 crashed when called from several threads at once.
-``InMemoryHsmFake`` keeps keys in process memory and exists only for unit
-tests of the vault logic.
+Unit tests of the vault logic use ``tests/fakes/hsm.py`` instead.
 
 PKCS#11 failures become typed errors in :func:`_mapped` -- the one place
 where return codes are translated.
@@ -18,9 +17,7 @@ import threading
 import time
 from typing import Iterator, Protocol
 
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, utils
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.asymmetric import utils
 
 from bkv_server import metrics
 from bkv_protocol.retry import Backoff, retry_sync
@@ -281,55 +278,3 @@ class Pkcs11Hsm:
         with self._lock, contextlib.suppress(Exception):
             self._session.close()
 
-
-class InMemoryHsmFake:
-    """Unit tests only: the same contract with keys in process memory."""
-
-    def __init__(self) -> None:
-        self._gens: dict[int, tuple[AESGCM, ec.EllipticCurvePrivateKey]] = {}
-        self.generate_keys(0)
-        self._blobs: dict[str, bytes] = {}
-
-    def generations(self) -> list[int]:
-        return sorted(self._gens)
-
-    def generate_keys(self, gen: int = 0) -> None:
-        self._gens[gen] = (AESGCM(AESGCM.generate_key(bit_length=256)), ec.generate_private_key(ec.SECP256R1()))
-
-    def forget(self, gen: int) -> None:
-        pass  # nothing cached apart from the keys themselves
-
-    def destroy_keys(self, gen: int) -> None:
-        self._gens.pop(gen, None)
-        self._blobs.pop(generation_label(OPAQUE_SETUP_LABEL, gen), None)
-
-    def _gen(self, gen: int):
-        if gen not in self._gens:
-            raise errors.HsmKeyMissing(f"no key generation {gen}")
-        return self._gens[gen]
-
-    def seal(self, aad: bytes, plaintext: bytes, gen: int = 0) -> bytes:
-        nonce = os.urandom(NONCE_LEN)
-        return nonce + self._gen(gen)[0].encrypt(nonce, plaintext, aad)
-
-    def unseal(self, aad: bytes, blob: bytes, gen: int = 0) -> bytes:
-        from cryptography.exceptions import InvalidTag
-
-        try:
-            return self._gen(gen)[0].decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], aad)
-        except (InvalidTag, ValueError):
-            raise errors.HsmAuthTagMismatch("unseal") from None
-
-    def sign(self, message: bytes, gen: int = 0) -> bytes:
-        return self._gen(gen)[1].sign(message, ec.ECDSA(hashes.SHA256()))
-
-    def public_key_der(self, gen: int = 0) -> bytes:
-        return self._gen(gen)[1].public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-    def store_blob(self, label: str, blob: bytes) -> None:
-        self._blobs[label] = blob
-
-    def load_blob(self, label: str) -> bytes | None:
-        return self._blobs.get(label)

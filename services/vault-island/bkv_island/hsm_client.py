@@ -1,11 +1,11 @@
-"""The island's two ways to reach the HSM boundary: over HTTP (production)
-or in-process (unit tests of island logic with ``InMemoryHsmFake``)."""
+"""The island's way to reach the HSM boundary (``bkv_island.core.HsmPort``):
+over HTTP. Unit tests of island logic call the HSM in-process instead
+(tests/fakes/hsm_port.py)."""
 
 from __future__ import annotations
 
 from bkv_server.http import ServiceClient
 from bkv_protocol import hsm_api as hapi
-from bkv_hsm_proxy.core import VaultHsm
 
 
 class HsmHttpClient:
@@ -40,34 +40,3 @@ class HsmHttpClient:
 
     async def refusal(self, req: hapi.RefusalIn) -> hapi.RefusalOut:
         return await self._c.call("POST", "/hsm/v1/refusal", req, hapi.RefusalOut, idempotent=True)
-
-
-class InProcessHsm:
-    """Unit tests only: calls ``VaultHsm`` directly."""
-
-    def __init__(self, vault: VaultHsm) -> None:
-        self.vault = vault
-
-    async def registration_start(self, req):
-        return self.vault.registration_start(req)
-
-    async def registration_finish(self, req):
-        return self.vault.registration_finish(req)
-
-    async def login_start(self, req):
-        return self.vault.login_start(req)
-
-    async def login_finish(self, req):
-        return self.vault.login_finish(req)
-
-    async def reseal(self, req):
-        return self.vault.reseal(req)
-
-    async def migrate(self, req):
-        return self.vault.migrate(req)
-
-    async def open_reply(self, req):
-        return self.vault.open_reply(req)
-
-    async def refusal(self, req):
-        return self.vault.refusal(req)

@@ -1,4 +1,4 @@
-"""The record store seam: :class:`RecordStore`, on etcd or in memory.
+"""The record store seam: :class:`RecordStore`, on etcd (unit tests: tests/fakes/store.py).
 
 Each user has one key under the island's prefix,
 ``<prefix>/records/<island>/<user ref>`` (``bkv_protocol.encoding.user_ref``: a
@@ -248,38 +248,3 @@ def _settle(op: _Swap, *, result: bool | None = None, exc: BaseException | None 
     else:
         op.outcome.set_result(result)
 
-
-class InMemoryRecordStoreFake:
-    """Unit tests only: the same compare-and-swap semantics in a dict."""
-
-    def __init__(self) -> None:
-        self.data: dict[tuple[str, str], tuple[Entry, int]] = {}
-        self._rev = 0
-
-    async def read(self, island: str, ref: str, *, fresh: bool = False) -> Stored:
-        entry, rev = self.data.get((island, ref), (ABSENT, 0))
-        return Stored(entry, rev)
-
-    def forget(self, island: str, ref: str) -> None:
-        pass
-
-    async def list_refs(self, island: str) -> list[str]:
-        return [r for (i, r) in self.data if i == island]
-
-    async def swap(self, island: str, ref: str, expected_revision: int, entry: Entry) -> bool:
-        if self.data.get((island, ref), (ABSENT, 0))[1] != expected_revision:
-            return False
-        self._rev += 1
-        self.data[(island, ref)] = (entry, self._rev)
-        return True
-
-    async def move(self, from_island: str, to_island: str, ref: str, expected_revision: int,
-                   entry: Entry) -> bool:
-        if self.data.get((from_island, ref), (ABSENT, 0))[1] != expected_revision:
-            return False
-        if (to_island, ref) in self.data:
-            return False
-        del self.data[(from_island, ref)]
-        self._rev += 1
-        self.data[(to_island, ref)] = (entry, self._rev)
-        return True

@@ -12,7 +12,7 @@ Service name in the chart fails a test here instead of in a cluster.
   per-pod names of headless Services, map to the selected pods' IPs (a
   Service with several pods resolves to its first: no load balancing). A
   Service port that differs from its target port is relayed inside the pod
-  (tests/tcp_relay.py), as kube-proxy would translate it.
+  (tests/support/tcp_relay.py), as kube-proxy would translate it.
 * Volumes become per-pod directories (emptyDir, ConfigMap, Secret, projected
   service-account token) or shared ones (PersistentVolumeClaims); a mount path
   in a command, argument, env value or ConfigMap file is replaced by the
@@ -64,7 +64,7 @@ IMAGE_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 OUR_IMAGE_PREFIXES = ("bkv", "ghcr.io/backup-key-vault/")
 # The Dockerfile's loadtest target: loadtest/ copied to /opt/bkv-loadtest, on PYTHONPATH.
 LOADTEST_IMAGE_SUFFIX = "-loadtest"
-IMAGE_FILES = {"/opt/bkv-loadtest": Path(__file__).resolve().parents[1] / "loadtest"}
+IMAGE_FILES = {"/opt/bkv-loadtest": Path(__file__).resolve().parents[2] / "loadtest"}
 
 
 class ChartRunError(Exception):

@@ -1,5 +1,5 @@
 """A TCP relay: ``python tcp_relay.py LISTEN_PORT TARGET_PORT``, run inside a
-pod's network namespace by tests/chartrun.py, so a Service port that differs
+pod's network namespace by tests/support/chartrun.py, so a Service port that differs
 from its target port (the frontend's 443 -> 8443) answers as kube-proxy would."""
 
 import asyncio

@@ -1,0 +1,10 @@
+"""In-memory fakes of the production seams, for unit tests of logic only
+(``from fakes import ...``: tests/ is on sys.path as for conftest). Tests that
+claim the vault works use the real parts: a local fleet."""
+
+from fakes.clock import FakeClock
+from fakes.hsm import InMemoryHsmFake
+from fakes.hsm_port import InProcessHsmFake
+from fakes.store import InMemoryRecordStoreFake
+
+__all__ = ["FakeClock", "InMemoryHsmFake", "InProcessHsmFake", "InMemoryRecordStoreFake"]
