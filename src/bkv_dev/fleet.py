@@ -203,7 +203,8 @@ class Fleet:
             ns, ip = self._at(self.site_of("hsm", i))
             hsm_urls.append(f"http://{ip}:{port}")
             procs.append(Proc(f"hsm-proxy{i}", [py, "-m", "bkv_hsm_proxy", "serve"],
-                              {**hsm_env, "BKV_HSM_PORT": str(port), "BKV_HSM_HOST": ip}, port,
+                              {**hsm_env, "BKV_HSM_PORT": str(port), "BKV_HSM_HOST": ip,
+                               "BKV_HSM_STATE_FILE": str(self.hsm_state_file(i))}, port,
                               f"http://{ip}:{port}/healthz", netns=ns, host=ip))
         replica_no = 0
         for j, island in enumerate(s.islands):
@@ -337,9 +338,20 @@ class Fleet:
             **env, "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL, "BKV_HSM_USER_PIN": user_pin,
             "BKV_HSM_MAX_ATTEMPTS": str(self.spec.max_attempts), "BKV_HSM_ETCD_ENDPOINTS": self.etcd_endpoints,
         })
+        # Each hsm-proxy's own state file (its captured log heads), made once:
+        # never replaced, which would roll that hsm-proxy back.
+        members = ",".join(f"hsm-{i}" for i in range(self.spec.hsm_proxies))
+        for i in range(self.spec.hsm_proxies):
+            if not self.hsm_state_file(i).exists():
+                self._run([sys.executable, "-m", "bkv_hsm_proxy", "init-state", "--hsm-id", f"hsm-{i}",
+                           "--members", members], {**env, "BKV_ENV": "dev", "BKV_HSM_USER_PIN": user_pin,
+                                                   "BKV_HSM_STATE_FILE": str(self.hsm_state_file(i))})
         self._run([sys.executable, "-m", "bkv_island", "set-map", *self.spec.islands],
                   {"BKV_ISLAND_ETCD_ENDPOINTS": self.etcd_endpoints})
         DevIssuer.load_or_create(self.state / "issuer")
+
+    def hsm_state_file(self, i: int) -> Path:
+        return self.state / "hsm" / f"state-{i}.json"
 
     def _init_roots(self) -> None:
         ota = self.state / "ota"

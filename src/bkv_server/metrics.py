@@ -11,7 +11,7 @@ let anyone grow /metrics and the process's memory without bound.
 import re
 from collections.abc import Iterable
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -98,3 +98,14 @@ def observe_http(service: str, routes: RouteTable, path: str, method: str, statu
     operation, method_, outcome = http_labels(routes, path, method, status)
     HTTP_LATENCY.labels(service, operation).observe(seconds)
     HTTP_REQUESTS.labels(service, operation, method_, outcome).inc()
+
+# The HSM-held log (issue #17; bkv_island/ledger.py and bkv_hsm_proxy/log.py).
+LOG_ENTRIES = Counter("bkv_log_entries", "Log entries an island appended and had committed", ["island"])
+LOG_CHANGES_PER_ENTRY = Histogram("bkv_log_changes_per_entry", "Record changes carried by one log entry",
+                                  buckets=(1, 2, 4, 8, 16, 32, 64))
+LOG_DIVERGED = Counter("bkv_log_diverged", "Times an island found etcd behind the HSM boundary or not adding up "
+                       "to its log head (it fails closed)", ["island"])
+LOG_CAPTURES = Counter("bkv_log_captures", "Log entries this hsm-proxy captured", ["island"])
+LOG_REFUSED = Counter("bkv_log_refused", "Log steps this hsm-proxy refused, by reason", ["reason"])
+STATE_FILE_WRITES = Counter("bkv_state_file_writes", "Writes (with fsync) of this hsm-proxy's state file")
+LOG_HEAD_INDEX = Gauge("bkv_log_head_index", "The newest log index this hsm-proxy captured, per island", ["island"])

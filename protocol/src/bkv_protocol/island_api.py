@@ -11,6 +11,9 @@ from __future__ import annotations
 
 
 from bkv_protocol.wire import B64, Frozen, RequestId
+from pydantic import Field
+
+from bkv_protocol.hsm_api import Entry, LogEntry, Statement
 from bkv_protocol.ids import FleetId, IslandId, UserId, UserRef
 from bkv_protocol.v1 import (  # noqa: F401  (the island's answers: see above)
     DeleteOut,
@@ -65,6 +68,17 @@ class MoveIn(Frozen):
 
 class MoveOut(Frozen):
     moved: bool
+
+
+class MoveInIn(Frozen):
+    """Island to island: the record arrives from ``moved``, a MOVED entry its
+    island committed (its head, a quorum's statements, the entry's proof)."""
+
+    user_ref: UserRef
+    moved: Entry
+    from_head: LogEntry
+    from_statements: list[Statement] = Field(max_length=16)
+    from_proof: B64
 
 
 class MigrateIn(Frozen):

@@ -6,7 +6,8 @@ from __future__ import annotations
 from bkv_server.rpc import RpcApp
 from bkv_protocol import hsm_api as api
 from bkv_hsm_proxy import errors
-from bkv_hsm_proxy.core import VaultHsm
+from bkv_hsm_proxy.core import VaultHsm, entry_wire
+from bkv_hsm_proxy import log as hlog
 
 
 def create_app(vault: VaultHsm) -> RpcApp:
@@ -19,13 +20,32 @@ def create_app(vault: VaultHsm) -> RpcApp:
     async def fleet() -> api.FleetParams:
         return vault.params()
 
+    async def heads() -> api.LogHeadsOut:
+        return vault.log_heads()
+
+    async def apply(req: api.ApplyIn) -> api.ApplyOut:
+        entry, results = vault.apply(req)
+        out = []
+        for new_entry, held, exc in results:
+            if exc is None:
+                out.append(api.OpResult(new_entry=new_entry, held=held))
+            else:
+                status, body = errors.TABLE.answer(exc)
+                out.append(api.OpResult(status=status, error=body.error))
+        return api.ApplyOut(entry=None if entry is None else entry_wire(entry), results=out)
+
+    async def genesis(req: api.GenesisIn) -> api.LogEntry:
+        return entry_wire(hlog.genesis(vault.log_key, req.island))
+
+    # No route answers a state change in clear: every one goes through the
+    # log (apply, capture, release), so nothing a client could use leaves
+    # before a quorum of hsm-proxies captured the entry that pays for it.
     return RpcApp("hsm-proxy", {
         "/hsm/v1/registration/start": (api.RegistrationStartIn, sync(vault.registration_start)),
-        "/hsm/v1/registration/finish": (api.RegistrationFinishIn, sync(vault.registration_finish)),
-        "/hsm/v1/login/start": (api.LoginStartIn, sync(vault.login_start)),
-        "/hsm/v1/login/finish": (api.LoginFinishIn, sync(vault.login_finish)),
-        "/hsm/v1/reseal": (api.ResealIn, sync(vault.reseal)),
-        "/hsm/v1/migrate": (api.MigrateIn, sync(vault.migrate)),
+        "/hsm/v1/log/genesis": (api.GenesisIn, genesis),
+        "/hsm/v1/log/apply": (api.ApplyIn, apply),
+        "/hsm/v1/log/capture": (api.CaptureIn, vault.capture),
+        "/hsm/v1/log/release": (api.ReleaseIn, sync(vault.release)),
         "/hsm/v1/reply/open": (api.ReplyOpenIn, sync(vault.open_reply)),
         "/hsm/v1/refusal": (api.RefusalIn, sync(vault.refusal)),
-    }, errors=errors.TABLE, get_routes={"/hsm/v1/fleet": fleet})
+    }, errors=errors.TABLE, get_routes={"/hsm/v1/fleet": fleet, "/hsm/v1/log/heads": heads})

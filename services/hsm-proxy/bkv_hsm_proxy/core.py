@@ -513,7 +513,11 @@ class VaultHsm:
         that refused it (nothing changed). An HSM failure fails the batch."""
         log = self._log()
         head = _entry(req.head)
-        log.check_head(head)
+        try:
+            log.check_head(head)
+        except errors.LogError as exc:
+            metrics.LOG_REFUSED.labels(type(exc).__name__).inc()
+            raise
         steps = {api.OpKind.REGISTRATION_FINISH: self.registration_finish, api.OpKind.LOGIN_START: self.login_start,
                  api.OpKind.LOGIN_FINISH: self.login_finish, api.OpKind.MIGRATE: self.migrate,
                  api.OpKind.DELETE: self.delete, api.OpKind.MOVE_OUT: self.move_out, api.OpKind.MOVE_IN: self.move_in}
@@ -545,7 +549,17 @@ class VaultHsm:
         return entry, [(e, None if a is None else log.hold(entry, a), x) for e, a, x in results]
 
     async def capture(self, req: api.CaptureIn) -> api.CaptureOut:
-        s = await self._log().capture([_entry(e) for e in req.entries])
+        log = self._log()
+        writes = log.state_writes()
+        try:
+            s = await log.capture([_entry(e) for e in req.entries])
+        except errors.LogError as exc:
+            metrics.LOG_REFUSED.labels(type(exc).__name__).inc()
+            raise
+        finally:
+            metrics.STATE_FILE_WRITES.inc(log.state_writes() - writes)
+        metrics.LOG_CAPTURES.labels(s.island).inc(len(req.entries))
+        metrics.LOG_HEAD_INDEX.labels(s.island).set(s.index)
         return api.CaptureOut(statement=_statement_wire(s))
 
     def release(self, req: api.ReleaseIn) -> api.ReleaseOut:

@@ -11,6 +11,12 @@
     ├── AuthenticationFailed     (the one wrong-password error)
     ├── RecordIntegrityFailure   (sealed record will not open)
     ├── RecordDestroyed
+    ├── LogError                 -- a log step refused (log.py); nothing changed or released
+    │   ├── NotAuthentic         (an entry or statement without the boundary's MAC)
+    │   ├── StaleHead            (older than, or a fork of, what this hsm-proxy captured)
+    │   ├── NotNextEntry         (capture: not the next link of this hsm-proxy's chain)
+    │   ├── ProofRefused         (a record that is not what the head's root says)
+    │   └── NoQuorum             (release: too few hsm-proxies captured the entry)
     └── HsmError                 -- the token misbehaved: try again
         ├── HsmKeyMissing        (fleet-init was not run)
         ├── HsmLoginFailed       (wrong PIN: never tried again, a real HSM locks it)
@@ -64,6 +70,36 @@ class RecordDestroyed(HsmProxyError):
     pass
 
 
+class LogError(HsmProxyError):
+    """A log step was refused; nothing was changed or released."""
+
+
+class NotAuthentic(LogError):
+    """A log entry or capture statement does not carry the boundary's MAC."""
+
+
+class StaleHead(LogError):
+    """The head is older than (or forks from) what this hsm-proxy captured:
+    the island read an old or rolled-back log. Read the newest head and retry;
+    if etcd has none as new, etcd was rolled back (docs/reliability.md)."""
+
+
+class NotNextEntry(LogError):
+    """Capture refused: the entries do not extend this hsm-proxy's head link
+    by link (a fork, a gap, or a replay). The caller must catch the
+    hsm-proxy up from its head, or abandon this branch."""
+
+
+class ProofRefused(LogError):
+    """A record and its proof do not match the head's root: the record was
+    changed, swapped or rolled back outside the protocol."""
+
+
+class NoQuorum(LogError):
+    """Release refused: fewer than a majority of the fleet's hsm-proxies
+    captured this entry. Nothing leaves; capture it on more hsm-proxies."""
+
+
 class HsmError(HsmProxyError):
     pass
 
@@ -95,5 +131,11 @@ TABLE = ErrorTable(
     (AuthenticationFailed, 403, C.AUTHENTICATION_FAILED, False),
     (RecordDestroyed, 410, C.RECORD_DESTROYED, False),
     (RecordIntegrityFailure, 500, C.RECORD_INTEGRITY_FAILURE, False),
+    (NotAuthentic, 409, C.LOG_NOT_AUTHENTIC, False),
+    (StaleHead, 409, C.STALE_HEAD, False),
+    (NotNextEntry, 409, C.NOT_NEXT_ENTRY, False),
+    (ProofRefused, 409, C.PROOF_REFUSED, False),
+    (NoQuorum, 503, C.NO_QUORUM, True),
+    (LogError, 400, C.INVALID_REQUEST, False),
     (HsmError, 503, C.UNAVAILABLE, True),
 )

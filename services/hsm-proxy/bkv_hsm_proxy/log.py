@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from bkv_hsm_proxy.errors import HsmProxyError
+from bkv_hsm_proxy.errors import LogError, NoQuorum, NotAuthentic, NotNextEntry, ProofRefused, StaleHead
 from bkv_hsm_proxy.nvram import Head, StateFile
 from bkv_protocol import hsm_api as api
 from bkv_protocol import labels, merkle
@@ -59,36 +59,6 @@ from bkv_protocol.secrets import Secret
 
 NO_MAC = bytes(32)  # the genesis entry's prev_mac
 NO_SALT = bytes(16)
-
-
-class LogError(HsmProxyError):
-    """A log step was refused; nothing was changed or released."""
-
-
-class NotAuthentic(LogError):
-    """A log entry or capture statement does not carry the boundary's MAC."""
-
-
-class StaleHead(LogError):
-    """The head is older than (or forks from) what this hsm-proxy captured:
-    the island read an old or rolled-back log. Read the newest head and retry;
-    if etcd has none as new, etcd was rolled back (docs/reliability.md)."""
-
-
-class NotNextEntry(LogError):
-    """Capture refused: the entries do not extend this hsm-proxy's head link
-    by link (a fork, a gap, or a replay). The caller must catch the
-    hsm-proxy up from its head, or abandon this branch."""
-
-
-class ProofRefused(LogError):
-    """A record and its proof do not match the head's root: the record was
-    changed, swapped or rolled back outside the protocol."""
-
-
-class NoQuorum(LogError):
-    """Release refused: fewer than a majority of the fleet's hsm-proxies
-    captured this entry. Nothing leaves; capture it on more hsm-proxies."""
 
 
 class LogKey(Secret):
@@ -186,6 +156,12 @@ class IslandLog:
 
     def __repr__(self) -> str:
         return f"IslandLog({self.hsm_id}, quorum {self.quorum}/{len(self.members)}, key=(redacted))"
+
+    def state_writes(self) -> int:
+        return self._state.writes
+
+    def heads(self) -> dict[str, Head]:
+        return self._state.heads()
 
     # -- heads -------------------------------------------------------------------
     def captured(self, island: str) -> LogEntry:

@@ -16,6 +16,7 @@ def create_app(island: Island, **hooks) -> RpcApp:
         "/island/v1/login/finish": (api.LoginFinishIn, island.login_finish),
         "/island/v1/record/delete": (api.DeleteIn, island.delete),
         "/island/v1/admin/move": (api.MoveIn, island.move),
+        "/island/v1/admin/move-in": (api.MoveInIn, island.move_in),
         "/island/v1/admin/migrate": (api.MigrateIn, island.migrate),
         "/island/v1/admin/list-refs": (api.ListRefsIn, island.list_refs),
     }, errors=errors.TABLE, **hooks)

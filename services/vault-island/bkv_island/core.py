@@ -1,226 +1,175 @@
-"""An island's logic: every change to a record is one loop, written once
+"""An island's logic. Every change to a record is one op through the
+island's log (:class:`bkv_island.ledger.Ledger`), written once
 (:meth:`Island._change`):
 
-1. **read** the record's entry -- from this replica's cache for a client
-   request, past it on the paths without a request id (delete, admin);
-2. **answered?** a client request whose id the entry already carries is
-   answered from that commit (a resend, or a write whose answer etcd lost),
-   never evaluated again; an id the entry lists as superseded is refused;
-3. **settle** what needs no HSM step: a refusal signed by the fleet (no
-   live record), or an answer with nothing to write (nothing to delete);
-4. **step**: the hsm-proxy (or, for a delete, the island itself) makes the
-   next entry and the answer; if the HSM refuses a cached entry, the cache
-   may be stale: drop it and start over from a fresh read;
-5. **commit** the entry iff the record is still at the version read
-   (:meth:`Island._commit`: a compare-and-swap in etcd, or for a move one
-   transaction), then count it and return the answer.
+1. **build**, when the op's batch goes, from what the log says the record is
+   now: a client request whose id the entry already carries is answered from
+   that commit (a resend) and never evaluated again; an id the entry lists as
+   superseded is refused; what needs no HSM step is settled (a signed
+   refusal when there is no live record, an answer when there is nothing to
+   do); else the op for the hsm-proxy, with the record's trie proof;
+2. the ledger has the boundary **apply** the batch, **appends** it to etcd
+   iff the log head is still ours (else: catch up and build again), and has
+   the hsm-proxies **capture** it and the boundary **release** the answers.
 
-If another replica changed the record in between, the commit fails, nothing
-the HSM produced is released, and the loop starts over from a fresh read:
-that is what makes the attempt count exact under any number of replicas.
-The loop ends with ``Contended`` after the backoff's deadline, with
-``StoreUnavailable`` if etcd stayed unreachable, and with ``OutcomeUnknown``
-if a write's outcome was never settled (a new request could count it twice).
+If another replica appended first, nothing the boundary produced is
+released and the batch is built again from the newer log: that is what
+makes the attempt count exact under any number of replicas, and the
+boundary -- not etcd -- decides what is current (issue #17).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, NamedTuple, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from prometheus_client import Counter
 from pydantic import BaseModel
 
-from bkv_protocol import transcripts
-from bkv_server import metrics
-from bkv_protocol.retry import Backoff, DeadlineExceeded, retry
+from bkv_island import errors
+from bkv_island.ledger import Ledger
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import island_api as api
-from bkv_island import errors
+from bkv_protocol import transcripts
 from bkv_protocol.encoding import user_ref
-from bkv_server.http import UpstreamError
-from bkv_island.store import RecordStore, Stored
+from bkv_server import metrics
+from bkv_server.http import ServiceClient, UpstreamError
 
-CAS_BACKOFF = Backoff(deadline_s=8.0, first_delay_s=0.002, max_delay_s=0.2)
+REMEMBERED_ANSWERS = 10_000  # answers kept in memory for resends to this replica
 
 
 class HsmPort(Protocol):
     async def registration_start(self, req: hapi.RegistrationStartIn) -> hapi.RegistrationStartOut: ...
-    async def registration_finish(self, req: hapi.RegistrationFinishIn) -> hapi.RegistrationFinishOut: ...
-    async def login_start(self, req: hapi.LoginStartIn) -> hapi.LoginStartOut: ...
-    async def login_finish(self, req: hapi.LoginFinishIn) -> hapi.LoginFinishOut: ...
-    async def reseal(self, req: hapi.ResealIn) -> hapi.ResealOut: ...
-    async def migrate(self, req: hapi.MigrateIn) -> hapi.ResealOut: ...
+    async def open_reply(self, req: hapi.ReplyOpenIn) -> hapi.ReplyOpenOut: ...
+    async def refusal(self, req: hapi.RefusalIn) -> hapi.RefusalOut: ...
 
 
-class _LostRace(Exception):
-    """Another replica changed the entry between our read and our swap."""
+class _Answer(Exception):
+    """Settled while building: this is the answer, nothing to apply."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, (_LostRace, errors.StoreUnavailable))
+class _KeptAnswer(Exception):
+    """A resend of the request that wrote the current entry: open its kept answer."""
 
 
+class _Refuse(Exception):
+    """No live record: answer with the fleet-signed refusal."""
+
+
+@dataclass(frozen=True)
 class _Writes:
-    """The writes of one client request, all carrying its request id (the
-    HSM puts it, with the answer sealed, into every entry it makes for the
-    request). When etcd loses the answer to a write, or the client resends
-    the request, the next read shows whether it landed: then the request is
-    answered from the commit -- from memory in this process, else by having
-    the HSM open the answer kept in the entry -- never evaluated again, which
-    would take a second attempt."""
+    """A client request: its id and fingerprint (``bkv_protocol.transcripts``)."""
 
-    def __init__(self, user_id: str, request_id: bytes, fingerprint: bytes, out_type: type[BaseModel]) -> None:
-        self.user_id = user_id
-        self.request_id = request_id
-        self.fingerprint = fingerprint
-        self.out_type = out_type  # the answer's type, to open a kept answer into
-        self.unsure = False
-        self._answer = None
-        self._reply: bytes | None = None
-
-    def prepare(self, entry: hapi.Entry, answer) -> None:
-        if entry.request is None or entry.request.id != self.request_id.hex():
-            raise errors.IslandError("the HSM's entry does not carry this request")  # a bug, not an outcome
-        self._answer, self._reply = answer, entry.request.reply
-
-    def remembered(self, stored: Stored):
-        """Our own answer, if ``stored`` is the very entry this process
-        prepared (another replica's commit for the same request has the same
-        id and version but its own sealed reply: its answer is the one to give)."""
-        req = stored.entry.request
-        if self._answer is not None and req is not None and req.reply == self._reply:
-            return self._answer
-        return None
-
-
-class _Next(NamedTuple):
-    """What a step made: the entry to commit, the answer to give once it is
-    committed, and the counters that commit moves."""
-    entry: hapi.Entry
-    answer: BaseModel
-    counts: tuple[Counter, ...] = ()
+    user_id: str
+    request_id: bytes
+    fingerprint: bytes
+    out_type: type[BaseModel]
+    fleet_id: str | None
 
 
 @dataclass(frozen=True)
 class _Op:
-    """One state-changing operation, as the loop runs it."""
-    name: str  # for the Contended message
-    ref: str  # the record's key (user_ref)
-    step: Callable[[Stored], Awaitable[_Next]]
-    writes: _Writes | None = None  # a client request; None: delete and admin paths (idempotent)
-    settle: Callable[[Stored], Awaitable[Any]] | None = None  # a refusal (raises), an answer, or None: go on
-    to_island: str | None = None  # a move: the commit writes the entry there
+    """One state-changing operation."""
+
+    kind: hapi.OpKind
+    ref: str
+    body: Callable[[hapi.Entry], BaseModel]                   # the hsm-proxy's request, from the current entry
+    answer: Callable[[hapi.Entry, bytes | None], Any]         # the island's answer, from the committed entry
+    writes: _Writes | None = None                             # a client request; None: delete and admin paths
+    settle: Callable[[hapi.Entry], None] | None = None        # raises _Answer or _Refuse, or returns: go on
+    counts: Callable[[hapi.Entry], tuple[Counter, ...]] = lambda _e: ()
 
 
 class Island:
-    def __init__(self, island_id: str, store: RecordStore, hsm: HsmPort, *, backoff: Backoff = CAS_BACKOFF) -> None:
+    def __init__(self, island_id: str, ledger: Ledger, hsm: HsmPort, *,
+                 islands: Callable[[str], Awaitable[ServiceClient]] | None = None) -> None:
         self.island_id = island_id
-        self._store = store
+        self._ledger = ledger
         self._hsm = hsm
-        self._backoff = backoff
+        self._islands = islands  # another island's replicas (moves)
+        self._answers: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # request id -> (kept reply, answer)
 
     # -- the one loop --------------------------------------------------------------
     async def _change(self, op: _Op):
-        """Read, answered?, settle, step, commit (the module docstring), until
-        it returns or the backoff's deadline passes."""
+        await self._ledger.ready()
+        try:
+            entry, answer = await self._ledger.change(op.ref, lambda current, proof: self._build(op, current, proof))
+        except _Answer as done:
+            return done.value
+        except _KeptAnswer:
+            return await self._kept_answer(op)
+        except _Refuse:
+            return await self._refuse(op)
+        if op.writes is not None and entry.request is not None and answer is not None:
+            self._answers[op.writes.request_id.hex()] = (entry.request.reply, answer)
+            if len(self._answers) > REMEMBERED_ANSWERS:
+                self._answers.popitem(last=False)
+        for counter in op.counts(entry):
+            counter.inc()
+        return op.answer(entry, answer)
 
-        async def attempt(_: int):
-            stored = await self._store.read(self.island_id, op.ref, fresh=op.writes is None)
-            if op.writes is not None and (done := await self._answered(op.ref, stored, op.writes)) is not None:
-                return done
-            if op.settle is not None and (done := await op.settle(stored)) is not None:
-                return done
-            try:
-                nxt = await op.step(stored)
-            except UpstreamError as exc:
-                if stored.cached:  # the HSM refused a perhaps stale view: decide again on a fresh read
-                    raise self._start_over(op.ref) from exc
-                raise
-            await self._commit(op, stored, nxt)
-            for counter in nxt.counts:
-                counter.inc()
-            return nxt.answer
-
-        return await self._retry(attempt, op.name, op.writes)
-
-    async def _commit(self, op: _Op, stored: Stored, nxt: _Next) -> None:
-        """Make ``nxt.entry`` the record iff it is still at the revision read
-        (a move: in one transaction, under ``op.to_island``); else _LostRace.
-        The one place that says what committing is, so it can be replaced whole."""
+    def _build(self, op: _Op, current: hapi.Entry, proof: bytes) -> hapi.Op:
         if op.writes is not None:
-            op.writes.prepare(nxt.entry, nxt.answer)
-        try:
-            if op.to_island is None:
-                ok = await self._store.swap(self.island_id, op.ref, stored.revision, nxt.entry)
-            else:
-                ok = await self._store.move(self.island_id, op.to_island, op.ref, stored.revision, nxt.entry)
-        except errors.StoreUnavailable:
-            if op.writes is not None:
-                op.writes.unsure = True  # it may have landed: the next read tells (our tag)
-            raise
-        if not ok:
-            metrics.RETRIES.labels("etcd-cas").inc()
-            raise _LostRace()
+            self._answered(op.writes, current)
+        if op.settle is not None:
+            op.settle(current)
+        if current.state is hapi.EntryState.MOVED and op.kind is not hapi.OpKind.MOVE_IN:
+            raise errors.Moved("the record moved to another island; try again")
+        return hapi.Op(kind=op.kind, proof=proof, **{op.kind.value: op.body(current)})
 
-    async def _retry(self, op, name: str, writes: _Writes | None = None):
-        try:
-            return await retry(op, retry_on=_retryable, backoff=self._backoff)
-        except DeadlineExceeded as exc:
-            if writes is not None and writes.unsure:
-                # Never settled whether a write landed: a new request could count the guess twice.
-                raise errors.OutcomeUnknown("etcd lost the answer to a write; this attempt may or may not have "
-                                            "been counted") from exc
-            if isinstance(exc.__cause__, errors.StoreUnavailable):
-                raise errors.StoreUnavailable("etcd unreachable; try again shortly") from exc
-            raise errors.Contended(f"{name}: too many concurrent changes to this record; try again") from exc
-
-    def _start_over(self, ref: str) -> _LostRace:
-        """Drop this record's cached entry; the loop then decides again from a fresh read."""
-        self._store.forget(self.island_id, ref)
-        return _LostRace()
-
-    async def _answered(self, ref: str, stored: Stored, writes: _Writes):
-        """The committed answer if ``stored`` was written by this very
-        request; raises if the id was used otherwise; None if it is new."""
-        entry, rid = stored.entry, writes.request_id.hex()
-        if entry.request is not None and entry.request.id == rid:
-            if entry.request.fingerprint != writes.fingerprint.hex():
+    def _answered(self, writes: _Writes, current: hapi.Entry) -> None:
+        """Raise if ``current`` already answers this request (or refuses it)."""
+        rid = writes.request_id.hex()
+        if current.request is not None and current.request.id == rid:
+            if current.request.fingerprint != writes.fingerprint.hex():
                 raise errors.RequestIdReused("this request id was used for another request; nothing was done")
-            if (mine := writes.remembered(stored)) is not None:
-                return mine
-            if stored.cached:  # answer a resend only from the newest entry: read it
-                raise self._start_over(ref)
+            mine = self._answers.get(rid)
+            if mine is not None and mine[0] == current.request.reply:
+                metrics.RESENDS_ANSWERED.inc()
+                raise _Answer(writes.out_type.model_validate_json(mine[1]))
+            raise _KeptAnswer()
+        if rid in current.recent:
+            raise errors.RequestSuperseded("this request was answered before and a later change has landed since; "
+                                           "nothing was done: start the operation again")
+
+    async def _kept_answer(self, op: _Op):
+        """A resend answered by another replica's commit: the boundary opens the
+        answer kept in the entry, once it sees that entry committed."""
+        writes, ref = op.writes, op.ref
+        for attempt in range(3):  # the log may move on between the proof and the statements: again
+            await self._ledger.sync()
+            current, proven = self._ledger.current(ref), self._ledger.proven(ref)
+            if current.request is None or current.request.id != writes.request_id.hex():
+                return await self._change(op)  # a later change landed: decide again (superseded)
             try:
                 kept = await self._hsm.open_reply(hapi.ReplyOpenIn(
-                    user_id=writes.user_id, island=self.island_id, current=entry, request_id=writes.request_id,
+                    user_id=writes.user_id, island=self.island_id, current=current, proven=proven,
+                    statements=await self._ledger.statements_for(proven.head), request_id=writes.request_id,
                     fingerprint=writes.fingerprint))
+                break
             except UpstreamError as exc:
+                if attempt < 2 and exc.body.error.code.value in ("no_quorum", "stale_head", "proof_refused"):
+                    continue
                 # Sealed by a fleet retired since, or edited in etcd: never evaluate again.
                 raise errors.RequestSuperseded("this request was answered before, and that answer can no longer "
                                                "be given; nothing was done: start the operation again") from exc
-            metrics.RESENDS_ANSWERED.inc()
-            return writes.out_type.model_validate_json(kept.reply)
-        if rid in entry.recent:
-            if stored.cached:  # perhaps an old view: decide on a fresh read
-                raise self._start_over(ref)
-            raise errors.RequestSuperseded("this request was answered before and a later change has landed since; "
-                                           "nothing was done: start the operation again")
-        return None
+        metrics.RESENDS_ANSWERED.inc()
+        return writes.out_type.model_validate_json(kept.reply)
 
-    async def _refuse(self, fleet_id: str | None, stored: Stored, writes: _Writes) -> None:
-        """No live record: raise the fleet-signed refusal for this request."""
-        if stored.entry.state is hapi.EntryState.LIVE:
-            return
-        if stored.cached:  # never refuse on a possibly stale view
-            fresh = await self._store.read(self.island_id, user_ref(writes.user_id), fresh=True)
-            if fresh.revision != stored.revision:
-                raise _LostRace()  # it moved on: decide again from the top (a resend, a new record...)
-            stored = fresh
+    async def _refuse(self, op: _Op):
+        """No live record (the log says so): raise the fleet-signed refusal for this request."""
+        writes = op.writes
+        current, proven = self._ledger.current(op.ref), self._ledger.proven(op.ref)
+        if current.state not in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
+            return await self._change(op)  # it moved on meanwhile: decide again
         out = await self._hsm.refusal(hapi.RefusalIn(user_id=writes.user_id, island=self.island_id,
-                                                     fleet_id=fleet_id, current=stored.entry,
+                                                     fleet_id=writes.fleet_id, current=current, proven=proven,
                                                      fingerprint=writes.fingerprint))
-        if stored.entry.state is hapi.EntryState.ABSENT:
+        if current.state is hapi.EntryState.ABSENT:
             raise errors.NoRecord("no record for this user", out.signature)
         metrics.LOCKOUT_HITS.inc()
         raise errors.RecordDestroyed("this record was destroyed after too many wrong passwords, or disabled",
@@ -228,113 +177,139 @@ class Island:
 
     # -- registration --------------------------------------------------------------
     async def registration_start(self, req: api.RegistrationStartIn) -> api.RegistrationStartOut:
-        # Changes nothing. Fresh: the challenge is bound to this version, so it must be the real one.
-        stored = await self._retry(lambda _: self._store.read(self.island_id, user_ref(req.user_id), fresh=True),
-                                   "read")
+        # Changes nothing. The challenge is bound to the version: read the newest.
+        await self._ledger.ready()
+        await self._ledger.sync()
+        current = self._ledger.current(user_ref(req.user_id))
+        if current.state is hapi.EntryState.MOVED:
+            raise errors.Moved("the record moved to another island; try again")
         out = await self._hsm.registration_start(hapi.RegistrationStartIn(
-            user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=stored.entry,
+            user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=current,
             registration_request=req.registration_request))
         return api.RegistrationStartOut(**out.model_dump())
 
     async def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
-        async def step(stored: Stored) -> _Next:
-            out = await self._hsm.registration_finish(hapi.RegistrationFinishIn(
+        writes = _Writes(req.user_id, req.request_id, transcripts.registration_finish_request(
+            req.fleet_id, req.user_id, req.request_id, req.challenge, req.registration_upload, req.ek, req.k_nonce),
+            api.RegistrationFinishOut, req.fleet_id)
+        return await self._change(_Op(
+            hapi.OpKind.REGISTRATION_FINISH, user_ref(req.user_id),
+            lambda current: hapi.RegistrationFinishIn(
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
-                current=stored.entry, challenge=req.challenge,
-                registration_upload=req.registration_upload, ek=req.ek, k_nonce=req.k_nonce))
-            return _Next(out.new_entry, api.RegistrationFinishOut(
-                version=out.new_entry.version, max_attempts=out.max_attempts, signature=out.signature),
-                (metrics.REGISTRATIONS,))
-
-        return await self._change(_Op("registration", user_ref(req.user_id), step, _Writes(
-            req.user_id, req.request_id, transcripts.registration_finish_request(
-                req.fleet_id, req.user_id, req.request_id, req.challenge, req.registration_upload, req.ek,
-                req.k_nonce), api.RegistrationFinishOut)))
+                current=current, challenge=req.challenge, registration_upload=req.registration_upload, ek=req.ek,
+                k_nonce=req.k_nonce),
+            lambda _e, answer: api.RegistrationFinishOut.model_validate_json(answer), writes,
+            counts=lambda _e: (metrics.REGISTRATIONS,)))
 
     # -- recovery --------------------------------------------------------------------
     async def login_start(self, req: api.LoginStartIn) -> api.LoginStartOut:
         writes = _Writes(req.user_id, req.request_id, transcripts.login_start_request(
-            req.fleet_id, req.user_id, req.request_id, req.credential_request), api.LoginStartOut)
+            req.fleet_id, req.user_id, req.request_id, req.credential_request), api.LoginStartOut, req.fleet_id)
 
-        async def settle(stored: Stored) -> None:
-            await self._refuse(req.fleet_id, stored, writes)
+        def settle(current: hapi.Entry) -> None:
+            if current.state in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
+                raise _Refuse()
 
-        async def step(stored: Stored) -> _Next:
-            out = await self._hsm.login_start(hapi.LoginStartIn(
+        def counts(entry: hapi.Entry) -> tuple[Counter, ...]:
+            # The decrement was captured by a quorum before the response left (invariant 3).
+            return (metrics.GUESSES_EVALUATED,) + (
+                (metrics.RECORDS_DESTROYED,) if entry.state is hapi.EntryState.DESTROYED else ())
+
+        return await self._change(_Op(
+            hapi.OpKind.LOGIN_START, user_ref(req.user_id),
+            lambda current: hapi.LoginStartIn(
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
-                current=stored.entry, credential_request=req.credential_request))
-            # The decrement is durable on a quorum before the response leaves (invariant 3).
-            counts = (metrics.GUESSES_EVALUATED,)
-            if out.new_entry.state is hapi.EntryState.DESTROYED:
-                counts += (metrics.RECORDS_DESTROYED,)
-            return _Next(out.new_entry, api.LoginStartOut(
-                credential_response=out.credential_response, login_state=out.login_state,
-                attempts_left=out.attempts_left, signature=out.signature), counts)
-
-        return await self._change(_Op("recovery", user_ref(req.user_id), step, writes, settle))
+                current=current, credential_request=req.credential_request),
+            lambda _e, answer: api.LoginStartOut.model_validate_json(answer), writes, settle, counts))
 
     async def login_finish(self, req: api.LoginFinishIn) -> api.LoginFinishOut:
         writes = _Writes(req.user_id, req.request_id, transcripts.login_finish_request(
             req.fleet_id, req.user_id, req.request_id, req.login_state, req.credential_finalization),
-            api.LoginFinishOut)
+            api.LoginFinishOut, req.fleet_id)
 
-        async def settle(stored: Stored) -> None:
+        def settle(current: hapi.Entry) -> None:
             # (A destroyed entry still finishes: the guess that used the last attempt may be right.)
-            if stored.entry.state is hapi.EntryState.ABSENT:
-                await self._refuse(req.fleet_id, stored, writes)
+            if current.state is hapi.EntryState.ABSENT:
+                raise _Refuse()
 
-        async def step(stored: Stored) -> _Next:
-            out = await self._hsm.login_finish(hapi.LoginFinishIn(
+        return await self._change(_Op(
+            hapi.OpKind.LOGIN_FINISH, user_ref(req.user_id),
+            lambda current: hapi.LoginFinishIn(
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
-                current=stored.entry, login_state=req.login_state,
-                credential_finalization=req.credential_finalization))
-            # Committing the reset also consumes the login state (the version moves on).
-            return _Next(out.new_entry, api.LoginFinishOut(
-                wrapped_key=out.wrapped_key, rk_nonce=out.rk_nonce, record_status=out.record_status,
-                signature=out.signature), (metrics.RECOVERIES_SUCCEEDED,))
+                current=current, login_state=req.login_state, credential_finalization=req.credential_finalization),
+            lambda _e, answer: api.LoginFinishOut.model_validate_json(answer), writes, settle,
+            lambda _e: (metrics.RECOVERIES_SUCCEEDED,)))
 
-        return await self._change(_Op("recovery", user_ref(req.user_id), step, writes, settle))
-
-    # -- deletion and moves -----------------------------------------------------------
+    # -- deletion, rotation and moves -----------------------------------------------------
     # No request id: each is idempotent, so a lost answer is settled by running it again.
     async def delete(self, req: api.DeleteIn) -> api.DeleteOut:
-        async def settle(stored: Stored) -> api.DeleteOut | None:
-            return None if stored.entry.state is hapi.EntryState.LIVE else api.DeleteOut(deleted=False)
+        def settle(current: hapi.Entry) -> None:
+            if current.state is not hapi.EntryState.LIVE:
+                raise _Answer(api.DeleteOut(deleted=False))
 
-        async def step(stored: Stored) -> _Next:  # the island's own step: a tombstone needs no HSM
-            return _Next(hapi.Entry(state=hapi.EntryState.DESTROYED, version=stored.entry.version + 1,
-                                    recent=stored.entry.answered()), api.DeleteOut(deleted=True))
-
-        return await self._change(_Op("delete", user_ref(req.user_id), step, settle=settle))
-
-    async def move(self, req: api.MoveIn) -> api.MoveOut:
-        """Re-seal the record for ``to_island`` (the AAD binds the island) and
-        move it in one transaction, version and attempt count intact."""
-
-        async def settle(stored: Stored) -> api.MoveOut | None:
-            return api.MoveOut(moved=False) if stored.entry.state is hapi.EntryState.ABSENT else None
-
-        async def step(stored: Stored) -> _Next:
-            out = await self._hsm.reseal(hapi.ResealIn(user_ref=req.user_ref, from_island=self.island_id,
-                                                       to_island=req.to_island, current=stored.entry))
-            return _Next(out.new_entry, api.MoveOut(moved=True))
-
-        return await self._change(_Op("move", req.user_ref, step, settle=settle, to_island=req.to_island))
+        ref = user_ref(req.user_id)
+        return await self._change(_Op(
+            hapi.OpKind.DELETE, ref, lambda current: hapi.DeleteIn(user_ref=ref, island=self.island_id,
+                                                                   current=current),
+            lambda _e, _a: api.DeleteOut(deleted=True), settle=settle))
 
     async def migrate(self, req: api.MigrateIn) -> api.MigrateOut:
-        """Re-seal one record under another fleet, in one compare-and-swap:
-        a guess or recovery racing with it wins or loses the swap like any other."""
+        """Re-seal one record under another fleet: a guess racing with it is
+        in the same batch or the next, like any other change."""
 
-        async def settle(stored: Stored) -> api.MigrateOut | None:
-            done = stored.entry.state is not hapi.EntryState.LIVE or stored.entry.fleet_id == req.to_fleet
-            return api.MigrateOut(migrated=False) if done else None
+        def settle(current: hapi.Entry) -> None:
+            if current.state is not hapi.EntryState.LIVE or current.fleet_id == req.to_fleet:
+                raise _Answer(api.MigrateOut(migrated=False))
 
-        async def step(stored: Stored) -> _Next:
-            out = await self._hsm.migrate(hapi.MigrateIn(user_ref=req.user_ref, island=self.island_id,
-                                                         current=stored.entry, to_fleet=req.to_fleet))
-            return _Next(out.new_entry, api.MigrateOut(migrated=True))
+        return await self._change(_Op(
+            hapi.OpKind.MIGRATE, req.user_ref,
+            lambda current: hapi.MigrateIn(user_ref=req.user_ref, island=self.island_id, current=current,
+                                           to_fleet=req.to_fleet),
+            lambda _e, _a: api.MigrateOut(migrated=True), settle=settle))
 
-        return await self._change(_Op("migrate", req.user_ref, step, settle=settle))
+    async def move(self, req: api.MoveIn) -> api.MoveOut:
+        """Move a record to ``to_island`` in two committed steps: here it
+        becomes MOVED (sealed for its destination, attempts intact); there it
+        arrives from that committed entry (:meth:`move_in`). Interrupted
+        between the two, the record waits here as MOVED and running the move
+        again finishes it; it is never live in two places."""
+        await self._ledger.ready()
+        await self._ledger.sync()
+        current = self._ledger.current(req.user_ref)
+        if current.state is hapi.EntryState.ABSENT:
+            return api.MoveOut(moved=False)
+        if current.state is not hapi.EntryState.MOVED:
+            await self._change(_Op(
+                hapi.OpKind.MOVE_OUT, req.user_ref,
+                lambda cur: hapi.MoveOutIn(user_ref=req.user_ref, island=self.island_id, current=cur,
+                                           to_island=req.to_island),
+                lambda _e, _a: None))
+            current = self._ledger.current(req.user_ref)
+        if current.moved_to is None or self._islands is None:
+            raise errors.IslandError("a MOVED entry without a destination, or no way to reach it")
+        proven = self._ledger.proven(req.user_ref)
+        statements = await self._ledger.statements_for(proven.head)
+        client = await self._islands(current.moved_to)
+        await client.call("POST", "/island/v1/admin/move-in", api.MoveInIn(
+            user_ref=req.user_ref, moved=current, from_head=proven.head, from_statements=statements,
+            from_proof=proven.proof), api.MoveOut, idempotent=True)
+        return api.MoveOut(moved=True)
+
+    async def move_in(self, req: api.MoveInIn) -> api.MoveOut:
+        def settle(current: hapi.Entry) -> None:
+            if current.state is not hapi.EntryState.ABSENT and current.version >= req.moved.version:
+                raise _Answer(api.MoveOut(moved=True))  # here already (a move run again)
+
+        return await self._change(_Op(
+            hapi.OpKind.MOVE_IN, req.user_ref,
+            lambda current: hapi.MoveInIn(user_ref=req.user_ref, island=self.island_id, current=current,
+                                          moved=req.moved, from_head=req.from_head,
+                                          from_statements=req.from_statements, from_proof=req.from_proof),
+            lambda _e, _a: api.MoveOut(moved=True), settle=settle))
 
     async def list_refs(self, req: api.ListRefsIn) -> api.ListRefsOut:
-        return api.ListRefsOut(user_refs=await self._store.list_refs(self.island_id))
+        await self._ledger.ready()
+        await self._ledger.sync()
+        return api.ListRefsOut(user_refs=sorted(
+            ref for ref, e in self._ledger.records.items()
+            if e.state in (hapi.EntryState.LIVE, hapi.EntryState.DESTROYED)))

@@ -11,6 +11,9 @@
     ├── RequestSuperseded         -- a resend of a request whose answer is gone (a later
     │                                change landed): nothing done, start again
     ├── StoreUnavailable          -- etcd unreachable; nothing was written, try again
+    ├── Moved                     -- the record left for another island: ask again (the map moved)
+    ├── LedgerDiverged            -- etcd is behind the HSM boundary or does not add up to the
+    │                                log head: fail closed until etcd is restored
     └── OutcomeUnknown            -- a write may or may not have landed; resend the same
                                      request (same id): it is answered from the commit
 
@@ -63,6 +66,15 @@ class StoreUnavailable(IslandError):
     pass
 
 
+class Moved(IslandError):
+    pass
+
+
+class LedgerDiverged(IslandError):
+    """etcd shows a log older than the boundary captured, or records that do
+    not add up to the head: never reset, never obeyed (docs/reliability.md)."""
+
+
 class OutcomeUnknown(IslandError):
     """etcd lost the answer to a write and could not be asked whether it
     landed. A resend of the same request (same id) settles it: answered from
@@ -76,6 +88,9 @@ TABLE = ErrorTable(
     (RequestIdReused, 409, C.REQUEST_ID_REUSED, False),
     (RequestSuperseded, 409, C.REQUEST_SUPERSEDED, False),
     (StoreUnavailable, 503, C.UNAVAILABLE, True),
+    (Moved, 503, C.UNAVAILABLE, True, "the record moved to another island; try again"),
+    (LedgerDiverged, 503, C.LOG_DIVERGED, False, "the record store is behind the HSM boundary; the vault is closed "
+                                                 "until the operator restores it"),
     (OutcomeUnknown, 502, C.OUTCOME_UNKNOWN, True),
     (UpstreamUnavailable, 503, C.UNAVAILABLE, True, "the HSM is unreachable; try again shortly"),
 )

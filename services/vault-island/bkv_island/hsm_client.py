@@ -4,8 +4,13 @@ over HTTP. Unit tests of island logic call the HSM in-process instead
 
 from __future__ import annotations
 
-from bkv_server.http import ServiceClient
+import asyncio
+from typing import Awaitable, Callable
+
 from bkv_protocol import hsm_api as hapi
+from bkv_server.http import ServiceClient, UpstreamError
+
+CATCH_UP_CHUNK = 128  # entries per capture for an hsm-proxy that is behind (CaptureIn allows 256)
 
 
 class HsmHttpClient:
@@ -13,27 +18,57 @@ class HsmHttpClient:
 
     def __init__(self, urls: list[str]) -> None:
         self._c = ServiceClient("hsm-proxy", urls)
+        # Captures go to every hsm-proxy, each on its own (a quorum must hold the entry).
+        self._each = [ServiceClient(f"hsm-proxy-{i}", [u]) for i, u in enumerate(urls)]
 
     async def aclose(self) -> None:
         await self._c.aclose()
+        for c in self._each:
+            await c.aclose()
+
+    # -- the log (bkv_island.ledger) -------------------------------------------------
+    async def genesis(self, island: str) -> hapi.LogEntry:
+        return await self._c.call("POST", "/hsm/v1/log/genesis", hapi.GenesisIn(island=island), hapi.LogEntry,
+                                  idempotent=True)
+
+    async def apply(self, req: hapi.ApplyIn) -> hapi.ApplyOut:
+        # Retried freely: nothing leaves apply but held answers and a candidate entry.
+        return await self._c.call("POST", "/hsm/v1/log/apply", req, hapi.ApplyOut, idempotent=True)
+
+    async def release(self, req: hapi.ReleaseIn) -> hapi.ReleaseOut:
+        return await self._c.call("POST", "/hsm/v1/log/release", req, hapi.ReleaseOut, idempotent=True)
+
+    async def commit(self, entries: list[hapi.LogEntry],
+                     chain: Callable[[int, int], Awaitable[list[hapi.LogEntry]]]) -> list[hapi.Statement]:
+        """Have every hsm-proxy capture ``entries`` (one that is behind first
+        gets what it missed, from ``chain(after, upto)``); the statements of
+        those that did. Fewer than a quorum: release will say so."""
+        target = entries[-1]
+
+        async def one(c: ServiceClient) -> hapi.Statement:
+            try:
+                return (await c.call("POST", "/hsm/v1/log/capture", hapi.CaptureIn(entries=entries),
+                                     hapi.CaptureOut, idempotent=True)).statement
+            except UpstreamError as exc:
+                if exc.body.error.code.value != "not_next_entry":
+                    raise
+            heads = await c.call("GET", "/hsm/v1/log/heads", None, hapi.LogHeadsOut, idempotent=True)
+            have = heads.heads.get(target.island)
+            after = have.index if have is not None else 0
+            missed = await chain(after, target.index)
+            if not missed or missed[-1].mac != target.mac:
+                raise LookupError("this hsm-proxy is ahead of, or on another branch than, the log")
+            statement = None
+            for i in range(0, len(missed), CATCH_UP_CHUNK):
+                statement = (await c.call("POST", "/hsm/v1/log/capture", hapi.CaptureIn(
+                    entries=missed[i:i + CATCH_UP_CHUNK]), hapi.CaptureOut, idempotent=True)).statement
+            return statement
+
+        got = await asyncio.gather(*(one(c) for c in self._each), return_exceptions=True)
+        return [s for s in got if isinstance(s, hapi.Statement)]
 
     async def registration_start(self, req: hapi.RegistrationStartIn) -> hapi.RegistrationStartOut:
         return await self._c.call("POST", "/hsm/v1/registration/start", req, hapi.RegistrationStartOut, idempotent=True)
-
-    async def registration_finish(self, req: hapi.RegistrationFinishIn) -> hapi.RegistrationFinishOut:
-        return await self._c.call("POST", "/hsm/v1/registration/finish", req, hapi.RegistrationFinishOut, idempotent=True)
-
-    async def login_start(self, req: hapi.LoginStartIn) -> hapi.LoginStartOut:
-        return await self._c.call("POST", "/hsm/v1/login/start", req, hapi.LoginStartOut, idempotent=True)
-
-    async def login_finish(self, req: hapi.LoginFinishIn) -> hapi.LoginFinishOut:
-        return await self._c.call("POST", "/hsm/v1/login/finish", req, hapi.LoginFinishOut, idempotent=True)
-
-    async def reseal(self, req: hapi.ResealIn) -> hapi.ResealOut:
-        return await self._c.call("POST", "/hsm/v1/reseal", req, hapi.ResealOut, idempotent=True)
-
-    async def migrate(self, req: hapi.MigrateIn) -> hapi.ResealOut:
-        return await self._c.call("POST", "/hsm/v1/migrate", req, hapi.ResealOut, idempotent=True)
 
     async def open_reply(self, req: hapi.ReplyOpenIn) -> hapi.ReplyOpenOut:
         return await self._c.call("POST", "/hsm/v1/reply/open", req, hapi.ReplyOpenOut, idempotent=True)

@@ -178,11 +178,19 @@ class Ledger:
         assert self.head is not None
         return hapi.Proven(head=self.head, proof=self.trie.prove(bytes.fromhex(ref)).to_bytes())
 
-    async def committed_statements(self) -> list[hapi.Statement]:
-        """A quorum's statements for the current head (asked again if not known)."""
-        if not self.statements:
-            self.statements = await self._hsm.commit([self.head], self._chain)
-        return self.statements
+    async def ready(self) -> None:
+        """Loaded (the first request of a replica reads the whole island)."""
+        if self.head is None:
+            async with self._lock:
+                if self.head is None:
+                    await self._load()
+
+    async def statements_for(self, head: hapi.LogEntry) -> list[hapi.Statement]:
+        """The hsm-proxies' capture statements for ``head`` (those that hold it
+        as their head restate it): what shows the boundary it is committed."""
+        if self.head is not None and head.mac == self.head.mac and self.statements:
+            return self.statements
+        return await self._hsm.commit([head], self._chain)
 
     # -- changes -------------------------------------------------------------------------------
     async def change(self, ref: str, build: Callable[[hapi.Entry, bytes], hapi.Op]
@@ -241,17 +249,17 @@ class Ledger:
                     _settle(p, exc=exc)
             if not ops:
                 return
-            t = time.perf_counter()
             try:
                 out = await self._hsm.apply(hapi.ApplyIn(head=self.head, ops=ops))
             except UpstreamError as exc:
                 if exc.body.error.code.value == "stale_head":
-                    await self._sync()  # another replica appended, or etcd went back (then: diverged)
+                    seen = self.head.mac
+                    await self._sync()  # another replica appended meanwhile...
+                    if self.head.mac == seen:  # ... or etcd went back behind the boundary
+                        self._diverged("the HSM boundary captured a newer log head than etcd shows")
                     if time.monotonic() < deadline:
                         continue
                 raise
-            finally:
-                metrics.HSM_CALL.labels("apply").observe(time.perf_counter() - t)
             if out.entry is None:
                 for p, r in zip(live, out.results):
                     _settle(p, exc=_refusal(r))
@@ -275,7 +283,7 @@ class Ledger:
             {"entry": json.loads(entry.model_dump_json()), "refs": [ref for ref, _ in changed]}).encode()))
         puts.append(tx.put(self._head_key, entry.model_dump_json().encode()))
         t = time.perf_counter()
-        metrics.ETCD_BATCH.observe(len(changed))
+        metrics.LOG_CHANGES_PER_ENTRY.observe(len(changed))
         try:
             ok, responses = await self._etcd.transaction(
                 compare=[tx.mod(self._head_key) == self._head_rev], success=puts, failure=[])
@@ -291,6 +299,7 @@ class Ledger:
         for ref, e in changed:
             self._adopt_record(ref, e)
         self.head, self._head_rev, self.statements = entry, responses[-1].response_put.header.revision, []
+        metrics.LOG_ENTRIES.labels(self.island).inc()
         return True
 
     async def _sync_settling(self, entry: hapi.LogEntry) -> None:

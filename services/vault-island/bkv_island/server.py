@@ -12,13 +12,27 @@ from bkv_island.app import create_app
 from bkv_island.core import Island
 from bkv_island.hsm_client import HsmHttpClient
 from bkv_island.settings import IslandSettings
-from bkv_island.store import EtcdRecordStore
+from bkv_island.ledger import Ledger
+from bkv_server.fleetmap import read_replicas
+from bkv_server.http import ServiceClient
 
 
 def build_app(settings: IslandSettings) -> RpcApp:
     etcd = make_client(settings.etcd_endpoints)
     hsm = HsmHttpClient(settings.hsm_url_list)
-    island = Island(settings.island_id, EtcdRecordStore(etcd, settings.etcd_prefix, group_commit=settings.group_commit), hsm)
+    peers: dict[str, ServiceClient] = {}
+
+    async def island_client(island: str) -> ServiceClient:
+        """Another island's replicas, from the registry in etcd (moves)."""
+        if island not in peers:
+            async def urls() -> list[str]:
+                return (await read_replicas(etcd, settings.etcd_prefix)).get(island, [])
+
+            peers[island] = ServiceClient(f"island-{island}", await urls())
+        return peers[island]
+
+    ledger = Ledger(settings.island_id, etcd, settings.etcd_prefix, hsm)
+    island = Island(settings.island_id, ledger, hsm, islands=island_client)
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []
 
@@ -31,6 +45,8 @@ def build_app(settings: IslandSettings) -> RpcApp:
         stop.set()
         await asyncio.gather(*tasks)
         await hsm.aclose()
+        for c in peers.values():
+            await c.aclose()
         await etcd.close()
 
     return create_app(island, on_startup=startup, on_shutdown=shutdown)
