@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from bkv_protocol.hsm_api import Entry, EntryState
+
 from bkv import errors
 from bkv.sdk import VaultClient
 from bkv_protocol.encoding import b64d
@@ -238,11 +240,13 @@ async def test_adding_an_island_under_load_moves_only_its_users_with_their_attem
     await task
     moving = [u for u in users if rendezvous(u, ["island-a", "island-b"]) == "island-b"]
     assert moving and len(moving) < len(users)
-    for u in users:  # exactly one copy, where the new map says
+    for u in users:  # exactly one live copy, where the new map says; the old island keeps a MOVED tombstone
         home = rendezvous(u, ["island-a", "island-b"])
         other = "island-a" if home == "island-b" else "island-b"
-        assert await etcd5.get(user_key("/bkv", home, u)) is not None
-        assert await etcd5.get(user_key("/bkv", other, u)) is None
+        here = await etcd5.get(user_key("/bkv", home, u))
+        assert here is not None and Entry.model_validate_json(here.value).state is EntryState.LIVE
+        left = await etcd5.get(user_key("/bkv", other, u))
+        assert left is None or Entry.model_validate_json(left.value).moved_to == home
     for u in dented:  # attempt counts survive the move
         async with client(fleet5, u) as c:
             with pytest.raises(errors.WrongPassword) as wrong:

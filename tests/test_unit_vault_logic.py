@@ -1,31 +1,61 @@
-"""Unit tests of the vault logic with in-memory fakes (no etcd, no token):
-expiry, single use, and the island's compare-and-swap loop."""
+"""Unit tests of the vault and island logic with in-memory fakes (no etcd
+process, no token): expiry, single use, the one wrong-password error, and the
+island's log -- replicas racing, writes whose answer was lost, resends. The
+HSM logic and the log's rules are the real ones (VaultHsm, IslandLog, the
+trie, a real state file); the same through real processes: the fleet tests."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 
+import aetcd
 import opaque_ke_py as opaque
 import pytest
 
-from bkv_protocol.encoding import user_ref
-from bkv_protocol import hsm_api as hapi
-from bkv_hsm_proxy import errors as herr
 from bkv_hsm_proxy.core import VaultHsm
-from bkv_protocol import island_api as iapi
+from bkv_hsm_proxy.nvram import StateFile
+from bkv_island import errors as ierr
 from bkv_island.core import Island
-from fakes import FakeClock, InMemoryHsmFake, InMemoryRecordStoreFake, InProcessHsmFake
+from bkv_island.ledger import Ledger
+from bkv_protocol import hsm_api as hapi
+from bkv_protocol import island_api as iapi
+from bkv_protocol.encoding import user_ref
+from bkv_server.http import UpstreamError
+from fakes import FakeClock, InMemoryEtcdFake, InMemoryHsmFake, InProcessHsmFake
+
+RECORDS = b"/bkv/records/island-a/"
 
 
 @pytest.fixture
-def parts():
+def parts(tmp_path):
     hsm = InMemoryHsmFake()
     VaultHsm.create_opaque_setup(hsm)
     clock = FakeClock()
     vault = VaultHsm(hsm, max_attempts=3, clock=clock)
-    store = InMemoryRecordStoreFake()
-    return vault, Island("island-a", store, InProcessHsmFake(vault)), store, clock
+    state = StateFile(tmp_path / "state")
+    state.load()
+    vault.attach_log(state, "hsm-0", ["hsm-0"])
+    etcd = InMemoryEtcdFake()
+    return vault, replica(vault, etcd), etcd, clock
+
+
+def replica(vault: VaultHsm, etcd: InMemoryEtcdFake, port: InProcessHsmFake | None = None) -> Island:
+    """One island replica: its own ledger (view of the log), the shared etcd and hsm-proxy."""
+    port = port or InProcessHsmFake(vault)
+    return Island("island-a", Ledger("island-a", etcd, "/bkv", port), port)
+
+
+def records(etcd: InMemoryEtcdFake) -> dict[bytes, bytes]:
+    return {k: v for k, (v, _) in etcd.kv.items() if k.startswith(RECORDS)}
+
+
+def entry(etcd: InMemoryEtcdFake, user: str) -> hapi.Entry:
+    return hapi.Entry.model_validate_json(etcd.kv[RECORDS + user_ref(user).encode()][0])
+
+
+def refused(exc_info) -> str:
+    return exc_info.value.body.error.code.value
 
 
 async def _register(island: Island, user: str, pw: bytes = b"pw"):
@@ -39,130 +69,128 @@ async def _register(island: Island, user: str, pw: bytes = b"pw"):
 
 
 async def test_a_challenge_older_than_its_ttl_is_rejected_with_the_fake_clock(parts):
-    vault, island, store, clock = parts
+    vault, island, etcd, clock = parts
     _, _, finish = await _register(island, "alice")
     clock.ms += 120_001
-    with pytest.raises(herr.ChallengeRejected, match="expired"):
+    with pytest.raises(UpstreamError, match="expired") as failed:
         await island.registration_finish(finish)
-    assert store.data == {}
+    assert refused(failed) == "challenge_rejected" and records(etcd) == {}
 
 
 async def test_a_login_state_older_than_its_ttl_is_rejected_and_the_record_is_kept(parts):
-    vault, island, store, clock = parts
+    vault, island, etcd, clock = parts
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
     login = opaque.client_login_start(b"pw")
     out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     fin = opaque.client_login_finish(b"pw", login.get_state(), out.credential_response)
     clock.ms += 60_001
-    before = dict(store.data)
-    with pytest.raises(herr.LoginStateRejected, match="expired"):
+    before = records(etcd)
+    with pytest.raises(UpstreamError, match="expired") as failed:
         await island.login_finish(iapi.LoginFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
                                                            credential_finalization=fin.get_message()))
-    assert store.data == before
+    assert refused(failed) == "login_state_rejected" and records(etcd) == before
 
 
 async def test_a_forged_finalization_is_the_one_uniform_authentication_failure(parts):
-    vault, island, store, _ = parts
+    vault, island, etcd, _ = parts
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
     login = opaque.client_login_start(b"pw")
     out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
-    with pytest.raises(herr.AuthenticationFailed) as failed:
+    with pytest.raises(UpstreamError) as failed:
         await island.login_finish(iapi.LoginFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
                                                            credential_finalization=os.urandom(64)))
-    assert str(failed.value) == "authentication failed"
+    assert refused(failed) == "authentication_failed" and failed.value.body.error.message == "authentication failed"
 
 
-async def test_concurrent_guesses_on_the_fake_store_are_counted_exactly(parts):
-    vault, island, store, _ = parts
+async def test_concurrent_guesses_through_two_replicas_are_counted_exactly(parts):
+    vault, island, etcd, _ = parts
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
+    port = InProcessHsmFake(vault)
+    replicas = [replica(vault, etcd, port), replica(vault, etcd, port)]
 
-    async def guess():
+    async def guess(i: int):
         login = opaque.client_login_start(b"wrong")
         try:
-            return await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
-                                                                     credential_request=login.get_message()))
+            return await replicas[i % 2].login_start(iapi.LoginStartIn(
+                user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
         except Exception as exc:  # noqa: BLE001
             return exc
 
-    results = await asyncio.gather(*(guess() for _ in range(12)))
+    results = await asyncio.gather(*(guess(i) for i in range(12)))
     answered = [r for r in results if isinstance(r, iapi.LoginStartOut)]
     assert sorted(r.attempts_left for r in answered) == [0, 1, 2]
-    assert store.lost_swaps >= 1  # the guesses did race: some read the entry another then changed
-    entry, _ = store.data[("island-a", user_ref("alice"))]
-    assert entry.state is hapi.EntryState.DESTROYED
+    assert all(isinstance(r, (iapi.LoginStartOut, ierr.RecordDestroyed)) for r in results), results
+    # the replicas did race for the log head: an append lost in etcd, or a head the boundary had seen pass
+    assert etcd.lost_txns + port.refused.get("stale_head", 0) >= 1
+    assert entry(etcd, "alice").state is hapi.EntryState.DESTROYED
 
 
-async def test_a_lost_compare_and_swap_releases_nothing_and_retries_from_a_fresh_read(parts):
-    vault, island, store, _ = parts
+async def test_a_lost_append_releases_nothing_and_the_batch_is_built_again_from_the_newer_log(parts):
+    vault, island, etcd, _ = parts
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
-    real_swap = store.swap
+    other = replica(vault, etcd)
+    real = etcd.transaction
     calls = {"n": 0}
 
-    async def swap_that_loses_once(*args):
+    async def another_replica_appends_first(compare, success, failure):
         calls["n"] += 1
         if calls["n"] == 1:
-            # Another replica decremented first.
-            entry, rev = store.data[("island-a", user_ref("alice"))]
-            other = vault.login_start(hapi.LoginStartIn(user_id="alice", island="island-a", request_id=os.urandom(16), current=entry,
-                                                        credential_request=opaque.client_login_start(b"x").get_message()))
-            await real_swap("island-a", user_ref("alice"), rev, other.new_entry)
-        return await real_swap(*args)
+            etcd.transaction = real  # the other replica's own append goes through
+            await other.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+                                                      credential_request=opaque.client_login_start(b"x").get_message()))
+            etcd.transaction = another_replica_appends_first
+        return await real(compare, success, failure)
 
-    store.swap = swap_that_loses_once
-    login = opaque.client_login_start(b"pw")
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    etcd.transaction = another_replica_appends_first
+    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+                                                     credential_request=opaque.client_login_start(b"pw").get_message()))
     assert out.attempts_left == 1  # 3 - the other replica's guess - ours
-    assert calls["n"] == 2
+    assert calls["n"] == 2 and etcd.lost_txns == 1
 
 
-async def test_a_write_whose_answer_was_lost_but_that_landed_takes_one_attempt_not_two(parts):
-    from bkv_island import errors as ierr
-
-    vault, island, store, _ = parts
+async def test_an_append_whose_answer_was_lost_but_that_landed_takes_one_attempt_not_two(parts):
+    vault, island, etcd, _ = parts
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
-    real_swap = store.swap
+    real = etcd.transaction
     calls = {"n": 0}
 
-    async def swap_that_lands_but_times_out(*args):
+    async def lands_but_times_out(**kw):
         calls["n"] += 1
-        ok = await real_swap(*args)
+        ok = await real(**kw)
         if calls["n"] == 1:
-            raise ierr.StoreUnavailable("etcd answered too late")  # applied, answer lost
+            raise aetcd.exceptions.ConnectionTimeoutError("etcd answered too late")  # applied, answer lost
         return ok
 
-    store.swap = swap_that_lands_but_times_out
-    login = opaque.client_login_start(b"wrong")
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    etcd.transaction = lands_but_times_out
+    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+                                                     credential_request=opaque.client_login_start(b"wrong").get_message()))
     assert out.attempts_left == 2 and calls["n"] == 1  # one guess, one attempt, no second evaluation
-    entry, _ = store.data[("island-a", user_ref("alice"))]
-    login = opaque.client_login_start(b"wrong again")
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+                                                     credential_request=opaque.client_login_start(b"again").get_message()))
     assert out.attempts_left == 1
 
 
-async def test_a_write_that_did_not_land_is_retried_once_it_is_known_not_to_have_landed(parts):
-    from bkv_island import errors as ierr
-
-    vault, island, store, _ = parts
+async def test_an_append_that_did_not_land_is_built_again_once_it_is_known_not_to_have_landed(parts):
+    vault, island, etcd, _ = parts
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
-    real_swap = store.swap
+    real = etcd.transaction
     calls = {"n": 0}
 
-    async def swap_that_fails_once(*args):
+    async def fails_once(**kw):
         calls["n"] += 1
         if calls["n"] == 1:
-            raise ierr.StoreUnavailable("etcd unreachable")  # not applied
-        return await real_swap(*args)
+            raise aetcd.exceptions.ConnectionFailedError("etcd unreachable")  # not applied
+        return await real(**kw)
 
-    store.swap = swap_that_fails_once
-    login = opaque.client_login_start(b"wrong")
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    etcd.transaction = fails_once
+    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+                                                     credential_request=opaque.client_login_start(b"wrong").get_message()))
     assert out.attempts_left == 2 and calls["n"] == 2
 
 
@@ -190,17 +218,15 @@ async def test_what_the_hsm_signs_is_what_the_client_verifies_with_the_same_tran
             client.fleet_id, swapped, done.version, done.max_attempts))
 
 
-async def test_a_resent_guess_is_answered_from_the_commit_on_the_fake_store(parts):
-    vault, island, store, _ = parts
+async def test_a_resent_guess_is_answered_from_the_commit_by_another_replica(parts):
+    vault, island, etcd, _ = parts
     _, _, finish = await _register(island, "alice")
     await island.registration_finish(finish)
     guess = iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
-                                 credential_request=opaque.client_login_start(b"wrong").get_message())
+                              credential_request=opaque.client_login_start(b"wrong").get_message())
     first = await island.login_start(guess)
-    # A second island object stands in for another replica: nothing in memory, only the entry.
-    other = Island("island-a", store, InProcessHsmFake(vault))
-    store.forget("island-a", user_ref("alice"))
-    again = await other.login_start(guess)
+    # Another replica: nothing in memory, only the log and the entry (its kept answer).
+    again = await replica(vault, etcd).login_start(guess)
     assert again == first and first.attempts_left == 2
-    entry, _ = store.data[("island-a", user_ref("alice"))]
-    assert entry.request.id == guess.request_id.hex() and entry.version == 2
+    current = entry(etcd, "alice")
+    assert current.request.id == guess.request_id.hex() and current.version == 2

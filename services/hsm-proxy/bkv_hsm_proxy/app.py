@@ -6,8 +6,7 @@ from __future__ import annotations
 from bkv_server.rpc import RpcApp
 from bkv_protocol import hsm_api as api
 from bkv_hsm_proxy import errors
-from bkv_hsm_proxy.core import VaultHsm, entry_wire
-from bkv_hsm_proxy import log as hlog
+from bkv_hsm_proxy.core import VaultHsm
 
 
 def create_app(vault: VaultHsm) -> RpcApp:
@@ -23,19 +22,8 @@ def create_app(vault: VaultHsm) -> RpcApp:
     async def heads() -> api.LogHeadsOut:
         return vault.log_heads()
 
-    async def apply(req: api.ApplyIn) -> api.ApplyOut:
-        entry, results = vault.apply(req)
-        out = []
-        for new_entry, held, exc in results:
-            if exc is None:
-                out.append(api.OpResult(new_entry=new_entry, held=held))
-            else:
-                status, body = errors.TABLE.answer(exc)
-                out.append(api.OpResult(status=status, error=body.error))
-        return api.ApplyOut(entry=None if entry is None else entry_wire(entry), results=out)
-
     async def genesis(req: api.GenesisIn) -> api.LogEntry:
-        return entry_wire(hlog.genesis(vault.log_key, req.island))
+        return vault.genesis(req.island)
 
     # No route answers a state change in clear: every one goes through the
     # log (apply, capture, release), so nothing a client could use leaves
@@ -43,7 +31,7 @@ def create_app(vault: VaultHsm) -> RpcApp:
     return RpcApp("hsm-proxy", {
         "/hsm/v1/registration/start": (api.RegistrationStartIn, sync(vault.registration_start)),
         "/hsm/v1/log/genesis": (api.GenesisIn, genesis),
-        "/hsm/v1/log/apply": (api.ApplyIn, apply),
+        "/hsm/v1/log/apply": (api.ApplyIn, sync(vault.apply)),
         "/hsm/v1/log/capture": (api.CaptureIn, vault.capture),
         "/hsm/v1/log/release": (api.ReleaseIn, sync(vault.release)),
         "/hsm/v1/reply/open": (api.ReplyOpenIn, sync(vault.open_reply)),

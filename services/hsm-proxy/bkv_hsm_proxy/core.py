@@ -505,8 +505,7 @@ class VaultHsm:
                          recent=moved.answered()), None
 
     # -- the log: apply, capture, release (log.py, docs/protocol.md) ----------------------
-    def apply(self, req: api.ApplyIn) -> tuple[hlog.LogEntry | None, list[tuple[api.Entry | None, bytes | None,
-                                                                                  Exception | None]]]:
+    def apply(self, req: api.ApplyIn) -> api.ApplyOut:
         """A batch of changes against the island's newest head: the next log
         entry and, per op, its next record entry and its answer *held* (sealed
         to the boundary until a quorum captured the entry) -- or the error
@@ -540,13 +539,25 @@ class VaultHsm:
             current = None if body.current.state is api.EntryState.ABSENT else body.current
             changes.append(hlog.Change(bytes.fromhex(ref), current, merkle.Proof.from_bytes(op.proof), new_entry))
             results.append((new_entry, None if answer is None else json_bytes(answer), None))
-        if not changes:
-            return None, results
-        try:
-            entry = log.apply(head, changes)
-        except hlog.LogError as exc:  # two ops on one record: a bug of the island's batching
-            raise errors.BadRequest(str(exc)) from None
-        return entry, [(e, None if a is None else log.hold(entry, a), x) for e, a, x in results]
+        entry = None
+        if changes:
+            try:
+                entry = log.apply(head, changes)
+            except hlog.ProofRefused:
+                raise
+            except hlog.LogError as exc:  # two ops on one record: a bug of the island's batching
+                raise errors.BadRequest(str(exc)) from None
+        out = []
+        for new_entry, answer, exc in results:
+            if exc is None:
+                out.append(api.OpResult(new_entry=new_entry, held=None if answer is None else log.hold(entry, answer)))
+            else:
+                status, body = errors.TABLE.answer(exc)
+                out.append(api.OpResult(status=status, error=body.error))
+        return api.ApplyOut(entry=None if entry is None else entry_wire(entry), results=out)
+
+    def genesis(self, island: str) -> api.LogEntry:
+        return entry_wire(hlog.genesis(self.log_key, island))
 
     async def capture(self, req: api.CaptureIn) -> api.CaptureOut:
         log = self._log()

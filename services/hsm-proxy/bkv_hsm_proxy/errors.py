@@ -135,7 +135,7 @@ TABLE = ErrorTable(
     (StaleHead, 409, C.STALE_HEAD, False),
     (NotNextEntry, 409, C.NOT_NEXT_ENTRY, False),
     (ProofRefused, 409, C.PROOF_REFUSED, False),
-    (NoQuorum, 503, C.NO_QUORUM, True),
+    (NoQuorum, 409, C.NO_QUORUM, False),  # not yet: the island captures on more hsm-proxies first
     (LogError, 400, C.INVALID_REQUEST, False),
     (HsmError, 503, C.UNAVAILABLE, True),
 )

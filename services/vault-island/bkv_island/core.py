@@ -163,12 +163,19 @@ class Island:
     async def _refuse(self, op: _Op):
         """No live record (the log says so): raise the fleet-signed refusal for this request."""
         writes = op.writes
-        current, proven = self._ledger.current(op.ref), self._ledger.proven(op.ref)
-        if current.state not in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
-            return await self._change(op)  # it moved on meanwhile: decide again
-        out = await self._hsm.refusal(hapi.RefusalIn(user_id=writes.user_id, island=self.island_id,
-                                                     fleet_id=writes.fleet_id, current=current, proven=proven,
-                                                     fingerprint=writes.fingerprint))
+        for attempt in range(3):  # signed against the newest head the boundary accepts
+            await self._ledger.sync()
+            current, proven = self._ledger.current(op.ref), self._ledger.proven(op.ref)
+            if current.state not in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
+                return await self._change(op)  # it moved on meanwhile: decide again
+            try:
+                out = await self._hsm.refusal(hapi.RefusalIn(user_id=writes.user_id, island=self.island_id,
+                                                             fleet_id=writes.fleet_id, current=current,
+                                                             proven=proven, fingerprint=writes.fingerprint))
+                break
+            except UpstreamError as exc:
+                if attempt == 2 or exc.body.error.code.value != "stale_head":
+                    raise
         if current.state is hapi.EntryState.ABSENT:
             raise errors.NoRecord("no record for this user", out.signature)
         metrics.LOCKOUT_HITS.inc()

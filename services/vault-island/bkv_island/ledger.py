@@ -45,7 +45,7 @@ from bkv_protocol import merkle
 from bkv_protocol.wire import ErrorBody
 from bkv_server import metrics
 from bkv_server.etcd import RETRYABLE
-from bkv_server.http import UpstreamError
+from bkv_server.http import UpstreamError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,19 @@ class Ledger:
             await self._load()
 
     async def _load(self) -> None:
-        try:
-            got = await self._etcd.get(self._head_key)
-            kvs = await self._etcd.get_prefix(self._records.encode())
-        except RETRYABLE as exc:
-            raise errors.StoreUnavailable("etcd unreachable") from exc
+        # Records change only with the head (one transaction): a head that did
+        # not move while the records were read makes them one snapshot.
+        for _ in range(20):
+            try:
+                got = await self._etcd.get(self._head_key)
+                kvs = await self._etcd.get_prefix(self._records.encode())
+                again = await self._etcd.get(self._head_key)
+            except RETRYABLE as exc:
+                raise errors.StoreUnavailable("etcd unreachable") from exc
+            if (got is None) == (again is None) and (got is None or got.mod_revision == again.mod_revision):
+                break
+        else:
+            raise errors.Contended("the log kept moving while this replica read it; try again")
         if got is None:
             head, rev = await self._hsm.genesis(self.island), 0
         else:
@@ -324,8 +332,15 @@ class Ledger:
     async def _release(self, out: hapi.ApplyOut, live: list[_Pending]) -> None:
         self.statements = await self._hsm.commit([out.entry], self._chain)
         held = [r.held for r in out.results if r.held is not None]
-        answers = iter((await self._hsm.release(hapi.ReleaseIn(
-            entry=out.entry, statements=self.statements, held=held))).answers if held else [])
+        try:
+            answers = iter((await self._hsm.release(hapi.ReleaseIn(
+                entry=out.entry, statements=self.statements, held=held))).answers if held else [])
+        except UpstreamError as exc:
+            if exc.body.error.code.value != "no_quorum":
+                raise
+            # Appended but captured by too few hsm-proxies: nothing leaves. A resend
+            # is answered from this commit once enough of them capture it.
+            raise UpstreamUnavailable("too few hsm-proxies captured the change; try again shortly") from None
         for p, r in zip(live, out.results):
             if r.error is not None:
                 _settle(p, exc=_refusal(r))
