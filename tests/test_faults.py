@@ -31,7 +31,7 @@ LIMIT = 10
 @pytest.fixture(scope="module")
 def fleet5(tmp_path_factory):
     f = start_fleet(tmp_path_factory.mktemp("faults5"), etcd_members=5, islands=["island-a"],
-                    replicas_per_island=2, hsm_proxies=2)
+                    replicas_per_island=2, hsm_proxies=3)
     yield f
     f.down()
 

@@ -28,7 +28,7 @@ CONCURRENCY = 16
 
 @pytest.fixture(scope="module")
 def big_fleet(tmp_path_factory):
-    f = start_fleet(tmp_path_factory.mktemp("scale"), islands=["island-a"], replicas_per_island=2, hsm_proxies=2)
+    f = start_fleet(tmp_path_factory.mktemp("scale"), islands=["island-a"], replicas_per_island=2, hsm_proxies=3)
     yield f
     f.down()
 

@@ -25,7 +25,7 @@ PW = "faulty but fine"
 
 @pytest.fixture(scope="module")
 def small_fleet(tmp_path_factory):
-    f = start_fleet(tmp_path_factory.mktemp("faults"), islands=["island-a"], replicas_per_island=2, hsm_proxies=2)
+    f = start_fleet(tmp_path_factory.mktemp("faults"), islands=["island-a"], replicas_per_island=2, hsm_proxies=3)
     yield f
     f.down()
 
@@ -39,7 +39,7 @@ async def test_with_every_hsm_proxy_down_the_vault_answers_503_and_writes_nothin
     user = unique_user()
     async with client(small_fleet, user) as c:
         await c.register(BackupKey(os.urandom(32)), PW)
-    for name in ("hsm-proxy0", "hsm-proxy1"):
+    for name in ("hsm-proxy0", "hsm-proxy1", "hsm-proxy2"):
         small_fleet.kill(name)
     try:
         token = small_fleet.issuer().mint(user)
@@ -56,7 +56,7 @@ async def test_with_every_hsm_proxy_down_the_vault_answers_503_and_writes_nothin
             with pytest.raises(errors.VaultUnavailable):
                 await c.recover("wrong")
     finally:
-        for name in ("hsm-proxy0", "hsm-proxy1"):
+        for name in ("hsm-proxy0", "hsm-proxy1", "hsm-proxy2"):
             small_fleet.start(name)
     async with client(small_fleet, user) as c:
         with pytest.raises(errors.WrongPassword) as wrong:

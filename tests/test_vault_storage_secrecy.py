@@ -43,7 +43,11 @@ def _same_island_pair(fleet) -> tuple[str, str]:
             return first, other
 
 
-async def test_swapping_two_users_sealed_records_makes_both_recoveries_fail_cleanly(make_client, etcd, fleet):
+async def test_swapping_two_users_sealed_records_in_etcd_is_not_obeyed(make_client, etcd, fleet):
+    """The island acts on what the HSM-held log proves, not on what etcd says
+    (issue #17): each user still recovers only their own key, and a replica
+    that re-reads etcd finds the records do not add up to the log and fails
+    closed (tests/test_hsm_boundary_attacks.py)."""
     alice, bob = _same_island_pair(fleet)
     ka, kb = os.urandom(32), os.urandom(32)
     await make_client(alice).register(BackupKey(ka), "alice's password")
@@ -52,27 +56,34 @@ async def test_swapping_two_users_sealed_records_makes_both_recoveries_fail_clea
     _, raw_b, key_b = await read_entry(etcd, fleet, bob)
     await etcd.put(key_a, raw_b)
     await etcd.put(key_b, raw_a)
-    for user, pw in ((alice, "alice's password"), (bob, "bob's password"), (alice, "bob's password")):
-        with pytest.raises(errors.ProtocolError) as failed:
-            await make_client(user).recover(pw)
-        assert failed.value.code == "record_integrity_failure"
-        assert ka.hex() not in str(failed.value) and kb.hex() not in str(failed.value)
-    # Nothing was decremented or rewritten by the failed attempts.
-    assert (await etcd.get(key_a)).value == raw_b and (await etcd.get(key_b)).value == raw_a
-    await etcd.put(key_a, raw_a)
-    await etcd.put(key_b, raw_b)
+    with pytest.raises(errors.WrongPassword):
+        await make_client(alice).recover("bob's password")
     assert (await make_client(alice).recover("alice's password")).key.reveal() == ka
+    assert (await make_client(bob).recover("bob's password")).key.reveal() == kb
+    # Each recovery wrote its record again from the log: etcd adds up once more
+    # (the session's other tests share this fleet).
+    assert (await etcd.get(key_a)).value != raw_b and (await etcd.get(key_b)).value != raw_a
 
 
-async def test_a_record_copied_to_another_island_does_not_open_there(make_client, etcd, fleet):
+async def test_an_entry_not_in_an_islands_log_is_refused_by_the_hsm(make_client, etcd, fleet):
+    from bkv_island.hsm_client import HsmHttpClient
+    from bkv_island.ledger import Ledger
+    from bkv_server.http import UpstreamError
+
     user = unique_user()
     await make_client(user).register(BackupKey(os.urandom(32)), PW)
     home = rendezvous(user, fleet.spec.islands)
     other = next(i for i in fleet.spec.islands if i != home)
     entry, _, _ = await read_entry(etcd, fleet, user)
-    # Ask the HSM to open it as if it lived on the other island: the AAD names the home island.
-    hsm = f"http://127.0.0.1:{fleet.procs['hsm-proxy0'].port}"
-    body = hapi.LoginStartIn(user_id=user, island=other, request_id=os.urandom(16), current=entry, credential_request=b"\x00" * 96)
-    resp = httpx.post(hsm + "/hsm/v1/login/start", content=body.model_dump_json(),
-                      headers={"content-type": "application/json"})
-    assert resp.status_code == 500 and resp.json()["error"]["code"] == "record_integrity_failure"
+    # Shown to the HSM as if it lived on the other island: that island's log says it does not.
+    hsm = HsmHttpClient([f"http://127.0.0.1:{fleet.ports.hsm_proxy(0)}"])
+    ledger = Ledger(other, etcd, "/bkv", hsm)
+    await ledger.load()
+    ref = __import__("bkv_protocol.encoding", fromlist=["user_ref"]).user_ref(user)
+    with pytest.raises(UpstreamError) as refused:
+        await hsm.apply(hapi.ApplyIn(head=ledger.head, ops=[hapi.Op(
+            kind=hapi.OpKind.LOGIN_START, proof=ledger.trie.prove(bytes.fromhex(ref)).to_bytes(),
+            login_start=hapi.LoginStartIn(user_id=user, island=other, request_id=os.urandom(16), current=entry,
+                                          credential_request=b"\x00" * 96))]))
+    assert refused.value.body.error.code.value == "proof_refused"
+    await hsm.aclose()

@@ -446,7 +446,7 @@ def free_base_port() -> int:
         # could otherwise take one of the fleet's ports between check and bind.
         base = random.randrange(10000, 32768 - 1000, 10)
         # Room for the largest layout of the tests (islands added later too).
-        ports = Ports(base, etcd_members=6, hsm_proxies=2, islands=("a", "b", "c"), replicas_per_island=3).all()
+        ports = Ports(base, etcd_members=6, hsm_proxies=3, islands=("a", "b", "c"), replicas_per_island=3).all()
         with contextlib.ExitStack() as held:
             try:
                 for port in ports:

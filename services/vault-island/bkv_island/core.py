@@ -34,7 +34,7 @@ from bkv_protocol import island_api as api
 from bkv_protocol import transcripts
 from bkv_protocol.encoding import user_ref
 from bkv_server import metrics
-from bkv_server.http import ServiceClient, UpstreamError
+from bkv_server.http import ServiceClient, UpstreamError, UpstreamUnavailable
 
 REMEMBERED_ANSWERS = 10_000  # answers kept in memory for resends to this replica
 
@@ -154,6 +154,8 @@ class Island:
             except UpstreamError as exc:
                 if attempt < 2 and exc.body.error.code.value in ("no_quorum", "stale_head", "proof_refused"):
                     continue
+                if exc.body.error.code.value == "no_quorum":  # not committed yet: ask again later
+                    raise UpstreamUnavailable("too few hsm-proxies hold this change yet; try again shortly") from exc
                 # Sealed by a fleet retired since, or edited in etcd: never evaluate again.
                 raise errors.RequestSuperseded("this request was answered before, and that answer can no longer "
                                                "be given; nothing was done: start the operation again") from exc
