@@ -657,8 +657,9 @@ class Fleet:
 
 
 # Every port a fleet of up to 3 islands x 3 replicas, 2 hsm-proxies and 6 etcd
-# members takes, as offsets from its base (the layout in this module's docstring).
-_FLEET_PORT_OFFSETS = (2, 3, 80, 350, 100, 101, 200, 201, 202, 210, 211, 212, 220, 221, 222, 443, 901,
+# members takes, as offsets from its base (the layout in this module's docstring),
+# and the base itself: callers that need one port take that.
+_FLEET_PORT_OFFSETS = (0, 2, 3, 80, 350, 100, 101, 200, 201, 202, 210, 211, 212, 220, 221, 222, 443, 901,
                        *(379 + i for i in range(12)))
 
 
