@@ -446,7 +446,8 @@ def free_base_port() -> int:
         # could otherwise take one of the fleet's ports between check and bind.
         base = random.randrange(10000, 32768 - 1000, 10)
         # Room for the largest layout of the tests (islands added later too).
-        ports = Ports(base, etcd_members=6, hsm_proxies=3, islands=("a", "b", "c"), replicas_per_island=3).all()
+        # and the base itself: callers that need one port more take that (test_cli_backup's S3 stand-in).
+        ports = [base, *Ports(base, etcd_members=6, hsm_proxies=3, islands=("a", "b", "c"), replicas_per_island=3).all()]
         with contextlib.ExitStack() as held:
             try:
                 for port in ports:
