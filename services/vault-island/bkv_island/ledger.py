@@ -193,6 +193,19 @@ class Ledger:
                 if self.head is None:
                     await self._load()
 
+    async def warm(self, stop: asyncio.Event) -> None:
+        """Load at start-up, trying again while etcd or the hsm-proxies are not up yet."""
+        while not stop.is_set() and self.head is None:
+            try:
+                await self.ready()
+            except errors.LedgerDiverged:
+                return  # said and counted; every request says it again
+            except Exception:  # noqa: BLE001 - not up yet: the first request would try anyway
+                try:
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+
     async def statements_for(self, head: hapi.LogEntry) -> list[hapi.Statement]:
         """The hsm-proxies' capture statements for ``head`` (those that hold it
         as their head restate it): what shows the boundary it is committed."""

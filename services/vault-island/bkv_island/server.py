@@ -38,6 +38,7 @@ def build_app(settings: IslandSettings) -> RpcApp:
 
     async def startup() -> None:
         await etcd.connect()
+        tasks.append(asyncio.create_task(ledger.warm(stop)))  # read the island now, not at the first request
         tasks.append(asyncio.create_task(announce_replica(
             etcd, settings.etcd_prefix, settings.island_id, settings.replica_id, settings.url, stop)))
 
