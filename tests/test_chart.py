@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "backup-key-vault"
 KUBE_VERSION = "1.37.0"
 # Custom resources have no schema in kubernetes-validate; they are checked by shape.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 def _issuer_pems() -> tuple[str, str]:
@@ -101,7 +101,10 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(name):
             "ConfigMap", "Secret" if name != "production" else "ConfigMap"} <= kinds
     for o in objs:
         if o["kind"] in CRD_KINDS:
-            assert o["apiVersion"] == "monitoring.coreos.com/v1" and o["spec"]["endpoints"]
+            assert o["apiVersion"] == "monitoring.coreos.com/v1"
+            assert o["spec"]["endpoints"] if o["kind"] == "ServiceMonitor" else \
+                {r["alert"] for g in o["spec"]["groups"] for r in g["rules"]} >= {"BkvIslandFailingClosed",
+                                                                                 "BkvIslandLogStalled"}
             continue
         kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
 
@@ -135,8 +138,17 @@ def test_rendering_without_the_token_issuer_key_fails_with_a_clear_message():
 def test_the_values_shape_the_fleet_one_statefulset_per_island_and_the_etcd_cluster():
     objs = objects(render(values_for("production")))
     sts = {o["metadata"]["name"]: o for o in objs if o["kind"] == "StatefulSet"}
-    assert set(sts) == {"bkv-etcd", "bkv-island-a", "bkv-island-b", "bkv-island-c"}
+    assert set(sts) == {"bkv-etcd", "bkv-hsm-proxy", "bkv-island-a", "bkv-island-b", "bkv-island-c"}
     assert all(sts[f"bkv-island-{x}"]["spec"]["replicas"] == 3 for x in "abc")
+    # Five hsm-proxies, each named, each with a state volume of its own; every island asks each of them.
+    hsm = sts["bkv-hsm-proxy"]
+    assert hsm["spec"]["replicas"] == 5 and hsm["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "state"
+    env = {e["name"]: e for e in hsm["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["BKV_HSM_MEMBERS"]["value"] == ",".join(f"bkv-hsm-proxy-{i}" for i in range(5))
+    assert env["BKV_HSM_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    island_env = {e["name"]: e.get("value") for e in sts["bkv-island-a"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert island_env["BKV_ISLAND_HSM_URLS"].split(",") == [
+        f"http://bkv-hsm-proxy-{i}.bkv-hsm-proxy-pods:8100" for i in range(5)]
     etcd = sts["bkv-etcd"]
     assert etcd["spec"]["replicas"] == 5
     cluster = next(a for a in etcd["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -69,7 +69,8 @@ def test_the_recovery_walk_names_the_sdk_the_edge_every_tier_and_the_token():
     for part in ("client/src/bkv/sdk.py", "protocol/src/bkv_protocol/noise.py", "services/edge/noise-processor/",
                  "services/frontend/bkv_frontend/app.py", "services/vault-island/bkv_island/core.py",
                  "services/vault-island/bkv_island/hsm_client.py", "services/hsm-proxy/bkv_hsm_proxy/app.py",
-                 "services/hsm-proxy/bkv_hsm_proxy/core.py", "services/hsm-proxy/bkv_hsm_proxy/hsm.py"):
+                 "services/hsm-proxy/bkv_hsm_proxy/core.py", "services/hsm-proxy/bkv_hsm_proxy/hsm.py",
+                 "services/vault-island/bkv_island/ledger.py", "services/hsm-proxy/bkv_hsm_proxy/log.py"):
         assert any(f.startswith(part) for f in files), part
     names = {name for _, name in RECOVERY}
     assert {"VaultProtocol.login_start", "Island.login_start", "Island.login_finish", "VaultHsm.login_start",

@@ -34,7 +34,17 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "bkv.hsmUrl" -}}
-http://{{ include "bkv.fullname" . }}-hsm-proxy:8100
+{{- $fullname := include "bkv.fullname" . -}}
+{{- range $i, $_ := until (int .Values.hsm.replicas) -}}
+{{- if $i }},{{ end }}http://{{ $fullname }}-hsm-proxy-{{ $i }}.{{ $fullname }}-hsm-proxy-pods:8100
+{{- end -}}
+{{- end -}}
+
+{{- define "bkv.hsmMembers" -}}
+{{- $fullname := include "bkv.fullname" . -}}
+{{- range $i, $_ := until (int .Values.hsm.replicas) -}}
+{{- if $i }},{{ end }}{{ $fullname }}-hsm-proxy-{{ $i }}
+{{- end -}}
 {{- end -}}
 
 {{- define "bkv.pinsSecret" -}}

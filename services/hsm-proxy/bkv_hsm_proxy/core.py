@@ -171,6 +171,10 @@ class VaultHsm:
 
     def attach_log(self, state, hsm_id: str, members: list[str]) -> None:
         self.log = IslandLog(self.log_key, hsm_id, members, state)
+        for reason in ("NotAuthentic", "StaleHead", "NotNextEntry", "ProofRefused", "NoQuorum"):
+            metrics.LOG_REFUSED.labels(reason)  # a series from the start (dashboards, alerts)
+        for island, head in state.heads().items():
+            metrics.LOG_HEAD_INDEX.labels(island).set(head.index)
 
     def fleets(self) -> dict[str, int]:
         return dict(self._fleets)

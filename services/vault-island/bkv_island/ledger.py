@@ -93,6 +93,9 @@ class Ledger:
         self._queue: list[_Pending] = []
         self._appender: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # sync and append never interleave
+        # Series from the start, so dashboards and the alert see a 0 before the first event.
+        metrics.LOG_DIVERGED.labels(island)
+        metrics.LOG_ENTRIES.labels(island)
 
     # -- the view ------------------------------------------------------------------------
     def _entry_key(self, index: int) -> bytes:
