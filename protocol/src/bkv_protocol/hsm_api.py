@@ -177,6 +177,7 @@ class RefusalIn(Frozen):
     fleet_id: FleetId | None = None
     current: Entry
     proven: Proven
+    statements: list[Statement] = Field(max_length=16)  # a quorum's, for proven.head: a committed state
     fingerprint: B64
 
 

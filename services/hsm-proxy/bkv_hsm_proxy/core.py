@@ -448,7 +448,10 @@ class VaultHsm:
         """Sign ``no_record`` or ``record_destroyed`` for one request, when the
         log proves the record absent or destroyed: a device acts on neither
         unless it is signed and bound to its own request."""
-        self._proven(user_ref(req.user_id), req.island, req.current, req.proven)
+        head = self._proven(user_ref(req.user_id), req.island, req.current, req.proven)
+        # Only a committed state is refused: a chain of candidates that never
+        # reached a quorum could otherwise "destroy" a record in a signed answer.
+        self._log().committed(head, [_statement(s) for s in req.statements])
         if req.current.state not in (api.EntryState.ABSENT, api.EntryState.DESTROYED):
             raise errors.BadRequest("the record is not absent or destroyed: nothing to refuse")
         code = (transcripts.Refusal.NO_RECORD if req.current.state is api.EntryState.ABSENT

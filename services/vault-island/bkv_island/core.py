@@ -127,24 +127,25 @@ class Island:
         if current.request is not None and current.request.id == rid:
             if current.request.fingerprint != writes.fingerprint.hex():
                 raise errors.RequestIdReused("this request id was used for another request; nothing was done")
-            mine = self._answers.get(rid)
-            if mine is not None and mine[0] == current.request.reply:
-                metrics.RESENDS_ANSWERED.inc()
-                raise _Answer(writes.out_type.model_validate_json(mine[1]))
             raise _KeptAnswer()
         if rid in current.recent:
             raise errors.RequestSuperseded("this request was answered before and a later change has landed since; "
                                            "nothing was done: start the operation again")
 
     async def _kept_answer(self, op: _Op):
-        """A resend answered by another replica's commit: the boundary opens the
-        answer kept in the entry, once it sees that entry committed."""
+        """A resend of the request that wrote the newest entry: from memory if
+        this replica committed it, else the boundary opens the answer kept in
+        the entry, once it sees that entry committed."""
         writes, ref = op.writes, op.ref
         for attempt in range(3):  # the log may move on between the proof and the statements: again
-            await self._ledger.sync()
+            await self._ledger.sync()  # only the newest entry answers a resend
             current, proven = self._ledger.current(ref), self._ledger.proven(ref)
             if current.request is None or current.request.id != writes.request_id.hex():
                 return await self._change(op)  # a later change landed: decide again (superseded)
+            mine = self._answers.get(writes.request_id.hex())
+            if mine is not None and mine[0] == current.request.reply:  # this replica's own commit
+                metrics.RESENDS_ANSWERED.inc()
+                return writes.out_type.model_validate_json(mine[1])
             try:
                 kept = await self._hsm.open_reply(hapi.ReplyOpenIn(
                     user_id=writes.user_id, island=self.island_id, current=current, proven=proven,
@@ -171,13 +172,18 @@ class Island:
             if current.state not in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
                 return await self._change(op)  # it moved on meanwhile: decide again
             try:
-                out = await self._hsm.refusal(hapi.RefusalIn(user_id=writes.user_id, island=self.island_id,
-                                                             fleet_id=writes.fleet_id, current=current,
-                                                             proven=proven, fingerprint=writes.fingerprint))
+                out = await self._hsm.refusal(hapi.RefusalIn(
+                    user_id=writes.user_id, island=self.island_id, fleet_id=writes.fleet_id, current=current,
+                    proven=proven, statements=await self._ledger.statements_for(proven.head),
+                    fingerprint=writes.fingerprint))
                 break
             except UpstreamError as exc:
-                if attempt == 2 or exc.body.error.code.value != "stale_head":
-                    raise
+                if attempt < 2 and exc.body.error.code.value in ("stale_head", "no_quorum"):
+                    continue
+                if exc.body.error.code.value == "no_quorum":
+                    raise UpstreamUnavailable("too few hsm-proxies hold the newest state yet; try again shortly") \
+                        from exc
+                raise
         if current.state is hapi.EntryState.ABSENT:
             raise errors.NoRecord("no record for this user", out.signature)
         metrics.LOCKOUT_HITS.inc()
