@@ -18,7 +18,7 @@ import pytest
 
 from bkv import errors
 from bkv.sdk import VaultClient
-from bkv_dev.fleet import start_fleet, wait_until
+from bkv_dev.fleet import start_fleet
 from bkv_island.hsm_client import HsmHttpClient
 from bkv_island.ledger import Ledger
 from bkv_protocol import hsm_api as hapi

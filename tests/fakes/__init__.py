@@ -6,6 +6,5 @@ from fakes.clock import FakeClock
 from fakes.etcd import InMemoryEtcdFake
 from fakes.hsm import InMemoryHsmFake
 from fakes.hsm_port import InProcessHsmFake
-from fakes.store import InMemoryRecordStoreFake
 
-__all__ = ["FakeClock", "InMemoryEtcdFake", "InMemoryHsmFake", "InProcessHsmFake", "InMemoryRecordStoreFake"]
+__all__ = ["FakeClock", "InMemoryEtcdFake", "InMemoryHsmFake", "InProcessHsmFake"]

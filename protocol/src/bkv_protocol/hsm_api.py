@@ -1,9 +1,11 @@
 """Wire types of the hsm-proxy (called only by vault islands).
 
 Kept apart from the logic in ``core.py``. Every binary field is base64 on
-the wire. The island passes the user's current etcd entry; the proxy answers
-with the entry the island must commit (compare-and-swap) *before* it may
-release the client-facing part of the answer.
+the wire. Every state change is an op of a batch applied to the island's
+log (``ApplyIn``), with the record the island says is current and its proof
+against the log's head; what a client may use comes back *held*, and leaves
+only through ``ReleaseIn`` once a quorum of hsm-proxies captured the entry
+(docs/protocol.md, "The HSM-held log").
 """
 
 from __future__ import annotations
@@ -106,12 +108,6 @@ class RegistrationFinishIn(Frozen):
     k_nonce: B64
 
 
-class RegistrationFinishOut(Frozen):
-    new_entry: Entry
-    max_attempts: int = Field(ge=1, le=1000)  # settings.max_attempts' range
-    signature: B64
-
-
 # -- login ---------------------------------------------------------------------
 class LoginStartIn(Frozen):
     user_id: UserId
@@ -122,16 +118,6 @@ class LoginStartIn(Frozen):
     credential_request: B64
 
 
-class LoginStartOut(Frozen):
-    """Commit ``new_entry`` first; only then may the rest reach the client."""
-
-    new_entry: Entry
-    attempts_left: int = Field(ge=0, le=1000)
-    credential_response: B64
-    login_state: B64
-    signature: B64
-
-
 class LoginFinishIn(Frozen):
     user_id: UserId
     island: IslandId
@@ -140,14 +126,6 @@ class LoginFinishIn(Frozen):
     current: Entry
     login_state: B64
     credential_finalization: B64
-
-
-class LoginFinishOut(Frozen):
-    new_entry: Entry
-    wrapped_key: B64
-    rk_nonce: B64
-    record_status: RecordStatus
-    signature: B64
 
 
 # -- resends and refusals --------------------------------------------------------
@@ -186,18 +164,7 @@ class RefusalOut(Frozen):
     signature: B64
 
 
-# -- records moving between islands (issue: resilience) ------------------------
-class ResealIn(Frozen):
-    user_ref: UserRef
-    from_island: IslandId
-    to_island: IslandId
-    current: Entry
-
-
-class ResealOut(Frozen):
-    new_entry: Entry
-
-
+# -- rotation ---------------------------------------------------------------------
 class MigrateIn(Frozen):
     """Rotation: re-seal one record under ``to_fleet``'s keys, attempts intact."""
 
@@ -205,9 +172,6 @@ class MigrateIn(Frozen):
     island: IslandId
     current: Entry
     to_fleet: FleetId
-
-
-# -- fleet ---------------------------------------------------------------------
 
 
 # -- the HSM-held log (bkv_hsm_proxy/log.py, docs/protocol.md) ---------------------

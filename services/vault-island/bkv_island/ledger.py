@@ -96,6 +96,7 @@ class Ledger:
         # Series from the start, so dashboards and the alert see a 0 before the first event.
         metrics.LOG_DIVERGED.labels(island)
         metrics.LOG_ENTRIES.labels(island)
+        metrics.ETCD_CONFLICTS.labels("log-append")
 
     # -- the view ------------------------------------------------------------------------
     def _entry_key(self, index: int) -> bytes:

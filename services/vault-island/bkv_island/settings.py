@@ -18,9 +18,6 @@ class IslandSettings(ServiceSettings):
     etcd_endpoints: str = "127.0.0.1:2379"
     etcd_prefix: str = "/bkv"
     hsm_urls: str
-    # Swaps that arrive while a transaction is in flight go together in the
-    # next one (bkv_island/store.py); false: one transaction per swap.
-    group_commit: bool = True
 
     @field_validator("island_id")
     @classmethod
