@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                                              "HSM NVRAM) and fix the fleet's hsm-proxies; refuses to overwrite one")
     ist.add_argument("--hsm-id", required=True, help="this hsm-proxy's id, one of --members")
     ist.add_argument("--members", required=True, help="every hsm-proxy of the fleet, comma-separated")
-    sub.add_parser("log-heads", help="print the log head this hsm-proxy captured for each island (JSON)")
+    lh = sub.add_parser("log-heads", help="print the log head this hsm-proxy captured for each island (JSON)")
+    for p in (ist, lh):
+        p.add_argument("--state-file", default=os.environ.get("BKV_HSM_STATE_FILE", "hsm-state.json"),
+                       help="the state file (default $BKV_HSM_STATE_FILE)")
     evc = sub.add_parser("evidence", help="the deployment evidence of this token's fleet: signed by the fleet key "
                                           "in the token and by the operator (settings from BKV_HSM_*)")
     evc.add_argument("--bundle", type=Path, required=True, help="the bundle that introduced this fleet (JSON)")
@@ -106,6 +109,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"configmap": args.name, "fleet_id": data["fleet_id"]}))
         return 0
 
+    if args.cmd in ("init-state", "log-heads"):  # the state file only: no token, no PIN
+        from bkv_hsm_proxy import nvram
+
+        try:
+            if args.cmd == "init-state":
+                nvram.init_state(args.state_file, args.hsm_id, args.members.split(","))
+                print(json.dumps({"state_file": args.state_file, "hsm": args.hsm_id}))
+                return 0
+            state, hsm_id, members = nvram.open_state(args.state_file)
+        except (nvram.StateFileError, ValueError, OSError) as exc:
+            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({"hsm": hsm_id, "members": members, "heads": {
+            i: {"index": h.index, "mac": h.mac.hex()} for i, h in sorted(state.durable_heads().items())}}))
+        return 0
+
     from pydantic import ValidationError
 
     from bkv_protocol.retry import DeadlineExceeded
@@ -146,23 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from bkv_hsm_proxy import nvram
 
-        if args.cmd == "init-state":
-            try:
-                nvram.init_state(settings.state_file, args.hsm_id, args.members.split(","))
-            except (nvram.StateFileError, ValueError, OSError) as exc:
-                print(f"bkv-hsm-proxy: no state file made: {exc}", file=sys.stderr)
-                return 1
-            print(json.dumps({"state_file": settings.state_file, "hsm": args.hsm_id}))
-            return 0
         try:
             state, hsm_id, members = nvram.open_state(settings.state_file)
         except (nvram.StateFileError, OSError) as exc:
             print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
             return 4
-        if args.cmd == "log-heads":
-            print(json.dumps({"hsm": hsm_id, "members": members, "heads": {
-                i: {"index": h.index, "mac": h.mac.hex()} for i, h in sorted(state.durable_heads().items())}}))
-            return 0
         from bkv_server.service import run
         from bkv_hsm_proxy.app import create_app
         from bkv_hsm_proxy.core import VaultHsm
