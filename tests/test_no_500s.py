@@ -157,6 +157,16 @@ def test_the_dev_issuer_refuses_to_mint_an_id_with_a_trailing_newline(fleet):
 # -- integers past what the HSM packs -------------------------------------------------
 
 
+def _genesis(fleet) -> dict:
+    _, hsm = _urls(fleet)
+    return httpx.post(hsm + "/hsm/v1/log/genesis", json={"island": _island_id(fleet)}, timeout=30).json()
+
+
+def _apply(fleet, kind: str, body: dict) -> dict:
+    """One op for the hsm-proxy's log (every state change goes through it)."""
+    return {"head": _genesis(fleet), "ops": [{"kind": kind, "proof": B(b"\x00\x00\x00"), kind: body}]}
+
+
 def _hsm_registration_start(fleet, version) -> dict:
     return {"user_id": unique_user("big"), "island": _island_id(fleet),
             "current": {"state": "absent", "version": version}, "registration_request": B(os.urandom(32))}
@@ -165,11 +175,11 @@ def _hsm_registration_start(fleet, version) -> dict:
 @pytest.mark.parametrize("version", [U64, U64 + 1, 2**63, 10**40, -1, -(2**63)])
 def test_an_entry_version_outside_u64_with_room_for_one_is_a_400_at_the_hsm_proxy(fleet, version):
     _, hsm = _urls(fleet)
-    for path in ("/hsm/v1/registration/start", "/hsm/v1/login/start"):
-        body = _hsm_registration_start(fleet, version)
-        if path.endswith("login/start"):
-            body["credential_request"] = body.pop("registration_request")
-        assert_4xx(_post(hsm + path, body), "invalid_request")
+    body = _hsm_registration_start(fleet, version)
+    assert_4xx(_post(hsm + "/hsm/v1/registration/start", body), "invalid_request")
+    body["credential_request"] = body.pop("registration_request")
+    body["request_id"] = B(os.urandom(16))
+    assert_4xx(_post(hsm + "/hsm/v1/log/apply", _apply(fleet, "login_start", body)), "invalid_request")
 
 
 def test_the_largest_entry_version_is_a_4xx_too_because_the_next_one_would_not_fit(fleet):
@@ -177,7 +187,13 @@ def test_the_largest_entry_version_is_a_4xx_too_because_the_next_one_would_not_f
     body = {"user_id": unique_user("big"), "island": _island_id(fleet),
             "current": {"state": "absent", "version": MAX_VERSION}, "challenge": B(os.urandom(60)),
             "registration_upload": B(os.urandom(192)), "ek": B(os.urandom(48)), "k_nonce": B(os.urandom(12))}
-    assert_4xx(_post(hsm + "/hsm/v1/registration/finish", body))
+    body["request_id"] = B(os.urandom(16))
+    resp = _post(hsm + "/hsm/v1/log/apply", _apply(fleet, "registration_finish", body))
+    if resp.status_code == 200:  # refused as an op: nothing applied, a 4xx for that op
+        (result,) = resp.json()["results"]
+        assert resp.json()["entry"] is None and 400 <= result["status"] < 500, result
+    else:
+        assert_4xx(resp)
 
 
 def test_a_version_in_exponent_notation_is_refused(fleet):
@@ -292,12 +308,13 @@ def test_ids_with_a_trailing_newline_are_refused_by_the_hsm_proxy(fleet):
         ("/hsm/v1/registration/start", {**start, "island": isl + NL}),
         ("/hsm/v1/registration/start", {**start, "fleet_id": fid + NL}),
         ("/hsm/v1/registration/start", {**start, "current": {**current, "fleet_id": fid + NL}}),
-        ("/hsm/v1/reseal", {"user_ref": user_ref("alice") + NL, "from_island": isl, "to_island": "island-b",
-                            "current": current}),
-        ("/hsm/v1/reseal", {"user_ref": user_ref("alice"), "from_island": isl, "to_island": "island-b" + NL,
-                            "current": current}),
-        ("/hsm/v1/migrate", {"user_ref": user_ref("alice"), "island": isl, "current": current,
-                             "to_fleet": fid + NL}),
+        ("/hsm/v1/log/apply", _apply(fleet, "move_out", {"user_ref": user_ref("alice") + NL, "island": isl,
+                                                         "to_island": "island-b", "current": current})),
+        ("/hsm/v1/log/apply", _apply(fleet, "move_out", {"user_ref": user_ref("alice"), "island": isl,
+                                                         "to_island": "island-b" + NL, "current": current})),
+        ("/hsm/v1/log/apply", _apply(fleet, "migrate", {"user_ref": user_ref("alice"), "island": isl,
+                                                        "current": current, "to_fleet": fid + NL})),
+        ("/hsm/v1/log/genesis", {"island": isl + NL}),
     ]
     for path, body in cases:
         assert_4xx(_post(hsm + path, body), "invalid_request")
@@ -367,16 +384,20 @@ def _hsm_routes(fleet) -> dict[str, dict]:
     cur = {"state": "absent", "version": 0}
     who = {"user_id": unique_user("sw"), "island": isl, "fleet_id": fid, "current": cur}
     ref = user_ref(unique_user("sw"))
+    head = _genesis(fleet)
+    rid = {"request_id": B(os.urandom(16))}
+    statement = {"hsm": "hsm-0", "island": isl, "index": 0, "mac": head["mac"], "tag": head["mac"]}
     return {
         "/hsm/v1/registration/start": {**who, "registration_request": B(os.urandom(32))},
-        "/hsm/v1/registration/finish": {**who, "challenge": B(os.urandom(60)),
-                                        "registration_upload": B(os.urandom(192)), "ek": B(os.urandom(48)),
-                                        "k_nonce": B(os.urandom(12))},
-        "/hsm/v1/login/start": {**who, "credential_request": B(os.urandom(96))},
-        "/hsm/v1/login/finish": {**who, "login_state": B(os.urandom(300)),
-                                 "credential_finalization": B(os.urandom(64))},
-        "/hsm/v1/reseal": {"user_ref": ref, "from_island": isl, "to_island": "island-b", "current": cur},
-        "/hsm/v1/migrate": {"user_ref": ref, "island": isl, "current": cur, "to_fleet": "0" * 32},
+        "/hsm/v1/log/genesis": {"island": isl},
+        "/hsm/v1/log/apply": _apply(fleet, "login_start", {**who, **rid, "credential_request": B(os.urandom(96))}),
+        "/hsm/v1/log/capture": {"entries": [head]},
+        "/hsm/v1/log/release": {"entry": head, "statements": [statement], "held": [B(os.urandom(60))]},
+        "/hsm/v1/refusal": {**who, "proven": {"head": head, "proof": B(b"\x00\x00\x00")}, "statements": [statement],
+                            "fingerprint": B(os.urandom(32))},
+        "/hsm/v1/reply/open": {**{k: who[k] for k in ("user_id", "island", "current")}, **rid,
+                               "proven": {"head": head, "proof": B(b"\x00\x00\x00")}, "statements": [],
+                               "fingerprint": B(os.urandom(32))},
     }
 
 
