@@ -83,6 +83,7 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
     from bkv_protocol import hsm_api as api
     from bkv_hsm_proxy.core import VaultHsm
     from bkv_hsm_proxy.hsm import Pkcs11Hsm
+    from bkv_protocol.encoding import b64d
 
     os.environ["SOFTHSM2_CONF"] = str(fleet.state / "hsm" / "softhsm2.conf")
     pin = json.loads((fleet.state / "hsm" / "pins.json").read_text())["user"]
@@ -96,13 +97,13 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
     fin = opaque.client_registration_finish(b"pw", start.get_state(), rs.registration_response)
     reg_in = api.RegistrationFinishIn(user_id="floor", island="island-a", request_id=os.urandom(16), current=absent, challenge=rs.challenge,
                                       registration_upload=fin.get_message(), ek=os.urandom(48), k_nonce=os.urandom(12))
-    entry = vault.registration_finish(reg_in).new_entry
+    entry, _ = vault.registration_finish(reg_in)  # (the next entry, the answer a client would get)
     login = opaque.client_login_start(b"pw")
     ls_in = api.LoginStartIn(user_id="floor", island="island-a", request_id=os.urandom(16), current=entry, credential_request=login.get_message())
-    ls = vault.login_start(ls_in)
-    cfin = opaque.client_login_finish(b"pw", login.get_state(), ls.credential_response).get_message()
-    lf_in = api.LoginFinishIn(user_id="floor", island="island-a", request_id=os.urandom(16), current=ls.new_entry, login_state=ls.login_state,
-                              credential_finalization=cfin)
+    ls_entry, ls = vault.login_start(ls_in)
+    cfin = opaque.client_login_finish(b"pw", login.get_state(), b64d(ls["credential_response"])).get_message()
+    lf_in = api.LoginFinishIn(user_id="floor", island="island-a", request_id=os.urandom(16), current=ls_entry,
+                              login_state=b64d(ls["login_state"]), credential_finalization=cfin)
     req = start.get_message()
 
     def per_op(fn) -> float:

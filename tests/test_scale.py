@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from bkv_protocol.hsm_api import Entry, EntryState
+
 from bkv import errors
 from bkv_protocol.encoding import user_ref
 from bkv_server.etcd import connect
@@ -75,13 +77,18 @@ async def test_adding_an_island_to_many_users_under_load_moves_only_theirs_and_e
     stop.set()
     await task
 
-    # Exactly one entry per user, on the island the new map names.
+    # Exactly one live entry per user, on the island the new map names (the old
+    # island keeps a MOVED tombstone pointing there).
     etcd = await connect(fleet.etcd_endpoints)
     try:
         where = {}
         for island in ("island-a", "island-b"):
             prefix = f"/bkv/records/{island}/".encode()
-            for kv in await etcd.get_prefix(prefix, keys_only=True):
+            for kv in await etcd.get_prefix(prefix):
+                entry = Entry.model_validate_json(kv.value)
+                if entry.state is EntryState.MOVED:
+                    assert entry.moved_to != island
+                    continue
                 where.setdefault(kv.key[len(prefix):].decode(), []).append(island)
     finally:
         await etcd.close()
