@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
@@ -59,6 +60,7 @@ from bkv_protocol.secrets import Secret
 
 NO_MAC = bytes(32)  # the genesis entry's prev_mac
 NO_SALT = bytes(16)
+RECENT_CAPTURES = 4096  # per island, in memory
 
 
 class LogKey(Secret):
@@ -153,6 +155,9 @@ class IslandLog:
         self.quorum = quorum(len(members), rolled_back)
         self._state = state
         self._held = AESGCM(key.held_key())
+        # Links captured lately, in memory only: a statement about one may be asked
+        # again after newer ones (a move's evidence). Lost on restart: then only the head.
+        self._recent: dict[str, OrderedDict[int, bytes]] = {}
 
     def __repr__(self) -> str:
         return f"IslandLog({self.hsm_id}, quorum {self.quorum}/{len(self.members)}, key=(redacted))"
@@ -226,14 +231,22 @@ class IslandLog:
         island = entries[0].island
         head = self.captured(island)
         last = entries[-1]
-        if len(entries) == 1 and last.index == head.index and hmac.compare_digest(last.mac, head.mac):
-            return self._statement(island, head.index, head.mac)
+        if len(entries) == 1 and last.index <= head.index:
+            # Captured before (our head, or a recent link of our chain): restate it.
+            known = head.mac if last.index == head.index else self._recent.get(island, {}).get(last.index)
+            if known is not None and hmac.compare_digest(last.mac, known):
+                return self._statement(island, last.index, last.mac)
         for e in entries:
             self.authentic(e)
             if e.island != island or e.index != head.index + 1 or not hmac.compare_digest(e.prev_mac, head.mac):
                 raise NotNextEntry(f"island {island}: #{e.index} does not extend this hsm-proxy's #{head.index}")
             head = e
         await self._state.persist({island: last.head()})  # group-committed with every other capture
+        recent = self._recent.setdefault(island, OrderedDict())
+        for e in entries:
+            recent[e.index] = e.mac
+        while len(recent) > RECENT_CAPTURES:
+            recent.popitem(last=False)
         return self._statement(island, last.index, last.mac)
 
     def _statement(self, island: str, index: int, mac: bytes) -> Statement:

@@ -90,6 +90,7 @@ class Ledger:
         self.trie = merkle.Trie()
         self.records: dict[str, hapi.Entry] = {}
         self.statements: list[hapi.Statement] = []  # a quorum's, for self.head, once known
+        self._committed: dict[bytes, list[hapi.Statement]] = {}  # entry mac -> the statements its release got
         self._queue: list[_Pending] = []
         self._appender: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # sync and append never interleave
@@ -213,9 +214,10 @@ class Ledger:
     async def statements_for(self, head: hapi.LogEntry) -> list[hapi.Statement]:
         """The hsm-proxies' capture statements for ``head`` (those that hold it
         as their head restate it): what shows the boundary it is committed."""
-        if self.head is not None and head.mac == self.head.mac and self.statements:
-            return self.statements
-        return await self._hsm.commit([head], self._chain)
+        known = {s.hsm: s for s in self._committed.get(head.mac, [])}
+        for s in await self._hsm.commit([head], self._chain):  # those that restate it now (a rare path)
+            known.setdefault(s.hsm, s)
+        return list(known.values())
 
     # -- changes -------------------------------------------------------------------------------
     async def change(self, ref: str, build: Callable[[hapi.Entry, bytes], hapi.Op]
@@ -348,6 +350,10 @@ class Ledger:
 
     async def _release(self, out: hapi.ApplyOut, live: list[_Pending]) -> None:
         self.statements = await self._hsm.commit([out.entry], self._chain)
+        # Statements stay valid: kept for a move's evidence or a resend asked about this entry later.
+        self._committed[out.entry.mac] = self.statements
+        if len(self._committed) > 1024:
+            del self._committed[next(iter(self._committed))]
         held = [r.held for r in out.results if r.held is not None]
         try:
             answers = iter((await self._hsm.release(hapi.ReleaseIn(
