@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -75,7 +76,7 @@ class _Pending:
 
 class Ledger:
     def __init__(self, island: str, etcd: aetcd.Client, prefix: str, hsm: HsmLogPort, *,
-                 max_batch: int = MAX_BATCH, deadline_s: float = 8.0) -> None:
+                 max_batch: int = MAX_BATCH, deadline_s: float = 30.0) -> None:
         self.island = island
         self._etcd = etcd
         self._hsm = hsm
@@ -261,7 +262,7 @@ class Ledger:
             self._appender = None
 
     async def _append(self, batch: list[_Pending]) -> None:
-        deadline = time.monotonic() + self._deadline_s
+        deadline, lost = time.monotonic() + self._deadline_s, 0
         while True:
             if self.head is None:
                 await self._load()
@@ -293,6 +294,10 @@ class Ledger:
                 return
             if not await self._put(out, live):
                 metrics.RETRIES.labels("log-append").inc()
+                lost += 1
+                # Replicas append optimistically: the loser waits a random while so the
+                # two do not meet again at once (slow links made them collide for seconds).
+                await asyncio.sleep(random.uniform(0, min(0.5, 0.02 * 2 ** lost)))
                 await self._sync()
                 if time.monotonic() >= deadline:
                     raise errors.Contended("too many concurrent changes to this island's log; try again")
