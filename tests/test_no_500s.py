@@ -383,7 +383,6 @@ def _hsm_routes(fleet) -> dict[str, dict]:
     isl, fid = _island_id(fleet), fleet.fleet_params["fleet_id"]
     cur = {"state": "absent", "version": 0}
     who = {"user_id": unique_user("sw"), "island": isl, "fleet_id": fid, "current": cur}
-    ref = user_ref(unique_user("sw"))
     head = _genesis(fleet)
     rid = {"request_id": B(os.urandom(16))}
     statement = {"hsm": "hsm-0", "island": isl, "index": 0, "mac": head["mac"], "tag": head["mac"]}
