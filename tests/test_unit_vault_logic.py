@@ -21,6 +21,7 @@ from bkv_island.ledger import Ledger
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import island_api as iapi
 from bkv_protocol.encoding import user_ref
+from bkv_server import metrics
 from bkv_server.http import UpstreamError
 from fakes import FakeClock, InMemoryEtcdFake, InMemoryHsmFake, InProcessHsmFake
 
@@ -230,3 +231,33 @@ async def test_a_resent_guess_is_answered_from_the_commit_by_another_replica(par
     assert again == first and first.attempts_left == 2
     current = entry(etcd, "alice")
     assert current.request.id == guess.request_id.hex() and current.version == 2
+
+
+async def test_a_resend_that_arrives_while_its_request_is_still_running_joins_it_and_is_evaluated_once(parts):
+    vault, island, etcd, _ = parts
+    _, _, finish = await _register(island, "alice")
+    await island.registration_finish(finish)
+    guess = iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+                              credential_request=opaque.client_login_start(b"wrong").get_message())
+    joined, answered = metrics.RESENDS_JOINED._value.get(), metrics.RESENDS_ANSWERED._value.get()
+    # Three copies at once on one replica (a client and a frontend resending while the log is slow).
+    answers = await asyncio.gather(*(island.login_start(guess) for _ in range(3)))
+    assert answers[0] == answers[1] == answers[2] and answers[0].attempts_left == 2
+    # The two copies waited on the first; none queued a change of its own to be answered from the commit.
+    assert metrics.RESENDS_JOINED._value.get() - joined == 2
+    assert metrics.RESENDS_ANSWERED._value.get() == answered
+    assert entry(etcd, "alice").version == 2  # one decrement, one log change for the three
+    assert island._running == {}  # nothing left behind
+
+
+async def test_a_request_id_reused_with_another_body_while_the_first_runs_is_refused(parts):
+    vault, island, etcd, _ = parts
+    _, _, finish = await _register(island, "alice")
+    await island.registration_finish(finish)
+    rid = os.urandom(16)
+    first, other = (iapi.LoginStartIn(user_id="alice", request_id=rid,
+                                      credential_request=opaque.client_login_start(pw).get_message())
+                    for pw in (b"wrong", b"other"))
+    got = await asyncio.gather(island.login_start(first), island.login_start(other), return_exceptions=True)
+    assert got[0].attempts_left == 2 and isinstance(got[1], ierr.RequestIdReused)
+    assert entry(etcd, "alice").version == 2

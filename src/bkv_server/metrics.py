@@ -43,6 +43,8 @@ LOCKOUT_HITS = Counter("bkv_lockout_hits", "Recovery attempts against a destroye
 REGISTRATIONS = Counter("bkv_registrations", "Registrations committed")
 RESENDS_ANSWERED = Counter("bkv_resends_answered",
                            "Resent requests answered from the kept, committed answer (never evaluated again)")
+RESENDS_JOINED = Counter("bkv_resends_joined", "Resends that arrived while this island replica was still working "
+                         "on the same request, and got its answer")
 
 
 # -- bounded HTTP labels -------------------------------------------------------------
@@ -103,6 +105,9 @@ def observe_http(service: str, routes: RouteTable, path: str, method: str, statu
 LOG_ENTRIES = Counter("bkv_log_entries", "Log entries an island appended and had committed", ["island"])
 LOG_CHANGES_PER_ENTRY = Histogram("bkv_log_changes_per_entry", "Record changes carried by one log entry",
                                   buckets=(1, 2, 4, 8, 16, 32, 64))
+LOG_STEP = Histogram("bkv_log_step_duration_seconds", "Time an island's appender spends in each step of a log "
+                     "entry: apply, append (etcd), capture (a quorum of hsm-proxies), release", ["step"],
+                     buckets=_LATENCY_BUCKETS)
 LOG_DIVERGED = Counter("bkv_log_diverged", "Times an island found etcd behind the HSM boundary or not adding up "
                        "to its log head (it fails closed)", ["island"])
 LOG_CAPTURES = Counter("bkv_log_captures", "Log entries this hsm-proxy captured", ["island"])

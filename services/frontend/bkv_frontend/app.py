@@ -97,11 +97,14 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
         """Send to the user's island and pass its answer through byte for byte:
         the client checks the fleet signature, so parsing it here buys nothing."""
         home, island = view.island_for(user)
-        # Each user sticks to one replica of its island, so that replica's entry cache hits.
-        status, content = await island.call_raw("POST", path, body, idempotent=idempotent, affinity=user)
+        # Every request for an island goes to one preferred replica (the next on failure):
+        # it appends the island's log for all of them in batches, where replicas that
+        # each appended would race for the log head (bkv_island/ledger.py), and a resend
+        # finds the request it repeats still running there (Island._change).
+        status, content = await island.call_raw("POST", path, body, idempotent=idempotent, affinity=home)
         if status == 404 and await follow_migration(user, home):
-            _, island = view.island_for(user)
-            status, content = await island.call_raw("POST", path, body, idempotent=idempotent, affinity=user)
+            home, island = view.island_for(user)
+            status, content = await island.call_raw("POST", path, body, idempotent=idempotent, affinity=home)
         if status >= 400:
             return passthrough_response(status, decode_error("island", status, content))
         return Response(content, status_code=status, media_type="application/json")

@@ -20,6 +20,7 @@ boundary -- not etcd -- decides what is current (issue #17).
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
@@ -92,9 +93,40 @@ class Island:
         self._hsm = hsm
         self._islands = islands  # another island's replicas (moves)
         self._answers: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # request id -> (kept reply, answer)
+        self._running: dict[str, tuple[bytes, asyncio.Future]] = {}  # request id -> (fingerprint, outcome)
 
     # -- the one loop --------------------------------------------------------------
     async def _change(self, op: _Op):
+        """Run ``op``; a resend of a client request this replica is still
+        working on joins it instead of queueing again (on a slow log, resends
+        that each queued anew would grow the queue faster than it drains)."""
+        if op.writes is None:
+            return await self._run(op)
+        rid = op.writes.request_id.hex()
+        if (running := self._running.get(rid)) is not None:
+            fingerprint, outcome = running
+            if fingerprint != op.writes.fingerprint:
+                raise errors.RequestIdReused("this request id was used for another request; nothing was done")
+            metrics.RESENDS_JOINED.inc()
+            return await asyncio.shield(outcome)
+        outcome = asyncio.get_running_loop().create_future()
+        self._running[rid] = (op.writes.fingerprint, outcome)
+        try:
+            result = await self._run(op)
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except BaseException as exc:
+            outcome.set_exception(exc)
+            outcome.exception()  # retrieved: no joiner is required to have waited on it
+            raise
+        else:
+            outcome.set_result(result)
+            return result
+        finally:
+            del self._running[rid]
+
+    async def _run(self, op: _Op):
         await self._ledger.ready()
         try:
             entry, answer = await self._ledger.change(op.ref, lambda current, proof: self._build(op, current, proof))
@@ -141,7 +173,7 @@ class Island:
             await self._ledger.sync()  # only the newest entry answers a resend
             current, proven = self._ledger.current(ref), self._ledger.proven(ref)
             if current.request is None or current.request.id != writes.request_id.hex():
-                return await self._change(op)  # a later change landed: decide again (superseded)
+                return await self._run(op)  # a later change landed: decide again (superseded)
             mine = self._answers.get(writes.request_id.hex())
             if mine is not None and mine[0] == current.request.reply:  # this replica's own commit
                 metrics.RESENDS_ANSWERED.inc()
@@ -170,7 +202,7 @@ class Island:
             await self._ledger.sync()
             current, proven = self._ledger.current(op.ref), self._ledger.proven(op.ref)
             if current.state not in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
-                return await self._change(op)  # it moved on meanwhile: decide again
+                return await self._run(op)  # it moved on meanwhile: decide again
             try:
                 out = await self._hsm.refusal(hapi.RefusalIn(
                     user_id=writes.user_id, island=self.island_id, fleet_id=writes.fleet_id, current=current,

@@ -31,6 +31,7 @@ a clear error and the ``bkv_log_diverged_total`` metric, never a reset.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -278,7 +279,8 @@ class Ledger:
             if not ops:
                 return
             try:
-                out = await self._hsm.apply(hapi.ApplyIn(head=self.head, ops=ops))
+                with _step("apply"):
+                    out = await self._hsm.apply(hapi.ApplyIn(head=self.head, ops=ops))
             except UpstreamError as exc:
                 if exc.body.error.code.value == "stale_head":
                     seen = self.head.mac
@@ -325,6 +327,7 @@ class Ledger:
             return self.head is not None and self.head.mac == entry.mac
         finally:
             metrics.ETCD_TXN.labels("log-append").observe(time.perf_counter() - t)
+            metrics.LOG_STEP.labels("append").observe(time.perf_counter() - t)
         if not ok:
             metrics.ETCD_CONFLICTS.labels("log-append").inc()
             return False
@@ -354,15 +357,17 @@ class Ledger:
         return [hapi.LogEntry.model_validate(json.loads(kv.value)["entry"]) for kv in got]
 
     async def _release(self, out: hapi.ApplyOut, live: list[_Pending]) -> None:
-        self.statements = await self._hsm.commit([out.entry], self._chain)
+        with _step("capture"):
+            self.statements = await self._hsm.commit([out.entry], self._chain)
         # Statements stay valid: kept for a move's evidence or a resend asked about this entry later.
         self._committed[out.entry.mac] = self.statements
         if len(self._committed) > 1024:
             del self._committed[next(iter(self._committed))]
         held = [r.held for r in out.results if r.held is not None]
         try:
-            answers = iter((await self._hsm.release(hapi.ReleaseIn(
-                entry=out.entry, statements=self.statements, held=held))).answers if held else [])
+            with _step("release"):
+                answers = iter((await self._hsm.release(hapi.ReleaseIn(
+                    entry=out.entry, statements=self.statements, held=held))).answers if held else [])
         except UpstreamError as exc:
             if exc.body.error.code.value != "no_quorum":
                 raise
@@ -374,6 +379,15 @@ class Ledger:
                 _settle(p, exc=_refusal(r))
             else:
                 _settle(p, result=(r.new_entry, next(answers) if r.held is not None else None))
+
+
+@contextlib.contextmanager
+def _step(name: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.LOG_STEP.labels(name).observe(time.perf_counter() - t)
 
 
 def _refusal(r: hapi.OpResult) -> UpstreamError:
