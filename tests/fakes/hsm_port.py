@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from bkv_hsm_proxy import errors
 from bkv_hsm_proxy.core import VaultHsm
+from bkv_island.hsm_client import capture_caught_up
 from bkv_protocol import hsm_api as hapi
 from bkv_server.http import UpstreamError
 
@@ -43,11 +44,9 @@ class InProcessHsmFake:
         return await self._call(self.vault.release, req)
 
     async def commit(self, entries, chain):
-        try:
-            return [(await self._call(self.vault.capture, hapi.CaptureIn(entries=entries))).statement]
-        except UpstreamError as exc:
-            if exc.body.error.code.value != "not_next_entry":
-                raise
-        head = self.vault.log_heads().heads.get(entries[-1].island)
-        missed = await chain(head.index if head else 0, entries[-1].index)
-        return [(await self._call(self.vault.capture, hapi.CaptureIn(entries=missed))).statement] if missed else []
+        """The one hsm-proxy's statement, caught up as the real client does it."""
+        async def heads():
+            return self.vault.log_heads()
+
+        return [await capture_caught_up(lambda batch: self._call(self.vault.capture, hapi.CaptureIn(entries=batch)),
+                                        heads, entries, chain)]

@@ -164,58 +164,74 @@ class Island:
             raise errors.RequestSuperseded("this request was answered before and a later change has landed since; "
                                            "nothing was done: start the operation again")
 
+    async def _against_newest(self, ref: str, still: Callable[[hapi.Entry], bool],
+                              call: Callable[[hapi.Entry, hapi.Proven], Awaitable[Any]], not_yet: str):
+        """``call(current, proven)`` against the newest log this replica can
+        read, while ``still(current)`` holds; tried again (three times in all)
+        when the log moved on between the proof and the boundary's check.
+        Returns ``(current, result)``, or None when the record changed
+        meanwhile (decide again). A change not yet captured by a quorum:
+        UpstreamUnavailable(``not_yet``); another refusal: raised as it is."""
+        for attempt in range(3):
+            await self._ledger.sync()
+            current, proven = self._ledger.current(ref), self._ledger.proven(ref)
+            if not still(current):
+                return None
+            try:
+                return current, await call(current, proven)
+            except UpstreamError as exc:
+                code = exc.body.error.code.value
+                if attempt < 2 and code in ("no_quorum", "stale_head", "proof_refused"):
+                    continue
+                if code == "no_quorum":
+                    raise UpstreamUnavailable(not_yet) from exc
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def _kept_answer(self, op: _Op):
         """A resend of the request that wrote the newest entry: from memory if
         this replica committed it, else the boundary opens the answer kept in
         the entry, once it sees that entry committed."""
-        writes, ref = op.writes, op.ref
-        for attempt in range(3):  # the log may move on between the proof and the statements: again
-            await self._ledger.sync()  # only the newest entry answers a resend
-            current, proven = self._ledger.current(ref), self._ledger.proven(ref)
-            if current.request is None or current.request.id != writes.request_id.hex():
-                return await self._run(op)  # a later change landed: decide again (superseded)
-            mine = self._answers.get(writes.request_id.hex())
+        writes, rid = op.writes, op.writes.request_id.hex()
+
+        async def kept(current: hapi.Entry, proven: hapi.Proven) -> bytes:
+            mine = self._answers.get(rid)
             if mine is not None and mine[0] == current.request.reply:  # this replica's own commit
-                metrics.RESENDS_ANSWERED.inc()
-                return writes.out_type.model_validate_json(mine[1])
-            try:
-                kept = await self._hsm.open_reply(hapi.ReplyOpenIn(
-                    user_id=writes.user_id, island=self.island_id, current=current, proven=proven,
-                    statements=await self._ledger.statements_for(proven.head), request_id=writes.request_id,
-                    fingerprint=writes.fingerprint))
-                break
-            except UpstreamError as exc:
-                if attempt < 2 and exc.body.error.code.value in ("no_quorum", "stale_head", "proof_refused"):
-                    continue
-                if exc.body.error.code.value == "no_quorum":  # not committed yet: ask again later
-                    raise UpstreamUnavailable("too few hsm-proxies hold this change yet; try again shortly") from exc
-                # Sealed by a fleet retired since, or edited in etcd: never evaluate again.
-                raise errors.RequestSuperseded("this request was answered before, and that answer can no longer "
-                                               "be given; nothing was done: start the operation again") from exc
+                return mine[1]
+            return (await self._hsm.open_reply(hapi.ReplyOpenIn(
+                user_id=writes.user_id, island=self.island_id, current=current, proven=proven,
+                statements=await self._ledger.statements_for(proven.head), request_id=writes.request_id,
+                fingerprint=writes.fingerprint))).reply
+
+        try:
+            got = await self._against_newest(
+                op.ref, lambda current: current.request is not None and current.request.id == rid, kept,
+                "too few hsm-proxies hold this change yet; try again shortly")
+        except UpstreamError as exc:
+            # Sealed by a fleet retired since, or edited in etcd: never evaluate again.
+            raise errors.RequestSuperseded("this request was answered before, and that answer can no longer "
+                                           "be given; nothing was done: start the operation again") from exc
+        if got is None:
+            return await self._run(op)  # a later change landed: decide again (superseded)
         metrics.RESENDS_ANSWERED.inc()
-        return writes.out_type.model_validate_json(kept.reply)
+        return writes.out_type.model_validate_json(got[1])
 
     async def _refuse(self, op: _Op):
         """No live record (the log says so): raise the fleet-signed refusal for this request."""
         writes = op.writes
-        for attempt in range(3):  # signed against the newest head the boundary accepts
-            await self._ledger.sync()
-            current, proven = self._ledger.current(op.ref), self._ledger.proven(op.ref)
-            if current.state not in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
-                return await self._run(op)  # it moved on meanwhile: decide again
-            try:
-                out = await self._hsm.refusal(hapi.RefusalIn(
-                    user_id=writes.user_id, island=self.island_id, fleet_id=writes.fleet_id, current=current,
-                    proven=proven, statements=await self._ledger.statements_for(proven.head),
-                    fingerprint=writes.fingerprint))
-                break
-            except UpstreamError as exc:
-                if attempt < 2 and exc.body.error.code.value in ("stale_head", "no_quorum"):
-                    continue
-                if exc.body.error.code.value == "no_quorum":
-                    raise UpstreamUnavailable("too few hsm-proxies hold the newest state yet; try again shortly") \
-                        from exc
-                raise
+
+        async def refusal(current: hapi.Entry, proven: hapi.Proven) -> hapi.RefusalOut:
+            return await self._hsm.refusal(hapi.RefusalIn(
+                user_id=writes.user_id, island=self.island_id, fleet_id=writes.fleet_id, current=current,
+                proven=proven, statements=await self._ledger.statements_for(proven.head),
+                fingerprint=writes.fingerprint))
+
+        got = await self._against_newest(
+            op.ref, lambda current: current.state in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED), refusal,
+            "too few hsm-proxies hold the newest state yet; try again shortly")
+        if got is None:
+            return await self._run(op)  # it moved on meanwhile: decide again
+        current, out = got
         if current.state is hapi.EntryState.ABSENT:
             raise errors.NoRecord("no record for this user", out.signature)
         metrics.LOCKOUT_HITS.inc()

@@ -13,6 +13,30 @@ from bkv_server.http import ServiceClient, UpstreamError
 CATCH_UP_CHUNK = 128  # entries per capture for an hsm-proxy that is behind (CaptureIn allows 256)
 
 
+Chain = Callable[[int, int], Awaitable[list[hapi.LogEntry]]]
+
+
+async def capture_caught_up(capture: Callable[[list[hapi.LogEntry]], Awaitable[hapi.CaptureOut]],
+                            heads: Callable[[], Awaitable[hapi.LogHeadsOut]],
+                            entries: list[hapi.LogEntry], chain: Chain) -> hapi.Statement:
+    """One hsm-proxy captures ``entries``; if it is behind (``not_next_entry``),
+    it is first given what it missed, from ``chain(after, upto)`` (etcd)."""
+    target = entries[-1]
+    try:
+        return (await capture(entries)).statement
+    except UpstreamError as exc:
+        if exc.body.error.code.value != "not_next_entry":
+            raise
+    have = (await heads()).heads.get(target.island)
+    missed = await chain(have.index if have is not None else 0, target.index)
+    if not missed or missed[-1].mac != target.mac:
+        raise LookupError("this hsm-proxy is ahead of, or on another branch than, the log")
+    statement = None
+    for i in range(0, len(missed), CATCH_UP_CHUNK):
+        statement = (await capture(missed[i:i + CATCH_UP_CHUNK])).statement
+    return statement
+
+
 class HsmHttpClient:
     """Every hsm-proxy call is a pure function of its input, so all are retried."""
 
@@ -38,31 +62,16 @@ class HsmHttpClient:
     async def release(self, req: hapi.ReleaseIn) -> hapi.ReleaseOut:
         return await self._c.call("POST", "/hsm/v1/log/release", req, hapi.ReleaseOut, idempotent=True)
 
-    async def commit(self, entries: list[hapi.LogEntry],
-                     chain: Callable[[int, int], Awaitable[list[hapi.LogEntry]]]) -> list[hapi.Statement]:
+    async def commit(self, entries: list[hapi.LogEntry], chain: Chain) -> list[hapi.Statement]:
         """Have every hsm-proxy capture ``entries`` (one that is behind first
         gets what it missed, from ``chain(after, upto)``); the statements of
         those that did. Fewer than a quorum: release will say so."""
-        target = entries[-1]
-
         async def one(c: ServiceClient) -> hapi.Statement:
-            try:
-                return (await c.call("POST", "/hsm/v1/log/capture", hapi.CaptureIn(entries=entries),
-                                     hapi.CaptureOut, idempotent=True)).statement
-            except UpstreamError as exc:
-                if exc.body.error.code.value != "not_next_entry":
-                    raise
-            heads = await c.call("GET", "/hsm/v1/log/heads", None, hapi.LogHeadsOut, idempotent=True)
-            have = heads.heads.get(target.island)
-            after = have.index if have is not None else 0
-            missed = await chain(after, target.index)
-            if not missed or missed[-1].mac != target.mac:
-                raise LookupError("this hsm-proxy is ahead of, or on another branch than, the log")
-            statement = None
-            for i in range(0, len(missed), CATCH_UP_CHUNK):
-                statement = (await c.call("POST", "/hsm/v1/log/capture", hapi.CaptureIn(
-                    entries=missed[i:i + CATCH_UP_CHUNK]), hapi.CaptureOut, idempotent=True)).statement
-            return statement
+            return await capture_caught_up(
+                lambda batch: c.call("POST", "/hsm/v1/log/capture", hapi.CaptureIn(entries=batch), hapi.CaptureOut,
+                                     idempotent=True),
+                lambda: c.call("GET", "/hsm/v1/log/heads", None, hapi.LogHeadsOut, idempotent=True),
+                entries, chain)
 
         got = await asyncio.gather(*(one(c) for c in self._each), return_exceptions=True)
         return [s for s in got if isinstance(s, hapi.Statement)]

@@ -170,12 +170,16 @@ class Ledger:
         refs = {r for kv in entries for r in json.loads(kv.value)["refs"]}
         if len(entries) != new.index - self.head.index:
             return await self._load()  # entries missing: read everything (and check it)
+        fetched = []
         for ref in refs:
             try:
                 got_rec = await self._etcd.get(f"{self._records}{ref}".encode())
             except RETRYABLE as exc:
                 raise errors.StoreUnavailable("etcd unreachable") from exc
-            entry = ABSENT if got_rec is None else hapi.Entry.model_validate_json(got_rec.value)
+            fetched.append((ref, ABSENT if got_rec is None else hapi.Entry.model_validate_json(got_rec.value)))
+        # Read first, then adopt with no await until the head moves with them: code that
+        # reads the view between its awaits never sees records newer than the head.
+        for ref, entry in fetched:
             self._adopt_record(ref, entry)
         if self.trie.root() != new.root:
             return await self._load()  # a record moved on again meanwhile, or etcd lies: read it all
