@@ -17,11 +17,19 @@ from bkv_protocol.hsm_api import EntryState
 from conftest import read_entry, unique_user
 
 
-def _guesses_evaluated(url: str) -> float:
+def _metric(url: str, series: str) -> float:
     for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("bkv_guesses_evaluated_total "):
+        if line.startswith(series + " "):
             return float(line.split()[1])
     return 0.0
+
+
+def _guesses_evaluated(url: str) -> float:
+    return _metric(url, "bkv_guesses_evaluated_total")
+
+
+LOST_APPENDS = 'bkv_etcd_txn_conflicts_total{operation="log-append"}'
+WENT_ON = 'bkv_log_appender_total{event="went_on"}'
 
 
 async def test_fifty_concurrent_wrong_guesses_across_both_replicas_evaluate_at_most_max_attempts(
@@ -33,7 +41,9 @@ async def test_fifty_concurrent_wrong_guesses_across_both_replicas_evaluate_at_m
     assert len(replicas) == 2
     urls = [f"http://127.0.0.1:{p.port}" for p in replicas]
     before = [_guesses_evaluated(u) for u in urls]
-    # The frontend keeps a user on one replica; here the guesses go straight
+    lost_before = sum(_metric(u, LOST_APPENDS) for u in urls)
+    went_on_before = sum(_metric(u, WENT_ON) for u in urls)
+    # The frontend sends an island's requests to one replica; here the guesses go straight
     # to both replicas, alternating, to race them against each other.
     async with httpx.AsyncClient(timeout=30) as http:
         async def guess(i: int) -> httpx.Response:
@@ -52,6 +62,12 @@ async def test_fifty_concurrent_wrong_guesses_across_both_replicas_evaluate_at_m
     # Both replicas served half the guesses each (which one wins each race is up to timing).
     for r in (0, 1):
         assert len([a for i, a in enumerate(answers) if i % 2 == r and a.status_code in (200, 410)]) == 25
+    # One appender at a time (the appender lease): a replica loses an append to the
+    # other only after it went on without the lease.
+    lost = sum(_metric(u, LOST_APPENDS) for u in urls) - lost_before
+    went_on = sum(_metric(u, WENT_ON) for u in urls) - went_on_before
+    print(f"lost appends {lost}, went on without the lease {went_on}")
+    assert lost == 0 or went_on > 0, (lost, went_on)
     entry, _, _ = await read_entry(etcd, fleet, user)
     assert entry.state is EntryState.DESTROYED
     with pytest.raises(errors.LockedOut):

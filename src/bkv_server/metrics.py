@@ -108,6 +108,8 @@ LOG_CHANGES_PER_ENTRY = Histogram("bkv_log_changes_per_entry", "Record changes c
 LOG_STEP = Histogram("bkv_log_step_duration_seconds", "Time an island's appender spends in each step of a log "
                      "entry: apply, append (etcd), capture (a quorum of hsm-proxies), release", ["step"],
                      buckets=_LATENCY_BUCKETS)
+LOG_APPENDER = Counter("bkv_log_appender", "An island replica's appender lease: acquired, waited (another held "
+                       "it), went_on (appended without it after the wait), lost, released", ["event"])
 LOG_DIVERGED = Counter("bkv_log_diverged", "Times an island found etcd behind the HSM boundary or not adding up "
                        "to its log head (it fails closed)", ["island"])
 LOG_CAPTURES = Counter("bkv_log_captures", "Log entries this hsm-proxy captured", ["island"])

@@ -21,7 +21,9 @@ task at a time takes a batch (distinct records, up to ``max_batch``) and
    one that is behind is first given the entries it missed) and the boundary
    **release** the answers once a quorum captured.
 
-Nothing the boundary produced leaves before step 3, so a replica that dies,
+A replica appends while it holds the island's appender lease
+(``bkv_island.appender``), so replicas do not race for the head; safety
+never rests on the lease. Nothing the boundary produced leaves before step 3, so a replica that dies,
 a lost race or a lying etcd can waste work but never an extra guess. If etcd
 shows a head older than the one the boundary captured, or records that do
 not add up to the head's root, the island fails closed (``LedgerDiverged``):
@@ -42,6 +44,7 @@ from typing import Callable, Protocol
 import aetcd
 
 from bkv_island import errors
+from bkv_island.appender import AppenderLease, NoLease
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import merkle
 from bkv_protocol.wire import ErrorBody
@@ -77,9 +80,10 @@ class _Pending:
 
 class Ledger:
     def __init__(self, island: str, etcd: aetcd.Client, prefix: str, hsm: HsmLogPort, *,
-                 max_batch: int = MAX_BATCH, deadline_s: float = 30.0) -> None:
+                 max_batch: int = MAX_BATCH, deadline_s: float = 30.0, appender: AppenderLease | None = None) -> None:
         self.island = island
         self._etcd = etcd
+        self._appender_lease = appender or NoLease()
         self._hsm = hsm
         self._max_batch = max_batch
         self._deadline_s = deadline_s
@@ -242,6 +246,11 @@ class Ledger:
         batch: list[_Pending] = []
         try:
             while self._queue:
+                # One appender per island (liveness only): changes that arrive during the wait join this batch.
+                try:
+                    await self._appender_lease.acquire()
+                except Exception:  # noqa: BLE001 - safety never rests on the lease: append without it
+                    log.exception("island %s: the appender lease failed", self.island)
                 batch, later, refs = [], [], set()
                 for p in self._queue:
                     if p.outcome.done():
@@ -260,6 +269,7 @@ class Ledger:
                         for p in batch:
                             _settle(p, exc=exc)
                 batch = []
+            self._appender_lease.idle()
         finally:
             for p in batch + self._queue:
                 _settle(p, exc=errors.StoreUnavailable("the island stopped during a write"))

@@ -9,6 +9,7 @@ from bkv_server.etcd import make_client
 from bkv_server.fleetmap import announce_replica
 from bkv_server.rpc import RpcApp
 from bkv_island.app import create_app
+from bkv_island.appender import EtcdAppenderLease
 from bkv_island.core import Island
 from bkv_island.hsm_client import HsmHttpClient
 from bkv_island.settings import IslandSettings
@@ -31,7 +32,8 @@ def build_app(settings: IslandSettings) -> RpcApp:
             peers[island] = ServiceClient(f"island-{island}", await urls())
         return peers[island]
 
-    ledger = Ledger(settings.island_id, etcd, settings.etcd_prefix, hsm)
+    lease = EtcdAppenderLease(etcd, settings.etcd_prefix, settings.island_id, settings.replica_id)
+    ledger = Ledger(settings.island_id, etcd, settings.etcd_prefix, hsm, appender=lease)
     island = Island(settings.island_id, ledger, hsm, islands=island_client)
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []
@@ -45,6 +47,7 @@ def build_app(settings: IslandSettings) -> RpcApp:
     async def shutdown() -> None:
         stop.set()
         await asyncio.gather(*tasks)
+        await lease.close()  # another replica takes over at once, not after the TTL
         await hsm.aclose()
         for c in peers.values():
             await c.aclose()
