@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 ABSENT = hapi.Entry(state=hapi.EntryState.ABSENT, version=0)
 MAX_BATCH = 32          # ops per entry (etcd takes up to 128 operations per transaction)
-CATCH_UP_CHUNK = 128    # entries per capture when an hsm-proxy is behind
 
 
 _digest = hapi.entry_digest  # a record's leaf value: one definition, shared with the boundary
