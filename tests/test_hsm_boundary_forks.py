@@ -10,6 +10,8 @@ hsm-proxy killed mid-load, then restarted) runs in tests/test_faults.py."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import opaque_ke_py as opaque
 import pytest
@@ -182,3 +184,26 @@ async def test_one_sites_state_file_rolled_back_cannot_commit_a_second_branch_am
         await insider.aclose()
         await etcd.close()
 
+
+
+def test_a_state_file_wiped_and_made_again_with_a_quorum_of_one_does_not_serve(three):
+    """Root on one host wipes an hsm-proxy's state file and makes it again
+    naming that hsm-proxy alone (it would then be a quorum by itself)."""
+    three.kill("hsm-proxy2")
+    path = three.hsm_state_file(2)
+    saved = path.read_bytes()
+    proc = three.procs["hsm-proxy2"]
+    try:
+        path.unlink()
+        made = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "init-state", "--hsm-id", "hsm-2",
+                               "--members", "hsm-2", "--state-file", str(path)],
+                              capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr  # the file is made: nothing stops root doing that...
+        served = subprocess.run(proc.argv, env={**os.environ, **proc.env}, capture_output=True, text=True,
+                                timeout=60)
+        # ...but the hsm-proxy does not serve on it: the token holds the fleet's set.
+        assert served.returncode == 4, served.stderr
+        assert "made again with another set" in served.stderr
+    finally:
+        path.write_bytes(saved)
+        three.start("hsm-proxy2")

@@ -334,13 +334,14 @@ class Fleet:
         if TOKEN_LABEL not in self._run(["softhsm2-util", "--show-slots"], env):
             self._run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
                        "--so-pin", so_pin, "--pin", user_pin], env)
-        self._run([sys.executable, "-m", "bkv_hsm_proxy", "fleet-init", "--out", str(self.state / "fleet-params.json")], {
+        members = ",".join(f"hsm-{i}" for i in range(self.spec.hsm_proxies))
+        self._run([sys.executable, "-m", "bkv_hsm_proxy", "fleet-init", "--out", str(self.state / "fleet-params.json"),
+                   "--hsm-members", members], {
             **env, "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL, "BKV_HSM_USER_PIN": user_pin,
             "BKV_HSM_MAX_ATTEMPTS": str(self.spec.max_attempts), "BKV_HSM_ETCD_ENDPOINTS": self.etcd_endpoints,
         })
         # Each hsm-proxy's own state file (its captured log heads), made once:
         # never replaced, which would roll that hsm-proxy back.
-        members = ",".join(f"hsm-{i}" for i in range(self.spec.hsm_proxies))
         for i in range(self.spec.hsm_proxies):
             if not self.hsm_state_file(i).exists():
                 self._run([sys.executable, "-m", "bkv_hsm_proxy", "init-state", "--hsm-id", f"hsm-{i}",

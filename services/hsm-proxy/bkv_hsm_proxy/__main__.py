@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--out", type=Path, help="write the public fleet parameters here (JSON)")
     init.add_argument("--new-generation", action="store_true",
                       help="rotation: add a new fleet (new keys in the token) and describe it")
+    init.add_argument("--hsm-members", help="every hsm-proxy of the fleet, comma-separated: fixed in the token the "
+                                            "first time (each hsm-proxy's state file must name this very set)")
     rt = sub.add_parser("retire-fleet", help="rotation: destroy a fleet's keys once no record uses it")
     rt.add_argument("fleet_id")
     pub = sub.add_parser("publish-configmap", help="write the public fleet parameters to a Kubernetes ConfigMap "
@@ -150,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "fleet-init":
             from bkv_hsm_proxy.fleet_init import fleet_init
 
-            params = fleet_init(settings, args.out, new_generation=args.new_generation)
+            from bkv_hsm_proxy.fleet_init import MembersFixed
+
+            try:
+                params = fleet_init(settings, args.out, new_generation=args.new_generation,
+                                    members=args.hsm_members.split(",") if args.hsm_members else None)
+            except MembersFixed as exc:
+                print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+                return 1
             print(json.dumps({k: params[k] for k in ("fleet_id", "fleet_public_key", "max_attempts", "created")}))
             return 0
         if args.cmd == "retire-fleet":
@@ -175,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         from bkv_hsm_proxy.core import VaultHsm
         from bkv_hsm_proxy.hsm import open_token
 
+        from bkv_hsm_proxy.fleet_init import MembersFixed, check_members
+
         hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+        try:
+            check_members(hsm, members)
+        except MembersFixed as exc:
+            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+            return 4
         vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
         vault.attach_log(state, hsm_id, members)
         run(create_app(vault), settings.host, settings.port, settings.metrics_port)

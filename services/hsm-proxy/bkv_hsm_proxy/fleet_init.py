@@ -17,13 +17,59 @@ from bkv_hsm_proxy.settings import HsmProxySettings
 
 
 
-def fleet_init(settings: HsmProxySettings, out: Path | None, new_generation: bool = False) -> dict:
+MEMBERS_LABEL = "bkv-hsm-members"
+
+
+class MembersFixed(Exception):
+    """The token already holds another member set; nothing was changed."""
+
+
+def _members_blob(members: list[str]) -> bytes:
+    return json.dumps(sorted(set(members))).encode()
+
+
+def token_members(hsm) -> list[str] | None:
+    """The fleet's hsm-proxies as the token holds them (None: fleet-init never got them)."""
+    blob = hsm.load_blob(MEMBERS_LABEL)
+    return None if blob is None else json.loads(blob)
+
+
+def fix_members(hsm, members: list[str]) -> bool:
+    """Put the member set into the token, once (a read-only data object): an
+    hsm-proxy serves only with a state file naming this very set, so root on
+    one host cannot start one again with a quorum of its own. True if stored
+    now; MembersFixed if the token holds another set (no change ceremony yet)."""
+    held = token_members(hsm)
+    if held is None:
+        hsm.store_blob(MEMBERS_LABEL, _members_blob(members))
+        return True
+    if held != sorted(set(members)):
+        raise MembersFixed(f"the token's hsm-proxies are {','.join(held)}; the set cannot be changed yet "
+                           "(docs/architecture.md, Known gaps)")
+    return False
+
+
+def check_members(hsm, members: list[str]) -> None:
+    """Refuse to serve with a state file whose member set is not the token's."""
+    held = token_members(hsm)
+    if held is None:
+        raise MembersFixed("the token holds no member set: run `bkv-hsm-proxy fleet-init --hsm-members A,B,...`")
+    if held != sorted(set(members)):
+        raise MembersFixed(f"the state file names the hsm-proxies {','.join(sorted(set(members)))} but the token "
+                           f"{','.join(held)}: the state file was made again with another set; refusing to serve")
+
+
+def fleet_init(settings: HsmProxySettings, out: Path | None, new_generation: bool = False,
+               members: list[str] | None = None) -> dict:
     """Without ``new_generation``: make the first fleet if the token has none,
     and describe the oldest fleet (the one /v1/fleet names). With it
     (rotation): add a fleet -- new keys, the OPAQUE setup re-sealed for them --
-    and describe that one; /v1/fleet keeps naming the old one until it retires."""
+    and describe that one; /v1/fleet keeps naming the old one until it retires.
+    ``members``: the fleet's hsm-proxies, fixed in the token the first time."""
     hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
     try:
+        if members:
+            fix_members(hsm, members)
         created = False
         gens = hsm.generations()
         if not gens:
