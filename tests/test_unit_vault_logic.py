@@ -261,3 +261,14 @@ async def test_a_request_id_reused_with_another_body_while_the_first_runs_is_ref
     got = await asyncio.gather(island.login_start(first), island.login_start(other), return_exceptions=True)
     assert got[0].attempts_left == 2 and isinstance(got[1], ierr.RequestIdReused)
     assert entry(etcd, "alice").version == 2
+
+
+async def test_a_change_answered_without_the_boundary_is_decided_on_the_newest_log(parts):
+    vault, island, etcd, _ = parts
+    other = replica(vault, etcd)
+    await other._ledger.ready()  # this replica read the island before alice registered elsewhere
+    _, _, finish = await _register(island, "alice")
+    await island.registration_finish(finish)
+    # "Nothing to delete" would be answered without the HSM: it must not come from the old view.
+    assert (await other.delete(iapi.DeleteIn(user_id="alice"))).deleted is True
+    assert entry(etcd, "alice").state is hapi.EntryState.DESTROYED

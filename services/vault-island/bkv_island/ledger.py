@@ -276,11 +276,11 @@ class Ledger:
             self._appender = None
 
     async def _append(self, batch: list[_Pending]) -> None:
-        deadline, lost = time.monotonic() + self._deadline_s, 0
+        deadline, lost, synced = time.monotonic() + self._deadline_s, 0, False
         while True:
             if self.head is None:
                 await self._load()
-            ops, live = [], []
+            ops, live, settled = [], [], []
             for p in batch:
                 if p.outcome.done():
                     continue
@@ -288,7 +288,16 @@ class Ledger:
                     ops.append(p.build(self.current(p.ref), self.trie.prove(bytes.fromhex(p.ref)).to_bytes()))
                     live.append(p)
                 except Exception as exc:  # noqa: BLE001 - settled without the boundary (e.g. a resend)
-                    _settle(p, exc=exc)
+                    settled.append((p, exc))
+            if settled and not synced:
+                # Settled without the boundary, so nothing checks the view for them: decide on
+                # the newest log (another replica may have appended since this one last read).
+                synced, seen = True, self.head.mac
+                await self._sync()
+                if self.head.mac != seen:
+                    continue
+            for p, exc in settled:
+                _settle(p, exc=exc)
             if not ops:
                 return
             try:
