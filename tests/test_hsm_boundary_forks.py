@@ -9,6 +9,7 @@ hsm-proxy killed mid-load, then restarted) runs in tests/test_faults.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -99,11 +100,21 @@ async def island_view(fleet, etcd, user: str) -> tuple[hapi.LogEntry, hapi.Entry
         await hsm.aclose()
 
 
-async def test_an_hsm_proxy_killed_after_apply_and_before_persisting_a_capture_releases_nothing(three):
-    user, k = await registered(three)
-    etcd = await connect(three.etcd_endpoints)
-    insider = Insider(three)
+@contextlib.asynccontextmanager
+async def attacked(fleet):
+    """A fresh user on ``fleet``; an etcd client and an insider, closed after."""
+    user, k = await registered(fleet)
+    etcd = await connect(fleet.etcd_endpoints)
+    insider = Insider(fleet)
     try:
+        yield user, k, etcd, insider
+    finally:
+        await insider.aclose()
+        await etcd.close()
+
+
+async def test_an_hsm_proxy_killed_after_apply_and_before_persisting_a_capture_releases_nothing(three):
+    async with attacked(three) as (user, k, etcd, insider):
         head, current, proof = await island_view(three, etcd, user)
         before = [(await insider.heads(i)).heads[ISLAND] for i in range(3)]
         processed = await insider.guess(0, head, user, current, proof)  # the right password, held
@@ -115,16 +126,10 @@ async def test_an_hsm_proxy_killed_after_apply_and_before_persisting_a_capture_r
         # The island never saw that candidate: the next recovery works, counted from the log.
         async with device(three, user) as phone:
             assert (await phone.recover(PW)).key == k
-    finally:
-        await insider.aclose()
-        await etcd.close()
 
 
 async def test_a_fork_shown_to_three_hsm_proxies_commits_at_most_one_branch(three):
-    user, _ = await registered(three)
-    etcd = await connect(three.etcd_endpoints)
-    insider = Insider(three)
-    try:
+    async with attacked(three) as (user, _, etcd, insider):
         head, current, proof = await island_view(three, etcd, user)
         # Two appenders at once: two candidates for the same next index, each with the right password.
         a = await insider.guess(0, head, user, current, proof)
@@ -146,16 +151,10 @@ async def test_a_fork_shown_to_three_hsm_proxies_commits_at_most_one_branch(thre
         # The insider never appended b to etcd: the island finds the boundary ahead of etcd and closes.
         restart_island(three)
         await fails_closed(three, user)
-    finally:
-        await insider.aclose()
-        await etcd.close()
 
 
 async def test_one_sites_state_file_rolled_back_cannot_commit_a_second_branch_among_five(five):
-    user, k = await registered(five)
-    etcd = await connect(five.etcd_endpoints)
-    insider = Insider(five)
-    try:
+    async with attacked(five) as (user, k, etcd, insider):
         assert (await insider.heads(0)).quorum == 4  # 4 of 5: two quorums share more than one site
         async with device(five, user) as phone:  # a working fleet, before the attack
             assert (await phone.recover(PW)).key == k
@@ -180,9 +179,6 @@ async def test_one_sites_state_file_rolled_back_cannot_commit_a_second_branch_am
         # Nor does the vault answer from this state; K does not come back for the right password.
         restart_island(five)
         await fails_closed(five, user)
-    finally:
-        await insider.aclose()
-        await etcd.close()
 
 
 
