@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             return 0
         if args.cmd == "fleet-init":
-            from bkv_hsm_proxy.fleet_init import fleet_init
-
-            from bkv_hsm_proxy.fleet_init import MembersFixed
+            from bkv_hsm_proxy.fleet_init import MembersFixed, fleet_init
 
             try:
                 params = fleet_init(settings, args.out, new_generation=args.new_generation,
@@ -182,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         from bkv_server.service import run
         from bkv_hsm_proxy.app import create_app
         from bkv_hsm_proxy.core import VaultHsm
-        from bkv_hsm_proxy.hsm import open_token
-
         from bkv_hsm_proxy.fleet_init import MembersFixed, check_members
+        from bkv_hsm_proxy.hsm import open_token
 
         hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
         try:

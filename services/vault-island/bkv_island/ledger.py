@@ -23,8 +23,9 @@ task at a time takes a batch (distinct records, up to ``max_batch``) and
 
 A replica appends while it holds the island's appender lease
 (``bkv_island.appender``), so replicas do not race for the head; safety
-never rests on the lease. Nothing the boundary produced leaves before step 3, so a replica that dies,
-a lost race or a lying etcd can waste work but never an extra guess. If etcd
+never rests on the lease. Nothing the boundary produced leaves before
+step 3, so a replica that dies, a lost race or a lying etcd can waste work
+but never an extra guess. If etcd
 shows a head older than the one the boundary captured, or records that do
 not add up to the head's root, the island fails closed (``LedgerDiverged``):
 a clear error and the ``bkv_log_diverged_total`` metric, never a reset.
