@@ -69,6 +69,16 @@ async def _register(island: Island, user: str, pw: bytes = b"pw"):
                                                k_nonce=os.urandom(12))
 
 
+async def _registered(island: Island, user: str) -> None:
+    _, _, finish = await _register(island, user)
+    await island.registration_finish(finish)
+
+
+def _guess(user: str, pw: bytes, request_id: bytes | None = None) -> iapi.LoginStartIn:
+    return iapi.LoginStartIn(user_id=user, request_id=request_id or os.urandom(16),
+                             credential_request=opaque.client_login_start(pw).get_message())
+
+
 async def test_a_challenge_older_than_its_ttl_is_rejected_with_the_fake_clock(parts):
     vault, island, etcd, clock = parts
     _, _, finish = await _register(island, "alice")
@@ -80,8 +90,7 @@ async def test_a_challenge_older_than_its_ttl_is_rejected_with_the_fake_clock(pa
 
 async def test_a_login_state_older_than_its_ttl_is_rejected_and_the_record_is_kept(parts):
     vault, island, etcd, clock = parts
-    _, _, finish = await _register(island, "alice")
-    await island.registration_finish(finish)
+    await _registered(island, "alice")
     login = opaque.client_login_start(b"pw")
     out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     fin = opaque.client_login_finish(b"pw", login.get_state(), out.credential_response)
@@ -95,8 +104,7 @@ async def test_a_login_state_older_than_its_ttl_is_rejected_and_the_record_is_ke
 
 async def test_a_forged_finalization_is_the_one_uniform_authentication_failure(parts):
     vault, island, etcd, _ = parts
-    _, _, finish = await _register(island, "alice")
-    await island.registration_finish(finish)
+    await _registered(island, "alice")
     login = opaque.client_login_start(b"pw")
     out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     with pytest.raises(UpstreamError) as failed:
@@ -107,8 +115,7 @@ async def test_a_forged_finalization_is_the_one_uniform_authentication_failure(p
 
 async def test_concurrent_guesses_through_two_replicas_are_counted_exactly(parts):
     vault, island, etcd, _ = parts
-    _, _, finish = await _register(island, "alice")
-    await island.registration_finish(finish)
+    await _registered(island, "alice")
     port = InProcessHsmFake(vault)
     replicas = [replica(vault, etcd, port), replica(vault, etcd, port)]
 
@@ -131,8 +138,7 @@ async def test_concurrent_guesses_through_two_replicas_are_counted_exactly(parts
 
 async def test_a_lost_append_releases_nothing_and_the_batch_is_built_again_from_the_newer_log(parts):
     vault, island, etcd, _ = parts
-    _, _, finish = await _register(island, "alice")
-    await island.registration_finish(finish)
+    await _registered(island, "alice")
     other = replica(vault, etcd)
     real = etcd.transaction
     calls = {"n": 0}
@@ -155,8 +161,7 @@ async def test_a_lost_append_releases_nothing_and_the_batch_is_built_again_from_
 
 async def test_an_append_whose_answer_was_lost_but_that_landed_takes_one_attempt_not_two(parts):
     vault, island, etcd, _ = parts
-    _, _, finish = await _register(island, "alice")
-    await island.registration_finish(finish)
+    await _registered(island, "alice")
     real = etcd.transaction
     calls = {"n": 0}
 
@@ -178,8 +183,7 @@ async def test_an_append_whose_answer_was_lost_but_that_landed_takes_one_attempt
 
 async def test_an_append_that_did_not_land_is_built_again_once_it_is_known_not_to_have_landed(parts):
     vault, island, etcd, _ = parts
-    _, _, finish = await _register(island, "alice")
-    await island.registration_finish(finish)
+    await _registered(island, "alice")
     real = etcd.transaction
     calls = {"n": 0}
 
@@ -221,10 +225,8 @@ async def test_what_the_hsm_signs_is_what_the_client_verifies_with_the_same_tran
 
 async def test_a_resent_guess_is_answered_from_the_commit_by_another_replica(parts):
     vault, island, etcd, _ = parts
-    _, _, finish = await _register(island, "alice")
-    await island.registration_finish(finish)
-    guess = iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
-                              credential_request=opaque.client_login_start(b"wrong").get_message())
+    await _registered(island, "alice")
+    guess = _guess("alice", b"wrong")
     first = await island.login_start(guess)
     # Another replica: nothing in memory, only the log and the entry (its kept answer).
     again = await replica(vault, etcd).login_start(guess)
@@ -235,10 +237,8 @@ async def test_a_resent_guess_is_answered_from_the_commit_by_another_replica(par
 
 async def test_a_resend_that_arrives_while_its_request_is_still_running_joins_it_and_is_evaluated_once(parts):
     vault, island, etcd, _ = parts
-    _, _, finish = await _register(island, "alice")
-    await island.registration_finish(finish)
-    guess = iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
-                              credential_request=opaque.client_login_start(b"wrong").get_message())
+    await _registered(island, "alice")
+    guess = _guess("alice", b"wrong")
     joined, answered = metrics.RESENDS_JOINED._value.get(), metrics.RESENDS_ANSWERED._value.get()
     # Three copies at once on one replica (a client and a frontend resending while the log is slow).
     answers = await asyncio.gather(*(island.login_start(guess) for _ in range(3)))
@@ -252,12 +252,9 @@ async def test_a_resend_that_arrives_while_its_request_is_still_running_joins_it
 
 async def test_a_request_id_reused_with_another_body_while_the_first_runs_is_refused(parts):
     vault, island, etcd, _ = parts
-    _, _, finish = await _register(island, "alice")
-    await island.registration_finish(finish)
+    await _registered(island, "alice")
     rid = os.urandom(16)
-    first, other = (iapi.LoginStartIn(user_id="alice", request_id=rid,
-                                      credential_request=opaque.client_login_start(pw).get_message())
-                    for pw in (b"wrong", b"other"))
+    first, other = (_guess("alice", pw, rid) for pw in (b"wrong", b"other"))
     got = await asyncio.gather(island.login_start(first), island.login_start(other), return_exceptions=True)
     assert got[0].attempts_left == 2 and isinstance(got[1], ierr.RequestIdReused)
     assert entry(etcd, "alice").version == 2
@@ -267,8 +264,7 @@ async def test_a_change_answered_without_the_boundary_is_decided_on_the_newest_l
     vault, island, etcd, _ = parts
     other = replica(vault, etcd)
     await other._ledger.ready()  # this replica read the island before alice registered elsewhere
-    _, _, finish = await _register(island, "alice")
-    await island.registration_finish(finish)
+    await _registered(island, "alice")
     # "Nothing to delete" would be answered without the HSM: it must not come from the old view.
     assert (await other.delete(iapi.DeleteIn(user_id="alice"))).deleted is True
     assert entry(etcd, "alice").state is hapi.EntryState.DESTROYED
