@@ -135,10 +135,7 @@ class EtcdAppenderLease:
                 linger_end = now + self._ttl_s if self._busy else self._idle_at + self._linger_s
                 if now >= linger_end:
                     self._lease, self._held_until = None, 0.0
-                    with contextlib.suppress(Exception):
-                        await lease.revoke()  # another replica takes over now, not after the TTL
-                        metrics.LOG_APPENDER.labels("released").inc()
-                    return
+                    return await _revoke(lease)  # another replica takes over now, not after the TTL
                 await asyncio.sleep(max(0.0, min(next_refresh, linger_end) - now))
                 if time.monotonic() < next_refresh or self._lease is not lease:
                     continue
@@ -171,6 +168,11 @@ class EtcdAppenderLease:
                 await self._keeper
         lease, self._lease, self._held_until = self._lease, None, 0.0
         if lease is not None:
-            with contextlib.suppress(Exception):
-                await lease.revoke()
-                metrics.LOG_APPENDER.labels("released").inc()
+            await _revoke(lease)
+
+
+async def _revoke(lease: aetcd.Lease) -> None:
+    """Delete the key with its lease; if etcd does not answer, the lease expires anyway."""
+    with contextlib.suppress(Exception):
+        await lease.revoke()
+        metrics.LOG_APPENDER.labels("released").inc()

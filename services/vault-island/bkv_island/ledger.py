@@ -46,6 +46,7 @@ import aetcd
 
 from bkv_island import errors
 from bkv_island.appender import AppenderLease, NoLease
+from bkv_island.store import ref_key
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import merkle
 from bkv_protocol.wire import ErrorBody
@@ -90,7 +91,8 @@ class Ledger:
         base = f"{prefix}/log/{island}"
         self._head_key = f"{base}/head".encode()
         self._entries = f"{base}/entries/"
-        self._records = f"{prefix}/records/{island}/"
+        self._prefix = prefix
+        self._records = ref_key(prefix, island, "")  # every record of the island (bkv_island.store)
         self.head: hapi.LogEntry | None = None
         self._head_rev = 0  # mod_revision of the head key; 0: absent (the genesis head)
         self.trie = merkle.Trie()
@@ -120,7 +122,7 @@ class Ledger:
         for _ in range(20):
             try:
                 got = await self._etcd.get(self._head_key)
-                kvs = await self._etcd.get_prefix(self._records.encode())
+                kvs = await self._etcd.get_prefix(self._records)
                 again = await self._etcd.get(self._head_key)
             except RETRYABLE as exc:
                 raise errors.StoreUnavailable("etcd unreachable") from exc
@@ -134,7 +136,7 @@ class Ledger:
             head, rev = hapi.LogEntry.model_validate_json(got.value), got.mod_revision
         trie, records = merkle.Trie(), {}
         for kv in kvs:
-            ref = kv.key.decode()[len(self._records):]
+            ref = kv.key[len(self._records):].decode()
             entry = hapi.Entry.model_validate_json(kv.value)
             records[ref] = entry
             if (d := _digest(entry)) is not None:
@@ -177,7 +179,7 @@ class Ledger:
         fetched = []
         for ref in refs:
             try:
-                got_rec = await self._etcd.get(f"{self._records}{ref}".encode())
+                got_rec = await self._etcd.get(ref_key(self._prefix, self.island, ref))
             except RETRYABLE as exc:
                 raise errors.StoreUnavailable("etcd unreachable") from exc
             fetched.append((ref, ABSENT if got_rec is None else hapi.Entry.model_validate_json(got_rec.value)))
@@ -335,7 +337,7 @@ class Ledger:
         tx = self._etcd.transactions
         changed = [(p.ref, r.new_entry) for p, r in zip(live, out.results) if r.new_entry is not None]
         entry = out.entry
-        puts = [tx.put(f"{self._records}{ref}".encode(), e.model_dump_json().encode()) for ref, e in changed]
+        puts = [tx.put(ref_key(self._prefix, self.island, ref), e.model_dump_json().encode()) for ref, e in changed]
         puts.append(tx.put(self._entry_key(entry.index), json.dumps(
             {"entry": json.loads(entry.model_dump_json()), "refs": [ref for ref, _ in changed]}).encode()))
         puts.append(tx.put(self._head_key, entry.model_dump_json().encode()))
