@@ -36,9 +36,9 @@ def fleet5(tmp_path_factory):
     f.down()
 
 
-def client(fleet, user: str) -> VaultClient:
+def client(fleet, user: str, *, deadline_s: float = 20.0, **kwargs) -> VaultClient:
     return VaultClient(fleet.frontend_url, b64d(fleet.fleet_params["fleet_public_key"]), user,
-                       fleet.issuer().mint(user), backoff=Backoff(deadline_s=20.0, first_delay_s=0.05))
+                       fleet.issuer().mint(user), backoff=Backoff(deadline_s=deadline_s, first_delay_s=0.05), **kwargs)
 
 
 @dataclass

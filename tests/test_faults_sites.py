@@ -16,10 +16,7 @@ import time
 
 import pytest
 
-from bkv.sdk import VaultClient
 from bkv_dev.fleet import NetemUnavailable, start_fleet
-from bkv_protocol.encoding import b64d
-from bkv_protocol.retry import Backoff
 from bkv_protocol.encoding import user_ref
 from bkv_server.etcd import connect
 from reliability_report import ROWS
@@ -132,10 +129,7 @@ async def timed_recoveries(fleet, ledger, users, rounds: int, *, patient: bool =
         for u in users:
             # On 400 kbit/s links a change takes several round trips between sites (apply, the
             # etcd append, a capture on every hsm-proxy, release): a patient device waits longer.
-            c = VaultClient(fleet.frontend_url, b64d(fleet.fleet_params["fleet_public_key"]), u,
-                            fleet.issuer().mint(u), timeout_s=60.0,
-                            backoff=Backoff(deadline_s=120.0, first_delay_s=0.05)) if patient else client(fleet, u)
-            async with c:
+            async with client(fleet, u, deadline_s=120.0, timeout_s=60.0) if patient else client(fleet, u) as c:
                 t = time.perf_counter()
                 assert (await c.recover("pw-" + u)).key == ledger.keys[u]
                 times.append(time.perf_counter() - t)

@@ -24,8 +24,9 @@ class MembersFixed(Exception):
     """The token already holds another member set; nothing was changed."""
 
 
-def _members_blob(members: list[str]) -> bytes:
-    return json.dumps(sorted(set(members))).encode()
+def _members(members: list[str]) -> list[str]:
+    """A member set as the token holds it: each id once, sorted."""
+    return sorted(set(members))
 
 
 def token_members(hsm) -> list[str] | None:
@@ -41,9 +42,9 @@ def fix_members(hsm, members: list[str]) -> bool:
     now; MembersFixed if the token holds another set (no change ceremony yet)."""
     held = token_members(hsm)
     if held is None:
-        hsm.store_blob(MEMBERS_LABEL, _members_blob(members))
+        hsm.store_blob(MEMBERS_LABEL, json.dumps(_members(members)).encode())
         return True
-    if held != sorted(set(members)):
+    if held != _members(members):
         raise MembersFixed(f"the token's hsm-proxies are {','.join(held)}; the set cannot be changed yet "
                            "(docs/architecture.md, Known gaps)")
     return False
@@ -54,8 +55,8 @@ def check_members(hsm, members: list[str]) -> None:
     held = token_members(hsm)
     if held is None:
         raise MembersFixed("the token holds no member set: run `bkv-hsm-proxy fleet-init --hsm-members A,B,...`")
-    if held != sorted(set(members)):
-        raise MembersFixed(f"the state file names the hsm-proxies {','.join(sorted(set(members)))} but the token "
+    if held != _members(members):
+        raise MembersFixed(f"the state file names the hsm-proxies {','.join(_members(members))} but the token "
                            f"{','.join(held)}: the state file was made again with another set; refusing to serve")
 
 
