@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import helm_python as helm
@@ -45,6 +46,7 @@ def _issuer_pems() -> tuple[str, str]:
 
 
 ISSUER_PEM, LOADTEST_ISSUER_PEM = _issuer_pems()
+ADMIN_DIR = Path(tempfile.mkdtemp(prefix="bkv-chart-admin-"))
 
 
 def _load_render():
@@ -65,7 +67,16 @@ def values_for(name: str, **extra) -> dict:
     if name == "loadtest":
         return _merge(values_for("dev", loadtest={"enabled": True, "issuerKey": LOADTEST_ISSUER_PEM}), extra)
     values = {} if name == "default" else helm.values_from_yaml((CHART / f"values-{name}.yaml").read_text())
-    return _merge(_merge(values, {"auth": {"tokenPublicKey": ISSUER_PEM}}), extra)
+    values = _merge(_merge(values, {"auth": {"tokenPublicKey": ISSUER_PEM}}), extra)
+    replicas = values.get("hsm", {}).get("replicas", 3)
+    return _merge(values, {"hsm": {"memberSet": values.get("hsm", {}).get("memberSet") or _member_set(replicas)}})
+
+
+def _member_set(replicas: int) -> str:
+    """The hsm-proxies of release "bkv" signed by a throwaway admin key (one per test run)."""
+    from bkv_dev.admin import chart_members, member_set_file
+
+    return member_set_file(ADMIN_DIR, chart_members("bkv", replicas)).read_text()
 
 
 def render(values: dict, namespace: str = "vault") -> dict[str, str]:
@@ -128,6 +139,13 @@ def test_rendering_with_invalid_values_fails_on_the_schema(bad, why):
     assert why in str(exc.value)
 
 
+def test_rendering_without_a_signed_member_set_fails_with_a_clear_message():
+    values = values_for("dev")
+    values["hsm"]["memberSet"] = ""
+    with pytest.raises(helm.HelmError, match="hsm.memberSet"):
+        render(values)
+
+
 def test_rendering_without_the_token_issuer_key_fails_with_a_clear_message():
     values = values_for("dev")
     values["auth"]["tokenPublicKey"] = ""
@@ -144,7 +162,13 @@ def test_the_values_shape_the_fleet_one_statefulset_per_island_and_the_etcd_clus
     hsm = sts["bkv-hsm-proxy"]
     assert hsm["spec"]["replicas"] == 5 and hsm["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "state"
     env = {e["name"]: e for e in hsm["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["BKV_HSM_MEMBERS"]["value"] == ",".join(f"bkv-hsm-proxy-{i}" for i in range(5))
+    # The member set the admin key signed is what fleet-init fixes and each state file names; fleet-init
+    # checks it names exactly the hsm-proxies this install runs.
+    members = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "bkv-hsm-members")
+    assert json.loads(members["data"]["member-set.json"])["members"] == [f"bkv-hsm-proxy-{i}" for i in range(5)]
+    job = next(o for o in objs if o["kind"] == "Job")
+    init = next(c for c in job["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fleet-init")
+    assert init["command"][init["command"].index("--hsm-members") + 1] == ",".join(f"bkv-hsm-proxy-{i}" for i in range(5))
     assert env["BKV_HSM_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     island_env = {e["name"]: e.get("value") for e in sts["bkv-island-a"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert island_env["BKV_ISLAND_HSM_URLS"].split(",") == [
@@ -376,10 +400,12 @@ def test_kubectl_kustomize_renders_the_dev_overlay(tmp_path):
     shutil.copytree(ROOT / "k8s" / "overlays" / "dev", overlay)
     pem = tmp_path / "issuer.pem"
     pem.write_text(ISSUER_PEM)
+    member_set = tmp_path / "member-set.json"
+    member_set.write_text(_member_set(1))
     rendered = subprocess.run([sys.executable, str(ROOT / "k8s" / "render.py"), "-f",
                                str(CHART / "values-dev.yaml"), "--set", "hsm.existingSecret=bkv-hsm-pins",
                                "--set", "edge.existingSecret=bkv-edge-key",
-                               "--set-file", f"auth.tokenPublicKey={pem}"],
+                               "--set-file", f"auth.tokenPublicKey={pem}", "--set-file", f"hsm.memberSet={member_set}"],
                               capture_output=True, text=True, check=True).stdout
     (overlay / "rendered.yaml").write_text(rendered)
     out = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True)

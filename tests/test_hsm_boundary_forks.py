@@ -21,6 +21,8 @@ from bkv_dev.fleet import start_fleet
 from bkv_island.hsm_client import HsmHttpClient
 from bkv_island.ledger import Ledger
 from bkv_protocol import hsm_api as hapi
+from bkv_protocol import members
+from bkv_protocol.bundle import RootKey
 from bkv_protocol.encoding import user_ref
 from bkv_server.etcd import connect
 from bkv_server.http import ServiceClient, UpstreamError
@@ -184,15 +186,18 @@ async def test_one_sites_state_file_rolled_back_cannot_commit_a_second_branch_am
 
 def test_a_state_file_wiped_and_made_again_with_a_quorum_of_one_does_not_serve(three):
     """Root on one host wipes an hsm-proxy's state file and makes it again
-    naming that hsm-proxy alone (it would then be a quorum by itself)."""
+    naming that hsm-proxy alone (it would then be a quorum by itself), the
+    set signed by an admin key of its own: it has not the fleet's."""
     three.kill("hsm-proxy2")
     path = three.hsm_state_file(2)
     saved = path.read_bytes()
     proc = three.procs["hsm-proxy2"]
+    forged = path.with_name("forged-set.json")
+    forged.write_text(members.sign(members.MemberSet.of(["hsm-2"]), RootKey.generate()).to_json())
     try:
         path.unlink()
         made = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "init-state", "--hsm-id", "hsm-2",
-                               "--members", "hsm-2", "--state-file", str(path)],
+                               "--member-set", str(forged), "--state-file", str(path)],
                               capture_output=True, text=True, timeout=60)
         assert made.returncode == 0, made.stderr  # the file is made: nothing stops root doing that...
         served = subprocess.run(proc.argv, env={**os.environ, **proc.env}, capture_output=True, text=True,

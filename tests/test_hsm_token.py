@@ -150,3 +150,57 @@ except HsmLoginFailed as exc:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.startswith("refused open: PinIncorrect"), res.stdout + res.stderr
     assert "0000" not in res.stdout + res.stderr
+
+
+def test_the_admin_signs_the_member_set_offline_and_fleet_init_fixes_it_in_a_real_token(tmp_path):
+    """The CLI path of the member set (docs/kubernetes.md, 'The member set'):
+    admin-key and sign-members need no token; fleet-init fixes key and set
+    once, refuses a set naming other hsm-proxies than the install runs, and
+    a second admin key; serve's check passes for the set's state file."""
+    from bkv_protocol import members
+
+    def hsm_proxy(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **env})
+
+    key = tmp_path / "offline" / "admin.key"
+    made = hsm_proxy("admin-key", "--out", str(key))
+    assert made.returncode == 0, made.stderr
+    public = json.loads(made.stdout)["admin_public_key"]
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and key.read_text().strip() not in made.stdout
+    assert hsm_proxy("admin-key", "--out", str(key)).returncode == 1  # a key is never overwritten
+    signed = tmp_path / "set.json"
+    assert hsm_proxy("sign-members", "--admin-key", str(key), "--members", "hsm-1,hsm-0,hsm-2",
+                     "--out", str(signed)).returncode == 0
+
+    conf = _softhsm_conf(tmp_path)
+    _init_token(conf, "admin-test")
+    env = {"SOFTHSM2_CONF": str(conf), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "admin-test",
+           "BKV_HSM_USER_PIN": "1234"}
+    wrong = hsm_proxy("fleet-init", "--admin-public-key", public, "--member-set", str(signed),
+                      "--hsm-members", "hsm-0,hsm-1", **env)
+    assert wrong.returncode == 1 and "does not name exactly hsm-0,hsm-1" in wrong.stderr
+    ok = hsm_proxy("fleet-init", "--admin-public-key", public, "--member-set", str(signed),
+                   "--hsm-members", "hsm-0,hsm-1,hsm-2", **env)
+    assert ok.returncode == 0, ok.stderr
+    other = tmp_path / "other.key"
+    other_public = json.loads(hsm_proxy("admin-key", "--out", str(other)).stdout)["admin_public_key"]
+    refused = hsm_proxy("fleet-init", "--admin-public-key", other_public, **env)
+    assert refused.returncode == 1 and "another admin key" in refused.stderr
+
+    state = tmp_path / "state.json"
+    assert hsm_proxy("init-state", "--hsm-id", "hsm-1", "--member-set", str(signed), "--state-file",
+                     str(state)).returncode == 0
+    check = f"""
+from bkv_hsm_proxy import nvram
+from bkv_hsm_proxy.fleet_init import check_members
+from bkv_hsm_proxy.hsm import Pkcs11Hsm
+token = Pkcs11Hsm({SOFTHSM_MODULE!r}, "admin-test", "1234")
+check_members(token, nvram.open_state({str(state)!r})[1])
+print("serves")
+"""
+    # In a process of its own: SoftHSM2 reads its configuration once per process.
+    served = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "SOFTHSM2_CONF": str(conf)})
+    assert served.stdout.strip() == "serves", served.stderr
+    assert members.SignedMemberSet.from_json(signed.read_text()).set.members == ("hsm-0", "hsm-1", "hsm-2")

@@ -217,17 +217,20 @@ def test_init_state_makes_the_file_once_and_serve_refuses_to_start_without_one(t
     import sys
 
     from bkv_hsm_proxy import nvram
+    from bkv_protocol.members import MemberSet
 
     path = tmp_path / "hsm" / "state.json"
+    three = MemberSet.of(["hsm-0", "hsm-1", "hsm-2"])
     with pytest.raises(nvram.StateFileError, match="init-state"):
         nvram.open_state(path)  # missing: a rolled-back (or never made) hsm-proxy, never an empty start
-    nvram.init_state(path, "hsm-1", ["hsm-0", "hsm-1", "hsm-2"])
-    state, hsm_id, members = nvram.open_state(path)
-    assert (hsm_id, members, state.heads()) == ("hsm-1", ["hsm-0", "hsm-1", "hsm-2"], {})
+    nvram.init_state(path, "hsm-1", three)
+    state, identity = nvram.open_state(path)
+    assert (identity.hsm, identity.members, identity.epoch, identity.set_digest, state.heads()) == (
+        "hsm-1", ("hsm-0", "hsm-1", "hsm-2"), 1, three.digest(), {})
     with pytest.raises(nvram.StateFileError, match="never replaced"):
-        nvram.init_state(path, "hsm-1", ["hsm-1"])
+        nvram.init_state(path, "hsm-1", MemberSet.of(["hsm-1"]))
     with pytest.raises(ValueError):
-        nvram.init_state(tmp_path / "other.json", "hsm-9", ["hsm-0"])  # not a member of its own fleet
+        nvram.init_state(tmp_path / "other.json", "hsm-9", MemberSet.of(["hsm-0"]))  # not a member of its own fleet
     cli = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "log-heads", "--state-file", str(path)],
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert cli.returncode == 0 and '"members": ["hsm-0", "hsm-1", "hsm-2"]' in cli.stdout, cli.stderr

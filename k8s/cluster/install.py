@@ -62,7 +62,15 @@ def values(extra: dict | None = None) -> dict:
     public, private = issuer_keys()
     _merge(merged, {"auth": {"tokenPublicKey": public}, "tests": {"issuerKey": private}})
     _merge(merged, extra or {})
+    _merge(merged, {"hsm": {"memberSet": member_set(int(merged.get("hsm", {}).get("replicas", 3)))}})
     return merged
+
+
+def member_set(replicas: int) -> str:
+    """The install's hsm-proxies signed by the dev admin key kept beside the kubeconfig."""
+    from bkv_dev.admin import chart_members, member_set_file
+
+    return member_set_file(KUBEDIR / "admin", chart_members(RELEASE, replicas)).read_text()
 
 
 def _merge(into: dict, new: dict) -> None:

@@ -178,6 +178,20 @@ def dev_issuer(state_dir: Optional[Path] = StateDir) -> None:
     typer.echo(str(directory / "issuer-public.pem"))
 
 
+@dev.command("member-set")
+def dev_member_set(release: str = typer.Option("bkv", help="the Helm release name"),
+                   replicas: int = typer.Option(1, help="hsm.replicas of the install"),
+                   state_dir: Optional[Path] = StateDir) -> None:
+    """Print the path of the install's hsm-proxy set signed by the dev admin key (made if missing).
+
+    Example: helm install bkv charts/backup-key-vault --set-file hsm.memberSet=$(bkv dev member-set --replicas 3)
+    """
+    from bkv_dev.admin import chart_members, member_set_file
+    from bkv_dev.fleet import default_state_dir
+
+    typer.echo(str(member_set_file((state_dir or default_state_dir()) / "admin", chart_members(release, replicas))))
+
+
 @dev.command("cluster")
 def dev_cluster(edge_url: str = typer.Option(..., help="where the cluster's Envoy listens, e.g. a port-forward"),
                 fleet_configmap: Path = typer.Option(..., help="`kubectl get configmap <release>-fleet-public "

@@ -335,8 +335,9 @@ class Fleet:
             self._run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
                        "--so-pin", so_pin, "--pin", user_pin], env)
         members = ",".join(f"hsm-{i}" for i in range(self.spec.hsm_proxies))
+        admin_pub, member_set = self._member_set(members)
         self._run([sys.executable, "-m", "bkv_hsm_proxy", "fleet-init", "--out", str(self.state / "fleet-params.json"),
-                   "--hsm-members", members], {
+                   "--admin-public-key", admin_pub, "--member-set", str(member_set), "--hsm-members", members], {
             **env, "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL, "BKV_HSM_USER_PIN": user_pin,
             "BKV_HSM_MAX_ATTEMPTS": str(self.spec.max_attempts), "BKV_HSM_ETCD_ENDPOINTS": self.etcd_endpoints,
         })
@@ -345,11 +346,18 @@ class Fleet:
         for i in range(self.spec.hsm_proxies):
             if not self.hsm_state_file(i).exists():
                 self._run([sys.executable, "-m", "bkv_hsm_proxy", "init-state", "--hsm-id", f"hsm-{i}",
-                           "--members", members], {**env, "BKV_ENV": "dev", "BKV_HSM_USER_PIN": user_pin,
+                           "--member-set", str(member_set)], {**env, "BKV_ENV": "dev", "BKV_HSM_USER_PIN": user_pin,
                                                    "BKV_HSM_STATE_FILE": str(self.hsm_state_file(i))})
         self._run([sys.executable, "-m", "bkv_island", "set-map", *self.spec.islands],
                   {"BKV_ISLAND_ETCD_ENDPOINTS": self.etcd_endpoints})
         DevIssuer.load_or_create(self.state / "issuer")
+
+    def _member_set(self, members: str) -> tuple[str, Path]:
+        """The member set the dev admin key signs (bkv_dev.admin): (admin public key, set file)."""
+        from bkv_dev.admin import member_set_file
+
+        signed = member_set_file(self.state / "admin", members.split(","))
+        return json.loads(signed.read_text())["admin_public_key"], signed
 
     def hsm_state_file(self, i: int) -> Path:
         return self.state / "hsm" / f"state-{i}.json"

@@ -263,6 +263,20 @@ def public_key_b64(key: RootKey) -> str:
     return b64e(key.public)
 
 
+def new_root_key_file(path) -> RootKey:
+    """A new Ed25519 root key written to ``path`` (base64, mode 0600); an
+    existing file is never overwritten (FileExistsError)."""
+    import os
+    from pathlib import Path
+
+    key = RootKey.generate()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(b64e(key.reveal()) + "\n")
+    return key
+
+
 def load_root_key(path) -> RootKey:
     from pathlib import Path
 

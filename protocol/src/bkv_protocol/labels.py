@@ -52,3 +52,6 @@ SIG_BUNDLE_WITNESS: Final = b"bkv/v1/sig/bundle-witness"
 # Deployment evidence (docs/ota.md): the fleet key attests, the operator signs.
 SIG_EVIDENCE_FLEET: Final = b"bkv/v1/sig/evidence-fleet"
 SIG_EVIDENCE_OPERATOR: Final = b"bkv/v1/sig/evidence-operator"
+# The fleet's hsm-proxies (bkv_protocol.members): the offline admin key signs the set.
+SIG_MEMBER_SET: Final = b"bkv/v1/sig/member-set"
+MEMBER_SET_HASH: Final = b"bkv/v1/hash/member-set"       # a state file names its set by this digest

@@ -1,4 +1,5 @@
-"""``bkv-hsm-proxy serve | fleet-init | publish-configmap | publish-bundle | resign-bundle | evidence``."""
+"""``bkv-hsm-proxy serve | fleet-init | admin-key | sign-members | init-state | log-heads | retire-fleet |
+publish-configmap | publish-bundle | resign-bundle | evidence``."""
 
 from __future__ import annotations
 
@@ -23,8 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--out", type=Path, help="write the public fleet parameters here (JSON)")
     init.add_argument("--new-generation", action="store_true",
                       help="rotation: add a new fleet (new keys in the token) and describe it")
-    init.add_argument("--hsm-members", help="every hsm-proxy of the fleet, comma-separated: fixed in the token the "
-                                            "first time (each hsm-proxy's state file must name this very set)")
+    init.add_argument("--admin-public-key", help="the offline admin key's public half (base64, from `admin-key`): "
+                                                 "fixed in the token the first time")
+    init.add_argument("--member-set", type=Path, help="the fleet's hsm-proxies, signed by the admin key (from "
+                                                      "`sign-members`): fixed in the token the first time")
+    init.add_argument("--hsm-members", help="also check that the signed set names exactly these hsm-proxies "
+                                            "(comma-separated; the chart passes what hsm.replicas makes)")
+    ak = sub.add_parser("admin-key", help="offline: make the admin key that signs the fleet's member set "
+                                          "(keep it off the fleet's machines)")
+    ak.add_argument("--out", type=Path, required=True, help="the private key file to write (base64 Ed25519, 0600)")
+    sm = sub.add_parser("sign-members", help="offline: sign the fleet's set of hsm-proxies with the admin key")
+    sm.add_argument("--admin-key", type=Path, required=True)
+    sm.add_argument("--members", required=True, help="every hsm-proxy of the fleet, comma-separated")
+    sm.add_argument("--epoch", type=int, default=1, help="1 for a new fleet")
+    sm.add_argument("--out", type=Path, required=True, help="the signed member set to write (JSON)")
     rt = sub.add_parser("retire-fleet", help="rotation: destroy a fleet's keys once no record uses it")
     rt.add_argument("fleet_id")
     pub = sub.add_parser("publish-configmap", help="write the public fleet parameters to a Kubernetes ConfigMap "
@@ -55,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--etcd-prefix", default=os.environ.get("BKV_HSM_ETCD_PREFIX", "/bkv"))
     ist = sub.add_parser("init-state", help="create this hsm-proxy's state file (its log heads, the stand-in for "
                                              "HSM NVRAM) and fix the fleet's hsm-proxies; refuses to overwrite one")
-    ist.add_argument("--hsm-id", required=True, help="this hsm-proxy's id, one of --members")
-    ist.add_argument("--members", required=True, help="every hsm-proxy of the fleet, comma-separated")
+    ist.add_argument("--hsm-id", required=True, help="this hsm-proxy's id, one of the member set's")
+    ist.add_argument("--member-set", type=Path, required=True,
+                     help="the signed member set fleet-init fixed in the token (serve checks it is that one)")
     lh = sub.add_parser("log-heads", help="print the log head this hsm-proxy captured for each island (JSON)")
     for p in (ist, lh):
         p.add_argument("--state-file", default=os.environ.get("BKV_HSM_STATE_FILE", "hsm-state.json"),
@@ -111,20 +125,41 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"configmap": args.name, "fleet_id": data["fleet_id"]}))
         return 0
 
+    if args.cmd in ("admin-key", "sign-members"):  # offline: the admin key only
+        from bkv_protocol import bundle as bd
+        from bkv_protocol import members as ms
+
+        try:
+            if args.cmd == "admin-key":
+                key = bd.new_root_key_file(args.out)  # never overwrites a key
+                print(json.dumps({"admin_public_key": bd.public_key_b64(key), "key_file": str(args.out)}))
+                return 0
+            signed = ms.sign(ms.MemberSet.of(args.members.split(","), args.epoch), bd.load_root_key(args.admin_key))
+            args.out.write_text(signed.to_json())
+        except (ms.MemberSetError, OSError, ValueError) as exc:
+            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({"epoch": signed.set.epoch, "members": list(signed.set.members),
+                          "admin_public_key": bd.public_key_b64(bd.load_root_key(args.admin_key))}))
+        return 0
+
     if args.cmd in ("init-state", "log-heads"):  # the state file only: no token, no PIN
+        from bkv_protocol import members as ms
         from bkv_hsm_proxy import nvram
 
         try:
             if args.cmd == "init-state":
-                nvram.init_state(args.state_file, args.hsm_id, args.members.split(","))
-                print(json.dumps({"state_file": args.state_file, "hsm": args.hsm_id}))
+                signed = ms.SignedMemberSet.from_json(args.member_set.read_bytes())
+                identity = nvram.init_state(args.state_file, args.hsm_id, signed.set)
+                print(json.dumps({"state_file": args.state_file, "hsm": identity.hsm, "epoch": identity.epoch}))
                 return 0
-            state, hsm_id, members = nvram.open_state(args.state_file)
+            state, identity = nvram.open_state(args.state_file)
         except (nvram.StateFileError, ValueError, OSError) as exc:
             print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
             return 1
-        print(json.dumps({"hsm": hsm_id, "members": members, "heads": {
-            i: {"index": h.index, "mac": h.mac.hex()} for i, h in sorted(state.durable_heads().items())}}))
+        print(json.dumps({"hsm": identity.hsm, "members": list(identity.members), "epoch": identity.epoch,
+                          "heads": {i: {"index": h.index, "mac": h.mac.hex()}
+                                    for i, h in sorted(state.durable_heads().items())}}))
         return 0
 
     from pydantic import ValidationError
@@ -150,12 +185,20 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             return 0
         if args.cmd == "fleet-init":
+            from bkv_protocol import members as ms
+            from bkv_protocol.encoding import b64d
             from bkv_hsm_proxy.fleet_init import MembersFixed, fleet_init
 
             try:
+                signed = ms.SignedMemberSet.from_json(args.member_set.read_bytes()) if args.member_set else None
+                if args.hsm_members and (signed is None or
+                                         ms.MemberSet.of(args.hsm_members.split(",")).members != signed.set.members):
+                    raise MembersFixed(f"the signed member set does not name exactly {args.hsm_members}: sign the "
+                                       "set this deployment runs (`bkv-hsm-proxy sign-members`)")
                 params = fleet_init(settings, args.out, new_generation=args.new_generation,
-                                    members=args.hsm_members.split(",") if args.hsm_members else None)
-            except MembersFixed as exc:
+                                    admin_public_key=b64d(args.admin_public_key) if args.admin_public_key else None,
+                                    member_set=signed)
+            except (MembersFixed, ms.MemberSetError, OSError, ValueError) as exc:
                 print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
                 return 1
             print(json.dumps({k: params[k] for k in ("fleet_id", "fleet_public_key", "max_attempts", "created")}))
@@ -173,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         from bkv_hsm_proxy import nvram
 
         try:
-            state, hsm_id, members = nvram.open_state(settings.state_file)
+            state, identity = nvram.open_state(settings.state_file)
         except (nvram.StateFileError, OSError) as exc:
             print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
             return 4
@@ -185,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
 
         hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
         try:
-            check_members(hsm, members)
+            check_members(hsm, identity)
         except MembersFixed as exc:
             print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
             return 4
         vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
-        vault.attach_log(state, hsm_id, members)
+        vault.attach_log(state, identity.hsm, list(identity.members))
         run(create_app(vault), settings.host, settings.port, settings.metrics_port)
         return 0
     except HsmError as exc:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Head", "StateFile", "StateFileError", "StateFileCorrupt", "FleetMismatch",
-           "HeadRegression", "StateWriteFailed", "FORMAT"]
+           "HeadRegression", "StateWriteFailed", "FORMAT", "Identity", "init_state", "open_state"]
 
 FORMAT = 1
 
@@ -252,34 +252,64 @@ class StateFile:
 
 
 # -- the file as the hsm-proxy uses it ---------------------------------------------------
-def _identity(hsm_id: str, members: list[str]) -> str:
-    if hsm_id not in members or len(set(members)) != len(members) or not all(members):
-        raise ValueError("--members must list every hsm-proxy once, this one included")
-    return json.dumps({"hsm": hsm_id, "members": members}, sort_keys=True, separators=(",", ":"))
+@dataclass(frozen=True)
+class Identity:
+    """Which hsm-proxy this file belongs to, and the admin-signed member set
+    (``bkv_protocol.members``) it serves in, named by its digest: the token
+    must hold that very set for ``serve`` to start (fleet_init.check_members)."""
+
+    hsm: str
+    members: tuple[str, ...]
+    epoch: int
+    set_digest: bytes
+
+    def __post_init__(self) -> None:
+        if self.hsm not in self.members or len(set(self.members)) != len(self.members) or not all(self.members):
+            raise ValueError("the member set must list every hsm-proxy once, this one included")
+        if type(self.epoch) is not int or self.epoch < 1 or type(self.set_digest) is not bytes \
+                or len(self.set_digest) != 32:
+            raise ValueError("an epoch from 1 and a 32-byte set digest")
+
+    def encode(self) -> str:
+        return json.dumps({"hsm": self.hsm, "members": list(self.members), "epoch": self.epoch,
+                           "set": self.set_digest.hex()}, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str) -> Identity:
+        obj = json.loads(text)
+        if type(obj) is not dict or set(obj) != {"hsm", "members", "epoch", "set"} or type(obj["members"]) is not list:
+            raise ValueError("not this build's identity (re-make the state file from a signed member set)")
+        return cls(obj["hsm"], tuple(obj["members"]), obj["epoch"], _hex32(obj["set"]))
 
 
-def init_state(path: str | os.PathLike[str], hsm_id: str, members: list[str]) -> None:
-    """Create the state file: no heads yet, and which hsm-proxies the fleet
-    has (kept inside the boundary: only this process writes the file)."""
+def init_state(path: str | os.PathLike[str], hsm_id: str, member_set) -> Identity:
+    """Create the state file: no heads yet, and the member set (a
+    ``bkv_protocol.members.MemberSet``) this hsm-proxy serves in. The set's
+    signature is checked against the token by ``serve``, not here (no PIN)."""
+    if member_set.heads:
+        raise ValueError("this set takes over from a running log (epoch > 1): a state file starts at genesis")
     p = Path(path)
     if p.exists():
         raise StateFileError(f"{p} exists: a state file is never replaced (that would roll the HSM back)")
-    state = StateFile(p, _identity(hsm_id, members))
+    if hsm_id not in member_set.members:
+        raise ValueError(f"{hsm_id} is not one of the member set's hsm-proxies ({','.join(member_set.members)})")
+    identity = Identity(hsm_id, member_set.members, member_set.epoch, member_set.digest())
+    state = StateFile(p, identity.encode())
     p.parent.mkdir(parents=True, exist_ok=True)
     state._write_file({})  # noqa: SLF001 - the first write, before any caller
+    return identity
 
 
-def open_state(path: str | os.PathLike[str]) -> tuple[StateFile, str, list[str]]:
+def open_state(path: str | os.PathLike[str]) -> tuple[StateFile, Identity]:
     """The state file and this hsm-proxy's identity; a missing file is refused."""
     p = Path(path)
     if not p.exists():
         raise StateFileError(f"no state file at {p}: run `bkv-hsm-proxy init-state` once; if it was lost, "
                              "this hsm-proxy was rolled back (docs/reliability.md, 'Restoring etcd')")
     try:
-        fleet = json.loads(_decode(p.read_bytes())[0])
-        identity = _identity(fleet["hsm"], fleet["members"])
+        identity = Identity.decode(_decode(p.read_bytes())[0])
     except (ValueError, KeyError, TypeError) as exc:
         raise StateFileCorrupt(f"{p}: the hsm-proxy's identity does not parse: {exc}") from None
-    state = StateFile(p, identity)
+    state = StateFile(p, identity.encode())
     state.load()
-    return state, fleet["hsm"], list(fleet["members"])
+    return state, identity

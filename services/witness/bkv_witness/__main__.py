@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -20,12 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from bkv_protocol.encoding import b64d, b64e
 
     if args.cmd == "keygen":
-        key = bd.RootKey.generate()
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(b64e(key.reveal()) + "\n")
-        print(b64e(key.public))
+        print(b64e(bd.new_root_key_file(args.out).public))
         return 0
 
     from pydantic import ValidationError

@@ -1,0 +1,151 @@
+"""The fleet's hsm-proxies, as the offline admin key signs them (issue #17).
+
+Which hsm-proxies make a quorum decides how many guesses can ever be
+released, so nobody who runs the fleet may choose it: an admin key kept
+offline (Ed25519, the format of ``bundle.RootKey``) signs a *member set*,
+fleet-init fixes the admin's public key in the token once, and an hsm-proxy
+serves only when its state file names the very set the token holds, signed
+by that key (``bkv_hsm_proxy.fleet_init``). Root on one host can make a
+state file naming any set; without the admin key the token refuses it.
+
+A set has an *epoch* (1 at fleet-init; each change of the set would be the
+next) and, from epoch 2 on, the log heads it takes over at (``heads``:
+island -> (index, mac)); epoch 1 starts every island at genesis. One
+function (:func:`message`) makes the signed transcript, for the signer
+(``bkv-hsm-proxy sign-members``) and the verifier (the hsm-proxy) alike.
+
+File (JSON)::
+
+    {"format": 1, "epoch": 1, "members": ["hsm-0", "hsm-1", "hsm-2"], "heads": {},
+     "admin_public_key": "<base64, 32 bytes>", "signature": "<base64, 64 bytes>"}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from bkv_protocol import labels
+from bkv_protocol.bundle import RootKey
+from bkv_protocol.encoding import b64d, b64e, canonical, digest, u64
+
+FORMAT = 1
+MAX_MEMBERS = 16  # a release carries at most 16 statements (hsm_api.ReleaseIn)
+_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+class MemberSetError(ValueError):
+    """The member set cannot be used; the message says why."""
+
+
+class MalformedMemberSet(MemberSetError):
+    pass
+
+
+class BadMemberSignature(MemberSetError):
+    """Not signed by the admin key the token holds."""
+
+
+@dataclass(frozen=True)
+class MemberSet:
+    epoch: int
+    members: tuple[str, ...]  # sorted, each once
+    heads: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # island -> (index, mac); {} at epoch 1
+
+    def __post_init__(self) -> None:
+        if type(self.epoch) is not int or not 1 <= self.epoch <= 2**31:
+            raise MalformedMemberSet("epoch must be a positive integer")
+        if not 1 <= len(self.members) <= MAX_MEMBERS or list(self.members) != sorted(set(self.members)):
+            raise MalformedMemberSet(f"members: 1 to {MAX_MEMBERS} hsm-proxy ids, each once, sorted")
+        if not all(type(m) is str and _ID.fullmatch(m) for m in self.members):
+            raise MalformedMemberSet("an hsm-proxy id is lowercase letters, digits and '-'")
+        if self.epoch == 1 and self.heads:
+            raise MalformedMemberSet("the first set starts every island at genesis: no heads")
+        for island, (index, mac) in self.heads.items():
+            if type(island) is not str or not _ID.fullmatch(island) or type(index) is not int \
+                    or not 0 <= index < 2**63 or type(mac) is not bytes or len(mac) != 32:
+                raise MalformedMemberSet("a head is an island id, an index and a 32-byte mac")
+
+    @classmethod
+    def of(cls, members: list[str], epoch: int = 1, heads: dict[str, tuple[int, bytes]] | None = None) -> MemberSet:
+        return cls(epoch, tuple(sorted(set(members))), dict(heads or {}))
+
+    def body(self) -> dict:
+        return {"format": FORMAT, "epoch": self.epoch, "members": list(self.members),
+                "heads": {i: {"index": n, "mac": m.hex()} for i, (n, m) in sorted(self.heads.items())}}
+
+    def digest(self) -> bytes:
+        """What a state file names its set by."""
+        return digest(labels.MEMBER_SET_HASH, _canonical_json(self.body()))
+
+
+def _canonical_json(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def message(s: MemberSet, admin_public_key: bytes) -> bytes:
+    """The transcript the admin key signs: the set and the key itself."""
+    return canonical(labels.SIG_MEMBER_SET, admin_public_key, u64(s.epoch), _canonical_json(s.body()))
+
+
+@dataclass(frozen=True)
+class SignedMemberSet:
+    set: MemberSet
+    admin_public_key: bytes
+    signature: bytes
+
+    def to_json(self) -> str:
+        return json.dumps({**self.set.body(), "admin_public_key": b64e(self.admin_public_key),
+                           "signature": b64e(self.signature)}, sort_keys=True, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SignedMemberSet:
+        """Strict: anything but what :meth:`to_json` writes is refused."""
+        try:
+            obj = json.loads(text)
+            if type(obj) is not dict or set(obj) != {"format", "epoch", "members", "heads", "admin_public_key",
+                                                     "signature"}:
+                raise MalformedMemberSet("unexpected fields")
+            if obj["format"] != FORMAT or type(obj["format"]) is not int:
+                raise MalformedMemberSet(f"format {obj['format']!r}, expected {FORMAT}")
+            if type(obj["members"]) is not list or type(obj["heads"]) is not dict:
+                raise MalformedMemberSet("members is a list and heads an object")
+            heads = {}
+            for island, h in obj["heads"].items():
+                if type(h) is not dict or set(h) != {"index", "mac"} or type(h["mac"]) is not str \
+                        or len(h["mac"]) != 64 or h["mac"] != h["mac"].lower():
+                    raise MalformedMemberSet(f"bad head for {island!r}")
+                heads[island] = (h["index"], bytes.fromhex(h["mac"]))
+            s = MemberSet(obj["epoch"], tuple(obj["members"]), heads)
+            key, sig = b64d(obj["admin_public_key"]), b64d(obj["signature"])
+        except MemberSetError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            raise MalformedMemberSet(f"the member set does not parse: {exc}") from None
+        if len(key) != 32 or len(sig) != 64:
+            raise MalformedMemberSet("an Ed25519 key is 32 bytes and a signature 64")
+        return cls(s, key, sig)
+
+
+def sign(s: MemberSet, admin: RootKey) -> SignedMemberSet:
+    return SignedMemberSet(s, admin.public, admin.sign(message(s, admin.public)))
+
+
+def verify(signed: SignedMemberSet, admin_public_key: bytes) -> MemberSet:
+    """The set, if ``admin_public_key`` (the one the token holds) signed it."""
+    if signed.admin_public_key != admin_public_key:
+        raise BadMemberSignature("the member set was signed by another admin key than the token's")
+    try:
+        Ed25519PublicKey.from_public_bytes(admin_public_key).verify(signed.signature,
+                                                                    message(signed.set, admin_public_key))
+    except (InvalidSignature, ValueError):
+        raise BadMemberSignature("the member set's signature does not verify") from None
+    return signed.set
+
+
+__all__ = ["MemberSet", "SignedMemberSet", "MemberSetError", "MalformedMemberSet", "BadMemberSignature", "sign",
+           "verify", "message"]
