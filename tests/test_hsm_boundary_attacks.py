@@ -128,7 +128,7 @@ async def test_login_start_applied_thirty_times_to_one_head_releases_at_most_one
         assert refused.value.body.error.code.value == "no_quorum"
     released = []
     for entry, held in candidates:
-        statements = await hsm.commit([entry], lambda after, upto: _no_chain())
+        statements = (await hsm.commit([entry], lambda after, upto: _no_chain())).statements
         try:
             released += (await hsm.release(hapi.ReleaseIn(entry=entry, statements=statements, held=[held]))).answers
         except UpstreamError as exc:

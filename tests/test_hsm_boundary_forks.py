@@ -115,6 +115,16 @@ async def attacked(fleet):
         await etcd.close()
 
 
+async def test_three_hsm_proxies_capture_everywhere_and_release_in_a_call_of_its_own(three):
+    from test_hsm_log_release_on_capture import releases
+
+    user, k = await registered(three)
+    before = releases(three)
+    async with device(three, user) as phone:
+        assert (await phone.recover(PW)).key == k
+    assert releases(three) >= before + 2  # no capture alone is a quorum of 2: login start and finish released apart
+
+
 async def test_an_hsm_proxy_killed_after_apply_and_before_persisting_a_capture_releases_nothing(three):
     async with attacked(three) as (user, k, etcd, insider):
         head, current, proof = await island_view(three, etcd, user)

@@ -390,7 +390,7 @@ def _hsm_routes(fleet) -> dict[str, dict]:
         "/hsm/v1/registration/start": {**who, "registration_request": B(os.urandom(32))},
         "/hsm/v1/log/genesis": {"island": isl},
         "/hsm/v1/log/apply": _apply(fleet, "login_start", {**who, **rid, "credential_request": B(os.urandom(96))}),
-        "/hsm/v1/log/capture": {"entries": [head]},
+        "/hsm/v1/log/capture": {"entries": [head], "release": {"statements": [statement], "held": [B(os.urandom(60))]}},
         "/hsm/v1/log/release": {"entry": head, "statements": [statement], "held": [B(os.urandom(60))]},
         "/hsm/v1/refusal": {**who, "proven": {"head": head, "proof": B(b"\x00\x00\x00")}, "statements": [statement],
                             "fingerprint": B(os.urandom(32))},

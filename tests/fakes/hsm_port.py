@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from bkv_hsm_proxy import errors
 from bkv_hsm_proxy.core import VaultHsm
-from bkv_island.hsm_client import capture_caught_up
+from bkv_island.hsm_client import Committed, capture_caught_up
 from bkv_protocol import hsm_api as hapi
 from bkv_server.http import UpstreamError
 
@@ -15,6 +15,8 @@ class InProcessHsmFake:
     def __init__(self, vault: VaultHsm) -> None:
         self.vault = vault
         self.refused: dict[str, int] = {}  # error code -> times the boundary refused a call
+        self.captures_with_release = 0
+        self.releases = 0  # calls of release on its own
 
     async def _call(self, fn, *args):
         try:
@@ -41,12 +43,18 @@ class InProcessHsmFake:
         return await self._call(self.vault.apply, req)
 
     async def release(self, req):
+        self.releases += 1
         return await self._call(self.vault.release, req)
 
-    async def commit(self, entries, chain):
-        """The one hsm-proxy's statement, caught up as the real client does it."""
+    async def commit(self, entries, chain, held=None):
+        """The one hsm-proxy's statement, caught up as the real client does it;
+        ``held`` rides on the capture, as the real client does with one hsm-proxy."""
         async def heads():
             return self.vault.log_heads()
 
-        return [await capture_caught_up(lambda batch: self._call(self.vault.capture, hapi.CaptureIn(entries=batch)),
-                                        heads, entries, chain)]
+        ask = hapi.ReleaseAsk(held=held) if held else None
+        self.captures_with_release += ask is not None
+        out = await capture_caught_up(
+            lambda batch, release: self._call(self.vault.capture, hapi.CaptureIn(entries=batch, release=release)),
+            heads, entries, chain, ask)
+        return Committed([out.statement], out.answers)

@@ -4,8 +4,8 @@ Kept apart from the logic in ``core.py``. Every binary field is base64 on
 the wire. Every state change is an op of a batch applied to the island's
 log (``ApplyIn``), with the record the island says is current and its proof
 against the log's head; what a client may use comes back *held*, and leaves
-only through ``ReleaseIn`` once a quorum of hsm-proxies captured the entry
-(docs/protocol.md, "The HSM-held log").
+only through ``ReleaseIn`` (or a capture's ``ReleaseAsk``) once a quorum of
+hsm-proxies captured the entry (docs/protocol.md, "The HSM-held log").
 """
 
 from __future__ import annotations
@@ -287,12 +287,27 @@ class ApplyOut(Frozen):
     results: list[OpResult]
 
 
+class ReleaseAsk(Frozen):
+    """Release riding on a capture: the held answers of the capture's last
+    entry, and the other hsm-proxies' statements for it known so far."""
+
+    statements: list[Statement] = Field(default_factory=list, max_length=16)
+    held: list[B64] = Field(max_length=64)
+
+
 class CaptureIn(Frozen):
     entries: list[LogEntry] = Field(min_length=1, max_length=256)  # oldest first, one island
+    # Set: once captured, release ``entries[-1]``'s held answers if this
+    # hsm-proxy's statement and the given ones make a quorum (one call less).
+    # Left out when None: the old shape, for hsm-proxies that refuse unknown fields.
+    release: ReleaseAsk | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class CaptureOut(Frozen):
     statement: Statement
+    # In the order of ``release.held``; None (left out: the old shape): no
+    # release asked, or no quorum yet: release in a call of its own.
+    answers: list[B64] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ReleaseIn(Frozen):

@@ -5,7 +5,7 @@ over HTTP. Unit tests of island logic call the HSM in-process instead
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, NamedTuple
 
 from bkv_protocol import hsm_api as hapi
 from bkv_server.http import ServiceClient, UpstreamError
@@ -14,16 +14,24 @@ CATCH_UP_CHUNK = 128  # entries per capture for an hsm-proxy that is behind (Cap
 
 
 Chain = Callable[[int, int], Awaitable[list[hapi.LogEntry]]]
+Capture = Callable[[list[hapi.LogEntry], hapi.ReleaseAsk | None], Awaitable[hapi.CaptureOut]]
 
 
-async def capture_caught_up(capture: Callable[[list[hapi.LogEntry]], Awaitable[hapi.CaptureOut]],
-                            heads: Callable[[], Awaitable[hapi.LogHeadsOut]],
-                            entries: list[hapi.LogEntry], chain: Chain) -> hapi.Statement:
+class Committed(NamedTuple):
+    statements: list[hapi.Statement]  # of the hsm-proxies that captured the entry
+    answers: list[bytes] | None  # released with the capture; None: release in a call of its own
+
+
+async def capture_caught_up(capture: Capture, heads: Callable[[], Awaitable[hapi.LogHeadsOut]],
+                            entries: list[hapi.LogEntry], chain: Chain,
+                            release: hapi.ReleaseAsk | None = None) -> hapi.CaptureOut:
     """One hsm-proxy captures ``entries``; if it is behind (``not_next_entry``),
-    it is first given what it missed, from ``chain(after, upto)`` (etcd)."""
+    it is first given what it missed, from ``chain(after, upto)`` (etcd).
+    ``release`` (held answers of the last entry) rides only on the capture
+    that ends on that entry, never on a chunk of earlier ones."""
     target = entries[-1]
     try:
-        return (await capture(entries)).statement
+        return await capture(entries, release)
     except UpstreamError as exc:
         if exc.body.error.code.value != "not_next_entry":
             raise
@@ -31,10 +39,11 @@ async def capture_caught_up(capture: Callable[[list[hapi.LogEntry]], Awaitable[h
     missed = await chain(have.index if have is not None else 0, target.index)
     if not missed or missed[-1].mac != target.mac:
         raise LookupError("this hsm-proxy is ahead of, or on another branch than, the log")
-    statement = None
+    out = None
     for i in range(0, len(missed), CATCH_UP_CHUNK):
-        statement = (await capture(missed[i:i + CATCH_UP_CHUNK])).statement
-    return statement
+        chunk = missed[i:i + CATCH_UP_CHUNK]
+        out = await capture(chunk, release if chunk[-1].mac == target.mac else None)
+    return out
 
 
 class HsmHttpClient:
@@ -62,19 +71,30 @@ class HsmHttpClient:
     async def release(self, req: hapi.ReleaseIn) -> hapi.ReleaseOut:
         return await self._c.call("POST", "/hsm/v1/log/release", req, hapi.ReleaseOut, idempotent=True)
 
-    async def commit(self, entries: list[hapi.LogEntry], chain: Chain) -> list[hapi.Statement]:
+    async def commit(self, entries: list[hapi.LogEntry], chain: Chain, held: list[bytes] | None = None) -> Committed:
         """Have every hsm-proxy capture ``entries`` (one that is behind first
         gets what it missed, from ``chain(after, upto)``); the statements of
-        those that did. Fewer than a quorum: release will say so."""
-        async def one(c: ServiceClient) -> hapi.Statement:
-            return await capture_caught_up(
-                lambda batch: c.call("POST", "/hsm/v1/log/capture", hapi.CaptureIn(entries=batch), hapi.CaptureOut,
-                                     idempotent=True),
-                lambda: c.call("GET", "/hsm/v1/log/heads", None, hapi.LogHeadsOut, idempotent=True),
-                entries, chain)
+        those that did. Fewer than a quorum: release will say so. With a
+        single hsm-proxy, ``held`` (the last entry's held answers) rides on
+        its capture and comes back released."""
+        # Only one hsm-proxy can be a quorum by itself: quorum 1 means a fleet of
+        # one (bkv_hsm_proxy.log.quorum), and with several each captures in parallel,
+        # knowing no other's statement. So no /heads call to learn the quorum; the
+        # boundary decides in any case (no quorum: no answers, release apart).
+        ask = hapi.ReleaseAsk(held=held) if held and len(self._each) == 1 else None
 
-        got = await asyncio.gather(*(one(c) for c in self._each), return_exceptions=True)
-        return [s for s in got if isinstance(s, hapi.Statement)]
+        async def one(c: ServiceClient) -> hapi.CaptureOut:
+            return await capture_caught_up(
+                lambda batch, release: c.call("POST", "/hsm/v1/log/capture",
+                                              hapi.CaptureIn(entries=batch, release=release), hapi.CaptureOut,
+                                              idempotent=True),
+                lambda: c.call("GET", "/hsm/v1/log/heads", None, hapi.LogHeadsOut, idempotent=True),
+                entries, chain, ask)
+
+        got = [o for o in await asyncio.gather(*(one(c) for c in self._each), return_exceptions=True)
+               if isinstance(o, hapi.CaptureOut)]
+        answers = next((o.answers for o in got if o.answers is not None), None)
+        return Committed([o.statement for o in got], answers)
 
     async def registration_start(self, req: hapi.RegistrationStartIn) -> hapi.RegistrationStartOut:
         return await self._c.call("POST", "/hsm/v1/registration/start", req, hapi.RegistrationStartOut, idempotent=True)

@@ -19,7 +19,8 @@ task at a time takes a batch (distinct records, up to ``max_batch``) and
    new head iff the head is still ours (else: catch up, build the batch again);
 3. has the hsm-proxies **capture** it (each persists it in its state file;
    one that is behind is first given the entries it missed) and the boundary
-   **release** the answers once a quorum captured.
+   **release** the answers once a quorum captured (with a single hsm-proxy,
+   in the capture call itself: ``HsmHttpClient.commit``).
 
 A replica appends while it holds the island's appender lease
 (``bkv_island.appender``), so replicas do not race for the head; safety
@@ -46,6 +47,7 @@ import aetcd
 
 from bkv_island import errors
 from bkv_island.appender import AppenderLease, NoLease
+from bkv_island.hsm_client import Committed
 from bkv_island.store import ref_key
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import merkle
@@ -68,7 +70,8 @@ class HsmLogPort(Protocol):
 
     async def genesis(self, island: str) -> hapi.LogEntry: ...
     async def apply(self, req: hapi.ApplyIn) -> hapi.ApplyOut: ...
-    async def commit(self, entries: list[hapi.LogEntry], chain: Callable) -> list[hapi.Statement]: ...
+    async def commit(self, entries: list[hapi.LogEntry], chain: Callable,
+                     held: list[bytes] | None = None) -> Committed: ...
     async def release(self, req: hapi.ReleaseIn) -> hapi.ReleaseOut: ...
 
 
@@ -227,7 +230,7 @@ class Ledger:
         """The hsm-proxies' capture statements for ``head`` (those that hold it
         as their head restate it): what shows the boundary it is committed."""
         known = {s.hsm: s for s in self._committed.get(head.mac, [])}
-        for s in await self._hsm.commit([head], self._chain):  # those that restate it now (a rare path)
+        for s in (await self._hsm.commit([head], self._chain)).statements:  # those that restate it now (a rare path)
             known.setdefault(s.hsm, s)
         return list(known.values())
 
@@ -382,23 +385,27 @@ class Ledger:
         return [hapi.LogEntry.model_validate(json.loads(kv.value)["entry"]) for kv in got]
 
     async def _release(self, out: hapi.ApplyOut, live: list[_Pending]) -> None:
+        held = [r.held for r in out.results if r.held is not None]
         with _step("capture"):
-            self.statements = await self._hsm.commit([out.entry], self._chain)
+            got = await self._hsm.commit([out.entry], self._chain, held)
+        self.statements = got.statements
         # Statements stay valid: kept for a move's evidence or a resend asked about this entry later.
         self._committed[out.entry.mac] = self.statements
         if len(self._committed) > 1024:
             del self._committed[next(iter(self._committed))]
-        held = [r.held for r in out.results if r.held is not None]
-        try:
-            with _step("release"):
-                answers = iter((await self._hsm.release(hapi.ReleaseIn(
-                    entry=out.entry, statements=self.statements, held=held))).answers if held else [])
-        except UpstreamError as exc:
-            if exc.body.error.code.value != "no_quorum":
-                raise
-            # Appended but captured by too few hsm-proxies: nothing leaves. A resend
-            # is answered from this commit once enough of them capture it.
-            raise UpstreamUnavailable("too few hsm-proxies captured the change; try again shortly") from None
+        answers = got.answers
+        if held and answers is None:  # not released with a capture (several hsm-proxies, or no quorum yet)
+            try:
+                with _step("release"):
+                    answers = (await self._hsm.release(hapi.ReleaseIn(
+                        entry=out.entry, statements=self.statements, held=held))).answers
+            except UpstreamError as exc:
+                if exc.body.error.code.value != "no_quorum":
+                    raise
+                # Appended but captured by too few hsm-proxies: nothing leaves. A resend
+                # is answered from this commit once enough of them capture it.
+                raise UpstreamUnavailable("too few hsm-proxies captured the change; try again shortly") from None
+        answers = iter(answers or [])
         for p, r in zip(live, out.results):
             if r.error is not None:
                 _settle(p, exc=_refusal(r))
