@@ -193,7 +193,7 @@ def test_the_admin_signs_the_member_set_offline_and_fleet_init_fixes_it_in_a_rea
                      str(state)).returncode == 0
     check = f"""
 from bkv_hsm_proxy import nvram
-from bkv_hsm_proxy.fleet_init import check_members
+from bkv_hsm_proxy.membership import check_members
 from bkv_hsm_proxy.hsm import Pkcs11Hsm
 token = Pkcs11Hsm({SOFTHSM_MODULE!r}, "admin-test", "1234")
 check_members(token, nvram.open_state({str(state)!r})[1])

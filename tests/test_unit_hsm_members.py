@@ -1,6 +1,6 @@
 """The fleet's hsm-proxies are a set the offline admin key signs
 (bkv_protocol.members), fixed in the token at fleet-init with the admin's
-public key (bkv_hsm_proxy/fleet_init.py); an hsm-proxy serves only with a
+public key (bkv_hsm_proxy/membership.py); an hsm-proxy serves only with a
 state file naming that very set. Unit tests with the in-memory HSM fake; the
 same through real processes: tests/test_hsm_boundary_forks.py."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from bkv_hsm_proxy import nvram
-from bkv_hsm_proxy.fleet_init import (MembersFixed, check_members, fix_admin_key, fix_member_set,
+from bkv_hsm_proxy.membership import (MembersFixed, check_members, fix_admin_key, fix_member_set,
                                       token_member_set)
 from bkv_protocol import members as ms
 from bkv_protocol.bundle import RootKey
@@ -87,7 +87,7 @@ def test_another_admin_key_or_another_set_is_refused_and_the_token_keeps_the_fir
     hsm = _token(admin)
     with pytest.raises(MembersFixed, match="another admin key"):
         fix_admin_key(hsm, RootKey.generate().public)
-    with pytest.raises(MembersFixed, match="cannot be changed"):
+    with pytest.raises(MembersFixed, match="change ceremony"):
         fix_member_set(hsm, ms.sign(ms.MemberSet.of(["hsm-2"]), admin))
     assert token_member_set(hsm).members == tuple(THREE)
 

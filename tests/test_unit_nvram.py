@@ -112,7 +112,7 @@ async def test_a_failed_rename_keeps_the_old_file_and_fails_every_caller_of_that
 
 @pytest.mark.parametrize("content", [
     b"", b"{", b"\xff\xfe", b"[]", b"null", b"[" * 100_000,
-    b'{"format":1,"fleet":"fleet-a","heads":{}}',  # no checksum
+    b'{"format":2,"fleet":"fleet-a","frozen":false,"heads":{}}',  # no checksum
 ])
 def test_an_unreadable_file_is_refused_rather_than_taken_as_empty(tmp_path, content):
     path = tmp_path / "heads.json"
@@ -128,7 +128,8 @@ async def test_a_file_changed_on_disk_is_refused(tmp_path):
     assert '"index":17' in good
     for bad in (good.replace('"index":17', '"index":16'),   # checksum catches a plausible older head
                 good[: len(good) // 2],                       # truncated
-                good.replace('"format":1', '"format":2')):
+                good.replace('"format":2', '"format":3'),
+                good.replace('"frozen":false', '"frozen":true')):  # a freeze cannot be forged past the checksum
         path.write_text(bad)
         with pytest.raises(StateFileCorrupt):
             loaded(path)
@@ -210,6 +211,18 @@ async def test_a_cancelled_caller_does_not_cancel_the_write_others_wait_for(tmp_
     with pytest.raises(asyncio.CancelledError):
         await t1
     assert loaded(tmp_path / "heads.json").heads() == {"a": head(1), "b": head(1)}
+
+
+async def test_a_frozen_file_stays_frozen_with_its_heads_and_a_file_never_unfreezes(tmp_path):
+    path = tmp_path / "heads.json"
+    sf = loaded(path)
+    await sf.persist({"a": head(3)})
+    assert not loaded(path).frozen
+    await sf.freeze()
+    again = loaded(path)
+    assert again.frozen and again.heads() == {"a": head(3)}
+    await again.persist({"a": head(4)})  # what the file holds is still written whole...
+    assert loaded(path).frozen  # ...and frozen stays
 
 
 def test_init_state_makes_the_file_once_and_serve_refuses_to_start_without_one(tmp_path):

@@ -329,6 +329,30 @@ class LogHead(Frozen):
     mac: Mac
 
 
+class FreezeIn(Frozen):
+    """The admin's signed order to freeze the set of ``epoch`` (bkv_protocol.members.FreezeOrder)."""
+
+    epoch: int = Field(ge=1, le=2**31)
+    admin_public_key: B64
+    signature: B64
+
+
+class FrozenHead(Frozen):
+    index: int = Field(ge=0, le=2**63 - 1)
+    mac: Mac
+    root: Mac
+
+
+class FreezeOut(Frozen):
+    """``hsm``, a member of the set of ``epoch``, froze at ``heads`` (MAC'd by
+    the boundary): what the next set's heads are chosen from and checked against."""
+
+    hsm: HsmId
+    epoch: int = Field(ge=1, le=2**31)
+    heads: dict[IslandId, FrozenHead] = Field(max_length=4096)
+    tag: Mac
+
+
 class LogHeadsOut(Frozen):
     """What this hsm-proxy captured, per island (admin)."""
 
@@ -336,3 +360,5 @@ class LogHeadsOut(Frozen):
     members: list[HsmId]
     quorum: int
     heads: dict[str, LogHead]
+    epoch: int = 1      # of the member set this hsm-proxy serves in
+    frozen: bool = False  # for a change of the set: it captures nothing until it adopts the next

@@ -42,6 +42,7 @@ LOG_KEY_INFO: Final = b"bkv/v1/kdf/log-key"          # OPAQUE server setup -> th
 HELD_ANSWER_INFO: Final = b"bkv/v1/kdf/held-answer"  # log key -> the key answers are held under
 LOG_ENTRY_MAC: Final = b"bkv/v1/mac/log-entry"
 LOG_CAPTURE_MAC: Final = b"bkv/v1/mac/log-capture"   # an hsm-proxy's statement that it captured an entry
+LOG_FREEZE_MAC: Final = b"bkv/v1/mac/log-freeze"     # an hsm-proxy's statement that it froze (a member-set change)
 HELD_ANSWER_AAD: Final = b"bkv/v1/aead/held-answer"
 
 # Validation bundles (docs/ota.md): the operator signs, the witness countersigns.
@@ -54,4 +55,5 @@ SIG_EVIDENCE_FLEET: Final = b"bkv/v1/sig/evidence-fleet"
 SIG_EVIDENCE_OPERATOR: Final = b"bkv/v1/sig/evidence-operator"
 # The fleet's hsm-proxies (bkv_protocol.members): the offline admin key signs the set.
 SIG_MEMBER_SET: Final = b"bkv/v1/sig/member-set"
+SIG_MEMBER_FREEZE: Final = b"bkv/v1/sig/member-freeze"  # the admin's order to freeze a set (a change begins)
 MEMBER_SET_HASH: Final = b"bkv/v1/hash/member-set"       # a state file names its set by this digest

@@ -8,11 +8,15 @@ serves only when its state file names the very set the token holds, signed
 by that key (``bkv_hsm_proxy.fleet_init``). Root on one host can make a
 state file naming any set; without the admin key the token refuses it.
 
-A set has an *epoch* (1 at fleet-init; each change of the set would be the
-next) and, from epoch 2 on, the log heads it takes over at (``heads``:
-island -> (index, mac)); epoch 1 starts every island at genesis. One
-function (:func:`message`) makes the signed transcript, for the signer
-(``bkv-hsm-proxy sign-members``) and the verifier (the hsm-proxy) alike.
+A set has an *epoch* (1 at fleet-init; each change of the set is the next)
+and, from epoch 2 on, the log heads it takes over at (``heads``: island ->
+(index, mac)); epoch 1 starts every island at genesis. A change begins with
+a signed :class:`FreezeOrder` (the old set stops capturing) and ends with the
+next set, whose heads come from the members' freeze statements
+(``bkv_hsm_proxy.membership``; docs/protocol.md, "Changing the member set").
+One function per transcript (:func:`message`, :func:`freeze_message`), for
+the signer (``bkv-hsm-proxy sign-members``, ``sign-freeze``) and the
+verifier (the hsm-proxy) alike.
 
 File (JSON)::
 
@@ -147,5 +151,59 @@ def verify(signed: SignedMemberSet, admin_public_key: bytes) -> MemberSet:
     return signed.set
 
 
-__all__ = ["MemberSet", "SignedMemberSet", "MemberSetError", "MalformedMemberSet", "BadMemberSignature", "sign",
+# -- a change of the set: the admin's order to freeze the current one --------------------
+@dataclass(frozen=True)
+class FreezeOrder:
+    """The admin's order that the members of the set of ``epoch`` freeze (a
+    change of the set begins). Signed, so no island or operator can stop the
+    hsm-proxies for good on its own: a frozen member takes part again only
+    in the next set, which only the admin key can sign."""
+
+    epoch: int
+    admin_public_key: bytes
+    signature: bytes
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "freeze_epoch": self.epoch,
+                           "admin_public_key": b64e(self.admin_public_key), "signature": b64e(self.signature)},
+                          sort_keys=True, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> FreezeOrder:
+        try:
+            obj = json.loads(text)
+            if type(obj) is not dict or set(obj) != {"format", "freeze_epoch", "admin_public_key", "signature"} \
+                    or obj["format"] != FORMAT or type(obj["freeze_epoch"]) is not int or obj["freeze_epoch"] < 1:
+                raise MalformedMemberSet("not a freeze order")
+            order = cls(obj["freeze_epoch"], b64d(obj["admin_public_key"]), b64d(obj["signature"]))
+        except MemberSetError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            raise MalformedMemberSet(f"the freeze order does not parse: {exc}") from None
+        if len(order.admin_public_key) != 32 or len(order.signature) != 64:
+            raise MalformedMemberSet("an Ed25519 key is 32 bytes and a signature 64")
+        return order
+
+
+def freeze_message(epoch: int, admin_public_key: bytes) -> bytes:
+    return canonical(labels.SIG_MEMBER_FREEZE, admin_public_key, u64(epoch))
+
+
+def sign_freeze(epoch: int, admin: RootKey) -> FreezeOrder:
+    return FreezeOrder(epoch, admin.public, admin.sign(freeze_message(epoch, admin.public)))
+
+
+def verify_freeze(order: FreezeOrder, admin_public_key: bytes) -> int:
+    """The epoch to freeze, if the token's admin key signed the order."""
+    if order.admin_public_key != admin_public_key:
+        raise BadMemberSignature("the freeze order was signed by another admin key than the token's")
+    try:
+        Ed25519PublicKey.from_public_bytes(admin_public_key).verify(order.signature,
+                                                                    freeze_message(order.epoch, admin_public_key))
+    except (InvalidSignature, ValueError):
+        raise BadMemberSignature("the freeze order's signature does not verify") from None
+    return order.epoch
+
+
+__all__ = ["FreezeOrder", "sign_freeze", "verify_freeze", "freeze_message", "MemberSet", "SignedMemberSet", "MemberSetError", "MalformedMemberSet", "BadMemberSignature", "sign",
            "verify", "message"]

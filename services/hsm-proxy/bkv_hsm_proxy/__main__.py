@@ -1,5 +1,5 @@
-"""``bkv-hsm-proxy serve | fleet-init | admin-key | sign-members | init-state | log-heads | retire-fleet |
-publish-configmap | publish-bundle | resign-bundle | evidence``."""
+"""``bkv-hsm-proxy serve | fleet-init | admin-key | sign-members | sign-freeze | freeze | change-members |
+init-state | log-heads | retire-fleet | publish-configmap | publish-bundle | resign-bundle | evidence``."""
 
 from __future__ import annotations
 
@@ -36,8 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     sm = sub.add_parser("sign-members", help="offline: sign the fleet's set of hsm-proxies with the admin key")
     sm.add_argument("--admin-key", type=Path, required=True)
     sm.add_argument("--members", required=True, help="every hsm-proxy of the fleet, comma-separated")
-    sm.add_argument("--epoch", type=int, default=1, help="1 for a new fleet")
+    sm.add_argument("--epoch", type=int, default=1, help="1 for a new fleet; the next epoch for a change")
+    sm.add_argument("--freezes", type=Path, nargs="*", default=[],
+                    help="a change: the old set's freeze statements (from `freeze`); the set takes over at the "
+                         "newest heads they name")
     sm.add_argument("--out", type=Path, required=True, help="the signed member set to write (JSON)")
+    sf = sub.add_parser("sign-freeze", help="offline: the admin's order that the set of EPOCH freezes (a change of "
+                                            "the member set begins)")
+    sf.add_argument("--admin-key", type=Path, required=True)
+    sf.add_argument("--epoch", type=int, required=True, help="the set to freeze (the one serving now)")
+    sf.add_argument("--out", type=Path, required=True)
+    fz = sub.add_parser("freeze", help="freeze a running hsm-proxy with the admin's order; prints its freeze "
+                                       "statement (JSON, for sign-members --freezes and change-members)")
+    fz.add_argument("--order", type=Path, required=True, help="the file sign-freeze wrote")
+    fz.add_argument("--hsm-url", required=True, help="the hsm-proxy, e.g. http://127.0.0.1:8100")
+    cm = sub.add_parser("change-members", help="adopt the next member set on this hsm-proxy (stopped): checks the "
+                                               "set and the freezes, stores the set in the token, writes the state "
+                                               "file at the heads it takes over (settings from BKV_HSM_*)")
+    cm.add_argument("--hsm-id", required=True)
+    cm.add_argument("--member-set", type=Path, required=True, help="the next set (sign-members --freezes)")
+    cm.add_argument("--freezes", type=Path, nargs="+", required=True, help="the freeze statements it was made from")
     rt = sub.add_parser("retire-fleet", help="rotation: destroy a fleet's keys once no record uses it")
     rt.add_argument("fleet_id")
     pub = sub.add_parser("publish-configmap", help="write the public fleet parameters to a Kubernetes ConfigMap "
@@ -125,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"configmap": args.name, "fleet_id": data["fleet_id"]}))
         return 0
 
-    if args.cmd in ("admin-key", "sign-members"):  # offline: the admin key only
+    if args.cmd in ("admin-key", "sign-members", "sign-freeze"):  # offline: the admin key only
         from bkv_protocol import bundle as bd
         from bkv_protocol import members as ms
 
@@ -134,13 +152,46 @@ def main(argv: list[str] | None = None) -> int:
                 key = bd.new_root_key_file(args.out)  # never overwrites a key
                 print(json.dumps({"admin_public_key": bd.public_key_b64(key), "key_file": str(args.out)}))
                 return 0
-            signed = ms.sign(ms.MemberSet.of(args.members.split(","), args.epoch), bd.load_root_key(args.admin_key))
+            if args.cmd == "sign-freeze":
+                args.out.write_text(ms.sign_freeze(args.epoch, bd.load_root_key(args.admin_key)).to_json())
+                print(json.dumps({"freeze_epoch": args.epoch}))
+                return 0
+            from bkv_protocol import hsm_api
+            from bkv_hsm_proxy.membership import newest_frozen
+
+            freezes = [hsm_api.FreezeOut.model_validate_json(f.read_bytes()) for f in args.freezes]
+            signed = ms.sign(ms.MemberSet.of(args.members.split(","), args.epoch, newest_frozen(freezes)),
+                             bd.load_root_key(args.admin_key))
             args.out.write_text(signed.to_json())
         except (ms.MemberSetError, OSError, ValueError) as exc:
             print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
             return 1
         print(json.dumps({"epoch": signed.set.epoch, "members": list(signed.set.members),
                           "admin_public_key": bd.public_key_b64(bd.load_root_key(args.admin_key))}))
+        return 0
+
+    if args.cmd == "freeze":  # a client of the running hsm-proxy: no token, no PIN
+        from bkv_protocol import hsm_api
+        from bkv_protocol import members as ms
+        from bkv_server.http import ServiceClient, UpstreamError
+
+        async def freeze() -> hsm_api.FreezeOut:
+            order = ms.FreezeOrder.from_json(args.order.read_bytes())
+            client = ServiceClient("hsm-proxy", [args.hsm_url])
+            try:
+                return await client.call("POST", "/hsm/v1/members/freeze", hsm_api.FreezeIn(
+                    epoch=order.epoch, admin_public_key=order.admin_public_key, signature=order.signature),
+                    hsm_api.FreezeOut, idempotent=True)
+            finally:
+                await client.aclose()
+
+        import asyncio
+
+        try:
+            print(asyncio.run(freeze()).model_dump_json())
+        except (ms.MemberSetError, OSError, UpstreamError) as exc:
+            print(f"bkv-hsm-proxy: not frozen: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     if args.cmd in ("init-state", "log-heads"):  # the state file only: no token, no PIN
@@ -158,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
             return 1
         print(json.dumps({"hsm": identity.hsm, "members": list(identity.members), "epoch": identity.epoch,
-                          "heads": {i: {"index": h.index, "mac": h.mac.hex()}
+                          "frozen": state.frozen, "heads": {i: {"index": h.index, "mac": h.mac.hex()}
                                     for i, h in sorted(state.durable_heads().items())}}))
         return 0
 
@@ -187,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "fleet-init":
             from bkv_protocol import members as ms
             from bkv_protocol.encoding import b64d
-            from bkv_hsm_proxy.fleet_init import MembersFixed, fleet_init
+            from bkv_hsm_proxy.fleet_init import fleet_init
+            from bkv_hsm_proxy.membership import MembersFixed
 
             try:
                 signed = ms.SignedMemberSet.from_json(args.member_set.read_bytes()) if args.member_set else None
@@ -203,6 +255,31 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(json.dumps({k: params[k] for k in ("fleet_id", "fleet_public_key", "max_attempts", "created")}))
             return 0
+        if args.cmd == "change-members":
+            from bkv_protocol import hsm_api
+            from bkv_protocol import members as ms
+            from bkv_hsm_proxy import membership, nvram
+            from bkv_hsm_proxy.core import VaultHsm
+            from bkv_hsm_proxy.hsm import open_token
+
+            try:
+                signed = ms.SignedMemberSet.from_json(args.member_set.read_bytes())
+                freezes = [hsm_api.FreezeOut.model_validate_json(f.read_bytes()) for f in args.freezes]
+            except (ms.MemberSetError, OSError, ValueError) as exc:
+                print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+                return 1
+            hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+            try:
+                identity = membership.change_members(
+                    hsm, VaultHsm(hsm, max_attempts=settings.max_attempts).log_key, settings.state_file, args.hsm_id,
+                    signed, freezes, membership.read_chain(settings.etcd_endpoints, settings.etcd_prefix))
+            except (membership.MembersFixed, nvram.StateFileError, OSError) as exc:
+                print(f"bkv-hsm-proxy: member set not changed: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                hsm.close()
+            print(json.dumps({"hsm": identity.hsm, "members": list(identity.members), "epoch": identity.epoch}))
+            return 0
         if args.cmd == "retire-fleet":
             from bkv_hsm_proxy.fleet_init import RetireRefused, retire_fleet
 
@@ -216,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         from bkv_hsm_proxy import nvram
 
         try:
+            lock = nvram.hold(settings.state_file)  # held while this process serves
             state, identity = nvram.open_state(settings.state_file)
         except (nvram.StateFileError, OSError) as exc:
             print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
@@ -223,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         from bkv_server.service import run
         from bkv_hsm_proxy.app import create_app
         from bkv_hsm_proxy.core import VaultHsm
-        from bkv_hsm_proxy.fleet_init import MembersFixed, check_members
+        from bkv_hsm_proxy.membership import MembersFixed, check_members
         from bkv_hsm_proxy.hsm import open_token
 
         hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
@@ -233,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
             return 4
         vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
-        vault.attach_log(state, identity.hsm, list(identity.members))
+        vault.attach_log(state, identity.hsm, list(identity.members), identity.epoch)
         run(create_app(vault), settings.host, settings.port, settings.metrics_port)
+        os.close(lock)
         return 0
     except HsmError as exc:
         print(f"bkv-hsm-proxy: HSM error: {exc}", file=sys.stderr)

@@ -36,4 +36,6 @@ def create_app(vault: VaultHsm) -> RpcApp:
         "/hsm/v1/log/release": (api.ReleaseIn, sync(vault.release)),
         "/hsm/v1/reply/open": (api.ReplyOpenIn, sync(vault.open_reply)),
         "/hsm/v1/refusal": (api.RefusalIn, sync(vault.refusal)),
+        # Admin: a change of the member set begins (only on the admin key's signed order).
+        "/hsm/v1/members/freeze": (api.FreezeIn, vault.freeze),
     }, errors=errors.TABLE, get_routes={"/hsm/v1/fleet": fleet, "/hsm/v1/log/heads": heads})

@@ -49,7 +49,8 @@ from bkv_hsm_proxy import errors
 from bkv_hsm_proxy import log as hlog
 from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, HsmBackend, generation_label
 from bkv_hsm_proxy.log import IslandLog
-from bkv_protocol import merkle
+from bkv_hsm_proxy.membership import token_admin_key
+from bkv_protocol import members, merkle
 
 CHALLENGE_TTL_MS = 120_000
 LOGIN_STATE_TTL_MS = 60_000
@@ -169,9 +170,9 @@ class VaultHsm:
         except errors.HsmAuthTagMismatch:
             raise errors.HsmError("the sealed OPAQUE setup does not open with this token's key") from None
 
-    def attach_log(self, state, hsm_id: str, members: list[str]) -> None:
-        self.log = IslandLog(self.log_key, hsm_id, members, state)
-        for reason in ("NotAuthentic", "StaleHead", "NotNextEntry", "ProofRefused", "NoQuorum"):
+    def attach_log(self, state, hsm_id: str, members: list[str], epoch: int = 1) -> None:
+        self.log = IslandLog(self.log_key, hsm_id, members, state, epoch=epoch)
+        for reason in ("NotAuthentic", "StaleHead", "NotNextEntry", "ProofRefused", "NoQuorum", "Frozen"):
             metrics.LOG_REFUSED.labels(reason)  # a series from the start (dashboards, alerts)
         for island, head in state.heads().items():
             metrics.LOG_HEAD_INDEX.labels(island).set(head.index)
@@ -520,6 +521,7 @@ class VaultHsm:
         log = self._log()
         head = _entry(req.head)
         try:
+            log.refuse_if_frozen()  # before any OPAQUE work
             log.check_head(head)
         except errors.LogError as exc:
             metrics.LOG_REFUSED.labels(type(exc).__name__).inc()
@@ -550,7 +552,7 @@ class VaultHsm:
         if changes:
             try:
                 entry = log.apply(head, changes)
-            except hlog.ProofRefused:
+            except (hlog.ProofRefused, errors.Frozen):
                 raise
             except hlog.LogError as exc:  # two ops on one record: a bug of the island's batching
                 raise errors.BadRequest(str(exc)) from None
@@ -597,7 +599,25 @@ class VaultHsm:
     def log_heads(self) -> api.LogHeadsOut:
         log = self._log()
         return api.LogHeadsOut(hsm=log.hsm_id, members=sorted(log.members), quorum=log.quorum,
-                               heads={i: api.LogHead(index=h.index, mac=h.mac) for i, h in log.heads().items()})
+                               heads={i: api.LogHead(index=h.index, mac=h.mac) for i, h in log.heads().items()},
+                               epoch=log.epoch, frozen=log.frozen)
+
+    async def freeze(self, req: api.FreezeIn) -> api.FreezeOut:
+        """A change of the member set begins (bkv_hsm_proxy.membership): on
+        the admin's signed order for this set, capture nothing more in it,
+        durably, and say at which heads."""
+        log = self._log()
+        order = members.FreezeOrder(req.epoch, req.admin_public_key, req.signature)
+        try:
+            if members.verify_freeze(order, token_admin_key(self._hsm) or b"") != log.epoch:
+                raise errors.BadRequest(f"the order freezes the set of epoch {req.epoch}; this hsm-proxy serves in "
+                                        f"epoch {log.epoch}")
+        except members.MemberSetError as exc:
+            raise errors.BadRequest(str(exc)) from None
+        fz = await log.freeze()
+        metrics.LOG_REFUSED.labels("Frozen")
+        return api.FreezeOut(hsm=fz.hsm, epoch=fz.epoch, tag=fz.tag, heads={
+            i: api.FrozenHead(index=h.index, mac=h.mac, root=h.root) for i, h in fz.heads.items()})
 
 
 def _entry(w: api.LogEntry) -> hlog.LogEntry:

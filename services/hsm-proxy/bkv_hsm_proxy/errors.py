@@ -16,7 +16,8 @@
     │   ├── StaleHead            (older than, or a fork of, what this hsm-proxy captured)
     │   ├── NotNextEntry         (capture: not the next link of this hsm-proxy's chain)
     │   ├── ProofRefused         (a record that is not what the head's root says)
-    │   └── NoQuorum             (release: too few hsm-proxies captured the entry)
+    │   ├── NoQuorum             (release: too few hsm-proxies captured the entry)
+    │   └── Frozen               (a member-set change: this hsm-proxy takes no part until it adopts the next)
     └── HsmError                 -- the token misbehaved: try again
         ├── HsmKeyMissing        (fleet-init was not run)
         ├── HsmLoginFailed       (wrong PIN: never tried again, a real HSM locks it)
@@ -100,6 +101,12 @@ class NoQuorum(LogError):
     captured this entry. Nothing leaves; capture it on more hsm-proxies."""
 
 
+class Frozen(LogError):
+    """This hsm-proxy froze for a change of the member set (docs/protocol.md,
+    "Changing the member set"): it applies and captures nothing until it
+    adopts the next set. The island tries the others; the change ends it."""
+
+
 class HsmError(HsmProxyError):
     pass
 
@@ -136,6 +143,7 @@ TABLE = ErrorTable(
     (NotNextEntry, 409, C.NOT_NEXT_ENTRY, False),
     (ProofRefused, 409, C.PROOF_REFUSED, False),
     (NoQuorum, 409, C.NO_QUORUM, False),  # not yet: the island captures on more hsm-proxies first
+    (Frozen, 503, C.UNAVAILABLE, True),
     (LogError, 400, C.INVALID_REQUEST, False),
     (HsmError, 503, C.UNAVAILABLE, True),
 )

@@ -14,87 +14,9 @@ from bkv_protocol.encoding import fleet_id_for
 from bkv_server.fleetmap import FLEET_PARAMS_KEY
 from bkv_hsm_proxy.core import VaultHsm
 from bkv_hsm_proxy.hsm import open_token
+from bkv_hsm_proxy.membership import fix_admin_key, fix_member_set
 from bkv_hsm_proxy.settings import HsmProxySettings
 
-
-
-ADMIN_KEY_LABEL = "bkv-admin-key"        # the offline admin key's public half, fixed once
-MEMBER_SET_LABEL = "bkv-hsm-member-set/"  # + epoch: each signed set its own read-only object
-
-
-class MembersFixed(Exception):
-    """The token holds another admin key or member set, or the set is not
-    the token's: nothing was changed, and ``serve`` does not start."""
-
-
-def token_admin_key(hsm) -> bytes | None:
-    return hsm.load_blob(ADMIN_KEY_LABEL)
-
-
-def fix_admin_key(hsm, public_key: bytes) -> bool:
-    """Put the admin's public key into the token, once. True if stored now."""
-    if len(public_key) != 32:
-        raise MembersFixed("the admin public key is a 32-byte Ed25519 key (base64)")
-    held = token_admin_key(hsm)
-    if held is None:
-        hsm.store_blob(ADMIN_KEY_LABEL, public_key)
-        return True
-    if held != public_key:
-        raise MembersFixed("the token holds another admin key; it is fixed at the first fleet-init")
-    return False
-
-
-def token_member_set(hsm) -> members.MemberSet | None:
-    """The newest member set in the token, verified under the token's admin key."""
-    admin = token_admin_key(hsm)
-    newest, epoch = None, 1
-    while (blob := hsm.load_blob(f"{MEMBER_SET_LABEL}{epoch}")) is not None:
-        newest, epoch = blob, epoch + 1
-    if newest is None:
-        return None
-    if admin is None:
-        raise MembersFixed("the token holds a member set but no admin key")
-    try:
-        return members.verify(members.SignedMemberSet.from_json(newest), admin)
-    except members.MemberSetError as exc:
-        raise MembersFixed(f"the token's member set does not verify: {exc}") from None
-
-
-def fix_member_set(hsm, signed: members.SignedMemberSet) -> bool:
-    """Store the fleet's first member set, signed by the token's admin key
-    (a read-only data object). True if stored now; the same set again
-    changes nothing; any other set is refused -- changing the set needs a
-    change ceremony, which is not built yet (docs/architecture.md, Known gaps)."""
-    admin = token_admin_key(hsm)
-    if admin is None:
-        raise MembersFixed("the token holds no admin key: run fleet-init with --admin-public-key")
-    try:
-        new = members.verify(signed, admin)
-    except members.MemberSetError as exc:
-        raise MembersFixed(str(exc)) from None
-    held = token_member_set(hsm)
-    if held is None:
-        if new.epoch != 1:
-            raise MembersFixed("the first member set of a fleet is epoch 1")
-        hsm.store_blob(f"{MEMBER_SET_LABEL}1", signed.to_json().encode())
-        return True
-    if held.digest() != new.digest():
-        raise MembersFixed(f"the token's hsm-proxies are {','.join(held.members)} (epoch {held.epoch}); "
-                           "the set cannot be changed yet (docs/architecture.md, Known gaps)")
-    return False
-
-
-def check_members(hsm, identity) -> None:
-    """Refuse to serve unless the state file's set (``nvram.Identity``) is
-    the one the token holds, signed by the token's admin key."""
-    held = token_member_set(hsm)
-    if held is None:
-        raise MembersFixed("the token holds no member set: run `bkv-hsm-proxy fleet-init --admin-public-key K "
-                           "--member-set FILE` (docs/kubernetes.md, 'The member set')")
-    if identity.set_digest != held.digest() or identity.epoch != held.epoch:
-        raise MembersFixed(f"the state file names the hsm-proxies {','.join(identity.members)} (epoch "
-                           f"{identity.epoch}) but the token {','.join(held.members)} (epoch {held.epoch}): the state "
-                           "file was made again with another set; refusing to serve")
 
 
 def fleet_init(settings: HsmProxySettings, out: Path | None, new_generation: bool = False,

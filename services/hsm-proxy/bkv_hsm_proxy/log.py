@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from bkv_hsm_proxy.errors import LogError, NoQuorum, NotAuthentic, NotNextEntry, ProofRefused, StaleHead
+from bkv_hsm_proxy.errors import Frozen, LogError, NoQuorum, NotAuthentic, NotNextEntry, ProofRefused, StaleHead
 from bkv_hsm_proxy.nvram import Head, StateFile
 from bkv_protocol import hsm_api as api
 from bkv_protocol import labels, merkle
@@ -128,6 +128,12 @@ class Statement:
     tag: bytes
 
 
+def tolerated(members: int) -> int:
+    """State files that may be rolled back without harm, by design: one from
+    four hsm-proxies up (5 sites: 4 captures, one site may be down), else none."""
+    return 1 if members >= 4 else 0
+
+
 def quorum(members: int, rolled_back: int | None = None) -> int:
     """Captures needed to release. Two quorums must share more members than
     can have had their state file rolled back (SoftHSM2 and a host root can;
@@ -135,24 +141,41 @@ def quorum(members: int, rolled_back: int | None = None) -> int:
     an insider who captures each entry on just a majority, then rolls one of
     those sites back, commit a second branch on the other sites. Default f: 1
     from four hsm-proxies up (5 sites: 4 captures, one site may be down), else 0."""
-    f = (1 if members >= 4 else 0) if rolled_back is None else rolled_back
+    f = tolerated(members) if rolled_back is None else rolled_back
     q = (members + f) // 2 + 1
     if not 1 <= q <= members:
         raise ValueError(f"{members} hsm-proxies cannot tolerate {f} rolled-back state files")
     return q
 
 
+@dataclass(frozen=True)
+class FreezeStatement:
+    """``hsm``, a member of the set of ``epoch``, froze at ``heads``: it will
+    capture nothing more in that set. MAC'd by the boundary."""
+
+    hsm: str
+    epoch: int
+    heads: dict[str, Head]
+    tag: bytes
+
+
+def freeze_tag(key: LogKey, hsm: str, epoch: int, heads: dict[str, Head]) -> bytes:
+    fields = [f for island, h in sorted(heads.items()) for f in (island.encode(), u64(h.index), h.mac, h.root)]
+    return key.mac(labels.LOG_FREEZE_MAC, u64(epoch), hsm.encode(), u64(len(heads)), *fields)
+
+
 class IslandLog:
     """One hsm-proxy's side of every island's log."""
 
     def __init__(self, key: LogKey, hsm_id: str, members: list[str], state: StateFile, *,
-                 rolled_back: int | None = None) -> None:
+                 rolled_back: int | None = None, epoch: int = 1) -> None:
         if hsm_id not in members or len(set(members)) != len(members):
             raise ValueError("members must list every hsm-proxy once, this one included")
         self._key = key
         self.hsm_id = hsm_id
         self.members = frozenset(members)
         self.quorum = quorum(len(members), rolled_back)
+        self.epoch = epoch  # of the member set: statements count only within their own set
         self._state = state
         self._held = AESGCM(key.held_key())
         # Links captured lately, in memory only: a statement about one may be asked
@@ -161,6 +184,10 @@ class IslandLog:
 
     def __repr__(self) -> str:
         return f"IslandLog({self.hsm_id}, quorum {self.quorum}/{len(self.members)}, key=(redacted))"
+
+    @property
+    def frozen(self) -> bool:
+        return self._state.frozen
 
     def state_writes(self) -> int:
         return self._state.writes
@@ -190,9 +217,15 @@ class IslandLog:
             raise StaleHead(f"island {head.island}: head #{head.index} is behind this hsm-proxy's #{mine.index}")
 
     # -- 1. apply ------------------------------------------------------------------
+    def refuse_if_frozen(self) -> None:
+        if self._state.frozen:
+            raise Frozen("this hsm-proxy is frozen for a change of the member set: it takes part again once it "
+                         "adopted the next set (bkv-hsm-proxy change-members)")
+
     def apply(self, head: LogEntry, changes: list[Change]) -> LogEntry:
         """The entry that follows ``head`` with ``changes`` applied. Every
         ``current`` must be what ``head.root`` says the record is."""
+        self.refuse_if_frozen()
         self.check_head(head)
         refs = [c.ref for c in changes]
         if not changes or len(set(refs)) != len(refs):
@@ -228,6 +261,7 @@ class IslandLog:
         and state it. Capturing our current head again only restates it."""
         if not entries:
             raise LogError("nothing to capture")
+        self.refuse_if_frozen()  # not even a restatement: a frozen member's word belongs to the old set
         island = entries[0].island
         head = self.captured(island)
         last = entries[-1]
@@ -253,7 +287,18 @@ class IslandLog:
         return Statement(self.hsm_id, island, index, mac, self._statement_tag(self.hsm_id, island, index, mac))
 
     def _statement_tag(self, hsm: str, island: str, index: int, mac: bytes) -> bytes:
-        return self._key.mac(labels.LOG_CAPTURE_MAC, hsm.encode(), island.encode(), u64(index), mac)
+        # Bound to the member set's epoch: a statement made in an older set (by a
+        # member left behind, say) never counts towards a quorum of a newer one.
+        return self._key.mac(labels.LOG_CAPTURE_MAC, u64(self.epoch), hsm.encode(), island.encode(), u64(index), mac)
+
+    # -- a change of the member set (members_change.py) ----------------------------------
+    async def freeze(self) -> FreezeStatement:
+        """Capture nothing more in this set, durably; then say, MAC'd, which
+        heads this hsm-proxy froze at (what the next set takes over from)."""
+        await self._state.freeze()
+        heads = self._state.durable_heads()
+        return FreezeStatement(self.hsm_id, self.epoch, heads,
+                               freeze_tag(self._key, self.hsm_id, self.epoch, heads))
 
     # -- 3. release -----------------------------------------------------------------
     def committed(self, entry: LogEntry, statements: list[Statement]) -> None:

@@ -24,9 +24,13 @@ Rules this file keeps:
   rollback. The file carries a SHA-256 checksum so a flipped digit in an
   index cannot pass as a valid older head.
 
+- *Frozen* (``freeze``): for a change of the member set (``bkv_hsm_proxy.
+  members_change``) the file says this hsm-proxy captures nothing more in its
+  set, durably, before it says which heads it froze at.
+
 File (JSON, canonical: sorted keys, no spaces)::
 
-    {"fleet": "...", "format": 1,
+    {"fleet": "...", "format": 2, "frozen": false,
      "heads": {"<island>": {"index": 7, "mac": "<64 hex>", "root": "<64 hex>"}},
      "sha256": "<hex of SHA-256 over the same object without this field>"}
 """
@@ -42,9 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Head", "StateFile", "StateFileError", "StateFileCorrupt", "FleetMismatch",
-           "HeadRegression", "StateWriteFailed", "FORMAT", "Identity", "init_state", "open_state"]
+           "HeadRegression", "StateWriteFailed", "FORMAT", "Identity", "init_state", "open_state", "hold",
+           "StateFileBusy"]
 
-FORMAT = 1
+FORMAT = 2  # 2: the frozen flag
 
 
 class StateFileError(Exception):
@@ -57,6 +62,27 @@ class StateFileCorrupt(StateFileError):
 
 class FleetMismatch(StateFileError):
     """The file belongs to another fleet."""
+
+
+class StateFileBusy(StateFileError):
+    """Another process (a serving hsm-proxy) holds the state file."""
+
+
+def hold(path: str | os.PathLike[str]) -> int:
+    """Take the state file's lock (``<file>.lock``, flock) for as long as the
+    returned descriptor stays open: one writer, so ``change-members`` cannot
+    replace a file under a running hsm-proxy, nor two of them serve on one."""
+    import fcntl
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p.with_name(p.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateFileBusy(f"{p} is in use by another process (a running hsm-proxy? stop it first)") from None
+    return fd
 
 
 class HeadRegression(ValueError):
@@ -90,8 +116,8 @@ def _canonical_json(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _encode(fleet: str, heads: dict[str, Head]) -> bytes:
-    body = {"format": FORMAT, "fleet": fleet, "heads": {
+def _encode(fleet: str, heads: dict[str, Head], frozen: bool = False) -> bytes:
+    body = {"format": FORMAT, "fleet": fleet, "frozen": frozen, "heads": {
         i: {"index": h.index, "mac": h.mac.hex(), "root": h.root.hex()} for i, h in heads.items()}}
     body["sha256"] = hashlib.sha256(_canonical_json(body)).hexdigest()
     return _canonical_json(body) + b"\n"
@@ -103,25 +129,25 @@ def _hex32(v: object) -> bytes:
     return bytes.fromhex(v)
 
 
-def _decode(data: bytes) -> tuple[str, dict[str, Head]]:
+def _decode(data: bytes) -> tuple[str, dict[str, Head], bool]:
     """Strict: anything but a file this module wrote raises StateFileCorrupt."""
     try:
         obj = json.loads(data)
-        if type(obj) is not dict or set(obj) != {"format", "fleet", "heads", "sha256"}:
+        if type(obj) is not dict or set(obj) != {"format", "fleet", "frozen", "heads", "sha256"}:
             raise ValueError("unexpected fields")
         check = obj.pop("sha256")
         if check != hashlib.sha256(_canonical_json(obj)).hexdigest():
             raise ValueError("checksum mismatch")
         if type(obj["format"]) is not int or obj["format"] != FORMAT:
             raise ValueError(f"format {obj['format']!r}, expected {FORMAT}")
-        if type(obj["fleet"]) is not str or type(obj["heads"]) is not dict:
-            raise ValueError("bad fleet or heads")
+        if type(obj["fleet"]) is not str or type(obj["heads"]) is not dict or type(obj["frozen"]) is not bool:
+            raise ValueError("bad fleet, heads or frozen flag")
         heads = {}
         for island, h in obj["heads"].items():
             if type(h) is not dict or set(h) != {"index", "mac", "root"}:
                 raise ValueError(f"bad head for {island!r}")
             heads[island] = Head(h["index"], _hex32(h["mac"]), _hex32(h["root"]))
-        return obj["fleet"], heads
+        return obj["fleet"], heads, obj["frozen"]
     except (ValueError, TypeError, KeyError, RecursionError) as e:  # JSON/Unicode errors are ValueErrors
         raise StateFileCorrupt(f"state file unreadable: {e}") from e
 
@@ -136,6 +162,7 @@ class StateFile:
         self._loaded = False
         self._durable: dict[str, Head] = {}  # what the file holds
         self._newest: dict[str, Head] = {}   # accepted by persist: durable or pending
+        self.frozen = False                  # accepted by freeze (durable once freeze returns)
         self._next: asyncio.Future[None] | None = None  # the write the next callers join
         self._writer: asyncio.Task[None] | None = None
         # For metrics.
@@ -153,15 +180,16 @@ class StateFile:
         """Read the file (missing = empty). Raises StateFileCorrupt or FleetMismatch."""
         if self._writer is not None and not self._writer.done():
             raise RuntimeError("load() while a write is in flight")
+        frozen = False
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             heads: dict[str, Head] = {}
         else:
-            fleet, heads = _decode(data)
+            fleet, heads, frozen = _decode(data)
             if fleet != self.fleet:
                 raise FleetMismatch(f"state file {self.path} is for fleet {fleet!r}, not {self.fleet!r}")
-        self._durable, self._newest, self._loaded = heads, dict(heads), True
+        self._durable, self._newest, self._loaded, self.frozen = heads, dict(heads), True, frozen
 
     def heads(self) -> dict[str, Head]:
         """The newest head accepted per island: on disk, or being written.
@@ -191,6 +219,18 @@ class StateFile:
         if all(island in self._durable and self._durable[island].index >= h.index
                for island, h in updates.items()):
             return  # already on disk (a repeat)
+        await self._written()
+
+    async def freeze(self) -> None:
+        """Return once the file says frozen (for good: nothing unfreezes a
+        file; the next member set comes with a new file)."""
+        if not self._loaded:
+            raise RuntimeError("load() the state file before freezing")
+        self.frozen = True
+        await self._written()
+
+    async def _written(self) -> None:
+        """Join the next write (starting one if none runs) and wait for it."""
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
         fut = self._next
@@ -209,9 +249,9 @@ class StateFile:
     async def _write_loop(self) -> None:
         while self._next is not None:
             fut, self._next = self._next, None
-            snapshot = dict(self._newest)  # everything accepted so far
+            snapshot, frozen = dict(self._newest), self.frozen  # everything accepted so far
             try:
-                await asyncio.to_thread(self._write_file, snapshot)
+                await asyncio.to_thread(self._write_file, snapshot, frozen)
             except asyncio.CancelledError:
                 fut.cancel()
                 raise
@@ -225,10 +265,10 @@ class StateFile:
                 self._durable = snapshot
                 fut.set_result(None)
 
-    def _write_file(self, heads: dict[str, Head]) -> None:
+    def _write_file(self, heads: dict[str, Head], frozen: bool = False) -> None:
         # A temp file left by a crash is simply truncated here; load() leaves it
         # alone, so reading the state (e.g. from a tool) never disturbs a write.
-        data, tmp = _encode(self.fleet, heads), self._tmp
+        data, tmp = _encode(self.fleet, heads, frozen), self._tmp
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
