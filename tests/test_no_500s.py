@@ -394,6 +394,8 @@ def _hsm_routes(fleet) -> dict[str, dict]:
         "/hsm/v1/log/release": {"entry": head, "statements": [statement], "held": [B(os.urandom(60))]},
         "/hsm/v1/refusal": {**who, "proven": {"head": head, "proof": B(b"\x00\x00\x00")}, "statements": [statement],
                             "fingerprint": B(os.urandom(32))},
+        # Signed by no admin key: every mutation is refused, none freezes the shared fleet.
+        "/hsm/v1/members/freeze": {"epoch": 1, "admin_public_key": B(os.urandom(32)), "signature": B(os.urandom(64))},
         "/hsm/v1/reply/open": {**{k: who[k] for k in ("user_id", "island", "current")}, **rid,
                                "proven": {"head": head, "proof": B(b"\x00\x00\x00")}, "statements": [],
                                "fingerprint": B(os.urandom(32))},
