@@ -116,3 +116,15 @@ def test_a_state_file_made_again_with_a_quorum_of_its_own_does_not_serve(admin):
 def test_a_token_without_a_member_set_does_not_serve():
     with pytest.raises(MembersFixed, match="no member set"):
         check_members(InMemoryHsmFake(), _identity(ms.MemberSet.of(["hsm-0"])))
+
+
+def test_a_freeze_order_survives_its_file_and_only_the_tokens_admin_key_makes_one(admin):
+    order = ms.FreezeOrder.from_json(ms.sign_freeze(3, admin).to_json())
+    assert ms.verify_freeze(order, admin.public) == 3
+    with pytest.raises(ms.BadMemberSignature, match="another admin key"):
+        ms.verify_freeze(ms.sign_freeze(3, RootKey.generate()), admin.public)
+    with pytest.raises(ms.BadMemberSignature, match="does not verify"):
+        ms.verify_freeze(ms.FreezeOrder(4, order.admin_public_key, order.signature), admin.public)  # another epoch
+    for bad in ('{"format": 1, "freeze_epoch": 0}', "[]", ms.sign_freeze(3, admin).to_json().replace('"format"', '"f"')):
+        with pytest.raises(ms.MalformedMemberSet):
+            ms.FreezeOrder.from_json(bad)

@@ -109,45 +109,61 @@ class SignedMemberSet:
     @classmethod
     def from_json(cls, text: str | bytes) -> SignedMemberSet:
         """Strict: anything but what :meth:`to_json` writes is refused."""
-        try:
-            obj = json.loads(text)
-            if type(obj) is not dict or set(obj) != {"format", "epoch", "members", "heads", "admin_public_key",
-                                                     "signature"}:
-                raise MalformedMemberSet("unexpected fields")
-            if obj["format"] != FORMAT or type(obj["format"]) is not int:
-                raise MalformedMemberSet(f"format {obj['format']!r}, expected {FORMAT}")
-            if type(obj["members"]) is not list or type(obj["heads"]) is not dict:
-                raise MalformedMemberSet("members is a list and heads an object")
-            heads = {}
-            for island, h in obj["heads"].items():
-                if type(h) is not dict or set(h) != {"index", "mac"} or type(h["mac"]) is not str \
-                        or len(h["mac"]) != 64 or h["mac"] != h["mac"].lower():
-                    raise MalformedMemberSet(f"bad head for {island!r}")
-                heads[island] = (h["index"], bytes.fromhex(h["mac"]))
-            s = MemberSet(obj["epoch"], tuple(obj["members"]), heads)
-            key, sig = b64d(obj["admin_public_key"]), b64d(obj["signature"])
-        except MemberSetError:
-            raise
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-            raise MalformedMemberSet(f"the member set does not parse: {exc}") from None
-        if len(key) != 32 or len(sig) != 64:
-            raise MalformedMemberSet("an Ed25519 key is 32 bytes and a signature 64")
-        return cls(s, key, sig)
+        return _parsed("member set", text, cls._from_obj)
+
+    @classmethod
+    def _from_obj(cls, obj) -> SignedMemberSet:
+        if type(obj) is not dict or set(obj) != {"format", "epoch", "members", "heads", "admin_public_key",
+                                                 "signature"}:
+            raise MalformedMemberSet("unexpected fields")
+        if obj["format"] != FORMAT or type(obj["format"]) is not int:
+            raise MalformedMemberSet(f"format {obj['format']!r}, expected {FORMAT}")
+        if type(obj["members"]) is not list or type(obj["heads"]) is not dict:
+            raise MalformedMemberSet("members is a list and heads an object")
+        heads = {}
+        for island, h in obj["heads"].items():
+            if type(h) is not dict or set(h) != {"index", "mac"} or type(h["mac"]) is not str \
+                    or len(h["mac"]) != 64 or h["mac"] != h["mac"].lower():
+                raise MalformedMemberSet(f"bad head for {island!r}")
+            heads[island] = (h["index"], bytes.fromhex(h["mac"]))
+        return cls(MemberSet(obj["epoch"], tuple(obj["members"]), heads), *_key_and_signature(obj))
 
 
 def sign(s: MemberSet, admin: RootKey) -> SignedMemberSet:
     return SignedMemberSet(s, admin.public, admin.sign(message(s, admin.public)))
 
 
+def _parsed(what: str, text: str | bytes, build):
+    """``build(the JSON)``; anything malformed as MalformedMemberSet, never another error."""
+    try:
+        return build(json.loads(text))
+    except MemberSetError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise MalformedMemberSet(f"the {what} does not parse: {exc}") from None
+
+
+def _check(what: str, admin_public_key: bytes, signed_by: bytes, signature: bytes, transcript: bytes) -> None:
+    """``signature`` over ``transcript`` by ``admin_public_key`` (the token's), or BadMemberSignature."""
+    if signed_by != admin_public_key:
+        raise BadMemberSignature(f"the {what} was signed by another admin key than the token's")
+    try:
+        Ed25519PublicKey.from_public_bytes(admin_public_key).verify(signature, transcript)
+    except (InvalidSignature, ValueError):
+        raise BadMemberSignature(f"the {what}'s signature does not verify") from None
+
+
+def _key_and_signature(obj: dict) -> tuple[bytes, bytes]:
+    key, sig = b64d(obj["admin_public_key"]), b64d(obj["signature"])
+    if len(key) != 32 or len(sig) != 64:
+        raise MalformedMemberSet("an Ed25519 key is 32 bytes and a signature 64")
+    return key, sig
+
+
 def verify(signed: SignedMemberSet, admin_public_key: bytes) -> MemberSet:
     """The set, if ``admin_public_key`` (the one the token holds) signed it."""
-    if signed.admin_public_key != admin_public_key:
-        raise BadMemberSignature("the member set was signed by another admin key than the token's")
-    try:
-        Ed25519PublicKey.from_public_bytes(admin_public_key).verify(signed.signature,
-                                                                    message(signed.set, admin_public_key))
-    except (InvalidSignature, ValueError):
-        raise BadMemberSignature("the member set's signature does not verify") from None
+    _check("member set", admin_public_key, signed.admin_public_key, signed.signature,
+           message(signed.set, admin_public_key))
     return signed.set
 
 
@@ -170,19 +186,14 @@ class FreezeOrder:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> FreezeOrder:
-        try:
-            obj = json.loads(text)
-            if type(obj) is not dict or set(obj) != {"format", "freeze_epoch", "admin_public_key", "signature"} \
-                    or obj["format"] != FORMAT or type(obj["freeze_epoch"]) is not int or obj["freeze_epoch"] < 1:
-                raise MalformedMemberSet("not a freeze order")
-            order = cls(obj["freeze_epoch"], b64d(obj["admin_public_key"]), b64d(obj["signature"]))
-        except MemberSetError:
-            raise
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-            raise MalformedMemberSet(f"the freeze order does not parse: {exc}") from None
-        if len(order.admin_public_key) != 32 or len(order.signature) != 64:
-            raise MalformedMemberSet("an Ed25519 key is 32 bytes and a signature 64")
-        return order
+        return _parsed("freeze order", text, cls._from_obj)
+
+    @classmethod
+    def _from_obj(cls, obj) -> FreezeOrder:
+        if type(obj) is not dict or set(obj) != {"format", "freeze_epoch", "admin_public_key", "signature"} \
+                or obj["format"] != FORMAT or type(obj["freeze_epoch"]) is not int or obj["freeze_epoch"] < 1:
+            raise MalformedMemberSet("not a freeze order")
+        return cls(obj["freeze_epoch"], *_key_and_signature(obj))
 
 
 def freeze_message(epoch: int, admin_public_key: bytes) -> bytes:
@@ -195,13 +206,8 @@ def sign_freeze(epoch: int, admin: RootKey) -> FreezeOrder:
 
 def verify_freeze(order: FreezeOrder, admin_public_key: bytes) -> int:
     """The epoch to freeze, if the token's admin key signed the order."""
-    if order.admin_public_key != admin_public_key:
-        raise BadMemberSignature("the freeze order was signed by another admin key than the token's")
-    try:
-        Ed25519PublicKey.from_public_bytes(admin_public_key).verify(order.signature,
-                                                                    freeze_message(order.epoch, admin_public_key))
-    except (InvalidSignature, ValueError):
-        raise BadMemberSignature("the freeze order's signature does not verify") from None
+    _check("freeze order", admin_public_key, order.admin_public_key, order.signature,
+           freeze_message(order.epoch, admin_public_key))
     return order.epoch
 
 
