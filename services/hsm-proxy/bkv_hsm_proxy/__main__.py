@@ -243,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 signed = ms.SignedMemberSet.from_json(args.member_set.read_bytes()) if args.member_set else None
-                if args.hsm_members and (signed is None or
-                                         ms.MemberSet.of(args.hsm_members.split(",")).members != signed.set.members):
+                if args.hsm_members and signed is None:
+                    raise MembersFixed("--hsm-members checks a signed set: give it with --member-set")
+                if args.hsm_members and ms.MemberSet.of(args.hsm_members.split(",")).members != signed.set.members:
                     raise MembersFixed(f"the signed member set does not name exactly {args.hsm_members}: sign the "
                                        "set this deployment runs (`bkv-hsm-proxy sign-members`)")
                 params = fleet_init(settings, args.out, new_generation=args.new_generation,
