@@ -268,3 +268,58 @@ async def test_a_change_answered_without_the_boundary_is_decided_on_the_newest_l
     # "Nothing to delete" would be answered without the HSM: it must not come from the old view.
     assert (await other.delete(iapi.DeleteIn(user_id="alice"))).deleted is True
     assert entry(etcd, "alice").state is hapi.EntryState.DESTROYED
+
+
+# -- compacting the log in etcd ----------------------------------------------------------------
+ENTRIES = b"/bkv/log/island-a/entries/"
+
+
+def log_entries(etcd: InMemoryEtcdFake) -> list[int]:
+    return sorted(int(k[len(ENTRIES):]) for k in etcd.kv if k.startswith(ENTRIES))
+
+
+async def until(predicate, deadline_s: float = 5.0) -> None:
+    """Poll (the compaction runs beside the appends) until ``predicate()``, or fail."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while not predicate():
+        assert loop.time() < end, "not within the deadline"
+        await asyncio.sleep(0.01)
+
+
+class _BehindPort(InProcessHsmFake):
+    """An hsm-proxy (of several) that has captured only up to ``index``."""
+
+    def __init__(self, vault, index: int) -> None:
+        super().__init__(vault)
+        self.index = index
+
+    async def lowest_head(self, island):
+        return self.index
+
+
+async def test_the_log_in_etcd_keeps_the_last_entries_and_a_replica_that_read_it_long_ago_still_works(parts):
+    vault, _, etcd, _ = parts
+    stale = replica(vault, etcd)
+    await _registered(stale, "early")  # this replica's view stops at entry #1
+    port = InProcessHsmFake(vault)
+    island = Island("island-a", Ledger("island-a", etcd, "/bkv", port, retain=4, compact_every=4), port)
+    for i in range(11):
+        await _registered(island, f"u{i}")  # entries #2 .. #12; #12 compacts
+    await until(lambda: log_entries(etcd)[0] == 8)
+    assert log_entries(etcd) == [8, 9, 10, 11, 12]  # 4 behind the head, and the head's own
+    assert len(records(etcd)) == 12  # records and head are never compacted
+    # The stale replica finds the entries it missed gone: it reads the island whole, and goes on.
+    await _registered(stale, "late")
+    assert entry(etcd, "late").version == 1 and len(records(etcd)) == 13
+
+
+async def test_entries_an_hsm_proxy_behind_still_needs_are_kept(parts):
+    vault, _, etcd, _ = parts
+    port = _BehindPort(vault, index=5)
+    island = Island("island-a", Ledger("island-a", etcd, "/bkv", port, retain=4, compact_every=4), port)
+    for i in range(12):
+        await _registered(island, f"u{i}")
+    await until(lambda: log_entries(etcd)[0] == 5)  # not 8: the hsm-proxy at #5 catches up from #6
+    port.index = None  # none answers: nothing is compacted
+    assert await island._ledger.compact(12) == 0 and log_entries(etcd)[0] == 5

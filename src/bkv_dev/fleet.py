@@ -190,6 +190,9 @@ class Fleet:
                 # tries alone, and on rejoining depose the leader: seconds without commits
                 # (etcd 3.4's default is off; 3.5's is on).
                 "--pre-vote=true",
+                # Every change writes a record, a log entry and the head: keep the last
+                # 100,000 revisions of history, not all of them (the ledger deletes old entries).
+                "--auto-compaction-mode=revision", "--auto-compaction-retention=100000",
                 # Let clients ping as often as bkv_server.etcd.KEEPALIVE_MS.
                 f"--grpc-keepalive-min-time={ETCD_KEEPALIVE_MIN_TIME}",
             ], {"ETCD_UNSUPPORTED_ARCH": ""}, cport, None, netns=ns, host=ip))

@@ -103,6 +103,7 @@ def observe_http(service: str, routes: RouteTable, path: str, method: str, statu
 
 # The HSM-held log (issue #17; bkv_island/ledger.py and bkv_hsm_proxy/log.py).
 LOG_ENTRIES = Counter("bkv_log_entries", "Log entries an island appended and had committed", ["island"])
+LOG_COMPACTED = Counter("bkv_log_entries_compacted", "Old log entries an island deleted from etcd", ["island"])
 LOG_CHANGES_PER_ENTRY = Histogram("bkv_log_changes_per_entry", "Record changes carried by one log entry",
                                   buckets=(1, 2, 4, 8, 16, 32, 64))
 LOG_STEP = Histogram("bkv_log_step_duration_seconds", "Time an island's appender spends in each step of a log "

@@ -50,6 +50,14 @@ class InMemoryEtcdFake:
         await asyncio.sleep(0)
         return [self._kv(k) for k in sorted(self.kv) if start <= k < end]
 
+    async def delete_range(self, start: bytes, end: bytes, **_):
+        await asyncio.sleep(0)
+        gone = [k for k in self.kv if start <= k < end]
+        for k in gone:
+            del self.kv[k]
+        self.revision += 1
+        return SimpleNamespace(deleted=len(gone))
+
     async def put(self, key: bytes, value: bytes) -> None:
         self.revision += 1
         self.kv[key] = (value, self.revision)

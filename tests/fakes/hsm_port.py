@@ -46,6 +46,10 @@ class InProcessHsmFake:
         self.releases += 1
         return await self._call(self.vault.release, req)
 
+    async def lowest_head(self, island):
+        head = self.vault.log_heads().heads.get(island)
+        return 0 if head is None else head.index
+
     async def commit(self, entries, chain, held=None):
         """The one hsm-proxy's statement, caught up as the real client does it;
         ``held`` rides on the capture, as the real client does with one hsm-proxy."""

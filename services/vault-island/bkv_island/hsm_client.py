@@ -96,6 +96,14 @@ class HsmHttpClient:
         answers = next((o.answers for o in got if o.answers is not None), None)
         return Committed([o.statement for o in got], answers)
 
+    async def lowest_head(self, island: str) -> int | None:
+        """The lowest index any hsm-proxy that answers has captured for
+        ``island`` (0: one has none yet); None if none answered."""
+        got = await asyncio.gather(*(c.call("GET", "/hsm/v1/log/heads", None, hapi.LogHeadsOut, idempotent=True)
+                                     for c in self._each), return_exceptions=True)
+        heads = [h.heads[island].index if island in h.heads else 0 for h in got if isinstance(h, hapi.LogHeadsOut)]
+        return min(heads) if heads else None
+
     async def registration_start(self, req: hapi.RegistrationStartIn) -> hapi.RegistrationStartOut:
         return await self._c.call("POST", "/hsm/v1/registration/start", req, hapi.RegistrationStartOut, idempotent=True)
 

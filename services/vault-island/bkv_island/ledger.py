@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 ABSENT = hapi.Entry(state=hapi.EntryState.ABSENT, version=0)
 MAX_BATCH = 32          # ops per entry (etcd takes up to 128 operations per transaction)
+COMPACT_EVERY = 1024    # entries between two compactions of the island's log in etcd
+RETAIN = 100_000        # entries kept behind the head at least (~30 MB): a replica or hsm-proxy
+                        # that far behind reads the records whole / is replaced (docs/reliability.md)
 
 
 _digest = hapi.entry_digest  # a record's leaf value: one definition, shared with the boundary
@@ -73,6 +76,7 @@ class HsmLogPort(Protocol):
     async def commit(self, entries: list[hapi.LogEntry], chain: Callable,
                      held: list[bytes] | None = None) -> Committed: ...
     async def release(self, req: hapi.ReleaseIn) -> hapi.ReleaseOut: ...
+    async def lowest_head(self, island: str) -> int | None: ...
 
 
 @dataclass
@@ -84,12 +88,15 @@ class _Pending:
 
 class Ledger:
     def __init__(self, island: str, etcd: aetcd.Client, prefix: str, hsm: HsmLogPort, *,
-                 max_batch: int = MAX_BATCH, deadline_s: float = 30.0, appender: AppenderLease | None = None) -> None:
+                 max_batch: int = MAX_BATCH, deadline_s: float = 30.0, appender: AppenderLease | None = None,
+                 retain: int = RETAIN, compact_every: int = COMPACT_EVERY) -> None:
         self.island = island
         self._etcd = etcd
         self._appender_lease = appender or NoLease()
         self._hsm = hsm
         self._max_batch = max_batch
+        self._retain, self._compact_every = retain, compact_every
+        self._compaction: asyncio.Task | None = None
         self._deadline_s = deadline_s
         base = f"{prefix}/log/{island}"
         self._head_key = f"{base}/head".encode()
@@ -108,6 +115,7 @@ class Ledger:
         # Series from the start, so dashboards and the alert see a 0 before the first event.
         metrics.LOG_DIVERGED.labels(island)
         metrics.LOG_ENTRIES.labels(island)
+        metrics.LOG_COMPACTED.labels(island)
         metrics.ETCD_CONFLICTS.labels("log-append")
 
     # -- the view ------------------------------------------------------------------------
@@ -363,7 +371,35 @@ class Ledger:
             self._adopt_record(ref, e)
         self.head, self._head_rev, self.statements = entry, responses[-1].response_put.header.revision, []
         metrics.LOG_ENTRIES.labels(self.island).inc()
+        if entry.index % self._compact_every == 0 and (self._compaction is None or self._compaction.done()):
+            self._compaction = asyncio.get_running_loop().create_task(self._compact_quietly(entry.index))
         return True
+
+    async def compact(self, head_index: int) -> int:
+        """Delete the log entries nobody needs any more: more than ``retain``
+        behind the head and behind every hsm-proxy that answers (one still
+        catching up keeps what it needs; one that stays away longer is
+        replaced, docs/reliability.md). Records and the head are never
+        touched, so safety does not depend on this. Returns the entries deleted."""
+        floor = head_index - self._retain
+        if floor <= 1:
+            return 0
+        lowest = await self._hsm.lowest_head(self.island)
+        if lowest is None:
+            return 0  # no hsm-proxy answered: maybe all are catching up
+        floor = min(floor, lowest)
+        try:
+            deleted = (await self._etcd.delete_range(self._entry_key(0), self._entry_key(floor))).deleted
+        except RETRYABLE as exc:
+            raise errors.StoreUnavailable("etcd unreachable") from exc
+        metrics.LOG_COMPACTED.labels(self.island).inc(deleted)
+        return deleted
+
+    async def _compact_quietly(self, head_index: int) -> None:
+        try:
+            await self.compact(head_index)
+        except Exception:  # noqa: BLE001 - the next compaction tries again; appends never wait for it
+            log.warning("island %s: compacting the log failed", self.island, exc_info=True)
 
     async def _sync_settling(self, entry: hapi.LogEntry) -> None:
         deadline = time.monotonic() + self._deadline_s

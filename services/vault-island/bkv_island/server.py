@@ -33,7 +33,8 @@ def build_app(settings: IslandSettings) -> RpcApp:
         return peers[island]
 
     lease = EtcdAppenderLease(etcd, settings.etcd_prefix, settings.island_id, settings.replica_id)
-    ledger = Ledger(settings.island_id, etcd, settings.etcd_prefix, hsm, appender=lease)
+    ledger = Ledger(settings.island_id, etcd, settings.etcd_prefix, hsm, appender=lease,
+                    retain=settings.log_retain_entries)
     island = Island(settings.island_id, ledger, hsm, islands=island_client)
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []

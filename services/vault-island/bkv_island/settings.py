@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from bkv_server.settings import ServiceSettings, split_list
@@ -18,6 +18,8 @@ class IslandSettings(ServiceSettings):
     etcd_endpoints: str = "127.0.0.1:2379"
     etcd_prefix: str = "/bkv"
     hsm_urls: str
+    # Log entries kept in etcd behind the head at least (bkv_island.ledger.Ledger.compact).
+    log_retain_entries: int = Field(100_000, ge=1_000)
 
     @field_validator("island_id")
     @classmethod
