@@ -116,4 +116,6 @@ LOG_DIVERGED = Counter("bkv_log_diverged", "Times an island found etcd behind th
 LOG_CAPTURES = Counter("bkv_log_captures", "Log entries this hsm-proxy captured", ["island"])
 LOG_REFUSED = Counter("bkv_log_refused", "Log steps this hsm-proxy refused, by reason", ["reason"])
 STATE_FILE_WRITES = Counter("bkv_state_file_writes", "Writes (with fsync) of this hsm-proxy's state file")
+HSM_FROZEN = Gauge("bkv_hsm_frozen", "1 while this hsm-proxy is frozen for a change of the member set")
+HSM_MEMBER_EPOCH = Gauge("bkv_hsm_member_epoch", "The epoch of the member set this hsm-proxy serves in")
 LOG_HEAD_INDEX = Gauge("bkv_log_head_index", "The newest log index this hsm-proxy captured, per island", ["island"])

@@ -176,6 +176,8 @@ class VaultHsm:
             metrics.LOG_REFUSED.labels(reason)  # a series from the start (dashboards, alerts)
         for island, head in state.heads().items():
             metrics.LOG_HEAD_INDEX.labels(island).set(head.index)
+        metrics.HSM_FROZEN.set(1 if state.frozen else 0)
+        metrics.HSM_MEMBER_EPOCH.set(epoch)
 
     def fleets(self) -> dict[str, int]:
         return dict(self._fleets)
@@ -615,7 +617,7 @@ class VaultHsm:
         except members.MemberSetError as exc:
             raise errors.BadRequest(str(exc)) from None
         fz = await log.freeze()
-        metrics.LOG_REFUSED.labels("Frozen")
+        metrics.HSM_FROZEN.set(1)
         return api.FreezeOut(hsm=fz.hsm, epoch=fz.epoch, tag=fz.tag, heads={
             i: api.FrozenHead(index=h.index, mac=h.mac, root=h.root) for i, h in fz.heads.items()})
 
