@@ -291,7 +291,7 @@ class IslandLog:
         # member left behind, say) never counts towards a quorum of a newer one.
         return self._key.mac(labels.LOG_CAPTURE_MAC, u64(self.epoch), hsm.encode(), island.encode(), u64(index), mac)
 
-    # -- a change of the member set (members_change.py) ----------------------------------
+    # -- a change of the member set (membership.py) ---------------------------------------
     async def freeze(self) -> FreezeStatement:
         """Capture nothing more in this set, durably; then say, MAC'd, which
         heads this hsm-proxy froze at (what the next set takes over from)."""

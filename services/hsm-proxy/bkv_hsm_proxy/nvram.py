@@ -24,9 +24,9 @@ Rules this file keeps:
   rollback. The file carries a SHA-256 checksum so a flipped digit in an
   index cannot pass as a valid older head.
 
-- *Frozen* (``freeze``): for a change of the member set (``bkv_hsm_proxy.
-  members_change``) the file says this hsm-proxy captures nothing more in its
-  set, durably, before it says which heads it froze at.
+- *Frozen* (``freeze``): for a change of the member set
+  (``bkv_hsm_proxy.membership``) the file says this hsm-proxy captures
+  nothing more in its set, durably, before it says which heads it froze at.
 
 File (JSON, canonical: sorted keys, no spaces)::
 
