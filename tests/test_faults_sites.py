@@ -119,8 +119,10 @@ async def test_a_site_cut_off_serves_no_state_change_and_the_fleet_does_not_dive
     assert views[0][0] == status.raft_term, (status.raft_term, views)
     # ...and the first recovery after healing did not wait on connections to the cut
     # member that looked alive (gRPC keepalive, bkv_server.etcd.KEEPALIVE_MS): without
-    # both, it took 4-5 s on a quiet machine, and past a client's 10 s timeout under load.
-    assert ROWS[-1]["recovery_s"] < 3.0, ROWS[-1]
+    # both, it took 4-5 s on a quiet machine, and past a client's 10 s timeout under the
+    # load this test runs. With them it takes 1-3.7 s on a loaded two-core CI machine
+    # (3.0 s was exceeded twice in CI: 3.71 s, 3.45 s), so the bound is 5 s.
+    assert ROWS[-1]["recovery_s"] < 5.0, ROWS[-1]
 
 
 async def timed_recoveries(fleet, ledger, users, rounds: int, *, patient: bool = False) -> list[float]:
