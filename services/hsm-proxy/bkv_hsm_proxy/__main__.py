@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "freeze":  # a client of the running hsm-proxy: no token, no PIN
         from bkv_protocol import hsm_api
         from bkv_protocol import members as ms
-        from bkv_server.http import ServiceClient, UpstreamError
+        from bkv_server.http import ServiceClient, UpstreamError, UpstreamUnavailable
 
         async def freeze() -> hsm_api.FreezeOut:
             order = ms.FreezeOrder.from_json(args.order.read_bytes())
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             print(asyncio.run(freeze()).model_dump_json())
-        except (ms.MemberSetError, OSError, UpstreamError) as exc:
+        except (ms.MemberSetError, OSError, UpstreamError, UpstreamUnavailable) as exc:
             print(f"bkv-hsm-proxy: not frozen: {exc}", file=sys.stderr)
             return 1
         return 0

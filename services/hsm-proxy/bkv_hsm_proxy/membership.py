@@ -261,9 +261,12 @@ def read_chain(endpoints: str, prefix: str) -> Chain:
     """The island's log entries from etcd (keys of bkv_island.ledger)."""
     import asyncio
 
-    from bkv_server.etcd import connect
+    from bkv_server.etcd import RETRYABLE, connect
 
     def chain(island: str, after: int, upto: int) -> list[api.LogEntry]:
+        if not endpoints:
+            raise ChangeRefused("the frozen heads differ: BKV_HSM_ETCD_ENDPOINTS is needed to check the chain")
+
         async def read() -> list[api.LogEntry]:
             client = await connect(endpoints)
             try:
@@ -273,6 +276,9 @@ def read_chain(endpoints: str, prefix: str) -> Chain:
             finally:
                 await client.close()
 
-        return asyncio.run(read())
+        try:
+            return asyncio.run(read())
+        except RETRYABLE as exc:
+            raise ChangeRefused(f"etcd unreachable while checking the chain: {type(exc).__name__}") from None
 
     return chain
