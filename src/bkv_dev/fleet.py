@@ -358,9 +358,11 @@ class Fleet:
     def _member_set(self, members: str) -> tuple[str, Path]:
         """The member set the dev admin key signs (bkv_dev.admin): (admin public key, set file)."""
         from bkv_dev.admin import member_set_file
+        from bkv_protocol.encoding import b64e
+        from bkv_protocol.members import SignedMemberSet
 
         signed = member_set_file(self.state / "admin", members.split(","))
-        return json.loads(signed.read_text())["admin_public_key"], signed
+        return b64e(SignedMemberSet.from_json(signed.read_text()).admin_public_key), signed
 
     def hsm_state_file(self, i: int) -> Path:
         return self.state / "hsm" / f"state-{i}.json"

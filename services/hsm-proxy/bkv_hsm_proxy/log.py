@@ -97,6 +97,12 @@ def entry_mac(key: LogKey, island: str, index: int, root: bytes, prev_mac: bytes
     return key.mac(labels.LOG_ENTRY_MAC, island.encode(), u64(index), root, prev_mac, salt)
 
 
+def made_by(key: LogKey, entry: LogEntry) -> bool:
+    """``entry`` carries the MAC only the boundary can make."""
+    return hmac.compare_digest(entry.mac, entry_mac(key, entry.island, entry.index, entry.root, entry.prev_mac,
+                                                    entry.salt))
+
+
 def genesis(key: LogKey, island: str) -> LogEntry:
     """Index 0: the empty trie. Every island's chain starts here."""
     return LogEntry(island, 0, merkle.PLACEHOLDER, NO_MAC, NO_SALT,
@@ -205,8 +211,7 @@ class IslandLog:
         return LogEntry(island, head.index, head.root, NO_MAC, NO_SALT, head.mac)
 
     def authentic(self, entry: LogEntry) -> None:
-        if not hmac.compare_digest(entry.mac, entry_mac(self._key, entry.island, entry.index, entry.root,
-                                                        entry.prev_mac, entry.salt)):
+        if not made_by(self._key, entry):
             raise NotAuthentic("this log entry was not made by the boundary")
 
     def check_head(self, head: LogEntry) -> None:

@@ -33,7 +33,6 @@ their set's epoch, so a statement from the old set never counts in the new.
 from __future__ import annotations
 
 import hmac
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -80,41 +79,30 @@ def _token_sets(hsm) -> dict[int, bytes]:
     return out
 
 
-def _verified(hsm, blob: bytes) -> members.MemberSet:
-    admin = token_admin_key(hsm)
-    if admin is None:
-        raise MembersFixed("the token holds a member set but no admin key")
-    try:
-        return members.verify(members.SignedMemberSet.from_json(blob), admin)
-    except members.MemberSetError as exc:
-        raise MembersFixed(f"the token's member set does not verify: {exc}") from None
-
-
-def token_member_set(hsm, epoch: int | None = None) -> members.MemberSet | None:
-    """The token's member set of ``epoch`` (the newest: the one that serves),
-    verified under the token's admin key."""
-    sets = _token_sets(hsm)
-    if not sets:
-        return None
-    blob = sets.get(max(sets) if epoch is None else epoch)
-    return None if blob is None else _verified(hsm, blob)
-
-
-def _verify_new(hsm, signed: members.SignedMemberSet) -> members.MemberSet:
+def _verified(hsm, signed: members.SignedMemberSet | bytes) -> members.MemberSet:
+    """A set (or one the token stored, as its blob) verified under the token's admin key."""
     admin = token_admin_key(hsm)
     if admin is None:
         raise MembersFixed("the token holds no admin key: run fleet-init with --admin-public-key")
     try:
-        return members.verify(signed, admin)
+        stored = isinstance(signed, bytes)
+        return members.verify(members.SignedMemberSet.from_json(signed) if stored else signed, admin)
     except members.MemberSetError as exc:
-        raise MembersFixed(str(exc)) from None
+        raise MembersFixed(f"the token's member set does not verify: {exc}" if stored else str(exc)) from None
+
+
+def token_member_set(hsm) -> members.MemberSet | None:
+    """The token's newest member set (the one that serves), verified under
+    the token's admin key."""
+    sets = _token_sets(hsm)
+    return _verified(hsm, sets[max(sets)]) if sets else None
 
 
 def fix_member_set(hsm, signed: members.SignedMemberSet) -> bool:
     """Store the fleet's first member set, signed by the token's admin key
     (a read-only data object). True if stored now; the same set again
     changes nothing; any other set is refused (a change is :func:`change_members`)."""
-    new = _verify_new(hsm, signed)
+    new = _verified(hsm, signed)
     held = token_member_set(hsm)
     if held is None:
         if new.epoch != 1:
@@ -169,7 +157,7 @@ def change_members(hsm, log_key: hlog.LogKey, state_path: str | Path, hsm_id: st
     state file): check it, store it in the token (once per token), and make
     the state file for it at the heads it takes over. Idempotent; raises
     ChangeRefused with the reason, changing nothing."""
-    new = _verify_new(hsm, signed)
+    new = _verified(hsm, signed)
     if hsm_id not in new.members:
         raise ChangeRefused(f"{hsm_id} is not one of the next set's hsm-proxies ({','.join(new.members)})")
     sets = _token_sets(hsm)
@@ -178,7 +166,7 @@ def change_members(hsm, log_key: hlog.LogKey, state_path: str | Path, hsm_id: st
         raise ChangeRefused(f"the token's newest set is epoch {newest}: the next one is {newest + 1}")
     if new.epoch == newest and _verified(hsm, sets[newest]).digest() != new.digest():
         raise ChangeRefused(f"the token holds another set for epoch {new.epoch}")
-    old = token_member_set(hsm, new.epoch - 1)
+    old = _verified(hsm, sets[new.epoch - 1])
     heads = _taken_over(log_key, old, new, freezes, chain)
 
     path = Path(state_path)
@@ -240,8 +228,7 @@ def _taken_over(log_key: hlog.LogKey, old: members.MemberSet, new: members.Membe
         prev = None
         for e in links:  # low + 1 .. index, each one link of one chain the boundary made
             entry = hlog.LogEntry(e.island, e.index, e.root, e.prev_mac, e.salt, e.mac)
-            if e.island != island or not hmac.compare_digest(e.mac, hlog.entry_mac(
-                    log_key, island, e.index, e.root, e.prev_mac, e.salt)) or (prev and (
+            if e.island != island or not hlog.made_by(log_key, entry) or (prev and (
                     e.index != prev.index + 1 or e.prev_mac != prev.mac)):
                 raise ChangeRefused(f"island {island}: the log in etcd is not one chain from #{low} to #{index}")
             by_index[e.index - 1] = e.prev_mac
@@ -258,9 +245,10 @@ def _taken_over(log_key: hlog.LogKey, old: members.MemberSet, new: members.Membe
 
 
 def read_chain(endpoints: str, prefix: str) -> Chain:
-    """The island's log entries from etcd (keys of bkv_island.ledger)."""
+    """The island's log entries from etcd (``bkv_server.log_keys``)."""
     import asyncio
 
+    from bkv_server import log_keys
     from bkv_server.etcd import RETRYABLE, connect
 
     def chain(island: str, after: int, upto: int) -> list[api.LogEntry]:
@@ -270,9 +258,9 @@ def read_chain(endpoints: str, prefix: str) -> Chain:
         async def read() -> list[api.LogEntry]:
             client = await connect(endpoints)
             try:
-                base = f"{prefix}/log/{island}/entries/"
-                got = await client.get_range(f"{base}{after + 1:020d}".encode(), f"{base}{upto + 1:020d}".encode())
-                return [api.LogEntry.model_validate(json.loads(kv.value)["entry"]) for kv in got]
+                got = await client.get_range(log_keys.entry_key(prefix, island, after + 1),
+                                             log_keys.entry_key(prefix, island, upto + 1))
+                return [log_keys.entry_of(kv.value) for kv in got]
             finally:
                 await client.close()
 

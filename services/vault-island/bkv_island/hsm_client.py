@@ -46,6 +46,10 @@ async def capture_caught_up(capture: Capture, heads: Callable[[], Awaitable[hapi
     return out
 
 
+async def _heads(c: ServiceClient) -> hapi.LogHeadsOut:
+    return await c.call("GET", "/hsm/v1/log/heads", None, hapi.LogHeadsOut, idempotent=True)
+
+
 class HsmHttpClient:
     """Every hsm-proxy call is a pure function of its input, so all are retried."""
 
@@ -88,8 +92,7 @@ class HsmHttpClient:
                 lambda batch, release: c.call("POST", "/hsm/v1/log/capture",
                                               hapi.CaptureIn(entries=batch, release=release), hapi.CaptureOut,
                                               idempotent=True),
-                lambda: c.call("GET", "/hsm/v1/log/heads", None, hapi.LogHeadsOut, idempotent=True),
-                entries, chain, ask)
+                lambda: _heads(c), entries, chain, ask)
 
         got = [o for o in await asyncio.gather(*(one(c) for c in self._each), return_exceptions=True)
                if isinstance(o, hapi.CaptureOut)]
@@ -99,8 +102,7 @@ class HsmHttpClient:
     async def lowest_head(self, island: str) -> int | None:
         """The lowest index any hsm-proxy that answers has captured for
         ``island`` (0: one has none yet); None if none answered."""
-        got = await asyncio.gather(*(c.call("GET", "/hsm/v1/log/heads", None, hapi.LogHeadsOut, idempotent=True)
-                                     for c in self._each), return_exceptions=True)
+        got = await asyncio.gather(*(_heads(c) for c in self._each), return_exceptions=True)
         heads = [h.heads[island].index if island in h.heads else 0 for h in got if isinstance(h, hapi.LogHeadsOut)]
         return min(heads) if heads else None
 

@@ -4,11 +4,8 @@ boundary's: bkv_hsm_proxy/log.py, docs/protocol.md).
 
 The view: the newest log head, every record of the island and the sparse
 Merkle trie over them (``bkv_protocol.merkle``), kept equal to what etcd
-holds. Keys, under the fleet's prefix::
-
-    log/<island>/head                  the newest LogEntry (JSON)
-    log/<island>/entries/<index:020d>  {"entry": LogEntry, "refs": [user refs it changed]}
-    records/<island>/<ref>             the record's Entry (JSON), as before
+holds: the log under ``bkv_server.log_keys``, the records under
+``bkv_island.store``.
 
 Every change goes through :meth:`Ledger.change`: changes queue, and one
 task at a time takes a batch (distinct records, up to ``max_batch``) and
@@ -36,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -52,7 +48,7 @@ from bkv_island.store import ref_key
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import merkle
 from bkv_protocol.wire import ErrorBody
-from bkv_server import metrics
+from bkv_server import log_keys, metrics
 from bkv_server.etcd import RETRYABLE
 from bkv_server.http import UpstreamError, UpstreamUnavailable
 
@@ -98,9 +94,7 @@ class Ledger:
         self._retain, self._compact_every = retain, compact_every
         self._compaction: asyncio.Task | None = None
         self._deadline_s = deadline_s
-        base = f"{prefix}/log/{island}"
-        self._head_key = f"{base}/head".encode()
-        self._entries = f"{base}/entries/"
+        self._head_key = log_keys.head_key(prefix, island)
         self._prefix = prefix
         self._records = ref_key(prefix, island, "")  # every record of the island (bkv_island.store)
         self.head: hapi.LogEntry | None = None
@@ -120,7 +114,7 @@ class Ledger:
 
     # -- the view ------------------------------------------------------------------------
     def _entry_key(self, index: int) -> bytes:
-        return f"{self._entries}{index:020d}".encode()
+        return log_keys.entry_key(self._prefix, self.island, index)
 
     async def load(self) -> None:
         """Read the head and every record; refuse a view that does not add up."""
@@ -184,7 +178,7 @@ class Ledger:
             entries = await self._etcd.get_range(self._entry_key(self.head.index + 1), self._entry_key(new.index + 1))
         except RETRYABLE as exc:
             raise errors.StoreUnavailable("etcd unreachable") from exc
-        refs = {r for kv in entries for r in json.loads(kv.value)["refs"]}
+        refs = {r for kv in entries for r in log_keys.refs_of(kv.value)}
         if len(entries) != new.index - self.head.index:
             return await self._load()  # entries missing: read everything (and check it)
         fetched = []
@@ -349,8 +343,7 @@ class Ledger:
         changed = [(p.ref, r.new_entry) for p, r in zip(live, out.results) if r.new_entry is not None]
         entry = out.entry
         puts = [tx.put(ref_key(self._prefix, self.island, ref), e.model_dump_json().encode()) for ref, e in changed]
-        puts.append(tx.put(self._entry_key(entry.index), json.dumps(
-            {"entry": json.loads(entry.model_dump_json()), "refs": [ref for ref, _ in changed]}).encode()))
+        puts.append(tx.put(self._entry_key(entry.index), log_keys.entry_value(entry, [ref for ref, _ in changed])))
         puts.append(tx.put(self._head_key, entry.model_dump_json().encode()))
         t = time.perf_counter()
         metrics.LOG_CHANGES_PER_ENTRY.observe(len(changed))
@@ -418,7 +411,7 @@ class Ledger:
             got = await self._etcd.get_range(self._entry_key(after + 1), self._entry_key(upto + 1))
         except RETRYABLE as exc:
             raise errors.StoreUnavailable("etcd unreachable") from exc
-        return [hapi.LogEntry.model_validate(json.loads(kv.value)["entry"]) for kv in got]
+        return [log_keys.entry_of(kv.value) for kv in got]
 
     async def _release(self, out: hapi.ApplyOut, live: list[_Pending]) -> None:
         held = [r.held for r in out.results if r.held is not None]

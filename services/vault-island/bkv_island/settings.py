@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from bkv_island.ledger import RETAIN
 from bkv_server.settings import ServiceSettings, split_list
 
 
@@ -19,7 +20,7 @@ class IslandSettings(ServiceSettings):
     etcd_prefix: str = "/bkv"
     hsm_urls: str
     # Log entries kept in etcd behind the head at least (bkv_island.ledger.Ledger.compact).
-    log_retain_entries: int = Field(100_000, ge=1_000)
+    log_retain_entries: int = Field(RETAIN, ge=1_000)
 
     @field_validator("island_id")
     @classmethod
