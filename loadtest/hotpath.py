@@ -10,7 +10,7 @@ thread apart from gRPC's and the others) -- py-spy counts a thread blocked
 in native code, such as gRPC's poller in epoll, as busy, so its profiles
 cannot say what those threads cost; ``--profile DIR``
 records each Python service with py-spy (``pip install py-spy``) during the
-concurrency-8 run and writes one raw (collapsed) profile per process. Used to measure
+concurrency-8 run (``--profile-at 1``: the concurrency-1 run) and writes one raw (collapsed) profile per process, of the threads holding the GIL (CPU, not waits). Used to measure
 each optimisation before and after (docs/performance.md): check out the
 commit before a change, run this, check out the change, run it again.
 """
@@ -56,7 +56,7 @@ def make_client(fleet, noise: bool) -> VaultClient:
 def start_profilers(fleet, out: Path, seconds: int) -> list[subprocess.Popen]:
     out.mkdir(parents=True, exist_ok=True)
     return [subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "-p", str(p.pid), "-d", str(seconds),
-                              "-r", "200", "-f", "raw", "-o", str(out / f"{name}.txt")],
+                              "-r", "200", "--gil", "-f", "raw", "-o", str(out / f"{name}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for name, p in fleet.procs.items()
             if p.pid and not name.startswith(("etcd", "envoy"))]
@@ -75,12 +75,13 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
-async def measure(fleet, ops: int, noise: bool = False, profile: Path | None = None, threads: bool = False) -> None:
+async def measure(fleet, ops: int, noise: bool = False, profile: Path | None = None, threads: bool = False,
+                  profile_at: int = 8) -> None:
     async with make_client(fleet, noise) as c:
         await c.register(BackupKey(os.urandom(32)), "pw")
         pids = {n: p.pid for n, p in fleet.procs.items()}
         for conc in (1, 8):
-            spies = start_profilers(fleet, profile, 600) if profile and conc == 8 else []
+            spies = start_profilers(fleet, profile, 600) if profile and conc == profile_at else []
             before = {k: cpu_seconds([v]) for k, v in pids.items()}
             python = {k: v for k, v in pids.items() if k.startswith(("frontend", "island", "hsm"))}
             by_thread = {k: thread_cpu(v) for k, v in python.items()} if threads else {}
@@ -111,12 +112,13 @@ def main() -> int:
     ap.add_argument("--ops", type=int, default=400)
     ap.add_argument("--noise", action="store_true", help="through Envoy and the Noise processor")
     ap.add_argument("--profile", type=Path, help="write a py-spy profile of each service here")
+    ap.add_argument("--profile-at", type=int, choices=(1, 8), default=8, help="the concurrency to profile")
     ap.add_argument("--threads", action="store_true", help="split each Python service's CPU by thread")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bkv-hotpath-") as tmp:
         fleet = start_fleet(Path(tmp), max_attempts=1000)
         try:
-            asyncio.run(measure(fleet, args.ops, args.noise, args.profile, args.threads))
+            asyncio.run(measure(fleet, args.ops, args.noise, args.profile, args.threads, args.profile_at))
         finally:
             fleet.down()
     return 0

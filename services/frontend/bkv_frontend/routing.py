@@ -63,7 +63,7 @@ class FleetView:
         if not self.islands:
             raise NotReady("the island map is empty")
         island = rendezvous(user_id, self.islands)
-        metrics.ISLAND_ROUTING.labels(island).inc()
+        metrics.child(metrics.ISLAND_ROUTING, island).inc()
         return island, self.client(island)
 
     def previous_island_for(self, user_id: str) -> str | None:

@@ -173,9 +173,9 @@ class VaultHsm:
     def attach_log(self, state, hsm_id: str, members: list[str], epoch: int = 1) -> None:
         self.log = IslandLog(self.log_key, hsm_id, members, state, epoch=epoch)
         for reason in ("NotAuthentic", "StaleHead", "NotNextEntry", "ProofRefused", "NoQuorum", "Frozen"):
-            metrics.LOG_REFUSED.labels(reason)  # a series from the start (dashboards, alerts)
+            metrics.child(metrics.LOG_REFUSED, reason)  # a series from the start (dashboards, alerts)
         for island, head in state.heads().items():
-            metrics.LOG_HEAD_INDEX.labels(island).set(head.index)
+            metrics.child(metrics.LOG_HEAD_INDEX, island).set(head.index)
         metrics.HSM_FROZEN.set(1 if state.frozen else 0)
         metrics.HSM_MEMBER_EPOCH.set(epoch)
 
@@ -295,7 +295,7 @@ class VaultHsm:
         except ValueError:
             raise errors.MalformedOpaqueMessage(f"{step}: the OPAQUE message does not parse") from None
         finally:
-            metrics.HSM_OP.labels(f"opaque_{step}").observe(time.perf_counter() - t)
+            metrics.child(metrics.HSM_OP, f"opaque_{step}").observe(time.perf_counter() - t)
 
     # -- registration ------------------------------------------------------------
     def registration_start(self, req: api.RegistrationStartIn) -> api.RegistrationStartOut:
@@ -381,7 +381,7 @@ class VaultHsm:
         except ValueError:
             raise errors.AuthenticationFailed("authentication failed") from None
         finally:
-            metrics.HSM_OP.labels("opaque_login_finish").observe(time.perf_counter() - t)
+            metrics.child(metrics.HSM_OP, "opaque_login_finish").observe(time.perf_counter() - t)
         wrap_key = HKDF(hashes.SHA256(), 32, salt=None, info=labels.RECOVERY_WRAP_INFO).derive(
             finished.get_session_key())
         rk_nonce = self._rng.token_bytes(12)
@@ -526,7 +526,7 @@ class VaultHsm:
             log.refuse_if_frozen()  # before any OPAQUE work
             log.check_head(head)
         except errors.LogError as exc:
-            metrics.LOG_REFUSED.labels(type(exc).__name__).inc()
+            metrics.child(metrics.LOG_REFUSED, type(exc).__name__).inc()
             raise
         steps = {api.OpKind.REGISTRATION_FINISH: self.registration_finish, api.OpKind.LOGIN_START: self.login_start,
                  api.OpKind.LOGIN_FINISH: self.login_finish, api.OpKind.MIGRATE: self.migrate,
@@ -579,12 +579,12 @@ class VaultHsm:
         try:
             s = await log.capture([_entry(e) for e in req.entries])
         except errors.LogError as exc:
-            metrics.LOG_REFUSED.labels(type(exc).__name__).inc()
+            metrics.child(metrics.LOG_REFUSED, type(exc).__name__).inc()
             raise  # nothing captured: nothing released either
         finally:
             metrics.STATE_FILE_WRITES.inc(log.state_writes() - writes)
-        metrics.LOG_CAPTURES.labels(s.island).inc(len(req.entries))
-        metrics.LOG_HEAD_INDEX.labels(s.island).set(s.index)
+        metrics.child(metrics.LOG_CAPTURES, s.island).inc(len(req.entries))
+        metrics.child(metrics.LOG_HEAD_INDEX, s.island).set(s.index)
         answers = None
         if req.release is not None:
             try:  # after the capture is durable; release's own rules, our statement beside the others

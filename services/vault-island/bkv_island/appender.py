@@ -75,7 +75,7 @@ class EtcdAppenderLease:
         self._keeper: asyncio.Task | None = None
         self._kept: aetcd.Lease | None = None  # the lease the keeper refreshes
         for event in ("acquired", "waited", "went_on", "lost", "released"):
-            metrics.LOG_APPENDER.labels(event)
+            metrics.child(metrics.LOG_APPENDER, event)
 
     def holds(self) -> bool:
         return self._held_until > time.monotonic()
@@ -88,15 +88,15 @@ class EtcdAppenderLease:
         while True:
             try:
                 if await self._take():
-                    metrics.LOG_APPENDER.labels("acquired").inc()
+                    metrics.child(metrics.LOG_APPENDER, "acquired").inc()
                     return
             except Exception as exc:  # noqa: BLE001 - etcd unreachable or the lease gone: try again, then go on
                 log.debug("appender lease %s: %s", self.key.decode(), exc)
             if time.monotonic() >= deadline:
-                metrics.LOG_APPENDER.labels("went_on").inc()
+                metrics.child(metrics.LOG_APPENDER, "went_on").inc()
                 return
             if not waited:
-                metrics.LOG_APPENDER.labels("waited").inc()
+                metrics.child(metrics.LOG_APPENDER, "waited").inc()
                 waited = True
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.25)
@@ -146,7 +146,7 @@ class EtcdAppenderLease:
                 except RETRYABLE:
                     alive = False
                 if not alive:
-                    metrics.LOG_APPENDER.labels("lost").inc()
+                    metrics.child(metrics.LOG_APPENDER, "lost").inc()
                     if self._lease is lease:
                         self._held_until, self._lease = 0.0, None
                     return
@@ -175,4 +175,4 @@ async def _revoke(lease: aetcd.Lease) -> None:
     """Delete the key with its lease; if etcd does not answer, the lease expires anyway."""
     with contextlib.suppress(Exception):
         await lease.revoke()
-        metrics.LOG_APPENDER.labels("released").inc()
+        metrics.child(metrics.LOG_APPENDER, "released").inc()

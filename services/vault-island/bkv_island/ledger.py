@@ -107,10 +107,10 @@ class Ledger:
         self._appender: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # sync and append never interleave
         # Series from the start, so dashboards and the alert see a 0 before the first event.
-        metrics.LOG_DIVERGED.labels(island)
-        metrics.LOG_ENTRIES.labels(island)
-        metrics.LOG_COMPACTED.labels(island)
-        metrics.ETCD_CONFLICTS.labels("log-append")
+        metrics.child(metrics.LOG_DIVERGED, island)
+        metrics.child(metrics.LOG_ENTRIES, island)
+        metrics.child(metrics.LOG_COMPACTED, island)
+        metrics.child(metrics.ETCD_CONFLICTS, "log-append")
 
     # -- the view ------------------------------------------------------------------------
     def _entry_key(self, index: int) -> bytes:
@@ -151,7 +151,7 @@ class Ledger:
         self.head, self._head_rev, self.trie, self.records, self.statements = head, rev, trie, records, []
 
     def _diverged(self, why: str):
-        metrics.LOG_DIVERGED.labels(self.island).inc()
+        metrics.child(metrics.LOG_DIVERGED, self.island).inc()
         log.error("island %s: %s: failing closed (docs/reliability.md, 'Restoring etcd')", self.island, why)
         raise errors.LedgerDiverged(f"island {self.island}: {why}; the vault fails closed until etcd is restored")
 
@@ -325,7 +325,7 @@ class Ledger:
                     _settle(p, exc=_refusal(r))
                 return
             if not await self._put(out, live):
-                metrics.RETRIES.labels("log-append").inc()
+                metrics.child(metrics.RETRIES, "log-append").inc()
                 lost += 1
                 # Replicas append optimistically: the loser waits a random while so the
                 # two do not meet again at once (slow links made them collide for seconds).
@@ -355,15 +355,15 @@ class Ledger:
             await self._sync_settling(entry)
             return self.head is not None and self.head.mac == entry.mac
         finally:
-            metrics.ETCD_TXN.labels("log-append").observe(time.perf_counter() - t)
-            metrics.LOG_STEP.labels("append").observe(time.perf_counter() - t)
+            metrics.child(metrics.ETCD_TXN, "log-append").observe(time.perf_counter() - t)
+            metrics.child(metrics.LOG_STEP, "append").observe(time.perf_counter() - t)
         if not ok:
-            metrics.ETCD_CONFLICTS.labels("log-append").inc()
+            metrics.child(metrics.ETCD_CONFLICTS, "log-append").inc()
             return False
         for ref, e in changed:
             self._adopt_record(ref, e)
         self.head, self._head_rev, self.statements = entry, responses[-1].response_put.header.revision, []
-        metrics.LOG_ENTRIES.labels(self.island).inc()
+        metrics.child(metrics.LOG_ENTRIES, self.island).inc()
         if entry.index % self._compact_every == 0 and (self._compaction is None or self._compaction.done()):
             self._compaction = asyncio.get_running_loop().create_task(self._compact_quietly(entry.index))
         return True
@@ -385,7 +385,7 @@ class Ledger:
             deleted = (await self._etcd.delete_range(self._entry_key(0), self._entry_key(floor))).deleted
         except RETRYABLE as exc:
             raise errors.StoreUnavailable("etcd unreachable") from exc
-        metrics.LOG_COMPACTED.labels(self.island).inc(deleted)
+        metrics.child(metrics.LOG_COMPACTED, self.island).inc(deleted)
         return deleted
 
     async def _compact_quietly(self, head_index: int) -> None:
@@ -448,7 +448,7 @@ def _step(name: str):
     try:
         yield
     finally:
-        metrics.LOG_STEP.labels(name).observe(time.perf_counter() - t)
+        metrics.child(metrics.LOG_STEP, name).observe(time.perf_counter() - t)
 
 
 def _refusal(r: hapi.OpResult) -> UpstreamError:
