@@ -147,6 +147,50 @@ def install_common(app: FastAPI, service: str, *, ready: Callable[[], bool], gua
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
+class _OneWrite:
+    """A connection's transport whose writes within one loop tick leave as one
+    send: uvicorn writes a response's head and body apart, which on loopback
+    or a cluster network is two segments, two syscalls and often two wake-ups
+    of the reader, for answers of a few hundred bytes (docs/performance.md,
+    "One write per answer")."""
+
+    __slots__ = ("_transport", "_pending", "_loop")
+
+    def __init__(self, transport, loop) -> None:
+        self._transport, self._pending, self._loop = transport, [], loop
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()  # what was written before close() still goes out first
+        self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
+def _one_write_protocol():
+    import asyncio
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class OneWriteHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(_OneWrite(transport, asyncio.get_running_loop()))
+
+    return OneWriteHttpToolsProtocol
+
+
 def run(app, host: str, port: int, metrics_port: int = 0) -> None:
     import uvicorn
 
@@ -159,6 +203,6 @@ def run(app, host: str, port: int, metrics_port: int = 0) -> None:
     # access_log off: request lines are noise at load and carry no value here.
     from bkv_server.http import SERVER_KEEP_ALIVE_S
 
-    uvicorn.run(app, host=host, port=port, access_log=False, loop="uvloop", http="httptools",
+    uvicorn.run(app, host=host, port=port, access_log=False, loop="uvloop", http=_one_write_protocol(),
                 log_level="warning", timeout_graceful_shutdown=5, lifespan="on",
                 timeout_keep_alive=SERVER_KEEP_ALIVE_S)
