@@ -417,14 +417,8 @@ class VaultHsm:
         head = _entry(proven.head)
         if head.island != island:
             raise hlog.ProofRefused("the head is another island's")
-        log = self._log()
-        log.check_head(head)
-        try:
-            found = merkle.verify(head.root, bytes.fromhex(ref), merkle.Proof.from_bytes(proven.proof))
-        except ValueError:
-            raise hlog.ProofRefused("the proof does not match the head's root") from None
-        if found != hlog.entry_digest(current):
-            raise hlog.ProofRefused("the record is not the one the log says is current")
+        self._log().check_head(head)
+        _matches(head, ref, _proof(proven.proof), current)
         return head
 
     # -- resends and refusals ----------------------------------------------------
@@ -540,7 +534,8 @@ class VaultHsm:
                 ref = body.user_ref if hasattr(body, "user_ref") else user_ref(body.user_id)
                 if body.island != head.island:
                     raise hlog.ProofRefused("the op is for another island than the head's")
-                self._proven(ref, head.island, body.current, api.Proven(head=req.head, proof=op.proof))
+                proof = _proof(op.proof)
+                _matches(head, ref, proof, body.current)  # the head itself was checked above, once
                 new_entry, answer = steps[op.kind](body)
             except errors.HsmError:
                 raise
@@ -548,7 +543,7 @@ class VaultHsm:
                 results.append((None, None, exc))
                 continue
             current = None if body.current.state is api.EntryState.ABSENT else body.current
-            changes.append(hlog.Change(bytes.fromhex(ref), current, merkle.Proof.from_bytes(op.proof), new_entry))
+            changes.append(hlog.Change(bytes.fromhex(ref), current, proof, new_entry))
             results.append((new_entry, None if answer is None else json_bytes(answer), None))
         entry = None
         if changes:
@@ -620,6 +615,24 @@ class VaultHsm:
         metrics.HSM_FROZEN.set(1)
         return api.FreezeOut(hsm=fz.hsm, epoch=fz.epoch, tag=fz.tag, heads={
             i: api.FrozenHead(index=h.index, mac=h.mac, root=h.root) for i, h in fz.heads.items()})
+
+
+def _proof(raw: bytes) -> merkle.Proof:
+    try:
+        return merkle.Proof.from_bytes(raw)
+    except ValueError:
+        raise hlog.ProofRefused("the proof does not match the head's root") from None
+
+
+def _matches(head: hlog.LogEntry, ref: str, proof: merkle.Proof, current: api.Entry) -> None:
+    """``current`` is what ``head``'s root says the record is (before any
+    OPAQUE work; ``IslandLog.apply`` checks it once more, as the authority)."""
+    try:
+        found = merkle.verify(head.root, bytes.fromhex(ref), proof)
+    except ValueError:
+        raise hlog.ProofRefused("the proof does not match the head's root") from None
+    if found != hlog.entry_digest(current):
+        raise hlog.ProofRefused("the record is not the one the log says is current")
 
 
 def _entry(w: api.LogEntry) -> hlog.LogEntry:
