@@ -181,3 +181,45 @@ async def test_an_island_whose_one_capture_is_no_quorum_releases_apart_and_nothi
         await island.registration_finish(finish)
     assert "too few hsm-proxies" in str(failed.value)
     assert port.captures_with_release == 1 and port.releases == 1 and port.refused == {"no_quorum": 1}
+
+
+async def test_an_island_ahead_of_an_hsm_proxy_that_refuses_release_on_capture_captures_in_the_old_shape(tmp_path):
+    """A rolling upgrade that starts the islands first: the older hsm-proxy
+    (its CaptureIn without ``release``, unknown fields refused) is served
+    over real HTTP; the island captures once more without the field and
+    releases apart -- no failed commit, no answer released early."""
+    import asyncio
+
+    import uvicorn
+
+    from bkv_protocol.wire import Frozen
+    from bkv_server.rpc import RpcApp
+
+    class OldCaptureIn(Frozen):
+        entries: list[hapi.LogEntry]
+
+    (vault,) = fleet(tmp_path, 1)
+    seen: list[bool] = []
+
+    async def old_capture(req: OldCaptureIn) -> hapi.CaptureOut:
+        seen.append(True)
+        return await vault.capture(hapi.CaptureIn(entries=req.entries))
+
+    app = RpcApp("old-hsm-proxy", {"/hsm/v1/log/capture": (OldCaptureIn, old_capture)}, errors=errors.TABLE)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    client = hsm_client.HsmHttpClient([f"http://127.0.0.1:{port}"])
+    try:
+        entry, held = registration(vault, vault.genesis(ISLAND), "alice")
+        got = await client.commit([entry], chain=None, held=[held])
+    finally:
+        await client.aclose()
+        server.should_exit = True
+        await serving
+    assert len(seen) == 1  # the first capture, with the field, was refused before it reached the boundary
+    assert got.answers is None  # nothing released by the capture: the island releases apart
+    assert [(s.hsm, s.index, s.mac) for s in got.statements] == [("hsm-0", entry.index, entry.mac)]
+    assert vault.log_heads().heads[ISLAND].index == entry.index

@@ -46,6 +46,19 @@ async def capture_caught_up(capture: Capture, heads: Callable[[], Awaitable[hapi
     return out
 
 
+async def _capture(c: ServiceClient, batch: list[hapi.LogEntry], release: hapi.ReleaseAsk | None) -> hapi.CaptureOut:
+    try:
+        return await c.call("POST", "/hsm/v1/log/capture", hapi.CaptureIn(entries=batch, release=release),
+                            hapi.CaptureOut, idempotent=True)
+    except UpstreamError as exc:
+        # An hsm-proxy older than release on capture refuses the field (a rolling
+        # upgrade, islands first): capture in the old shape, release apart.
+        if release is None or exc.body.error.code.value != "invalid_request" or "release" not in exc.body.error.message:
+            raise
+    return await c.call("POST", "/hsm/v1/log/capture", hapi.CaptureIn(entries=batch), hapi.CaptureOut,
+                        idempotent=True)
+
+
 async def _heads(c: ServiceClient) -> hapi.LogHeadsOut:
     return await c.call("GET", "/hsm/v1/log/heads", None, hapi.LogHeadsOut, idempotent=True)
 
@@ -88,11 +101,8 @@ class HsmHttpClient:
         ask = hapi.ReleaseAsk(held=held) if held and len(self._each) == 1 else None
 
         async def one(c: ServiceClient) -> hapi.CaptureOut:
-            return await capture_caught_up(
-                lambda batch, release: c.call("POST", "/hsm/v1/log/capture",
-                                              hapi.CaptureIn(entries=batch, release=release), hapi.CaptureOut,
-                                              idempotent=True),
-                lambda: _heads(c), entries, chain, ask)
+            return await capture_caught_up(lambda batch, release: _capture(c, batch, release),
+                                           lambda: _heads(c), entries, chain, ask)
 
         got = [o for o in await asyncio.gather(*(one(c) for c in self._each), return_exceptions=True)
                if isinstance(o, hapi.CaptureOut)]
