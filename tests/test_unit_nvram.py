@@ -112,7 +112,7 @@ async def test_a_failed_rename_keeps_the_old_file_and_fails_every_caller_of_that
 
 @pytest.mark.parametrize("content", [
     b"", b"{", b"\xff\xfe", b"[]", b"null", b"[" * 100_000,
-    b'{"format":2,"fleet":"fleet-a","frozen":false,"heads":{}}',  # no checksum
+    b'{"format":3,"fleet":"fleet-a","frozen":false,"heads":{}}',  # no checksum
 ])
 def test_an_unreadable_file_is_refused_rather_than_taken_as_empty(tmp_path, content):
     path = tmp_path / "heads.json"
@@ -128,7 +128,7 @@ async def test_a_file_changed_on_disk_is_refused(tmp_path):
     assert '"index":17' in good
     for bad in (good.replace('"index":17', '"index":16'),   # checksum catches a plausible older head
                 good[: len(good) // 2],                       # truncated
-                good.replace('"format":2', '"format":3'),
+                good.replace('"format":3', '"format":4'),
                 good.replace('"frozen":false', '"frozen":true')):  # a freeze cannot be forged past the checksum
         path.write_text(bad)
         with pytest.raises(StateFileCorrupt):
