@@ -129,8 +129,15 @@ sed -e "s#@P@#$P#g" -e "s#@NODE_IP@#$BKV_NODE_IP#g" -e "s#@DNS_IP@#$BKV_DNS_IP#g
     k8s/cluster/kubelet.yaml > "$BKV_STATE/kubelet/config.yaml"
 start kubelet "$BKV_BIN/kubelet" --config "$BKV_STATE/kubelet/config.yaml" --kubeconfig "$P/kubelet.kubeconfig" \
     --root-dir "$BKV_STATE/kubelet" --hostname-override "$BKV_NODE_NAME" --node-ip "$BKV_NODE_IP" --v=1
+# Rewritten only if it changed: a running kube-proxy exits when its
+# configuration file is written (a second cluster-up on a node that is up).
 sed -e "s#@P@#$P#g" -e "s#@POD_CIDR@#$BKV_POD_CIDR#g" -e "s#@NODE@#$BKV_NODE_NAME#g" \
-    k8s/cluster/kube-proxy.yaml > "$BKV_STATE/kube-proxy.yaml"
+    k8s/cluster/kube-proxy.yaml > "$BKV_STATE/kube-proxy.yaml.new"
+if cmp -s "$BKV_STATE/kube-proxy.yaml.new" "$BKV_STATE/kube-proxy.yaml"; then
+    rm "$BKV_STATE/kube-proxy.yaml.new"
+else
+    mv "$BKV_STATE/kube-proxy.yaml.new" "$BKV_STATE/kube-proxy.yaml"
+fi
 start kube-proxy "$BKV_BIN/kube-proxy" --config "$BKV_STATE/kube-proxy.yaml" --v=1
 
 bkv_wait 180 sh -c "kubectl --kubeconfig '$P/admin.kubeconfig' get node $BKV_NODE_NAME -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"

@@ -146,6 +146,45 @@ def test_rendering_without_a_signed_member_set_fails_with_a_clear_message():
         render(values)
 
 
+def _hsm_proxy(objs: list[dict]) -> tuple[dict, dict, dict]:
+    """The hsm-proxy StatefulSet's pod template, its container and the member-set ConfigMap."""
+    sts = next(o for o in objs if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "bkv-hsm-proxy")
+    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "bkv-hsm-members")
+    return sts["spec"]["template"], sts["spec"]["template"]["spec"]["containers"][0], cm
+
+
+def test_the_hsm_proxy_starts_through_start_with_the_member_set_and_etcd_and_no_freezes_at_first():
+    template, container, cm = _hsm_proxy(objects(render(values_for("dev"))))
+    assert container["command"] == ["bkv-hsm-proxy", "start", "--hsm-id", "$(BKV_HSM_ID)",
+                                    "--member-set", "/etc/bkv-members/member-set.json"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["BKV_HSM_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["BKV_HSM_ETCD_ENDPOINTS"]["value"] == "bkv-etcd:2379"  # as the islands reach it
+    assert set(cm["data"]) == {"member-set.json"}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert volumes[mounts["/etc/bkv-members"]]["configMap"]["name"] == "bkv-hsm-members"
+
+
+def test_a_new_member_set_with_its_freezes_is_mounted_for_start_and_rolls_every_hsm_proxy():
+    first = objects(render(values_for("dev")))
+    freezes = ['{"hsm":"bkv-hsm-proxy-0"}', '{"hsm":"bkv-hsm-proxy-1"}']
+    changed = values_for("dev", hsm={"memberSet": _member_set(2), "memberFreezes": freezes})
+    template, container, cm = _hsm_proxy(objects(render(changed)))
+    assert container["command"][-3:] == ["--freezes", "/etc/bkv-members/freeze-0.json",
+                                         "/etc/bkv-members/freeze-1.json"]
+    assert [cm["data"][f"freeze-{i}.json"] for i in (0, 1)] == freezes
+    assert cm["data"]["member-set.json"] == changed["hsm"]["memberSet"]
+    # The pod template changes with the set or a freeze, so helm upgrade restarts the hsm-proxies.
+    key = "checksum/member-set"
+    before = _hsm_proxy(first)[0]["metadata"]["annotations"][key]
+    assert template["metadata"]["annotations"][key] != before
+    again = values_for("dev", hsm={"memberSet": _member_set(2), "memberFreezes": freezes[:1]})
+    assert _hsm_proxy(objects(render(again)))[0]["metadata"]["annotations"][key] not in (before, template[
+        "metadata"]["annotations"][key])
+    assert _hsm_proxy(objects(render(values_for("dev"))))[0]["metadata"]["annotations"][key] == before
+
+
 def test_rendering_without_the_token_issuer_key_fails_with_a_clear_message():
     values = values_for("dev")
     values["auth"]["tokenPublicKey"] = ""
@@ -353,9 +392,10 @@ def test_network_policies_let_only_islands_reach_the_hsm_and_only_the_frontend_r
     assert allowed("island", "frontend", 8200)
     for other in ("hsm-proxy", "etcd", "fleet-init", "island", None):
         assert not allowed("island", other, 8200), other
-    for src in ("island", "frontend", "fleet-init"):
+    # The hsm-proxy reads the log chain from etcd when it adopts a new member set (start).
+    for src in ("island", "frontend", "fleet-init", "hsm-proxy"):
         assert allowed("etcd", src, 2379), src
-    assert not allowed("etcd", "hsm-proxy", 2379) and not allowed("etcd", None, 2379)
+    assert not allowed("etcd", None, 2379) and not allowed("etcd", "hsm-proxy", 2380)
     assert allowed("etcd", "etcd", 2380) and not allowed("etcd", "island", 2380)
     assert _allowed(policies, pods["frontend"], None, 8443, {})  # the public Noise port
     assert not _allowed(policies, pods["frontend"], None, 9902, {})

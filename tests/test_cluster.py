@@ -286,3 +286,67 @@ async def test_helm_upgrade_with_a_changed_value_and_a_rebuilt_image_loses_no_re
     assert await recover(user, password) == key
     # Only the tag goes (its layers are bkv:dev's); the node's copy goes with cluster-down.
     subprocess.run(["/usr/bin/docker", "image", "rm", f"bkv:{tag}"], capture_output=True, timeout=120)
+
+
+def hsm_proxy_logs(pod: str) -> str:
+    """The hsm-proxy container's log, this run's and the one before (a container that exits is restarted)."""
+    return "".join(node.kubectl("logs", pod, "-c", "hsm-proxy", *prev, check=False) for prev in ((), ("--previous",)))
+
+
+def offline(*args: str) -> str:
+    """The admin's offline steps (bkv-hsm-proxy sign-freeze, sign-members) on the host, with the dev admin key."""
+    proc = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+async def test_a_lost_hsm_proxy_state_volume_is_refused_and_the_ceremony_through_kubectl_and_helm_brings_it_back(
+        cluster, tmp_path):
+    """docs/kubernetes.md, 'Replacing a lost state volume', at 2 of 2
+    (values-node.yaml): the pod on a new, empty state volume refuses to
+    serve; sign-freeze, freeze through kubectl exec, sign-members epoch 2,
+    helm upgrade with the new hsm.memberSet and hsm.memberFreezes; every
+    hsm-proxy serves in epoch 2 and the record's count and K survive."""
+    from bkv_dev.admin import chart_members
+
+    members = chart_members(node.RELEASE, 2)
+    assert sorted(p["metadata"]["name"] for p in pods() if component(p) == "hsm-proxy") == members  # 2 of 2
+    user, password = f"lost-{os.urandom(4).hex()}", "lost volume password"
+    key = await register(user, password)
+    left = await wrong_guess(user)
+
+    # Site 1's state volume is lost: the pod and its PVC go, the StatefulSet makes both again (empty).
+    sts, victim = f"{node.RELEASE}-hsm-proxy", members[1]
+    node.kubectl("scale", "statefulset", sts, "--replicas=1")
+    node.kubectl("wait", "--for=delete", f"pod/{victim}", "--timeout=120s", check=False)
+    node.kubectl("delete", "pvc", f"state-{victim}", "--wait=true", "--timeout=120s")
+    node.kubectl("scale", "statefulset", sts, "--replicas=2")
+    deadline = time.monotonic() + 300
+    while "made again after one was lost: replace the site with the member-set ceremony" not in hsm_proxy_logs(victim):
+        assert time.monotonic() < deadline, f"{victim} did not refuse: {hsm_proxy_logs(victim)[-2000:]}"
+        await asyncio.sleep(2)
+    pod = node.kubectl_json("get", "pod", victim)
+    assert not any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"])
+
+    # The ceremony: the admin's order (offline), the reachable member frozen through kubectl exec...
+    admin = node.KUBEDIR / "admin" / "admin.key"
+    order = tmp_path / "freeze.json"
+    offline("sign-freeze", "--admin-key", str(admin), "--epoch", "1", "--out", str(order))
+    frozen = tmp_path / "frozen-0.json"
+    frozen.write_text(node.kubectl("exec", "-i", members[0], "-c", "hsm-proxy", "--", "bkv-hsm-proxy", "freeze",
+                                   "--order", "-", "--hsm-url", "http://127.0.0.1:8100", input=order.read_text()))
+    # ...the next set signed at its heads (offline), and helm upgrade with both: every hsm-proxy adopts it.
+    new = tmp_path / "members-2.json"
+    offline("sign-members", "--admin-key", str(admin), "--members", ",".join(members), "--epoch", "2",
+            "--freezes", str(frozen), "--out", str(new))
+    node.install({"hsm": {"memberSet": new.read_text(), "memberFreezes": [frozen.read_text()]}})
+
+    for name in members:
+        heads = json.loads(node.kubectl("exec", name, "-c", "hsm-proxy", "--", "python", "-c",
+                                        "import urllib.request; print(urllib.request.urlopen("
+                                        "'http://127.0.0.1:8100/hsm/v1/log/heads').read().decode())"))
+        assert (heads["epoch"], heads["quorum"], heads["frozen"]) == (2, 2, False), name
+    await serving()
+    # The attempt spent before the loss is still spent; K comes back for the password.
+    assert await wrong_guess(user) == left - 1
+    assert await recover(user, password) == key

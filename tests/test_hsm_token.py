@@ -204,3 +204,61 @@ print("serves")
                             env={**os.environ, "SOFTHSM2_CONF": str(conf)})
     assert served.stdout.strip() == "serves", served.stderr
     assert members.SignedMemberSet.from_json(signed.read_text()).set.members == ("hsm-0", "hsm-1", "hsm-2")
+
+
+def test_start_in_a_real_token_makes_a_first_state_file_and_refuses_one_made_again_after_it_served(tmp_path):
+    """`bkv-hsm-proxy start`'s decisions (membership.start) and the birth
+    marker in a real SoftHSM2 token, each step a process of its own (as the
+    pod's restarts are): the marker a first serve stores is what a later
+    process finds."""
+    def hsm_proxy(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **env})
+
+    key, signed, state = tmp_path / "admin.key", tmp_path / "set.json", tmp_path / "state" / "state.json"
+    conf = _softhsm_conf(tmp_path)
+    _init_token(conf, "start-test")
+    env = {"SOFTHSM2_CONF": str(conf), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "start-test",
+           "BKV_HSM_USER_PIN": "1234", "BKV_HSM_STATE_FILE": str(state)}
+    public = json.loads(hsm_proxy("admin-key", "--out", str(key)).stdout)["admin_public_key"]
+    assert hsm_proxy("sign-members", "--admin-key", str(key), "--members", "hsm-0,hsm-1", "--out",
+                     str(signed)).returncode == 0
+    assert hsm_proxy("fleet-init", "--admin-public-key", public, "--member-set", str(signed)).returncode == 0
+
+    def start_then_check(hsm_id: str = "hsm-1") -> str:
+        """start's decision, then serve's checks (no server), in a process of its own."""
+        script = f"""
+import sys
+from bkv_protocol.members import SignedMemberSet
+from bkv_hsm_proxy import membership, nvram
+from bkv_hsm_proxy.hsm import Pkcs11Hsm
+token = Pkcs11Hsm({SOFTHSM_MODULE!r}, "start-test", "1234")
+try:
+    done = membership.start(token, None, {str(state)!r}, {hsm_id!r},
+                            SignedMemberSet.from_json(open({str(signed)!r}).read()), [], None)
+    identity = nvram.open_state({str(state)!r})[1]
+    membership.check_members(token, identity)
+    membership.check_born(token, identity)
+except membership.StateRemade as exc:
+    print("refused:", exc)
+    sys.exit(0)
+print(done, identity.born.hex(), token.load_blob("bkv-hsm-state-born/{hsm_id}/1").hex())
+"""
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, **env})
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    done, born, marker = start_then_check().split()
+    assert done == "made" and born == marker  # a first start: the file made, its birth id kept at serve
+    saved = state.read_bytes()
+    assert start_then_check().split() == ["kept", born, born]  # a restart
+    state.unlink()  # the state volume lost
+    assert start_then_check().startswith("refused: no state file")
+    assert not state.exists()
+    made = hsm_proxy("init-state", "--hsm-id", "hsm-1", "--member-set", str(signed))
+    assert made.returncode == 0, made.stderr
+    served = hsm_proxy("serve")
+    assert served.returncode == 4 and "made again after one was lost" in served.stderr
+    state.write_bytes(saved)  # an old copy put back: its birth id, the tolerated rollback
+    assert start_then_check().split() == ["kept", born, born]

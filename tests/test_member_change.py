@@ -119,3 +119,90 @@ async def test_a_lost_state_file_is_replaced_by_a_change_of_the_member_set_with_
     for i in (0, 1, 2):
         got = httpx.get(f"http://127.0.0.1:{three.ports.hsm_proxy(i)}/hsm/v1/log/heads", timeout=5).json()
         assert (got["epoch"], got["quorum"], got["frozen"]) == (2, 2, False)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    f = start_fleet(tmp_path_factory.mktemp("members2"), islands=[ISLAND], replicas_per_island=1, hsm_proxies=2)
+    yield f
+    f.down()
+
+
+def start_argv(member_set, *freezes) -> list[str]:
+    """The chart's hsm-proxy command (charts/backup-key-vault/templates/hsm-proxy.yaml), its id from the env."""
+    return [sys.executable, "-m", "bkv_hsm_proxy", "start", "--hsm-id", "$BKV_HSM_ID", "--member-set", str(member_set),
+            *(["--freezes", *map(str, freezes)] if freezes else [])]
+
+
+def run_start(fleet, i: int, member_set, *freezes) -> subprocess.CompletedProcess:
+    proc = fleet.procs[f"hsm-proxy{i}"]
+    argv = [a.replace("$BKV_HSM_ID", f"hsm-{i}") for a in start_argv(member_set, *freezes)]
+    return subprocess.run(argv, env={**os.environ, **proc.env, "BKV_HSM_ETCD_ENDPOINTS": fleet.etcd_endpoints},
+                          capture_output=True, text=True, timeout=60)
+
+
+def serve_through_start(fleet, i: int, member_set, *freezes) -> None:
+    proc = fleet.procs[f"hsm-proxy{i}"]
+    proc.argv = [a.replace("$BKV_HSM_ID", f"hsm-{i}") for a in start_argv(member_set, *freezes)]
+    proc.env = {**proc.env, "BKV_HSM_ETCD_ENDPOINTS": fleet.etcd_endpoints}
+    fleet.start(f"hsm-proxy{i}")  # waits until it is healthy, with a deadline
+
+
+async def test_a_lost_state_volume_at_2_of_2_is_refused_by_start_and_the_ceremony_through_start_brings_it_back(
+        two, tmp_path):
+    """What the chart's hsm-proxy does (bkv-hsm-proxy start) when a site's
+    state volume is lost at 2 of 2, where a site rolled back to genesis plus
+    the honest one would be a quorum on a second branch."""
+    admin = two.state / "admin" / "admin.key"
+    first = two._member_set("hsm-0,hsm-1")[1]
+    for i in (0, 1):  # the hsm-proxies as the chart runs them
+        two.kill(f"hsm-proxy{i}")
+        serve_through_start(two, i, first)
+    user, k = await registered(two)
+    for left in (9, 8):
+        assert await guess_left(two, user) == left
+
+    # Site 1's state volume is lost: start makes no empty file, it refuses and says what to do.
+    two.kill("hsm-proxy1")
+    two.hsm_state_file(1).unlink()
+    refused = run_start(two, 1, first)
+    assert refused.returncode == 4, refused.stderr
+    assert "made again after one was lost: replace the site with the member-set ceremony" in refused.stderr
+    assert not two.hsm_state_file(1).exists()
+    # Nor does a file made by hand (init-state, the old chart's way) serve.
+    ok(hsm_proxy(two, "init-state", "--hsm-id", "hsm-1", "--member-set", str(first), "--state-file",
+                 str(two.hsm_state_file(1))))
+    proc = two.procs["hsm-proxy1"]
+    remade = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "serve"], env={**os.environ, **proc.env},
+                            capture_output=True, text=True, timeout=60)
+    assert remade.returncode == 4 and "made again after one was lost" in remade.stderr
+    two.hsm_state_file(1).unlink()
+
+    # The ceremony: the admin's order, the reachable member frozen (its order on stdin, as through kubectl exec)...
+    order = tmp_path / "freeze.json"
+    ok(hsm_proxy(two, "sign-freeze", "--admin-key", str(admin), "--epoch", "1", "--out", str(order)))
+    frozen = tmp_path / "frozen-0.json"
+    frozen.write_text(ok(subprocess.run(
+        [sys.executable, "-m", "bkv_hsm_proxy", "freeze", "--order", "-", "--hsm-url",
+         f"http://127.0.0.1:{two.ports.hsm_proxy(0)}"], input=order.read_text(), capture_output=True, text=True,
+        timeout=60)))
+    assert json.loads(frozen.read_text())["heads"][ISLAND]["index"] >= 3
+    # ...the next set signed at its heads, and every hsm-proxy restarted on it: start adopts it and serves.
+    new = tmp_path / "members-2.json"
+    ok(hsm_proxy(two, "sign-members", "--admin-key", str(admin), "--members", "hsm-0,hsm-1", "--epoch", "2",
+                 "--freezes", str(frozen), "--out", str(new)))
+    two.kill("hsm-proxy0")
+    for i in (1, 0):
+        serve_through_start(two, i, new, frozen)
+    for i in (0, 1):
+        got = httpx.get(f"http://127.0.0.1:{two.ports.hsm_proxy(i)}/hsm/v1/log/heads", timeout=5).json()
+        assert (got["epoch"], got["quorum"], got["frozen"]) == (2, 2, False)
+    # Every count intact: a wrong guess spends exactly one more, and K comes back for the password.
+    assert await guess_left(two, user) == 7
+    async with client(two, user) as phone:
+        assert (await phone.recover(PW)).key == k
+    # Restarted again on the same values (a pod restart), both keep their state files and serve.
+    for i in (0, 1):
+        two.kill(f"hsm-proxy{i}")
+        two.start(f"hsm-proxy{i}")
+    assert await guess_left(two, user) == 9

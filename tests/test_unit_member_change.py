@@ -231,3 +231,85 @@ async def test_the_state_file_of_a_running_hsm_proxy_is_not_replaced(tmp_path, a
     finally:
         os.close(serving)
     assert membership.change_members(hsm, KEY, tmp_path / "s", "hsm-0", new, freezes, chain).epoch == 2
+
+
+# -- the birth marker and `start` (what the chart's hsm-proxy runs); real tokens: tests/test_hsm_start.py ---------
+def serves(hsm, path) -> nvram.Identity:
+    """What ``serve`` checks before it serves: the token's set, then the state file's birth id."""
+    identity = nvram.open_state(path)[1]
+    membership.check_members(hsm, identity)
+    membership.check_born(hsm, identity)
+    return identity
+
+
+def start(hsm, path, name: str, signed: ms.SignedMemberSet, freezes=(), chain=None) -> str:
+    return membership.start(hsm, lambda: KEY, path, name, signed, list(freezes), chain or Chain())
+
+
+def test_a_state_file_lost_and_made_again_in_the_first_set_does_not_serve_but_one_copied_back_does(tmp_path, admin):
+    hsm, first = token(admin), ms.sign(ms.MemberSet.of(list(THREE)), admin)
+    path = tmp_path / "hsm-2.state"
+    assert start(hsm, path, "hsm-2", first) == "made"
+    born = serves(hsm, path).born  # the first serve keeps the birth id in the token
+    assert hsm.load_blob("bkv-hsm-state-born/hsm-2/1") == born
+    old_copy = path.read_bytes()
+    assert start(hsm, path, "hsm-2", first) == "kept" and serves(hsm, path).born == born  # a restart
+    # The volume is lost: start makes nothing, and a file made by hand does not serve either.
+    path.unlink()
+    with pytest.raises(membership.StateRemade, match="made again after one was lost: replace the site with the "
+                                                     "member-set ceremony"):
+        start(hsm, path, "hsm-2", first)
+    assert not path.exists()
+    nvram.init_state(path, "hsm-2", first.set)
+    with pytest.raises(membership.StateRemade, match="made again after one was lost"):
+        serves(hsm, path)
+    # An old copy put back keeps its birth id: the rollback the quorum tolerates, as before.
+    path.write_bytes(old_copy)
+    assert serves(hsm, path).born == born
+    # Other hsm-proxies are not affected: each has its own marker.
+    assert start(hsm, tmp_path / "hsm-0.state", "hsm-0", first) == "made"
+    serves(hsm, tmp_path / "hsm-0.state")
+
+
+async def test_start_adopts_the_next_set_with_its_freezes_and_a_replaced_site_serves_in_it(tmp_path, admin):
+    hsm = token(admin)
+    island, proxies, chain = await fleet_with_history(tmp_path)
+    first = ms.sign(ms.MemberSet.of(list(THREE)), admin)
+    kept = tmp_path / "hsm-0-kept.state"  # hsm-0's state file (its heads aside): it survives the change
+    assert start(hsm, kept, "hsm-0", first) == "made"
+    old_born = serves(hsm, kept).born
+    for name in THREE[1:]:  # each served once in epoch 1
+        membership.check_born(hsm, nvram.Identity(name, first.set.members, 1, first.set.digest()))
+    freezes = [wire(await p.freeze()) for p in proxies[:2]]  # hsm-2's state file is lost
+    new = ms.sign(ms.MemberSet.of(list(THREE), 2, membership.newest_frozen(freezes)), admin)
+    # The admin's upgrade: fleet-init lets the next set through, the hsm-proxies store it when they adopt it.
+    assert membership.fix_member_set(hsm, new) is False and membership.token_member_set(hsm).epoch == 1
+    lost = tmp_path / "lost.state"
+    serving = nvram.hold(lost)  # start holds the lock from before the change until it exits
+    try:
+        assert start(hsm, lost, "hsm-2", new, freezes, chain) == "adopted"
+    finally:
+        os.close(serving)
+    assert membership.token_member_set(hsm).epoch == 2
+    identity = serves(hsm, lost)
+    assert identity.epoch == 2 and nvram.open_state(lost)[0].heads()[ISLAND].mac == island.head.mac
+    # A member whose state file survived (epoch 1, frozen) adopts too: a new file, a new birth id.
+    assert start(hsm, kept, "hsm-0", new, freezes, chain) == "adopted"
+    assert serves(hsm, kept).born != old_born and not nvram.open_state(kept)[0].frozen
+    assert start(hsm, kept, "hsm-0", new, freezes, chain) == "kept"
+    # Lost again after serving in epoch 2: refused again; only the next change (epoch 3) brings it back.
+    lost.unlink()
+    with pytest.raises(membership.StateRemade, match="one served in epoch 2"):
+        start(hsm, lost, "hsm-2", new, freezes, chain)
+    # Without the freezes the set cannot be adopted: a committed entry could be lost.
+    with pytest.raises(membership.ChangeRefused, match="needs 2"):
+        start(hsm, tmp_path / "hsm-1-lost.state", "hsm-1", new, [], chain)
+
+
+def test_fleet_init_stores_only_the_first_set_and_refuses_one_skipping_an_epoch(admin):
+    hsm = token(admin)
+    with pytest.raises(membership.MembersFixed, match="change ceremony"):
+        membership.fix_member_set(hsm, ms.sign(ms.MemberSet.of(["hsm-0"], 3, {ISLAND: (3, bytes(32))}), admin))
+    with pytest.raises(membership.MembersFixed, match="change ceremony"):
+        membership.fix_member_set(hsm, ms.sign(ms.MemberSet.of(["hsm-0"]), admin))  # another first set
+    assert membership.token_member_set(hsm).members == THREE

@@ -112,7 +112,7 @@ async def test_a_failed_rename_keeps_the_old_file_and_fails_every_caller_of_that
 
 @pytest.mark.parametrize("content", [
     b"", b"{", b"\xff\xfe", b"[]", b"null", b"[" * 100_000,
-    b'{"format":2,"fleet":"fleet-a","frozen":false,"heads":{}}',  # no checksum
+    b'{"format":3,"fleet":"fleet-a","frozen":false,"heads":{}}',  # no checksum
 ])
 def test_an_unreadable_file_is_refused_rather_than_taken_as_empty(tmp_path, content):
     path = tmp_path / "heads.json"
@@ -128,7 +128,7 @@ async def test_a_file_changed_on_disk_is_refused(tmp_path):
     assert '"index":17' in good
     for bad in (good.replace('"index":17', '"index":16'),   # checksum catches a plausible older head
                 good[: len(good) // 2],                       # truncated
-                good.replace('"format":2', '"format":3'),
+                good.replace('"format":3', '"format":4'),
                 good.replace('"frozen":false', '"frozen":true')):  # a freeze cannot be forged past the checksum
         path.write_text(bad)
         with pytest.raises(StateFileCorrupt):
@@ -247,3 +247,33 @@ def test_init_state_makes_the_file_once_and_serve_refuses_to_start_without_one(t
     cli = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "log-heads", "--state-file", str(path)],
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert cli.returncode == 0 and '"members": ["hsm-0", "hsm-1", "hsm-2"]' in cli.stdout, cli.stderr
+
+
+def test_every_state_file_made_gets_a_birth_id_of_its_own_kept_by_every_write(tmp_path):
+    from bkv_hsm_proxy import nvram
+    from bkv_protocol.members import MemberSet
+
+    three = MemberSet.of(["hsm-0", "hsm-1", "hsm-2"])
+    a, b = nvram.init_state(tmp_path / "a", "hsm-1", three), nvram.init_state(tmp_path / "b", "hsm-1", three)
+    assert a == b and a.born != b.born and len(a.born) == 16  # the same identity, made twice
+    state, identity = nvram.open_state(tmp_path / "a")
+    asyncio.run(state.persist({"x": head(1)}))
+    assert nvram.open_state(tmp_path / "a")[1].born == a.born
+
+
+def test_a_state_file_of_the_format_before_birth_ids_is_refused_saying_so(tmp_path):
+    import hashlib
+
+    from bkv_hsm_proxy import nvram
+    from bkv_protocol.members import MemberSet
+
+    three = MemberSet.of(["hsm-0", "hsm-1", "hsm-2"])
+    made = nvram.init_state(tmp_path / "new", "hsm-1", three)
+    old_identity = json.loads(made.encode())
+    del old_identity["born"]
+    body = {"format": 2, "fleet": json.dumps(old_identity, sort_keys=True, separators=(",", ":")), "frozen": False,
+            "heads": {}}
+    body["sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (tmp_path / "old").write_text(json.dumps(body, sort_keys=True, separators=(",", ":")))
+    with pytest.raises(StateFileCorrupt, match="format 2, made by an older build .*bkv dev down --purge"):
+        nvram.open_state(tmp_path / "old")

@@ -8,7 +8,8 @@ through Helm's own engine (helm-python-sdk) against .bkv-cluster/kubeconfig.
 
 Values: the chart's values-dev.yaml, then k8s/cluster/values-node.yaml (local
 images), then the dev token issuer (its public key for the frontend, its
-private key for the helm test pod), then any --set-json KEY=JSON given.
+private key for the helm test pod), then any --set-json KEY=JSON given; then,
+unless those gave one, the hsm-proxies signed by the dev admin key (epoch 1).
 The tests (tests/test_cluster.py) import this module.
 """
 
@@ -62,7 +63,8 @@ def values(extra: dict | None = None) -> dict:
     public, private = issuer_keys()
     _merge(merged, {"auth": {"tokenPublicKey": public}, "tests": {"issuerKey": private}})
     _merge(merged, extra or {})
-    _merge(merged, {"hsm": {"memberSet": member_set(int(merged.get("hsm", {}).get("replicas", 3)))}})
+    if not merged.get("hsm", {}).get("memberSet"):  # a changed set (the ceremony) comes in extra
+        _merge(merged, {"hsm": {"memberSet": member_set(int(merged.get("hsm", {}).get("replicas", 3)))}})
     return merged
 
 

@@ -1,4 +1,4 @@
-"""``bkv-hsm-proxy serve | fleet-init | admin-key | sign-members | sign-freeze | freeze | change-members |
+"""``bkv-hsm-proxy serve | start | fleet-init | admin-key | sign-members | sign-freeze | freeze | change-members |
 init-state | log-heads | retire-fleet | publish-configmap | publish-bundle | resign-bundle | evidence``."""
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bkv-hsm-proxy", description="The HSM boundary of Backup Key Vault.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("serve", help="serve the hsm-proxy API (settings from BKV_HSM_* variables)")
+    st = sub.add_parser("start", help="make the state file on a first start, or adopt a newer member set (with "
+                                      "its freezes), then serve; refuses a state file lost and made again (exit 4; "
+                                      "the chart's hsm-proxy, docs/kubernetes.md)")
+    st.add_argument("--hsm-id", required=True, help="this hsm-proxy's id, one of the member set's")
+    st.add_argument("--member-set", type=Path, required=True, help="the newest signed member set (hsm.memberSet)")
+    st.add_argument("--freezes", type=Path, nargs="*", default=[],
+                    help="the freeze statements that set was made from (a change; hsm.memberFreezes)")
     init = sub.add_parser("fleet-init", help="create the fleet keys and OPAQUE setup in the token (idempotent)")
     init.add_argument("--out", type=Path, help="write the public fleet parameters here (JSON)")
     init.add_argument("--new-generation", action="store_true",
@@ -48,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     sf.add_argument("--out", type=Path, required=True)
     fz = sub.add_parser("freeze", help="freeze a running hsm-proxy with the admin's order; prints its freeze "
                                        "statement (JSON, for sign-members --freezes and change-members)")
-    fz.add_argument("--order", type=Path, required=True, help="the file sign-freeze wrote")
+    fz.add_argument("--order", type=Path, required=True, help="the file sign-freeze wrote (- for stdin: "
+                                                                   "kubectl exec -i ... < order.json)")
     fz.add_argument("--hsm-url", required=True, help="the hsm-proxy, e.g. http://127.0.0.1:8100")
     cm = sub.add_parser("change-members", help="adopt the next member set on this hsm-proxy (stopped): checks the "
                                                "set and the freezes, stores the set in the token, writes the state "
@@ -176,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         from bkv_server.http import ServiceClient, UpstreamError, UpstreamUnavailable
 
         async def freeze() -> hsm_api.FreezeOut:
-            order = ms.FreezeOrder.from_json(args.order.read_bytes())
+            order = ms.FreezeOrder.from_json(sys.stdin.buffer.read() if str(args.order) == "-"
+                                             else args.order.read_bytes())
             client = ServiceClient("hsm-proxy", [args.hsm_url])
             try:
                 return await client.call("POST", "/hsm/v1/members/freeze", hsm_api.FreezeIn(
@@ -291,37 +300,73 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(json.dumps({"retired": args.fleet_id, "fleet_id": params["fleet_id"]}))
             return 0
-        from bkv_hsm_proxy import nvram
-
-        try:
-            lock = nvram.hold(settings.state_file)  # held while this process serves
-            state, identity = nvram.open_state(settings.state_file)
-        except (nvram.StateFileError, OSError) as exc:
-            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
-            return 4
-        from bkv_server.service import run
-        from bkv_hsm_proxy.app import create_app
-        from bkv_hsm_proxy.core import VaultHsm
-        from bkv_hsm_proxy.membership import MembersFixed, check_members
-        from bkv_hsm_proxy.hsm import open_token
-
-        hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
-        try:
-            check_members(hsm, identity)
-        except MembersFixed as exc:
-            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
-            return 4
-        vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
-        vault.attach_log(state, identity.hsm, list(identity.members), identity.epoch)
-        run(create_app(vault), settings.host, settings.port, settings.metrics_port)
-        os.close(lock)
-        return 0
+        return _serve(settings, args)
     except HsmError as exc:
         print(f"bkv-hsm-proxy: HSM error: {exc}", file=sys.stderr)
         return 3
     except DeadlineExceeded as exc:
         print(f"bkv-hsm-proxy: HSM error: {exc.__cause__}", file=sys.stderr)
         return 3
+
+
+def _serve(settings, args: argparse.Namespace) -> int:
+    """``serve``, and ``start`` (the state file made or its set adopted first, in
+    this process: the state file's lock is held from before that until exit)."""
+    from bkv_hsm_proxy import membership, nvram
+    from bkv_hsm_proxy.core import VaultHsm
+    from bkv_hsm_proxy.hsm import open_token
+
+    try:
+        lock = nvram.hold(settings.state_file)  # held while this process serves
+    except (nvram.StateFileError, OSError) as exc:
+        print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+        return 4
+    hsm = None
+    if args.cmd == "start":
+        from bkv_protocol import hsm_api
+        from bkv_protocol import members as ms
+
+        try:
+            signed = ms.SignedMemberSet.from_json(args.member_set.read_bytes())
+            freezes = [hsm_api.FreezeOut.model_validate_json(f.read_bytes()) for f in args.freezes]
+        except (ms.MemberSetError, OSError, ValueError) as exc:
+            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+            return 1
+        hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+        try:
+            done = membership.start(hsm, lambda: VaultHsm(hsm, max_attempts=settings.max_attempts).log_key,
+                                    settings.state_file, args.hsm_id, signed, freezes,
+                                    membership.read_chain(settings.etcd_endpoints, settings.etcd_prefix))
+        except membership.ChangeRefused as exc:
+            print(f"bkv-hsm-proxy: member set not changed: {exc}", file=sys.stderr)
+            return 1
+        except ValueError as exc:  # not one of the set's hsm-proxies
+            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+            return 1
+        except (membership.MembersFixed, nvram.StateFileError, OSError) as exc:
+            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+            return 4
+        print(f"bkv-hsm-proxy: state file {done} ({args.hsm_id}, epoch {signed.set.epoch})", file=sys.stderr)
+    try:
+        state, identity = nvram.open_state(settings.state_file)
+    except (nvram.StateFileError, OSError) as exc:
+        print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+        return 4
+    from bkv_server.service import run
+    from bkv_hsm_proxy.app import create_app
+
+    hsm = hsm or open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+    try:
+        membership.check_members(hsm, identity)
+        membership.check_born(hsm, identity)  # after the set: a file naming another set is refused as such
+    except membership.MembersFixed as exc:
+        print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+        return 4
+    vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
+    vault.attach_log(state, identity.hsm, list(identity.members), identity.epoch)
+    run(create_app(vault), settings.host, settings.port, settings.metrics_port)
+    os.close(lock)
+    return 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ from bkv_hsm_proxy import nvram
 
 ADMIN_KEY_LABEL = "bkv-admin-key"        # the offline admin key's public half, fixed once
 MEMBER_SET_LABEL = "bkv-hsm-member-set/"  # + epoch: each signed set its own read-only object
+BORN_LABEL = "bkv-hsm-state-born/"        # + <hsm-id>/<epoch>: the birth id of the state file that served first
+REMADE = ("this site's state file was made again after one was lost: replace the site with the member-set "
+          "ceremony (docs/kubernetes.md, 'Replacing a lost state volume'; docs/reliability.md, "
+          "'Replacing an hsm-proxy')")
 
 
 class MembersFixed(Exception):
@@ -53,6 +57,13 @@ class MembersFixed(Exception):
 
 class ChangeRefused(MembersFixed):
     """The member-set change was refused (the message says why); nothing was changed."""
+
+
+class StateRemade(MembersFixed):
+    """The token holds another birth id for this hsm-proxy and epoch: its
+    state file is not the one that served (lost and made again); ``serve``
+    and ``start`` refuse (exit 4) rather than serve rolled back to the
+    set's start."""
 
 
 def token_admin_key(hsm) -> bytes | None:
@@ -100,8 +111,10 @@ def token_member_set(hsm) -> members.MemberSet | None:
 
 def fix_member_set(hsm, signed: members.SignedMemberSet) -> bool:
     """Store the fleet's first member set, signed by the token's admin key
-    (a read-only data object). True if stored now; the same set again
-    changes nothing; any other set is refused (a change is :func:`change_members`)."""
+    (a read-only data object). True if stored now; the same set again, or
+    the next one (epoch + 1, which each hsm-proxy stores when it adopts it
+    with the freezes: :func:`change_members`), changes nothing; any other
+    set is refused."""
     new = _verified(hsm, signed)
     held = token_member_set(hsm)
     if held is None:
@@ -109,6 +122,8 @@ def fix_member_set(hsm, signed: members.SignedMemberSet) -> bool:
             raise MembersFixed("the first member set of a fleet is epoch 1")
         hsm.store_blob(f"{MEMBER_SET_LABEL}1", signed.to_json().encode())
         return True
+    if new.epoch == held.epoch + 1:
+        return False  # the next set of a change: the hsm-proxies store it, checked with the freezes (start)
     if held.digest() != new.digest():
         raise MembersFixed(f"the token's hsm-proxies are {','.join(held.members)} (epoch {held.epoch}); "
                            "a set is changed only by the change ceremony (bkv-hsm-proxy change-members)")
@@ -129,6 +144,50 @@ def check_members(hsm, identity: nvram.Identity) -> None:
         raise MembersFixed(f"the state file names the hsm-proxies {','.join(identity.members)} (epoch "
                            f"{identity.epoch}) but the token {','.join(held.members)} (epoch {held.epoch}): the state "
                            "file was made again with another set; refusing to serve")
+
+
+def _born_label(hsm_id: str, epoch: int) -> str:
+    return f"{BORN_LABEL}{hsm_id}/{epoch}"
+
+
+def check_born(hsm, identity: nvram.Identity) -> None:
+    """On the first serve of an hsm-proxy in an epoch, keep its state file's
+    birth id in the token; on every later one, refuse (StateRemade) a file
+    with another: one lost and made again, which would serve rolled back to
+    the set's start (in the first set, genesis). A file rolled back by
+    copying an old one keeps its birth id: that is the rollback the quorum
+    tolerates (docs/protocol.md, 'State file'). SoftHSM2 does not fsync its
+    objects: a marker lost in a host crash is simply stored again."""
+    label = _born_label(identity.hsm, identity.epoch)
+    held = hsm.load_blob(label)
+    if held is None:
+        hsm.store_blob(label, identity.born)
+    elif not hmac.compare_digest(held, identity.born):
+        raise StateRemade(REMADE)
+
+
+def start(hsm, log_key: Callable[[], hlog.LogKey], state_path: str | Path, hsm_id: str,
+          signed: members.SignedMemberSet, freezes: list[api.FreezeOut], chain: Chain) -> str:
+    """What ``bkv-hsm-proxy start`` does before it serves, from the mounted
+    (signed) set and freeze statements; the caller holds the state file's
+    lock. Returns what was done: "made" (no state file, the first set, and
+    the token never saw one served: a first start), "adopted" (the mounted
+    set is newer than the state file, or the file is missing in a later set
+    this hsm-proxy never served in: :func:`change_members`), or "kept".
+    A file missing where the token says one served is refused
+    (StateRemade): only the change ceremony brings that site back."""
+    mounted = _verified(hsm, signed)
+    path = Path(state_path)
+    if path.exists():
+        if nvram.open_state(path)[1].epoch >= mounted.epoch:
+            return "kept"  # serve checks it against the token's newest set
+    elif hsm.load_blob(_born_label(hsm_id, mounted.epoch)) is not None:
+        raise StateRemade(f"no state file at {path}, but one served in epoch {mounted.epoch}: {REMADE}")
+    elif mounted.epoch == 1:
+        nvram.init_state(path, hsm_id, mounted)
+        return "made"
+    change_members(hsm, log_key(), path, hsm_id, signed, freezes, chain, locked=True)
+    return "adopted"
 
 
 # -- the change ceremony -------------------------------------------------------------------
@@ -152,11 +211,13 @@ Chain = Callable[[str, int, int], list[api.LogEntry]]  # (island, after, upto): 
 
 
 def change_members(hsm, log_key: hlog.LogKey, state_path: str | Path, hsm_id: str,
-                   signed: members.SignedMemberSet, freezes: list[api.FreezeOut], chain: Chain) -> nvram.Identity:
+                   signed: members.SignedMemberSet, freezes: list[api.FreezeOut], chain: Chain,
+                   locked: bool = False) -> nvram.Identity:
     """Adopt the next member set on one hsm-proxy (stopped: this writes its
     state file): check it, store it in the token (once per token), and make
-    the state file for it at the heads it takes over. Idempotent; raises
-    ChangeRefused with the reason, changing nothing."""
+    the state file for it at the heads it takes over, with a new birth id.
+    Idempotent; raises ChangeRefused with the reason, changing nothing.
+    ``locked``: the caller holds the state file's lock (``start``)."""
     new = _verified(hsm, signed)
     if hsm_id not in new.members:
         raise ChangeRefused(f"{hsm_id} is not one of the next set's hsm-proxies ({','.join(new.members)})")
@@ -171,6 +232,8 @@ def change_members(hsm, log_key: hlog.LogKey, state_path: str | Path, hsm_id: st
 
     path = Path(state_path)
     identity = nvram.Identity(hsm_id, new.members, new.epoch, new.digest())
+    if locked:
+        return _adopt(hsm, path, identity, signed, heads, new.epoch == newest + 1)
     lock = nvram.hold(path)  # no hsm-proxy serving on it meanwhile
     try:
         return _adopt(hsm, path, identity, signed, heads, new.epoch == newest + 1)
@@ -183,10 +246,10 @@ def _adopt(hsm, path: Path, identity: nvram.Identity, signed: members.SignedMemb
     new = signed.set
     if path.exists():
         _, mine = nvram.open_state(path)
-        if mine == identity:
+        if mine == identity:  # birth ids aside
             if store:
                 hsm.store_blob(f"{MEMBER_SET_LABEL}{new.epoch}", signed.to_json().encode())
-            return identity  # done before (a rerun)
+            return mine  # done before (a rerun)
         if mine.epoch >= new.epoch:
             raise ChangeRefused(f"{path} already serves in epoch {mine.epoch}")
     if store:

@@ -28,9 +28,13 @@ Rules this file keeps:
   (``bkv_hsm_proxy.membership``) the file says this hsm-proxy captures
   nothing more in its set, durably, before it says which heads it froze at.
 
-File (JSON, canonical: sorted keys, no spaces)::
+- *Born* once: the identity carries a random birth id, so a file made again
+  (after one was lost) is told from the one that served, even though it
+  names the same hsm-proxy and set (``membership.check_born``).
 
-    {"fleet": "...", "format": 2, "frozen": false,
+File (JSON, canonical: sorted keys, no spaces; ``fleet`` is the ``Identity``)::
+
+    {"fleet": "...", "format": 3, "frozen": false,
      "heads": {"<island>": {"index": 7, "mac": "<64 hex>", "root": "<64 hex>"}},
      "sha256": "<hex of SHA-256 over the same object without this field>"}
 """
@@ -42,14 +46,15 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["Head", "StateFile", "StateFileError", "StateFileCorrupt", "FleetMismatch",
            "HeadRegression", "StateWriteFailed", "FORMAT", "Identity", "init_state", "open_state", "hold",
-           "StateFileBusy"]
+           "StateFileBusy", "new_born"]
 
-FORMAT = 2  # 2: the frozen flag
+FORMAT = 3  # 2: the frozen flag; 3: the identity's birth id
+BORN_BYTES = 16
 
 
 class StateFileError(Exception):
@@ -133,13 +138,13 @@ def _decode(data: bytes) -> tuple[str, dict[str, Head], bool]:
     """Strict: anything but a file this module wrote raises StateFileCorrupt."""
     try:
         obj = json.loads(data)
+        if type(obj) is dict and type(obj.get("format")) is int and obj["format"] != FORMAT:
+            raise ValueError(f"format {obj['format']}, " + (_OLDER if obj["format"] < FORMAT else f"expected {FORMAT}"))
         if type(obj) is not dict or set(obj) != {"format", "fleet", "frozen", "heads", "sha256"}:
             raise ValueError("unexpected fields")
         check = obj.pop("sha256")
         if check != hashlib.sha256(_canonical_json(obj)).hexdigest():
             raise ValueError("checksum mismatch")
-        if type(obj["format"]) is not int or obj["format"] != FORMAT:
-            raise ValueError(f"format {obj['format']!r}, expected {FORMAT}")
         if type(obj["fleet"]) is not str or type(obj["heads"]) is not dict or type(obj["frozen"]) is not bool:
             raise ValueError("bad fleet, heads or frozen flag")
         heads = {}
@@ -150,6 +155,10 @@ def _decode(data: bytes) -> tuple[str, dict[str, Head], bool]:
         return obj["fleet"], heads, obj["frozen"]
     except (ValueError, TypeError, KeyError, RecursionError) as e:  # JSON/Unicode errors are ValueErrors
         raise StateFileCorrupt(f"state file unreadable: {e}") from e
+
+
+_OLDER = (f"made by an older build (this one reads format {FORMAT}: a birth id in the identity, docs/protocol.md, "
+          "'State file'); a dev fleet starts again after `bkv dev down --purge`")
 
 
 class StateFile:
@@ -292,40 +301,53 @@ class StateFile:
 
 
 # -- the file as the hsm-proxy uses it ---------------------------------------------------
+def new_born() -> bytes:
+    return os.urandom(BORN_BYTES)
+
+
 @dataclass(frozen=True)
 class Identity:
     """Which hsm-proxy this file belongs to, and the admin-signed member set
     (``bkv_protocol.members``) it serves in, named by its digest: the token
-    must hold that very set for ``serve`` to start (fleet_init.check_members)."""
+    must hold that very set for ``serve`` to start (membership.check_members).
+    ``born``: this file's random birth id, new whenever a file is made; the
+    token keeps the one that first served per hsm-proxy and epoch
+    (membership.check_born). Not part of equality: two files of one
+    hsm-proxy in one set are the same identity, made at different times."""
 
     hsm: str
     members: tuple[str, ...]
     epoch: int
     set_digest: bytes
+    born: bytes = field(default_factory=new_born, compare=False)
 
     def __post_init__(self) -> None:
         if self.hsm not in self.members or len(set(self.members)) != len(self.members) or not all(self.members):
             raise ValueError("the member set must list every hsm-proxy once, this one included")
         if type(self.epoch) is not int or self.epoch < 1 or type(self.set_digest) is not bytes \
-                or len(self.set_digest) != 32:
-            raise ValueError("an epoch from 1 and a 32-byte set digest")
+                or len(self.set_digest) != 32 or type(self.born) is not bytes or len(self.born) != BORN_BYTES:
+            raise ValueError(f"an epoch from 1, a 32-byte set digest and a {BORN_BYTES}-byte birth id")
 
     def encode(self) -> str:
         return json.dumps({"hsm": self.hsm, "members": list(self.members), "epoch": self.epoch,
-                           "set": self.set_digest.hex()}, sort_keys=True, separators=(",", ":"))
+                           "set": self.set_digest.hex(), "born": self.born.hex()}, sort_keys=True,
+                          separators=(",", ":"))
 
     @classmethod
     def decode(cls, text: str) -> Identity:
         obj = json.loads(text)
-        if type(obj) is not dict or set(obj) != {"hsm", "members", "epoch", "set"} or type(obj["members"]) is not list:
+        if type(obj) is not dict or set(obj) != {"hsm", "members", "epoch", "set", "born"} \
+                or type(obj["members"]) is not list or type(obj["born"]) is not str \
+                or len(obj["born"]) != 2 * BORN_BYTES or obj["born"] != obj["born"].lower():
             raise ValueError("not this build's identity (re-make the state file from a signed member set)")
-        return cls(obj["hsm"], tuple(obj["members"]), obj["epoch"], _hex32(obj["set"]))
+        return cls(obj["hsm"], tuple(obj["members"]), obj["epoch"], _hex32(obj["set"]), bytes.fromhex(obj["born"]))
 
 
 def init_state(path: str | os.PathLike[str], hsm_id: str, member_set) -> Identity:
-    """Create the state file: no heads yet, and the member set (a
-    ``bkv_protocol.members.MemberSet``) this hsm-proxy serves in. The set's
-    signature is checked against the token by ``serve``, not here (no PIN)."""
+    """Create the state file: no heads yet, a new birth id, and the member set
+    (a ``bkv_protocol.members.MemberSet``) this hsm-proxy serves in. The set's
+    signature and the birth id are checked against the token by ``serve``,
+    not here (no PIN)."""
     if member_set.heads:
         raise ValueError("this set takes over from a running log (epoch > 1): a state file starts at genesis")
     p = Path(path)
