@@ -262,3 +262,69 @@ print(done, identity.born.hex(), token.load_blob("bkv-hsm-state-born/{hsm_id}/1"
     assert served.returncode == 4 and "made again after one was lost" in served.stderr
     state.write_bytes(saved)  # an old copy put back: its birth id, the tolerated rollback
     assert start_then_check().split() == ["kept", born, born]
+
+
+def test_serve_upgrades_a_state_file_of_the_build_before_birth_ids_and_keeps_its_heads(tmp_path):
+    """An hsm-proxy upgraded over its old state volume (format 2, no birth
+    id) serves on it: `serve`, holding the file's lock, rewrites it as format
+    3 with the same heads and a new birth id, which the token keeps at this
+    first serve. No state volume is made again by hand."""
+    import hashlib
+    import time
+
+    import httpx
+
+    from bkv_dev.fleet import free_base_port
+
+    def hsm_proxy(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **env})
+
+    key, signed, state = tmp_path / "admin.key", tmp_path / "set.json", tmp_path / "state" / "state.json"
+    conf = _softhsm_conf(tmp_path)
+    _init_token(conf, "upgrade-test")
+    port = free_base_port()
+    env = {"SOFTHSM2_CONF": str(conf), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "upgrade-test",
+           "BKV_HSM_USER_PIN": "1234", "BKV_HSM_STATE_FILE": str(state), "BKV_HSM_PORT": str(port),
+           "BKV_HSM_METRICS_PORT": "0"}
+    public = json.loads(hsm_proxy("admin-key", "--out", str(key)).stdout)["admin_public_key"]
+    assert hsm_proxy("sign-members", "--admin-key", str(key), "--members", "hsm-0", "--out",
+                     str(signed)).returncode == 0
+    assert hsm_proxy("fleet-init", "--admin-public-key", public, "--member-set", str(signed)).returncode == 0
+    assert hsm_proxy("init-state", "--hsm-id", "hsm-0", "--member-set", str(signed)).returncode == 0
+    # The file as the build before birth ids wrote it, with a head on it.
+    new = json.loads(state.read_text())
+    identity = json.loads(new["fleet"])
+    del identity["born"]
+    old = {"format": 2, "fleet": json.dumps(identity, sort_keys=True, separators=(",", ":")), "frozen": False,
+           "heads": {"island-a": {"index": 5, "mac": "ab" * 32, "root": "cd" * 32}}}
+    old["sha256"] = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    state.write_text(json.dumps(old, sort_keys=True, separators=(",", ":")))
+
+    served = subprocess.Popen([sys.executable, "-m", "bkv_hsm_proxy", "serve"], env={**os.environ, **env},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert served.poll() is None, served.communicate()[1]
+            try:
+                heads = httpx.get(f"http://127.0.0.1:{port}/hsm/v1/log/heads", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the upgraded hsm-proxy did not serve"
+                time.sleep(0.2)
+    finally:
+        served.terminate()
+        _, err = served.communicate(timeout=30)
+    assert "upgraded to format 3" in err
+    assert heads["heads"]["island-a"]["index"] == 5  # the heads it captured before the upgrade
+    upgraded = json.loads(state.read_text())
+    born = json.loads(upgraded["fleet"])["born"]
+    assert upgraded["format"] == 3 and len(born) == 32
+    check = f"""
+from bkv_hsm_proxy.hsm import Pkcs11Hsm
+print(Pkcs11Hsm({SOFTHSM_MODULE!r}, "upgrade-test", "1234").load_blob("bkv-hsm-state-born/hsm-0/1").hex())
+"""
+    marker = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **env})
+    assert marker.stdout.strip() == born  # kept by the token at that first serve

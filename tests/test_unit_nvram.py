@@ -261,7 +261,8 @@ def test_every_state_file_made_gets_a_birth_id_of_its_own_kept_by_every_write(tm
     assert nvram.open_state(tmp_path / "a")[1].born == a.born
 
 
-def test_a_state_file_of_the_format_before_birth_ids_is_refused_saying_so(tmp_path):
+def _format_2(tmp_path, heads: dict | None = None, frozen: bool = False):
+    """A state file as the build before birth ids wrote it."""
     import hashlib
 
     from bkv_hsm_proxy import nvram
@@ -271,9 +272,41 @@ def test_a_state_file_of_the_format_before_birth_ids_is_refused_saying_so(tmp_pa
     made = nvram.init_state(tmp_path / "new", "hsm-1", three)
     old_identity = json.loads(made.encode())
     del old_identity["born"]
-    body = {"format": 2, "fleet": json.dumps(old_identity, sort_keys=True, separators=(",", ":")), "frozen": False,
-            "heads": {}}
+    body = {"format": 2, "fleet": json.dumps(old_identity, sort_keys=True, separators=(",", ":")), "frozen": frozen,
+            "heads": heads or {}}
     body["sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     (tmp_path / "old").write_text(json.dumps(body, sort_keys=True, separators=(",", ":")))
-    with pytest.raises(StateFileCorrupt, match="format 2, made by an older build .*bkv dev down --purge"):
-        nvram.open_state(tmp_path / "old")
+    return tmp_path / "old", made
+
+
+def test_a_state_file_of_the_format_before_birth_ids_is_refused_saying_so(tmp_path):
+    from bkv_hsm_proxy import nvram
+
+    old, _ = _format_2(tmp_path)
+    with pytest.raises(StateFileCorrupt, match="format 2, made by an older build .*upgrade a format-2 file"):
+        nvram.open_state(old)
+
+
+def test_serve_upgrades_a_format_2_file_with_its_heads_frozen_flag_and_a_new_birth_id(tmp_path):
+    from bkv_hsm_proxy import nvram
+
+    h = {"island-a": {"index": 7, "mac": "ab" * 32, "root": "cd" * 32}}
+    old, made = _format_2(tmp_path, heads=h, frozen=True)
+    assert nvram.upgrade_state(old) is True
+    state, identity = nvram.open_state(old)
+    assert identity == made and len(identity.born) == nvram.BORN_BYTES  # same hsm-proxy and set, born now
+    assert state.heads() == {"island-a": Head(7, bytes.fromhex("ab" * 32), bytes.fromhex("cd" * 32))}
+    assert state.frozen is True
+    assert nvram.upgrade_state(old) is False  # once: a format-3 file is left as it is
+    assert nvram.open_state(old)[1].born == identity.born
+
+
+def test_a_format_2_file_that_does_not_check_out_is_not_upgraded(tmp_path):
+    from bkv_hsm_proxy import nvram
+
+    old, _ = _format_2(tmp_path, heads={"island-a": {"index": 7, "mac": "ab" * 32, "root": "cd" * 32}})
+    old.write_text(old.read_text().replace('"index":7', '"index":9'))  # the checksum no longer matches
+    assert nvram.upgrade_state(old) is False
+    with pytest.raises(StateFileCorrupt):
+        nvram.open_state(old)
+    assert nvram.upgrade_state(tmp_path / "missing") is False

@@ -321,6 +321,8 @@ def _serve(settings, args: argparse.Namespace) -> int:
     except (nvram.StateFileError, OSError) as exc:
         print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
         return 4
+    if nvram.upgrade_state(settings.state_file):  # an upgrade from a build before birth ids
+        print(f"bkv-hsm-proxy: state file {settings.state_file} upgraded to format {nvram.FORMAT}", file=sys.stderr)
     hsm = None
     if args.cmd == "start":
         from bkv_protocol import hsm_api

@@ -51,7 +51,7 @@ from pathlib import Path
 
 __all__ = ["Head", "StateFile", "StateFileError", "StateFileCorrupt", "FleetMismatch",
            "HeadRegression", "StateWriteFailed", "FORMAT", "Identity", "init_state", "open_state", "hold",
-           "StateFileBusy", "new_born"]
+           "StateFileBusy", "new_born", "upgrade_state"]
 
 FORMAT = 3  # 2: the frozen flag; 3: the identity's birth id
 BORN_BYTES = 16
@@ -134,12 +134,12 @@ def _hex32(v: object) -> bytes:
     return bytes.fromhex(v)
 
 
-def _decode(data: bytes) -> tuple[str, dict[str, Head], bool]:
-    """Strict: anything but a file this module wrote raises StateFileCorrupt."""
+def _decode(data: bytes, fmt: int = FORMAT) -> tuple[str, dict[str, Head], bool]:
+    """Strict: anything but a file this module wrote (in format ``fmt``) raises StateFileCorrupt."""
     try:
         obj = json.loads(data)
-        if type(obj) is dict and type(obj.get("format")) is int and obj["format"] != FORMAT:
-            raise ValueError(f"format {obj['format']}, " + (_OLDER if obj["format"] < FORMAT else f"expected {FORMAT}"))
+        if type(obj) is dict and type(obj.get("format")) is int and obj["format"] != fmt:
+            raise ValueError(f"format {obj['format']}, " + (_OLDER if obj["format"] < fmt else f"expected {fmt}"))
         if type(obj) is not dict or set(obj) != {"format", "fleet", "frozen", "heads", "sha256"}:
             raise ValueError("unexpected fields")
         check = obj.pop("sha256")
@@ -158,7 +158,7 @@ def _decode(data: bytes) -> tuple[str, dict[str, Head], bool]:
 
 
 _OLDER = (f"made by an older build (this one reads format {FORMAT}: a birth id in the identity, docs/protocol.md, "
-          "'State file'); a dev fleet starts again after `bkv dev down --purge`")
+          "'State file'); `serve` and `start` upgrade a format-2 file, older ones are made again")
 
 
 class StateFile:
@@ -360,6 +360,29 @@ def init_state(path: str | os.PathLike[str], hsm_id: str, member_set) -> Identit
     p.parent.mkdir(parents=True, exist_ok=True)
     state._write_file({})  # noqa: SLF001 - the first write, before any caller
     return identity
+
+
+def upgrade_state(path: str | os.PathLike[str]) -> bool:
+    """Rewrite a format-2 file (no birth id) as this format, with its heads
+    and frozen flag and a new birth id; True if it did. Only under the state
+    file's lock (``hold``), by the process that will serve on it: the token
+    keeps that birth id at its first serve, as for any file not yet served
+    on (``membership.check_born``). Anything but an intact format-2 file is
+    left for ``open_state`` to judge."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+        if json.loads(data).get("format") != 2:
+            return False
+        fleet, heads, frozen = _decode(data, 2)
+        old = json.loads(fleet)
+        if type(old) is not dict or set(old) != {"hsm", "members", "epoch", "set"}:
+            return False
+        identity = Identity.decode(json.dumps({**old, "born": new_born().hex()}))
+    except (OSError, ValueError, AttributeError, StateFileCorrupt):
+        return False
+    StateFile(p, identity.encode())._write_file(heads, frozen)  # noqa: SLF001 - atomic replace, under the lock
+    return True
 
 
 def open_state(path: str | os.PathLike[str]) -> tuple[StateFile, Identity]:
