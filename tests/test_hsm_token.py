@@ -206,24 +206,31 @@ print("serves")
     assert members.SignedMemberSet.from_json(signed.read_text()).set.members == ("hsm-0", "hsm-1", "hsm-2")
 
 
+def _admin_fleet(tmp_path, label: str, members: str, **extra: str):
+    """A real token fleet-inited with an admin-signed member set: (run the
+    hsm-proxy CLI against it, its environment, the signed set, the state file)."""
+    key, signed, state = tmp_path / "admin.key", tmp_path / "set.json", tmp_path / "state" / "state.json"
+    conf = _softhsm_conf(tmp_path)
+    _init_token(conf, label)
+    env = {"SOFTHSM2_CONF": str(conf), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": label,
+           "BKV_HSM_USER_PIN": "1234", "BKV_HSM_STATE_FILE": str(state), **extra}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **env})
+
+    public = json.loads(cli("admin-key", "--out", str(key)).stdout)["admin_public_key"]
+    assert cli("sign-members", "--admin-key", str(key), "--members", members, "--out", str(signed)).returncode == 0
+    assert cli("fleet-init", "--admin-public-key", public, "--member-set", str(signed)).returncode == 0
+    return cli, env, signed, state
+
+
 def test_start_in_a_real_token_makes_a_first_state_file_and_refuses_one_made_again_after_it_served(tmp_path):
     """`bkv-hsm-proxy start`'s decisions (membership.start) and the birth
     marker in a real SoftHSM2 token, each step a process of its own (as the
     pod's restarts are): the marker a first serve stores is what a later
     process finds."""
-    def hsm_proxy(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, **env})
-
-    key, signed, state = tmp_path / "admin.key", tmp_path / "set.json", tmp_path / "state" / "state.json"
-    conf = _softhsm_conf(tmp_path)
-    _init_token(conf, "start-test")
-    env = {"SOFTHSM2_CONF": str(conf), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "start-test",
-           "BKV_HSM_USER_PIN": "1234", "BKV_HSM_STATE_FILE": str(state)}
-    public = json.loads(hsm_proxy("admin-key", "--out", str(key)).stdout)["admin_public_key"]
-    assert hsm_proxy("sign-members", "--admin-key", str(key), "--members", "hsm-0,hsm-1", "--out",
-                     str(signed)).returncode == 0
-    assert hsm_proxy("fleet-init", "--admin-public-key", public, "--member-set", str(signed)).returncode == 0
+    hsm_proxy, env, signed, state = _admin_fleet(tmp_path, "start-test", "hsm-0,hsm-1")
 
     def start_then_check(hsm_id: str = "hsm-1") -> str:
         """start's decision, then serve's checks (no server), in a process of its own."""
@@ -276,21 +283,9 @@ def test_serve_upgrades_a_state_file_of_the_build_before_birth_ids_and_keeps_its
 
     from bkv_dev.fleet import free_base_port
 
-    def hsm_proxy(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, **env})
-
-    key, signed, state = tmp_path / "admin.key", tmp_path / "set.json", tmp_path / "state" / "state.json"
-    conf = _softhsm_conf(tmp_path)
-    _init_token(conf, "upgrade-test")
     port = free_base_port()
-    env = {"SOFTHSM2_CONF": str(conf), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "upgrade-test",
-           "BKV_HSM_USER_PIN": "1234", "BKV_HSM_STATE_FILE": str(state), "BKV_HSM_PORT": str(port),
-           "BKV_HSM_METRICS_PORT": "0"}
-    public = json.loads(hsm_proxy("admin-key", "--out", str(key)).stdout)["admin_public_key"]
-    assert hsm_proxy("sign-members", "--admin-key", str(key), "--members", "hsm-0", "--out",
-                     str(signed)).returncode == 0
-    assert hsm_proxy("fleet-init", "--admin-public-key", public, "--member-set", str(signed)).returncode == 0
+    hsm_proxy, env, signed, state = _admin_fleet(tmp_path, "upgrade-test", "hsm-0", BKV_HSM_PORT=str(port),
+                                                 BKV_HSM_METRICS_PORT="0")
     assert hsm_proxy("init-state", "--hsm-id", "hsm-0", "--member-set", str(signed)).returncode == 0
     # The file as the build before birth ids wrote it, with a head on it.
     new = json.loads(state.read_text())
