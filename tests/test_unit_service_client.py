@@ -211,3 +211,32 @@ async def test_an_idle_connection_past_the_client_keep_alive_is_not_reused(monke
 def test_a_url_that_is_not_http_is_refused():
     with pytest.raises(ValueError, match="not an http"):
         http._Pool("ftp://example")  # noqa: SLF001
+
+
+def test_a_client_used_again_from_a_new_event_loop_starts_afresh():
+    """Connections belong to their loop: a client kept across asyncio.run
+    calls (a CLI, a test) connects again instead of using a dead loop's."""
+    import threading
+
+    served = threading.Event()
+
+    async def one_call(url: str) -> str:
+        return (await client.call("POST", "/x", Echo(text="a"), Echo, idempotent=False)).text
+
+    async def serve_twice() -> None:
+        server = Server(echo)
+        async with server as url:
+            urls.append(url)
+            served.set()
+            while len(server.requests) < 2:
+                await asyncio.sleep(0.01)
+
+    urls: list[str] = []
+    thread = threading.Thread(target=asyncio.run, args=(serve_twice(),))
+    thread.start()
+    assert served.wait(10)
+    client = ServiceClient("t", urls, backoff=FAST)
+    assert asyncio.run(one_call(urls[0])) == "a"
+    assert asyncio.run(one_call(urls[0])) == "a"  # the first loop and its connection are gone
+    thread.join(10)
+    assert not thread.is_alive()

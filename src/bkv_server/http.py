@@ -4,7 +4,7 @@ failover across the target's replicas, retries through the one retry helper.
 
 Why not aiohttp (which this replaced) or httpx: for these small JSON calls on
 loopback or a cluster network, a request's Python cost is most of its CPU;
-aiohttp spent ~0.2 ms of client CPU per call, this ~0.04 ms
+aiohttp spent ~0.2 ms of client CPU per call, this ~0.07 ms
 (docs/performance.md, "The lean internal client"). Only what the hops use:
 POST/GET, Content-Length or chunked answers, keep-alive, http and https.
 
@@ -130,7 +130,10 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            try:
+                self.transport.close()
+            except RuntimeError:  # its event loop is closed (a client reused from a new loop): nothing to do
+                pass
 
     async def exchange(self, request: bytes) -> tuple[int, bytes]:
         self._answer = asyncio.get_running_loop().create_future()
