@@ -10,7 +10,10 @@ thread apart from gRPC's and the others) -- py-spy counts a thread blocked
 in native code, such as gRPC's poller in epoll, as busy, so its profiles
 cannot say what those threads cost; ``--profile DIR``
 records each Python service with py-spy (``pip install py-spy``) during the
-concurrency-8 run (``--profile-at 1``: the concurrency-1 run) and writes one raw (collapsed) profile per process, of the threads holding the GIL (CPU, not waits). Used to measure
+concurrency-8 run (``--profile-at 1``: the concurrency-1 run) and writes one
+raw (collapsed) profile per process, of the thread holding the GIL (a thread
+descheduled in a system call still holds it: read /proc's CPU, ``--threads``,
+for what things cost). Used to measure
 each optimisation before and after (docs/performance.md): check out the
 commit before a change, run this, check out the change, run it again.
 """

@@ -155,7 +155,8 @@ class RpcApp:
                 mapped = 500, error_body(ErrorCode.INTERNAL, "internal error")
             status, err = mapped
             out = err.model_dump_json().encode()
-        headers_out = _JSON + [(b"content-length", b"%d" % len(out))] + ([(b"retry-after", b"1")] if status == 503 else [])
+        headers_out = [*_JSON, (b"content-length", b"%d" % len(out)),
+                       *([(b"retry-after", b"1")] if status == 503 else [])]
         await send({"type": "http.response.start", "status": status, "headers": headers_out})
         await send({"type": "http.response.body", "body": out})
         metrics.observe_http(self.service, self._labels, path, method, status, time.perf_counter() - start)

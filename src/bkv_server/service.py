@@ -152,7 +152,7 @@ class _OneWrite:
     send: uvicorn writes a response's head and body apart, which on loopback
     or a cluster network is two segments, two syscalls and often two wake-ups
     of the reader, for answers of a few hundred bytes (docs/performance.md,
-    "One write per answer")."""
+    "The lean internal client")."""
 
     __slots__ = ("_transport", "_pending", "_loop")
 

@@ -164,10 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.out.write_text(ms.sign_freeze(args.epoch, bd.load_root_key(args.admin_key)).to_json())
                 print(json.dumps({"freeze_epoch": args.epoch}))
                 return 0
-            from bkv_protocol import hsm_api
             from bkv_hsm_proxy.membership import newest_frozen
 
-            freezes = [hsm_api.FreezeOut.model_validate_json(f.read_bytes()) for f in args.freezes]
+            freezes = _freezes(args.freezes)
             signed = ms.sign(ms.MemberSet.of(args.members.split(","), args.epoch, newest_frozen(freezes)),
                              bd.load_root_key(args.admin_key))
             args.out.write_text(signed.to_json())
@@ -266,15 +265,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: params[k] for k in ("fleet_id", "fleet_public_key", "max_attempts", "created")}))
             return 0
         if args.cmd == "change-members":
-            from bkv_protocol import hsm_api
             from bkv_protocol import members as ms
             from bkv_hsm_proxy import membership, nvram
             from bkv_hsm_proxy.core import VaultHsm
             from bkv_hsm_proxy.hsm import open_token
 
             try:
-                signed = ms.SignedMemberSet.from_json(args.member_set.read_bytes())
-                freezes = [hsm_api.FreezeOut.model_validate_json(f.read_bytes()) for f in args.freezes]
+                signed, freezes = _set_and_freezes(args)
             except (ms.MemberSetError, OSError, ValueError) as exc:
                 print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
                 return 1
@@ -309,6 +306,20 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+def _freezes(paths: list[Path]) -> list:
+    """Freeze statements (``bkv-hsm-proxy freeze`` output), parsed."""
+    from bkv_protocol import hsm_api
+
+    return [hsm_api.FreezeOut.model_validate_json(f.read_bytes()) for f in paths]
+
+
+def _set_and_freezes(args: argparse.Namespace):
+    """``--member-set`` and ``--freezes`` (change-members, start), parsed."""
+    from bkv_protocol import members as ms
+
+    return ms.SignedMemberSet.from_json(args.member_set.read_bytes()), _freezes(args.freezes)
+
+
 def _serve(settings, args: argparse.Namespace) -> int:
     """``serve``, and ``start`` (the state file made or its set adopted first, in
     this process: the state file's lock is held from before that until exit)."""
@@ -325,12 +336,10 @@ def _serve(settings, args: argparse.Namespace) -> int:
         print(f"bkv-hsm-proxy: state file {settings.state_file} upgraded to format {nvram.FORMAT}", file=sys.stderr)
     hsm = None
     if args.cmd == "start":
-        from bkv_protocol import hsm_api
         from bkv_protocol import members as ms
 
         try:
-            signed = ms.SignedMemberSet.from_json(args.member_set.read_bytes())
-            freezes = [hsm_api.FreezeOut.model_validate_json(f.read_bytes()) for f in args.freezes]
+            signed, freezes = _set_and_freezes(args)
         except (ms.MemberSetError, OSError, ValueError) as exc:
             print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
             return 1

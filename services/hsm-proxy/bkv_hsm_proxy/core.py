@@ -418,7 +418,7 @@ class VaultHsm:
         if head.island != island:
             raise hlog.ProofRefused("the head is another island's")
         self._log().check_head(head)
-        _matches(head, ref, _proof(proven.proof), current)
+        hlog.check_proof(head, bytes.fromhex(ref), _proof(proven.proof), current)
         return head
 
     # -- resends and refusals ----------------------------------------------------
@@ -535,7 +535,8 @@ class VaultHsm:
                 if body.island != head.island:
                     raise hlog.ProofRefused("the op is for another island than the head's")
                 proof = _proof(op.proof)
-                _matches(head, ref, proof, body.current)  # the head itself was checked above, once
+                # Before any OPAQUE work (the head was checked above, once); the log checks it again in apply.
+                hlog.check_proof(head, bytes.fromhex(ref), proof, body.current)
                 new_entry, answer = steps[op.kind](body)
             except errors.HsmError:
                 raise
@@ -622,17 +623,6 @@ def _proof(raw: bytes) -> merkle.Proof:
         return merkle.Proof.from_bytes(raw)
     except ValueError:
         raise hlog.ProofRefused("the proof does not match the head's root") from None
-
-
-def _matches(head: hlog.LogEntry, ref: str, proof: merkle.Proof, current: api.Entry) -> None:
-    """``current`` is what ``head``'s root says the record is (before any
-    OPAQUE work; ``IslandLog.apply`` checks it once more, as the authority)."""
-    try:
-        found = merkle.verify(head.root, bytes.fromhex(ref), proof)
-    except ValueError:
-        raise hlog.ProofRefused("the proof does not match the head's root") from None
-    if found != hlog.entry_digest(current):
-        raise hlog.ProofRefused("the record is not the one the log says is current")
 
 
 def _entry(w: api.LogEntry) -> hlog.LogEntry:

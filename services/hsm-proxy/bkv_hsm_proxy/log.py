@@ -103,6 +103,16 @@ def made_by(key: LogKey, entry: LogEntry) -> bool:
                                                     entry.salt))
 
 
+def check_proof(head: LogEntry, ref: bytes, proof: merkle.Proof, current: api.Entry | None) -> None:
+    """``current`` is what ``head``'s root says the record ``ref`` is; else ProofRefused."""
+    try:
+        found = merkle.verify(head.root, ref, proof)
+    except ValueError:  # merkle.ProofInvalid, or arguments of the wrong shape
+        raise ProofRefused("the proof does not match the head's root") from None
+    if found != entry_digest(current):
+        raise ProofRefused("the record is not the one the log says is current")
+
+
 def genesis(key: LogKey, island: str) -> LogEntry:
     """Index 0: the empty trie. Every island's chain starts here."""
     return LogEntry(island, 0, merkle.PLACEHOLDER, NO_MAC, NO_SALT,
@@ -237,12 +247,7 @@ class IslandLog:
             raise LogError("a batch changes each record once")
         items = []
         for c in changes:
-            try:
-                proven = merkle.verify(head.root, c.ref, c.proof)
-            except merkle.ProofInvalid:
-                raise ProofRefused("the proof does not match the head's root") from None
-            if proven != entry_digest(c.current):
-                raise ProofRefused("the record is not the one the log says is current")
+            check_proof(head, c.ref, c.proof, c.current)
             if c.current is not None and c.new.version <= c.current.version and c.new != c.current:
                 raise LogError("a change must move the record's version forward")  # a bug, not an attack
             items.append((c.ref, c.proof, entry_digest(c.new)))
