@@ -422,3 +422,36 @@ def test_the_audit_passes_on_a_true_chain_and_fails_on_any_altered_byte(roots, w
             altered = bytearray(original)
             altered[pos] = ord("0") if altered[pos] != ord("0") else ord("1")
             assert fails_with(path, bytes(altered)), (path.name, pos, original[max(0, pos - 10):pos + 10])
+
+
+def test_a_config_pointed_at_other_roots_keeps_its_own_cache_and_adopts_an_old_one_that_verifies(
+        roots, witness, tmp_path, monkeypatch):
+    """The cache is per pair of pinned roots (a dev fleet made again, a
+    cluster): another vault's cache never stops a client, this vault's is
+    still refused when tampered, and a cache named before the roots were
+    (bundle.json) keeps its rollback floor if it verifies under them."""
+    from bkv.config import ClientConfig
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    operator, witness_key = roots
+
+    def config(op: bytes, wit: bytes) -> ClientConfig:
+        return ClientConfig(url="http://x", fleet_public_key="", user_id="u", token="t",
+                            operator_root=b64e(op), witness_root=b64e(wit))
+
+    ours = config(operator.public, witness_key.public)
+    other = config(bd.RootKey.generate().public, witness_key.public)
+    assert ours.bundle_cache() != other.bundle_cache()
+    # A cache from before: this vault's second bundle, in bundle.json.
+    second = publish(operator, witness, publish(operator, witness, None, [make_fleet()]), [make_fleet()])
+    legacy = ours.bundle_cache().with_name("bundle.json")
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(second.to_json())
+    assert other.bundle_cache().exists() is False and legacy.exists()  # not the other vault's to adopt
+    adopted = ours.bundle_cache()
+    assert adopted.exists() and not legacy.exists()
+    store = TrustStore(operator.public, witness_key.public, adopted)
+    assert store.current.bundle.sequence == 2  # the floor came along
+    adopted.write_text(adopted.read_text().replace('"sequence": 2', '"sequence": 9'))
+    with pytest.raises(bd.BundleError):
+        TrustStore(operator.public, witness_key.public, ours.bundle_cache())  # still refused when tampered

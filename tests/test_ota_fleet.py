@@ -113,9 +113,7 @@ async def test_a_rolled_back_bundle_is_refused_and_the_cached_one_is_used(fleet,
     key = BackupKey(os.urandom(32))
     async with roots_only_config(fleet, user).client() as phone:
         await phone.register(key, "pw")
-    from bkv.config import config_path
-
-    cache = config_path().with_name("bundle.json")
+    cache = roots_only_config(fleet, user).bundle_cache()
     newer_seq = bd.SignedBundle.from_json(newer).bundle.sequence
     assert bd.SignedBundle.from_json(cache.read_text()).bundle.sequence == newer_seq
     try:

@@ -181,7 +181,6 @@ async def test_a_client_whose_newest_bundle_is_withheld_keeps_working_only_until
 
     import httpx
 
-    from bkv.config import config_path
     from bkv_protocol import bundle as bd
     from bkv_protocol.secrets import BackupKey
     from support.onpath import OnPath
@@ -203,7 +202,7 @@ async def test_a_client_whose_newest_bundle_is_withheld_keeps_working_only_until
         cfg = device_config(fleet, box.url, user)
         async with cfg.client(clock=clock) as phone:
             await phone.register(key, "pw")
-        cache = config_path().with_name("bundle.json")
+        cache = cfg.bundle_cache()
         cached = bd.SignedBundle.from_json(cache.read_text()).bundle
         # The operator publishes a newer bundle; the attacker withholds it from now on.
         await asyncio.to_thread(hsm_admin, fleet, "resign-bundle", "--operator-key",

@@ -87,11 +87,33 @@ class ClientConfig:
 
             from bkv.trust import TrustStore, fetch_and_choose
 
-            store = TrustStore(b64d(self.operator_root), b64d(self.witness_root), config_path().with_name("bundle.json"),
+            store = TrustStore(b64d(self.operator_root), b64d(self.witness_root), self.bundle_cache(),
                                max_age_s=self.bundle_max_age_days * 86400, clock=clock or time.time)
             fleet = fetch_and_choose(self.edge_url or self.url, store, self.fleet_id if self.fleet_public_key else None)
             return fleet.fleet_public_key, fleet.edge_public_key
         return self.fleet_key_der, b64d(self.edge_public_key) if self.edge_public_key else None
+
+    def bundle_cache(self) -> Path:
+        """The last good bundle for *these* roots, beside the config: a
+        config pointed at another vault (a dev fleet made again, a cluster)
+        never meets a cache it cannot verify, while a cache of these roots
+        that does not verify is still refused (trust.TrustStore). A cache
+        from before the name carried the roots (``bundle.json``) is adopted
+        if it verifies under them, so its rollback floor is kept."""
+        roots = hashlib.sha256(f"{self.operator_root}|{self.witness_root}".encode()).hexdigest()[:16]
+        path = config_path().with_name(f"bundle-{roots}.json")
+        legacy = path.with_name("bundle.json")
+        if not path.exists() and legacy.exists():
+            from bkv_protocol import bundle as bd
+
+            try:
+                bd.verify(bd.SignedBundle.from_json(legacy.read_text()), b64d(self.operator_root),
+                          b64d(self.witness_root))
+            except (bd.BundleError, ValueError):
+                pass  # another vault's, or unreadable: not these roots' floor
+            else:
+                os.replace(legacy, path)
+        return path
 
     @property
     def vault_anchor(self) -> str:
