@@ -6,6 +6,8 @@
 #   etcd         from go.etcd.io/etcd/server/v3 (its etcdmain, as etcd's own main)
 #   coredns      from github.com/coredns/coredns
 # Every binary is built only if missing: a warm run costs nothing.
+# scripts/setup.sh runs it (with BKV_CLUSTER_TESTS=1) before any test starts;
+# --check says whether anything is left to build.
 #
 # Why Kubernetes v1.34: these machines run cgroup v1. From v1.35 the kubelet
 # refuses cgroup v1 unless failCgroupV1 is false, and upstream has announced
@@ -26,11 +28,17 @@ export CGO_ENABLED=0
 # More compile jobs than cores: under nice 19 on a busy machine each gets a
 # sliver; on an idle one it costs nothing.
 export GOFLAGS="$GOFLAGS -p=${BKV_BUILD_JOBS:-4}"
-mkdir -p "$BIN" "$CACHE/src"
+[ "${1:-}" = --check ] || mkdir -p "$BIN" "$CACHE/src"
 # Heavy builds yield to everything else on the machine.
 NICE="nice -n 19"
 
 need() { for b in "$@"; do [ -x "$BIN/$b" ] || return 0; done; return 1; }
+ALL=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd coredns local-path-provisioner pause)
+# --check: exit 0 if every binary is built, 1 if a build is needed (builds nothing).
+if [ "${1:-}" = --check ]; then
+    if need "${ALL[@]}"; then echo "cluster-build: not built yet in $BIN" >&2; exit 1; fi
+    exit 0
+fi
 
 if need kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; then
     echo "cluster-build: Kubernetes $K8S_VERSION (cold build, several minutes)"

@@ -16,9 +16,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/cluster-env.sh
 
+# --no-binaries: only what needs no binary from cluster-build.sh (the bases,
+#   bkv:dev, Envoy): scripts/setup.sh builds these while that build runs.
+# --check: exit 0 if every image exists, 1 otherwise (builds nothing).
+mode=${1:-}
 bkv_dockerd_up
 
 have() { $DOCKER image inspect "$1" >/dev/null 2>&1; }
+NODE_IMAGES=(bkv-base/debian:bookworm bkv-base/python:3.11 bkv:dev bkv-local/envoy:dev
+             bkv-local/pause:dev bkv-local/etcd:dev bkv-local/coredns:dev bkv-local/local-path:dev)
+if [ "$mode" = --check ]; then
+    for img in "${NODE_IMAGES[@]}"; do
+        have "$img" || { echo "cluster-images: $img not built yet" >&2; exit 1; }
+    done
+    exit 0
+fi
 
 if ! have bkv-base/debian:bookworm; then
     echo "cluster-images: debootstrap bookworm (minbase)"
@@ -57,6 +69,7 @@ if ! have bkv-local/envoy:dev; then
     rm -rf "$ctx"
 fi
 
+if [ "$mode" = --no-binaries ]; then echo "cluster-images: done (but those of built binaries)"; exit 0; fi
 for img in pause etcd coredns local-path; do
     tag=bkv-local/$img:dev
     have "$tag" && continue

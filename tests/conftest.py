@@ -5,14 +5,35 @@ loopback ports, started once per test session."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import uuid
 
 import httpx
 import pytest
 
+from support import procs
+
 from bkv_dev.fleet import Fleet, start_fleet
 from bkv.sdk import VaultClient
 from bkv_protocol.encoding import b64d
+
+
+# Every process the suite starts inherits this mark; pytest_sessionfinish ends
+# whatever still carries it (tests/support/procs.py).
+os.environ.setdefault(procs.SESSION_MARK, uuid.uuid4().hex)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Nothing the suite started outlives it: after every fixture's own
+    teardown, end spawned groups still alive and any process still marked."""
+    ended = procs.stop_all() + procs.sweep_session(os.environ[procs.SESSION_MARK])
+    if ended:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"ended {len(ended)} process(es) the suite left running:", yellow=True)
+            for line in ended:
+                tr.write_line(f"  {line}")
 
 
 @pytest.fixture(scope="session", autouse=True)

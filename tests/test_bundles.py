@@ -28,6 +28,7 @@ from bkv_protocol.encoding import b64e, fleet_id_for
 from bkv_witness.core import Witness
 from bkv_witness.errors import WitnessRefused
 from support.onpath import OnPath
+from support import procs
 
 
 def make_fleet(now: int = 1_800_000_000, days: int = 365) -> bd.Fleet:
@@ -244,13 +245,13 @@ def _free_port() -> int:
 @pytest.fixture
 def witness_process(roots, tmp_path):
     operator, _ = roots
-    out = subprocess.run([sys.executable, "-m", "bkv_witness", "keygen", "--out", str(tmp_path / "w.key")],
+    out = procs.run([sys.executable, "-m", "bkv_witness", "keygen", "--out", str(tmp_path / "w.key")],
                          capture_output=True, text=True, check=True)
     port = _free_port()
     env = {**os.environ, "BKV_WITNESS_PORT": str(port), "BKV_WITNESS_KEY_FILE": str(tmp_path / "w.key"),
            "BKV_WITNESS_OPERATOR_PUBLIC_KEY": b64e(operator.public),
            "BKV_WITNESS_LOG_FILE": str(tmp_path / "witness.log")}
-    proc = subprocess.Popen([sys.executable, "-m", "bkv_witness", "serve"], env=env,
+    proc = procs.spawn([sys.executable, "-m", "bkv_witness", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
@@ -263,8 +264,7 @@ def witness_process(roots, tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, "the witness did not start"
         time.sleep(0.1)
     yield url, out.stdout.strip(), tmp_path / "witness.log"
-    proc.terminate()
-    proc.wait(timeout=10)
+    procs.stop(proc)
 
 
 def test_a_witness_process_countersigns_a_chain_refuses_a_fork_and_serves_its_log(roots, witness_process):
@@ -334,10 +334,10 @@ def test_a_publisher_killed_between_the_witness_and_etcd_is_finished_by_the_next
 
     with OnPath(url, between_witness_and_etcd) as box:
         argv = _publish_argv(tmp_path, operator, box.url, fleet.etcd_endpoints, prefix)
-        first = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        first = procs.run(argv, capture_output=True, text=True, timeout=60)
         assert first.returncode == 0 and json.loads(first.stdout)["sequence"] == 1, first.stderr
         killing.set()
-        publisher["proc"] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        publisher["proc"] = procs.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert publisher["proc"].wait(timeout=60) == -signal.SIGKILL
         killing.clear()
         logged = httpx.get(f"{url}/witness/v1/log").json()["entries"]
@@ -350,7 +350,7 @@ def test_a_publisher_killed_between_the_witness_and_etcd_is_finished_by_the_next
 
         # The next run asks for other content (fleet windows of 30 days): before the pending
         # key, it built a different bundle 2 here, which the witness refused as a fork, for good.
-        again = subprocess.run(argv + ["--valid-days", "30"], capture_output=True, text=True, timeout=60)
+        again = procs.run(argv + ["--valid-days", "30"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
     out = json.loads(again.stdout)
     assert out["finished_pending"] == [2] and out["sequence"] == 3
@@ -375,11 +375,11 @@ def test_a_bundle_the_witness_logged_but_etcd_never_got_is_published_from_the_lo
     url, _, _ = witness_process
     prefix = f"/pubtest-{os.urandom(4).hex()}"
     argv = _publish_argv(tmp_path, operator, url, fleet.etcd_endpoints, prefix)
-    assert subprocess.run(argv, capture_output=True, timeout=60).returncode == 0
+    assert procs.run(argv, capture_output=True, timeout=60).returncode == 0
     first = bd.SignedBundle.from_json(asyncio.run(_etcd_get(fleet.etcd_endpoints, prefix + FLEET_BUNDLE_KEY)))
     orphan = bd.operator_sign(bd.next_bundle(first, list(first.bundle.fleets)), operator)
     assert httpx.post(f"{url}/witness/v1/countersign", json={"bundle": orphan.to_json()}).status_code == 200
-    again = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    again = procs.run(argv, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["finished_pending"] == [2] and json.loads(again.stdout)["sequence"] == 3
     entries = httpx.get(f"{url}/witness/v1/log").json()["entries"]

@@ -25,6 +25,7 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from support import procs
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "backup-key-vault"
@@ -442,13 +443,13 @@ def test_kubectl_kustomize_renders_the_dev_overlay(tmp_path):
     pem.write_text(ISSUER_PEM)
     member_set = tmp_path / "member-set.json"
     member_set.write_text(_member_set(1))
-    rendered = subprocess.run([sys.executable, str(ROOT / "k8s" / "render.py"), "-f",
+    rendered = procs.run([sys.executable, str(ROOT / "k8s" / "render.py"), "-f",
                                str(CHART / "values-dev.yaml"), "--set", "hsm.existingSecret=bkv-hsm-pins",
                                "--set", "edge.existingSecret=bkv-edge-key",
                                "--set-file", f"auth.tokenPublicKey={pem}", "--set-file", f"hsm.memberSet={member_set}"],
                               capture_output=True, text=True, check=True).stdout
     (overlay / "rendered.yaml").write_text(rendered)
-    out = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True)
+    out = procs.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     objs = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"} == {"bkv-dev"}
@@ -590,7 +591,7 @@ def test_the_bkv_cli_backs_up_and_restores_through_the_rendered_chart(chart_flee
     state = str(run.workdir.parent)  # the fixture's dev issuer lives in <state>/issuer
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(bkv + list(args), env=env, capture_output=True, text=True, timeout=120)
+        return procs.run(bkv + list(args), env=env, capture_output=True, text=True, timeout=120)
 
     res = cli("dev", "cluster", "--edge-url", f"http://{frontend.ip}:8443", "--fleet-configmap", str(configmap),
               "--user", "chart-cli-user", "--state-dir", state)

@@ -18,6 +18,7 @@ from bkv.storage.format import HEADER_LEN
 from bkv_protocol.noise import StaticKey
 from bkv_dev.fleet import free_base_port
 from conftest import unique_user
+from support import procs
 
 PW = "my chat backup password"
 
@@ -71,11 +72,11 @@ def make_device(fleet, home: Path, user: str | None = None):
             e["BKV_PASSWORD"] = password
         argv = [sys.executable, "-m", "bkv.cli", *args]
         if tty_input is None:
-            return subprocess.run(argv, env=e, input=stdin, capture_output=True, text=True, timeout=120)
+            return procs.run(argv, env=e, input=stdin, capture_output=True, text=True, timeout=120)
         # A user at a terminal: stdin is a pseudo-terminal, typed ahead of the prompt.
         master, slave = os.openpty()
         try:
-            with subprocess.Popen(argv, env=e, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            with procs.spawn(argv, env=e, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) as proc:
                 os.close(slave)
                 slave = -1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import tomllib
 
@@ -12,6 +11,7 @@ import pytest
 
 from bkv_dev.fleet import free_base_port
 from bkv_dev.ports import Ports
+from support import procs
 
 BKV = [sys.executable, "-m", "bkv.cli"]
 
@@ -22,11 +22,11 @@ def cli_env(tmp_path_factory):
     env = {**os.environ, "XDG_CONFIG_HOME": str(root / "config"), "BKV_DEV_STATE": str(root / "state")}
     base = free_base_port()
     yield env, base, root
-    subprocess.run([*BKV, "dev", "down", "--purge"], env=env, capture_output=True, timeout=60)
+    procs.run([*BKV, "dev", "down", "--purge"], env=env, capture_output=True, timeout=60)
 
 
 def bkv(env, *args, check=True):
-    res = subprocess.run([*BKV, *args], env=env, capture_output=True, text=True, timeout=180)
+    res = procs.run([*BKV, *args], env=env, capture_output=True, text=True, timeout=180)
     if check:
         assert res.returncode == 0, res.stderr
     return res

@@ -20,6 +20,7 @@ import pytest
 from bkv.config import ClientConfig
 from bkv_protocol.noise import StaticKey
 from conftest import unique_user
+from support import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -57,7 +58,7 @@ class Venv:
         env = self.env(**env)
         exe = Path(shutil.which(argv[0], path=env["PATH"]) or argv[0])
         assert exe.parent == self.bin, f"{argv[0]} is not this venv's: {exe}"
-        return subprocess.run([str(exe), *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return procs.run([str(exe), *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
     def python(self, code: str, *, cwd: Path, **env: str) -> subprocess.CompletedProcess:
         return self.run([str(self.bin / "python"), "-c", code], cwd=cwd, **env)
@@ -72,7 +73,7 @@ def client_venv(tmp_path_factory) -> Venv:
     checkout = tmp / "checkout"
     for d in ("protocol", "client"):
         shutil.copytree(ROOT / d, checkout / d, ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True, timeout=120)
+    procs.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True, timeout=120)
     venv = Venv(tmp / "venv")
     done = venv.run(shlex.split(install_line()), cwd=checkout, timeout=540)
     if done.returncode != 0:

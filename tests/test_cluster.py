@@ -41,11 +41,16 @@ from bkv_protocol.noise import StaticKey
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "k8s" / "cluster"))
 import install as node  # noqa: E402  (k8s/cluster/install.py)
+from support import procs  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.environ.get("BKV_CLUSTER_TESTS") != "1",
                        reason="the one-node Kubernetes tests run with BKV_CLUSTER_TESTS=1 (docs/kubernetes.md)"),
     pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() != 0, reason="a kubelet needs root"),
+    # Longer than the global 300 s: the module's fixture brings the node up
+    # and installs the chart (~2-3 min, nothing built) inside the first
+    # test's time, and a test may roll every pod.
+    pytest.mark.timeout(900),
 ]
 
 UID = GID = 10001
@@ -57,17 +62,29 @@ def cluster():
     left running, perhaps by another work tree with another token issuer, is
     removed first) unless BKV_CLUSTER_REUSE=1."""
     t = time.monotonic()
+    # Built by the set-up step (scripts/setup.sh with BKV_CLUSTER_TESTS=1, as
+    # make test and .ci/run run it), never here: a cold build takes longer
+    # than any test's time limit.
+    for check in ("cluster-build.sh", "cluster-images.sh"):
+        built = procs.run(["bash", str(REPO / "scripts" / check), "--check"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+        assert built.returncode == 0, (f"{built.stderr.strip()}: run `BKV_CLUSTER_TESTS=1 bash scripts/setup.sh` "
+                                       "first (make test and .ci/run do)")
+    # A node kept for later (BKV_CLUSTER_KEEP=1) must not carry the session's
+    # mark, or the end of the session would end its daemons (conftest).
+    keep = os.environ.get("BKV_CLUSTER_KEEP") == "1"
+    env = {k: v for k, v in os.environ.items() if not (keep and k == procs.SESSION_MARK)}
     if os.environ.get("BKV_CLUSTER_REUSE") != "1":
-        subprocess.run(["bash", str(REPO / "scripts" / "cluster-down.sh")], cwd=REPO, timeout=600,
-                       capture_output=True)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "cluster-up.sh")], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=3600)
+        procs.run(["bash", str(REPO / "scripts" / "cluster-down.sh")], cwd=REPO, timeout=600,
+                  capture_output=True)
+    proc = procs.run(["bash", str(REPO / "scripts" / "cluster-up.sh")], cwd=REPO, text=True, env=env,
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=840)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, f"make cluster failed:\n{proc.stdout[-6000:]}"
     print(f"cluster up and chart installed in {time.monotonic() - t:.0f} s")
     yield node
-    if os.environ.get("BKV_CLUSTER_KEEP") != "1":
-        subprocess.run(["bash", str(REPO / "scripts" / "cluster-down.sh")], cwd=REPO, timeout=600)
+    if not keep:
+        procs.run(["bash", str(REPO / "scripts" / "cluster-down.sh")], cwd=REPO, timeout=600)
 
 
 def keys() -> tuple[bytes, bytes]:
@@ -218,7 +235,7 @@ def test_the_cli_backs_up_and_restores_through_the_frontend_service_from_the_hos
     store = tmp_path / "store"
 
     def run(*args: str) -> dict:
-        proc = subprocess.run([bkv, *args, "--json"], capture_output=True, text=True, env=env, timeout=300)
+        proc = procs.run([bkv, *args, "--json"], capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
@@ -267,12 +284,12 @@ async def test_helm_upgrade_with_a_changed_value_and_a_rebuilt_image_loses_no_re
     before = node.revision()
     # A rebuilt image: the same tree with a new label gives a new image id.
     tag = f"dev-{int(time.time())}"
-    subprocess.run(["/usr/bin/docker", "build", "-q", "--network", "host", "--label", f"bkv.rebuild={tag}",
+    procs.run(["/usr/bin/docker", "build", "-q", "--network", "host", "--label", f"bkv.rebuild={tag}",
                     "--build-arg", "DEBIAN_IMAGE=bkv-base/debian:bookworm",
                     "--build-arg", "PYTHON_IMAGE=bkv-base/python:3.11",
                     "--secret", "id=ca,src=/etc/ssl/certs/ca-certificates.crt", "-t", f"bkv:{tag}", "."],
                    cwd=REPO, check=True, env={**os.environ, "DOCKER_BUILDKIT": "1"}, capture_output=True, timeout=1800)
-    subprocess.run(["bash", str(REPO / "scripts" / "cluster-load.sh"), f"bkv:{tag}"], cwd=REPO, check=True,
+    procs.run(["bash", str(REPO / "scripts" / "cluster-load.sh"), f"bkv:{tag}"], cwd=REPO, check=True,
                    capture_output=True, timeout=600)
     node.install({"image": {"tag": tag}, "frontend": {"replicas": 2}})
     assert node.revision() == before + 1
@@ -285,7 +302,7 @@ async def test_helm_upgrade_with_a_changed_value_and_a_rebuilt_image_loses_no_re
     assert await wrong_guess(user) == left - 1
     assert await recover(user, password) == key
     # Only the tag goes (its layers are bkv:dev's); the node's copy goes with cluster-down.
-    subprocess.run(["/usr/bin/docker", "image", "rm", f"bkv:{tag}"], capture_output=True, timeout=120)
+    procs.run(["/usr/bin/docker", "image", "rm", f"bkv:{tag}"], capture_output=True, timeout=120)
 
 
 def hsm_proxy_logs(pod: str) -> str:
@@ -295,7 +312,7 @@ def hsm_proxy_logs(pod: str) -> str:
 
 def offline(*args: str) -> str:
     """The admin's offline steps (bkv-hsm-proxy sign-freeze, sign-members) on the host, with the dev admin key."""
-    proc = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True, timeout=120)
+    proc = procs.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -23,6 +23,7 @@ from bkv.transport import AsyncNoiseTransport
 from bkv_protocol.encoding import b64d
 from bkv_protocol.secrets import BackupKey
 from bkv_protocol.noise import StaticKey
+from support import procs
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "charts" / "backup-key-vault" / "dashboards"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -69,7 +70,7 @@ def prometheus(fleet, tmp_path_factory):
     (work / "prometheus.yml").write_text(scrape_config(fleet))
     port = _free_port()
     log = open(work / "prometheus.log", "wb")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
+    proc = procs.spawn([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
                              f"--storage.tsdb.path={work / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
                              "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -86,8 +87,7 @@ def prometheus(fleet, tmp_path_factory):
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        procs.stop(proc)
         log.close()
 
 

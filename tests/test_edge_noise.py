@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import os
-import subprocess
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ from bkv_protocol.encoding import b64d
 from bkv_protocol.secrets import BackupKey
 from bkv_protocol.noise import StaticKey
 from conftest import RecordingTransport, read_entry, unique_user
+from support import procs
 
 PW = "noise is not a password"
 
@@ -165,7 +165,7 @@ def test_the_frontend_and_the_processor_listen_on_loopback_only(fleet):
 def test_the_rendered_envoy_config_validates_with_envoy_itself(fleet):
     from bkv_dev.fleet import _envoy_binary
 
-    res = subprocess.run([_envoy_binary(), "--mode", "validate", "-c", str(fleet.state / "edge" / "envoy.json")],
+    res = procs.run([_envoy_binary(), "--mode", "validate", "-c", str(fleet.state / "edge" / "envoy.json")],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "OK" in res.stdout + res.stderr
 

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from envoy_data_plane.envoy.service.ext_proc.v3 import (
 from bkv_dev.fleet import _processor_binary, wait_until
 from bkv_protocol.noise import BadMessage, HandshakeFailed
 from bkv_protocol.noise import SESSION_ID_LEN, Initiator, Session, StaticKey
+from support import procs
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 REQUEST_HEADERS = ProcessingRequest(request_headers=HttpHeaders(headers=HeaderMap(headers=[
@@ -50,7 +50,7 @@ class Processor:
         key_file = tmp / "edge.key"
         key_file.write_bytes(base64.b64encode(self.key.reveal()) + b"\n")
         self.port, self.metrics_port = _port(), _port()
-        self.proc = subprocess.Popen([_processor_binary(), "serve", "--listen", f"127.0.0.1:{self.port}",
+        self.proc = procs.spawn([_processor_binary(), "serve", "--listen", f"127.0.0.1:{self.port}",
                                       "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
                                       "--key-file", str(key_file), *flags], stderr=sys.stderr)
         wait_until(lambda: httpx.get(self.metrics_url).status_code == 200, 30, "the processor's metrics")
@@ -93,8 +93,7 @@ class Processor:
 
     def close(self) -> None:
         self.channel.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        procs.stop(self.proc)
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +342,7 @@ def test_an_expired_session_asks_for_a_new_handshake(tmp_path):
 
 
 def test_the_floor_command_measures_the_edge_cryptography():
-    out = subprocess.run([_processor_binary(), "floor", "--iterations", "20"], capture_output=True, text=True,
+    out = procs.run([_processor_binary(), "floor", "--iterations", "20"], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     floor = json.loads(out)
     assert set(floor) == {"handshake", "request"} and 0 < floor["request"] < floor["handshake"] < 0.05
@@ -352,6 +351,6 @@ def test_the_floor_command_measures_the_edge_cryptography():
 def test_a_key_file_that_is_not_an_x25519_key_stops_it_at_start(tmp_path):
     bad = tmp_path / "edge.key"
     bad.write_text(base64.b64encode(b"short").decode())
-    res = subprocess.run([_processor_binary(), "serve", "--listen", f"127.0.0.1:{_port()}", "--key-file", str(bad)],
+    res = procs.run([_processor_binary(), "serve", "--listen", f"127.0.0.1:{_port()}", "--key-file", str(bad)],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1 and "not an X25519 key" in res.stderr

@@ -24,6 +24,7 @@ from bkv_dev.fleet import start_fleet
 from conftest import unique_user
 
 from reliability_report import ROWS
+from support import procs
 
 LIMIT = 10
 
@@ -209,7 +210,7 @@ async def add_island(fleet, island: str, timeout_s: float = 120) -> float:
 
     await asyncio.to_thread(fleet.add_island, island)
     t = time.monotonic()
-    res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bkv_island", "add-island", island],
+    res = await asyncio.to_thread(procs.run, [sys.executable, "-m", "bkv_island", "add-island", island],
                                   env={**os.environ, "BKV_ISLAND_ETCD_ENDPOINTS": fleet.etcd_endpoints},
                                   capture_output=True, text=True, timeout=timeout_s)
     assert res.returncode == 0, res.stderr

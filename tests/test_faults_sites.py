@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
@@ -21,6 +20,7 @@ from bkv_protocol.encoding import user_ref
 from bkv_server.etcd import connect
 from reliability_report import ROWS
 from test_faults import LIMIT, Ledger, audit, client, load, run_fault, seed
+from support import procs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"),
                                 reason="sites are network namespaces: root, iproute2 and tc")
@@ -95,7 +95,7 @@ async def test_a_site_cut_off_serves_no_state_change_and_the_fleet_does_not_dive
         # Inside the cut site, its own island replica is asked for a guess: with
         # only its local etcd member it cannot commit, so it must not answer.
         island = fleet.procs[f"island-a-{cut}"]
-        res = subprocess.run(["ip", "netns", "exec", sites.ns(cut), sys.executable, "-c", MINORITY_PROBE,
+        res = procs.run(["ip", "netns", "exec", sites.ns(cut), sys.executable, "-c", MINORITY_PROBE,
                               f"http://{island.host}:{island.port}", probe_user],
                              capture_output=True, text=True, timeout=60)
         seen.update(json.loads(res.stdout.strip().splitlines()[-1]))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 
 import opaque_ke_py as opaque
@@ -27,6 +26,7 @@ from bkv_protocol.encoding import user_ref
 from bkv_server.etcd import connect
 from bkv_server.http import ServiceClient, UpstreamError
 from test_hsm_boundary_attacks import ISLAND, PW, device, fails_closed, registered, restart_island
+from support import procs
 
 
 def fleet_with(tmp_path_factory, n: int):
@@ -206,11 +206,11 @@ def test_a_state_file_wiped_and_made_again_with_a_quorum_of_one_does_not_serve(t
     forged.write_text(members.sign(members.MemberSet.of(["hsm-2"]), RootKey.generate()).to_json())
     try:
         path.unlink()
-        made = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "init-state", "--hsm-id", "hsm-2",
+        made = procs.run([sys.executable, "-m", "bkv_hsm_proxy", "init-state", "--hsm-id", "hsm-2",
                                "--member-set", str(forged), "--state-file", str(path)],
                               capture_output=True, text=True, timeout=60)
         assert made.returncode == 0, made.stderr  # the file is made: nothing stops root doing that...
-        served = subprocess.run(proc.argv, env={**os.environ, **proc.env}, capture_output=True, text=True,
+        served = procs.run(proc.argv, env={**os.environ, **proc.env}, capture_output=True, text=True,
                                 timeout=60)
         # ...but the hsm-proxy does not serve on it: the token holds the fleet's set.
         assert served.returncode == 4, served.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bkv_dev.fleet import SOFTHSM_MODULE, TOKEN_LABEL
+from support import procs
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_the_opaque_setup_is_stored_only_sealed(token):
 
 def test_fleet_init_is_idempotent_and_keeps_the_fleet_key(fleet):
     pin = json.loads((fleet.state / "hsm" / "pins.json").read_text())["user"]
-    out = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "fleet-init"], capture_output=True, text=True,
+    out = procs.run([sys.executable, "-m", "bkv_hsm_proxy", "fleet-init"], capture_output=True, text=True,
                          env={**os.environ, "SOFTHSM2_CONF": str(fleet.state / "hsm" / "softhsm2.conf"),
                               "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL, "BKV_HSM_USER_PIN": pin},
                          check=True)
@@ -82,7 +83,7 @@ def _softhsm_conf(tmp_path) -> Path:
 
 
 def _init_token(conf: Path, label: str) -> None:
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", "5678", "--pin", "1234"],
+    procs.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", "5678", "--pin", "1234"],
                    check=True, capture_output=True, env={**os.environ, "SOFTHSM2_CONF": str(conf)})
 
 
@@ -99,12 +100,12 @@ try:
     raise SystemExit("opened a token that does not exist yet")
 except HsmTokenUnavailable:
     pass
-subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "late", "--so-pin", "5678", "--pin", "1234"],
+procs.run(["softhsm2-util", "--init-token", "--free", "--label", "late", "--so-pin", "5678", "--pin", "1234"],
                check=True, capture_output=True)
 open_token({SOFTHSM_MODULE!r}, "late", "1234").close()
 print("opened")
 """
-    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+    res = procs.run([sys.executable, "-c", script], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "opened", res.stderr
 
@@ -124,9 +125,9 @@ print("opened")
 """
     env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
     for _ in range(8):
-        procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
-        for p in procs:
+        openers = [procs.spawn([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        for p in openers:
             out, err = p.communicate(timeout=60)
             assert p.returncode == 0 and out.strip() == "opened", err[-2000:]
 
@@ -146,7 +147,7 @@ try:
 except HsmLoginFailed as exc:
     print("refused", exc)
 """
-    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+    res = procs.run([sys.executable, "-c", script], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.startswith("refused open: PinIncorrect"), res.stdout + res.stderr
     assert "0000" not in res.stdout + res.stderr
@@ -160,7 +161,7 @@ def test_the_admin_signs_the_member_set_offline_and_fleet_init_fixes_it_in_a_rea
     from bkv_protocol import members
 
     def hsm_proxy(*args: str, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
+        return procs.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
                               timeout=120, env={**os.environ, **env})
 
     key = tmp_path / "offline" / "admin.key"
@@ -200,7 +201,7 @@ check_members(token, nvram.open_state({str(state)!r})[1])
 print("serves")
 """
     # In a process of its own: SoftHSM2 reads its configuration once per process.
-    served = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
+    served = procs.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "SOFTHSM2_CONF": str(conf)})
     assert served.stdout.strip() == "serves", served.stderr
     assert members.SignedMemberSet.from_json(signed.read_text()).set.members == ("hsm-0", "hsm-1", "hsm-2")
@@ -216,7 +217,7 @@ def _admin_fleet(tmp_path, label: str, members: str, **extra: str):
            "BKV_HSM_USER_PIN": "1234", "BKV_HSM_STATE_FILE": str(state), **extra}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
+        return procs.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
                               timeout=120, env={**os.environ, **env})
 
     public = json.loads(cli("admin-key", "--out", str(key)).stdout)["admin_public_key"]
@@ -251,7 +252,7 @@ except membership.StateRemade as exc:
     sys.exit(0)
 print(done, identity.born.hex(), token.load_blob("bkv-hsm-state-born/{hsm_id}/1").hex())
 """
-        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        run = procs.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                              env={**os.environ, **env})
         assert run.returncode == 0, run.stderr
         return run.stdout.strip()
@@ -296,7 +297,7 @@ def test_serve_upgrades_a_state_file_of_the_build_before_birth_ids_and_keeps_its
     old["sha256"] = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     state.write_text(json.dumps(old, sort_keys=True, separators=(",", ":")))
 
-    served = subprocess.Popen([sys.executable, "-m", "bkv_hsm_proxy", "serve"], env={**os.environ, **env},
+    served = procs.spawn([sys.executable, "-m", "bkv_hsm_proxy", "serve"], env={**os.environ, **env},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -309,7 +310,7 @@ def test_serve_upgrades_a_state_file_of_the_build_before_birth_ids_and_keeps_its
                 assert time.monotonic() < deadline, "the upgraded hsm-proxy did not serve"
                 time.sleep(0.2)
     finally:
-        served.terminate()
+        procs.end_group(served.pid, leader=served)
         _, err = served.communicate(timeout=30)
     assert "upgraded to format 3" in err
     assert heads["heads"]["island-a"]["index"] == 5  # the heads it captured before the upgrade
@@ -320,6 +321,6 @@ def test_serve_upgrades_a_state_file_of_the_build_before_birth_ids_and_keeps_its
 from bkv_hsm_proxy.hsm import Pkcs11Hsm
 print(Pkcs11Hsm({SOFTHSM_MODULE!r}, "upgrade-test", "1234").load_blob("bkv-hsm-state-born/hsm-0/1").hex())
 """
-    marker = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
+    marker = procs.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
                             env={**os.environ, **env})
     assert marker.stdout.strip() == born  # kept by the token at that first serve

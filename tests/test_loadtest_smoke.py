@@ -5,15 +5,15 @@ scenario against a real fleet, with the floor measured in the same run.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+from support import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_benchmark_runs_every_scenario_through_noise_and_the_flood_respects_the_limit(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "loadtest" / "bench.py"), "--duration", "6", "--seed-users", "6",
+    res = procs.run([sys.executable, str(ROOT / "loadtest" / "bench.py"), "--duration", "6", "--seed-users", "6",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "bench.json").read_text())

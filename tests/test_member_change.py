@@ -17,6 +17,7 @@ from bkv.errors import VaultUnavailable, WrongPassword
 from bkv_dev.fleet import start_fleet
 from test_faults import client
 from test_hsm_boundary_attacks import ISLAND, PW, registered
+from support import procs
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def hsm_proxy(fleet, *args: str, hsm: int | None = None) -> subprocess.Completed
     if hsm is not None:
         env.update(fleet.procs[f"hsm-proxy{hsm}"].env)
         env["BKV_HSM_ETCD_ENDPOINTS"] = fleet.etcd_endpoints
-    return subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
+    return procs.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
                           timeout=120, env=env)
 
 
@@ -105,7 +106,7 @@ async def test_a_lost_state_file_is_replaced_by_a_change_of_the_member_set_with_
     saved_new_1 = three.hsm_state_file(1).read_bytes()
     three.hsm_state_file(1).write_bytes(old_state_1)
     proc = three.procs["hsm-proxy1"]
-    stale = subprocess.run(proc.argv, env={**os.environ, **proc.env}, capture_output=True, text=True, timeout=60)
+    stale = procs.run(proc.argv, env={**os.environ, **proc.env}, capture_output=True, text=True, timeout=60)
     assert stale.returncode == 4 and "change-members" in stale.stderr
     three.hsm_state_file(1).write_bytes(saved_new_1)
 
@@ -137,7 +138,7 @@ def start_argv(member_set, *freezes) -> list[str]:
 def run_start(fleet, i: int, member_set, *freezes) -> subprocess.CompletedProcess:
     proc = fleet.procs[f"hsm-proxy{i}"]
     argv = [a.replace("$BKV_HSM_ID", f"hsm-{i}") for a in start_argv(member_set, *freezes)]
-    return subprocess.run(argv, env={**os.environ, **proc.env, "BKV_HSM_ETCD_ENDPOINTS": fleet.etcd_endpoints},
+    return procs.run(argv, env={**os.environ, **proc.env, "BKV_HSM_ETCD_ENDPOINTS": fleet.etcd_endpoints},
                           capture_output=True, text=True, timeout=60)
 
 
@@ -173,7 +174,7 @@ async def test_a_lost_state_volume_at_2_of_2_is_refused_by_start_and_the_ceremon
     ok(hsm_proxy(two, "init-state", "--hsm-id", "hsm-1", "--member-set", str(first), "--state-file",
                  str(two.hsm_state_file(1))))
     proc = two.procs["hsm-proxy1"]
-    remade = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "serve"], env={**os.environ, **proc.env},
+    remade = procs.run([sys.executable, "-m", "bkv_hsm_proxy", "serve"], env={**os.environ, **proc.env},
                             capture_output=True, text=True, timeout=60)
     assert remade.returncode == 4 and "made again after one was lost" in remade.stderr
     two.hsm_state_file(1).unlink()
@@ -182,7 +183,7 @@ async def test_a_lost_state_volume_at_2_of_2_is_refused_by_start_and_the_ceremon
     order = tmp_path / "freeze.json"
     ok(hsm_proxy(two, "sign-freeze", "--admin-key", str(admin), "--epoch", "1", "--out", str(order)))
     frozen = tmp_path / "frozen-0.json"
-    frozen.write_text(ok(subprocess.run(
+    frozen.write_text(ok(procs.run(
         [sys.executable, "-m", "bkv_hsm_proxy", "freeze", "--order", "-", "--hsm-url",
          f"http://127.0.0.1:{two.ports.hsm_proxy(0)}"], input=order.read_text(), capture_output=True, text=True,
         timeout=60)))

@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 
@@ -21,6 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from bkv_protocol.encoding import fleet_id_for, user_ref
 from conftest import unique_user
+from support import procs
 
 B = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
 U64 = 2**64
@@ -324,7 +324,7 @@ def test_island_admin_commands_refuse_ids_with_a_trailing_newline_before_touchin
     for argv in (["set-map", "island-a", "island-b" + NL], ["add-island", "island-c" + NL],
                  ["migrate-fleet", "ab" * 16 + NL]):
         # Nothing listens on this etcd: were the id accepted, the command would hang retrying, not exit 2.
-        done = subprocess.run([sys.executable, "-m", "bkv_island", *argv], capture_output=True, text=True,
+        done = procs.run([sys.executable, "-m", "bkv_island", *argv], capture_output=True, text=True,
                               timeout=60, env={**os.environ, "BKV_ISLAND_ETCD_ENDPOINTS": "127.0.0.1:9"})
         assert done.returncode == 2 and "not a valid" in done.stderr, (argv, done.stderr)
 

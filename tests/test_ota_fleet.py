@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import subprocess
 import sys
 
 import httpx
@@ -21,6 +20,7 @@ from bkv_server.etcd import connect
 from bkv_server.fleetmap import FLEET_BUNDLE_KEY
 from bkv_protocol.secrets import BackupKey
 from bkv_protocol.noise import StaticKey
+from support import procs
 
 
 def roots_only_config(fleet, user: str) -> ClientConfig:
@@ -103,7 +103,7 @@ async def test_a_rolled_back_bundle_is_refused_and_the_cached_one_is_used(fleet,
     first = await etcd_bundle(fleet)
     # The operator publishes bundle n+1 through the witness; the device caches it.
     ota = fleet.state / "ota"
-    subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "publish-bundle", "--operator-key", str(ota / "operator.key"),
+    procs.run([sys.executable, "-m", "bkv_hsm_proxy", "publish-bundle", "--operator-key", str(ota / "operator.key"),
                     "--witness-url", fleet.witness_url, "--fleet-params", str(fleet.state / "fleet-params.json"),
                     "--edge-public-key", fleet.edge_public_key, "--etcd-endpoints", fleet.etcd_endpoints],
                    check=True, capture_output=True)
@@ -143,7 +143,7 @@ def test_deployment_evidence_verifies_and_the_audit_fails_on_any_altered_byte_of
     env = {**os.environ, **fleet._softhsm_env(), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "bkv-fleet",
            "BKV_HSM_USER_PIN": user_pin}
     out = tmp_path / "evidence.json"
-    res = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "evidence", "--bundle", str(bundle_file),
+    res = procs.run([sys.executable, "-m", "bkv_hsm_proxy", "evidence", "--bundle", str(bundle_file),
                           "--operator-key", str(fleet.state / "ota" / "operator.key"), "--out", str(out)],
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

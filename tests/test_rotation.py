@@ -20,6 +20,7 @@ from bkv_server.etcd import connect
 from bkv_protocol.retry import Backoff
 from bkv_dev.fleet import start_fleet
 from test_faults import LIMIT, Ledger, audit, load, seed
+from support import procs
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def hsm_admin(fleet, *args: str) -> str:
     _, user_pin = fleet._pins()
     env = {**os.environ, **fleet._softhsm_env(), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "bkv-fleet",
            "BKV_HSM_USER_PIN": user_pin, "BKV_HSM_ETCD_ENDPOINTS": fleet.etcd_endpoints}
-    res = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", *args], env=env, capture_output=True, text=True,
+    res = procs.run([sys.executable, "-m", "bkv_hsm_proxy", *args], env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
     return res.stdout
@@ -139,7 +140,7 @@ def test_a_fleet_that_still_seals_records_is_not_retired(rot_fleet, tmp_path):
     env = {**os.environ, **rot_fleet._softhsm_env(), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "bkv-fleet",
            "BKV_HSM_USER_PIN": user_pin, "BKV_HSM_ETCD_ENDPOINTS": rot_fleet.etcd_endpoints}
     current = json.loads((rot_fleet.state / "fleet-params-new.json").read_text())["fleet_id"]
-    res = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "retire-fleet", current], env=env,
+    res = procs.run([sys.executable, "-m", "bkv_hsm_proxy", "retire-fleet", current], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "only fleet" in res.stderr
 

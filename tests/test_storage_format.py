@@ -13,6 +13,7 @@ from bkv.storage import format as fmt
 from bkv.storage.errors import (CorruptBackup, DestinationNotEmpty, NoBackup, TruncatedBackup,
                                 UnsupportedEntry, WrongKey)
 from bkv_protocol.secrets import BackupKey
+from support import procs
 
 CHUNK = 4096  # small chunks, so small test files span many
 
@@ -181,7 +182,7 @@ restore_backup({str(tmp_path / 'store')!r}, Path({str(tmp_path / 'out')!r}), k)
 # VmHWM, not ru_maxrss: after fork+exec ru_maxrss also counts the parent's image.
 print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = procs.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak_mib = int(res.stdout.strip().splitlines()[-1]) / 1024
     assert peak_mib < 128, f"peak RSS {peak_mib:.0f} MiB"
     assert os.path.getsize(tmp_path / "out" / "big.bin") == 300 << 20

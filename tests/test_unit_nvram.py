@@ -14,6 +14,7 @@ import pytest
 from bkv_hsm_proxy.nvram import (
     FleetMismatch, Head, HeadRegression, StateFile, StateFileCorrupt, StateWriteFailed,
 )
+from support import procs
 
 
 def head(index: int, tag: int = 0) -> Head:
@@ -244,7 +245,7 @@ def test_init_state_makes_the_file_once_and_serve_refuses_to_start_without_one(t
         nvram.init_state(path, "hsm-1", MemberSet.of(["hsm-1"]))
     with pytest.raises(ValueError):
         nvram.init_state(tmp_path / "other.json", "hsm-9", MemberSet.of(["hsm-0"]))  # not a member of its own fleet
-    cli = subprocess.run([sys.executable, "-m", "bkv_hsm_proxy", "log-heads", "--state-file", str(path)],
+    cli = procs.run([sys.executable, "-m", "bkv_hsm_proxy", "log-heads", "--state-file", str(path)],
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert cli.returncode == 0 and '"members": ["hsm-0", "hsm-1", "hsm-2"]' in cli.stdout, cli.stderr
 

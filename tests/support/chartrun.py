@@ -57,6 +57,7 @@ import httpx
 import yaml
 
 from bkv_dev.fleet import bridge_forwarding, wait_until  # wait_until: the one poll-until-deadline helper
+from support import procs
 
 VENV_BIN = Path(sys.executable).parent
 # What the Dockerfile's ENV gives our image's containers.
@@ -206,7 +207,7 @@ class ChartRun:
     # -- network -------------------------------------------------------------------------
     def _ip(self, *args: str, netns: str | None = None) -> None:
         argv = (["ip", "netns", "exec", netns] if netns else []) + ["ip", *args]
-        res = subprocess.run(argv, capture_output=True, text=True)
+        res = procs.run(argv, capture_output=True, text=True)
         if res.returncode:
             raise ChartRunError(f"{' '.join(argv)}: {res.stderr.strip()}")
 
@@ -256,9 +257,9 @@ class ChartRun:
 
     def _net_down(self) -> None:
         for p in self.pods.values():
-            subprocess.run(["ip", "netns", "del", p.netns], capture_output=True)
+            procs.run(["ip", "netns", "del", p.netns], capture_output=True)
             shutil.rmtree(Path("/etc/netns") / p.netns, ignore_errors=True)
-        subprocess.run(["ip", "link", "del", self.BRIDGE], capture_output=True)
+        procs.run(["ip", "link", "del", self.BRIDGE], capture_output=True)
         bridge_forwarding(self.BRIDGE, False)
 
     # -- volumes and env -----------------------------------------------------------------
@@ -377,7 +378,7 @@ class ChartRun:
     def _start(self, pod: Pod, container: dict) -> subprocess.Popen:
         argv, env = self._argv(pod, container)
         log = open(self.workdir / "pods" / pod.name / f"{container['name']}.log", "ab")
-        proc = subprocess.Popen(["ip", "netns", "exec", pod.netns, *argv], env=env, stdout=log,
+        proc = procs.spawn(["ip", "netns", "exec", pod.netns, *argv], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                 cwd=self.workdir / "pods" / pod.name)
         log.close()
@@ -475,7 +476,7 @@ class ChartRun:
                 target = self._port(pod, p.get("targetPort", p["port"]))
                 if target != p["port"] and f"relay-{p['port']}" not in pod.procs:
                     log = open(self.workdir / "pods" / pod.name / f"relay-{p['port']}.log", "ab")
-                    pod.procs[f"relay-{p['port']}"] = subprocess.Popen(
+                    pod.procs[f"relay-{p['port']}"] = procs.spawn(
                         ["ip", "netns", "exec", pod.netns, sys.executable, str(Path(__file__).with_name("tcp_relay.py")),
                          str(p["port"]), str(target)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                     log.close()

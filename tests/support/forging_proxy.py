@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
+from support import procs
 
 NOISE = "/noise/v1"
 HANDSHAKE = "/noise/handshake"
