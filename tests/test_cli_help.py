@@ -14,7 +14,7 @@ from bkv.cli import app
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 COMMANDS = [[], ["dev"], ["dev", "up"], ["dev", "down"], ["dev", "status"], ["dev", "login"], ["dev", "issuer"], ["dev", "member-set"],
             ["dev", "cluster"], ["demo"], ["audit"],
-            ["backup"], ["restore"], ["list"], ["verify"], ["password"], ["password", "change"], ["disable"]]
+            ["backup"], ["restore"], ["list"], ["verify"], ["password"], ["password", "change"], ["password", "forgot"], ["disable"]]
 
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=lambda a: "bkv " + " ".join(a) if a else "bkv")

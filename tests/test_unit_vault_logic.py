@@ -265,9 +265,11 @@ async def test_a_change_answered_without_the_boundary_is_decided_on_the_newest_l
     other = replica(vault, etcd)
     await other._ledger.ready()  # this replica read the island before alice registered elsewhere
     await _registered(island, "alice")
-    # "Nothing to delete" would be answered without the HSM: it must not come from the old view.
-    assert (await other.delete(iapi.DeleteIn(user_id="alice"))).deleted is True
-    assert entry(etcd, "alice").state is hapi.EntryState.DESTROYED
+    # "No record" would be answered without an HSM step: it must not come from the old view.
+    guess = opaque.client_login_start(b"pw").get_message()
+    out = await other.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+                                                    credential_request=guess))
+    assert out.attempts_left == 2 and entry(etcd, "alice").version == 2
 
 
 # -- compacting the log in etcd ----------------------------------------------------------------

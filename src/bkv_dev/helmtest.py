@@ -46,7 +46,7 @@ async def register_and_recover(edge_url: str, edge_key: bytes, fleet_key: bytes,
         recovered = await c.recover(password)
         if recovered.key != key:
             raise SystemExit("helm test: the recovered key is not the registered one")
-        await c.delete()
+        await c.delete(recovered.ticket)  # the recovery's proof of the password
     return user
 
 

@@ -1,4 +1,4 @@
-"""``bkv backup / restore / list / verify / password change / disable``.
+"""``bkv backup / restore / list / verify / password change / password forgot / disable``.
 
 K is recovered from the vault for every backup and restore (nothing secret
 is kept on disk); in key mode it comes from the 64 digits instead.
@@ -28,6 +28,8 @@ KEY = typer.Option(None, "--key", help="the 64-digit key of a key-mode backup (o
 DOCS_LOCKED_OUT = "docs/cli.md, \"When the escrowed key does not come back\""
 # Typed at the prompt to confirm `bkv backup --new-key` (or pass --yes-abandon-old-backups).
 NEW_KEY_PHRASE = "abandon old backups"
+# Typed at the prompt to confirm `bkv password forgot` (or pass --yes-destroy-escrowed-key).
+FORGOT_PHRASE = "destroy the escrowed key"
 
 
 def _exit():
@@ -62,6 +64,11 @@ def _outcomes() -> Iterator[None]:
               E.NO_RECORD)
     except errors.Unauthorized as exc:
         _fail(str(exc), E.UNAUTHORIZED)
+    except errors.EscrowExists:
+        _fail("a key is escrowed for this account already, and the vault replaces it only with its password: "
+              "use `bkv password change`, or `bkv backup --new-key` with the current password; with the "
+              "password forgotten, `bkv password forgot` destroys the old key first. Nothing was changed.",
+              E.ESCROW_EXISTS)
     except errors.BadSignature as exc:
         _fail(str(exc), E.BAD_SIGNATURE)
     except errors.ProtocolError as exc:
@@ -148,17 +155,20 @@ async def _recover_or_create(cfg, password: str, *, new_key: bool, guarded: bool
     from bkv_protocol.secrets import BackupKey
 
     async with cfg.client() as vault:
-        if not new_key:
-            try:
-                return (await vault.recover(password)).key, False
-            except (errors.NoRecord, errors.LockedOut) as exc:
-                if guarded:
-                    raise _KeyNotRecovered(exc) from None
-                if isinstance(exc, errors.LockedOut):
-                    raise
+        ticket = None
+        try:
+            got = await vault.recover(password)
+            if not new_key:
+                return got.key, False
+            ticket = got.ticket  # --new-key: the password just proven replaces the escrow
+        except (errors.NoRecord, errors.LockedOut) as exc:
+            if guarded and not new_key:
+                raise _KeyNotRecovered(exc) from None
+            if isinstance(exc, errors.LockedOut) and not new_key:
+                raise
         password = confirm_new(password)
         k = BackupKey(os.urandom(32))
-        await vault.register(k, password)
+        await vault.register(k, password, ticket)
         return k, True
 
 
@@ -211,8 +221,9 @@ def register_commands(app: typer.Typer) -> None:
                store: str = STORE, key_mode: bool = typer.Option(False, "--key-mode", help=(
                    "use no vault: protect the backup with a 64-digit key, printed once")),
                key: Optional[str] = KEY, new_key: bool = typer.Option(False, "--new-key", help=(
-                   "make a new backup key and escrow it in place of the current one; backups made with "
-                   "the current key can then never be decrypted (asks for a typed confirmation)")),
+                   "make a new backup key and escrow it in place of the current one, with the current "
+                   "password (forgotten: `bkv password forgot` first); backups made with the current key can "
+                   "then never be decrypted (asks for a typed confirmation)")),
                yes_abandon: bool = typer.Option(False, "--yes-abandon-old-backups", help=(
                    "with --new-key: confirm without a prompt (scripts)")),
                password_stdin: bool = PW_STDIN, as_json: bool = JSON) -> None:
@@ -362,20 +373,56 @@ def register_commands(app: typer.Typer) -> None:
 
             async def go() -> None:
                 async with cfg.client() as vault:
-                    k = (await vault.recover(old)).key
-                    await vault.register(k, new)
+                    await vault.change_password(old, new)  # the old one proven inside the HSM, then replaced
 
             _run(go())
             _mark_escrowed(cfg)
         typer.echo("password changed; existing backups stay readable with the new password")
 
+    @password_app.command("forgot")
+    def password_forgot(yes: bool = typer.Option(False, "--yes-destroy-escrowed-key", help=(
+            "confirm without a prompt (scripts)"))) -> None:
+        """Forgotten password: destroy the escrowed key by spending its attempts.
+
+        Nobody, the vault's operator included, can reset the password: the
+        only way to a new escrow is to use up the attempts left, exactly as
+        someone guessing would, each one counted and signed by the vault.
+        Then the old key is gone for good: backups made with it can never be
+        decrypted. Start over with `bkv backup --new-key`.
+
+        Example: bkv password forgot
+        """
+        cfg = _config()
+        if not yes:
+            if not sys.stdin.isatty():
+                _fail("this destroys the escrowed key for good. Confirm it at a terminal, or pass "
+                      "--yes-destroy-escrowed-key", _exit().USAGE)
+            typer.echo("This spends every attempt left on the escrowed key; after the last one the key is destroyed "
+                       "and backups made with it can never be decrypted. If you may still remember the password, "
+                       "stop here.", err=True)
+            typed = typer.prompt(f"Type \"{FORGOT_PHRASE}\" to go on", default="", show_default=False, err=True)
+            if typed.strip().lower() != FORGOT_PHRASE:
+                _fail("not confirmed; nothing was changed", _exit().USAGE)
+        with _outcomes():
+            async def go() -> int:
+                async with cfg.client() as vault:
+                    return await vault.spend_remaining_attempts()
+
+            spent = _run(go())
+        typer.echo(f"the escrowed key is destroyed ({spent} attempt{'s' if spent != 1 else ''} spent, each signed by "
+                   "the vault); make a new one with `bkv backup --new-key`")
+
     @app.command("disable")
     def disable(yes: bool = typer.Option(False, "--yes", help="do not ask for confirmation"),
                 store: Optional[str] = typer.Option(None, "--store", help="with --delete-backups: the store"),
-                delete_backups: bool = typer.Option(False, "--delete-backups", help="also delete every backup")) -> None:
+                delete_backups: bool = typer.Option(False, "--delete-backups", help="also delete every backup"),
+                password_stdin: bool = PW_STDIN) -> None:
         """Destroy the escrowed key in the vault (and optionally the backups).
 
-        Backups made with that key can then never be decrypted.
+        Needs the password: the vault deletes an escrow only with proof of
+        it. Backups made with that key can then never be decrypted; with
+        --delete-backups they are deleted only once the vault's signed
+        answer says the key is destroyed.
 
         Example: bkv disable --yes
         """
@@ -387,14 +434,23 @@ def register_commands(app: typer.Typer) -> None:
             raise typer.Exit(int(_exit().USAGE))
         cfg = _config()
         with _outcomes():
-            async def go() -> bool:
+            pw = _password(password_stdin)
+
+            async def go():
                 async with cfg.client() as vault:
-                    return await vault.delete()
+                    try:
+                        return await vault.disable(pw)
+                    except (errors.LockedOut, errors.NoRecord):  # signed for this request: nothing to delete
+                        return None
 
             deleted = _run(go())
-            removed = drop(store) if delete_backups else 0
-        typer.echo(("escrowed key destroyed" if deleted else "no escrowed key was left")
-                   + (f"; {removed} backups deleted" if delete_backups else ""))
+            # Only the fleet's signature over this device's delete request is a deletion to act on.
+            removed = drop(store) if delete_backups and deleted is not None else 0
+        if deleted is None:
+            typer.echo("no escrowed key was left" + ("; the backups were not deleted (no deletion was signed)"
+                                                     if delete_backups else ""))
+            return
+        typer.echo("escrowed key destroyed" + (f"; {removed} backups deleted" if delete_backups else ""))
 
 
 def _key_for(info, key: str | None, password_stdin: bool):

@@ -19,7 +19,8 @@ app = typer.Typer(help="Backup Key Vault: end-to-end encrypted backups whose key
 def _vault_errors(exc: errors.VaultError) -> None:
     mapping = {errors.WrongPassword: ExitCode.WRONG_PASSWORD, errors.LockedOut: ExitCode.LOCKED_OUT,
                errors.VaultUnavailable: ExitCode.VAULT_UNAVAILABLE, errors.NoRecord: ExitCode.NO_RECORD,
-               errors.Unauthorized: ExitCode.UNAUTHORIZED, errors.BadSignature: ExitCode.BAD_SIGNATURE}
+               errors.Unauthorized: ExitCode.UNAUTHORIZED, errors.BadSignature: ExitCode.BAD_SIGNATURE,
+               errors.EscrowExists: ExitCode.ESCROW_EXISTS}
     # isinstance, so subclasses (UnsignedAnswer is a VaultUnavailable) keep their family's code.
     code = next((c for cls, c in mapping.items() if isinstance(exc, cls)), ExitCode.ERROR)
     _fail(str(exc), code)

@@ -6,6 +6,8 @@
     ├── WrongPassword      the password is wrong; ``attempts_left`` tries remain (signed by the fleet)
     ├── LockedOut          no attempts left: the record is destroyed; the backup cannot be decrypted
     ├── NoRecord           nothing is registered for this account
+    ├── EscrowExists       a live escrow is replaced only with its password (recover first), or
+    │                      after its attempts are spent (``VaultClient.spend_remaining_attempts``)
     ├── Unauthorized       the account token was refused; sign in again
     ├── VaultUnavailable   the vault did not answer before the deadline; try later
     │   └── UnsignedAnswer no_record / record_destroyed without the fleet's signature for this
@@ -41,6 +43,14 @@ class LockedOut(VaultError):
 
 class NoRecord(VaultError):
     """No key is escrowed for this account. Register first."""
+
+
+class EscrowExists(VaultError):
+    """A key is escrowed for this account already, and the vault changes a
+    live escrow only with proof of its password: recover it first and pass
+    the recovery's ticket (``change_password``, ``replace_key``), or, with
+    the password forgotten, spend its remaining attempts first (each one
+    signed), after which the old key is gone for good."""
 
 
 class Unauthorized(VaultError):

@@ -23,6 +23,7 @@ class ExitCode(enum.IntEnum):
     STORE_ERROR = 11
     AUDIT_FAILED = 12
     KEY_NOT_RECOVERED = 13  # bkv backup stopped: the escrowed key did not come back, and no new one was made
+    ESCROW_EXISTS = 14  # a live escrow is replaced only with its password (or after `bkv password forgot`)
 
 
 def _fail(message: str, code: ExitCode) -> None:

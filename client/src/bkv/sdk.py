@@ -31,7 +31,7 @@ from bkv import errors
 from bkv_protocol import labels, transcripts
 from bkv_protocol.encoding import canonical, fleet_id_for
 from bkv_protocol.retry import Backoff, DeadlineExceeded, retry, retry_sync
-from bkv_protocol.secrets import BackupKey, Password
+from bkv_protocol.secrets import BackupKey, Password, TicketKey
 from bkv_protocol.wire import ErrorBody
 from bkv.transport import NoiseError, tls_context
 from bkv_protocol import v1 as api
@@ -50,11 +50,39 @@ class Registration:
 
 
 @dataclass(frozen=True)
+class ChangeTicket:
+    """Proof of the password for one change of the escrow (a replacing
+    registration or a deletion) at the version a recovery left it, for a few
+    minutes: the vault's sealed ``ticket`` and the key only this device and
+    the HSM derived from that recovery's OPAQUE session."""
+
+    ticket: bytes
+    key: TicketKey
+
+    def proof(self, request: bytes) -> bytes:
+        return transcripts.ticket_proof(self.key.reveal(), request)
+
+    def __repr__(self) -> str:
+        return "ChangeTicket(redacted)"
+
+
+@dataclass(frozen=True)
 class Recovery:
     key: BackupKey
     # "reset": attempts are back to the maximum. "destroyed": the last attempt
     # was used; K is back but the record is gone, so register again.
     record_status: str
+    # With "reset": what replaces or deletes the escrow (register(..., ticket=),
+    # delete(ticket)). None: destroyed, nothing left to change.
+    ticket: ChangeTicket | None = None
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """The escrow is deleted (a tombstone at ``version``), signed by the fleet
+    over this device's request: safe to act on (delete the backups)."""
+
+    version: int
 
 
 @dataclass(frozen=True)
@@ -128,7 +156,9 @@ class VaultProtocol:
         return True
 
     # -- operations (sans I/O) -------------------------------------------------------
-    def register(self, key: BackupKey, password: Password | str) -> Steps:
+    def register(self, key: BackupKey, password: Password | str, ticket: ChangeTicket | None = None) -> Steps:
+        """Escrow ``key``. Over a live escrow only with ``ticket`` (a recovery's:
+        proof of the current password), else :class:`~bkv.errors.EscrowExists`."""
         pw = _pw(password)
         started = opaque.client_registration_start(pw)
         req = started.get_message()
@@ -147,11 +177,12 @@ class VaultProtocol:
         upload = finished.get_message()
         rid = os.urandom(transcripts.REQUEST_ID_LEN)
         request = transcripts.registration_finish_request(self.fleet_id, self.user_id, rid, out.challenge, upload,
-                                                          ek, k_nonce)
+                                                          ek, k_nonce, None if ticket is None else ticket.ticket)
+        proof = {} if ticket is None else {"ticket": ticket.ticket, "ticket_proof": ticket.proof(request)}
         done: api.RegistrationFinishOut = yield Call(
             "POST", "/v1/registration/finish",
             api.RegistrationFinishRequest(fleet_id=self.fleet_id, request_id=rid, challenge=out.challenge,
-                                          registration_upload=upload, ek=ek, k_nonce=k_nonce),
+                                          registration_upload=upload, ek=ek, k_nonce=k_nonce, **proof),
             api.RegistrationFinishOut, request)
         # Covers ek and k_nonce: a tier that swapped them gets no valid "registered".
         self.verify(done.signature, transcripts.registration_finish_answer(
@@ -185,7 +216,19 @@ class VaultProtocol:
                 k_nonce, ek, canonical(labels.EK_AAD, self._uid))
         except (InvalidTag, ValueError):
             raise errors.ProtocolError("unwrap_failed", "the recovered key did not authenticate") from None
-        return Recovery(key=BackupKey(k), record_status=done.record_status.value)
+        ticket = None
+        if done.ticket is not None:
+            ticket = ChangeTicket(done.ticket, TicketKey(transcripts.ticket_key(finished.get_session_key())))
+        return Recovery(key=BackupKey(k), record_status=done.record_status.value, ticket=ticket)
+
+    def change(self, password: Password | str, new_password: Password | str, new_key: BackupKey | None) -> Steps:
+        """Recover with ``password``, then escrow ``new_key`` (None: the same
+        K) under ``new_password`` with the recovery's ticket."""
+        got: Recovery = yield from self.recover(password)
+        # No ticket: that recovery used the last attempt and the escrow is
+        # gone; registering afresh needs no proof.
+        yield from self.register(new_key or got.key, new_password, got.ticket)
+        return got.key if new_key is None else new_key
 
     def login_start(self, credential_request: bytes) -> Steps:
         """Only the first, cheap step of a recovery (the guess-flood load path)."""
@@ -199,9 +242,33 @@ class VaultProtocol:
             self.fleet_id, request, out.credential_response, out.attempts_left))
         return out
 
-    def delete(self) -> Steps:
-        out: api.DeleteOut = yield Call("DELETE", "/v1/record", None, api.DeleteOut)
-        return out.deleted
+    def delete(self, ticket: ChangeTicket) -> Steps:
+        """Delete the escrow with a recovery's ticket; the answer is signed
+        over this request, or the signed refusal says it was gone already."""
+        rid = os.urandom(transcripts.REQUEST_ID_LEN)
+        request = transcripts.delete_request(self.fleet_id, self.user_id, rid, ticket.ticket)
+        out: api.DeleteOut = yield Call(
+            "DELETE", "/v1/record",
+            api.DeleteRequest(fleet_id=self.fleet_id, request_id=rid, ticket=ticket.ticket,
+                              ticket_proof=ticket.proof(request)), api.DeleteOut, request)
+        self.verify(out.signature, transcripts.delete_answer(self.fleet_id, request, out.version))
+        return Deletion(version=out.version)
+
+    def spend_remaining_attempts(self) -> Steps:
+        """The honest way out for a forgotten password, at the thief's cost:
+        spend every attempt left, each one a signed login start with a
+        random password, until the fleet signs that the escrow is destroyed.
+        Returns how many were spent; then :meth:`register` may escrow anew."""
+        spent = 0
+        while True:
+            started = opaque.client_login_start(os.urandom(32))
+            try:
+                out = yield from self.login_start(started.get_message())
+            except (errors.LockedOut, errors.NoRecord):  # signed for this request: nothing (left) to spend
+                return spent
+            spent += 1
+            if out.attempts_left == 0:
+                return spent
 
     def fleet(self) -> Steps:
         return (yield Call("GET", "/v1/fleet", None, api.FleetInfo))
@@ -231,6 +298,9 @@ def _error(protocol: VaultProtocol, call: Call, resp: httpx.Response) -> errors.
                                 "backups made with it can no longer be decrypted")
     if code == "unauthenticated":
         return errors.Unauthorized("the account token was refused; sign in again")
+    if code == "password_proof_required":
+        return errors.EscrowExists("a key is escrowed for this account already; it is replaced only with its "
+                                   "password, or after its remaining attempts are spent")
     return errors.ProtocolError(code, message)
 
 
@@ -339,9 +409,28 @@ class VaultClient:
     async def fleet(self) -> api.FleetInfo:
         return await self._drive(self.protocol.fleet())
 
-    async def register(self, key: BackupKey, password: Password | str) -> Registration:
-        """Escrow ``key`` under ``password``. Replaces any earlier registration."""
-        return await self._drive(self.protocol.register(key, password))
+    async def register(self, key: BackupKey, password: Password | str,
+                       ticket: ChangeTicket | None = None) -> Registration:
+        """Escrow ``key`` under ``password``. Where a live escrow exists it is
+        replaced only with ``ticket`` (from :meth:`recover`): else
+        :class:`~bkv.errors.EscrowExists`."""
+        return await self._drive(self.protocol.register(key, password, ticket))
+
+    async def change_password(self, password: Password | str, new_password: Password | str) -> BackupKey:
+        """Re-escrow the same K under ``new_password``; proves ``password``
+        first (one recovery). Returns K."""
+        return await self._drive(self.protocol.change(password, new_password, None))
+
+    async def replace_key(self, password: Password | str, new_key: BackupKey,
+                          new_password: Password | str | None = None) -> BackupKey:
+        """Escrow ``new_key`` in place of the current K, proving ``password``
+        first; backups made with the old K need the old K from then on."""
+        return await self._drive(self.protocol.change(password, new_password or password, new_key))
+
+    async def spend_remaining_attempts(self) -> int:
+        """Forgotten password: spend every attempt left (each one signed) so
+        the escrow is destroyed and :meth:`register` may start afresh."""
+        return await self._drive(self.protocol.spend_remaining_attempts())
 
     async def recover(self, password: Password | str) -> Recovery:
         """Get K back. Raises :class:`~bkv.errors.WrongPassword` with the
@@ -351,9 +440,18 @@ class VaultClient:
     async def login_start(self, credential_request: bytes) -> api.LoginStartOut:
         return await self._drive(self.protocol.login_start(credential_request))
 
-    async def delete(self) -> bool:
-        """Destroy this account's escrowed key. True if there was one."""
-        return await self._drive(self.protocol.delete())
+    async def delete(self, ticket: ChangeTicket) -> Deletion:
+        """Destroy this account's escrowed key, with a recovery's ``ticket``
+        (proof of the password). Raises :class:`~bkv.errors.LockedOut` or
+        :class:`~bkv.errors.NoRecord` (signed) if it was gone already."""
+        return await self._drive(self.protocol.delete(ticket))
+
+    async def disable(self, password: Password | str) -> Deletion:
+        """Recover with ``password``, then delete the escrow with that ticket."""
+        got = await self.recover(password)
+        if got.ticket is None:
+            raise errors.LockedOut("the recovery used the last attempt: the escrow is already gone")
+        return await self.delete(got.ticket)
 
 
 class VaultClientSync:
@@ -408,8 +506,9 @@ class VaultClientSync:
             except ValueError as exc:
                 error = exc
 
-    def register(self, key: BackupKey, password: Password | str) -> Registration:
-        return self._drive(self.protocol.register(key, password))
+    def register(self, key: BackupKey, password: Password | str,
+                 ticket: ChangeTicket | None = None) -> Registration:
+        return self._drive(self.protocol.register(key, password, ticket))
 
     def recover(self, password: Password | str) -> Recovery:
         return self._drive(self.protocol.recover(password))
@@ -417,5 +516,5 @@ class VaultClientSync:
     def login_start(self, credential_request: bytes) -> api.LoginStartOut:
         return self._drive(self.protocol.login_start(credential_request))
 
-    def delete(self) -> bool:
-        return self._drive(self.protocol.delete())
+    def delete(self, ticket: ChangeTicket) -> Deletion:
+        return self._drive(self.protocol.delete(ticket))

@@ -106,6 +106,10 @@ class RegistrationFinishIn(Frozen):
     registration_upload: B64
     ek: B64
     k_nonce: B64
+    # Over a live record: the change ticket and the device's proof over this
+    # request (bkv_protocol.transcripts). Left out: the old shape.
+    ticket: B64 | None = Field(None, exclude_if=lambda v: v is None)
+    ticket_proof: B64 | None = Field(None, exclude_if=lambda v: v is None)
 
 
 # -- login ---------------------------------------------------------------------
@@ -147,8 +151,11 @@ class ReplyOpenOut(Frozen):
 
 
 class RefusalIn(Frozen):
-    """No live record for a login: sign ``no_record`` or ``record_destroyed``
-    (decided by ``current.state``) for this one request."""
+    """No live record for a request: sign ``no_record`` or ``record_destroyed``
+    (decided by ``current.state``) for this one request. The boundary
+    computes the request's fingerprint itself, from ``user_id``, ``route``,
+    ``request_id`` and ``fields`` (``bkv_protocol.transcripts.refusable_request``):
+    a refusal proven for one user never answers another user's request."""
 
     user_id: UserId
     island: IslandId
@@ -156,7 +163,9 @@ class RefusalIn(Frozen):
     current: Entry
     proven: Proven
     statements: list[Statement] = Field(max_length=16)  # a quorum's, for proven.head: a committed state
-    fingerprint: B64
+    route: str  # bkv_protocol.transcripts.Route
+    request_id: RequestId
+    fields: list[B64] = Field(max_length=4)  # the request's own fields, in fingerprint order
 
 
 class RefusalOut(Frozen):
@@ -220,9 +229,15 @@ class OpKind(str, enum.Enum):
 
 
 class DeleteIn(Frozen):
-    user_ref: UserRef
+    """A device deletes its live escrow, with proof of its password."""
+
+    user_id: UserId
     island: IslandId
+    fleet_id: FleetId | None = None
+    request_id: RequestId
     current: Entry
+    ticket: B64
+    ticket_proof: B64
 
 
 class MoveOutIn(Frozen):

@@ -38,6 +38,8 @@ class RegistrationFinishIn(Frozen):
     registration_upload: B64
     ek: B64
     k_nonce: B64
+    ticket: B64 | None = None        # replacing a live escrow: proof of its password (v1.RegistrationFinishRequest)
+    ticket_proof: B64 | None = None
 
 
 class LoginStartIn(Frozen):
@@ -57,6 +59,10 @@ class LoginFinishIn(Frozen):
 
 class DeleteIn(Frozen):
     user_id: UserId
+    fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
+    request_id: RequestId  # client-chosen: a resend with the same id is answered from the commit
+    ticket: B64
+    ticket_proof: B64
 
 
 class MoveIn(Frozen):

@@ -10,6 +10,7 @@ from typing import Final
 # Client-side KDFs (HKDF-SHA256 info strings).
 OPAQUE_K_INFO: Final = b"bkv/v1/kdf/opaque-k"          # export key -> OPAQUE_K
 RECOVERY_WRAP_INFO: Final = b"bkv/v1/kdf/recovery-wrap"  # SHARED_K -> key wrapping EK||K_NONCE
+TICKET_KEY_INFO: Final = b"bkv/v1/kdf/ticket-key"      # SHARED_K -> the key a change ticket is proven with
 
 # AES-GCM associated data prefixes.
 EK_AAD: Final = b"bkv/v1/aead/ek"                    # EK = AEAD(K) under OPAQUE_K
@@ -18,6 +19,7 @@ RECORD_AAD: Final = b"bkv/v1/aead/record"            # sealed vault record
 OPAQUE_SETUP_AAD: Final = b"bkv/v1/aead/opaque-setup"  # sealed OPAQUE server setup
 CHALLENGE_AAD: Final = b"bkv/v1/aead/registration-challenge"
 LOGIN_STATE_AAD: Final = b"bkv/v1/aead/login-state"
+TICKET_AAD: Final = b"bkv/v1/aead/change-ticket"     # proof of the password, sealed at a successful login finish
 REPLY_AAD: Final = b"bkv/v1/aead/reply"              # a committed answer kept for resends
 
 # Fleet signature transcripts (ECDSA P-256 over SHA-256 of the transcript).
@@ -26,6 +28,10 @@ SIG_REGISTRATION_FINISH: Final = b"bkv/v1/sig/registration-finish"
 SIG_LOGIN_START: Final = b"bkv/v1/sig/login-start"
 SIG_LOGIN_FINISH: Final = b"bkv/v1/sig/login-finish"
 SIG_REFUSAL: Final = b"bkv/v1/sig/refusal"            # no_record / record_destroyed, bound to the request
+SIG_DELETE: Final = b"bkv/v1/sig/delete"              # the escrow was deleted, bound to the request
+
+# MACs.
+TICKET_PROOF_MAC: Final = b"bkv/v1/mac/ticket-proof"  # a device proves it holds a change ticket's key
 
 # Hashes.
 USER_KEY_HASH: Final = b"bkv/v1/hash/user-key"        # etcd key for a user's record
@@ -33,6 +39,11 @@ RENDEZVOUS_HASH: Final = b"bkv/v1/hash/rendezvous"    # user -> island placement
 FLEET_ID_HASH: Final = b"bkv/v1/hash/fleet-id"        # fleet id from its public key
 REQUEST_HASH: Final = b"bkv/v1/hash/request"          # request digests inside transcripts
 REQUEST_FINGERPRINT: Final = b"bkv/v1/hash/request-fingerprint"  # a whole state-changing request
+# OPAQUE's credential identifier of a registration: the user and a salt the
+# HSM picks for each registration, so that no registration start ever
+# evaluates a password under a live record's OPRF key (records of the
+# build before it use the bare user id, which no new registration uses).
+CREDENTIAL_ID: Final = b"bkv/v1/opaque/credential-id"
 TRIE_LEAF: Final = b"bkv/v1/hash/trie-leaf"          # a record in an island's sparse Merkle trie (merkle.py)
 TRIE_NODE: Final = b"bkv/v1/hash/trie-node"
 LOG_RECORD: Final = b"bkv/v1/hash/log-record"        # a record's etcd entry as a trie leaf value

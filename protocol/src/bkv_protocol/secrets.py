@@ -61,3 +61,10 @@ class OpaqueState(Secret):
     """A client or server OPAQUE state: never logged, never stored in clear."""
 
     kind = "OpaqueState"
+
+
+class TicketKey(Secret):
+    """The key of a change ticket (bkv_protocol.transcripts.ticket_key): proof
+    of the password for one change of the escrow. Never sent."""
+
+    kind = "TicketKey"

@@ -14,6 +14,13 @@ the fingerprint, so
 * the island can tell a resend (same id, same fingerprint: answer from what
   was committed) from a different request reusing an id (refused).
 
+A live escrow changes only with proof of its password: a successful login
+finish hands the device a *change ticket* (sealed by the HSM, bound to the
+user, island and the record's version) whose key only the two ends of that
+login know (:func:`ticket_key`, from the OPAQUE session key); a replacing
+registration or a deletion carries the ticket and :func:`ticket_proof`, a MAC
+under that key over the request's fingerprint, which no tier can make.
+
 Names follow the OPAQUE RFC's phases (registration, login); the public API
 calls login "recovery".
 """
@@ -21,6 +28,11 @@ calls login "recovery".
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from bkv_protocol import labels
 from bkv_protocol.encoding import canonical, digest, request_digest, u32, u64
@@ -34,6 +46,7 @@ class Route(str, enum.Enum):
     REGISTRATION_FINISH = "registration-finish"
     LOGIN_START = "login-start"
     LOGIN_FINISH = "login-finish"
+    DELETE = "delete"
 
 
 class Refusal(str, enum.Enum):
@@ -57,9 +70,13 @@ def _fingerprint(route: Route, fleet_id: str | None, user_id: str, request_id: b
 
 # -- request fingerprints (the whole request) ------------------------------------------
 def registration_finish_request(fleet_id: str | None, user_id: str, request_id: bytes, challenge: bytes,
-                                registration_upload: bytes, ek: bytes, k_nonce: bytes) -> bytes:
+                                registration_upload: bytes, ek: bytes, k_nonce: bytes,
+                                ticket: bytes | None = None) -> bytes:
+    """``ticket``: a change ticket, to replace a live escrow (without one the
+    fingerprint is that of the build before tickets: its kept answers still
+    match their resends)."""
     return _fingerprint(Route.REGISTRATION_FINISH, fleet_id, user_id, request_id, challenge, registration_upload,
-                        ek, k_nonce)
+                        ek, k_nonce, *((ticket,) if ticket else ()))
 
 
 def login_start_request(fleet_id: str | None, user_id: str, request_id: bytes, credential_request: bytes) -> bytes:
@@ -69,6 +86,43 @@ def login_start_request(fleet_id: str | None, user_id: str, request_id: bytes, c
 def login_finish_request(fleet_id: str | None, user_id: str, request_id: bytes, login_state: bytes,
                          credential_finalization: bytes) -> bytes:
     return _fingerprint(Route.LOGIN_FINISH, fleet_id, user_id, request_id, login_state, credential_finalization)
+
+
+def delete_request(fleet_id: str | None, user_id: str, request_id: bytes, ticket: bytes) -> bytes:
+    return _fingerprint(Route.DELETE, fleet_id, user_id, request_id, ticket)
+
+
+# The fields of each request a signed refusal may answer, in fingerprint order.
+_REFUSABLE = {Route.LOGIN_START: login_start_request, Route.LOGIN_FINISH: login_finish_request,
+              Route.DELETE: delete_request}
+
+
+def refusable_request(route: Route, fleet_id: str | None, user_id: str, request_id: bytes,
+                      fields: list[bytes]) -> bytes:
+    """The fingerprint of a request the boundary is asked to refuse, computed
+    by the boundary from the request itself (never taken from the caller),
+    so a refusal signed for one user's request cannot answer another's.
+    ValueError: not a refusable route, or the wrong number of fields."""
+    make = _REFUSABLE.get(route)
+    if make is None:
+        raise ValueError(f"{route.value} is never answered with a signed refusal")
+    try:
+        return make(fleet_id, user_id, request_id, *fields)
+    except TypeError:
+        raise ValueError(f"a {route.value} request has other fields") from None
+
+
+# -- change tickets ------------------------------------------------------------------------
+def ticket_key(session_key: bytes) -> bytes:
+    """The key of the change ticket issued at a login finish, from that
+    login's OPAQUE session key: the device and the HSM have it, no tier does."""
+    return HKDF(hashes.SHA256(), 32, salt=None, info=labels.TICKET_KEY_INFO).derive(session_key)
+
+
+def ticket_proof(key: bytes, request: bytes) -> bytes:
+    """The device's proof that it holds the ticket's key, over the
+    fingerprint of the one request it authorises."""
+    return hmac.new(key, canonical(labels.TICKET_PROOF_MAC, request), hashlib.sha256).digest()
 
 
 # -- signed answers ---------------------------------------------------------------------
@@ -95,6 +149,12 @@ def login_finish_answer(fleet_id: str, request: bytes, wrapped_key: bytes, rk_no
                         record_status: str) -> bytes:
     return canonical(labels.SIG_LOGIN_FINISH, fleet_id.encode(), request, wrapped_key, rk_nonce,
                      record_status.encode())
+
+
+def delete_answer(fleet_id: str, request: bytes, version: int) -> bytes:
+    """The escrow is deleted: its entry is a tombstone at ``version``. Only
+    this makes a device act on a deletion (``bkv disable --delete-backups``)."""
+    return canonical(labels.SIG_DELETE, fleet_id.encode(), request, u64(version))
 
 
 def refusal_answer(fleet_id: str, request: bytes, refusal: Refusal) -> bytes:

@@ -19,7 +19,7 @@ from bkv_protocol.wire import B64, Frozen, RequestId, fixed_b64
 __all__ = [
     "FleetInfo", "RegistrationStartRequest", "RegistrationStartOut", "RegistrationFinishRequest",
     "RegistrationFinishOut", "LoginStartRequest", "LoginStartOut", "LoginFinishRequest",
-    "LoginFinishOut", "DeleteOut", "RecordStatus", "FleetParams",
+    "LoginFinishOut", "DeleteRequest", "DeleteOut", "RecordStatus", "FleetParams",
 ]
 
 
@@ -27,6 +27,7 @@ __all__ = [
 # refuse them) so that the published schema states them.
 Ek = fixed_b64(EK_LEN)
 KNonce = fixed_b64(K_NONCE_LEN)
+TicketProof = fixed_b64(32)  # bkv_protocol.transcripts.ticket_proof
 
 
 class FleetInfo(Frozen):
@@ -63,6 +64,11 @@ class RegistrationFinishRequest(_Identified):
     registration_upload: B64
     ek: Ek
     k_nonce: KNonce
+    # Replacing a live escrow (a new password or a new key) needs proof of
+    # the current password: the change ticket of a recovery just made, and
+    # the proof over this request (bkv_protocol.transcripts.ticket_proof).
+    ticket: B64 | None = Field(None, exclude_if=lambda v: v is None)
+    ticket_proof: TicketProof | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class LoginStartRequest(_Identified):
@@ -72,6 +78,13 @@ class LoginStartRequest(_Identified):
 class LoginFinishRequest(_Identified):
     login_state: B64
     credential_finalization: B64
+
+
+class DeleteRequest(_Identified):
+    """Deleting a live escrow needs proof of its password, as replacing it does."""
+
+    ticket: B64
+    ticket_proof: TicketProof
 
 
 # -- answers (the island makes them, the frontend relays them) -------------------
@@ -116,7 +129,16 @@ class LoginFinishOut(Frozen):
     rk_nonce: B64
     record_status: RecordStatus
     signature: B64
+    # With record_status "reset": the change ticket, proof of this password
+    # for one replacement or deletion of the escrow at its current version,
+    # within a few minutes. Sealed by the HSM; its key is the device's alone.
+    ticket: B64 | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class DeleteOut(Frozen):
+    """The escrow is gone: a tombstone at ``version``, signed over the request
+    (``bkv_protocol.transcripts.delete_answer``)."""
+
     deleted: bool
+    version: int = Field(ge=0, le=2**63 - 1)
+    signature: B64

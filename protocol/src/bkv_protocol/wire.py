@@ -98,6 +98,8 @@ class ErrorCode(str, enum.Enum):
     OUTCOME_UNKNOWN = "outcome_unknown"
     REQUEST_ID_REUSED = "request_id_reused"
     REQUEST_SUPERSEDED = "request_superseded"
+    PASSWORD_PROOF_REQUIRED = "password_proof_required"  # a live escrow: recover it first, then change it
+    TICKET_REJECTED = "ticket_rejected"    # the change ticket expired, was used, or is not this escrow's
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL = "internal"
     # The HSM-held log (island <-> hsm-proxy only; a device sees them as 503 unavailable).

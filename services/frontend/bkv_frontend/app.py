@@ -161,7 +161,8 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                            iapi.RegistrationFinishIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
                                                      challenge=req.challenge,
                                                      registration_upload=req.registration_upload, ek=req.ek,
-                                                     k_nonce=req.k_nonce), idempotent=True)
+                                                     k_nonce=req.k_nonce, ticket=req.ticket,
+                                                     ticket_proof=req.ticket_proof), idempotent=True)
 
     async def login_start_(req: api.LoginStartRequest, user: str) -> Response:
         return await relay(user, "/island/v1/login/start",
@@ -188,10 +189,13 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     for path, (model, out, handler) in opaque_routes.items():
         app.add_api_route(path, _documented(model, handler, account), methods=["POST"], response_model=out)
 
+    # Deleting needs proof of the password (a change ticket), like replacing.
     @app.post("/v1/record/delete", response_model=api.DeleteOut, summary="Delete record (POST twin, over Noise)")
     @app.delete("/v1/record", response_model=api.DeleteOut)
-    async def delete(user: User) -> Response:
-        return await relay(user, "/island/v1/record/delete", iapi.DeleteIn(user_id=user), idempotent=True)
+    async def delete(req: api.DeleteRequest, user: User) -> Response:
+        return await relay(user, "/island/v1/record/delete",
+                           iapi.DeleteIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
+                                         ticket=req.ticket, ticket_proof=req.ticket_proof), idempotent=True)
 
     openapi.install(app)
     # Metrics name only the routes declared above (every one is in app.routes by now).

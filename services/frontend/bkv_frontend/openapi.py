@@ -38,6 +38,9 @@ _MEANING = {
     C.RECORD_INTEGRITY_FAILURE: "the stored record does not open for this user (tampered storage)",
     C.INTERNAL: "a bug",
     C.OUTCOME_UNKNOWN: "may or may not have landed: resend the same request (same request_id)",
+    C.PASSWORD_PROOF_REQUIRED: "a live escrow changes only with proof of its password: recover it, then send "
+                               "the change with the recovery's ticket",
+    C.TICKET_REJECTED: "the change ticket expired, was used, or the escrow changed since: recover again",
     C.UNAVAILABLE: "temporarily unavailable: retry after Retry-After",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (retryable errors)",
@@ -60,6 +63,8 @@ UPSTREAM: dict[str, tuple[int, C]] = {
     "bkv_hsm_proxy.errors.ChallengeRejected": (400, C.CHALLENGE_REJECTED),
     "bkv_hsm_proxy.errors.LoginStateRejected": (400, C.LOGIN_STATE_REJECTED),
     "bkv_hsm_proxy.errors.AuthenticationFailed": (403, C.AUTHENTICATION_FAILED),
+    "bkv_hsm_proxy.errors.PasswordProofRequired": (409, C.PASSWORD_PROOF_REQUIRED),
+    "bkv_hsm_proxy.errors.TicketRejected": (403, C.TICKET_REJECTED),
 }
 
 
@@ -96,7 +101,8 @@ ROUTE_ERRORS: dict[tuple[str, str], dict[int, list[C]]] = {
     ("/v1/registration/start", "post"): _merge(
         _BODY, _AUTH, _ALWAYS, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_island.errors.Contended")),
     ("/v1/registration/finish", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _RESEND, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_hsm_proxy.errors.ChallengeRejected")),
+        _BODY, _AUTH, _ALWAYS, _RESEND, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_hsm_proxy.errors.ChallengeRejected",
+                                                 "bkv_hsm_proxy.errors.PasswordProofRequired", "bkv_hsm_proxy.errors.TicketRejected")),
     ("/v1/login/start", "post"): _merge(
         _BODY, _AUTH, _ALWAYS, _RESEND, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_island.errors.NoRecord", "bkv_island.errors.RecordDestroyed")),
     ("/v1/login/finish", "post"): _merge(
@@ -104,9 +110,9 @@ ROUTE_ERRORS: dict[tuple[str, str], dict[int, list[C]]] = {
         _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_hsm_proxy.errors.LoginStateRejected", "bkv_hsm_proxy.errors.AuthenticationFailed", "bkv_island.errors.NoRecord",
                  "bkv_island.errors.RecordDestroyed")),
     ("/v1/bundle", "get"): {404: [C.NOT_FOUND], 500: [C.INTERNAL]},
-    ("/v1/record", "delete"): _merge(_AUTH, _ALWAYS, _answers("bkv_island.errors.Contended")),
-    ("/v1/record/delete", "post"): _merge(_AUTH, _ALWAYS, _answers("bkv_island.errors.Contended"),
-                                          {413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}),
+    ("/v1/record", "delete"): _merge(_BODY, _AUTH, _ALWAYS, _RESEND, _DELETE := _answers(
+        "bkv_hsm_proxy.errors.TicketRejected", "bkv_island.errors.NoRecord", "bkv_island.errors.RecordDestroyed")),
+    ("/v1/record/delete", "post"): _merge(_BODY, _AUTH, _ALWAYS, _RESEND, _DELETE),
 }
 AUTHENTICATED = {op for op, errors in ROUTE_ERRORS.items() if 401 in errors}
 _AUTH_HEADERS = {"authorization", "x-bkv-device-key"}  # the token, and the edge's device key

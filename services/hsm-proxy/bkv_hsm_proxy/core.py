@@ -14,6 +14,16 @@ back with a compare-and-swap. Three rules carry the security argument:
 * Sealed records bind user id, island, version and the fleet whose key
   sealed them in the AEAD's associated data, so they cannot be moved between
   users, islands or fleets (invariant 4).
+* Every evaluation of a password under a live record's OPRF key is an
+  attempt. opaque-ke derives that key from the server seed and the
+  credential identifier, so each registration gets an identifier of its own
+  (user id and a fresh salt the HSM seals into the challenge and the
+  record): a registration start never evaluates under a live record's key
+  (invariant 2).
+* A live escrow changes only through its password: recovered, or replaced
+  or deleted with the change ticket a successful login finish issued
+  (bound to user, island and version; its key is the login's, the device's
+  alone), or destroyed by spending its attempts (invariant 11).
 * Every answer a device acts on is signed over the whole request it answers
   (``bkv_protocol.transcripts``), and every state change keeps its answer
   sealed in the new entry (``Entry.request``), so a resend of the same
@@ -29,6 +39,8 @@ and moves to another fleet only through :meth:`VaultHsm.migrate`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hmac
 import json
 import os
 import struct
@@ -54,9 +66,11 @@ from bkv_protocol import members, merkle
 
 CHALLENGE_TTL_MS = 120_000
 LOGIN_STATE_TTL_MS = 60_000
+TICKET_TTL_MS = 300_000  # a recovery, then the new password typed and its registration sent
 EK_LEN = api.EK_LEN  # AES-256-GCM of a 32-byte K
 K_NONCE_LEN = api.K_NONCE_LEN
-RECORD_FORMAT = 1
+SALT_LEN = 16
+RECORD_FORMAT = 2  # 1: the build before salted credential identifiers (no salt; still read)
 
 
 def json_bytes(answer: dict) -> bytes:
@@ -102,6 +116,14 @@ def _unpack(data: bytes, count: int) -> list[bytes]:
     return out
 
 
+def credential_id(uid: bytes, salt: bytes | None) -> bytes:
+    """OPAQUE's credential identifier of a registration: the user and the
+    registration's own salt, so that its OPRF key is no other
+    registration's. None: a record of the build before salts (the bare user
+    id, which no registration start uses any more)."""
+    return uid if salt is None else canonical(labels.CREDENTIAL_ID, uid, salt)
+
+
 @dataclass(frozen=True)
 class Record:
     """A registration as the HSM sees it. Exists in clear only in here."""
@@ -111,20 +133,31 @@ class Record:
     k_nonce: bytes
     attempts_left: int
     max_attempts: int
+    salt: bytes | None = None  # of the credential identifier (credential_id); None: format 1
 
     def __repr__(self) -> str:
         return f"Record(redacted, attempts_left={self.attempts_left})"
 
+    def credential_id(self, uid: bytes) -> bytes:
+        return credential_id(uid, self.salt)
+
     def pack(self) -> bytes:
+        if self.salt is None:  # re-sealed as it was written: its identifier must not change
+            return _pack(b"\x01", self.password_file, self.ek, self.k_nonce, u32(self.attempts_left),
+                         u32(self.max_attempts))
         return _pack(bytes([RECORD_FORMAT]), self.password_file, self.ek, self.k_nonce,
-                     u32(self.attempts_left), u32(self.max_attempts))
+                     u32(self.attempts_left), u32(self.max_attempts), self.salt)
 
     @classmethod
     def unpack(cls, data: bytes) -> Record:
-        fmt, pf, ek, kn, left, mx = _unpack(data, 6)
-        if fmt != bytes([RECORD_FORMAT]):
-            raise ValueError("unknown record format")
-        return cls(pf, ek, kn, struct.unpack(">I", left)[0], struct.unpack(">I", mx)[0])
+        if data[2:3] == b"\x01":
+            fmt, pf, ek, kn, left, mx = _unpack(data, 6)
+            salt = None
+        else:
+            fmt, pf, ek, kn, left, mx, salt = _unpack(data, 7)
+            if fmt != bytes([RECORD_FORMAT]) or len(salt) != SALT_LEN:
+                raise ValueError("unknown record format")
+        return cls(pf, ek, kn, struct.unpack(">I", left)[0], struct.unpack(">I", mx)[0], salt)
 
 
 def record_aad(ref: str, island: str, version: int, fleet_id: str) -> bytes:
@@ -299,12 +332,17 @@ class VaultHsm:
 
     # -- registration ------------------------------------------------------------
     def registration_start(self, req: api.RegistrationStartIn) -> api.RegistrationStartOut:
+        """Evaluates the password under a fresh credential identifier (a new
+        salt, sealed into the challenge): never under a live record's OPRF
+        key, so it is no guess, and changes nothing."""
         uid = req.user_id.encode()
+        salt = self._rng.token_bytes(SALT_LEN)
         response = self._opaque("registration_start", opaque.server_registration_start,
-                                self._setup, req.registration_request, uid).get_message()
+                                self._setup, req.registration_request, credential_id(uid, salt)).get_message()
         expires = self._clock.now_ms() + CHALLENGE_TTL_MS
         challenge = self._seal_transient(req.fleet_id, labels.CHALLENGE_AAD, uid, req.island,
-                                         _pack(u64(req.current.version), u64(expires), self._rng.token_bytes(16)))
+                                         _pack(u64(req.current.version), u64(expires), salt,
+                                               self._rng.token_bytes(16)))
         sig = self._sign(req.fleet_id, lambda fleet: transcripts.registration_start_answer(
             fleet, req.user_id, req.registration_request, response, challenge))
         return api.RegistrationStartOut(registration_response=response, challenge=challenge, signature=sig)
@@ -314,21 +352,27 @@ class VaultHsm:
         if len(req.ek) != EK_LEN or len(req.k_nonce) != K_NONCE_LEN:
             raise errors.BadRequest(f"ek must be {EK_LEN} bytes and k_nonce {K_NONCE_LEN} bytes")
         try:
-            version_b, expires_b, _ = _unpack(
-                self._unseal_transient(req.fleet_id, labels.CHALLENGE_AAD, uid, req.island, req.challenge), 3)
+            version_b, expires_b, salt, _ = _unpack(
+                self._unseal_transient(req.fleet_id, labels.CHALLENGE_AAD, uid, req.island, req.challenge), 4)
         except (errors.HsmAuthTagMismatch, ValueError):
             raise errors.ChallengeRejected("the challenge was not issued for this user") from None
         if struct.unpack(">Q", expires_b)[0] < self._clock.now_ms():
             raise errors.ChallengeRejected("the challenge has expired; start the registration again")
         if struct.unpack(">Q", version_b)[0] != req.current.version:
             raise errors.ChallengeRejected("the challenge was already used or superseded")
+        fp = transcripts.registration_finish_request(req.fleet_id, req.user_id, req.request_id, req.challenge,
+                                                     req.registration_upload, req.ek, req.k_nonce, req.ticket)
+        # Where the log shows a live escrow, only its password replaces it;
+        # absent or destroyed (attempts spent, or deleted), anyone may register.
+        if req.current.state is api.EntryState.LIVE:
+            self._check_ticket(req.fleet_id, uid, req.island, req.current, req.ticket, req.ticket_proof, fp)
+        elif req.current.state is api.EntryState.MOVED:
+            raise errors.BadRequest("the record moved to another island")
         password_file = self._opaque("registration_finish", opaque.server_registration_finish,
                                      req.registration_upload).get_password_file()
-        record = Record(password_file, req.ek, req.k_nonce, self.max_attempts, self.max_attempts)
+        record = Record(password_file, req.ek, req.k_nonce, self.max_attempts, self.max_attempts, salt)
         ref = user_ref(req.user_id)
         entry = self._seal_record(ref, req.island, req.current.version + 1, record, req.fleet_id)
-        fp = transcripts.registration_finish_request(req.fleet_id, req.user_id, req.request_id, req.challenge,
-                                                     req.registration_upload, req.ek, req.k_nonce)
         sig = self._sign(req.fleet_id, lambda fleet: transcripts.registration_finish_answer(
             fleet, fp, entry.version, self.max_attempts))
         answer = {"version": entry.version, "max_attempts": self.max_attempts, "signature": b64e(sig)}
@@ -342,15 +386,15 @@ class VaultHsm:
             raise errors.RecordDestroyed("no attempts left")
         # Parse and answer first: a malformed request must not cost an attempt.
         started = self._opaque("login_start", opaque.server_login_start,
-                               self._setup, record.password_file, req.credential_request, uid)
+                               self._setup, record.password_file, req.credential_request, record.credential_id(uid))
         left = record.attempts_left - 1
         version = req.current.version + 1
         if left == 0:
             new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
         else:
             # Re-sealed by the fleet that sealed it: only migrate() changes that.
-            new_entry = self._seal_record(user_ref(req.user_id), req.island, version, Record(
-                record.password_file, record.ek, record.k_nonce, left, record.max_attempts), req.current.fleet_id)
+            new_entry = self._seal_record(user_ref(req.user_id), req.island, version,
+                                          dataclasses.replace(record, attempts_left=left), req.current.fleet_id)
         expires = self._clock.now_ms() + LOGIN_STATE_TTL_MS
         login_state = self._seal_transient(
             req.fleet_id, labels.LOGIN_STATE_AAD, uid, req.island,
@@ -387,12 +431,18 @@ class VaultHsm:
         rk_nonce = self._rng.token_bytes(12)
         wrapped = AESGCM(wrap_key).encrypt(rk_nonce, ek + k_nonce, canonical(labels.RECOVERY_WRAP_AAD, uid))
         version = req.current.version + 1
+        ticket = None
         if req.current.state is api.EntryState.LIVE:
             record = self._open_record(user_ref(req.user_id), req.island, req.current)
-            new_entry = self._seal_record(user_ref(req.user_id), req.island, version, Record(
-                record.password_file, record.ek, record.k_nonce, record.max_attempts, record.max_attempts),
-                req.current.fleet_id)
+            new_entry = self._seal_record(user_ref(req.user_id), req.island, version,
+                                          dataclasses.replace(record, attempts_left=record.max_attempts),
+                                          req.current.fleet_id)
             status = api.RecordStatus.RESET
+            # Proof of this password for one change of the escrow at this version
+            # (a replacing registration or a deletion); its key is this login's.
+            ticket = self._seal_transient(req.fleet_id, labels.TICKET_AAD, uid, req.island, _pack(
+                u64(version), u64(self._clock.now_ms() + TICKET_TTL_MS),
+                transcripts.ticket_key(finished.get_session_key()), self._rng.token_bytes(16)))
         else:
             # The guess that used the last attempt was right: K goes back, the record stays gone.
             new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
@@ -403,8 +453,31 @@ class VaultHsm:
             fleet, fp, wrapped, rk_nonce, status.value))
         answer = {"wrapped_key": b64e(wrapped), "rk_nonce": b64e(rk_nonce), "record_status": status.value,
                   "signature": b64e(sig)}
+        if ticket is not None:
+            answer["ticket"] = b64e(ticket)
         return self._reply(user_ref(req.user_id), req.island, new_entry, req.current, req.request_id, fp,
                            answer), answer
+
+    def _check_ticket(self, fleet: str | None, uid: bytes, island: str, current: api.Entry, ticket: bytes | None,
+                      proof: bytes | None, request: bytes) -> None:
+        """The device proved the current password for this change: a change
+        ticket this HSM sealed for this user and island at ``current``'s
+        version, unexpired, and the device's MAC over ``request`` under the
+        ticket's key (which the island relaying it never sees)."""
+        if not ticket or not proof:
+            raise errors.PasswordProofRequired("a live escrow is replaced or deleted only with proof of its "
+                                               "password: recover it first, then send the change with its ticket")
+        try:
+            version_b, expires_b, key, _ = _unpack(
+                self._unseal_transient(fleet, labels.TICKET_AAD, uid, island, ticket), 4)
+        except (errors.HsmAuthTagMismatch, ValueError):
+            raise errors.TicketRejected("the change ticket was not issued for this escrow") from None
+        if struct.unpack(">Q", expires_b)[0] < self._clock.now_ms():
+            raise errors.TicketRejected("the change ticket has expired; recover again")
+        if struct.unpack(">Q", version_b)[0] != current.version:
+            raise errors.TicketRejected("the change ticket was used, or the escrow changed since; recover again")
+        if not hmac.compare_digest(transcripts.ticket_proof(key, request), proof):
+            raise errors.TicketRejected("the proof of the change ticket does not verify for this request")
 
     # -- what the log says is current ------------------------------------------------
     def _log(self) -> IslandLog:
@@ -451,9 +524,16 @@ class VaultHsm:
         self._log().committed(head, [_statement(s) for s in req.statements])
         if req.current.state not in (api.EntryState.ABSENT, api.EntryState.DESTROYED):
             raise errors.BadRequest("the record is not absent or destroyed: nothing to refuse")
+        # The request's fingerprint is ours to compute: it names the user whose
+        # entry was just proven, so the refusal answers that user's request only.
+        try:
+            request = transcripts.refusable_request(transcripts.Route(req.route), req.fleet_id, req.user_id,
+                                                    req.request_id, list(req.fields))
+        except ValueError as exc:
+            raise errors.BadRequest(f"no refusal for that request: {exc}") from None
         code = (transcripts.Refusal.NO_RECORD if req.current.state is api.EntryState.ABSENT
                 else transcripts.Refusal.RECORD_DESTROYED)
-        sig = self._sign(req.fleet_id, lambda fleet: transcripts.refusal_answer(fleet, req.fingerprint, code))
+        sig = self._sign(req.fleet_id, lambda fleet: transcripts.refusal_answer(fleet, request, code))
         return api.RefusalOut(code=code.value, signature=sig)
 
     # -- changes with no client waiting ------------------------------------------------
@@ -468,11 +548,20 @@ class VaultHsm:
         return self._seal_record(req.user_ref, req.island, req.current.version + 1, record, req.to_fleet).model_copy(
             update={"recent": req.current.answered()}), None  # a kept answer is sealed by the old fleet: refused
 
-    def delete(self, req: api.DeleteIn) -> tuple[api.Entry, None]:
+    def delete(self, req: api.DeleteIn) -> tuple[api.Entry, dict]:
+        """A device deletes its live escrow with proof of its password; the
+        answer, signed over its request, is what lets it act on the deletion."""
         if req.current.state is not api.EntryState.LIVE:
             raise errors.BadRequest("nothing to delete")
-        return api.Entry(state=api.EntryState.DESTROYED, version=req.current.version + 1,
-                         recent=req.current.answered()), None
+        uid = req.user_id.encode()
+        fp = transcripts.delete_request(req.fleet_id, req.user_id, req.request_id, req.ticket)
+        self._check_ticket(req.fleet_id, uid, req.island, req.current, req.ticket, req.ticket_proof, fp)
+        version = req.current.version + 1
+        sig = self._sign(req.fleet_id, lambda fleet: transcripts.delete_answer(fleet, fp, version))
+        answer = {"deleted": True, "version": version, "signature": b64e(sig)}
+        new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
+        return self._reply(user_ref(req.user_id), req.island, new_entry, req.current, req.request_id, fp,
+                           answer), answer
 
     def move_out(self, req: api.MoveOutIn) -> tuple[api.Entry, None]:
         """The record leaves: MOVED, sealed for its destination at the next

@@ -8,6 +8,8 @@
     │   └── UnknownFleet         (the pinned fleet is not, or no longer, here)
     ├── ChallengeRejected        (expired, replayed, foreign)
     ├── LoginStateRejected       (expired, used, foreign)
+    ├── PasswordProofRequired    (replacing or deleting a live escrow without a change ticket)
+    ├── TicketRejected           (the change ticket or its proof: expired, used, foreign, forged)
     ├── AuthenticationFailed     (the one wrong-password error)
     ├── RecordIntegrityFailure   (sealed record will not open)
     ├── RecordDestroyed
@@ -56,6 +58,19 @@ class ChallengeRejected(HsmProxyError):
 
 class LoginStateRejected(HsmProxyError):
     pass
+
+
+class PasswordProofRequired(HsmProxyError):
+    """A live escrow changes only through its password: replacing or deleting
+    it needs the change ticket of a recovery (bkv_protocol.transcripts). The
+    device recovers first, then sends the change with the ticket."""
+
+
+class TicketRejected(HsmProxyError):
+    """The change ticket does not open for this user and island, has expired,
+    is for an older version of the escrow (used, or the escrow changed since),
+    or the device's proof over the request does not verify. Nothing changed:
+    recover again for a new ticket."""
 
 
 class AuthenticationFailed(HsmProxyError):
@@ -135,6 +150,8 @@ TABLE = ErrorTable(
     (BadRequest, 400, C.INVALID_REQUEST, False),
     (ChallengeRejected, 400, C.CHALLENGE_REJECTED, False),
     (LoginStateRejected, 400, C.LOGIN_STATE_REJECTED, False),
+    (PasswordProofRequired, 409, C.PASSWORD_PROOF_REQUIRED, False),
+    (TicketRejected, 403, C.TICKET_REJECTED, False),
     (AuthenticationFailed, 403, C.AUTHENTICATION_FAILED, False),
     (RecordDestroyed, 410, C.RECORD_DESTROYED, False),
     (RecordIntegrityFailure, 500, C.RECORD_INTEGRITY_FAILURE, False),

@@ -63,13 +63,17 @@ class _Refuse(Exception):
 
 @dataclass(frozen=True)
 class _Writes:
-    """A client request: its id and fingerprint (``bkv_protocol.transcripts``)."""
+    """A client request: its id and fingerprint (``bkv_protocol.transcripts``),
+    and its route and fields, from which the boundary computes the
+    fingerprint a refusal of it is signed over."""
 
     user_id: str
     request_id: bytes
     fingerprint: bytes
     out_type: type[BaseModel]
     fleet_id: str | None
+    route: transcripts.Route
+    fields: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class _Op:
     ref: str
     body: Callable[[hapi.Entry], BaseModel]                   # the hsm-proxy's request, from the current entry
     answer: Callable[[hapi.Entry, bytes | None], Any]         # the island's answer, from the committed entry
-    writes: _Writes | None = None                             # a client request; None: delete and admin paths
+    writes: _Writes | None = None                             # a client request; None: admin paths
     settle: Callable[[hapi.Entry], None] | None = None        # raises _Answer or _Refuse, or returns: go on
     counts: Callable[[hapi.Entry], tuple[Counter, ...]] = lambda _e: ()
 
@@ -224,7 +228,7 @@ class Island:
             return await self._hsm.refusal(hapi.RefusalIn(
                 user_id=writes.user_id, island=self.island_id, fleet_id=writes.fleet_id, current=current,
                 proven=proven, statements=await self._ledger.statements_for(proven.head),
-                fingerprint=writes.fingerprint))
+                route=writes.route.value, request_id=writes.request_id, fields=list(writes.fields)))
 
         got = await self._against_newest(
             op.ref, lambda current: current.state in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED), refusal,
@@ -253,21 +257,22 @@ class Island:
 
     async def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
         writes = _Writes(req.user_id, req.request_id, transcripts.registration_finish_request(
-            req.fleet_id, req.user_id, req.request_id, req.challenge, req.registration_upload, req.ek, req.k_nonce),
-            api.RegistrationFinishOut, req.fleet_id)
+            req.fleet_id, req.user_id, req.request_id, req.challenge, req.registration_upload, req.ek, req.k_nonce,
+            req.ticket), api.RegistrationFinishOut, req.fleet_id, transcripts.Route.REGISTRATION_FINISH)
         return await self._change(_Op(
             hapi.OpKind.REGISTRATION_FINISH, user_ref(req.user_id),
             lambda current: hapi.RegistrationFinishIn(
                 user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
                 current=current, challenge=req.challenge, registration_upload=req.registration_upload, ek=req.ek,
-                k_nonce=req.k_nonce),
+                k_nonce=req.k_nonce, ticket=req.ticket, ticket_proof=req.ticket_proof),
             lambda _e, answer: api.RegistrationFinishOut.model_validate_json(answer), writes,
             counts=lambda _e: (metrics.REGISTRATIONS,)))
 
     # -- recovery --------------------------------------------------------------------
     async def login_start(self, req: api.LoginStartIn) -> api.LoginStartOut:
         writes = _Writes(req.user_id, req.request_id, transcripts.login_start_request(
-            req.fleet_id, req.user_id, req.request_id, req.credential_request), api.LoginStartOut, req.fleet_id)
+            req.fleet_id, req.user_id, req.request_id, req.credential_request), api.LoginStartOut, req.fleet_id,
+            transcripts.Route.LOGIN_START, (req.credential_request,))
 
         def settle(current: hapi.Entry) -> None:
             if current.state in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
@@ -288,7 +293,8 @@ class Island:
     async def login_finish(self, req: api.LoginFinishIn) -> api.LoginFinishOut:
         writes = _Writes(req.user_id, req.request_id, transcripts.login_finish_request(
             req.fleet_id, req.user_id, req.request_id, req.login_state, req.credential_finalization),
-            api.LoginFinishOut, req.fleet_id)
+            api.LoginFinishOut, req.fleet_id, transcripts.Route.LOGIN_FINISH,
+            (req.login_state, req.credential_finalization))
 
         def settle(current: hapi.Entry) -> None:
             # (A destroyed entry still finishes: the guess that used the last attempt may be right.)
@@ -303,18 +309,27 @@ class Island:
             lambda _e, answer: api.LoginFinishOut.model_validate_json(answer), writes, settle,
             lambda _e: (metrics.RECOVERIES_SUCCEEDED,)))
 
-    # -- deletion, rotation and moves -----------------------------------------------------
-    # No request id: each is idempotent, so a lost answer is settled by running it again.
+    # -- deletion -------------------------------------------------------------------------
     async def delete(self, req: api.DeleteIn) -> api.DeleteOut:
-        def settle(current: hapi.Entry) -> None:
-            if current.state is not hapi.EntryState.LIVE:
-                raise _Answer(api.DeleteOut(deleted=False))
+        """A device deletes its escrow with proof of its password (the HSM
+        checks the change ticket); no live record: the signed refusal."""
+        writes = _Writes(req.user_id, req.request_id, transcripts.delete_request(
+            req.fleet_id, req.user_id, req.request_id, req.ticket), api.DeleteOut, req.fleet_id,
+            transcripts.Route.DELETE, (req.ticket,))
 
-        ref = user_ref(req.user_id)
+        def settle(current: hapi.Entry) -> None:
+            if current.state in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
+                raise _Refuse()
+
         return await self._change(_Op(
-            hapi.OpKind.DELETE, ref, lambda current: hapi.DeleteIn(user_ref=ref, island=self.island_id,
-                                                                   current=current),
-            lambda _e, _a: api.DeleteOut(deleted=True), settle=settle))
+            hapi.OpKind.DELETE, user_ref(req.user_id),
+            lambda current: hapi.DeleteIn(user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id,
+                                          request_id=req.request_id, current=current, ticket=req.ticket,
+                                          ticket_proof=req.ticket_proof),
+            lambda _e, answer: api.DeleteOut.model_validate_json(answer), writes, settle))
+
+    # -- rotation and moves -----------------------------------------------------------------
+    # No request id: each is idempotent, so a lost answer is settled by running it again.
 
     async def migrate(self, req: api.MigrateIn) -> api.MigrateOut:
         """Re-seal one record under another fleet: a guess racing with it is
