@@ -100,7 +100,7 @@ try:
     raise SystemExit("opened a token that does not exist yet")
 except HsmTokenUnavailable:
     pass
-procs.run(["softhsm2-util", "--init-token", "--free", "--label", "late", "--so-pin", "5678", "--pin", "1234"],
+subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "late", "--so-pin", "5678", "--pin", "1234"],
                check=True, capture_output=True)
 open_token({SOFTHSM_MODULE!r}, "late", "1234").close()
 print("opened")
