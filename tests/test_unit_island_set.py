@@ -278,3 +278,15 @@ async def test_a_token_without_an_island_set_signs_no_refusal_and_makes_no_new_r
     with pytest.raises(UpstreamError) as none:
         await _register(island, "newcomer")
     assert refused(none) == "wrong_island"
+
+
+async def test_a_registration_started_before_a_migration_unsettled_its_user_is_not_finished(two_islands):
+    vault, island, etcd, admin = two_islands
+    leaves = _users("island-b")[0]
+    _, _, finish = await _register(island, leaves)  # its challenge, while island-a was every user's home
+    moving, _ = isl.migration(isl.IslandSet.of(["island-a"]), "island-b")
+    _store(vault, admin, moving)
+    with pytest.raises(UpstreamError) as wrong:
+        await island.registration_finish(finish)
+    assert refused(wrong) == "wrong_island" and wrong.value.status == 409
+    assert not [k for k in etcd.kv if k.endswith(user_ref(leaves).encode())]  # no record was made
