@@ -24,7 +24,7 @@ from bkv_protocol.encoding import user_ref
 from bkv_server import fleetmap
 from bkv_server.http import UpstreamError
 from fakes import InMemoryHsmFake
-from test_unit_vault_logic import _register, _registered, entry, parts, refused  # noqa: F401  (fixture)
+from test_unit_vault_logic import _register, _registered, parts, refused  # noqa: F401  (fixture)
 
 AB = ["island-a", "island-b"]
 
