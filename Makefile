@@ -24,5 +24,7 @@ cluster-down:
 	bash scripts/cluster-down.sh
 
 # tests/test_cluster.py: brings the node up, runs the chart's end-to-end tests, takes it down.
-cluster-test: setup
+# The set-up step builds the node's binaries and images first (never inside a test).
+cluster-test:
+	BKV_CLUSTER_TESTS=1 bash scripts/setup.sh
 	BKV_CLUSTER_TESTS=1 bash scripts/test.sh tests/test_cluster.py

@@ -289,7 +289,8 @@ def test_ids_with_a_trailing_newline_are_refused_by_the_island(fleet):
         ("/island/v1/login/start", {"user_id": "alice", "fleet_id": fid + NL, "request_id": RID,
                                        "credential_request": B(b"x")}),
         ("/island/v1/login/start", {"user_id": "alice", "request_id": RID + NL, "credential_request": B(b"x")}),
-        ("/island/v1/record/delete", {"user_id": unique_user("nl") + NL}),
+        ("/island/v1/record/delete", {"user_id": unique_user("nl") + NL, "request_id": RID,
+                                      "ticket": B(b"t"), "ticket_proof": B(b"p" * 32)}),
         ("/island/v1/admin/move", {"user_ref": user_ref("alice") + NL, "to_island": "island-b"}),
         ("/island/v1/admin/move", {"user_ref": user_ref("alice"), "to_island": "island-b" + NL}),
         ("/island/v1/admin/migrate", {"user_ref": user_ref("alice"), "to_fleet": fid + NL}),
@@ -393,7 +394,7 @@ def _hsm_routes(fleet) -> dict[str, dict]:
         "/hsm/v1/log/capture": {"entries": [head], "release": {"statements": [statement], "held": [B(os.urandom(60))]}},
         "/hsm/v1/log/release": {"entry": head, "statements": [statement], "held": [B(os.urandom(60))]},
         "/hsm/v1/refusal": {**who, "proven": {"head": head, "proof": B(b"\x00\x00\x00")}, "statements": [statement],
-                            "fingerprint": B(os.urandom(32))},
+                            "route": "login-start", **rid, "fields": [B(os.urandom(96))]},
         # Signed by no admin key: every mutation is refused, none freezes the shared fleet.
         "/hsm/v1/members/freeze": {"epoch": 1, "admin_public_key": B(os.urandom(32)), "signature": B(os.urandom(64))},
         "/hsm/v1/reply/open": {**{k: who[k] for k in ("user_id", "island", "current")}, **rid,
@@ -414,7 +415,7 @@ def _island_routes(fleet) -> dict[str, dict]:
         "/island/v1/login/start": {"user_id": user, "credential_request": B(os.urandom(96))},
         "/island/v1/login/finish": {"user_id": user, "login_state": B(os.urandom(300)),
                                        "credential_finalization": B(os.urandom(64))},
-        "/island/v1/record/delete": {"user_id": user},
+        "/island/v1/record/delete": {"user_id": user, "ticket": B(os.urandom(80)), "ticket_proof": B(os.urandom(32))},
         "/island/v1/admin/move": {"user_ref": ref, "to_island": "island-b"},
         "/island/v1/admin/migrate": {"user_ref": ref, "to_fleet": fid},
         "/island/v1/admin/list-refs": {},
@@ -429,7 +430,7 @@ def _frontend_routes(fleet) -> dict[str, dict]:
                                     "ek": B(os.urandom(48)), "k_nonce": B(os.urandom(12))},
         "/v1/login/start": {"credential_request": B(os.urandom(96))},
         "/v1/login/finish": {"login_state": B(os.urandom(300)), "credential_finalization": B(os.urandom(64))},
-        "/v1/record/delete": {},
+        "/v1/record/delete": {"ticket": B(os.urandom(80)), "ticket_proof": B(os.urandom(32))},
         "/v1/fleet": {},
     }
 

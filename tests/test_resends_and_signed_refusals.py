@@ -122,7 +122,7 @@ async def test_record_destroyed_is_signed_and_the_client_acts_on_it(make_client,
     user = unique_user("gone")
     c = make_client(user)
     await c.register(BackupKey(os.urandom(32)), PW)
-    assert await c.delete()
+    assert await c.disable(PW)
     rec = RecordingTransport()
     with pytest.raises(errors.LockedOut):
         await make_client(user, transport=rec).recover(PW)

@@ -111,12 +111,14 @@ async def test_recovering_an_account_that_never_registered_says_no_record(make_c
         await make_client(unique_user()).recover(PW)
 
 
-async def test_delete_destroys_the_record(make_client):
+async def test_delete_with_the_recoverys_ticket_destroys_the_record_and_only_once(make_client):
     user = unique_user()
     client = make_client(user)
     await client.register(new_key(), PW)
-    assert await client.delete() is True
-    assert await client.delete() is False
+    ticket = (await client.recover(PW)).ticket
+    assert (await client.disable(PW)).version > 0  # recover, then delete with that ticket
+    with pytest.raises(errors.LockedOut):  # signed: it was gone already
+        await client.delete(ticket)
     with pytest.raises(errors.LockedOut):
         await client.recover(PW)
 
