@@ -5,7 +5,8 @@ engine (helm-python-sdk) and print the manifests, for kustomize or kubectl.
     python k8s/render.py --values charts/backup-key-vault/values-dev.yaml \\
         --set hsm.existingSecret=bkv-hsm-pins --set edge.existingSecret=bkv-edge-key \\
         --set-file auth.tokenPublicKey=issuer-public.pem \\
-        --set-file hsm.memberSet=member-set.json > k8s/overlays/dev/rendered.yaml
+        --set-file hsm.memberSet=member-set.json --set-file hsm.islandSet=island-set.json \\
+        > k8s/overlays/dev/rendered.yaml
 
 Offline, Helm's ``lookup`` finds nothing, so secrets the chart would make are
 new random ones on every render: for anything you apply more than once, make

@@ -70,7 +70,17 @@ def values_for(name: str, **extra) -> dict:
     values = {} if name == "default" else helm.values_from_yaml((CHART / f"values-{name}.yaml").read_text())
     values = _merge(_merge(values, {"auth": {"tokenPublicKey": ISSUER_PEM}}), extra)
     replicas = values.get("hsm", {}).get("replicas", 3)
-    return _merge(values, {"hsm": {"memberSet": values.get("hsm", {}).get("memberSet") or _member_set(replicas)}})
+    islands = values.get("islands") or ["island-a", "island-b"]
+    return _merge(values, {"hsm": {"memberSet": values.get("hsm", {}).get("memberSet") or _member_set(replicas),
+                                   "islandSet": values.get("hsm", {}).get("islandSet") or _island_set(islands)}})
+
+
+def _island_set(islands: list[str]) -> str:
+    """The install's islands signed by the throwaway admin key."""
+    from bkv_dev.admin import island_set_file
+    from bkv_protocol.islands import IslandSet
+
+    return island_set_file(ADMIN_DIR, IslandSet.of(islands)).read_text()
 
 
 def _member_set(replicas: int) -> str:
@@ -147,6 +157,27 @@ def test_rendering_without_a_signed_member_set_fails_with_a_clear_message():
         render(values)
 
 
+def test_rendering_without_a_signed_island_set_fails_with_a_clear_message():
+    values = values_for("dev")
+    values["hsm"]["islandSet"] = ""
+    with pytest.raises(helm.HelmError, match="hsm.islandSet"):
+        render(values)
+
+
+def test_fleet_init_stores_the_signed_island_set_mounted_beside_the_member_set():
+    from bkv_protocol.islands import SignedIslandSet
+
+    values = values_for("production")
+    objs = objects(render(values))
+    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "bkv-hsm-members")
+    signed = SignedIslandSet.from_json(cm["data"]["island-set.json"])
+    assert list(signed.set.islands) == sorted(values["islands"]) and signed.set.epoch == 1
+    job = next(o for o in objs if o["kind"] == "Job")
+    init = next(c for c in job["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fleet-init")
+    assert init["command"][init["command"].index("--island-set") + 1] == "/etc/bkv-members/island-set.json"
+    assert {"name": "members", "mountPath": "/etc/bkv-members", "readOnly": True} in init["volumeMounts"]
+
+
 def _hsm_proxy(objs: list[dict]) -> tuple[dict, dict, dict]:
     """The hsm-proxy StatefulSet's pod template, its container and the member-set ConfigMap."""
     sts = next(o for o in objs if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "bkv-hsm-proxy")
@@ -161,7 +192,7 @@ def test_the_hsm_proxy_starts_through_start_with_the_member_set_and_etcd_and_no_
     env = {e["name"]: e for e in container["env"]}
     assert env["BKV_HSM_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["BKV_HSM_ETCD_ENDPOINTS"]["value"] == "bkv-etcd:2379"  # as the islands reach it
-    assert set(cm["data"]) == {"member-set.json"}
+    assert set(cm["data"]) == {"member-set.json", "island-set.json"}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
     assert volumes[mounts["/etc/bkv-members"]]["configMap"]["name"] == "bkv-hsm-members"
@@ -443,10 +474,13 @@ def test_kubectl_kustomize_renders_the_dev_overlay(tmp_path):
     pem.write_text(ISSUER_PEM)
     member_set = tmp_path / "member-set.json"
     member_set.write_text(_member_set(1))
+    island_set = tmp_path / "island-set.json"
+    island_set.write_text(_island_set(["island-a", "island-b"]))
     rendered = procs.run([sys.executable, str(ROOT / "k8s" / "render.py"), "-f",
                                str(CHART / "values-dev.yaml"), "--set", "hsm.existingSecret=bkv-hsm-pins",
                                "--set", "edge.existingSecret=bkv-edge-key",
-                               "--set-file", f"auth.tokenPublicKey={pem}", "--set-file", f"hsm.memberSet={member_set}"],
+                               "--set-file", f"auth.tokenPublicKey={pem}", "--set-file", f"hsm.memberSet={member_set}",
+                               "--set-file", f"hsm.islandSet={island_set}"],
                               capture_output=True, text=True, check=True).stdout
     (overlay / "rendered.yaml").write_text(rendered)
     out = procs.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True)

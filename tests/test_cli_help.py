@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from bkv.cli import app
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-COMMANDS = [[], ["dev"], ["dev", "up"], ["dev", "down"], ["dev", "status"], ["dev", "login"], ["dev", "issuer"], ["dev", "member-set"],
+COMMANDS = [[], ["dev"], ["dev", "up"], ["dev", "down"], ["dev", "status"], ["dev", "login"], ["dev", "issuer"], ["dev", "member-set"], ["dev", "island-set"],
             ["dev", "cluster"], ["demo"], ["audit"],
             ["backup"], ["restore"], ["list"], ["verify"], ["password"], ["password", "change"], ["password", "forgot"], ["disable"]]
 

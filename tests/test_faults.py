@@ -204,14 +204,17 @@ async def test_kill_9_of_an_island_replica_and_an_hsm_proxy_mid_load_is_retried_
 
 
 async def add_island(fleet, island: str, timeout_s: float = 120) -> float:
-    """Start the new island's replicas, then `bkv-island add-island`; returns how long the move took."""
+    """Start the new island's replicas, then `bkv-island add-island` with the two island sets the dev admin
+    key signed for it; returns how long the move took."""
     import subprocess
     import sys
 
-    await asyncio.to_thread(fleet.add_island, island)
+    moving, final = await asyncio.to_thread(fleet.add_island, island)
     t = time.monotonic()
-    res = await asyncio.to_thread(procs.run, [sys.executable, "-m", "bkv_island", "add-island", island],
-                                  env={**os.environ, "BKV_ISLAND_ETCD_ENDPOINTS": fleet.etcd_endpoints},
+    res = await asyncio.to_thread(procs.run, [sys.executable, "-m", "bkv_island", "add-island", island,
+                                              "--island-sets", str(moving), str(final)],
+                                  env={**os.environ, "BKV_ISLAND_ETCD_ENDPOINTS": fleet.etcd_endpoints,
+                                       "BKV_ISLAND_HSM_URLS": ",".join(fleet.hsm_urls)},
                                   capture_output=True, text=True, timeout=timeout_s)
     assert res.returncode == 0, res.stderr
     return time.monotonic() - t

@@ -11,13 +11,14 @@ from bkv_hsm_proxy.core import VaultHsm
 from bkv_hsm_proxy.nvram import StateFile
 from bkv_island.core import Island
 from bkv_island.ledger import Ledger
-from fakes import InMemoryHsmFake, InProcessHsmFake
+from fakes import InMemoryHsmFake, InProcessHsmFake, with_island_set
 from test_unit_vault_logic import _registered
 
 
 async def test_old_log_entries_are_deleted_from_etcd_and_a_new_replica_still_loads_the_island(etcd, tmp_path):
     hsm = InMemoryHsmFake()
     VaultHsm.create_opaque_setup(hsm)
+    with_island_set(hsm)
     vault = VaultHsm(hsm, max_attempts=3)
     state = StateFile(tmp_path / "state")
     state.load()

@@ -322,7 +322,7 @@ def test_ids_with_a_trailing_newline_are_refused_by_the_hsm_proxy(fleet):
 
 
 def test_island_admin_commands_refuse_ids_with_a_trailing_newline_before_touching_etcd():
-    for argv in (["set-map", "island-a", "island-b" + NL], ["add-island", "island-c" + NL],
+    for argv in (["set-map", "island-a", "island-b" + NL], ["add-island", "island-c" + NL, "--island-sets", "a.json", "b.json"],
                  ["migrate-fleet", "ab" * 16 + NL]):
         # Nothing listens on this etcd: were the id accepted, the command would hang retrying, not exit 2.
         done = procs.run([sys.executable, "-m", "bkv_island", *argv], capture_output=True, text=True,

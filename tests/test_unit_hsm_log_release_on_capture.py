@@ -23,7 +23,7 @@ from bkv_protocol import hsm_api as hapi
 from bkv_protocol import merkle
 from bkv_protocol.encoding import user_ref
 from bkv_server.http import UpstreamUnavailable
-from fakes import InMemoryEtcdFake, InMemoryHsmFake, InProcessHsmFake
+from fakes import InMemoryEtcdFake, InMemoryHsmFake, InProcessHsmFake, with_island_set
 from test_unit_vault_logic import _guess, _register, _registered, replica
 
 ISLAND = "island-a"
@@ -34,6 +34,7 @@ def fleet(tmp_path, n: int) -> list[VaultHsm]:
     """``n`` hsm-proxies of one fleet (one token's keys, a state file each)."""
     token = InMemoryHsmFake()
     VaultHsm.create_opaque_setup(token)
+    with_island_set(token)
     members = [f"hsm-{i}" for i in range(n)]
     out = []
     for m in members:
@@ -134,6 +135,7 @@ async def test_held_answers_ride_only_on_the_capture_that_ends_on_their_entry_ne
         tmp_path, monkeypatch):
     token = InMemoryHsmFake()
     VaultHsm.create_opaque_setup(token)
+    with_island_set(token)
 
     def vault(name: str) -> VaultHsm:
         v = VaultHsm(token, max_attempts=3)

@@ -23,7 +23,7 @@ from bkv_protocol import island_api as iapi
 from bkv_protocol.encoding import user_ref
 from bkv_server import metrics
 from bkv_server.http import UpstreamError
-from fakes import FakeClock, InMemoryEtcdFake, InMemoryHsmFake, InProcessHsmFake
+from fakes import FakeClock, InMemoryEtcdFake, InMemoryHsmFake, InProcessHsmFake, with_island_set
 
 RECORDS = b"/bkv/records/island-a/"
 
@@ -32,6 +32,7 @@ RECORDS = b"/bkv/records/island-a/"
 def parts(tmp_path):
     hsm = InMemoryHsmFake()
     VaultHsm.create_opaque_setup(hsm)
+    hsm.admin = with_island_set(hsm)  # one island: every user's home; the admin key signs the next sets
     clock = FakeClock()
     vault = VaultHsm(hsm, max_attempts=3, clock=clock)
     state = StateFile(tmp_path / "state")

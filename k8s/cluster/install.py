@@ -65,7 +65,17 @@ def values(extra: dict | None = None) -> dict:
     _merge(merged, extra or {})
     if not merged.get("hsm", {}).get("memberSet"):  # a changed set (the ceremony) comes in extra
         _merge(merged, {"hsm": {"memberSet": member_set(int(merged.get("hsm", {}).get("replicas", 3)))}})
+    if not merged.get("hsm", {}).get("islandSet"):
+        _merge(merged, {"hsm": {"islandSet": island_set(list(merged.get("islands") or ["island-a", "island-b"]))}})
     return merged
+
+
+def island_set(islands: list[str]) -> str:
+    """The install's first island set, signed by the dev admin key kept beside the kubeconfig (fixed the
+    first time: islands added later come in through add-island's own sets)."""
+    from bkv_dev.admin import first_island_set_file
+
+    return first_island_set_file(KUBEDIR / "admin", islands).read_text()
 
 
 def member_set(replicas: int) -> str:

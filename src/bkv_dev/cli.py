@@ -192,6 +192,24 @@ def dev_member_set(release: str = typer.Option("bkv", help="the Helm release nam
     typer.echo(str(member_set_file((state_dir or default_state_dir()) / "admin", chart_members(release, replicas))))
 
 
+@dev.command("island-set")
+def dev_island_set(islands: str = typer.Option("island-a,island-b", help="the install's islands, comma-separated"),
+                   state_dir: Optional[Path] = StateDir) -> None:
+    """Print the path of the install's first island set signed by the dev admin key (made if missing).
+
+    Example: helm install bkv charts/backup-key-vault --set-file hsm.islandSet=$(bkv dev island-set)
+    """
+    from bkv_dev.admin import island_set_file
+    from bkv_dev.fleet import default_state_dir
+    from bkv_protocol.islands import IslandSet, IslandSetError
+
+    try:
+        s = IslandSet.of(islands.split(","))
+    except IslandSetError as exc:
+        _fail(str(exc), ExitCode.USAGE)
+    typer.echo(str(island_set_file((state_dir or default_state_dir()) / "admin", s)))
+
+
 @dev.command("cluster")
 def dev_cluster(edge_url: str = typer.Option(..., help="where the cluster's Envoy listens, e.g. a port-forward"),
                 fleet_configmap: Path = typer.Option(..., help="`kubectl get configmap <release>-fleet-public "

@@ -339,8 +339,12 @@ class Fleet:
                        "--so-pin", so_pin, "--pin", user_pin], env)
         members = ",".join(f"hsm-{i}" for i in range(self.spec.hsm_proxies))
         admin_pub, member_set = self._member_set(members)
+        from bkv_dev.admin import first_island_set_file
+
+        island_set = first_island_set_file(self.state / "admin", self.spec.islands)
         self._run([sys.executable, "-m", "bkv_hsm_proxy", "fleet-init", "--out", str(self.state / "fleet-params.json"),
-                   "--admin-public-key", admin_pub, "--member-set", str(member_set), "--hsm-members", members], {
+                   "--admin-public-key", admin_pub, "--member-set", str(member_set), "--hsm-members", members,
+                   "--island-set", str(island_set)], {
             **env, "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL, "BKV_HSM_USER_PIN": user_pin,
             "BKV_HSM_MAX_ATTEMPTS": str(self.spec.max_attempts), "BKV_HSM_ETCD_ENDPOINTS": self.etcd_endpoints,
         })
@@ -406,9 +410,26 @@ class Fleet:
                    "--upstream-port", str(ports.frontend), "--processor-port", str(ports.processor),
                    "--admin-port", str(ports.envoy_admin), "--out", str(edge / "envoy.json")], {})
 
-    def add_island(self, island: str) -> None:
-        """Start the replicas of a new island without touching the island map
-        (``bkv-island add-island`` does that, and moves the users)."""
+    @property
+    def hsm_urls(self) -> list[str]:
+        return [f"http://{self._at(self.site_of('hsm', i))[1]}:{self.ports.hsm_proxy(i)}"
+                for i in range(self.spec.hsm_proxies)]
+
+    def island_set(self):
+        """The newest island set the tokens hold (asked of hsm-proxy0)."""
+        from bkv_protocol.islands import SignedIslandSet
+
+        got = httpx.get(f"{self.hsm_urls[0]}/hsm/v1/islands", timeout=10.0).json()
+        return SignedIslandSet.from_json(got["island_set"]).set if got.get("island_set") else None
+
+    def add_island(self, island: str) -> tuple[Path, Path]:
+        """Start the replicas of a new island without touching the island map,
+        and sign the two island sets that add it with the dev admin key
+        (``bkv-island add-island --island-sets`` stores them in the tokens
+        and moves the users between them). Returns the two files."""
+        from bkv_dev.admin import migration_files
+
+        files = migration_files(self.state / "admin", self.island_set(), island)
         self.spec.islands.append(island)
         for p in self._specs():
             if p.name not in self.procs:
@@ -418,6 +439,7 @@ class Fleet:
         for name in self.procs:
             if name.startswith(island + "-"):
                 self.wait_healthy(name)
+        return files
 
     def issuer(self):
         from bkv_dev.issuer import DevIssuer

@@ -3,6 +3,8 @@ rendezvous hash that places users on islands.
 
 * ``<prefix>/fleet/islands``: JSON ``{"islands": [ids...]}``, set by an admin
   (``bkv-island set-map``). Changing it moves users: see docs/architecture.md.
+  Only a routing hint: which island holds a user is decided by the boundary
+  from the admin-signed island set in its token (``bkv_protocol.islands``).
 * ``<prefix>/replicas/<island>/<replica>``: the replica's URL, on a lease that
   the replica keeps alive; a dead replica drops out within the lease TTL.
 * ``<prefix>/fleet/params``: public fleet parameters from fleet-init.
@@ -16,8 +18,8 @@ import logging
 
 import aetcd
 
-from bkv_protocol import labels
-from bkv_protocol.encoding import digest, user_ref
+# The placement itself is the protocol's: the boundary computes it from the signed island set.
+from bkv_protocol.islands import rendezvous, rendezvous_ref  # noqa: F401 - re-exported
 from bkv_server.etcd import RETRYABLE
 
 log = logging.getLogger(__name__)
@@ -31,19 +33,6 @@ FLEET_BUNDLE_KEY = "/fleet/bundle"
 FLEET_PENDING_BUNDLE_KEY = "/fleet/pending-bundle"
 REPLICAS_PREFIX = "/replicas/"
 REPLICA_TTL_S = 6
-
-
-def rendezvous_ref(ref: str, islands: list[str]) -> str:
-    """Highest-random-weight placement of a user ref (see
-    :func:`bkv_protocol.encoding.user_ref`): adding an island moves only the
-    users whose highest score is now the new island's."""
-    if not islands:
-        raise ValueError("the island map is empty")
-    return max(islands, key=lambda i: digest(labels.RENDEZVOUS_HASH, i.encode(), bytes.fromhex(ref)))
-
-
-def rendezvous(user_id: str, islands: list[str]) -> str:
-    return rendezvous_ref(user_ref(user_id), islands)
 
 
 async def set_island_map(client: aetcd.Client, prefix: str, islands: list[str],

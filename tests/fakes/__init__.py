@@ -4,7 +4,7 @@ claim the vault works use the real parts: a local fleet."""
 
 from fakes.clock import FakeClock
 from fakes.etcd import InMemoryEtcdFake
-from fakes.hsm import InMemoryHsmFake
+from fakes.hsm import InMemoryHsmFake, with_island_set
 from fakes.hsm_port import InProcessHsmFake
 
-__all__ = ["FakeClock", "InMemoryEtcdFake", "InMemoryHsmFake", "InProcessHsmFake"]
+__all__ = ["FakeClock", "InMemoryEtcdFake", "InMemoryHsmFake", "InProcessHsmFake", "with_island_set"]

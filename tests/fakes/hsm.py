@@ -62,3 +62,18 @@ class InMemoryHsmFake:
 
     def load_blob(self, label: str) -> bytes | None:
         return self._blobs.get(label)
+
+
+def with_island_set(hsm, islands=("island-a",), admin=None):
+    """``hsm`` with an admin key (``admin``, else a new one, unless the token
+    holds one) and the first island set, as fleet-init stores them; returns
+    the admin key (None if the token already held another one)."""
+    from bkv_hsm_proxy import islandset, membership
+    from bkv_protocol import islands as isl
+    from bkv_protocol.bundle import RootKey
+
+    admin = admin or RootKey.generate()
+    if membership.token_admin_key(hsm) is None:
+        membership.fix_admin_key(hsm, admin.public)
+    islandset.store_island_set(hsm, isl.sign(isl.IslandSet.of(list(islands)), admin))
+    return admin

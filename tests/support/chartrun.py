@@ -370,8 +370,13 @@ class ChartRun:
                     "KUBERNETES_SERVICE_HOST": self.api.host, "KUBERNETES_SERVICE_PORT": str(self.api.port)}
         if container["image"].startswith(OUR_IMAGE_PREFIXES):
             full_env.update(IMAGE_ENV)
+            # The image's code is the checkout under test: a work tree whose sources come
+            # first on the tester's PYTHONPATH runs them, not what the venv was installed from.
+            paths = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
             if container["image"].endswith(LOADTEST_IMAGE_SUFFIX):
-                full_env["PYTHONPATH"] = str(IMAGE_FILES["/opt/bkv-loadtest"])
+                paths.insert(0, str(IMAGE_FILES["/opt/bkv-loadtest"]))
+            if paths:
+                full_env["PYTHONPATH"] = os.pathsep.join(paths)
         full_env.update(env)
         return words, full_env
 

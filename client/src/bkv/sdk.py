@@ -304,6 +304,13 @@ def _error(protocol: VaultProtocol, call: Call, resp: httpx.Response) -> errors.
     return errors.ProtocolError(code, message)
 
 
+def _code(resp: httpx.Response) -> str | None:
+    try:
+        return ErrorBody.model_validate_json(resp.content).error.code.value
+    except ValidationError:
+        return None
+
+
 def _request_args(call: Call) -> dict:
     if call.body is None:
         return {}
@@ -313,6 +320,11 @@ def _request_args(call: Call) -> dict:
 def _decode(protocol: VaultProtocol, call: Call, resp: httpx.Response):
     if resp.status_code in _RESEND:
         raise _Retry(f"the vault answered {resp.status_code}")
+    if resp.status_code == 409 and b"wrong_island" in resp.content and _code(resp) == "wrong_island":
+        # The vault's signed island set does not place this account where it was
+        # looked for (a stale or forged routing map, records moving): nothing was
+        # decided, so the same request is sent again; at the deadline, VaultUnavailable.
+        raise _Retry("the vault looked for this account on another island than its signed island set says")
     if resp.status_code >= 400:
         raise _error(protocol, call, resp)
     if call.out is None:

@@ -377,3 +377,21 @@ class LogHeadsOut(Frozen):
     heads: dict[str, LogHead]
     epoch: int = 1      # of the member set this hsm-proxy serves in
     frozen: bool = False  # for a change of the set: it captures nothing until it adopts the next
+
+
+# -- the island set (bkv_protocol.islands) ------------------------------------------
+class IslandSetIn(Frozen):
+    """An island set signed by the admin key (``SignedIslandSet.to_json``),
+    for the token to store as its next one. The signature is its authority:
+    anyone may deliver it."""
+
+    island_set: str = Field(max_length=32_768)
+
+
+class IslandSetOut(Frozen):
+    """The token's newest island set (signed, as stored), and whether this
+    call stored the one it delivered."""
+
+    epoch: int = Field(ge=0, le=2**31)  # 0: the token holds none
+    island_set: str | None = None
+    stored: bool = False

@@ -68,3 +68,6 @@ SIG_EVIDENCE_OPERATOR: Final = b"bkv/v1/sig/evidence-operator"
 SIG_MEMBER_SET: Final = b"bkv/v1/sig/member-set"
 SIG_MEMBER_FREEZE: Final = b"bkv/v1/sig/member-freeze"  # the admin's order to freeze a set (a change begins)
 MEMBER_SET_HASH: Final = b"bkv/v1/hash/member-set"       # a state file names its set by this digest
+# Which island holds a user (bkv_protocol.islands): the offline admin key signs the island set.
+SIG_ISLAND_SET: Final = b"bkv/v1/sig/island-set"
+ISLAND_SET_HASH: Final = b"bkv/v1/hash/island-set"      # names a set (its digest), e.g. in logs and answers

@@ -100,6 +100,9 @@ class ErrorCode(str, enum.Enum):
     REQUEST_SUPERSEDED = "request_superseded"
     PASSWORD_PROOF_REQUIRED = "password_proof_required"  # a live escrow: recover it first, then change it
     TICKET_REJECTED = "ticket_rejected"    # the change ticket expired, was used, or is not this escrow's
+    # The island asked is not the one the boundary's signed island set places the user on
+    # (bkv_protocol.islands): no refusal is signed and no record made there. Ask again later.
+    WRONG_ISLAND = "wrong_island"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL = "internal"
     # The HSM-held log (island <-> hsm-proxy only; a device sees them as 503 unavailable).

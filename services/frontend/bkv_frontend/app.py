@@ -102,7 +102,7 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
         # each appended would race for the log head (bkv_island/ledger.py), and a resend
         # finds the request it repeats still running there (Island._change).
         status, content = await island.call_raw("POST", path, body, idempotent=idempotent, affinity=home)
-        if status == 404 and await follow_migration(user, home):
+        if (status == 404 or _wrong_island(status, content)) and await follow_migration(user, home):
             home, island = view.island_for(user)
             status, content = await island.call_raw("POST", path, body, idempotent=idempotent, affinity=home)
         if status >= 400:
@@ -134,8 +134,14 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
             return error_response(404, ErrorCode.NOT_FOUND, "this fleet publishes no validation bundle")
         return Response(view.bundle, media_type="application/json")
 
+    def _wrong_island(status: int, content: bytes) -> bool:
+        """The boundary's island set does not place the user's record on the
+        island we asked (our map is stale, or records are moving)."""
+        return status == 409 and decode_error("island", status, content).error.code is ErrorCode.WRONG_ISLAND
+
     async def follow_migration(user: str, asked: str) -> bool:
-        """No record where we looked: perhaps the island map changed under us.
+        """No record where we looked, or the boundary's signed island set says
+        it is not there alone (``wrong_island``): perhaps the island map changed under us.
         Re-read it; if the user's record is still on its old island while a
         migration runs, move it now. True if asking again may find it."""
         await view.refresh()

@@ -42,6 +42,9 @@ _MEANING = {
                                "the change with the recovery's ticket",
     C.TICKET_REJECTED: "the change ticket expired, was used, or the escrow changed since: recover again",
     C.UNAVAILABLE: "temporarily unavailable: retry after Retry-After",
+    C.WRONG_ISLAND: "the vault's signed island set does not place this account's record where it was looked for "
+                    "(a stale routing map, or records moving to a new island): nothing was decided; retry after "
+                    "Retry-After",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (retryable errors)",
                                 "schema": {"type": "integer"}}}
@@ -65,6 +68,7 @@ UPSTREAM: dict[str, tuple[int, C]] = {
     "bkv_hsm_proxy.errors.AuthenticationFailed": (403, C.AUTHENTICATION_FAILED),
     "bkv_hsm_proxy.errors.PasswordProofRequired": (409, C.PASSWORD_PROOF_REQUIRED),
     "bkv_hsm_proxy.errors.TicketRejected": (403, C.TICKET_REJECTED),
+    "bkv_hsm_proxy.errors.WrongIsland": (409, C.WRONG_ISLAND),
 }
 
 
@@ -99,19 +103,23 @@ ROUTE_ERRORS: dict[tuple[str, str], dict[int, list[C]]] = {
     ("/v1/fleet", "get"): _ALWAYS,
     ("/v1/fleet", "post"): _merge({413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}, _ALWAYS),
     ("/v1/registration/start", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_island.errors.Contended")),
+        _BODY, _AUTH, _ALWAYS, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_island.errors.Contended",
+                                           "bkv_hsm_proxy.errors.WrongIsland")),
     ("/v1/registration/finish", "post"): _merge(
         _BODY, _AUTH, _ALWAYS, _RESEND, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_hsm_proxy.errors.ChallengeRejected",
-                                                 "bkv_hsm_proxy.errors.PasswordProofRequired", "bkv_hsm_proxy.errors.TicketRejected")),
+                                                 "bkv_hsm_proxy.errors.PasswordProofRequired", "bkv_hsm_proxy.errors.TicketRejected",
+                                                 "bkv_hsm_proxy.errors.WrongIsland")),
     ("/v1/login/start", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _RESEND, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_island.errors.NoRecord", "bkv_island.errors.RecordDestroyed")),
+        _BODY, _AUTH, _ALWAYS, _RESEND, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_island.errors.NoRecord", "bkv_island.errors.RecordDestroyed",
+                                           "bkv_hsm_proxy.errors.WrongIsland")),
     ("/v1/login/finish", "post"): _merge(
         _BODY, _AUTH, _ALWAYS, _RESEND,
         _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_hsm_proxy.errors.LoginStateRejected", "bkv_hsm_proxy.errors.AuthenticationFailed", "bkv_island.errors.NoRecord",
-                 "bkv_island.errors.RecordDestroyed")),
+                 "bkv_island.errors.RecordDestroyed", "bkv_hsm_proxy.errors.WrongIsland")),
     ("/v1/bundle", "get"): {404: [C.NOT_FOUND], 500: [C.INTERNAL]},
     ("/v1/record", "delete"): _merge(_BODY, _AUTH, _ALWAYS, _RESEND, _DELETE := _answers(
-        "bkv_hsm_proxy.errors.TicketRejected", "bkv_island.errors.NoRecord", "bkv_island.errors.RecordDestroyed")),
+        "bkv_hsm_proxy.errors.TicketRejected", "bkv_island.errors.NoRecord", "bkv_island.errors.RecordDestroyed",
+        "bkv_hsm_proxy.errors.WrongIsland")),
     ("/v1/record/delete", "post"): _merge(_BODY, _AUTH, _ALWAYS, _RESEND, _DELETE),
 }
 AUTHENTICATED = {op for op, errors in ROUTE_ERRORS.items() if 401 in errors}

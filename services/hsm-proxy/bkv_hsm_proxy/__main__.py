@@ -1,5 +1,5 @@
 """``bkv-hsm-proxy serve | start | fleet-init | admin-key | sign-members | sign-freeze | freeze | change-members |
-init-state | log-heads | retire-fleet | publish-configmap | publish-bundle | resign-bundle | evidence``."""
+sign-islands | store-island-set | init-state | log-heads | retire-fleet | publish-configmap | publish-bundle | resign-bundle | evidence``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "fixed in the token the first time")
     init.add_argument("--member-set", type=Path, help="the fleet's hsm-proxies, signed by the admin key (from "
                                                       "`sign-members`): fixed in the token the first time")
+    init.add_argument("--island-set", type=Path, help="the fleet's islands, signed by the admin key (from "
+                                                      "`sign-islands`): stored in the token if it is its next set")
     init.add_argument("--hsm-members", help="also check that the signed set names exactly these hsm-proxies "
                                             "(comma-separated; the chart passes what hsm.replicas makes)")
     ak = sub.add_parser("admin-key", help="offline: make the admin key that signs the fleet's member set "
@@ -53,6 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     sf.add_argument("--admin-key", type=Path, required=True)
     sf.add_argument("--epoch", type=int, required=True, help="the set to freeze (the one serving now)")
     sf.add_argument("--out", type=Path, required=True)
+    si = sub.add_parser("sign-islands", help="offline: sign the fleet's island set with the admin key (which "
+                                             "island holds a user: the boundary's word, not etcd's)")
+    si.add_argument("--admin-key", type=Path, required=True)
+    si.add_argument("--islands", required=True, help="every island of the fleet, comma-separated")
+    si.add_argument("--epoch", type=int, default=1, help="1 for a new fleet; the token's newest + 1 for a change")
+    si.add_argument("--previous", help="while records move to a new island (add-island): the islands before, "
+                                       "comma-separated")
+    si.add_argument("--out", type=Path, required=True, help="the signed island set to write (JSON)")
+    ss = sub.add_parser("store-island-set", help="deliver a signed island set to running hsm-proxies, which "
+                                                 "store it as their token's next one (no token, no PIN: the "
+                                                 "admin's signature is its authority)")
+    ss.add_argument("--island-set", type=Path, required=True, help="the file sign-islands wrote (- for stdin)")
+    ss.add_argument("--hsm-url", action="append", required=True,
+                    help="an hsm-proxy, e.g. http://127.0.0.1:8100; repeat for every one of the fleet")
     fz = sub.add_parser("freeze", help="freeze a running hsm-proxy with the admin's order; prints its freeze "
                                        "statement (JSON, for sign-members --freezes and change-members)")
     fz.add_argument("--order", type=Path, required=True, help="the file sign-freeze wrote (- for stdin: "
@@ -151,6 +167,36 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"configmap": args.name, "fleet_id": data["fleet_id"]}))
         return 0
 
+    if args.cmd == "sign-islands":  # offline: the admin key only
+        from bkv_protocol import bundle as bd
+        from bkv_protocol import islands as isl
+
+        try:
+            key = bd.load_root_key(args.admin_key)
+            signed = isl.sign(isl.IslandSet.of(args.islands.split(","), args.epoch,
+                                               args.previous.split(",") if args.previous else None), key)
+            args.out.write_text(signed.to_json())
+        except (isl.IslandSetError, OSError, ValueError) as exc:
+            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({"epoch": signed.set.epoch, "islands": list(signed.set.islands),
+                          "previous": None if signed.set.previous is None else list(signed.set.previous)}))
+        return 0
+
+    if args.cmd == "store-island-set":  # a client of the running hsm-proxies: no token, no PIN
+        from bkv_protocol import islands as isl
+        from bkv_server.http import UpstreamError, UpstreamUnavailable
+
+        try:
+            text = sys.stdin.read() if str(args.island_set) == "-" else args.island_set.read_text()
+            isl.SignedIslandSet.from_json(text)  # refused here already if it does not parse
+            out = asyncio_run_store(text, args.hsm_url)
+        except (isl.IslandSetError, OSError, UpstreamError, UpstreamUnavailable) as exc:
+            print(f"bkv-hsm-proxy: island set not stored: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(out))
+        return 0
+
     if args.cmd in ("admin-key", "sign-members", "sign-freeze"):  # offline: the admin key only
         from bkv_protocol import bundle as bd
         from bkv_protocol import members as ms
@@ -244,12 +290,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             return 0
         if args.cmd == "fleet-init":
+            from bkv_protocol import islands as isl
             from bkv_protocol import members as ms
             from bkv_protocol.encoding import b64d
+            from bkv_hsm_proxy.errors import IslandSetRefused
             from bkv_hsm_proxy.fleet_init import fleet_init
             from bkv_hsm_proxy.membership import MembersFixed
 
             try:
+                island_set = isl.SignedIslandSet.from_json(args.island_set.read_bytes()) if args.island_set else None
                 signed = ms.SignedMemberSet.from_json(args.member_set.read_bytes()) if args.member_set else None
                 if args.hsm_members and signed is None:
                     raise MembersFixed("--hsm-members checks a signed set: give it with --member-set")
@@ -258,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "set this deployment runs (`bkv-hsm-proxy sign-members`)")
                 params = fleet_init(settings, args.out, new_generation=args.new_generation,
                                     admin_public_key=b64d(args.admin_public_key) if args.admin_public_key else None,
-                                    member_set=signed)
-            except (MembersFixed, ms.MemberSetError, OSError, ValueError) as exc:
+                                    member_set=signed, island_set=island_set)
+            except (MembersFixed, IslandSetRefused, ms.MemberSetError, OSError, ValueError) as exc:
                 print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
                 return 1
             print(json.dumps({k: params[k] for k in ("fleet_id", "fleet_public_key", "max_attempts", "created")}))
@@ -304,6 +353,28 @@ def main(argv: list[str] | None = None) -> int:
     except DeadlineExceeded as exc:
         print(f"bkv-hsm-proxy: HSM error: {exc.__cause__}", file=sys.stderr)
         return 3
+
+
+def asyncio_run_store(island_set: str, urls: list[str]) -> dict:
+    """Deliver ``island_set`` to each hsm-proxy at ``urls`` (every one must take it)."""
+    import asyncio
+
+    from bkv_protocol import hsm_api
+    from bkv_server.http import ServiceClient
+
+    async def store() -> dict:
+        out = {}
+        for url in urls:
+            client = ServiceClient("hsm-proxy", [url])
+            try:
+                got = await client.call("POST", "/hsm/v1/islands/store", hsm_api.IslandSetIn(island_set=island_set),
+                                        hsm_api.IslandSetOut, idempotent=True)
+            finally:
+                await client.aclose()
+            out[url] = {"epoch": got.epoch, "stored": got.stored}
+        return out
+
+    return asyncio.run(store())
 
 
 def _freezes(paths: list[Path]) -> list:

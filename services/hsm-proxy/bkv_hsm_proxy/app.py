@@ -22,6 +22,9 @@ def create_app(vault: VaultHsm) -> RpcApp:
     async def heads() -> api.LogHeadsOut:
         return vault.log_heads()
 
+    async def island_set() -> api.IslandSetOut:
+        return vault.island_set_out()
+
     async def genesis(req: api.GenesisIn) -> api.LogEntry:
         return vault.genesis(req.island)
 
@@ -38,4 +41,7 @@ def create_app(vault: VaultHsm) -> RpcApp:
         "/hsm/v1/refusal": (api.RefusalIn, sync(vault.refusal)),
         # Admin: a change of the member set begins (only on the admin key's signed order).
         "/hsm/v1/members/freeze": (api.FreezeIn, vault.freeze),
-    }, errors=errors.TABLE, get_routes={"/hsm/v1/fleet": fleet, "/hsm/v1/log/heads": heads})
+        # The admin's next island set (bkv_hsm_proxy.islandset): its signature is its authority.
+        "/hsm/v1/islands/store": (api.IslandSetIn, sync(vault.store_island_set)),
+    }, errors=errors.TABLE, get_routes={"/hsm/v1/fleet": fleet, "/hsm/v1/log/heads": heads,
+                                        "/hsm/v1/islands": island_set})

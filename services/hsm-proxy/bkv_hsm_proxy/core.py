@@ -57,12 +57,12 @@ from bkv_protocol import labels, transcripts
 from bkv_server import metrics
 from bkv_protocol.encoding import b64e, canonical, fleet_id_for, u32, u64, user_ref
 from bkv_protocol import hsm_api as api
-from bkv_hsm_proxy import errors
+from bkv_hsm_proxy import errors, islandset
 from bkv_hsm_proxy import log as hlog
 from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, HsmBackend, generation_label
 from bkv_hsm_proxy.log import IslandLog
 from bkv_hsm_proxy.membership import token_admin_key
-from bkv_protocol import members, merkle
+from bkv_protocol import islands, members, merkle
 
 CHALLENGE_TTL_MS = 120_000
 LOGIN_STATE_TTL_MS = 60_000
@@ -183,6 +183,7 @@ class VaultHsm:
         self._setup = opaque.ServerSetupData.from_bytes(setup)
         self.log_key = hlog.LogKey.from_setup(setup)  # the same in every hsm-proxy of the fleet, across rotations
         self.log: IslandLog | None = None  # attach_log(): serve needs it, fleet-init does not
+        self._islands: islands.IslandSet | None = None  # the token's newest island set, as last read
 
     def _reload(self) -> None:
         gens = self._hsm.generations()
@@ -241,6 +242,43 @@ class VaultHsm:
 
     def __repr__(self) -> str:  # the setup is private: never in a repr
         return f"VaultHsm(fleets={sorted(self._fleets)}, opaque_setup=(redacted))"
+
+    # -- which island holds a user (bkv_protocol.islands, bkv_hsm_proxy.islandset) ----------
+    def island_set(self) -> islands.IslandSet | None:
+        """The token's newest island set. The set read last is kept (parsed and
+        verified once), and every use looks in the token for the next epoch --
+        one object lookup -- so a set another process stored is in force at
+        once: what is kept never decides more than the token's newest would."""
+        self._islands = islandset.newest_after(self._hsm, self._islands)
+        return self._islands
+
+    def _settled(self, ref: str, island: str, what: str) -> None:
+        """``island`` is the only place the user's record can be, by the
+        token's island set (its home; while records move, its home under
+        the previous islands too): else WrongIsland, and ``what`` is not done."""
+        s = self.island_set()
+        if s is None:
+            raise errors.NoIslandSet(f"this vault's token holds no island set yet: no {what} anywhere until the "
+                                     "admin's signed set is stored (bkv-hsm-proxy store-island-set)")
+        if not s.settled(ref, island):
+            raise errors.WrongIsland(f"island {island} is not the only island this user's record can be on "
+                                     f"(island set epoch {s.epoch}): no {what} here; ask again")
+
+    def store_island_set(self, req: api.IslandSetIn) -> api.IslandSetOut:
+        """Store the admin's next island set (bkv_hsm_proxy.islandset)."""
+        try:
+            signed = islands.SignedIslandSet.from_json(req.island_set)
+        except islands.IslandSetError as exc:
+            raise errors.IslandSetRefused(str(exc)) from None
+        stored = islandset.store_island_set(self._hsm, signed)
+        return self.island_set_out(stored)
+
+    def island_set_out(self, stored: bool = False) -> api.IslandSetOut:
+        s = self.island_set()
+        if s is None:
+            return api.IslandSetOut(epoch=0)
+        return api.IslandSetOut(epoch=s.epoch, island_set=islandset.signed_blob(self._hsm, s.epoch).decode(),
+                                stored=stored)
 
     # -- fleet-init ------------------------------------------------------------
     @staticmethod
@@ -336,6 +374,8 @@ class VaultHsm:
         salt, sealed into the challenge): never under a live record's OPRF
         key, so it is no guess, and changes nothing."""
         uid = req.user_id.encode()
+        if req.current.state is not api.EntryState.LIVE:  # a new record: only where the island set says
+            self._settled(user_ref(req.user_id), req.island, "new record")
         salt = self._rng.token_bytes(SALT_LEN)
         response = self._opaque("registration_start", opaque.server_registration_start,
                                 self._setup, req.registration_request, credential_id(uid, salt)).get_message()
@@ -368,6 +408,8 @@ class VaultHsm:
             self._check_ticket(req.fleet_id, uid, req.island, req.current, req.ticket, req.ticket_proof, fp)
         elif req.current.state is api.EntryState.MOVED:
             raise errors.BadRequest("the record moved to another island")
+        else:  # a new record (absent, or over a tombstone): only on the island the signed set says
+            self._settled(user_ref(req.user_id), req.island, "new record")
         password_file = self._opaque("registration_finish", opaque.server_registration_finish,
                                      req.registration_upload).get_password_file()
         record = Record(password_file, req.ek, req.k_nonce, self.max_attempts, self.max_attempts, salt)
@@ -524,6 +566,9 @@ class VaultHsm:
         self._log().committed(head, [_statement(s) for s in req.statements])
         if req.current.state not in (api.EntryState.ABSENT, api.EntryState.DESTROYED):
             raise errors.BadRequest("the record is not absent or destroyed: nothing to refuse")
+        # Absent *here* says nothing if the user's record may be on another
+        # island: that is the token's signed island set to say, not etcd's map.
+        self._settled(user_ref(req.user_id), req.island, "signed refusal")
         # The request's fingerprint is ours to compute: it names the user whose
         # entry was just proven, so the refusal answers that user's request only.
         try:
@@ -548,6 +593,16 @@ class VaultHsm:
         return self._seal_record(req.user_ref, req.island, req.current.version + 1, record, req.to_fleet).model_copy(
             update={"recent": req.current.answered()}), None  # a kept answer is sealed by the old fleet: refused
 
+    def _to_home(self, ref: str, island: str) -> None:
+        """A record moves only to its home under the token's island set."""
+        s = self.island_set()
+        if s is None:
+            raise errors.NoIslandSet("this vault's token holds no island set yet: records move only to the home "
+                                     "a signed island set names (bkv-hsm-proxy store-island-set)")
+        if s.home(ref) != island:
+            raise errors.WrongIsland(f"island {island} is not this record's home under the island set of epoch "
+                                     f"{s.epoch}: it does not move there")
+
     def delete(self, req: api.DeleteIn) -> tuple[api.Entry, dict]:
         """A device deletes its live escrow with proof of its password; the
         answer, signed over its request, is what lets it act on the deletion."""
@@ -568,6 +623,7 @@ class VaultHsm:
         version (tombstones move as tombstones, with nothing sealed)."""
         if req.current.state not in (api.EntryState.LIVE, api.EntryState.DESTROYED) or req.to_island == req.island:
             raise errors.BadRequest("nothing to move")
+        self._to_home(req.user_ref, req.to_island)
         version = req.current.version + 1
         sealed = None
         if req.current.state is api.EntryState.LIVE:
@@ -593,6 +649,7 @@ class VaultHsm:
         if req.current.state not in (api.EntryState.ABSENT, api.EntryState.MOVED) \
                 or req.current.version >= moved.version:
             raise errors.BadRequest("the record is here already")
+        self._to_home(req.user_ref, req.island)
         state = api.EntryState.LIVE if moved.sealed is not None else api.EntryState.DESTROYED
         return api.Entry(state=state, version=moved.version, sealed=moved.sealed, fleet_id=moved.fleet_id,
                          recent=moved.answered()), None

@@ -5,7 +5,8 @@
     HsmProxyError                -- a base; raised bare only by a bug (500)
     ├── BadRequest               -- the request is wrong as sent
     │   ├── MalformedOpaqueMessage
-    │   └── UnknownFleet         (the pinned fleet is not, or no longer, here)
+    │   ├── UnknownFleet         (the pinned fleet is not, or no longer, here)
+    │   └── IslandSetRefused     (an island set the token does not store: another key, a skipped epoch, ...)
     ├── ChallengeRejected        (expired, replayed, foreign)
     ├── LoginStateRejected       (expired, used, foreign)
     ├── PasswordProofRequired    (replacing or deleting a live escrow without a change ticket)
@@ -13,6 +14,9 @@
     ├── AuthenticationFailed     (the one wrong-password error)
     ├── RecordIntegrityFailure   (sealed record will not open)
     ├── RecordDestroyed
+    ├── WrongIsland              (the signed island set does not place the user's record here alone:
+    │   │                         no refusal signed, no record made; the frontend re-reads the map)
+    │   └── NoIslandSet          (the token holds no island set yet: store one, docs/kubernetes.md)
     ├── LogError                 -- a log step refused (log.py); nothing changed or released
     │   ├── NotAuthentic         (an entry or statement without the boundary's MAC)
     │   ├── StaleHead            (older than, or a fork of, what this hsm-proxy captured)
@@ -71,6 +75,26 @@ class TicketRejected(HsmProxyError):
     is for an older version of the escrow (used, or the escrow changed since),
     or the device's proof over the request does not verify. Nothing changed:
     recover again for a new ticket."""
+
+
+class IslandSetRefused(BadRequest):
+    """The island set was not stored (not the admin's signature, not the
+    next epoch, not a step of a migration); the message says why."""
+
+
+class WrongIsland(HsmProxyError):
+    """The island asked is not the only place the token's newest island set
+    (``bkv_protocol.islands``) puts the user's record: its home, or, while a
+    migration moves records, its home under both the new and the previous
+    islands. So the boundary cannot tell that the user has no record, and
+    signs no refusal and makes no new record here. Routed by a wrong map
+    (etcd may lie), or mid-migration: ask again once the map is right."""
+
+
+class NoIslandSet(WrongIsland):
+    """The token holds no island set yet (a fleet made before island sets):
+    the boundary signs no refusal and makes no new record anywhere until the
+    admin's signed set is stored (``bkv-hsm-proxy store-island-set``)."""
 
 
 class AuthenticationFailed(HsmProxyError):
@@ -147,6 +171,7 @@ class HsmAuthTagMismatch(HsmError):
 
 TABLE = ErrorTable(
     (MalformedOpaqueMessage, 400, C.MALFORMED_OPAQUE_MESSAGE, False),
+    (IslandSetRefused, 400, C.INVALID_REQUEST, False),
     (BadRequest, 400, C.INVALID_REQUEST, False),
     (ChallengeRejected, 400, C.CHALLENGE_REJECTED, False),
     (LoginStateRejected, 400, C.LOGIN_STATE_REJECTED, False),
@@ -154,6 +179,7 @@ TABLE = ErrorTable(
     (TicketRejected, 403, C.TICKET_REJECTED, False),
     (AuthenticationFailed, 403, C.AUTHENTICATION_FAILED, False),
     (RecordDestroyed, 410, C.RECORD_DESTROYED, False),
+    (WrongIsland, 409, C.WRONG_ISLAND, True),
     (RecordIntegrityFailure, 500, C.RECORD_INTEGRITY_FAILURE, False),
     (NotAuthentic, 409, C.LOG_NOT_AUTHENTIC, False),
     (StaleHead, 409, C.STALE_HEAD, False),

@@ -9,30 +9,37 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bkv_protocol import members
+from bkv_protocol import islands, members
 from bkv_protocol.encoding import fleet_id_for
 from bkv_server.fleetmap import FLEET_PARAMS_KEY
 from bkv_hsm_proxy.core import VaultHsm
 from bkv_hsm_proxy.hsm import open_token
+from bkv_hsm_proxy.islandset import store_island_set
 from bkv_hsm_proxy.membership import fix_admin_key, fix_member_set
 from bkv_hsm_proxy.settings import HsmProxySettings
 
 
 
 def fleet_init(settings: HsmProxySettings, out: Path | None, new_generation: bool = False,
-               admin_public_key: bytes | None = None, member_set: members.SignedMemberSet | None = None) -> dict:
+               admin_public_key: bytes | None = None, member_set: members.SignedMemberSet | None = None,
+               island_set: islands.SignedIslandSet | None = None) -> dict:
     """Without ``new_generation``: make the first fleet if the token has none,
     and describe the oldest fleet (the one /v1/fleet names). With it
     (rotation): add a fleet -- new keys, the OPAQUE setup re-sealed for them --
     and describe that one; /v1/fleet keeps naming the old one until it retires.
     ``admin_public_key`` and ``member_set`` (signed by that key): fixed in
-    the token the first time, checked against it after."""
+    the token the first time, checked against it after. ``island_set``
+    (signed by that key): stored if it is the token's next one (the first,
+    at a new fleet), nothing if the token holds it already, else refused
+    (``errors.IslandSetRefused``)."""
     hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
     try:
         if admin_public_key is not None:
             fix_admin_key(hsm, admin_public_key)
         if member_set is not None:
             fix_member_set(hsm, member_set)
+        if island_set is not None:
+            store_island_set(hsm, island_set)
         created = False
         gens = hsm.generations()
         if not gens:

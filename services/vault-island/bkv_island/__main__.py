@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 
 async def _with_etcd(fn):
@@ -47,8 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("islands", nargs="+", type=ISLAND_ARG)
     sm.add_argument("--if-absent", action="store_true",
                     help="only write a first map; an existing one changes through add-island, which moves records")
-    ai = sub.add_parser("add-island", help="add a running island to the map and move the users that now hash to it")
+    ai = sub.add_parser("add-island", help="add a running island: store the admin's two signed island sets in "
+                                           "every hsm-proxy, and move the users that now hash to it between them")
     ai.add_argument("island", type=ISLAND_ARG)
+    ai.add_argument("--island-sets", type=Path, nargs=2, required=True, metavar=("MOVING", "FINAL"),
+                    help="the two sets `bkv-hsm-proxy sign-islands` made for this island: the islands with it "
+                         "and the old ones as --previous, then the same islands alone (the next epoch)")
+    ai.add_argument("--hsm-url", action="append", default=None,
+                    help="an hsm-proxy to store them in; repeat for each (default: $BKV_ISLAND_HSM_URLS)")
     mf = sub.add_parser("migrate-fleet", help="rotation: re-seal every record under a new fleet's keys")
     mf.add_argument("fleet_id", type=FLEET_ARG)
     args = parser.parse_args(argv)
@@ -65,10 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         from bkv_island.rebalance import add_island
+        from bkv_protocol import islands as isl
+        from bkv_server.http import UpstreamError, UpstreamUnavailable
+        from bkv_server.settings import split_list
 
+        urls = args.hsm_url or split_list(os.environ.get("BKV_ISLAND_HSM_URLS", ""))
         try:
-            print(json.dumps(asyncio.run(_with_etcd(lambda c, prefix: add_island(c, prefix, args.island)))))
-        except RuntimeError as exc:
+            moving, final = (isl.SignedIslandSet.from_json(p.read_bytes()) for p in args.island_sets)
+            print(json.dumps(asyncio.run(_with_etcd(lambda c, prefix: add_island(c, prefix, args.island, moving,
+                                                                                 final, urls)))))
+        except (RuntimeError, isl.IslandSetError, OSError, UpstreamError, UpstreamUnavailable) as exc:
             print(f"bkv-island: {exc}", file=sys.stderr)
             return 1
         return 0

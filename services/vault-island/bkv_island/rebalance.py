@@ -1,11 +1,23 @@
-"""Adding an island: the new map is published with the old one kept as
-``previous``, every record whose user now hashes to another island is moved
-(re-sealed by the hsm-proxy for its new island and moved in one etcd
-transaction, version and attempt count intact), then ``previous`` is dropped.
+"""Adding an island, with the two island sets the admin signed for it
+(``bkv_protocol.islands.migration``): the first names the islands with the
+new one and the old ones as ``previous``, the second the islands alone.
 
-While it runs, frontends that find no record where the new map says follow
-``previous`` and move that user on demand (``bkv_frontend.app``), so traffic
-continues. Re-running after an interruption resumes the same migration.
+1. every hsm-proxy stores the first set (its token's next one): from then
+   on the boundary signs no refusal and makes no new record for a user
+   whose home moves, on either island (``wrong_island``), and moves a
+   record only to its new home;
+2. the etcd map (the routing hint) becomes the first set, ``previous`` too;
+3. every record whose user now hashes to another island is moved (re-sealed
+   by the hsm-proxy for its new island, version and attempt count intact),
+   in passes until one moves nothing (a registration that was on its way
+   while the first set was being stored lands in a second pass);
+4. every hsm-proxy stores the second set; the etcd map drops ``previous``.
+
+While it runs, frontends that find no record where the new map says (or
+are told ``wrong_island``) follow ``previous`` and move that user on demand
+(``bkv_frontend.app``), so traffic continues. Re-running after an
+interruption resumes the same migration: a set a token holds already is
+stored again as a no-op.
 """
 
 from __future__ import annotations
@@ -16,7 +28,11 @@ import aetcd
 
 from bkv_server.fleetmap import read_map, read_replicas, rendezvous_ref, set_island_map
 from bkv_server.http import ServiceClient
+from bkv_protocol import hsm_api as hapi
 from bkv_protocol import island_api as api
+from bkv_protocol import islands as isl
+
+MAX_PASSES = 5
 
 
 async def _each_ref(islands: list[str], replicas: dict[str, list[str]], fn, concurrency: int) -> tuple[int, int]:
@@ -41,13 +57,40 @@ async def _each_ref(islands: list[str], replicas: dict[str, list[str]], fn, conc
     return scanned, done
 
 
-async def add_island(etcd: aetcd.Client, prefix: str, new_island: str, *, concurrency: int = 16) -> dict:
-    islands, previous = await read_map(etcd, prefix)
-    old = previous if previous is not None else islands
-    target = sorted(set(islands) | {new_island})
+async def store_island_set(hsm_urls: list[str], signed: isl.SignedIslandSet) -> None:
+    """Every hsm-proxy stores ``signed`` (or holds it already). One that
+    cannot be reached fails the step: a token left on an older set would
+    still sign refusals the newer one refuses."""
+    if not hsm_urls:
+        raise RuntimeError("no hsm-proxy to store the island set in (BKV_ISLAND_HSM_URLS, or --hsm-url)")
+    for url in hsm_urls:
+        client = ServiceClient("hsm-proxy", [url])
+        try:
+            await client.call("POST", "/hsm/v1/islands/store", hapi.IslandSetIn(island_set=signed.to_json()),
+                              hapi.IslandSetOut, idempotent=True)
+        finally:
+            await client.aclose()
+
+
+def check_migration(new_island: str, moving: isl.SignedIslandSet, final: isl.SignedIslandSet) -> None:
+    """The two sets are one migration adding ``new_island`` (the hsm-proxies
+    check the signatures and that the first is their token's next set)."""
+    m, f = moving.set, final.set
+    if m.previous is None or new_island not in m.islands or new_island in m.previous \
+            or f.previous is not None or f.islands != m.islands or f.epoch != m.epoch + 1:
+        raise RuntimeError(f"the island sets are not one migration adding {new_island}: the first names the "
+                           "islands with it and the old ones as previous, the second (its epoch + 1) the same "
+                           "islands alone (bkv-hsm-proxy sign-islands)")
+
+
+async def add_island(etcd: aetcd.Client, prefix: str, new_island: str, moving: isl.SignedIslandSet,
+                     final: isl.SignedIslandSet, hsm_urls: list[str], *, concurrency: int = 16) -> dict:
+    check_migration(new_island, moving, final)
+    target, old = list(moving.set.islands), list(moving.set.previous)
     replicas = await read_replicas(etcd, prefix)
     if not replicas.get(new_island):
         raise RuntimeError(f"island {new_island} has no live replica; start it before adding it to the map")
+    await store_island_set(hsm_urls, moving)
     await set_island_map(etcd, prefix, target, previous=old)
 
     async def move(client: ServiceClient, island: str, ref: str) -> bool:
@@ -58,9 +101,17 @@ async def add_island(etcd: aetcd.Client, prefix: str, new_island: str, *, concur
                                 api.MoveOut, idempotent=True)
         return out.moved
 
-    scanned, moved = await _each_ref(old, replicas, move, concurrency)
+    scanned = moved = 0
+    for _ in range(MAX_PASSES):
+        seen, done = await _each_ref(old, await read_replicas(etcd, prefix), move, concurrency)
+        scanned, moved = max(scanned, seen), moved + done
+        if not done:
+            break
+    else:
+        raise RuntimeError(f"records were still moving after {MAX_PASSES} passes; run add-island again")
+    await store_island_set(hsm_urls, final)
     await set_island_map(etcd, prefix, target)
-    return {"islands": target, "scanned": scanned, "moved": moved}
+    return {"islands": target, "scanned": scanned, "moved": moved, "epoch": final.set.epoch}
 
 
 async def migrate_fleet(etcd: aetcd.Client, prefix: str, to_fleet: str, *, concurrency: int = 16) -> dict:
