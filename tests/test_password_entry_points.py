@@ -257,13 +257,13 @@ def test_a_forged_deletion_answer_never_makes_disable_delete_the_backups(fleet, 
 
 def test_a_password_change_and_a_forgotten_password_restart_work_through_the_cli(fleet, tmp_path):
     device = make_device(fleet, tmp_path / "home")
-    store = str(tmp_path / "store")
-    assert device("backup", str(make_source(tmp_path)), "--store", store).returncode == 0
+    store, src = str(tmp_path / "store"), str(make_source(tmp_path))
+    assert device("backup", src, "--store", store).returncode == 0
     res = device("password", "change", "--password-stdin", stdin=f"{PW}\nsecond password\n", password=None)
     assert res.returncode == 0, res.stderr
     assert device("verify", "--store", store, password="second password").returncode == 0
     # Without the password a backup cannot escrow a new key over the live one.
-    res = device("backup", str(make_source(tmp_path)), "--store", str(tmp_path / "s2"), "--new-key",
+    res = device("backup", src, "--store", str(tmp_path / "s2"), "--new-key",
                  "--yes-abandon-old-backups", password="a guess")
     assert res.returncode == ExitCode.WRONG_PASSWORD, res.stderr
     # Forgotten: the attempts are spent, each one signed, then a new key is made.
@@ -272,7 +272,7 @@ def test_a_password_change_and_a_forgotten_password_restart_work_through_the_cli
     res = device("password", "forgot", "--yes-destroy-escrowed-key")
     assert res.returncode == 0 and "9 attempts spent" in res.stdout, (res.stdout, res.stderr)
     assert device("verify", "--store", store, password="second password").returncode == ExitCode.LOCKED_OUT
-    res = device("backup", str(make_source(tmp_path)), "--store", str(tmp_path / "s3"), "--new-key",
+    res = device("backup", src, "--store", str(tmp_path / "s3"), "--new-key",
                  "--yes-abandon-old-backups", password="third password")
     assert res.returncode == 0, res.stderr
     assert device("verify", "--store", str(tmp_path / "s3"), password="third password").returncode == 0
