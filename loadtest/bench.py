@@ -83,26 +83,30 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
     from bkv_protocol import hsm_api as api
     from bkv_hsm_proxy.core import VaultHsm
     from bkv_hsm_proxy.hsm import Pkcs11Hsm
-    from bkv_protocol.encoding import b64d
+    from bkv_protocol.encoding import b64d, user_ref
 
     os.environ["SOFTHSM2_CONF"] = str(fleet.state / "hsm" / "softhsm2.conf")
     pin = json.loads((fleet.state / "hsm" / "pins.json").read_text())["user"]
     hsm = Pkcs11Hsm(SOFTHSM_MODULE, TOKEN_LABEL, pin)
     vault = VaultHsm(hsm, max_attempts=1000)  # inputs are reused, so the count never drains
     absent = api.Entry(state=api.EntryState.ABSENT, version=0)
+    # A user the token's island set places on island-a: only there does the boundary make its record.
+    placed = vault.island_set()
+    floor_user = "floor" if placed is None else next(
+        u for u in (f"floor-{i}" for i in range(10_000)) if placed.settled(user_ref(u), "island-a"))
     # One registration made once; its record is reused (restored) every loop.
     start = opaque.client_registration_start(b"pw")
-    rs = vault.registration_start(api.RegistrationStartIn(user_id="floor", island="island-a", current=absent,
+    rs = vault.registration_start(api.RegistrationStartIn(user_id=floor_user, island="island-a", current=absent,
                                                           registration_request=start.get_message()))
     fin = opaque.client_registration_finish(b"pw", start.get_state(), rs.registration_response)
-    reg_in = api.RegistrationFinishIn(user_id="floor", island="island-a", request_id=os.urandom(16), current=absent, challenge=rs.challenge,
+    reg_in = api.RegistrationFinishIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=absent, challenge=rs.challenge,
                                       registration_upload=fin.get_message(), ek=os.urandom(48), k_nonce=os.urandom(12))
     entry, _ = vault.registration_finish(reg_in)  # (the next entry, the answer a client would get)
     login = opaque.client_login_start(b"pw")
-    ls_in = api.LoginStartIn(user_id="floor", island="island-a", request_id=os.urandom(16), current=entry, credential_request=login.get_message())
+    ls_in = api.LoginStartIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=entry, credential_request=login.get_message())
     ls_entry, ls = vault.login_start(ls_in)
     cfin = opaque.client_login_finish(b"pw", login.get_state(), b64d(ls["credential_response"])).get_message()
-    lf_in = api.LoginFinishIn(user_id="floor", island="island-a", request_id=os.urandom(16), current=ls_entry,
+    lf_in = api.LoginFinishIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=ls_entry,
                               login_state=b64d(ls["login_state"]), credential_finalization=cfin)
     req = start.get_message()
 
@@ -115,7 +119,7 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
 
     out = {
         "registration": per_op(lambda: (
-            vault.registration_start(api.RegistrationStartIn(user_id="floor", island="island-a", current=absent,
+            vault.registration_start(api.RegistrationStartIn(user_id=floor_user, island="island-a", current=absent,
                                                              registration_request=req)),
             vault.registration_finish(reg_in))),
         "guess": per_op(lambda: vault.login_start(ls_in)),

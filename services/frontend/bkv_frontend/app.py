@@ -82,6 +82,8 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                                   headers=exc.headers)
         if exc.status_code == 404:
             return error_response(404, ErrorCode.NOT_FOUND, "no such endpoint")
+        if exc.status_code == 400:  # a body FastAPI could not parse (the delete route's): the one 400 shape
+            return error_response(400, ErrorCode.INVALID_REQUEST, "the body is not valid JSON")
         return Response(status_code=exc.status_code, headers=exc.headers)
 
     app.add_exception_handler(StarletteHTTPException, _routing)
