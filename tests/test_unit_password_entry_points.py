@@ -212,3 +212,14 @@ def test_only_the_requests_a_device_acts_on_can_be_refused_and_with_their_own_fi
     rid = os.urandom(16)
     assert transcripts.refusable_request(transcripts.Route.LOGIN_START, None, "u", rid, [b"cr"]) == \
         transcripts.login_start_request(None, "u", rid, b"cr")
+
+
+def test_a_change_tickets_repr_and_its_recoverys_never_show_the_ticket_or_its_key():
+    from bkv.sdk import ChangeTicket, Recovery
+    from bkv_protocol.secrets import BackupKey, TicketKey
+
+    key, blob = os.urandom(32), os.urandom(80)
+    ticket = ChangeTicket(blob, TicketKey(key))
+    shown = repr(Recovery(BackupKey(os.urandom(32)), "reset", ticket))
+    assert "redacted" in repr(ticket) and "redacted" in shown
+    assert all(secret.hex() not in shown and repr(secret) not in shown for secret in (key, blob))
