@@ -20,6 +20,7 @@ import aetcd
 
 # The placement itself is the protocol's: the boundary computes it from the signed island set.
 from bkv_protocol.islands import rendezvous, rendezvous_ref  # noqa: F401 - re-exported
+from bkv_protocol import hsm_api
 from bkv_server.etcd import RETRYABLE
 
 log = logging.getLogger(__name__)
@@ -109,3 +110,24 @@ async def announce_replica(client: aetcd.Client, prefix: str, island: str, repli
             await lease.revoke()
         except Exception:  # noqa: BLE001 - best effort on shutdown
             pass
+
+
+async def store_island_set(hsm_urls: list[str], island_set: str) -> dict[str, hsm_api.IslandSetOut]:
+    """Deliver a signed island set (JSON) to every hsm-proxy at ``hsm_urls``,
+    which stores it as its token's next set (bkv_hsm_proxy.islandset; the
+    admin's signature is its authority). Every one must take it: a token
+    left on an older set would still sign refusals the newer one refuses.
+    Used by ``bkv-hsm-proxy store-island-set`` and ``bkv-island add-island``."""
+    from bkv_server.http import ServiceClient
+
+    if not hsm_urls:
+        raise RuntimeError("no hsm-proxy to store the island set in (BKV_ISLAND_HSM_URLS, or --hsm-url)")
+    out = {}
+    for url in hsm_urls:
+        client = ServiceClient("hsm-proxy", [url])
+        try:
+            out[url] = await client.call("POST", "/hsm/v1/islands/store", hsm_api.IslandSetIn(island_set=island_set),
+                                         hsm_api.IslandSetOut, idempotent=True)
+        finally:
+            await client.aclose()
+    return out

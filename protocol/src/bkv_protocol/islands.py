@@ -30,15 +30,14 @@ File (JSON)::
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 from bkv_protocol import labels
 from bkv_protocol.bundle import RootKey
-from bkv_protocol.encoding import b64e, canonical, digest, u64, user_ref
-from bkv_protocol.members import (BadMemberSignature, MalformedMemberSet, MemberSetError, _check,
-                                  _key_and_signature, _parsed)
+from bkv_protocol.encoding import canonical, digest, u64, user_ref
+from bkv_protocol.members import (BadMemberSignature, MalformedMemberSet, MemberSetError, _canonical_json, _check,
+                                  _key_and_signature, _parsed, _signed_json)
 
 FORMAT = 1
 MAX_ISLANDS = 256
@@ -125,10 +124,6 @@ class IslandSet:
         return self.candidates(ref) == (island,)
 
 
-def _canonical_json(obj: dict) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
 def message(s: IslandSet, admin_public_key: bytes) -> bytes:
     """The transcript the admin key signs: the set and the key itself."""
     return canonical(labels.SIG_ISLAND_SET, admin_public_key, u64(s.epoch), _canonical_json(s.body()))
@@ -141,8 +136,7 @@ class SignedIslandSet:
     signature: bytes
 
     def to_json(self) -> str:
-        return json.dumps({**self.set.body(), "admin_public_key": b64e(self.admin_public_key),
-                           "signature": b64e(self.signature)}, sort_keys=True, indent=2) + "\n"
+        return _signed_json(self.set.body(), self.admin_public_key, self.signature)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SignedIslandSet:

@@ -91,6 +91,12 @@ def _canonical_json(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+def _signed_json(body: dict, admin_public_key: bytes, signature: bytes) -> str:
+    """A set's file: its body, the admin key and the signature (also bkv_protocol.islands')."""
+    return json.dumps({**body, "admin_public_key": b64e(admin_public_key), "signature": b64e(signature)},
+                      sort_keys=True, indent=2) + "\n"
+
+
 def message(s: MemberSet, admin_public_key: bytes) -> bytes:
     """The transcript the admin key signs: the set and the key itself."""
     return canonical(labels.SIG_MEMBER_SET, admin_public_key, u64(s.epoch), _canonical_json(s.body()))
@@ -103,8 +109,7 @@ class SignedMemberSet:
     signature: bytes
 
     def to_json(self) -> str:
-        return json.dumps({**self.set.body(), "admin_public_key": b64e(self.admin_public_key),
-                           "signature": b64e(self.signature)}, sort_keys=True, indent=2) + "\n"
+        return _signed_json(self.set.body(), self.admin_public_key, self.signature)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SignedMemberSet:

@@ -184,13 +184,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.cmd == "store-island-set":  # a client of the running hsm-proxies: no token, no PIN
+        import asyncio
+
         from bkv_protocol import islands as isl
+        from bkv_server.fleetmap import store_island_set
         from bkv_server.http import UpstreamError, UpstreamUnavailable
 
         try:
             text = sys.stdin.read() if str(args.island_set) == "-" else args.island_set.read_text()
             isl.SignedIslandSet.from_json(text)  # refused here already if it does not parse
-            out = asyncio_run_store(text, args.hsm_url)
+            out = {url: {"epoch": got.epoch, "stored": got.stored}
+                   for url, got in asyncio.run(store_island_set(args.hsm_url, text)).items()}
         except (isl.IslandSetError, OSError, UpstreamError, UpstreamUnavailable) as exc:
             print(f"bkv-hsm-proxy: island set not stored: {exc}", file=sys.stderr)
             return 1
@@ -353,28 +357,6 @@ def main(argv: list[str] | None = None) -> int:
     except DeadlineExceeded as exc:
         print(f"bkv-hsm-proxy: HSM error: {exc.__cause__}", file=sys.stderr)
         return 3
-
-
-def asyncio_run_store(island_set: str, urls: list[str]) -> dict:
-    """Deliver ``island_set`` to each hsm-proxy at ``urls`` (every one must take it)."""
-    import asyncio
-
-    from bkv_protocol import hsm_api
-    from bkv_server.http import ServiceClient
-
-    async def store() -> dict:
-        out = {}
-        for url in urls:
-            client = ServiceClient("hsm-proxy", [url])
-            try:
-                got = await client.call("POST", "/hsm/v1/islands/store", hsm_api.IslandSetIn(island_set=island_set),
-                                        hsm_api.IslandSetOut, idempotent=True)
-            finally:
-                await client.aclose()
-            out[url] = {"epoch": got.epoch, "stored": got.stored}
-        return out
-
-    return asyncio.run(store())
 
 
 def _freezes(paths: list[Path]) -> list:

@@ -252,14 +252,19 @@ class VaultHsm:
         self._islands = islandset.newest_after(self._hsm, self._islands)
         return self._islands
 
-    def _settled(self, ref: str, island: str, what: str) -> None:
-        """``island`` is the only place the user's record can be, by the
-        token's island set (its home; while records move, its home under
-        the previous islands too): else WrongIsland, and ``what`` is not done."""
+    def _island_set_for(self, what: str) -> islands.IslandSet:
+        """The token's newest island set; with none yet, ``what`` is done nowhere (NoIslandSet)."""
         s = self.island_set()
         if s is None:
             raise errors.NoIslandSet(f"this vault's token holds no island set yet: no {what} anywhere until the "
                                      "admin's signed set is stored (bkv-hsm-proxy store-island-set)")
+        return s
+
+    def _settled(self, ref: str, island: str, what: str) -> None:
+        """``island`` is the only place the user's record can be, by the
+        token's island set (its home; while records move, its home under
+        the previous islands too): else WrongIsland, and ``what`` is not done."""
+        s = self._island_set_for(what)
         if not s.settled(ref, island):
             raise errors.WrongIsland(f"island {island} is not the only island this user's record can be on "
                                      f"(island set epoch {s.epoch}): no {what} here; ask again")
@@ -595,10 +600,7 @@ class VaultHsm:
 
     def _to_home(self, ref: str, island: str) -> None:
         """A record moves only to its home under the token's island set."""
-        s = self.island_set()
-        if s is None:
-            raise errors.NoIslandSet("this vault's token holds no island set yet: records move only to the home "
-                                     "a signed island set names (bkv-hsm-proxy store-island-set)")
+        s = self._island_set_for("move")
         if s.home(ref) != island:
             raise errors.WrongIsland(f"island {island} is not this record's home under the island set of epoch "
                                      f"{s.epoch}: it does not move there")

@@ -26,9 +26,8 @@ import asyncio
 
 import aetcd
 
-from bkv_server.fleetmap import read_map, read_replicas, rendezvous_ref, set_island_map
+from bkv_server.fleetmap import read_map, read_replicas, rendezvous_ref, set_island_map, store_island_set
 from bkv_server.http import ServiceClient
-from bkv_protocol import hsm_api as hapi
 from bkv_protocol import island_api as api
 from bkv_protocol import islands as isl
 
@@ -57,21 +56,6 @@ async def _each_ref(islands: list[str], replicas: dict[str, list[str]], fn, conc
     return scanned, done
 
 
-async def store_island_set(hsm_urls: list[str], signed: isl.SignedIslandSet) -> None:
-    """Every hsm-proxy stores ``signed`` (or holds it already). One that
-    cannot be reached fails the step: a token left on an older set would
-    still sign refusals the newer one refuses."""
-    if not hsm_urls:
-        raise RuntimeError("no hsm-proxy to store the island set in (BKV_ISLAND_HSM_URLS, or --hsm-url)")
-    for url in hsm_urls:
-        client = ServiceClient("hsm-proxy", [url])
-        try:
-            await client.call("POST", "/hsm/v1/islands/store", hapi.IslandSetIn(island_set=signed.to_json()),
-                              hapi.IslandSetOut, idempotent=True)
-        finally:
-            await client.aclose()
-
-
 def check_migration(new_island: str, moving: isl.SignedIslandSet, final: isl.SignedIslandSet) -> None:
     """The two sets are one migration adding ``new_island`` (the hsm-proxies
     check the signatures and that the first is their token's next set)."""
@@ -90,7 +74,7 @@ async def add_island(etcd: aetcd.Client, prefix: str, new_island: str, moving: i
     replicas = await read_replicas(etcd, prefix)
     if not replicas.get(new_island):
         raise RuntimeError(f"island {new_island} has no live replica; start it before adding it to the map")
-    await store_island_set(hsm_urls, moving)
+    await store_island_set(hsm_urls, moving.to_json())
     await set_island_map(etcd, prefix, target, previous=old)
 
     async def move(client: ServiceClient, island: str, ref: str) -> bool:
@@ -109,7 +93,7 @@ async def add_island(etcd: aetcd.Client, prefix: str, new_island: str, moving: i
             break
     else:
         raise RuntimeError(f"records were still moving after {MAX_PASSES} passes; run add-island again")
-    await store_island_set(hsm_urls, final)
+    await store_island_set(hsm_urls, final.to_json())
     await set_island_map(etcd, prefix, target)
     return {"islands": target, "scanned": scanned, "moved": moved, "epoch": final.set.epoch}
 
