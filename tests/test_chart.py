@@ -187,8 +187,9 @@ def _hsm_proxy(objs: list[dict]) -> tuple[dict, dict, dict]:
 
 def test_the_hsm_proxy_starts_through_start_with_the_member_set_and_etcd_and_no_freezes_at_first():
     template, container, cm = _hsm_proxy(objects(render(values_for("dev"))))
-    assert container["command"] == ["bkv-hsm-proxy", "start", "--hsm-id", "$(BKV_HSM_ID)",
-                                    "--member-set", "/etc/bkv-members/member-set.json"]
+    # It waits for the fleet-init Job beside it on a new install, not fails at the first look.
+    assert container["command"] == ["bkv-hsm-proxy", "start", "--hsm-id", "$(BKV_HSM_ID)", "--wait-for-fleet-init",
+                                    "600", "--member-set", "/etc/bkv-members/member-set.json"]
     env = {e["name"]: e for e in container["env"]}
     assert env["BKV_HSM_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["BKV_HSM_ETCD_ENDPOINTS"]["value"] == "bkv-etcd:2379"  # as the islands reach it

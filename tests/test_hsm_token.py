@@ -324,3 +324,59 @@ print(Pkcs11Hsm({SOFTHSM_MODULE!r}, "upgrade-test", "1234").load_blob("bkv-hsm-s
     marker = procs.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
                             env={**os.environ, **env})
     assert marker.stdout.strip() == born  # kept by the token at that first serve
+
+
+def test_start_waits_for_fleet_init_to_write_the_token_then_serves(tmp_path):
+    """A new install starts the hsm-proxies beside the fleet-init Job (the
+    chart passes --wait-for-fleet-init): `start` on a token that does not
+    exist yet waits, says what it waits for, and serves once fleet-init has
+    written the token; without the wait it exits 4 at once."""
+    import time
+
+    import httpx
+
+    from bkv_dev.fleet import free_base_port
+
+    port = free_base_port()
+    conf = _softhsm_conf(tmp_path)
+    key, signed, state, log = (tmp_path / "admin.key", tmp_path / "set.json", tmp_path / "state" / "state.json",
+                               tmp_path / "start.log")
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": "wait-test",
+           "BKV_HSM_USER_PIN": "1234", "BKV_HSM_STATE_FILE": str(state), "BKV_HSM_PORT": str(port),
+           "BKV_HSM_METRICS_PORT": "0"}
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return procs.run([sys.executable, "-m", "bkv_hsm_proxy", *args], capture_output=True, text=True,
+                         timeout=120, env={**env, **extra})
+
+    public = json.loads(cli("admin-key", "--out", str(key)).stdout)["admin_public_key"]
+    assert cli("sign-members", "--admin-key", str(key), "--members", "hsm-0", "--out", str(signed)).returncode == 0
+    start = ("start", "--hsm-id", "hsm-0", "--member-set", str(signed))
+
+    with log.open("w") as err:
+        started = procs.spawn([sys.executable, "-m", "bkv_hsm_proxy", *start, "--wait-for-fleet-init", "120"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while "waiting for fleet-init (the token" not in log.read_text():
+            assert started.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "start did not say it waits for the token"
+            time.sleep(0.2)
+        _init_token(conf, "wait-test")
+        # A token with no fleet in it yet: without the wait, start refuses at once.
+        at_once = cli(*start, BKV_HSM_STATE_FILE=str(tmp_path / "other" / "state.json"))
+        assert at_once.returncode == 4 and "fleet-init has not written the admin key" in at_once.stderr
+        assert cli("fleet-init", "--admin-public-key", public, "--member-set", str(signed)).returncode == 0
+        deadline = time.monotonic() + 60
+        while True:
+            assert started.poll() is None, log.read_text()
+            try:
+                heads = httpx.get(f"http://127.0.0.1:{port}/hsm/v1/log/heads", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "start did not serve after fleet-init"
+                time.sleep(0.2)
+    finally:
+        procs.end_group(started.pid, leader=started)
+        started.wait(timeout=30)
+    assert heads.status_code == 200 and state.exists()

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--member-set", type=Path, required=True, help="the newest signed member set (hsm.memberSet)")
     st.add_argument("--freezes", type=Path, nargs="*", default=[],
                     help="the freeze statements that set was made from (a change; hsm.memberFreezes)")
+    st.add_argument("--wait-for-fleet-init", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to this long for fleet-init to finish writing the token (a new install: the "
+                         "chart starts the hsm-proxies beside the fleet-init Job); then exit 4")
     init = sub.add_parser("fleet-init", help="create the fleet keys and OPAQUE setup in the token (idempotent)")
     init.add_argument("--out", type=Path, help="write the public fleet parameters here (JSON)")
     init.add_argument("--new-generation", action="store_true",
@@ -396,7 +399,16 @@ def _serve(settings, args: argparse.Namespace) -> int:
         except (ms.MemberSetError, OSError, ValueError) as exc:
             print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
             return 1
-        hsm = open_token(settings.pkcs11_module, settings.token_label, settings.user_pin.get_secret_value())
+        from bkv_hsm_proxy.fleet_init import TokenNotInitialized, wait_for_fleet_init
+
+        pin = settings.user_pin.get_secret_value()
+        try:
+            hsm = wait_for_fleet_init(
+                lambda rescan: open_token(settings.pkcs11_module, settings.token_label, pin, rescan=rescan),
+                args.wait_for_fleet_init, say=lambda m: print(m, file=sys.stderr))
+        except TokenNotInitialized as exc:
+            print(f"bkv-hsm-proxy: {exc}", file=sys.stderr)
+            return 4
         try:
             done = membership.start(hsm, lambda: VaultHsm(hsm, max_attempts=settings.max_attempts).log_key,
                                     settings.state_file, args.hsm_id, signed, freezes,

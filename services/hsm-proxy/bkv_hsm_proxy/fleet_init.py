@@ -128,3 +128,56 @@ def retire_fleet(settings: HsmProxySettings, fleet_id: str) -> dict:
     finally:
         hsm.close()
     return fleet_init(settings, None)  # publishes the oldest remaining fleet as /fleet/params
+
+
+def missing_from_token(hsm) -> str | None:
+    """What fleet-init has not put into the token yet (None: all of it).
+    ``start`` waits on this: on a new install the chart starts the
+    hsm-proxies while the fleet-init Job is still writing."""
+    from bkv_hsm_proxy.hsm import OPAQUE_SETUP_LABEL, generation_label
+    from bkv_hsm_proxy.membership import MEMBER_SET_LABEL, token_admin_key
+
+    if token_admin_key(hsm) is None:
+        return "the admin key"
+    if hsm.load_blob(f"{MEMBER_SET_LABEL}1") is None:
+        return "the first member set"
+    gens = hsm.generations()
+    if not gens or hsm.load_blob(generation_label(OPAQUE_SETUP_LABEL, min(gens))) is None:
+        return "the fleet keys and OPAQUE setup"
+    return None
+
+
+def wait_for_fleet_init(open_hsm, wait_s: float, *, clock=None, sleep=None, say=print):
+    """An open token that fleet-init has finished, opened by ``open_hsm(rescan)``;
+    reopened while something is missing (another process writes the token:
+    SoftHSM2 reads a token's objects when it is opened), until ``wait_s``
+    has passed. Raises ``TokenNotInitialized`` then (the caller exits 4)."""
+    import time
+
+    clock, sleep = clock or time.monotonic, sleep or time.sleep
+    deadline = clock() + wait_s
+    from bkv_protocol.retry import DeadlineExceeded
+    from bkv_hsm_proxy import errors
+
+    told, reopen = None, False
+    while True:
+        try:
+            hsm, reopen = open_hsm(reopen), True
+        except (errors.HsmTokenUnavailable, DeadlineExceeded):  # the Job's init-token has not made it yet
+            hsm, missing = None, "the token"
+        else:
+            missing = missing_from_token(hsm)
+            if missing is None:
+                return hsm
+            hsm.close()
+        if clock() >= deadline:
+            raise TokenNotInitialized(f"fleet-init has not written {missing} yet: run fleet-init"
+                                      + (f" (waited {wait_s:.0f} s)" if wait_s else ""))
+        if missing != told:
+            say(f"bkv-hsm-proxy: waiting for fleet-init ({missing} is not in the token yet)")
+            told = missing
+        sleep(1.0)
+
+
+class TokenNotInitialized(Exception):
+    """fleet-init has not (yet) made the fleet in this token."""

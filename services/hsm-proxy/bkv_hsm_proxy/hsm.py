@@ -108,15 +108,17 @@ def _mapped(operation: str) -> Iterator[None]:
 OPEN_BACKOFF = Backoff(deadline_s=10.0, first_delay_s=0.1, max_delay_s=1.0)
 
 
-def open_token(module: str, token_label: str, user_pin: str, *, backoff: Backoff = OPEN_BACKOFF) -> "Pkcs11Hsm":
+def open_token(module: str, token_label: str, user_pin: str, *, backoff: Backoff = OPEN_BACKOFF,
+               rescan: bool = False) -> "Pkcs11Hsm":
     """A :class:`Pkcs11Hsm` for ``token_label``, tried again while the token is
     unavailable (``HsmTokenUnavailable``: SoftHSM2 processes opening one token
     directory at once see no token, a general error or no user PIN now and
-    then). A wrong PIN is never tried again: a real HSM locks the PIN after a few."""
+    then). A wrong PIN is never tried again: a real HSM locks the PIN after a few.
+    ``rescan``: read the tokens again from the first try (another process wrote one)."""
     # Each retry rescans: SoftHSM2 reads its tokens once, when the library is
     # initialized, and keeps what it read (a token missing because another process
     # was rewriting its files, an uninitialized PIN) until it is initialized again.
-    return retry_sync(lambda attempt: Pkcs11Hsm(module, token_label, user_pin, rescan=attempt > 0),
+    return retry_sync(lambda attempt: Pkcs11Hsm(module, token_label, user_pin, rescan=rescan or attempt > 0),
                       retry_on=lambda e: isinstance(e, errors.HsmTokenUnavailable), backoff=backoff)
 
 
