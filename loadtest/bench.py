@@ -103,10 +103,10 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
                                       registration_upload=fin.get_message(), ek=os.urandom(48), k_nonce=os.urandom(12))
     entry, _ = vault.registration_finish(reg_in)  # (the next entry, the answer a client would get)
     login = opaque.client_login_start(b"pw")
-    ls_in = api.LoginStartIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=entry, credential_request=login.get_message())
-    ls_entry, ls = vault.login_start(ls_in)
+    ls_in = api.RecoverStartIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=entry, credential_request=login.get_message())
+    ls_entry, ls = vault.recover_start(ls_in)
     cfin = opaque.client_login_finish(b"pw", login.get_state(), b64d(ls["credential_response"])).get_message()
-    lf_in = api.LoginFinishIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=ls_entry,
+    lf_in = api.RecoverFinishIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=ls_entry,
                               login_state=b64d(ls["login_state"]), credential_finalization=cfin)
     req = start.get_message()
 
@@ -122,8 +122,8 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
             vault.registration_start(api.RegistrationStartIn(user_id=floor_user, island="island-a", current=absent,
                                                              registration_request=req)),
             vault.registration_finish(reg_in))),
-        "guess": per_op(lambda: vault.login_start(ls_in)),
-        "recovery": per_op(lambda: (vault.login_start(ls_in), vault.login_finish(lf_in))),
+        "guess": per_op(lambda: vault.recover_start(ls_in)),
+        "recovery": per_op(lambda: (vault.recover_start(ls_in), vault.recover_finish(lf_in))),
     }
     hsm.close()
     return out
@@ -432,7 +432,7 @@ async def check_limit(fleet, seeded: int, evaluated: float) -> str:
     for i in range(seeded):
         user, _ = account(i)
         async with VaultClient(fleet.frontend_url, key, user, issuer.mint(user)) as c:
-            out = await c.login_start(opaque.client_login_start(b"probe").get_message())
+            out = await c.recover_start(opaque.client_login_start(b"probe").get_message())
         used.append(limit - out.attempts_left - 1)
     ok = sum(used) == evaluated and max(used) <= limit
     return (f"{evaluated:.0f} guesses evaluated by the islands; the accounts' signed counts show {sum(used)} used, "
@@ -446,7 +446,7 @@ def _guesses(fleet) -> float:
     for name, p in fleet.procs.items():
         if name.startswith("island"):
             for line in httpx.get(f"http://127.0.0.1:{p.port}/metrics").text.splitlines():
-                if line.startswith("bkv_guesses_evaluated_total "):
+                if line.startswith("bkv_recover_attempts_spent_total "):
                     total += float(line.split()[1])
     return total
 

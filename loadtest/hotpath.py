@@ -92,7 +92,7 @@ async def measure(fleet, ops: int, noise: bool = False, profile: Path | None = N
 
             async def worker(m: int) -> None:
                 for _ in range(m):
-                    await c.login_start(opaque.client_login_start(os.urandom(8)).get_message())
+                    await c.recover_start(opaque.client_login_start(os.urandom(8)).get_message())
 
             await asyncio.gather(*(worker(ops // conc) for _ in range(conc)))
             wall, client = time.perf_counter() - t, time.process_time() - c0

@@ -181,7 +181,7 @@ class GuessFlood(_VaultUser):
     def guess(self) -> None:
         vault = next(self._cycle)
         req = opaque.client_login_start(os.urandom(12)).get_message()
-        self.timed("guess", lambda: vault.login_start(req), expected=(errors.LockedOut,))
+        self.timed("guess", lambda: vault.recover_start(req), expected=(errors.LockedOut,))
 
 
 class Registration(_VaultUser):

@@ -605,7 +605,7 @@ def test_in_the_rendered_chart_only_envoy_is_reachable_from_outside_the_frontend
     assert "bkv_http_requests_total" in httpx.get(f"{ops}/metrics").text
     assert "envoy_" in httpx.get(f"{ops}/stats/prometheus").text
     # The ops listener routes no vault API, plain or otherwise.
-    assert httpx.post(f"{ops}/v1/login/start", json={}).status_code == 404
+    assert httpx.post(f"{ops}/v1/recover/start", json={}).status_code == 404
     assert httpx.get(f"{ops}/v1/fleet").status_code == 404
     (hsm,) = run.pods_of("bkv-hsm-proxy")
     assert "bkv_hsm_operation_duration_seconds" in httpx.get(f"http://{hsm.ip}:9100/metrics").text

@@ -214,7 +214,7 @@ def test_only_envoy_is_reachable_from_outside_the_frontend_pod(cluster):
     ops = f"http://{ip}:9902"
     assert httpx.get(f"{ops}/readyz").status_code == 200
     # The ops listener routes no vault API.
-    assert httpx.post(f"{ops}/v1/login/start", json={}).status_code == 404
+    assert httpx.post(f"{ops}/v1/recover/start", json={}).status_code == 404
 
 
 def test_service_dns_resolves_inside_the_cluster(cluster):

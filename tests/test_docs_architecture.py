@@ -56,7 +56,7 @@ def defines(path: Path, name: str) -> bool:
         receiver = rf"\(\w+ \*?{owner}\) " if owner else r"(\(\w+ \*?\w+\) )?"
         return re.search(rf"^func {receiver}{member}\(", text, re.M) is not None
     if not owner:
-        return re.search(rf"^\s*(async )?(def|class) {member}\b", text, re.M) is not None
+        return re.search(rf"^(\s*(async )?(def|class) {member}\b|{member} = )", text, re.M) is not None
     body = re.search(rf"^class {owner}\b.*?(?=^\S|\Z)", text, re.M | re.S)
     return body is not None and re.search(rf"^\s+(async )?def {member}\(", body.group(), re.M) is not None
 
@@ -73,8 +73,8 @@ def test_the_recovery_walk_names_the_sdk_the_edge_every_tier_and_the_token():
                  "services/vault-island/bkv_island/ledger.py", "services/hsm-proxy/bkv_hsm_proxy/log.py"):
         assert any(f.startswith(part) for f in files), part
     names = {name for _, name in RECOVERY}
-    assert {"VaultProtocol.login_start", "Island.login_start", "Island.login_finish", "VaultHsm.login_start",
-            "VaultHsm.login_finish"} <= names
+    assert {"VaultProtocol.recover_start", "Island.recover_start", "Island.recover_finish", "VaultHsm.recover_start",
+            "VaultHsm.recover_finish"} <= names
 
 
 @pytest.mark.parametrize("path,name", RECOVERY, ids=[f"{p}:{n}" for p, n in RECOVERY])
@@ -85,7 +85,7 @@ def test_each_name_of_the_recovery_walk_exists(path, name):
 
 def test_a_name_that_is_not_there_is_not_found():
     sdk, exchange = ROOT / "client/src/bkv/sdk.py", ROOT / "services/edge/noise-processor/exchange.go"
-    assert defines(sdk, "VaultProtocol.login_start") and defines(exchange, "exchange.open")
+    assert defines(sdk, "VaultProtocol.recover_start") and defines(exchange, "exchange.open")
     assert not defines(sdk, "VaultProtocol.recovery_start")
     assert not defines(sdk, "VaultClientSync.verify")  # VaultProtocol's, not this class's
     assert not defines(exchange, "processor.open")

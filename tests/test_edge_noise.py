@@ -130,7 +130,7 @@ class _AddHeader(httpx.AsyncBaseTransport):
 
 
 def test_nothing_in_clear_passes_envoy(fleet):
-    for method, path in (("POST", "/v1/login/start"), ("GET", "/v1/fleet"), ("GET", "/healthz"),
+    for method, path in (("POST", "/v1/recover/start"), ("GET", "/v1/fleet"), ("GET", "/healthz"),
                          ("GET", "/noise/v1"), ("PUT", "/noise/handshake"), ("POST", "/v1/bundle")):
         resp = httpx.request(method, fleet.edge_url + path, json={} if method == "POST" else None)
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
@@ -207,7 +207,7 @@ def _assert_outer_is_bare(resp: httpx.Response) -> None:
     ("/v1/fleet", "", 200, None),  # a vault answer
     ("/v1/fleet/", "", 307, "location"),  # a trailing slash: a bare redirect
     ("/v1/no/such/call", "", 404, None),
-    ("/v1/login/start", "Bearer not-a-token", 401, "www-authenticate"),
+    ("/v1/recover/start", "Bearer not-a-token", 401, "www-authenticate"),
 ])
 async def test_a_sealed_answer_leaves_envoy_with_only_the_allow_listed_headers(
         noise_client, fleet, path, auth, inner_status, upstream_header):
@@ -239,7 +239,7 @@ async def test_no_record_and_a_live_record_answer_a_recovery_start_with_the_same
     with pytest.raises(errors.NoRecord):
         await without.recover(PW)
 
-    def login_start(client) -> bytes:
+    def recover_start(client) -> bytes:
         return [e for e in client.noise._http.exchanges if e[0] == "/noise/v1"][0][2]
 
-    assert len(login_start(with_record)) == len(login_start(without)) == 2048 + 16
+    assert len(recover_start(with_record)) == len(recover_start(without)) == 2048 + 16

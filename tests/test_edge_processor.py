@@ -116,7 +116,7 @@ def _set_headers(mutation) -> dict[str, bytes]:
 def test_a_transport_request_opens_to_the_inner_request_and_its_answer_is_sealed_with_the_inner_status(processor):
     device = StaticKey.generate()
     session = processor.handshake(device)
-    body = session.session_id + session.seal_request(7, "/v1/login/start", "Bearer t", b'{"a":1}')
+    body = session.session_id + session.seal_request(7, "/v1/recover/start", "Bearer t", b'{"a":1}')
     headers, request, response_headers, response_body = processor.transport(
         body, HeaderValue(key=":status", raw_value=b"403"), b'{"error":{}}')
 
@@ -124,7 +124,7 @@ def test_a_transport_request_opens_to_the_inner_request_and_its_answer_is_sealed
     common = request.request_body.response
     assert common.body_mutation.body == b'{"a":1}'
     inner = _set_headers(common.header_mutation)
-    assert inner[":path"] == b"/v1/login/start" and inner["authorization"] == b"Bearer t"
+    assert inner[":path"] == b"/v1/recover/start" and inner["authorization"] == b"Bearer t"
     assert inner["content-length"] == b"7" and inner["content-type"] == b"application/json"
     # Every client-supplied copy of the device header goes; ours is what the handshake proved.
     assert common.header_mutation.remove_headers == ["x-bkv-device-key"]
@@ -146,7 +146,7 @@ UPSTREAM_HEADERS = [HeaderValue(key=k, raw_value=v) for k, v in (
 
 def test_only_the_allow_listed_headers_stay_on_a_sealed_answer(processor):
     session = processor.handshake()
-    body = session.session_id + session.seal_request(1, "/v1/login/start", "Bearer x", b"")
+    body = session.session_id + session.seal_request(1, "/v1/recover/start", "Bearer x", b"")
     _, _, response_headers, _ = processor.transport(body, HeaderValue(key=":status", raw_value=b"401"),
                                                     b'{"error":{}}', UPSTREAM_HEADERS)
     mutation = response_headers.response_headers.response.header_mutation

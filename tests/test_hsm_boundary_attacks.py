@@ -100,7 +100,7 @@ async def fails_closed(fleet, user: str) -> None:
 
 
 async def test_no_route_of_the_hsm_proxy_answers_a_guess_in_clear(own_fleet):
-    for path in ("/hsm/v1/login/start", "/hsm/v1/login/finish", "/hsm/v1/registration/finish",
+    for path in ("/hsm/v1/recover/start", "/hsm/v1/recover/finish", "/hsm/v1/registration/finish",
                  "/hsm/v1/reseal", "/hsm/v1/migrate"):
         assert httpx.post(hsm_url(own_fleet) + path, json={}, timeout=5).status_code == 404, path
 
@@ -116,7 +116,7 @@ async def test_login_start_applied_thirty_times_to_one_head_releases_at_most_one
     candidates = []
     for _ in range(30):
         out = await hsm.apply(hapi.ApplyIn(head=ledger.head, ops=[hapi.Op(
-            kind=hapi.OpKind.LOGIN_START, proof=proof, login_start=hapi.LoginStartIn(
+            kind=hapi.OpKind.RECOVER_START, proof=proof, recover_start=hapi.RecoverStartIn(
                 user_id=user, island=ISLAND, request_id=os.urandom(16), current=current,
                 credential_request=request))]))
         assert out.results[0].error is None

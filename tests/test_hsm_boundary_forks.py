@@ -59,7 +59,7 @@ class Insider:
                     password: str = PW) -> hapi.ApplyOut:
         """hsm-proxy ``i`` applies one guess against ``head``: a candidate entry and a held answer."""
         out = await self.one[i].call("POST", "/hsm/v1/log/apply", hapi.ApplyIn(head=head, ops=[hapi.Op(
-            kind=hapi.OpKind.LOGIN_START, proof=proof, login_start=hapi.LoginStartIn(
+            kind=hapi.OpKind.RECOVER_START, proof=proof, recover_start=hapi.RecoverStartIn(
                 user_id=user, island=ISLAND, request_id=os.urandom(16), current=current,
                 credential_request=opaque.client_login_start(password.encode()).get_message()))]),
             hapi.ApplyOut, idempotent=True)

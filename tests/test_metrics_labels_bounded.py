@@ -19,10 +19,10 @@ from bkv_server.metrics import OTHER, UNMATCHED, RouteTable, http_labels, method
 
 
 def test_a_declared_route_is_its_own_label_and_anything_else_is_unmatched():
-    table = RouteTable(["/v1/login/start", "/v1/fleet"])
-    assert table.label("/v1/login/start") == "/v1/login/start"
-    for path in ("/v1/login/start/", "/v1/login/start/x", "/V1/FLEET", "/v1/fleet\n", "", "/",
-                 "/" + "a" * 4096, "/v1/login/start?x=1", "/v1/recovery/%2e%2e"):
+    table = RouteTable(["/v1/recover/start", "/v1/fleet"])
+    assert table.label("/v1/recover/start") == "/v1/recover/start"
+    for path in ("/v1/recover/start/", "/v1/recover/start/x", "/V1/FLEET", "/v1/fleet\n", "", "/",
+                 "/" + "a" * 4096, "/v1/recover/start?x=1", "/v1/recovery/%2e%2e"):
         assert table.label(path) == UNMATCHED, path
 
 
@@ -124,7 +124,7 @@ async def test_guard_and_measure_labels_a_fastapi_app_by_its_routes_in_process()
 # -- a real fleet: the frontend, an island and an hsm-proxy as processes -----------------
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "PROPFIND", "PURGE", "MKCOL", "SEARCH"]
-PREFIXES = ["/", "/v1/", "/v1/login/start/", "/metrics", "/healthz/", "/island/v1/", "/hsm/v1/login/start/"]
+PREFIXES = ["/", "/v1/", "/v1/recover/start/", "/metrics", "/healthz/", "/island/v1/", "/hsm/v1/recover/start/"]
 
 
 def _random_path(rng: random.Random, size: int = 4096) -> tuple[str, str]:

@@ -107,7 +107,7 @@ def test_a_signed_token_with_a_claim_of_the_wrong_type_is_a_401_not_a_500(fleet,
     # Twice: the second is answered from the verified-token cache, where a
     # string exp used to blow up (`"123" + 30`).
     for _ in range(2):
-        resp = _post(fleet.frontend_url + "/v1/login/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
+        resp = _post(fleet.frontend_url + "/v1/recover/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                      headers={"authorization": f"Bearer {token}"})
         assert resp.status_code == 401, resp.text
         assert resp.json()["error"]["code"] == "unauthenticated"
@@ -119,14 +119,14 @@ def test_a_signed_token_with_a_claim_of_the_wrong_type_is_a_401_not_a_500(fleet,
 @pytest.mark.parametrize("payload", [b"[1, 2]", b"\"alice\"", b"null", b"{" * 3000 + b"}" * 3000, b"\xff\xfe"])
 def test_a_signed_token_whose_payload_is_not_an_object_is_a_401(fleet, payload):
     token = jwt.api_jws.encode(payload, fleet.issuer()._key, algorithm="EdDSA")  # noqa: SLF001
-    resp = _post(fleet.frontend_url + "/v1/login/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/recover/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {token}"})
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthenticated"
 
 
 def test_a_well_typed_token_still_works(fleet):
     """The checks above refuse only wrong types: a plain token reaches the island (no record: 404)."""
-    resp = _post(fleet.frontend_url + "/v1/login/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/recover/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {mint(fleet)}"})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_record"
 
@@ -136,14 +136,14 @@ def test_a_non_ascii_device_key_in_header_or_token_is_a_401_not_a_500(fleet, hea
     # compare_digest refuses non-ASCII str with a TypeError: the frontend compares bytes. The
     # token's key is non-ASCII too, so even a plain header used to fail.
     token = mint(fleet, cnf={"bkv_device_key": "ß" + B(os.urandom(32))})
-    resp = _post(fleet.frontend_url + "/v1/login/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/recover/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {token}", "x-bkv-device-key": header})
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthenticated"
 
 
 def test_a_bound_token_with_the_matching_header_passes_the_device_check(fleet):
     key = B(os.urandom(32))
-    resp = _post(fleet.frontend_url + "/v1/login/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
+    resp = _post(fleet.frontend_url + "/v1/recover/start", {"request_id": B(os.urandom(16)), "credential_request": B(b"x" * 96)},
                  headers={"authorization": f"Bearer {mint(fleet, cnf={'bkv_device_key': key})}",
                           "x-bkv-device-key": key})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_record"
@@ -179,7 +179,7 @@ def test_an_entry_version_outside_u64_with_room_for_one_is_a_400_at_the_hsm_prox
     assert_4xx(_post(hsm + "/hsm/v1/registration/start", body), "invalid_request")
     body["credential_request"] = body.pop("registration_request")
     body["request_id"] = B(os.urandom(16))
-    assert_4xx(_post(hsm + "/hsm/v1/log/apply", _apply(fleet, "login_start", body)), "invalid_request")
+    assert_4xx(_post(hsm + "/hsm/v1/log/apply", _apply(fleet, "recover_start", body)), "invalid_request")
 
 
 def test_the_largest_entry_version_is_a_4xx_too_because_the_next_one_would_not_fit(fleet):
@@ -215,7 +215,7 @@ def test_a_content_length_of_five_thousand_digits_is_not_a_500(fleet):
 
     u = urlsplit(fleet.frontend_url)
     with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/login/start HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        sock.sendall(b"POST /v1/recover/start HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"content-length: " + b"9" * 5000 + b"\r\n\r\n{}")
         head = sock.recv(64)
     assert head.startswith(b"HTTP/1.1 4"), head
@@ -244,7 +244,7 @@ def test_attempt_counts_are_bounded_in_the_wire_models():
 
     for bad in (-1, 1001, U64):
         with pytest.raises(ValidationError):
-            iapi.LoginStartOut(credential_response=b"r", login_state=b"s", attempts_left=bad, signature=b"g")
+            iapi.RecoverStartOut(credential_response=b"r", login_state=b"s", attempts_left=bad, signature=b"g")
         with pytest.raises(ValidationError):
             hapi.FleetParams(fleet_id="f", fleet_public_key=b"k", max_attempts=bad if bad != -1 else 0)
     with pytest.raises(ValidationError):
@@ -390,7 +390,7 @@ def _hsm_routes(fleet) -> dict[str, dict]:
     return {
         "/hsm/v1/registration/start": {**who, "registration_request": B(os.urandom(32))},
         "/hsm/v1/log/genesis": {"island": isl},
-        "/hsm/v1/log/apply": _apply(fleet, "login_start", {**who, **rid, "credential_request": B(os.urandom(96))}),
+        "/hsm/v1/log/apply": _apply(fleet, "recover_start", {**who, **rid, "credential_request": B(os.urandom(96))}),
         "/hsm/v1/log/capture": {"entries": [head], "release": {"statements": [statement], "held": [B(os.urandom(60))]}},
         "/hsm/v1/log/release": {"entry": head, "statements": [statement], "held": [B(os.urandom(60))]},
         "/hsm/v1/refusal": {**who, "proven": {"head": head, "proof": B(b"\x00\x00\x00")}, "statements": [statement],
@@ -428,8 +428,8 @@ def _frontend_routes(fleet) -> dict[str, dict]:
         "/v1/registration/start": {"fleet_id": fid, "registration_request": B(os.urandom(32))},
         "/v1/registration/finish": {"challenge": B(os.urandom(60)), "registration_upload": B(os.urandom(192)),
                                     "ek": B(os.urandom(48)), "k_nonce": B(os.urandom(12))},
-        "/v1/login/start": {"credential_request": B(os.urandom(96))},
-        "/v1/login/finish": {"login_state": B(os.urandom(300)), "credential_finalization": B(os.urandom(64))},
+        "/v1/recover/start": {"credential_request": B(os.urandom(96))},
+        "/v1/recover/finish": {"login_state": B(os.urandom(300)), "credential_finalization": B(os.urandom(64))},
         "/v1/record/delete": {"ticket": B(os.urandom(80)), "ticket_proof": B(os.urandom(32))},
         "/v1/fleet": {},
     }

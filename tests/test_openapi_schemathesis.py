@@ -91,7 +91,7 @@ def test_schemathesis_finds_nothing_the_schema_does_not_document(fleet):
     assert not failures, f"{len(failures)} finding(s):\n" + "\n\n".join(dict.fromkeys(failures))
     # It really tested: every public operation, every check, within the bound.
     assert called >= {"GET /v1/fleet", "POST /v1/registration/start", "POST /v1/registration/finish",
-                      "POST /v1/login/start", "POST /v1/login/finish", "DELETE /v1/record",
+                      "POST /v1/recover/start", "POST /v1/recover/finish", "DELETE /v1/record",
                       "POST /v1/record/delete", "GET /v1/bundle", "POST /v1/fleet"}, called
     assert set(CHECKS) <= set(ran), ran
     assert ran.get("negative cases", 0) > 0 and ran.get("undeclared-method cases", 0) > 0, ran
@@ -108,7 +108,7 @@ def test_the_schema_states_byte_lengths_patterns_and_error_codes_and_no_422(flee
     assert (props["request_id"]["minLength"], props["request_id"]["pattern"]) == (24, "^[A-Za-z0-9+/]{22}==$")
     assert props["challenge"]["pattern"].startswith("^(?:[A-Za-z0-9+/]{4})*")
     assert props["fleet_id"]["anyOf"][0]["pattern"] == "^[0-9a-f]{32}$"
-    finish = spec["paths"]["/v1/login/finish"]["post"]
+    finish = spec["paths"]["/v1/recover/finish"]["post"]
     assert finish["security"] == [{"bearerAuth": []}]
     code_enum = {status: r["content"]["application/json"]["schema"]["properties"]["error"]["properties"]["code"]["enum"]
                  for status, r in finish["responses"].items() if status != "200"}

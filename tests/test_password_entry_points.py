@@ -66,7 +66,7 @@ async def test_the_token_holder_gets_no_evaluation_under_the_live_key_from_regis
     user, k = await registered(make_client, "oracle")
     thief = make_client(user)  # holds the account's credential, not the password
     guess = opaque.client_login_start(b"a candidate").get_message()
-    as_login = await thief.login_start(guess)  # one attempt: the masked CredentialResponse
+    as_login = await thief.recover_start(guess)  # one attempt: the masked CredentialResponse
     live = as_login.credential_response[:OPRF_ELEMENT]
     for _ in range(20):  # the dictionary, through the public API: nothing evaluated under the live key
         out = await thief._send(Call("POST", "/v1/registration/start", v1.RegistrationStartRequest(
@@ -90,7 +90,7 @@ async def test_an_island_calling_the_hsm_proxy_directly_gets_no_evaluation_under
             user_id=user, island=island, current=current, registration_request=right[:OPRF_ELEMENT])))
             .registration_response[:OPRF_ELEMENT] for _ in range(30)}
         assert len(evaluated) == 30  # thirty fresh keys: not one under the record's
-        relayed = await make_client(user).login_start(right)  # a CredentialResponse the island relays
+        relayed = await make_client(user).recover_start(right)  # a CredentialResponse the island relays
         assert relayed.credential_response[:OPRF_ELEMENT] not in evaluated
         await ledger.sync()
         assert ledger.current(user_ref(user)).version == current.version + 1  # only that guess was counted
@@ -190,8 +190,8 @@ async def test_a_refusal_asked_with_another_users_proof_does_not_answer_the_vict
             statements=await ledger.statements_for(proven.head), route="login-start", request_id=rid,
             fields=[request]))
         proto = VaultProtocol(b64d(fleet.fleet_params["fleet_public_key"]), victim)
-        victims = transcripts.login_start_request(None, victim, rid, request)
-        assert not proto.refusal_is_signed(Call("POST", "/v1/login/start", None, None, victims),
+        victims = transcripts.recover_start_request(None, victim, rid, request)
+        assert not proto.refusal_is_signed(Call("POST", "/v1/recover/start", None, None, victims),
                                            transcripts.Refusal.NO_RECORD, out.signature)
         with pytest.raises(UpstreamError) as refused:  # a route no device acts on a refusal of
             await hsm.refusal(hapi.RefusalIn(

@@ -62,13 +62,13 @@ async def test_a_recovery_start_resent_to_every_replica_is_answered_from_the_com
     fleet_id = _protocol(fleet, user).fleet_id
     body = {"user_id": user, "fleet_id": fleet_id, "request_id": B(os.urandom(16)),
             "credential_request": B(opaque.client_login_start(b"a wrong guess").get_message())}
-    evaluated = sum(_metric(u, "bkv_guesses_evaluated_total") for u in urls)
+    evaluated = sum(_metric(u, "bkv_recover_attempts_spent_total") for u in urls)
     resent = sum(_metric(u, "bkv_resends_answered_total") for u in urls)
     answers = [httpx.post(urls[i % 2] + "/island/v1/login/start", json=body, timeout=20) for i in range(6)]
     assert {a.status_code for a in answers} == {200}
     assert len({a.content for a in answers}) == 1, [a.content for a in answers]  # byte for byte the committed answer
     assert answers[0].json()["attempts_left"] == 9
-    assert sum(_metric(u, "bkv_guesses_evaluated_total") for u in urls) - evaluated == 1
+    assert sum(_metric(u, "bkv_recover_attempts_spent_total") for u in urls) - evaluated == 1
     # At least the other replica had to open the kept answer through the HSM.
     assert sum(_metric(u, "bkv_resends_answered_total") for u in urls) - resent >= 3
     assert await _attempts_left(make_client, user) == 9
@@ -109,12 +109,12 @@ async def test_no_record_is_signed_for_the_request_it_answers_and_the_client_act
     rec = RecordingTransport()
     with pytest.raises(errors.NoRecord):
         await make_client(user, transport=rec).recover(PW)
-    refusal = json.loads([e for e in rec.exchanges if e[0] == "/v1/login/start"][0][2])["error"]
+    refusal = json.loads([e for e in rec.exchanges if e[0] == "/v1/recover/start"][0][2])["error"]
     assert refusal["code"] == "no_record" and refusal["signature"]
     # The same signature does not vouch for any other request.
     proto = _protocol(fleet, user)
-    other = transcripts.login_start_request(proto.fleet_id, user, os.urandom(16), b"\0" * 32)
-    assert not proto.refusal_is_signed(Call("POST", "/v1/login/start", None, None, other),
+    other = transcripts.recover_start_request(proto.fleet_id, user, os.urandom(16), b"\0" * 32)
+    assert not proto.refusal_is_signed(Call("POST", "/v1/recover/start", None, None, other),
                                        transcripts.Refusal.NO_RECORD, b64d(refusal["signature"]))
 
 
@@ -126,7 +126,7 @@ async def test_record_destroyed_is_signed_and_the_client_acts_on_it(make_client,
     rec = RecordingTransport()
     with pytest.raises(errors.LockedOut):
         await make_client(user, transport=rec).recover(PW)
-    refusal = json.loads([e for e in rec.exchanges if e[0] == "/v1/login/start"][0][2])["error"]
+    refusal = json.loads([e for e in rec.exchanges if e[0] == "/v1/recover/start"][0][2])["error"]
     assert refusal["code"] == "record_destroyed" and refusal["signature"]
 
 
@@ -147,7 +147,7 @@ async def test_an_unsigned_or_replayed_refusal_is_not_acted_on(make_client, flee
             self.signature, self.forged = signature, 0
 
         async def handle_async_request(self, request):
-            if request.url.path == "/v1/login/start":
+            if request.url.path == "/v1/recover/start":
                 self.forged += 1
                 err = {"code": code, "message": "run bkv backup --new-key", "retryable": False}
                 if self.signature:

@@ -126,7 +126,7 @@ async def test_on_a_fleet_of_one_the_island_captures_and_releases_in_one_call(tm
     port = InProcessHsmFake(vault)
     island = replica(vault, etcd, port)
     await _registered(island, "alice")
-    out = await island.login_start(_guess("alice", b"wrong"))
+    out = await island.recover_start(_guess("alice", b"wrong"))
     assert out.attempts_left == 2
     assert port.captures_with_release == 2 and port.releases == 0
 
@@ -167,7 +167,7 @@ async def test_held_answers_ride_only_on_the_capture_that_ends_on_their_entry_ne
     monkeypatch.setattr(hsm_client, "CATCH_UP_CHUNK", 2)
     port = InProcessHsmFake(behind)
     late = replica(behind, etcd, port)
-    out = await late.login_start(_guess("alice", b"wrong"))  # entry 6
+    out = await late.recover_start(_guess("alice", b"wrong"))  # entry 6
     assert out.attempts_left == 2 and port.releases == 0
     # refused (behind), then caught up in chunks: only the one ending on #6 carries the held answer
     assert calls == [([6], True, "NotNextEntry"), ([1, 2], False, False), ([3, 4], False, False),

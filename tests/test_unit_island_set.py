@@ -183,8 +183,8 @@ def _store(vault, admin: RootKey, s: isl.IslandSet) -> None:
     vault.store_island_set(hapi.IslandSetIn(island_set=isl.sign(s, admin).to_json()))
 
 
-def _guess(user: str) -> iapi.LoginStartIn:
-    return iapi.LoginStartIn(user_id=user, request_id=os.urandom(16),
+def _guess(user: str) -> iapi.RecoverStartIn:
+    return iapi.RecoverStartIn(user_id=user, request_id=os.urandom(16),
                              credential_request=opaque.client_login_start(b"pw").get_message())
 
 
@@ -200,16 +200,16 @@ async def test_no_record_is_signed_only_on_the_island_the_signed_set_says_and_et
     moving, final = isl.migration(isl.IslandSet.of(["island-a"]), "island-b")
     here, there = _users("island-a"), _users("island-b")
     with pytest.raises(ierr.NoRecord) as signed:
-        await island.login_start(_guess(there[0]))  # one island: every user's home
+        await island.recover_start(_guess(there[0]))  # one island: every user's home
     assert signed.value.signature
     _store(vault, admin, moving)
     _store(vault, admin, final)
     with pytest.raises(ierr.NoRecord) as signed:
-        await island.login_start(_guess(here[0]))
+        await island.recover_start(_guess(here[0]))
     assert signed.value.signature
     for user in there:  # routed here by a lying map: the island truthfully lacks the record, and nothing is signed
         with pytest.raises(UpstreamError) as wrong:
-            await island.login_start(_guess(user))
+            await island.recover_start(_guess(user))
         assert refused(wrong) == "wrong_island" and wrong.value.status == 409
         assert wrong.value.body.error.signature is None
 
@@ -220,9 +220,9 @@ async def test_while_records_move_only_users_whose_home_stays_get_a_signed_refus
     _store(vault, admin, moving)
     stays, leaves = _users("island-a"), _users("island-b")
     with pytest.raises(ierr.NoRecord):
-        await island.login_start(_guess(stays[0]))
+        await island.recover_start(_guess(stays[0]))
     with pytest.raises(UpstreamError) as wrong:  # its record may already be on island-b: absent here proves nothing
-        await island.login_start(_guess(leaves[0]))
+        await island.recover_start(_guess(leaves[0]))
     assert refused(wrong) == "wrong_island"
 
 
@@ -230,11 +230,11 @@ async def test_a_set_stored_by_another_process_is_in_force_at_the_next_refusal(t
     vault, island, _, admin = two_islands
     leaves = _users("island-b")[0]
     with pytest.raises(ierr.NoRecord):
-        await island.login_start(_guess(leaves))  # the set of epoch 1 is now what the vault read last
+        await island.recover_start(_guess(leaves))  # the set of epoch 1 is now what the vault read last
     moving, _ = isl.migration(isl.IslandSet.of(["island-a"]), "island-b")
     islandset.store_island_set(vault._hsm, isl.sign(moving, admin))  # noqa: SLF001 - the CLI, beside the server
     with pytest.raises(UpstreamError) as wrong:
-        await island.login_start(_guess(leaves))
+        await island.recover_start(_guess(leaves))
     assert refused(wrong) == "wrong_island"
 
 
@@ -252,7 +252,7 @@ async def test_a_new_record_is_made_only_on_the_users_island_and_a_live_one_else
     await island.registration_finish(finish)
     # A record that is live here is a fact the log proves: its user still recovers it here.
     login = opaque.client_login_start(b"pw")
-    out = await island.login_start(iapi.LoginStartIn(user_id=there[1], request_id=os.urandom(16),
+    out = await island.recover_start(iapi.RecoverStartIn(user_id=there[1], request_id=os.urandom(16),
                                                      credential_request=login.get_message()))
     assert out.attempts_left == 2
 
@@ -273,7 +273,7 @@ async def test_a_token_without_an_island_set_signs_no_refusal_and_makes_no_new_r
                          if not k.startswith(islandset.ISLAND_SET_LABEL)}
     vault._islands = None  # noqa: SLF001
     with pytest.raises(UpstreamError) as none:
-        await island.login_start(_guess("nobody"))
+        await island.recover_start(_guess("nobody"))
     assert refused(none) == "wrong_island" and "no island set" in none.value.body.error.message
     with pytest.raises(UpstreamError) as none:
         await _register(island, "newcomer")

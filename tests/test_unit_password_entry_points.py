@@ -24,13 +24,13 @@ from test_unit_vault_logic import _register, _registered, entry, parts, records,
 OPRF_ELEMENT = 32  # a Ristretto255 element: the first bytes of each OPAQUE message that carries one
 
 
-async def _recovered(island, user: str, pw: bytes = b"pw") -> tuple[iapi.LoginFinishOut, bytes]:
+async def _recovered(island, user: str, pw: bytes = b"pw") -> tuple[iapi.RecoverFinishOut, bytes]:
     """A successful recovery: its answer (with the change ticket) and the ticket's key."""
     login = opaque.client_login_start(pw)
-    out = await island.login_start(iapi.LoginStartIn(user_id=user, request_id=os.urandom(16),
+    out = await island.recover_start(iapi.RecoverStartIn(user_id=user, request_id=os.urandom(16),
                                                      credential_request=login.get_message()))
     fin = opaque.client_login_finish(pw, login.get_state(), out.credential_response)
-    done = await island.login_finish(iapi.LoginFinishIn(user_id=user, request_id=os.urandom(16),
+    done = await island.recover_finish(iapi.RecoverFinishIn(user_id=user, request_id=os.urandom(16),
                                                         login_state=out.login_state,
                                                         credential_finalization=fin.get_message()))
     return done, transcripts.ticket_key(fin.get_session_key())
@@ -60,7 +60,7 @@ async def test_a_registration_start_never_evaluates_the_password_under_the_live_
     # The same blinded element, once as a guess and once as a registration start:
     # before salted identifiers both came back evaluated under the same key.
     guess = opaque.client_login_start(b"candidate").get_message()
-    as_login = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+    as_login = await island.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16),
                                                           credential_request=guess))
     starts = [await island.registration_start(iapi.RegistrationStartIn(
         user_id="alice", registration_request=guess[:OPRF_ELEMENT])) for _ in range(2)]
@@ -117,7 +117,7 @@ async def test_a_recoverys_ticket_replaces_the_escrow_once_and_the_old_password_
     assert refused(failed) == "ticket_rejected"
     await _recovered(island, "alice", b"new")
     login = opaque.client_login_start(b"pw")
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+    out = await island.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16),
                                                      credential_request=login.get_message()))
     with pytest.raises(ValueError):
         opaque.client_login_finish(b"pw", login.get_state(), out.credential_response)
@@ -177,7 +177,7 @@ async def test_after_its_attempts_are_spent_anyone_may_register_afresh_without_a
     vault, island, etcd, _ = parts
     await _registered(island, "alice")
     for _ in range(3):  # max_attempts=3 in the fixture
-        await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+        await island.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16),
                                                    credential_request=opaque.client_login_start(b"x").get_message()))
     assert entry(etcd, "alice").state is hapi.EntryState.DESTROYED
     await island.registration_finish(await _replacement(island, "alice", None, None, pw=b"fresh"))
@@ -192,9 +192,9 @@ async def test_a_refusal_is_signed_over_the_fingerprint_the_boundary_computes_fo
     guess = opaque.client_login_start(b"pw").get_message()
     rid = os.urandom(16)
     with pytest.raises(ierr.NoRecord) as absent:
-        await island.login_start(iapi.LoginStartIn(user_id="nobody", request_id=rid, credential_request=guess))
-    mine = transcripts.login_start_request(None, "nobody", rid, guess)
-    theirs = transcripts.login_start_request(None, "alice", rid, guess)
+        await island.recover_start(iapi.RecoverStartIn(user_id="nobody", request_id=rid, credential_request=guess))
+    mine = transcripts.recover_start_request(None, "nobody", rid, guess)
+    theirs = transcripts.recover_start_request(None, "alice", rid, guess)
     client = VaultProtocol(vault.public_key_der, "nobody")
     client.verify(absent.value.signature, transcripts.refusal_answer(client.fleet_id, mine,
                                                                      transcripts.Refusal.NO_RECORD))
@@ -208,10 +208,10 @@ def test_only_the_requests_a_device_acts_on_can_be_refused_and_with_their_own_fi
     with pytest.raises(ValueError):
         transcripts.refusable_request(transcripts.Route.REGISTRATION_FINISH, None, "u", os.urandom(16), [b"x"])
     with pytest.raises(ValueError):
-        transcripts.refusable_request(transcripts.Route.LOGIN_START, None, "u", os.urandom(16), [b"a", b"b"])
+        transcripts.refusable_request(transcripts.Route.RECOVER_START, None, "u", os.urandom(16), [b"a", b"b"])
     rid = os.urandom(16)
-    assert transcripts.refusable_request(transcripts.Route.LOGIN_START, None, "u", rid, [b"cr"]) == \
-        transcripts.login_start_request(None, "u", rid, b"cr")
+    assert transcripts.refusable_request(transcripts.Route.RECOVER_START, None, "u", rid, [b"cr"]) == \
+        transcripts.recover_start_request(None, "u", rid, b"cr")
 
 
 def test_a_change_tickets_repr_and_its_recoverys_never_show_the_ticket_or_its_key():

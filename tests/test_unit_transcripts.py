@@ -34,29 +34,29 @@ def test_every_field_of_a_registration_finish_changes_its_fingerprint(field):
 def test_the_routes_fingerprint_the_same_bytes_differently():
     """A login start and a login finish can never share a fingerprint, even
     with the same field bytes: the route is inside."""
-    start = transcripts.login_start_request(FLEET, "alice", RID, b"x" * 32)
-    finish = transcripts.login_finish_request(FLEET, "alice", RID, b"x" * 32, b"")
+    start = transcripts.recover_start_request(FLEET, "alice", RID, b"x" * 32)
+    finish = transcripts.recover_finish_request(FLEET, "alice", RID, b"x" * 32, b"")
     assert start != finish
 
 
 def test_an_unpinned_fleet_and_a_pinned_one_fingerprint_differently():
-    assert transcripts.login_start_request(None, "alice", RID, b"x") != \
-        transcripts.login_start_request(FLEET, "alice", RID, b"x")
+    assert transcripts.recover_start_request(None, "alice", RID, b"x") != \
+        transcripts.recover_start_request(FLEET, "alice", RID, b"x")
 
 
 @pytest.mark.parametrize("bad", [b"", b"\0" * 15, b"\0" * 17])
 def test_a_request_id_must_be_sixteen_bytes(bad):
     with pytest.raises(ValueError):
-        transcripts.login_start_request(FLEET, "alice", bad, b"x")
+        transcripts.recover_start_request(FLEET, "alice", bad, b"x")
 
 
 def test_each_signed_answer_has_its_own_label():
-    req = transcripts.login_start_request(FLEET, "alice", RID, b"x")
+    req = transcripts.recover_start_request(FLEET, "alice", RID, b"x")
     made = {
         labels.SIG_REGISTRATION_START: transcripts.registration_start_answer(FLEET, "alice", b"r", b"s", b"c"),
         labels.SIG_REGISTRATION_FINISH: transcripts.registration_finish_answer(FLEET, req, 1, 10),
-        labels.SIG_LOGIN_START: transcripts.login_start_answer(FLEET, req, b"cr", 9),
-        labels.SIG_LOGIN_FINISH: transcripts.login_finish_answer(FLEET, req, b"w", b"n", "reset"),
+        labels.SIG_LOGIN_START: transcripts.recover_start_answer(FLEET, req, b"cr", 9),
+        labels.SIG_LOGIN_FINISH: transcripts.recover_finish_answer(FLEET, req, b"w", b"n", "reset"),
         labels.SIG_REFUSAL: transcripts.refusal_answer(FLEET, req, transcripts.Refusal.NO_RECORD),
     }
     for label, transcript in made.items():
@@ -65,7 +65,7 @@ def test_each_signed_answer_has_its_own_label():
 
 
 def test_the_two_refusals_are_not_interchangeable():
-    req = transcripts.login_start_request(FLEET, "alice", RID, b"x")
+    req = transcripts.recover_start_request(FLEET, "alice", RID, b"x")
     assert transcripts.refusal_answer(FLEET, req, transcripts.Refusal.NO_RECORD) != \
         transcripts.refusal_answer(FLEET, req, transcripts.Refusal.RECORD_DESTROYED)
 

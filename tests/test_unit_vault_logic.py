@@ -75,8 +75,8 @@ async def _registered(island: Island, user: str) -> None:
     await island.registration_finish(finish)
 
 
-def _guess(user: str, pw: bytes, request_id: bytes | None = None) -> iapi.LoginStartIn:
-    return iapi.LoginStartIn(user_id=user, request_id=request_id or os.urandom(16),
+def _guess(user: str, pw: bytes, request_id: bytes | None = None) -> iapi.RecoverStartIn:
+    return iapi.RecoverStartIn(user_id=user, request_id=request_id or os.urandom(16),
                              credential_request=opaque.client_login_start(pw).get_message())
 
 
@@ -93,12 +93,12 @@ async def test_a_login_state_older_than_its_ttl_is_rejected_and_the_record_is_ke
     vault, island, etcd, clock = parts
     await _registered(island, "alice")
     login = opaque.client_login_start(b"pw")
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    out = await island.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     fin = opaque.client_login_finish(b"pw", login.get_state(), out.credential_response)
     clock.ms += 60_001
     before = records(etcd)
     with pytest.raises(UpstreamError, match="expired") as failed:
-        await island.login_finish(iapi.LoginFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
+        await island.recover_finish(iapi.RecoverFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
                                                            credential_finalization=fin.get_message()))
     assert refused(failed) == "login_state_rejected" and records(etcd) == before
 
@@ -107,9 +107,9 @@ async def test_a_forged_finalization_is_the_one_uniform_authentication_failure(p
     vault, island, etcd, _ = parts
     await _registered(island, "alice")
     login = opaque.client_login_start(b"pw")
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
+    out = await island.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
     with pytest.raises(UpstreamError) as failed:
-        await island.login_finish(iapi.LoginFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
+        await island.recover_finish(iapi.RecoverFinishIn(user_id="alice", request_id=os.urandom(16), login_state=out.login_state,
                                                            credential_finalization=os.urandom(64)))
     assert refused(failed) == "authentication_failed" and failed.value.body.error.message == "authentication failed"
 
@@ -123,15 +123,15 @@ async def test_concurrent_guesses_through_two_replicas_are_counted_exactly(parts
     async def guess(i: int):
         login = opaque.client_login_start(b"wrong")
         try:
-            return await replicas[i % 2].login_start(iapi.LoginStartIn(
+            return await replicas[i % 2].recover_start(iapi.RecoverStartIn(
                 user_id="alice", request_id=os.urandom(16), credential_request=login.get_message()))
         except Exception as exc:  # noqa: BLE001
             return exc
 
     results = await asyncio.gather(*(guess(i) for i in range(12)))
-    answered = [r for r in results if isinstance(r, iapi.LoginStartOut)]
+    answered = [r for r in results if isinstance(r, iapi.RecoverStartOut)]
     assert sorted(r.attempts_left for r in answered) == [0, 1, 2]
-    assert all(isinstance(r, (iapi.LoginStartOut, ierr.RecordDestroyed)) for r in results), results
+    assert all(isinstance(r, (iapi.RecoverStartOut, ierr.RecordDestroyed)) for r in results), results
     # the replicas did race for the log head: an append lost in etcd, or a head the boundary had seen pass
     assert etcd.lost_txns + port.refused.get("stale_head", 0) >= 1
     assert entry(etcd, "alice").state is hapi.EntryState.DESTROYED
@@ -148,13 +148,13 @@ async def test_a_lost_append_releases_nothing_and_the_batch_is_built_again_from_
         calls["n"] += 1
         if calls["n"] == 1:
             etcd.transaction = real  # the other replica's own append goes through
-            await other.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+            await other.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16),
                                                       credential_request=opaque.client_login_start(b"x").get_message()))
             etcd.transaction = another_replica_appends_first
         return await real(compare, success, failure)
 
     etcd.transaction = another_replica_appends_first
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+    out = await island.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16),
                                                      credential_request=opaque.client_login_start(b"pw").get_message()))
     assert out.attempts_left == 1  # 3 - the other replica's guess - ours
     assert calls["n"] == 2 and etcd.lost_txns == 1
@@ -174,10 +174,10 @@ async def test_an_append_whose_answer_was_lost_but_that_landed_takes_one_attempt
         return ok
 
     etcd.transaction = lands_but_times_out
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+    out = await island.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16),
                                                      credential_request=opaque.client_login_start(b"wrong").get_message()))
     assert out.attempts_left == 2 and calls["n"] == 1  # one guess, one attempt, no second evaluation
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+    out = await island.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16),
                                                      credential_request=opaque.client_login_start(b"again").get_message()))
     assert out.attempts_left == 1
 
@@ -195,7 +195,7 @@ async def test_an_append_that_did_not_land_is_built_again_once_it_is_known_not_t
         return await real(**kw)
 
     etcd.transaction = fails_once
-    out = await island.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+    out = await island.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16),
                                                      credential_request=opaque.client_login_start(b"wrong").get_message()))
     assert out.attempts_left == 2 and calls["n"] == 2
 
@@ -228,9 +228,9 @@ async def test_a_resent_guess_is_answered_from_the_commit_by_another_replica(par
     vault, island, etcd, _ = parts
     await _registered(island, "alice")
     guess = _guess("alice", b"wrong")
-    first = await island.login_start(guess)
+    first = await island.recover_start(guess)
     # Another replica: nothing in memory, only the log and the entry (its kept answer).
-    again = await replica(vault, etcd).login_start(guess)
+    again = await replica(vault, etcd).recover_start(guess)
     assert again == first and first.attempts_left == 2
     current = entry(etcd, "alice")
     assert current.request.id == guess.request_id.hex() and current.version == 2
@@ -242,7 +242,7 @@ async def test_a_resend_that_arrives_while_its_request_is_still_running_joins_it
     guess = _guess("alice", b"wrong")
     joined, answered = metrics.RESENDS_JOINED._value.get(), metrics.RESENDS_ANSWERED._value.get()
     # Three copies at once on one replica (a client and a frontend resending while the log is slow).
-    answers = await asyncio.gather(*(island.login_start(guess) for _ in range(3)))
+    answers = await asyncio.gather(*(island.recover_start(guess) for _ in range(3)))
     assert answers[0] == answers[1] == answers[2] and answers[0].attempts_left == 2
     # The two copies waited on the first; none queued a change of its own to be answered from the commit.
     assert metrics.RESENDS_JOINED._value.get() - joined == 2
@@ -256,7 +256,7 @@ async def test_a_request_id_reused_with_another_body_while_the_first_runs_is_ref
     await _registered(island, "alice")
     rid = os.urandom(16)
     first, other = (_guess("alice", pw, rid) for pw in (b"wrong", b"other"))
-    got = await asyncio.gather(island.login_start(first), island.login_start(other), return_exceptions=True)
+    got = await asyncio.gather(island.recover_start(first), island.recover_start(other), return_exceptions=True)
     assert got[0].attempts_left == 2 and isinstance(got[1], ierr.RequestIdReused)
     assert entry(etcd, "alice").version == 2
 
@@ -268,7 +268,7 @@ async def test_a_change_answered_without_the_boundary_is_decided_on_the_newest_l
     await _registered(island, "alice")
     # "No record" would be answered without an HSM step: it must not come from the old view.
     guess = opaque.client_login_start(b"pw").get_message()
-    out = await other.login_start(iapi.LoginStartIn(user_id="alice", request_id=os.urandom(16),
+    out = await other.recover_start(iapi.RecoverStartIn(user_id="alice", request_id=os.urandom(16),
                                                     credential_request=guess))
     assert out.attempts_left == 2 and entry(etcd, "alice").version == 2
 

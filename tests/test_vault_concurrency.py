@@ -25,7 +25,7 @@ def _metric(url: str, series: str) -> float:
 
 
 def _guesses_evaluated(url: str) -> float:
-    return _metric(url, "bkv_guesses_evaluated_total")
+    return _metric(url, "bkv_recover_attempts_spent_total")
 
 
 LOST_APPENDS = 'bkv_etcd_txn_conflicts_total{operation="log-append"}'

@@ -44,7 +44,7 @@ async def test_with_every_hsm_proxy_down_the_vault_answers_503_and_writes_nothin
     try:
         token = small_fleet.issuer().mint(user)
         req = client_login_start(b"x").get_message()
-        resp = httpx.post(small_fleet.frontend_url + "/v1/login/start", timeout=30,
+        resp = httpx.post(small_fleet.frontend_url + "/v1/recover/start", timeout=30,
                           json={"request_id": base64.b64encode(os.urandom(16)).decode(),
                                 "credential_request": base64.b64encode(req).decode()},
                           headers={"authorization": f"Bearer {token}"})

@@ -43,11 +43,11 @@ async def test_a_tampered_registration_answer_is_rejected_by_the_client(make_cli
 
 
 @pytest.mark.parametrize("path,field", [
-    ("/v1/login/start", "signature"),
-    ("/v1/login/start", "credential_response"),
-    ("/v1/login/finish", "signature"),
-    ("/v1/login/finish", "wrapped_key"),
-    ("/v1/login/finish", "rk_nonce"),
+    ("/v1/recover/start", "signature"),
+    ("/v1/recover/start", "credential_response"),
+    ("/v1/recover/finish", "signature"),
+    ("/v1/recover/finish", "wrapped_key"),
+    ("/v1/recover/finish", "rk_nonce"),
 ])
 async def test_a_tampered_recovery_answer_is_rejected_by_the_client(make_client, path, field):
     user = unique_user()
@@ -62,7 +62,7 @@ async def test_a_forged_attempt_count_is_rejected_by_the_client(make_client):
     await make_client(user).register(BackupKey(os.urandom(32)), PW)
 
     def lie(path: str, content: bytes) -> bytes:
-        if path == "/v1/login/start":
+        if path == "/v1/recover/start":
             body = json.loads(content)
             body["attempts_left"] = 1000
             return json.dumps(body).encode()
@@ -118,7 +118,7 @@ async def test_a_replayed_login_state_is_rejected_and_costs_no_attempt(make_clie
     rec = RecordingTransport()
     await make_client(user, transport=rec).recover(PW)
     before = await read_entry(etcd, fleet, user)
-    replay = _post(fleet, user, "/v1/login/finish", _new_id(rec.body("/v1/login/finish")))
+    replay = _post(fleet, user, "/v1/recover/finish", _new_id(rec.body("/v1/recover/finish")))
     assert replay.status_code == 400 and replay.json()["error"]["code"] == "login_state_rejected"
     assert await read_entry(etcd, fleet, user) == before
     with pytest.raises(errors.WrongPassword) as wrong:
@@ -132,9 +132,9 @@ async def test_a_login_state_is_superseded_by_a_newer_attempt(make_client, fleet
     rec = RecordingTransport()
     with pytest.raises(errors.WrongPassword):
         await make_client(user, transport=rec).recover("wrong")
-    first_state = rec.answer("/v1/login/start")["login_state"]
+    first_state = rec.answer("/v1/recover/start")["login_state"]
     with pytest.raises(errors.WrongPassword):
         await make_client(user).recover("wrong again")
-    stale = _post(fleet, user, "/v1/login/finish",
+    stale = _post(fleet, user, "/v1/recover/finish",
                   _new_id({"login_state": first_state, "credential_finalization": base64.b64encode(b"\0" * 64).decode()}))
     assert stale.status_code == 400 and stale.json()["error"]["code"] == "login_state_rejected"

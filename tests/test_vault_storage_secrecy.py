@@ -80,8 +80,8 @@ async def test_an_entry_not_in_an_islands_log_is_refused_by_the_hsm(make_client,
     await ledger.load()
     ref = __import__("bkv_protocol.encoding", fromlist=["user_ref"]).user_ref(user)
     out = await hsm.apply(hapi.ApplyIn(head=ledger.head, ops=[hapi.Op(
-            kind=hapi.OpKind.LOGIN_START, proof=ledger.trie.prove(bytes.fromhex(ref)).to_bytes(),
-            login_start=hapi.LoginStartIn(user_id=user, island=other, request_id=os.urandom(16), current=entry,
+            kind=hapi.OpKind.RECOVER_START, proof=ledger.trie.prove(bytes.fromhex(ref)).to_bytes(),
+            recover_start=hapi.RecoverStartIn(user_id=user, island=other, request_id=os.urandom(16), current=entry,
                                           credential_request=b"\x00" * 96))]))
     assert out.entry is None and out.results[0].error.code.value == "proof_refused"
     await hsm.aclose()

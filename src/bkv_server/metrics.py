@@ -37,7 +37,8 @@ RETRIES = Counter("bkv_retries", "Retries after a retryable failure, by target",
 ISLAND_ROUTING = Counter("bkv_island_routing", "Requests routed to each island", ["island"])
 
 # Security counters.
-GUESSES_EVALUATED = Counter("bkv_guesses_evaluated", "Password guesses evaluated (committed decrements)")
+RECOVER_ATTEMPTS_SPENT = Counter("bkv_recover_attempts_spent",
+                                 "Attempts spent by recover_start: password guesses evaluated (committed decrements)")
 RECOVERIES_SUCCEEDED = Counter("bkv_recoveries_succeeded", "Recoveries whose finalization verified")
 RECORDS_DESTROYED = Counter("bkv_records_destroyed", "Records destroyed because attempts ran out")
 LOCKOUT_HITS = Counter("bkv_lockout_hits", "Recovery attempts against a destroyed record")

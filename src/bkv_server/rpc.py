@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from bkv_server import metrics
 from bkv_server.http import UpstreamError
+from bkv_protocol.operations import STATUS
 from bkv_protocol.wire import ErrorBody, ErrorCode, ErrorDetail
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,20 @@ def error_body(code: ErrorCode, message: str, retryable: bool = False,
 
 class ErrorRule(NamedTuple):
     exc: type[Exception]
-    status: int
     code: ErrorCode
     retryable: bool
     message: str | None = None  # said instead of str(exc), where that would name internals
 
+    @property
+    def status(self) -> int:
+        """The code's one HTTP status (``bkv_protocol.operations.STATUS``)."""
+        return STATUS[self.code]
+
 
 class ErrorTable:
     """A service's exceptions as HTTP answers: rules ``(exception class,
-    status, code, retryable[, message])`` tried with ``isinstance`` in
+    code, retryable[, message])``, each code with its one status
+    (``bkv_protocol.operations.STATUS``), tried with ``isinstance`` in
     order, so a subclass comes before its base (tests/test_unit_error_tables.py
     checks every table). Anything no rule matches is a bug: 500 ``internal``.
 

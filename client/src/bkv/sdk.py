@@ -29,10 +29,11 @@ from pydantic import BaseModel, ValidationError
 
 from bkv import errors
 from bkv_protocol import labels, transcripts
+from bkv_protocol import operations as ops
 from bkv_protocol.encoding import canonical, fleet_id_for
 from bkv_protocol.retry import Backoff, DeadlineExceeded, retry, retry_sync
 from bkv_protocol.secrets import BackupKey, Password, TicketKey
-from bkv_protocol.wire import ErrorBody
+from bkv_protocol.wire import ErrorBody, ErrorCode
 from bkv.transport import NoiseError, tls_context
 from bkv_protocol import v1 as api
 
@@ -98,6 +99,9 @@ class Call:
     body: BaseModel | None
     out: type[BaseModel] | None
     request: bytes | None = None  # fingerprint the signed refusals (no_record, record_destroyed) must cover
+    # The operation's routes on a vault built before the catalogue (bkv_protocol.operations),
+    # tried when the vault has no such route: this client works with it until it is upgraded.
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,8 @@ class VaultProtocol:
         started = opaque.client_registration_start(pw)
         req = started.get_message()
         out: api.RegistrationStartOut = yield Call(
-            "POST", "/v1/registration/start", api.RegistrationStartRequest(fleet_id=self.fleet_id, registration_request=req),
-            api.RegistrationStartOut)
+            "POST", ops.REGISTRATION_START.path,
+            api.RegistrationStartRequest(fleet_id=self.fleet_id, registration_request=req), api.RegistrationStartOut)
         self.verify(out.signature, transcripts.registration_start_answer(
             self.fleet_id, self.user_id, req, out.registration_response, out.challenge))
         try:
@@ -180,7 +184,7 @@ class VaultProtocol:
                                                           ek, k_nonce, None if ticket is None else ticket.ticket)
         proof = {} if ticket is None else {"ticket": ticket.ticket, "ticket_proof": ticket.proof(request)}
         done: api.RegistrationFinishOut = yield Call(
-            "POST", "/v1/registration/finish",
+            "POST", ops.REGISTRATION_FINISH.path,
             api.RegistrationFinishRequest(fleet_id=self.fleet_id, request_id=rid, challenge=out.challenge,
                                           registration_upload=upload, ek=ek, k_nonce=k_nonce, **proof),
             api.RegistrationFinishOut, request)
@@ -192,7 +196,7 @@ class VaultProtocol:
     def recover(self, password: Password | str) -> Steps:
         pw = _pw(password)
         started = opaque.client_login_start(pw)
-        out = yield from self.login_start(started.get_message())
+        out = yield from self.recover_start(started.get_message())
         try:
             finished = yield Work(opaque.client_login_finish, (pw, started.get_state(), out.credential_response))
         except ValueError:
@@ -200,13 +204,13 @@ class VaultProtocol:
             raise errors.WrongPassword(out.attempts_left) from None
         fin = finished.get_message()
         rid = os.urandom(transcripts.REQUEST_ID_LEN)
-        request = transcripts.login_finish_request(self.fleet_id, self.user_id, rid, out.login_state, fin)
-        done: api.LoginFinishOut = yield Call(
-            "POST", "/v1/login/finish",
-            api.LoginFinishRequest(fleet_id=self.fleet_id, request_id=rid, login_state=out.login_state,
+        request = transcripts.recover_finish_request(self.fleet_id, self.user_id, rid, out.login_state, fin)
+        done: api.RecoverFinishOut = yield Call(
+            "POST", ops.RECOVER_FINISH.path,
+            api.RecoverFinishRequest(fleet_id=self.fleet_id, request_id=rid, login_state=out.login_state,
                                       credential_finalization=fin),
-            api.LoginFinishOut, request)
-        self.verify(done.signature, transcripts.login_finish_answer(
+            api.RecoverFinishOut, request, ops.RECOVER_FINISH.aliases)
+        self.verify(done.signature, transcripts.recover_finish_answer(
             self.fleet_id, request, done.wrapped_key, done.rk_nonce, done.record_status.value))
         try:
             inner = AESGCM(_hkdf(finished.get_session_key(), labels.RECOVERY_WRAP_INFO)).decrypt(
@@ -230,15 +234,15 @@ class VaultProtocol:
         yield from self.register(new_key or got.key, new_password, got.ticket)
         return got.key if new_key is None else new_key
 
-    def login_start(self, credential_request: bytes) -> Steps:
+    def recover_start(self, credential_request: bytes) -> Steps:
         """Only the first, cheap step of a recovery (the guess-flood load path)."""
         rid = os.urandom(transcripts.REQUEST_ID_LEN)
-        request = transcripts.login_start_request(self.fleet_id, self.user_id, rid, credential_request)
-        out: api.LoginStartOut = yield Call(
-            "POST", "/v1/login/start",
-            api.LoginStartRequest(fleet_id=self.fleet_id, request_id=rid, credential_request=credential_request),
-            api.LoginStartOut, request)
-        self.verify(out.signature, transcripts.login_start_answer(
+        request = transcripts.recover_start_request(self.fleet_id, self.user_id, rid, credential_request)
+        out: api.RecoverStartOut = yield Call(
+            "POST", ops.RECOVER_START.path,
+            api.RecoverStartRequest(fleet_id=self.fleet_id, request_id=rid, credential_request=credential_request),
+            api.RecoverStartOut, request, ops.RECOVER_START.aliases)
+        self.verify(out.signature, transcripts.recover_start_answer(
             self.fleet_id, request, out.credential_response, out.attempts_left))
         return out
 
@@ -263,7 +267,7 @@ class VaultProtocol:
         while True:
             started = opaque.client_login_start(os.urandom(32))
             try:
-                out = yield from self.login_start(started.get_message())
+                out = yield from self.recover_start(started.get_message())
             except (errors.LockedOut, errors.NoRecord):  # signed for this request: nothing (left) to spend
                 return spent
             spent += 1
@@ -275,38 +279,46 @@ class VaultProtocol:
 
 
 # -- answers to outcomes (shared by both drivers) ----------------------------------------
-_REFUSALS = {"no_record": transcripts.Refusal.NO_RECORD, "record_destroyed": transcripts.Refusal.RECORD_DESTROYED}
+_REFUSALS = {ErrorCode.NO_RECORD: transcripts.Refusal.NO_RECORD,
+             ErrorCode.RECORD_DESTROYED: transcripts.Refusal.RECORD_DESTROYED}
 # Sealed answers that say "not now": the same request is sent again (it is safe: see Call).
 _RESEND = {502, 503, 504}
+# The outcomes a caller acts on, as the SDK's exceptions (bkv.errors says what to do on each);
+# any other code: ProtocolError(code), start the operation again.
+_OUTCOMES: dict[ErrorCode, Callable[[], errors.VaultError]] = {
+    ErrorCode.NO_RECORD: lambda: errors.NoRecord("no key is escrowed for this account"),
+    ErrorCode.RECORD_DESTROYED: lambda: errors.LockedOut(
+        "the escrowed key was destroyed after too many wrong passwords (or disabled); "
+        "backups made with it can no longer be decrypted"),
+    ErrorCode.UNAUTHENTICATED: lambda: errors.Unauthorized("the account token was refused; sign in again"),
+    ErrorCode.PASSWORD_PROOF_REQUIRED: lambda: errors.EscrowExists(
+        "a key is escrowed for this account already; it is replaced only with its "
+        "password, or after its remaining attempts are spent"),
+}
 
 
 def _error(protocol: VaultProtocol, call: Call, resp: httpx.Response) -> errors.VaultError:
     try:
         err = ErrorBody.model_validate_json(resp.content).error
-        code, message, signature = err.code.value, err.message, err.signature
+        code, message, signature = err.code, err.message, err.signature
     except ValidationError:
-        code, message, signature = "http_error", f"HTTP {resp.status_code}", None
+        return errors.ProtocolError("http_error", f"HTTP {resp.status_code}")
     if code in _REFUSALS and not protocol.refusal_is_signed(call, _REFUSALS[code], signature):
         # Only a fleet signature over this request makes these two true; anyone
         # on the path or in a tier could have written this one.
-        return errors.UnsignedAnswer(f"the vault said {code!r} without the fleet's signature for this request; "
-                                     "not acted on, nothing was changed on this device; try again later")
-    if code == "no_record":
-        return errors.NoRecord("no key is escrowed for this account")
-    if code == "record_destroyed":
-        return errors.LockedOut("the escrowed key was destroyed after too many wrong passwords (or disabled); "
-                                "backups made with it can no longer be decrypted")
-    if code == "unauthenticated":
-        return errors.Unauthorized("the account token was refused; sign in again")
-    if code == "password_proof_required":
-        return errors.EscrowExists("a key is escrowed for this account already; it is replaced only with its "
-                                   "password, or after its remaining attempts are spent")
-    return errors.ProtocolError(code, message)
+        return errors.UnsignedAnswer(f"the vault said {code.value!r} without the fleet's signature for this "
+                                     "request; not acted on, nothing was changed on this device; try again later")
+    outcome = _OUTCOMES.get(code)
+    return outcome() if outcome is not None else errors.ProtocolError(code.value, message)
 
 
-def _code(resp: httpx.Response) -> str | None:
+def _no_such_route(resp: httpx.Response) -> bool:
+    return resp.status_code == 404 and _code(resp) is ErrorCode.NOT_FOUND
+
+
+def _code(resp: httpx.Response) -> ErrorCode | None:
     try:
-        return ErrorBody.model_validate_json(resp.content).error.code.value
+        return ErrorBody.model_validate_json(resp.content).error.code
     except ValidationError:
         return None
 
@@ -320,7 +332,7 @@ def _request_args(call: Call) -> dict:
 def _decode(protocol: VaultProtocol, call: Call, resp: httpx.Response):
     if resp.status_code in _RESEND:
         raise _Retry(f"the vault answered {resp.status_code}")
-    if resp.status_code == 409 and b"wrong_island" in resp.content and _code(resp) == "wrong_island":
+    if resp.status_code == 409 and b"wrong_island" in resp.content and _code(resp) is ErrorCode.WRONG_ISLAND:
         # The vault's signed island set does not place this account where it was
         # looked for (a stale or forged routing map, records moving): nothing was
         # decided, so the same request is sent again; at the deadline, VaultUnavailable.
@@ -390,7 +402,10 @@ class VaultClient:
     async def _send(self, call: Call):
         async def attempt(_: int):
             try:
-                resp = await self._http.request(call.method, call.path, **_request_args(call))
+                for path in (call.path, *call.aliases):
+                    resp = await self._http.request(call.method, path, **_request_args(call))
+                    if not _no_such_route(resp):
+                        break
             except httpx.TransportError as exc:
                 raise _transport_failure(exc) from exc
             except NoiseError as exc:
@@ -449,8 +464,8 @@ class VaultClient:
         attempts left, or :class:`~bkv.errors.LockedOut`."""
         return await self._drive(self.protocol.recover(password))
 
-    async def login_start(self, credential_request: bytes) -> api.LoginStartOut:
-        return await self._drive(self.protocol.login_start(credential_request))
+    async def recover_start(self, credential_request: bytes) -> api.RecoverStartOut:
+        return await self._drive(self.protocol.recover_start(credential_request))
 
     async def delete(self, ticket: ChangeTicket) -> Deletion:
         """Destroy this account's escrowed key, with a recovery's ``ticket``
@@ -493,7 +508,10 @@ class VaultClientSync:
     def _send(self, call: Call):
         def attempt(_: int):
             try:
-                resp = self._http.request(call.method, call.path, **_request_args(call))
+                for path in (call.path, *call.aliases):
+                    resp = self._http.request(call.method, path, **_request_args(call))
+                    if not _no_such_route(resp):
+                        break
             except httpx.TransportError as exc:
                 raise _transport_failure(exc) from exc
             except NoiseError as exc:
@@ -525,8 +543,8 @@ class VaultClientSync:
     def recover(self, password: Password | str) -> Recovery:
         return self._drive(self.protocol.recover(password))
 
-    def login_start(self, credential_request: bytes) -> api.LoginStartOut:
-        return self._drive(self.protocol.login_start(credential_request))
+    def recover_start(self, credential_request: bytes) -> api.RecoverStartOut:
+        return self._drive(self.protocol.recover_start(credential_request))
 
     def delete(self, ticket: ChangeTicket) -> Deletion:
         return self._drive(self.protocol.delete(ticket))

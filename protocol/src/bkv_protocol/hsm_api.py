@@ -14,13 +14,14 @@ import enum
 import hashlib
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import ConfigDict, Field, StringConstraints
 
 from bkv_protocol import labels
 from bkv_protocol.encoding import canonical, u64
 from bkv_protocol.ids import EK_LEN, K_NONCE_LEN, FleetId, IslandId, RequestIdHex, UserId, UserRef  # noqa: F401  (re-exported for the hop's users)
+from bkv_protocol import v1
 from bkv_protocol.v1 import FleetParams, RecordStatus  # noqa: F401  (public; the hsm-proxy makes them)
-from bkv_protocol.wire import B64, ErrorDetail, Frozen, RequestId, fixed_b64
+from bkv_protocol.wire import B64, ErrorDetail, Frozen, RequestId, fixed_b64, hop
 
 
 class EntryState(str, enum.Enum):
@@ -81,55 +82,21 @@ def entry_digest(entry: Entry | None) -> bytes | None:
         ",".join(entry.recent).encode(), (entry.moved_to or "").encode())).digest()
 
 
-# -- registration --------------------------------------------------------------
-class RegistrationStartIn(Frozen):
-    user_id: UserId
-    island: IslandId
-    fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
-    current: Entry
-    registration_request: B64
+# -- the client operations (bkv_protocol.operations) ------------------------------
+# The public body as the client sent it, the user the frontend authenticated,
+# the island asking and the entry it read (``bkv_protocol.wire.hop``): the
+# fleet the client pinned (``fleet_id``) signs the answer.
+def _from_island(name: str, body: type[Frozen]) -> type[Frozen]:
+    return hop(name, body, f"{body.__name__}, the user, the island asking and the entry it read.", __name__,
+               user_id=(UserId, ...), island=(IslandId, ...), current=(Entry, ...))
 
 
-class RegistrationStartOut(Frozen):
-    registration_response: B64
-    challenge: B64
-    signature: B64
-
-
-class RegistrationFinishIn(Frozen):
-    user_id: UserId
-    island: IslandId
-    fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
-    request_id: RequestId
-    current: Entry
-    challenge: B64
-    registration_upload: B64
-    ek: B64
-    k_nonce: B64
-    # Over a live record: the change ticket and the device's proof over this
-    # request (bkv_protocol.transcripts). Left out: the old shape.
-    ticket: B64 | None = Field(None, exclude_if=lambda v: v is None)
-    ticket_proof: B64 | None = Field(None, exclude_if=lambda v: v is None)
-
-
-# -- login ---------------------------------------------------------------------
-class LoginStartIn(Frozen):
-    user_id: UserId
-    island: IslandId
-    fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
-    request_id: RequestId
-    current: Entry
-    credential_request: B64
-
-
-class LoginFinishIn(Frozen):
-    user_id: UserId
-    island: IslandId
-    fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
-    request_id: RequestId
-    current: Entry
-    login_state: B64
-    credential_finalization: B64
+RegistrationStartIn = _from_island("RegistrationStartIn", v1.RegistrationStartRequest)
+RegistrationStartOut = v1.RegistrationStartOut
+RegistrationFinishIn = _from_island("RegistrationFinishIn", v1.RegistrationFinishRequest)
+RecoverStartIn = _from_island("RecoverStartIn", v1.RecoverStartRequest)
+RecoverFinishIn = _from_island("RecoverFinishIn", v1.RecoverFinishRequest)
+DeleteIn = _from_island("DeleteIn", v1.DeleteRequest)
 
 
 # -- resends and refusals --------------------------------------------------------
@@ -220,24 +187,14 @@ class Proven(Frozen):
 
 class OpKind(str, enum.Enum):
     REGISTRATION_FINISH = "registration_finish"
-    LOGIN_START = "login_start"
-    LOGIN_FINISH = "login_finish"
+    # A recovery is OPAQUE's login phase: the values are the island <-> hsm-proxy
+    # wire strings of the build before the catalogue, kept so either tier may roll first.
+    RECOVER_START = "login_start"
+    RECOVER_FINISH = "login_finish"
     MIGRATE = "migrate"
     DELETE = "delete"
     MOVE_OUT = "move_out"
     MOVE_IN = "move_in"
-
-
-class DeleteIn(Frozen):
-    """A device deletes its live escrow, with proof of its password."""
-
-    user_id: UserId
-    island: IslandId
-    fleet_id: FleetId | None = None
-    request_id: RequestId
-    current: Entry
-    ticket: B64
-    ticket_proof: B64
 
 
 class MoveOutIn(Frozen):
@@ -267,18 +224,25 @@ class MoveInIn(Frozen):
 class Op(Frozen):
     """One state change of a batch; exactly the field named by ``kind`` is set."""
 
+    # On the wire each body is under its kind's value (``OpKind``: v1's strings).
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
+
     kind: OpKind
     proof: B64  # of this op's record against the batch's head
     registration_finish: RegistrationFinishIn | None = None
-    login_start: LoginStartIn | None = None
-    login_finish: LoginFinishIn | None = None
+    recover_start: RecoverStartIn | None = Field(None, alias=OpKind.RECOVER_START.value)
+    recover_finish: RecoverFinishIn | None = Field(None, alias=OpKind.RECOVER_FINISH.value)
     migrate: MigrateIn | None = None
     delete: DeleteIn | None = None
     move_out: MoveOutIn | None = None
     move_in: MoveInIn | None = None
 
     def body(self):
-        return getattr(self, self.kind.value)
+        return getattr(self, _OP_FIELD.get(self.kind, self.kind.value))
+
+
+_OP_FIELD = {OpKind.RECOVER_START: "recover_start", OpKind.RECOVER_FINISH: "recover_finish"}
 
 
 class ApplyIn(Frozen):

@@ -8,61 +8,33 @@ there, once, so the public API changes only where it is written down.
 
 from __future__ import annotations
 
-
-
-from bkv_protocol.wire import B64, Frozen, RequestId
 from pydantic import Field
 
+from bkv_protocol import v1
 from bkv_protocol.hsm_api import Entry, LogEntry, Statement
 from bkv_protocol.ids import FleetId, IslandId, UserId, UserRef
 from bkv_protocol.v1 import (  # noqa: F401  (the island's answers: see above)
     DeleteOut,
-    LoginFinishOut,
-    LoginStartOut,
+    RecoverFinishOut,
+    RecoverStartOut,
     RegistrationFinishOut,
     RegistrationStartOut,
 )
+from bkv_protocol.wire import B64, Frozen, hop
 
 
-class RegistrationStartIn(Frozen):
-    user_id: UserId
-    fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
-    registration_request: B64
+# The client operations' requests: the public body and the account the
+# frontend authenticated (``bkv_protocol.wire.hop``; the catalogue names them).
+def _from_frontend(name: str, body: type[Frozen]) -> type[Frozen]:
+    return hop(name, body, f"{body.__name__} and the user the frontend authenticated.", __name__,
+               user_id=(UserId, ...))
 
 
-class RegistrationFinishIn(Frozen):
-    user_id: UserId
-    fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
-    request_id: RequestId  # client-chosen: a resend with the same id is answered from the commit
-    challenge: B64
-    registration_upload: B64
-    ek: B64
-    k_nonce: B64
-    ticket: B64 | None = None        # replacing a live escrow: proof of its password (v1.RegistrationFinishRequest)
-    ticket_proof: B64 | None = None
-
-
-class LoginStartIn(Frozen):
-    user_id: UserId
-    fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
-    request_id: RequestId  # client-chosen: a resend with the same id is answered from the commit
-    credential_request: B64
-
-
-class LoginFinishIn(Frozen):
-    user_id: UserId
-    fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
-    request_id: RequestId  # client-chosen: a resend with the same id is answered from the commit
-    login_state: B64
-    credential_finalization: B64
-
-
-class DeleteIn(Frozen):
-    user_id: UserId
-    fleet_id: FleetId | None = None  # the fleet the client pinned (None: the oldest)
-    request_id: RequestId  # client-chosen: a resend with the same id is answered from the commit
-    ticket: B64
-    ticket_proof: B64
+RegistrationStartIn = _from_frontend("RegistrationStartIn", v1.RegistrationStartRequest)
+RegistrationFinishIn = _from_frontend("RegistrationFinishIn", v1.RegistrationFinishRequest)
+RecoverStartIn = _from_frontend("RecoverStartIn", v1.RecoverStartRequest)
+RecoverFinishIn = _from_frontend("RecoverFinishIn", v1.RecoverFinishRequest)
+DeleteIn = _from_frontend("DeleteIn", v1.DeleteRequest)
 
 
 class MoveIn(Frozen):

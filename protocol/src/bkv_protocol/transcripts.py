@@ -3,7 +3,7 @@ every state-changing request. The hsm-proxy calls these to sign and the SDK
 calls the very same functions to verify, so the two can never disagree on
 which fields a signature covers.
 
-A state-changing request (registration finish, login start, login finish)
+A state-changing request (registration finish, recover start, recover finish, delete)
 carries a client-chosen ``request_id`` (16 random bytes). Its *fingerprint*
 is a hash over the route, the pinned fleet, the user, the request id and
 every field of the body: the whole request. Each answer's signature covers
@@ -14,15 +14,16 @@ the fingerprint, so
 * the island can tell a resend (same id, same fingerprint: answer from what
   was committed) from a different request reusing an id (refused).
 
-A live escrow changes only with proof of its password: a successful login
+A live escrow changes only with proof of its password: a successful recover
 finish hands the device a *change ticket* (sealed by the HSM, bound to the
 user, island and the record's version) whose key only the two ends of that
 login know (:func:`ticket_key`, from the OPAQUE session key); a replacing
 registration or a deletion carries the ticket and :func:`ticket_proof`, a MAC
 under that key over the request's fingerprint, which no tier can make.
 
-Names follow the OPAQUE RFC's phases (registration, login); the public API
-calls login "recovery".
+The operations are named as in the catalogue (``bkv_protocol.operations``):
+registration and *recover*; a recovery is OPAQUE's login phase, and the
+labels and route strings inside transcripts keep v1's names for it.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ REQUEST_ID_LEN = 16
 
 
 class Route(str, enum.Enum):
-    """The state-changing requests, as named inside fingerprints."""
+    """The state-changing requests, as named inside fingerprints. The
+    values are v1's wire strings: a recovery is OPAQUE's login phase, and
+    the fingerprints say so (changing a value is a protocol break)."""
 
     REGISTRATION_FINISH = "registration-finish"
-    LOGIN_START = "login-start"
-    LOGIN_FINISH = "login-finish"
+    RECOVER_START = "login-start"
+    RECOVER_FINISH = "login-finish"
     DELETE = "delete"
 
 
@@ -79,13 +82,13 @@ def registration_finish_request(fleet_id: str | None, user_id: str, request_id: 
                         ek, k_nonce, *((ticket,) if ticket else ()))
 
 
-def login_start_request(fleet_id: str | None, user_id: str, request_id: bytes, credential_request: bytes) -> bytes:
-    return _fingerprint(Route.LOGIN_START, fleet_id, user_id, request_id, credential_request)
+def recover_start_request(fleet_id: str | None, user_id: str, request_id: bytes, credential_request: bytes) -> bytes:
+    return _fingerprint(Route.RECOVER_START, fleet_id, user_id, request_id, credential_request)
 
 
-def login_finish_request(fleet_id: str | None, user_id: str, request_id: bytes, login_state: bytes,
+def recover_finish_request(fleet_id: str | None, user_id: str, request_id: bytes, login_state: bytes,
                          credential_finalization: bytes) -> bytes:
-    return _fingerprint(Route.LOGIN_FINISH, fleet_id, user_id, request_id, login_state, credential_finalization)
+    return _fingerprint(Route.RECOVER_FINISH, fleet_id, user_id, request_id, login_state, credential_finalization)
 
 
 def delete_request(fleet_id: str | None, user_id: str, request_id: bytes, ticket: bytes) -> bytes:
@@ -93,7 +96,7 @@ def delete_request(fleet_id: str | None, user_id: str, request_id: bytes, ticket
 
 
 # The fields of each request a signed refusal may answer, in fingerprint order.
-_REFUSABLE = {Route.LOGIN_START: login_start_request, Route.LOGIN_FINISH: login_finish_request,
+_REFUSABLE = {Route.RECOVER_START: recover_start_request, Route.RECOVER_FINISH: recover_finish_request,
               Route.DELETE: delete_request}
 
 
@@ -141,11 +144,11 @@ def registration_finish_answer(fleet_id: str, request: bytes, version: int, max_
     return canonical(labels.SIG_REGISTRATION_FINISH, fleet_id.encode(), request, u64(version), u32(max_attempts))
 
 
-def login_start_answer(fleet_id: str, request: bytes, credential_response: bytes, attempts_left: int) -> bytes:
+def recover_start_answer(fleet_id: str, request: bytes, credential_response: bytes, attempts_left: int) -> bytes:
     return canonical(labels.SIG_LOGIN_START, fleet_id.encode(), request, credential_response, u32(attempts_left))
 
 
-def login_finish_answer(fleet_id: str, request: bytes, wrapped_key: bytes, rk_nonce: bytes,
+def recover_finish_answer(fleet_id: str, request: bytes, wrapped_key: bytes, rk_nonce: bytes,
                         record_status: str) -> bytes:
     return canonical(labels.SIG_LOGIN_FINISH, fleet_id.encode(), request, wrapped_key, rk_nonce,
                      record_status.encode())

@@ -18,8 +18,8 @@ from bkv_protocol.wire import B64, Frozen, RequestId, fixed_b64
 
 __all__ = [
     "FleetInfo", "RegistrationStartRequest", "RegistrationStartOut", "RegistrationFinishRequest",
-    "RegistrationFinishOut", "LoginStartRequest", "LoginStartOut", "LoginFinishRequest",
-    "LoginFinishOut", "DeleteRequest", "DeleteOut", "RecordStatus", "FleetParams",
+    "RegistrationFinishOut", "RecoverStartRequest", "RecoverStartOut", "RecoverFinishRequest",
+    "RecoverFinishOut", "DeleteRequest", "DeleteOut", "RecordStatus", "FleetParams",
 ]
 
 
@@ -71,11 +71,11 @@ class RegistrationFinishRequest(_Identified):
     ticket_proof: TicketProof | None = Field(None, exclude_if=lambda v: v is None)
 
 
-class LoginStartRequest(_Identified):
+class RecoverStartRequest(_Identified):
     credential_request: B64
 
 
-class LoginFinishRequest(_Identified):
+class RecoverFinishRequest(_Identified):
     login_state: B64
     credential_finalization: B64
 
@@ -115,7 +115,7 @@ class RegistrationFinishOut(Frozen):
     signature: B64
 
 
-class LoginStartOut(Frozen):
+class RecoverStartOut(Frozen):
     """``attempts_left`` is what remains *after* this guess; it is signed."""
 
     credential_response: B64
@@ -124,7 +124,7 @@ class LoginStartOut(Frozen):
     signature: B64
 
 
-class LoginFinishOut(Frozen):
+class RecoverFinishOut(Frozen):
     wrapped_key: B64
     rk_nonce: B64
     record_status: RecordStatus

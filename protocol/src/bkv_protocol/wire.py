@@ -126,3 +126,14 @@ class ErrorDetail(Frozen):
 
 class ErrorBody(Frozen):
     error: ErrorDetail
+
+
+def hop(name: str, body: type[Frozen], doc: str, module: str, **added) -> type[Frozen]:
+    """The request a hop sends on: ``body``'s fields (the request as the
+    client sent it, the same body all the way) and the fields the hop adds
+    (``added``: name -> (type, default or ``...``)). Made here for every
+    operation (``bkv_protocol.operations``), so a field added to a request
+    reaches every hop without being declared again."""
+    from pydantic import create_model
+
+    return create_model(name, __base__=body, __doc__=doc, __module__=module, **added)

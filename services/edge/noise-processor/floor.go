@@ -43,7 +43,7 @@ func floor(args []string, out io.Writer) error {
 	}
 	handshake := (cpuSeconds() - start) / float64(n)
 
-	path, auth := "/v1/login/start", "Bearer "+strings.Repeat("t", 300)
+	path, auth := "/v1/recover/start", "Bearer "+strings.Repeat("t", 300)
 	inner := binary.BigEndian.AppendUint16(nil, uint16(len(path)))
 	inner = binary.BigEndian.AppendUint16(append(inner, path...), uint16(len(auth)))
 	inner = append(append(inner, auth...), make([]byte, 200)...)

@@ -30,7 +30,9 @@ from bkv_server.service import (
     route_templates,
 )
 from bkv_protocol.wire import ErrorCode
+from bkv_protocol import operations as ops
 from bkv_protocol import v1 as api
+from bkv_protocol.operations import Operation
 from bkv_frontend import errors, openapi
 from bkv_frontend.auth import TokenVerifier, check_device
 from bkv_frontend.errors import NotReady
@@ -155,55 +157,36 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
                                         idempotent=True)
         return old is not None or home != asked
 
-    # The OPAQUE routes: what the island gets for each public request. All are
-    # safe to send again: the state-changing ones carry the client's request
-    # id, and any replica answers a resend from what was committed.
-    async def registration_start_(req: api.RegistrationStartRequest, user: str) -> Response:
-        return await relay(user, "/island/v1/registration/start",
-                           iapi.RegistrationStartIn(user_id=user, fleet_id=req.fleet_id,
-                                                    registration_request=req.registration_request),
-                           idempotent=True)
+    # The client operations (bkv_protocol.operations): the island gets the same
+    # body with the account. All are safe to send again: the state-changing
+    # ones carry the client's request id, and any replica answers a resend
+    # from what was committed.
+    def forward(op: Operation) -> OpaqueHandler:
+        async def handler(req: BaseModel, user: str) -> Response:
+            return await relay(user, op.island_path, op.to_island(req, user), idempotent=True)
 
-    async def registration_finish_(req: api.RegistrationFinishRequest, user: str) -> Response:
-        return await relay(user, "/island/v1/registration/finish",
-                           iapi.RegistrationFinishIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
-                                                     challenge=req.challenge,
-                                                     registration_upload=req.registration_upload, ek=req.ek,
-                                                     k_nonce=req.k_nonce, ticket=req.ticket,
-                                                     ticket_proof=req.ticket_proof), idempotent=True)
-
-    async def login_start_(req: api.LoginStartRequest, user: str) -> Response:
-        return await relay(user, "/island/v1/login/start",
-                           iapi.LoginStartIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
-                                                credential_request=req.credential_request),
-                           idempotent=True)
-
-    async def login_finish_(req: api.LoginFinishRequest, user: str) -> Response:
-        return await relay(user, "/island/v1/login/finish",
-                           iapi.LoginFinishIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
-                                                 login_state=req.login_state,
-                                                 credential_finalization=req.credential_finalization),
-                           idempotent=True)
+        return handler
 
     # path: (request model, answer model -- for the schema only: the island's bytes go out unchanged, handler)
     opaque_routes: dict[str, tuple[type[BaseModel], type[BaseModel], OpaqueHandler]] = {
-        "/v1/registration/start": (api.RegistrationStartRequest, api.RegistrationStartOut, registration_start_),
-        "/v1/registration/finish": (api.RegistrationFinishRequest, api.RegistrationFinishOut, registration_finish_),
-        "/v1/login/start": (api.LoginStartRequest, api.LoginStartOut, login_start_),
-        "/v1/login/finish": (api.LoginFinishRequest, api.LoginFinishOut, login_finish_),
-    }
+        path: (op.request, op.answer, forward(op))
+        for op in (ops.REGISTRATION_START, ops.REGISTRATION_FINISH, ops.RECOVER_START, ops.RECOVER_FINISH)
+        for path in (op.path, *op.aliases)}
     # The same routes in FastAPI, for the schema (/openapi.json); requests to
-    # them are answered by OpaqueFastPath before they get here.
-    for path, (model, out, handler) in opaque_routes.items():
-        app.add_api_route(path, _documented(model, handler, account), methods=["POST"], response_model=out)
+    # them are answered by OpaqueFastPath before they get here. The aliases
+    # (paths of clients built before the catalogue) are served, not documented.
+    for op in (ops.REGISTRATION_START, ops.REGISTRATION_FINISH, ops.RECOVER_START, ops.RECOVER_FINISH):
+        for path in (op.path, *op.aliases):
+            app.add_api_route(path, _documented(op.request, opaque_routes[path][2], account), methods=["POST"],
+                              response_model=op.answer, include_in_schema=path == op.path)
 
     # Deleting needs proof of the password (a change ticket), like replacing.
-    @app.post("/v1/record/delete", response_model=api.DeleteOut, summary="Delete record (POST twin, over Noise)")
+    delete_ = forward(ops.DELETE)
+
+    @app.post(ops.DELETE.path, response_model=api.DeleteOut, summary="Delete record (POST twin, over Noise)")
     @app.delete("/v1/record", response_model=api.DeleteOut)
     async def delete(req: api.DeleteRequest, user: User) -> Response:
-        return await relay(user, "/island/v1/record/delete",
-                           iapi.DeleteIn(user_id=user, fleet_id=req.fleet_id, request_id=req.request_id,
-                                         ticket=req.ticket, ticket_proof=req.ticket_proof), idempotent=True)
+        return await delete_(req, user)
 
     openapi.install(app)
     # Metrics name only the routes declared above (every one is in app.routes by now).

@@ -37,9 +37,9 @@ class NotReady(FrontendError):
 
 # Fixed messages: the exceptions' own would name replicas and internals, or be empty.
 TABLE = ErrorTable(
-    (Unauthenticated, 401, C.UNAUTHENTICATED, False, "a valid account token is required"),
-    (UpstreamOutcomeUnknown, 502, C.OUTCOME_UNKNOWN, False,
+    (Unauthenticated, C.UNAUTHENTICATED, False, "a valid account token is required"),
+    (UpstreamOutcomeUnknown, C.OUTCOME_UNKNOWN, False,
      "the vault lost the connection mid-request; this attempt may or may not have been counted"),
-    (UpstreamUnavailable, 503, C.UNAVAILABLE, True, "the vault is temporarily unavailable; retry shortly"),
-    (NotReady, 503, C.UNAVAILABLE, True, "the vault is starting; retry shortly"),
+    (UpstreamUnavailable, C.UNAVAILABLE, True, "the vault is temporarily unavailable; retry shortly"),
+    (NotReady, C.UNAVAILABLE, True, "the vault is starting; retry shortly"),
 )

@@ -16,6 +16,8 @@ from typing import Iterable
 from fastapi import FastAPI
 
 from bkv_frontend import errors as ferr
+from bkv_protocol import operations as ops
+from bkv_protocol.operations import STATUS
 from bkv_protocol.wire import ErrorBody, ErrorCode as C
 from bkv_server.http import UpstreamUnavailable
 
@@ -49,35 +51,15 @@ _MEANING = {
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (retryable errors)",
                                 "schema": {"type": "integer"}}}
 
-# What the frontend passes on unchanged: the islands' answers, and through
-# them the hsm-proxy's, by the exception that makes them. A service never
-# imports another (tests/test_layering.py), so they are written here, and
-# tests/test_unit_error_tables.py checks each against the island's and the
-# hsm-proxy's TABLE: the schema cannot drift from them.
-UPSTREAM: dict[str, tuple[int, C]] = {
-    "bkv_island.errors.Contended": (409, C.CONFLICT),
-    "bkv_island.errors.RequestIdReused": (409, C.REQUEST_ID_REUSED),
-    "bkv_island.errors.RequestSuperseded": (409, C.REQUEST_SUPERSEDED),
-    "bkv_island.errors.OutcomeUnknown": (502, C.OUTCOME_UNKNOWN),
-    "bkv_island.errors.NoRecord": (404, C.NO_RECORD),
-    "bkv_island.errors.RecordDestroyed": (410, C.RECORD_DESTROYED),
-    "bkv_hsm_proxy.errors.RecordIntegrityFailure": (500, C.RECORD_INTEGRITY_FAILURE),
-    "bkv_hsm_proxy.errors.MalformedOpaqueMessage": (400, C.MALFORMED_OPAQUE_MESSAGE),
-    "bkv_hsm_proxy.errors.ChallengeRejected": (400, C.CHALLENGE_REJECTED),
-    "bkv_hsm_proxy.errors.LoginStateRejected": (400, C.LOGIN_STATE_REJECTED),
-    "bkv_hsm_proxy.errors.AuthenticationFailed": (403, C.AUTHENTICATION_FAILED),
-    "bkv_hsm_proxy.errors.PasswordProofRequired": (409, C.PASSWORD_PROOF_REQUIRED),
-    "bkv_hsm_proxy.errors.TicketRejected": (403, C.TICKET_REJECTED),
-    "bkv_hsm_proxy.errors.WrongIsland": (409, C.WRONG_ISLAND),
-}
+
+def _answers(*raised: type[Exception]) -> dict[int, list[C]]:
+    """The status and code each of the frontend's own exceptions is answered with."""
+    return _codes(*(ferr.TABLE.rule_for(cls).code for cls in raised))
 
 
-def _answers(*raised: type[Exception] | str) -> dict[int, list[C]]:
-    """The status and code each exception is answered with: the frontend's
-    own from its table, an upstream's (named) from UPSTREAM."""
-    pairs = [UPSTREAM[cls] if isinstance(cls, str) else (ferr.TABLE.rule_for(cls).status,
-                                                          ferr.TABLE.rule_for(cls).code) for cls in raised]
-    return _merge(*({status: [code]} for status, code in pairs))
+def _codes(*codes: C) -> dict[int, list[C]]:
+    """Codes by their one status (``bkv_protocol.operations.STATUS``)."""
+    return _merge(*({STATUS[code]: [code]} for code in codes))
 
 
 def _merge(*tables: dict[int, list[C]]) -> dict[int, list[C]]:
@@ -89,38 +71,26 @@ def _merge(*tables: dict[int, list[C]]) -> dict[int, list[C]]:
 
 
 # Answered before any handler runs (GuardAndMeasure, body validation), or a bug.
-_BODY = {400: [C.INVALID_REQUEST], 413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}
+_BODY = _codes(C.INVALID_REQUEST, C.PAYLOAD_TOO_LARGE, C.UNSUPPORTED_MEDIA_TYPE)
 _AUTH = _answers(ferr.Unauthenticated)
-_ALWAYS = _merge({500: [C.INTERNAL]}, _answers(UpstreamUnavailable, ferr.NotReady))
-_RESEND = _merge({500: [C.INTERNAL]}, _answers(  # a resend opens the answer kept in storage
-    "bkv_island.errors.Contended", "bkv_island.errors.RequestIdReused", "bkv_island.errors.RequestSuperseded", "bkv_island.errors.OutcomeUnknown", "bkv_hsm_proxy.errors.RecordIntegrityFailure"))
+_ALWAYS = _merge(_codes(C.INTERNAL), _answers(UpstreamUnavailable, ferr.NotReady))
+
+
+def _operation(op: ops.Operation) -> dict[int, list[C]]:
+    """A client operation's answers: its outcomes, from the catalogue (the
+    island's and the hsm-proxy's, passed on unchanged), and the frontend's own."""
+    return _merge(_BODY, _AUTH, _ALWAYS, _codes(*op.outcomes))
+
 
 # (path, method): every error status the operation can answer, with its codes.
-# Which exceptions each route can meet is kept by hand; their statuses and
-# codes come from the tables. tests/test_openapi_schemathesis.py fails on
-# any status or code the API gives that is not listed here.
+# tests/test_openapi_schemathesis.py fails on any status or code the API
+# gives that is not listed here.
 ROUTE_ERRORS: dict[tuple[str, str], dict[int, list[C]]] = {
     ("/v1/fleet", "get"): _ALWAYS,
-    ("/v1/fleet", "post"): _merge({413: [C.PAYLOAD_TOO_LARGE], 415: [C.UNSUPPORTED_MEDIA_TYPE]}, _ALWAYS),
-    ("/v1/registration/start", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_island.errors.Contended",
-                                           "bkv_hsm_proxy.errors.WrongIsland")),
-    ("/v1/registration/finish", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _RESEND, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_hsm_proxy.errors.ChallengeRejected",
-                                                 "bkv_hsm_proxy.errors.PasswordProofRequired", "bkv_hsm_proxy.errors.TicketRejected",
-                                                 "bkv_hsm_proxy.errors.WrongIsland")),
-    ("/v1/login/start", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _RESEND, _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_island.errors.NoRecord", "bkv_island.errors.RecordDestroyed",
-                                           "bkv_hsm_proxy.errors.WrongIsland")),
-    ("/v1/login/finish", "post"): _merge(
-        _BODY, _AUTH, _ALWAYS, _RESEND,
-        _answers("bkv_hsm_proxy.errors.MalformedOpaqueMessage", "bkv_hsm_proxy.errors.LoginStateRejected", "bkv_hsm_proxy.errors.AuthenticationFailed", "bkv_island.errors.NoRecord",
-                 "bkv_island.errors.RecordDestroyed", "bkv_hsm_proxy.errors.WrongIsland")),
-    ("/v1/bundle", "get"): {404: [C.NOT_FOUND], 500: [C.INTERNAL]},
-    ("/v1/record", "delete"): _merge(_BODY, _AUTH, _ALWAYS, _RESEND, _DELETE := _answers(
-        "bkv_hsm_proxy.errors.TicketRejected", "bkv_island.errors.NoRecord", "bkv_island.errors.RecordDestroyed",
-        "bkv_hsm_proxy.errors.WrongIsland")),
-    ("/v1/record/delete", "post"): _merge(_BODY, _AUTH, _ALWAYS, _RESEND, _DELETE),
+    ("/v1/fleet", "post"): _merge(_codes(C.PAYLOAD_TOO_LARGE, C.UNSUPPORTED_MEDIA_TYPE), _ALWAYS),
+    **{(op.path, "post"): _operation(op) for op in ops.CATALOGUE},
+    ("/v1/record", "delete"): _operation(ops.DELETE),
+    ("/v1/bundle", "get"): _codes(C.NOT_FOUND, C.INTERNAL),
 }
 AUTHENTICATED = {op for op, errors in ROUTE_ERRORS.items() if 401 in errors}
 _AUTH_HEADERS = {"authorization", "x-bkv-device-key"}  # the token, and the edge's device key

@@ -426,13 +426,13 @@ class VaultHsm:
         return self._reply(ref, req.island, entry, req.current, req.request_id, fp, answer), answer
 
     # -- login (recovery) --------------------------------------------------------
-    def login_start(self, req: api.LoginStartIn) -> tuple[api.Entry, dict]:
+    def recover_start(self, req: api.RecoverStartIn) -> tuple[api.Entry, dict]:
         uid = req.user_id.encode()
         record = self._open_record(user_ref(req.user_id), req.island, req.current)
         if record.attempts_left <= 0:  # only reachable for records written by an older build
             raise errors.RecordDestroyed("no attempts left")
         # Parse and answer first: a malformed request must not cost an attempt.
-        started = self._opaque("login_start", opaque.server_login_start,
+        started = self._opaque("recover_start", opaque.server_login_start,
                                self._setup, record.password_file, req.credential_request, record.credential_id(uid))
         left = record.attempts_left - 1
         version = req.current.version + 1
@@ -448,14 +448,14 @@ class VaultHsm:
             _pack(started.get_state(), u64(version), u64(expires), record.ek, record.k_nonce,
                   self._rng.token_bytes(16)))
         response = started.get_message()
-        fp = transcripts.login_start_request(req.fleet_id, req.user_id, req.request_id, req.credential_request)
-        sig = self._sign(req.fleet_id, lambda fleet: transcripts.login_start_answer(fleet, fp, response, left))
+        fp = transcripts.recover_start_request(req.fleet_id, req.user_id, req.request_id, req.credential_request)
+        sig = self._sign(req.fleet_id, lambda fleet: transcripts.recover_start_answer(fleet, fp, response, left))
         answer = {"credential_response": b64e(response), "login_state": b64e(login_state), "attempts_left": left,
                   "signature": b64e(sig)}
         return self._reply(user_ref(req.user_id), req.island, new_entry, req.current, req.request_id, fp,
                            answer), answer
 
-    def login_finish(self, req: api.LoginFinishIn) -> tuple[api.Entry, dict]:
+    def recover_finish(self, req: api.RecoverFinishIn) -> tuple[api.Entry, dict]:
         uid = req.user_id.encode()
         try:
             server_state, version_b, expires_b, ek, k_nonce, _ = _unpack(
@@ -494,9 +494,9 @@ class VaultHsm:
             # The guess that used the last attempt was right: K goes back, the record stays gone.
             new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
             status = api.RecordStatus.DESTROYED
-        fp = transcripts.login_finish_request(req.fleet_id, req.user_id, req.request_id, req.login_state,
+        fp = transcripts.recover_finish_request(req.fleet_id, req.user_id, req.request_id, req.login_state,
                                               req.credential_finalization)
-        sig = self._sign(req.fleet_id, lambda fleet: transcripts.login_finish_answer(
+        sig = self._sign(req.fleet_id, lambda fleet: transcripts.recover_finish_answer(
             fleet, fp, wrapped, rk_nonce, status.value))
         answer = {"wrapped_key": b64e(wrapped), "rk_nonce": b64e(rk_nonce), "record_status": status.value,
                   "signature": b64e(sig)}
@@ -670,8 +670,8 @@ class VaultHsm:
         except errors.LogError as exc:
             metrics.child(metrics.LOG_REFUSED, type(exc).__name__).inc()
             raise
-        steps = {api.OpKind.REGISTRATION_FINISH: self.registration_finish, api.OpKind.LOGIN_START: self.login_start,
-                 api.OpKind.LOGIN_FINISH: self.login_finish, api.OpKind.MIGRATE: self.migrate,
+        steps = {api.OpKind.REGISTRATION_FINISH: self.registration_finish, api.OpKind.RECOVER_START: self.recover_start,
+                 api.OpKind.RECOVER_FINISH: self.recover_finish, api.OpKind.MIGRATE: self.migrate,
                  api.OpKind.DELETE: self.delete, api.OpKind.MOVE_OUT: self.move_out, api.OpKind.MOVE_IN: self.move_in}
         changes, results = [], []
         for op in req.ops:

@@ -32,6 +32,7 @@ from bkv_island import errors
 from bkv_island.ledger import Ledger
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import island_api as api
+from bkv_protocol import operations as ops
 from bkv_protocol import transcripts
 from bkv_protocol.encoding import user_ref
 from bkv_server import metrics
@@ -74,6 +75,12 @@ class _Writes:
     fleet_id: str | None
     route: transcripts.Route
     fields: tuple[bytes, ...] = ()
+
+    @classmethod
+    def of(cls, op: ops.Operation, req) -> _Writes:
+        """A client operation's request (``bkv_protocol.operations``)."""
+        return cls(req.user_id, req.request_id, op.request_fingerprint(req), op.answer, req.fleet_id, op.route,
+                   op.request_fields(req))
 
 
 @dataclass(frozen=True)
@@ -250,83 +257,50 @@ class Island:
         current = self._ledger.current(user_ref(req.user_id))
         if current.state is hapi.EntryState.MOVED:
             raise errors.Moved("the record moved to another island; try again")
-        out = await self._hsm.registration_start(hapi.RegistrationStartIn(
-            user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, current=current,
-            registration_request=req.registration_request))
-        return api.RegistrationStartOut(**out.model_dump())
+        return await self._hsm.registration_start(ops.REGISTRATION_START.to_hsm(req, self.island_id, current))
+
+    def _client_op(self, op: ops.Operation, req, settle=None, counts=lambda _e: ()) -> _Op:
+        """A client operation that writes: the hsm-proxy gets the same body
+        with the island and the entry read; the answer is the one committed."""
+        return _Op(op.op_kind, user_ref(req.user_id), lambda current: op.to_hsm(req, self.island_id, current),
+                   lambda _e, answer: op.answer.model_validate_json(answer), _Writes.of(op, req), settle, counts)
 
     async def registration_finish(self, req: api.RegistrationFinishIn) -> api.RegistrationFinishOut:
-        writes = _Writes(req.user_id, req.request_id, transcripts.registration_finish_request(
-            req.fleet_id, req.user_id, req.request_id, req.challenge, req.registration_upload, req.ek, req.k_nonce,
-            req.ticket), api.RegistrationFinishOut, req.fleet_id, transcripts.Route.REGISTRATION_FINISH)
-        return await self._change(_Op(
-            hapi.OpKind.REGISTRATION_FINISH, user_ref(req.user_id),
-            lambda current: hapi.RegistrationFinishIn(
-                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
-                current=current, challenge=req.challenge, registration_upload=req.registration_upload, ek=req.ek,
-                k_nonce=req.k_nonce, ticket=req.ticket, ticket_proof=req.ticket_proof),
-            lambda _e, answer: api.RegistrationFinishOut.model_validate_json(answer), writes,
-            counts=lambda _e: (metrics.REGISTRATIONS,)))
+        return await self._change(self._client_op(ops.REGISTRATION_FINISH, req,
+                                                  counts=lambda _e: (metrics.REGISTRATIONS,)))
 
-    # -- recovery --------------------------------------------------------------------
-    async def login_start(self, req: api.LoginStartIn) -> api.LoginStartOut:
-        writes = _Writes(req.user_id, req.request_id, transcripts.login_start_request(
-            req.fleet_id, req.user_id, req.request_id, req.credential_request), api.LoginStartOut, req.fleet_id,
-            transcripts.Route.LOGIN_START, (req.credential_request,))
-
+    # -- recover ---------------------------------------------------------------------
+    async def recover_start(self, req: api.RecoverStartIn) -> api.RecoverStartOut:
         def settle(current: hapi.Entry) -> None:
             if current.state in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
                 raise _Refuse()
 
         def counts(entry: hapi.Entry) -> tuple[Counter, ...]:
             # The decrement was captured by a quorum before the response left (invariant 3).
-            return (metrics.GUESSES_EVALUATED,) + (
+            return (metrics.RECOVER_ATTEMPTS_SPENT,) + (
                 (metrics.RECORDS_DESTROYED,) if entry.state is hapi.EntryState.DESTROYED else ())
 
-        return await self._change(_Op(
-            hapi.OpKind.LOGIN_START, user_ref(req.user_id),
-            lambda current: hapi.LoginStartIn(
-                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
-                current=current, credential_request=req.credential_request),
-            lambda _e, answer: api.LoginStartOut.model_validate_json(answer), writes, settle, counts))
+        return await self._change(self._client_op(ops.RECOVER_START, req, settle, counts))
 
-    async def login_finish(self, req: api.LoginFinishIn) -> api.LoginFinishOut:
-        writes = _Writes(req.user_id, req.request_id, transcripts.login_finish_request(
-            req.fleet_id, req.user_id, req.request_id, req.login_state, req.credential_finalization),
-            api.LoginFinishOut, req.fleet_id, transcripts.Route.LOGIN_FINISH,
-            (req.login_state, req.credential_finalization))
-
+    async def recover_finish(self, req: api.RecoverFinishIn) -> api.RecoverFinishOut:
         def settle(current: hapi.Entry) -> None:
             # (A destroyed entry still finishes: the guess that used the last attempt may be right.)
             if current.state is hapi.EntryState.ABSENT:
                 raise _Refuse()
 
-        return await self._change(_Op(
-            hapi.OpKind.LOGIN_FINISH, user_ref(req.user_id),
-            lambda current: hapi.LoginFinishIn(
-                user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id, request_id=req.request_id,
-                current=current, login_state=req.login_state, credential_finalization=req.credential_finalization),
-            lambda _e, answer: api.LoginFinishOut.model_validate_json(answer), writes, settle,
-            lambda _e: (metrics.RECOVERIES_SUCCEEDED,)))
+        return await self._change(self._client_op(ops.RECOVER_FINISH, req, settle,
+                                                  lambda _e: (metrics.RECOVERIES_SUCCEEDED,)))
 
     # -- deletion -------------------------------------------------------------------------
     async def delete(self, req: api.DeleteIn) -> api.DeleteOut:
         """A device deletes its escrow with proof of its password (the HSM
         checks the change ticket); no live record: the signed refusal."""
-        writes = _Writes(req.user_id, req.request_id, transcripts.delete_request(
-            req.fleet_id, req.user_id, req.request_id, req.ticket), api.DeleteOut, req.fleet_id,
-            transcripts.Route.DELETE, (req.ticket,))
 
         def settle(current: hapi.Entry) -> None:
             if current.state in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED):
                 raise _Refuse()
 
-        return await self._change(_Op(
-            hapi.OpKind.DELETE, user_ref(req.user_id),
-            lambda current: hapi.DeleteIn(user_id=req.user_id, island=self.island_id, fleet_id=req.fleet_id,
-                                          request_id=req.request_id, current=current, ticket=req.ticket,
-                                          ticket_proof=req.ticket_proof),
-            lambda _e, answer: api.DeleteOut.model_validate_json(answer), writes, settle))
+        return await self._change(self._client_op(ops.DELETE, req, settle))
 
     # -- rotation and moves -----------------------------------------------------------------
     # No request id: each is idempotent, so a lost answer is settled by running it again.

@@ -82,15 +82,15 @@ class OutcomeUnknown(IslandError):
 
 
 TABLE = ErrorTable(
-    (NoRecord, 404, C.NO_RECORD, False),
-    (RecordDestroyed, 410, C.RECORD_DESTROYED, False),
-    (Contended, 409, C.CONFLICT, True),
-    (RequestIdReused, 409, C.REQUEST_ID_REUSED, False),
-    (RequestSuperseded, 409, C.REQUEST_SUPERSEDED, False),
-    (StoreUnavailable, 503, C.UNAVAILABLE, True),
-    (Moved, 503, C.UNAVAILABLE, True, "the record moved to another island; try again"),
-    (LedgerDiverged, 503, C.LOG_DIVERGED, False, "the record store is behind the HSM boundary; the vault is closed "
+    (NoRecord, C.NO_RECORD, False),
+    (RecordDestroyed, C.RECORD_DESTROYED, False),
+    (Contended, C.CONFLICT, True),
+    (RequestIdReused, C.REQUEST_ID_REUSED, False),
+    (RequestSuperseded, C.REQUEST_SUPERSEDED, False),
+    (StoreUnavailable, C.UNAVAILABLE, True),
+    (Moved, C.UNAVAILABLE, True, "the record moved to another island; try again"),
+    (LedgerDiverged, C.LOG_DIVERGED, False, "the record store is behind the HSM boundary; the vault is closed "
                                                  "until the operator restores it"),
-    (OutcomeUnknown, 502, C.OUTCOME_UNKNOWN, True),
-    (UpstreamUnavailable, 503, C.UNAVAILABLE, True, "the HSM is unreachable; try again shortly"),
+    (OutcomeUnknown, C.OUTCOME_UNKNOWN, True),
+    (UpstreamUnavailable, C.UNAVAILABLE, True, "the HSM is unreachable; try again shortly"),
 )

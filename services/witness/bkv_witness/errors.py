@@ -24,6 +24,6 @@ class WitnessRefused(WitnessError):
 
 
 TABLE = ErrorTable(
-    (WitnessRefused, 409, C.INVALID_REQUEST, False),
-    (bd.BundleError, 400, C.INVALID_REQUEST, False),
+    (WitnessRefused, C.CONFLICT, False),  # a fork or a rollback: never countersigned
+    (bd.BundleError, C.INVALID_REQUEST, False),
 )
