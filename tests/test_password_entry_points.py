@@ -276,3 +276,31 @@ def test_a_password_change_and_a_forgotten_password_restart_work_through_the_cli
                  "--yes-abandon-old-backups", password="third password")
     assert res.returncode == 0, res.stderr
     assert device("verify", "--store", str(tmp_path / "s3"), password="third password").returncode == 0
+
+
+# -- clients built before the catalogue (bkv_protocol.operations) -------------------------------------
+async def test_a_client_built_before_the_catalogue_recovers_through_v1_login_and_its_guess_is_counted(
+        make_client, monkeypatch):
+    """Such a client knows only POST /v1/login/start and /v1/login/finish:
+    the vault serves them with the same handlers, so its recovery works and
+    each of its guesses spends an attempt as a new client's does."""
+    import bkv.sdk
+    from bkv_protocol import operations as ops
+
+    user, k = await registered(make_client, "legacy")
+    old = dataclasses.replace  # the routes of the build before the catalogue, and no fallback
+    monkeypatch.setattr(bkv.sdk, "ops", type("Ops", (), {
+        "RECOVER_START": old(ops.RECOVER_START, path="/v1/login/start", aliases=()),
+        "RECOVER_FINISH": old(ops.RECOVER_FINISH, path="/v1/login/finish", aliases=()),
+        "REGISTRATION_START": ops.REGISTRATION_START, "REGISTRATION_FINISH": ops.REGISTRATION_FINISH}))
+    sent: list[str] = []
+
+    async def record(request: httpx.Request) -> None:
+        sent.append(request.url.path)
+
+    legacy = make_client(user)
+    legacy._http.event_hooks["request"].append(record)
+    assert await attempts_left(make_client, user) == 9
+    assert (await legacy.recover(PW)).key.reveal() == k.reveal()
+    assert await attempts_left(make_client, user) == 9  # the recovery reset the count: one more guess, 9 left
+    assert sent == ["/v1/login/start", "/v1/login/finish"]
