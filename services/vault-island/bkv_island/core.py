@@ -35,6 +35,7 @@ from bkv_protocol import island_api as api
 from bkv_protocol import operations as ops
 from bkv_protocol import transcripts
 from bkv_protocol.encoding import user_ref
+from bkv_protocol.wire import ErrorCode as C
 from bkv_server import metrics
 from bkv_server.http import ServiceClient, UpstreamError, UpstreamUnavailable
 
@@ -191,10 +192,10 @@ class Island:
             try:
                 return current, await call(current, proven)
             except UpstreamError as exc:
-                code = exc.body.error.code.value
-                if attempt < 2 and code in ("no_quorum", "stale_head", "proof_refused"):
+                code = exc.body.error.code
+                if attempt < 2 and code in (C.NO_QUORUM, C.STALE_HEAD, C.PROOF_REFUSED):
                     continue
-                if code == "no_quorum":
+                if code is C.NO_QUORUM:
                     raise UpstreamUnavailable(not_yet) from exc
                 raise
         raise AssertionError("unreachable: the last attempt returns or raises")

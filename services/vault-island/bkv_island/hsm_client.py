@@ -8,7 +8,11 @@ import asyncio
 from typing import Awaitable, Callable, NamedTuple
 
 from bkv_protocol import hsm_api as hapi
+from bkv_protocol.wire import ErrorCode as C
 from bkv_server.http import ServiceClient, UpstreamError
+
+# What an hsm-proxy older than release on capture answers to a capture with ``release``.
+_RELEASE_REFUSED = "invalid request: check release"
 
 CATCH_UP_CHUNK = 128  # entries per capture for an hsm-proxy that is behind (CaptureIn allows 256)
 
@@ -33,7 +37,7 @@ async def capture_caught_up(capture: Capture, heads: Callable[[], Awaitable[hapi
     try:
         return await capture(entries, release)
     except UpstreamError as exc:
-        if exc.body.error.code.value != "not_next_entry":
+        if exc.body.error.code is not C.NOT_NEXT_ENTRY:
             raise
     have = (await heads()).heads.get(target.island)
     missed = await chain(have.index if have is not None else 0, target.index)
@@ -52,8 +56,10 @@ async def _capture(c: ServiceClient, batch: list[hapi.LogEntry], release: hapi.R
                             hapi.CaptureOut, idempotent=True)
     except UpstreamError as exc:
         # An hsm-proxy older than release on capture refuses the field (a rolling
-        # upgrade, islands first): capture in the old shape, release apart.
-        if release is None or exc.body.error.code.value != "invalid_request" or "release" not in exc.body.error.message:
+        # upgrade, islands first): capture in the old shape, release apart. Its
+        # refusal names the field (bkv_server.rpc.validation_message), nothing else does.
+        if release is None or exc.body.error.code is not C.INVALID_REQUEST or \
+                exc.body.error.message != _RELEASE_REFUSED:
             raise
     return await c.call("POST", "/hsm/v1/log/capture", hapi.CaptureIn(entries=batch), hapi.CaptureOut,
                         idempotent=True)
