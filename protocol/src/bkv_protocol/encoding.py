@@ -28,6 +28,35 @@ def canonical(label: bytes, *fields: bytes) -> bytes:
     return b"".join(parts)
 
 
+def pack16(*fields: bytes) -> bytes:
+    """``(u16be len || field)*``: the compact framing of what is sealed (a
+    record, a login state: ``bkv_hsm_proxy``) and of a Noise request's
+    path and token (``bkv_protocol.noise``). Never hashed or signed: those
+    use :func:`canonical`."""
+    for f in fields:
+        if len(f) > 0xFFFF:
+            raise ValueError("a field over 65535 bytes")
+    return b"".join(struct.pack(">H", len(f)) + f for f in fields)
+
+
+def unpack16(data: bytes, count: int) -> list[bytes]:
+    """The ``count`` fields :func:`pack16` made; ValueError if ``data`` is
+    anything else (truncated, or with trailing bytes)."""
+    out, i = [], 0
+    for _ in range(count):
+        if i + 2 > len(data):
+            raise ValueError("truncated")
+        (n,) = struct.unpack_from(">H", data, i)
+        i += 2
+        if i + n > len(data):
+            raise ValueError("truncated")
+        out.append(data[i : i + n])
+        i += n
+    if i != len(data):
+        raise ValueError("trailing bytes")
+    return out
+
+
 def digest(label: bytes, *fields: bytes) -> bytes:
     return hashlib.sha256(canonical(label, *fields)).digest()
 

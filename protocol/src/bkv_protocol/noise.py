@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from noise.connection import Keypair, NoiseConnection
 
+from bkv_protocol.encoding import pack16
 from bkv_protocol.secrets import Secret
 
 class EdgeError(Exception):
@@ -92,7 +93,8 @@ def _nonce(counter: int) -> bytes:
 
 
 def _pack(*fields: bytes) -> bytes:
-    return b"".join(struct.pack(">H", len(f)) + f for f in fields[:-1]) + fields[-1]
+    """Every field framed but the last, which runs to the end (the body)."""
+    return pack16(*fields[:-1]) + fields[-1]
 
 
 @dataclass
