@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from bkv import errors
-from bkv.exitcodes import ExitCode, _fail
+from bkv.exitcodes import ExitCode, fail
 
 dev = typer.Typer(help="Run a local fleet (etcd, SoftHSM2, hsm-proxy, islands, frontend) on loopback.",
                   no_args_is_help=True)
@@ -59,7 +59,7 @@ def _fleet(state_dir: Optional[Path], base_port: Optional[int] = None):
     state = state_dir or default_state_dir()
     fleet = Fleet(FleetSpec(state_dir=str(state)))
     if fleet.load() and base_port is not None and base_port != fleet.spec.base_port:
-        _fail(f"the fleet in {state} uses base port {fleet.spec.base_port}; run `bkv dev down` first", ExitCode.USAGE)
+        fail(f"the fleet in {state} uses base port {fleet.spec.base_port}; run `bkv dev down` first", ExitCode.USAGE)
     if base_port is not None:
         fleet.spec.base_port = base_port
     return fleet
@@ -96,7 +96,7 @@ def dev_up(base_port: Optional[int] = typer.Option(None, help="first of the flee
     try:
         fleet.up()
     except FleetError as exc:
-        _fail(str(exc), ExitCode.ERROR)
+        fail(str(exc), ExitCode.ERROR)
     params = fleet.fleet_params
     try:
         previous = ClientConfig.load()
@@ -131,7 +131,7 @@ def dev_status(state_dir: Optional[Path] = StateDir,
     """Show each part of the local fleet, its port and whether it is ready."""
     fleet = _fleet(state_dir)
     if not fleet.load():
-        _fail("no local fleet; run `bkv dev up`", ExitCode.ERROR)
+        fail("no local fleet; run `bkv dev up`", ExitCode.ERROR)
     rows = fleet.status()
     if as_json:
         typer.echo(json.dumps(rows))
@@ -152,7 +152,7 @@ def dev_login(user: str = typer.Argument(..., help="the account to act as"), sta
 
     fleet = _fleet(state_dir)
     if not fleet.load():
-        _fail("no local fleet; run `bkv dev up`", ExitCode.ERROR)
+        fail("no local fleet; run `bkv dev up`", ExitCode.ERROR)
     try:
         previous = ClientConfig.load()
     except ConfigError:
@@ -160,7 +160,7 @@ def dev_login(user: str = typer.Argument(..., help="the account to act as"), sta
     try:
         _dev_config(fleet, user, previous).save()
     except ValueError as exc:
-        _fail(str(exc), ExitCode.USAGE)
+        fail(str(exc), ExitCode.USAGE)
     typer.echo(f"now acting as {user}")
 
 
@@ -206,7 +206,7 @@ def dev_island_set(islands: str = typer.Option("island-a,island-b", help="the in
     try:
         s = IslandSet.of(islands.split(","))
     except IslandSetError as exc:
-        _fail(str(exc), ExitCode.USAGE)
+        fail(str(exc), ExitCode.USAGE)
     typer.echo(str(island_set_file((state_dir or default_state_dir()) / "admin", s)))
 
 
@@ -232,7 +232,7 @@ def dev_cluster(edge_url: str = typer.Option(..., help="where the cluster's Envo
         data = json.loads(fleet_configmap.read_text())["data"]
         fleet_key, edge_key = data["fleet_public_key"], data["edge_public_key"]
     except (OSError, ValueError, KeyError):
-        _fail(f"{fleet_configmap} is not the fleet ConfigMap as JSON (kubectl get configmap ... -o json)",
+        fail(f"{fleet_configmap} is not the fleet ConfigMap as JSON (kubectl get configmap ... -o json)",
               ExitCode.USAGE)
     try:
         previous = ClientConfig.load()
@@ -245,7 +245,7 @@ def dev_cluster(edge_url: str = typer.Option(..., help="where the cluster's Envo
     try:
         token = issuer.mint(user, device_key_b64=public)
     except ValueError as exc:
-        _fail(str(exc), ExitCode.USAGE)
+        fail(str(exc), ExitCode.USAGE)
     path = ClientConfig(url=edge_url, fleet_public_key=fleet_key, user_id=user, token=token, edge_url=edge_url,
                         edge_public_key=edge_key, device_key=device_key, transport="noise").save()
     typer.echo(f"client config: {path} (user {user}, fleet {data.get('fleet_id', '?')}, via {edge_url})")
@@ -259,10 +259,10 @@ def demo(state_dir: Optional[Path] = StateDir) -> None:
     try:
         cfg = ClientConfig.load()
     except ConfigError as exc:
-        _fail(str(exc), ExitCode.USAGE)
+        fail(str(exc), ExitCode.USAGE)
     fleet = _fleet(Path(cfg.dev_state_dir) if cfg.dev_state_dir and not state_dir else state_dir)
     if not fleet.load():
-        _fail("the demo needs the local fleet; run `bkv dev up`", ExitCode.ERROR)
+        fail("the demo needs the local fleet; run `bkv dev up`", ExitCode.ERROR)
     asyncio.run(_demo(cfg, fleet))
 
 

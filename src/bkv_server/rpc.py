@@ -35,6 +35,16 @@ def error_body(code: ErrorCode, message: str, retryable: bool = False,
     return ErrorBody(error=ErrorDetail(code=code, message=message, retryable=retryable, signature=signature))
 
 
+def retry_after(body: ErrorBody) -> dict[str, str]:
+    """The one Retry-After rule of every service: a retryable error answer
+    says to retry after a second; no other answer carries the header."""
+    return {"Retry-After": "1"} if body.error.retryable else {}
+
+
+def _header_pairs(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+
 class ErrorRule(NamedTuple):
     exc: type[Exception]
     code: ErrorCode
@@ -149,7 +159,7 @@ class RpcApp:
                                                          f"bodies are limited to {MAX_BODY_BYTES} bytes"))
             return
         model, handler = route
-        status = 200
+        status, extra = 200, {}
         try:
             out = (await handler(model.model_validate_json(body))).model_dump_json().encode()
         except ValidationError as exc:
@@ -160,20 +170,24 @@ class RpcApp:
                 log.exception("unexpected error in %s %s", self.service, path)
                 mapped = 500, error_body(ErrorCode.INTERNAL, "internal error")
             status, err = mapped
-            out = err.model_dump_json().encode()
+            out, extra = err.model_dump_json().encode(), retry_after(err)
         headers_out = [*_JSON, (b"content-length", b"%d" % len(out)),
-                       *([(b"retry-after", b"1")] if status == 503 else [])]
+                       *_header_pairs(extra)]
         await send({"type": "http.response.start", "status": status, "headers": headers_out})
         await send({"type": "http.response.body", "body": out})
         metrics.observe_http(self.service, self._labels, path, method, status, time.perf_counter() - start)
 
     async def _get_request(self, path: str, send) -> None:
+        extra: list[tuple[bytes, bytes]] = []
         if path == "/healthz":
             status, body, ctype = 200, b'{"status":"ok"}', b"application/json"
         elif path == "/readyz":
             ok = self._ready()
             status, ctype = (200 if ok else 503), b"application/json"
-            body = b'{"status":"ready"}' if ok else error_body(ErrorCode.UNAVAILABLE, "not ready", True).model_dump_json().encode()
+            body = b'{"status":"ready"}'
+            if not ok:
+                err = error_body(ErrorCode.UNAVAILABLE, "not ready", True)
+                body, extra = err.model_dump_json().encode(), _header_pairs(retry_after(err))
         elif path == "/metrics":
             status, body, ctype = 200, generate_latest(), CONTENT_TYPE_LATEST.encode()
         elif path in self._get:
@@ -181,7 +195,7 @@ class RpcApp:
         else:
             await self._send_error(send, 404, error_body(ErrorCode.NOT_FOUND, _no_such("GET", path)))
             return
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", ctype)]})
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", ctype), *extra]})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -13,22 +13,20 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bkv_server import metrics
-from bkv_server.rpc import MAX_BODY_BYTES, error_body, validation_message
+from bkv_server.rpc import MAX_BODY_BYTES, error_body, retry_after, validation_message
 from bkv_protocol.wire import ErrorBody, ErrorCode
 
 
 def error_response(status: int, code: ErrorCode, message: str, retryable: bool = False,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message, retryable).model_dump(mode="json"), status_code=status,
-                        headers=headers)
+    return passthrough_response(status, error_body(code, message, retryable), headers)
 
 
 def passthrough_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
     """An error body as it is -- an upstream's, or from an ErrorTable -- with
-    retry advice if retryable."""
-    if body.error.retryable:
-        headers = {**(headers or {}), "Retry-After": "1"}
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+    retry advice if retryable (``rpc.retry_after``, the rule RpcApp follows too)."""
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers={**(headers or {}),
+                                                                                     **retry_after(body)})
 
 
 class GuardAndMeasure:

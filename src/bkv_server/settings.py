@@ -36,6 +36,14 @@ class ServiceSettings(BaseSettings):
         return self
 
 
+class EtcdSettings(ServiceSettings):
+    """etcd, as every service that uses it names it (``<PREFIX>ETCD_ENDPOINTS``,
+    ``<PREFIX>ETCD_PREFIX``): declared here once, with one default each."""
+
+    etcd_endpoints: str = "127.0.0.1:2379"  # comma-separated host:port
+    etcd_prefix: str = "/bkv"
+
+
 def split_list(value: str | list[str]) -> list[str]:
     if isinstance(value, list):
         return value

@@ -7,84 +7,28 @@ is kept on disk); in key mode it comes from the 64 digits instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import getpass
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 
 from bkv import errors
+from bkv.exitcodes import DOCS_LOCKED_OUT, ExitCode, fail, outcomes
 from bkv.storage import errors as serr
 
 STORE = typer.Option(..., "--store", help="where backups live: a path, file://..., or s3://bucket/prefix")
 JSON = typer.Option(False, "--json", help="print one JSON object instead of text (for scripts)")
 PW_STDIN = typer.Option(False, "--password-stdin", help="read the password from the first line of stdin")
 KEY = typer.Option(None, "--key", help="the 64-digit key of a key-mode backup (or BKV_KEY)")
-DOCS_LOCKED_OUT = "docs/cli.md, \"When the escrowed key does not come back\""
 # Typed at the prompt to confirm `bkv backup --new-key` (or pass --yes-abandon-old-backups).
 NEW_KEY_PHRASE = "abandon old backups"
 # Typed at the prompt to confirm `bkv password forgot` (or pass --yes-destroy-escrowed-key).
 FORGOT_PHRASE = "destroy the escrowed key"
-
-
-def _exit():
-    from bkv.cli import ExitCode
-
-    return ExitCode
-
-
-def _fail(message: str, code) -> None:
-    typer.echo(f"bkv: {message}", err=True)
-    raise typer.Exit(int(code))
-
-
-@contextlib.contextmanager
-def _outcomes() -> Iterator[None]:
-    """Every expected failure becomes its documented exit code and one line."""
-    E = _exit()
-    try:
-        yield
-    except errors.WrongPassword as exc:
-        _fail(str(exc), E.WRONG_PASSWORD)
-    except errors.LockedOut:
-        # Say what happened and where to read on; never what to run: the
-        # answer may be forged, and "make a new key" is what a forger wants.
-        _fail("the vault answered that the escrowed key was destroyed (too many wrong passwords, or disabled): "
-              f"backups protected by it can no longer be decrypted. See {DOCS_LOCKED_OUT} before doing "
-              "anything else.", E.LOCKED_OUT)
-    except errors.VaultUnavailable as exc:
-        _fail(str(exc), E.VAULT_UNAVAILABLE)
-    except errors.NoRecord:
-        _fail("no key is escrowed for this account: nothing to recover (was the backup made in key mode?)",
-              E.NO_RECORD)
-    except errors.Unauthorized as exc:
-        _fail(str(exc), E.UNAUTHORIZED)
-    except errors.EscrowExists:
-        _fail("a key is escrowed for this account already, and the vault replaces it only with its password: "
-              "use `bkv password change`, or `bkv backup --new-key` with the current password; with the "
-              "password forgotten, `bkv password forgot` destroys the old key first. Nothing was changed.",
-              E.ESCROW_EXISTS)
-    except errors.BadSignature as exc:
-        _fail(str(exc), E.BAD_SIGNATURE)
-    except errors.ProtocolError as exc:
-        # The code only: the message is free text from whoever answered, and a
-        # forger would write instructions there.
-        _fail(f"the vault refused the request ({exc.code}); see docs/api.md for the code", E.ERROR)
-    except errors.VaultError as exc:
-        _fail(str(exc), E.ERROR)
-    except serr.CorruptBackup as exc:
-        _fail(f"the backup is corrupt or was tampered with: {exc}. Nothing was restored.", E.CORRUPT_BACKUP)
-    except (serr.WrongKey, serr.BadKeyDigits) as exc:
-        _fail(str(exc), E.WRONG_KEY)
-    except (serr.StoreError, serr.NoBackup) as exc:
-        _fail(str(exc), E.STORE_ERROR)
-    except (serr.DestinationNotEmpty, serr.UnsupportedEntry) as exc:
-        _fail(str(exc), E.USAGE)
 
 
 def _config():
@@ -93,24 +37,24 @@ def _config():
     try:
         return ClientConfig.load()
     except ConfigError as exc:
-        _fail(str(exc), _exit().USAGE)
+        fail(str(exc), ExitCode.USAGE)
 
 
 def _password(stdin: bool, *, confirm: bool = False, prompt: str = "Password") -> str:
     if stdin:
         line = sys.stdin.readline().rstrip("\n")
         if not line:
-            _fail("--password-stdin: no password on stdin", _exit().USAGE)
+            fail("--password-stdin: no password on stdin", ExitCode.USAGE)
         return line
     if os.environ.get("BKV_PASSWORD"):
         return os.environ["BKV_PASSWORD"]
     if not sys.stdin.isatty():
-        _fail("no password: use --password-stdin, BKV_PASSWORD, or run in a terminal", _exit().USAGE)
+        fail("no password: use --password-stdin, BKV_PASSWORD, or run in a terminal", ExitCode.USAGE)
     pw = getpass.getpass(f"{prompt}: ")
     if confirm and getpass.getpass(f"{prompt} (again): ") != pw:
-        _fail("the two passwords differ; nothing was changed", _exit().USAGE)
+        fail("the two passwords differ; nothing was changed", ExitCode.USAGE)
     if not pw:
-        _fail("the password is empty", _exit().USAGE)
+        fail("the password is empty", ExitCode.USAGE)
     return pw
 
 
@@ -192,24 +136,24 @@ def _stop_key_not_recovered(exc: _KeyNotRecovered, in_store: tuple[int, int], se
                    + (" or with a damaged header" if damaged else ""))
     if seen_here:
         why.append("this device escrowed or recovered a key for this account before")
-    _fail(f"backup stopped: the escrowed backup key could not be recovered (the vault answered that {said}, "
+    fail(f"backup stopped: the escrowed backup key could not be recovered (the vault answered that {said}, "
           f"but {' and '.join(why)}). Such an answer can also be forged on the network. Making a new key "
           "would leave the earlier backups undecryptable for good, so nothing was made, escrowed or written. "
           f"Try again later, and restore an earlier backup to check the key; read {DOCS_LOCKED_OUT} "
-          "before starting over with a new key.", _exit().KEY_NOT_RECOVERED)
+          "before starting over with a new key.", ExitCode.KEY_NOT_RECOVERED)
 
 
 def _confirm_new_key(yes: bool) -> None:
     if yes:
         return
     if not sys.stdin.isatty():
-        _fail("--new-key replaces the escrowed key: backups made with the old one can then never be decrypted. "
-              "Confirm it at a terminal, or pass --yes-abandon-old-backups", _exit().USAGE)
+        fail("--new-key replaces the escrowed key: backups made with the old one can then never be decrypted. "
+              "Confirm it at a terminal, or pass --yes-abandon-old-backups", ExitCode.USAGE)
     typer.echo("--new-key makes a new backup key and escrows it in place of the current one: every backup "
                "made with the current key can then never be decrypted.", err=True)
     typed = typer.prompt(f"Type \"{NEW_KEY_PHRASE}\" to go on", default="", show_default=False, err=True)
     if typed.strip().lower() != NEW_KEY_PHRASE:
-        _fail("not confirmed; nothing was changed", _exit().USAGE)
+        fail("not confirmed; nothing was changed", ExitCode.USAGE)
 
 
 def register_commands(app: typer.Typer) -> None:
@@ -241,7 +185,7 @@ def register_commands(app: typer.Typer) -> None:
         from bkv.storage import format as fmt
         from bkv.storage.keymode import KeyDigits
 
-        with _outcomes():
+        with outcomes():
             printed_digits = None
             given = key or os.environ.get("BKV_KEY")
             if key_mode or given:
@@ -251,7 +195,7 @@ def register_commands(app: typer.Typer) -> None:
                 k, mode, created = digits.backup_key(), fmt.KEY_MODE_DIGITS, not given
             else:
                 if yes_abandon and not new_key:
-                    _fail("--yes-abandon-old-backups only confirms --new-key", _exit().USAGE)
+                    fail("--yes-abandon-old-backups only confirms --new-key", ExitCode.USAGE)
                 cfg = _config()
                 if new_key:
                     _confirm_new_key(yes_abandon)
@@ -264,7 +208,7 @@ def register_commands(app: typer.Typer) -> None:
                     if password_stdin or os.environ.get("BKV_PASSWORD") or not sys.stdin.isatty():
                         return first
                     if getpass.getpass("New backup key: confirm the password: ") != first:
-                        _fail("the two passwords differ; nothing was changed", _exit().USAGE)
+                        fail("the two passwords differ; nothing was changed", ExitCode.USAGE)
                     return first
 
                 try:
@@ -309,7 +253,7 @@ def register_commands(app: typer.Typer) -> None:
         """
         from bkv.storage import latest_info, restore_backup
 
-        with _outcomes():
+        with outcomes():
             k = _key_for(latest_info(store, backup_id), key, password_stdin)
             bar = _Bar("restoring", as_json)
             try:
@@ -329,7 +273,7 @@ def register_commands(app: typer.Typer) -> None:
         """
         from bkv.storage import list_backups
 
-        with _outcomes():
+        with outcomes():
             backups = list_backups(store)
         if as_json:
             typer.echo(json.dumps([b.as_dict() for b in backups]))
@@ -350,7 +294,7 @@ def register_commands(app: typer.Typer) -> None:
         """
         from bkv.storage import latest_info, verify_backup
 
-        with _outcomes():
+        with outcomes():
             k = _key_for(latest_info(store, backup_id), key, password_stdin)
             bar = _Bar("verifying", as_json)
             try:
@@ -367,7 +311,7 @@ def register_commands(app: typer.Typer) -> None:
         Example: bkv password change
         """
         cfg = _config()
-        with _outcomes():
+        with outcomes():
             old = _password(password_stdin, prompt="Current password")
             new = _password(password_stdin, confirm=not password_stdin, prompt="New password")
 
@@ -395,15 +339,15 @@ def register_commands(app: typer.Typer) -> None:
         cfg = _config()
         if not yes:
             if not sys.stdin.isatty():
-                _fail("this destroys the escrowed key for good. Confirm it at a terminal, or pass "
-                      "--yes-destroy-escrowed-key", _exit().USAGE)
+                fail("this destroys the escrowed key for good. Confirm it at a terminal, or pass "
+                      "--yes-destroy-escrowed-key", ExitCode.USAGE)
             typer.echo("This spends every attempt left on the escrowed key; after the last one the key is destroyed "
                        "and backups made with it can never be decrypted. If you may still remember the password, "
                        "stop here.", err=True)
             typed = typer.prompt(f"Type \"{FORGOT_PHRASE}\" to go on", default="", show_default=False, err=True)
             if typed.strip().lower() != FORGOT_PHRASE:
-                _fail("not confirmed; nothing was changed", _exit().USAGE)
-        with _outcomes():
+                fail("not confirmed; nothing was changed", ExitCode.USAGE)
+        with outcomes():
             async def go() -> int:
                 async with cfg.client() as vault:
                     return await vault.spend_remaining_attempts()
@@ -429,11 +373,11 @@ def register_commands(app: typer.Typer) -> None:
         from bkv.storage import delete_backups as drop
 
         if delete_backups and not store:
-            _fail("--delete-backups needs --store", _exit().USAGE)
+            fail("--delete-backups needs --store", ExitCode.USAGE)
         if not yes and not typer.confirm("Destroy the escrowed backup key for good?", err=True):
-            raise typer.Exit(int(_exit().USAGE))
+            raise typer.Exit(int(ExitCode.USAGE))
         cfg = _config()
-        with _outcomes():
+        with outcomes():
             pw = _password(password_stdin)
 
             async def go():
@@ -462,7 +406,7 @@ def _key_for(info, key: str | None, password_stdin: bool):
         text = key or os.environ.get("BKV_KEY")
         if not text:
             if not sys.stdin.isatty():
-                _fail("this backup was made in key mode: pass --key (or BKV_KEY)", _exit().USAGE)
+                fail("this backup was made in key mode: pass --key (or BKV_KEY)", ExitCode.USAGE)
             text = getpass.getpass("Backup key (64 digits): ")
         return KeyDigits.parse(text).backup_key()
     cfg = _config()

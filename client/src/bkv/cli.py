@@ -7,23 +7,12 @@ from pathlib import Path
 
 import typer
 
-from bkv import errors
-from bkv.exitcodes import ExitCode, _fail  # noqa: F401  (ExitCode: part of this module's interface)
+from bkv.exitcodes import ExitCode, fail, outcomes  # noqa: F401  (ExitCode: part of this module's interface)
 
 app = typer.Typer(help="Backup Key Vault: end-to-end encrypted backups whose key is escrowed under a password.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   # Never the pretty traceback: it prints local variables, which can be secrets.
                   pretty_exceptions_enable=False, pretty_exceptions_show_locals=False)
-
-
-def _vault_errors(exc: errors.VaultError) -> None:
-    mapping = {errors.WrongPassword: ExitCode.WRONG_PASSWORD, errors.LockedOut: ExitCode.LOCKED_OUT,
-               errors.VaultUnavailable: ExitCode.VAULT_UNAVAILABLE, errors.NoRecord: ExitCode.NO_RECORD,
-               errors.Unauthorized: ExitCode.UNAUTHORIZED, errors.BadSignature: ExitCode.BAD_SIGNATURE,
-               errors.EscrowExists: ExitCode.ESCROW_EXISTS}
-    # isinstance, so subclasses (UnsignedAnswer is a VaultUnavailable) keep their family's code.
-    code = next((c for cls, c in mapping.items() if isinstance(exc, cls)), ExitCode.ERROR)
-    _fail(str(exc), code)
 
 
 @app.command("audit")
@@ -53,14 +42,14 @@ def audit_command(bundles: list[Path] = typer.Argument(..., help="published bund
         evidence_texts = [e.read_text() for e in evidence]
         roots = b64d(operator_root), b64d(witness_root)
     except (OSError, ValueError) as exc:
-        _fail(f"cannot read the inputs: {exc}", ExitCode.USAGE)
+        fail(f"cannot read the inputs: {exc}", ExitCode.USAGE)
     except Exception as exc:  # noqa: BLE001 - a malformed log is an audit failure, said plainly
-        _fail(f"audit failed: {exc}", ExitCode.AUDIT_FAILED)
+        fail(f"audit failed: {exc}", ExitCode.AUDIT_FAILED)
     try:
         for line in audit(texts, log_lines, *roots, evidence_texts):
             typer.echo(line)
     except AuditFailed as exc:
-        _fail(f"audit failed: {exc}", ExitCode.AUDIT_FAILED)
+        fail(f"audit failed: {exc}", ExitCode.AUDIT_FAILED)
 
 
 from bkv.backup_commands import register_commands  # noqa: E402  (the backup commands live apart)
@@ -82,10 +71,13 @@ _plugins()
 
 
 def main() -> None:
+    """``bkv``: an outcome no command caught is said the one way every command
+    says it (``bkv.exitcodes.outcomes``)."""
     try:
-        app()
-    except errors.VaultError as exc:
-        _vault_errors(exc)
+        with outcomes():
+            app()
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
-"""The CLI's exit codes (docs/cli.md), apart from the commands so that
-commands registered by other packages (``bkv.commands``) share them."""
+"""The CLI's exit codes (docs/cli.md) and the one map from an outcome to its
+code and line, apart from the commands so that every command -- those of
+other packages (``bkv.commands``) too -- shares them."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from typing import Iterator
 
 import typer
+
+from bkv import errors
+from bkv.storage import errors as serr
+
+DOCS_LOCKED_OUT = "docs/cli.md, \"When the escrowed key does not come back\""
 
 
 class ExitCode(enum.IntEnum):
@@ -26,6 +34,52 @@ class ExitCode(enum.IntEnum):
     ESCROW_EXISTS = 14  # a live escrow is replaced only with its password (or after `bkv password forgot`)
 
 
-def _fail(message: str, code: ExitCode) -> None:
+def fail(message: str, code: ExitCode) -> None:
     typer.echo(f"bkv: {message}", err=True)
     raise typer.Exit(int(code))
+
+
+@contextlib.contextmanager
+def outcomes() -> Iterator[None]:
+    """Every expected failure becomes its documented exit code and one line.
+    What the vault's answer says in free text is never printed where a forger
+    could put instructions there (a refusal's message, a lock-out)."""
+    E = ExitCode
+    try:
+        yield
+    except errors.WrongPassword as exc:
+        fail(str(exc), E.WRONG_PASSWORD)
+    except errors.LockedOut:
+        # Say what happened and where to read on; never what to run: the
+        # answer may be forged, and "make a new key" is what a forger wants.
+        fail("the vault answered that the escrowed key was destroyed (too many wrong passwords, or disabled): "
+             f"backups protected by it can no longer be decrypted. See {DOCS_LOCKED_OUT} before doing "
+             "anything else.", E.LOCKED_OUT)
+    except errors.VaultUnavailable as exc:
+        fail(str(exc), E.VAULT_UNAVAILABLE)
+    except errors.NoRecord:
+        fail("no key is escrowed for this account: nothing to recover (was the backup made in key mode?)",
+             E.NO_RECORD)
+    except errors.Unauthorized as exc:
+        fail(str(exc), E.UNAUTHORIZED)
+    except errors.EscrowExists:
+        fail("a key is escrowed for this account already, and the vault replaces it only with its password: "
+             "use `bkv password change`, or `bkv backup --new-key` with the current password; with the "
+             "password forgotten, `bkv password forgot` destroys the old key first. Nothing was changed.",
+             E.ESCROW_EXISTS)
+    except errors.BadSignature as exc:
+        fail(str(exc), E.BAD_SIGNATURE)
+    except errors.ProtocolError as exc:
+        # The code only: the message is free text from whoever answered, and a
+        # forger would write instructions there.
+        fail(f"the vault refused the request ({exc.code}); see docs/api.md for the code", E.ERROR)
+    except errors.VaultError as exc:
+        fail(str(exc), E.ERROR)
+    except serr.CorruptBackup as exc:
+        fail(f"the backup is corrupt or was tampered with: {exc}. Nothing was restored.", E.CORRUPT_BACKUP)
+    except (serr.WrongKey, serr.BadKeyDigits) as exc:
+        fail(str(exc), E.WRONG_KEY)
+    except (serr.StoreError, serr.NoBackup) as exc:
+        fail(str(exc), E.STORE_ERROR)
+    except (serr.DestinationNotEmpty, serr.UnsupportedEntry) as exc:
+        fail(str(exc), E.USAGE)

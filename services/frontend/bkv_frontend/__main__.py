@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from bkv_frontend.settings import FrontendSettings
+from bkv_server.shell import Shell
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bkv-frontend", description="The public API of Backup Key Vault.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("serve", help="serve the public v1 API (settings from BKV_FRONTEND_* variables)")
-    parser.parse_args(argv)
+cli = Shell("bkv-frontend", "The public API of Backup Key Vault.")
 
-    from pydantic import ValidationError
 
-    from bkv_frontend.settings import FrontendSettings
-
-    try:
-        settings = FrontendSettings()
-    except ValidationError as exc:
-        print(f"bkv-frontend: bad settings: {exc}", file=sys.stderr)
-        return 2
+@cli.command("serve", "serve the public v1 API (settings from BKV_FRONTEND_* variables)", settings=FrontendSettings)
+def serve(args, settings: FrontendSettings) -> int:
     from bkv_server.etcd import make_client
     from bkv_server.service import run
     from bkv_frontend.app import create_app
@@ -37,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.metrics_port)
     return 0
 
+
+main = cli.main
 
 if __name__ == "__main__":
     sys.exit(main())

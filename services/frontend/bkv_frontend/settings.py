@@ -6,15 +6,13 @@ from pathlib import Path
 
 from pydantic_settings import SettingsConfigDict
 
-from bkv_server.settings import ServiceSettings
+from bkv_server.settings import EtcdSettings
 
 
-class FrontendSettings(ServiceSettings):
+class FrontendSettings(EtcdSettings):
     model_config = SettingsConfigDict(env_prefix="BKV_FRONTEND_", extra="ignore", frozen=True)
 
     port: int = 8080
-    etcd_endpoints: str = "127.0.0.1:2379"
-    etcd_prefix: str = "/bkv"
     token_issuer: str = "bkv-dev-issuer"
     token_audience: str = "bkv"
     token_public_key_file: Path

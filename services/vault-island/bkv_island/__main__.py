@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import json
+import re
 import sys
 from pathlib import Path
 
+from bkv_island.settings import ISLAND_ID, IslandAdminSettings, IslandSettings
+from bkv_server.shell import Shell, arg
 
-async def _with_etcd(fn):
+cli = Shell("bkv-island", "A vault island of Backup Key Vault.")
+
+
+async def _with_etcd(settings: IslandAdminSettings, fn):
     """``await fn(client, prefix)`` with an etcd client from BKV_ISLAND_ETCD_ENDPOINTS /
     BKV_ISLAND_ETCD_PREFIX, closed afterwards (the admin commands)."""
     from bkv_server.etcd import connect
 
-    client = await connect(os.environ.get("BKV_ISLAND_ETCD_ENDPOINTS", "127.0.0.1:2379"))
+    client = await connect(settings.etcd_endpoints)
     try:
-        return await fn(client, os.environ.get("BKV_ISLAND_ETCD_PREFIX", "/bkv"))
+        return await fn(client, settings.etcd_prefix)
     finally:
         await client.close()
 
@@ -24,8 +30,6 @@ async def _with_etcd(fn):
 def _matching(pattern: str, what: str):
     """An argparse type: the whole argument matches ``pattern`` (fullmatch:
     Python's `$` would let a trailing newline through)."""
-    import re
-
     rx = re.compile(pattern)
 
     def check(value: str) -> str:
@@ -36,88 +40,76 @@ def _matching(pattern: str, what: str):
     return check
 
 
-ISLAND_ARG = _matching(r"[a-z0-9][a-z0-9\-]{0,62}", "island id (lowercase letters, digits and dashes)")
+ISLAND_ARG = _matching(ISLAND_ID, "island id (lowercase letters, digits and dashes)")
 FLEET_ARG = _matching(r"[0-9a-f]{32}", "fleet id (32 hex digits)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bkv-island", description="A vault island of Backup Key Vault.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("serve", help="serve this island replica (settings from BKV_ISLAND_* variables)")
-    sm = sub.add_parser("set-map", help="write the island map to etcd (BKV_ISLAND_ETCD_ENDPOINTS/PREFIX)")
-    sm.add_argument("islands", nargs="+", type=ISLAND_ARG)
-    sm.add_argument("--if-absent", action="store_true",
-                    help="only write a first map; an existing one changes through add-island, which moves records")
-    ai = sub.add_parser("add-island", help="add a running island: store the admin's two signed island sets in "
-                                           "every hsm-proxy, and move the users that now hash to it between them")
-    ai.add_argument("island", type=ISLAND_ARG)
-    ai.add_argument("--island-sets", type=Path, nargs=2, required=True, metavar=("MOVING", "FINAL"),
-                    help="the two sets `bkv-hsm-proxy sign-islands` made for this island: the islands with it "
-                         "and the old ones as --previous, then the same islands alone (the next epoch)")
-    ai.add_argument("--hsm-url", action="append", default=None,
-                    help="an hsm-proxy to store them in; repeat for each (default: $BKV_ISLAND_HSM_URLS)")
-    mf = sub.add_parser("migrate-fleet", help="rotation: re-seal every record under a new fleet's keys")
-    mf.add_argument("fleet_id", type=FLEET_ARG)
-    args = parser.parse_args(argv)
-
-    if args.cmd == "migrate-fleet":
-        import json
-
-        from bkv_island.rebalance import migrate_fleet
-
-        print(json.dumps(asyncio.run(_with_etcd(lambda c, prefix: migrate_fleet(c, prefix, args.fleet_id)))))
-        return 0
-
-    if args.cmd == "add-island":
-        import json
-
-        from bkv_island.rebalance import add_island
-        from bkv_protocol import islands as isl
-        from bkv_server.http import UpstreamError, UpstreamUnavailable
-        from bkv_server.settings import split_list
-
-        urls = args.hsm_url or split_list(os.environ.get("BKV_ISLAND_HSM_URLS", ""))
-        try:
-            moving, final = (isl.SignedIslandSet.from_json(p.read_bytes()) for p in args.island_sets)
-            print(json.dumps(asyncio.run(_with_etcd(lambda c, prefix: add_island(c, prefix, args.island, moving,
-                                                                                 final, urls)))))
-        except (RuntimeError, isl.IslandSetError, OSError, UpstreamError, UpstreamUnavailable) as exc:
-            print(f"bkv-island: {exc}", file=sys.stderr)
-            return 1
-        return 0
-
-    if args.cmd == "set-map":
-        from bkv_server.etcd import RETRYABLE
-        from bkv_server.fleetmap import read_map, set_first_island_map, set_island_map
-        from bkv_protocol.retry import Backoff, retry
-
-        async def set_map(client, prefix: str) -> str:
-            if args.if_absent and not await set_first_island_map(client, prefix, args.islands):
-                current, _ = await read_map(client, prefix)
-                return "island map kept: " + " ".join(current)
-            await set_island_map(client, prefix, args.islands)
-            return "island map: " + " ".join(sorted(set(args.islands)))
-
-        # In a cluster this runs from a Job that may start before etcd has a leader.
-        print(asyncio.run(retry(lambda _: _with_etcd(set_map), retry_on=lambda e: isinstance(e, RETRYABLE),
-                                backoff=Backoff(deadline_s=120.0, first_delay_s=0.2, max_delay_s=2.0))))
-        return 0
-
-    from pydantic import ValidationError
-
-    from bkv_island.settings import IslandSettings
-
-    try:
-        settings = IslandSettings()
-    except ValidationError as exc:
-        print(f"bkv-island: bad settings: {exc}", file=sys.stderr)
-        return 2
+@cli.command("serve", "serve this island replica (settings from BKV_ISLAND_* variables)", settings=IslandSettings)
+def serve(args, settings: IslandSettings) -> int:
     from bkv_server.service import run
     from bkv_island.server import build_app
 
     run(build_app(settings), settings.host, settings.port, settings.metrics_port)
     return 0
 
+
+@cli.command("set-map", "write the island map to etcd (BKV_ISLAND_ETCD_ENDPOINTS/PREFIX)",
+             arg("islands", nargs="+", type=ISLAND_ARG),
+             arg("--if-absent", action="store_true",
+                 help="only write a first map; an existing one changes through add-island, which moves records"),
+             settings=IslandAdminSettings)
+def set_map(args, settings: IslandAdminSettings) -> int:
+    from bkv_server.etcd import RETRYABLE
+    from bkv_server.fleetmap import read_map, set_first_island_map, set_island_map
+    from bkv_protocol.retry import Backoff, retry
+
+    async def write(client, prefix: str) -> str:
+        if args.if_absent and not await set_first_island_map(client, prefix, args.islands):
+            current, _ = await read_map(client, prefix)
+            return "island map kept: " + " ".join(current)
+        await set_island_map(client, prefix, args.islands)
+        return "island map: " + " ".join(sorted(set(args.islands)))
+
+    # In a cluster this runs from a Job that may start before etcd has a leader.
+    print(asyncio.run(retry(lambda _: _with_etcd(settings, write), retry_on=lambda e: isinstance(e, RETRYABLE),
+                            backoff=Backoff(deadline_s=120.0, first_delay_s=0.2, max_delay_s=2.0))))
+    return 0
+
+
+@cli.command("add-island", "add a running island: store the admin's two signed island sets in every hsm-proxy, "
+                           "and move the users that now hash to it between them",
+             arg("island", type=ISLAND_ARG),
+             arg("--island-sets", type=Path, nargs=2, required=True, metavar=("MOVING", "FINAL"),
+                 help="the two sets `bkv-hsm-proxy sign-islands` made for this island: the islands with it "
+                      "and the old ones as --previous, then the same islands alone (the next epoch)"),
+             arg("--hsm-url", action="append", default=None,
+                 help="an hsm-proxy to store them in; repeat for each (default: $BKV_ISLAND_HSM_URLS)"),
+             settings=IslandAdminSettings)
+def add_island(args, settings: IslandAdminSettings) -> int:
+    from bkv_island.rebalance import add_island as add
+    from bkv_protocol import islands as isl
+    from bkv_server.http import UpstreamError, UpstreamUnavailable
+
+    urls = args.hsm_url or settings.hsm_url_list
+    try:
+        moving, final = (isl.SignedIslandSet.from_json(p.read_bytes()) for p in args.island_sets)
+        print(json.dumps(asyncio.run(_with_etcd(settings, lambda c, prefix: add(c, prefix, args.island, moving,
+                                                                                  final, urls)))))
+    except (RuntimeError, isl.IslandSetError, OSError, UpstreamError, UpstreamUnavailable) as exc:
+        return cli.fail(exc)
+    return 0
+
+
+@cli.command("migrate-fleet", "rotation: re-seal every record under a new fleet's keys",
+             arg("fleet_id", type=FLEET_ARG), settings=IslandAdminSettings)
+def migrate_fleet(args, settings: IslandAdminSettings) -> int:
+    from bkv_island.rebalance import migrate_fleet as migrate
+
+    print(json.dumps(asyncio.run(_with_etcd(settings, lambda c, prefix: migrate(c, prefix, args.fleet_id)))))
+    return 0
+
+
+main = cli.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,48 +2,50 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+import re
+
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from bkv_island.ledger import RETAIN
-from bkv_server.settings import ServiceSettings, split_list
+from bkv_server.settings import EtcdSettings, split_list
+
+ISLAND_ID = r"[a-z0-9][a-z0-9\-]{0,62}"
+# A replica id is a pod name (DNS-1123 subdomain); it becomes an etcd key segment, so no "/" or newline.
+REPLICA_ID = r"[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?"
+ID_RULES = {"island_id": (ISLAND_ID, "island ids are lowercase letters, digits and dashes"),
+            "replica_id": (REPLICA_ID, "replica ids are lowercase letters, digits, dots and dashes (a pod name)")}
 
 
-class IslandSettings(ServiceSettings):
+class IslandAdminSettings(EtcdSettings):
+    """What the admin subcommands read (set-map, add-island, migrate-fleet);
+    a replica (serve) reads all of :class:`IslandSettings`, this part included."""
+
     model_config = SettingsConfigDict(env_prefix="BKV_ISLAND_", extra="ignore", frozen=True)
 
     port: int = 8200
-    island_id: str
-    replica_id: str
-    advertise_url: str = ""
-    etcd_endpoints: str = "127.0.0.1:2379"
-    etcd_prefix: str = "/bkv"
-    hsm_urls: str
-    # Log entries kept in etcd behind the head at least (bkv_island.ledger.Ledger.compact).
-    log_retain_entries: int = Field(RETAIN, ge=1_000)
-
-    @field_validator("island_id")
-    @classmethod
-    def _island_id(cls, v: str) -> str:
-        import re
-
-        if not re.fullmatch(r"[a-z0-9][a-z0-9\-]{0,62}", v):
-            raise ValueError("island ids are lowercase letters, digits and dashes")
-        return v
-
-    @field_validator("replica_id")
-    @classmethod
-    def _replica_id(cls, v: str) -> str:
-        import re
-
-        # A pod name (DNS-1123 subdomain); it becomes an etcd key segment, so no "/" or newline.
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?", v):
-            raise ValueError("replica ids are lowercase letters, digits, dots and dashes (a pod name)")
-        return v
+    hsm_urls: str = ""
 
     @property
     def hsm_url_list(self) -> list[str]:
         return split_list(self.hsm_urls)
+
+
+class IslandSettings(IslandAdminSettings):
+    island_id: str
+    replica_id: str
+    advertise_url: str = ""
+    hsm_urls: str  # a replica needs its hsm-proxies
+    # Log entries kept in etcd behind the head at least (bkv_island.ledger.Ledger.compact).
+    log_retain_entries: int = Field(RETAIN, ge=1_000)
+
+    @field_validator("island_id", "replica_id")
+    @classmethod
+    def _an_id(cls, v: str, info: ValidationInfo) -> str:
+        pattern, what = ID_RULES[info.field_name]
+        if not re.fullmatch(pattern, v):
+            raise ValueError(what)
+        return v
 
     @property
     def url(self) -> str:
