@@ -1,3 +1,6 @@
-"""Code shared by the client SDK and every service: wire encoding, the
-domain-separation labels, the canonical transcript that the fleet signs,
-redacted secret types and the one async retry helper."""
+"""What every service shares, and no device needs: the internal RPC server
+(rpc.py) and client (http.py), the FastAPI frontend's guards and the uvicorn
+runner (service.py), the command-line shell and settings (shell.py,
+settings.py), etcd (etcd.py, fleetmap.py, log_keys.py) and metrics. The
+contract the client shares -- models, labels, transcripts, Noise -- is
+``bkv_protocol``."""

@@ -65,10 +65,6 @@ async def read_map(client: aetcd.Client, prefix: str) -> tuple[list[str], list[s
     return value["islands"], value.get("previous")
 
 
-async def read_island_map(client: aetcd.Client, prefix: str) -> list[str]:
-    return (await read_map(client, prefix))[0]
-
-
 async def read_replicas(client: aetcd.Client, prefix: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     base = prefix + REPLICAS_PREFIX

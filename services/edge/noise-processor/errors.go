@@ -1,7 +1,7 @@
 package main
 
 // Refusals of the Noise edge; each becomes an immediate answer from Envoy
-// (the same tree as bkv_edge/errors.py):
+// (the same codes as the client side's EdgeError tree in protocol/src/bkv_protocol/noise.py):
 //
 //	edgeError
 //	├── noise_handshake_failed  400 -- not for our key, or malformed

@@ -34,10 +34,12 @@ from bkv_protocol import operations as ops
 from bkv_protocol import v1 as api
 from bkv_protocol.operations import Operation
 from bkv_frontend import errors, openapi
-from bkv_frontend.auth import TokenVerifier, check_device
+from bkv_frontend.auth import DEVICE_HEADER, TokenVerifier, check_device
 from bkv_frontend.errors import NotReady
 from bkv_frontend.routing import FleetView
 from bkv_protocol import island_api as iapi
+
+DEVICE_HEADER_KEY = DEVICE_HEADER.encode()  # as ASGI names it
 
 
 def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: float = 1.0,
@@ -231,7 +233,7 @@ class OpaqueFastPath:
         try:
             headers = dict(scope["headers"])
             user = await self._account(authorization=_header(headers, b"authorization"),
-                                       x_bkv_device_key=_header(headers, b"x-bkv-device-key"))
+                                       x_bkv_device_key=_header(headers, DEVICE_HEADER_KEY))
             body = await read_body(receive)
             if body is None:
                 response = error_response(413, ErrorCode.PAYLOAD_TOO_LARGE,

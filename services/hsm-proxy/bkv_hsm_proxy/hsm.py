@@ -153,9 +153,6 @@ class Pkcs11Hsm:
             labels = [o[Attribute.LABEL] for o in self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})]
         return sorted(g for g in (label_generation(SEALING_KEY_LABEL, lb) for lb in labels) if g is not None)
 
-    def keys_present(self, gen: int = 0) -> bool:
-        return gen in self.generations()
-
     def generate_keys(self, gen: int = 0) -> None:
         """Create both keys of a generation inside the token: sensitive, non-extractable."""
         from pkcs11 import Attribute, KeyType
