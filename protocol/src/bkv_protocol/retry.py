@@ -62,13 +62,21 @@ async def retry(
         try:
             return await op(attempt)
         except BaseException as exc:  # noqa: BLE001 - filtered by retry_on
-            if not retry_on(exc):
-                raise
             attempt += 1
-            pause = next(pauses, None)
-            if pause is None:
-                raise DeadlineExceeded(f"gave up after {attempt} attempts: {exc}") from exc
-            await sleep(pause)
+            await sleep(_pause_after(exc, attempt, retry_on, pauses))
+
+
+def _pause_after(exc: BaseException, attempts: int, retry_on: Callable[[BaseException], bool],
+                 pauses: Iterator[float]) -> float:
+    """How long to wait after ``attempts`` attempts, the last failing with
+    ``exc``: raises ``exc`` itself if it is not retried, and DeadlineExceeded
+    once the backoff is spent."""
+    if not retry_on(exc):
+        raise exc
+    pause = next(pauses, None)
+    if pause is None:
+        raise DeadlineExceeded(f"gave up after {attempts} attempts: {exc}") from exc
+    return pause
 
 
 def retry_sync(
@@ -86,10 +94,5 @@ def retry_sync(
         try:
             return op(attempt)
         except BaseException as exc:  # noqa: BLE001 - filtered by retry_on
-            if not retry_on(exc):
-                raise
             attempt += 1
-            pause = next(pauses, None)
-            if pause is None:
-                raise DeadlineExceeded(f"gave up after {attempt} attempts: {exc}") from exc
-            sleep(pause)
+            sleep(_pause_after(exc, attempt, retry_on, pauses))
