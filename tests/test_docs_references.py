@@ -132,9 +132,9 @@ def test_every_make_target_and_command_the_docs_name_exists():
 
 
 @pytest.mark.parametrize("text,missing", [
-    ("see `services/vault-island/bkv_island/core.py:Island.login_start`", []),
-    ("see `services/vault-island/bkv_island/core.py:Island.no_such_method`",
-     ["services/vault-island/bkv_island/core.py:Island.no_such_method"]),
+    ("see `services/hsm-proxy/bkv_hsm_proxy/log.py:IslandLog.capture`", []),
+    ("see `services/hsm-proxy/bkv_hsm_proxy/log.py:IslandLog.no_such_method`",
+     ["services/hsm-proxy/bkv_hsm_proxy/log.py:IslandLog.no_such_method"]),
     ("in scripts/no-such-script.sh and bkv_island/nowhere.py", ["scripts/no-such-script.sh", "bkv_island/nowhere.py"]),
     ("`bkv_island/rebalance.py`, `tests/test_unit_*.py`, the key `/bkv/records/<island>`", []),
 ])

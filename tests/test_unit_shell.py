@@ -35,7 +35,7 @@ async def test_an_rpc_answer_says_retry_after_exactly_when_it_is_retryable():
         raise Busy() if req.x == 1 else Closed()
 
     app = RpcApp("test-retry-after", {"/t": (In, handler)},
-                 errors=ErrorTable((Busy, 409, C.CONFLICT, True), (Closed, 503, C.LOG_DIVERGED, False)),
+                 errors=ErrorTable((Busy, C.CONFLICT, True), (Closed, C.LOG_DIVERGED, False)),
                  ready=lambda: False)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         busy, closed = await c.post("/t", json={"x": 1}), await c.post("/t", json={"x": 2})
