@@ -19,7 +19,7 @@ from pydantic import Field, StringConstraints
 from bkv_protocol import labels
 from bkv_protocol.encoding import canonical, u64
 from bkv_protocol.ids import EK_LEN, K_NONCE_LEN, FleetId, IslandId, RequestIdHex, UserId, UserRef  # noqa: F401  (re-exported for the hop's users)
-from bkv_protocol.v1 import FleetParams, RecordStatus  # noqa: F401  (public; the hsm-proxy makes them)
+from bkv_protocol.v1 import FleetParams, RecordStatus, RegistrationStartOut  # noqa: F401  (public; the hsm-proxy makes them)
 from bkv_protocol.wire import B64, ErrorDetail, Frozen, RequestId, fixed_b64
 
 
@@ -88,12 +88,6 @@ class RegistrationStartIn(Frozen):
     fleet_id: FleetId | None = None  # the fleet the client pinned; it signs the answer
     current: Entry
     registration_request: B64
-
-
-class RegistrationStartOut(Frozen):
-    registration_response: B64
-    challenge: B64
-    signature: B64
 
 
 class RegistrationFinishIn(Frozen):
