@@ -42,7 +42,7 @@ def _old_bytes(answer: dict) -> bytes:  # the encoding of the build before, verb
      {"deleted": True, "version": 12, "signature": b64e(SIG)}),
 ], ids=["registration_finish", "login_start", "login_finish_reset", "login_finish_destroyed", "delete"])
 def test_each_typed_answer_is_held_as_the_very_bytes_of_the_dict_it_replaces(model, old):
-    assert json_bytes(model) == _old_bytes(old) == json_bytes(old)
+    assert json_bytes(model) == _old_bytes(old)
     assert type(model).model_validate_json(json_bytes(model)) == model  # what the island and the SDK read back
 
 

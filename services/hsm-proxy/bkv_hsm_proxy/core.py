@@ -67,14 +67,13 @@ from bkv_hsm_proxy.records import Clock, Rng
 from bkv_protocol import islands, members, merkle
 
 
-def json_bytes(answer: dict | BaseModel) -> bytes:
+def json_bytes(answer: BaseModel) -> bytes:
     """The client-facing JSON of an answer, exactly as it is held, kept for
-    resends and relayed: a model is turned into its JSON dict first, so the
-    bytes are those of the dict the answers were built as before (compact,
-    fields in the model's order, ``None`` fields left out as the model says)."""
-    if isinstance(answer, BaseModel):
-        answer = answer.model_dump(mode="json")
-    return json.dumps(answer, separators=(",", ":")).encode()
+    resends and relayed: the model's JSON dict (fields in the model's order,
+    ``None`` fields left out where the model says), compact -- the bytes of
+    the dicts the answers were built as before the typed answers, which a
+    resend compares (tests/test_unit_record_answers.py)."""
+    return json.dumps(answer.model_dump(mode="json"), separators=(",", ":")).encode()
 
 
 class SystemClock:
@@ -96,8 +95,6 @@ class VaultHsm:
         if not 1 <= max_attempts <= 1000:
             raise ValueError("max_attempts must be between 1 and 1000")
         self._hsm = hsm
-        self._clock = clock
-        self._rng = rng
         self.max_attempts = max_attempts
         self.keys = keys.Keys(hsm)
         setup = keys.open_setup(hsm, max(self.keys.fleets().values()))
