@@ -83,7 +83,7 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
     from bkv_protocol import hsm_api as api
     from bkv_hsm_proxy.core import VaultHsm
     from bkv_hsm_proxy.hsm import Pkcs11Hsm
-    from bkv_protocol.encoding import b64d, user_ref
+    from bkv_protocol.encoding import user_ref
 
     os.environ["SOFTHSM2_CONF"] = str(fleet.state / "hsm" / "softhsm2.conf")
     pin = json.loads((fleet.state / "hsm" / "pins.json").read_text())["user"]
@@ -105,9 +105,9 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
     login = opaque.client_login_start(b"pw")
     ls_in = api.RecoverStartIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=entry, credential_request=login.get_message())
     ls_entry, ls = vault.recover_start(ls_in)
-    cfin = opaque.client_login_finish(b"pw", login.get_state(), b64d(ls["credential_response"])).get_message()
+    cfin = opaque.client_login_finish(b"pw", login.get_state(), ls.credential_response).get_message()
     lf_in = api.RecoverFinishIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=ls_entry,
-                              login_state=b64d(ls["login_state"]), credential_finalization=cfin)
+                              login_state=ls.login_state, credential_finalization=cfin)
     req = start.get_message()
 
     def per_op(fn) -> float:
@@ -446,7 +446,7 @@ def _guesses(fleet) -> float:
     for name, p in fleet.procs.items():
         if name.startswith("island"):
             for line in httpx.get(f"http://127.0.0.1:{p.port}/metrics").text.splitlines():
-                if line.startswith("bkv_recover_attempts_spent_total "):
+                if line.startswith("bkv_guesses_evaluated_total "):
                     total += float(line.split()[1])
     return total
 

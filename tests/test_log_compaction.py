@@ -1,4 +1,4 @@
-"""Compacting an island's log against real etcd (bkv_island.ledger.Ledger.compact):
+"""Compacting an island's log against real etcd (bkv_island.appender.Appender.compact):
 old entries go, records and the head stay, and a replica reads the island
 whole afterwards. The boundary is the in-process VaultHsm (the logic's own
 unit tests: test_unit_vault_logic.py)."""

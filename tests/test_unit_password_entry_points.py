@@ -13,11 +13,12 @@ import os
 import opaque_ke_py as opaque
 import pytest
 
-from bkv_hsm_proxy import core as hcore
+from bkv_hsm_proxy import records as hrecords
 from bkv_island import errors as ierr
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import island_api as iapi
 from bkv_protocol import transcripts
+from bkv_protocol.encoding import user_ref
 from bkv_server.http import UpstreamError
 from test_unit_vault_logic import _register, _registered, entry, parts, records, refused  # noqa: F401  (fixture)
 
@@ -74,26 +75,26 @@ async def test_each_registration_gets_its_own_credential_identifier_sealed_in_it
     vault, island, etcd, _ = parts
     for user in ("alice", "bob"):
         await _registered(island, user)
-    salts = [vault._open_record(e_ref, "island-a", entry(etcd, u)).salt
-             for u, e_ref in (("alice", hcore.user_ref("alice")), ("bob", hcore.user_ref("bob")))]
-    assert all(len(s) == hcore.SALT_LEN for s in salts) and salts[0] != salts[1]
-    assert hcore.credential_id(b"alice", salts[0]) != b"alice"
+    salts = [vault.keys.open_record(e_ref, "island-a", entry(etcd, u)).salt
+             for u, e_ref in (("alice", user_ref("alice")), ("bob", user_ref("bob")))]
+    assert all(len(s) == hrecords.SALT_LEN for s in salts) and salts[0] != salts[1]
+    assert hrecords.credential_id(b"alice", salts[0]) != b"alice"
 
 
 async def test_a_record_of_the_build_before_salts_keeps_its_identifier_and_recovers(parts, monkeypatch):
     vault, island, etcd, _ = parts
     # Registered as the build before did: the bare user id, a format-1 record.
     with monkeypatch.context() as m:
-        m.setattr(hcore, "credential_id", lambda uid, salt: uid)
-        real = hcore.Record
-        m.setattr(hcore, "Record", lambda *a: real(*a[:5]))
+        m.setattr(hrecords, "credential_id", lambda uid, salt: uid)
+        real = hrecords.Record
+        m.setattr(hrecords, "Record", lambda *a: real(*a[:5]))
         await _registered(island, "old-timer")
-    record = vault._open_record(hcore.user_ref("old-timer"), "island-a", entry(etcd, "old-timer"))
+    record = vault.keys.open_record(user_ref("old-timer"), "island-a", entry(etcd, "old-timer"))
     assert record.salt is None and record.pack()[2] == 1
     done, _ = await _recovered(island, "old-timer")  # the right password still opens it, twice
     done, _ = await _recovered(island, "old-timer")
     assert done.record_status.value == "reset" and done.ticket is not None
-    assert vault._open_record(hcore.user_ref("old-timer"), "island-a", entry(etcd, "old-timer")).salt is None
+    assert vault.keys.open_record(user_ref("old-timer"), "island-a", entry(etcd, "old-timer")).salt is None
 
 
 # -- a live escrow changes only through its password --------------------------------------------------
@@ -146,7 +147,7 @@ async def test_a_ticket_is_for_one_user_and_expires(parts):
     with pytest.raises(UpstreamError) as failed:
         await island.delete(_delete("bob", done.ticket, key))
     assert refused(failed) == "ticket_rejected"
-    clock.ms += hcore.TICKET_TTL_MS + 1
+    clock.ms += hrecords.TICKET_TTL_MS + 1
     with pytest.raises(UpstreamError, match="expired") as failed:
         await island.delete(_delete("alice", done.ticket, key))
     assert refused(failed) == "ticket_rejected"

@@ -1,4 +1,4 @@
-"""A ``Clock`` (bkv_hsm_proxy.core) that moves only when a test moves it."""
+"""A ``Clock`` (bkv_hsm_proxy.records) that moves only when a test moves it."""
 
 from __future__ import annotations
 

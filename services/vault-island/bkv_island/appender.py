@@ -1,4 +1,7 @@
-"""One appender per island at a time: an etcd lease (issue #17, Liveness).
+"""The appender of an island's log: what turns record changes into log
+entries (:class:`Appender`: batching, the etcd transaction, capture and
+release, compaction), and the lease under which one replica at a time does
+it (issue #17, Liveness). The view it appends to is ``bkv_island.ledger``.
 
 Replicas that append at once race for the log head: the loser's batch is
 built again, and on slow links two replicas can keep colliding. So a
@@ -21,23 +24,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import aetcd
 
-from bkv_server import metrics
+from bkv_island import errors
+from bkv_island.store import ref_key
+from bkv_protocol import hsm_api as hapi
+from bkv_protocol.wire import ErrorBody
+from bkv_protocol.wire import ErrorCode as C
+from bkv_server import log_keys, metrics
 from bkv_server.etcd import RETRYABLE
+from bkv_server.http import UpstreamError, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from bkv_island.ledger import HsmLogPort, Ledger
 
 log = logging.getLogger(__name__)
 
 TTL_S = 2
 LINGER_S = 0.25
 WAIT_S = 3.0
+MAX_BATCH = 32          # ops per entry (etcd takes up to 128 operations per transaction)
+COMPACT_EVERY = 1024    # entries between two compactions of the island's log in etcd
+RETAIN = 100_000        # entries kept behind the head at least (~30 MB): a replica or hsm-proxy
+                        # that far behind reads the records whole / is replaced (docs/reliability.md)
 
 
 class AppenderLease(Protocol):
-    """The seam the ledger appends through (``Ledger(appender=...)``)."""
+    """The seam the appender appends through (``Ledger(appender=...)``)."""
 
     async def acquire(self) -> None:
         """Return once this replica is the island's appender, or after waiting long enough."""
@@ -176,3 +194,268 @@ async def _revoke(lease: aetcd.Lease) -> None:
     with contextlib.suppress(Exception):
         await lease.revoke()
         metrics.child(metrics.LOG_APPENDER, "released").inc()
+
+
+# -- the appender ----------------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    ref: str
+    build: Callable[[hapi.Entry, bytes], hapi.Op]
+    outcome: asyncio.Future = field(repr=False)
+
+
+class Appender:
+    """The one appender loop of a replica: record changes queue, and one task
+    at a time takes a batch (distinct records, up to ``max_batch``) and
+
+    1. asks one hsm-proxy to **apply** it against the view's head: the next
+       entry, each record's next entry and each answer *held* by the boundary;
+    2. **appends** it: one etcd transaction puts the records, the entry and
+       the new head iff the head is still the view's (else: catch up, build
+       the batch again);
+    3. has the hsm-proxies **capture** it (each persists it in its state file;
+       one that is behind is first given the entries it missed) and the
+       boundary **release** the answers once a quorum captured (with a single
+       hsm-proxy, in the capture call itself: ``HsmHttpClient.commit``).
+
+    It appends while it holds the island's appender lease (above), so
+    replicas do not race for the head; safety never rests on the lease.
+    Nothing the boundary produced leaves before step 3, so a replica that
+    dies, a lost race or a lying etcd can waste work but never an extra
+    guess. Every ``compact_every`` entries it deletes the log entries nobody
+    needs any more (:meth:`compact`).
+    """
+
+    def __init__(self, view: Ledger, etcd: aetcd.Client, hsm: HsmLogPort, *, lease: AppenderLease,
+                 max_batch: int = MAX_BATCH, deadline_s: float = 30.0, retain: int = RETAIN,
+                 compact_every: int = COMPACT_EVERY) -> None:
+        self._view = view
+        self._etcd = etcd
+        self._appender_lease = lease
+        self._hsm = hsm
+        self._max_batch = max_batch
+        self._retain, self._compact_every = retain, compact_every
+        self._compaction: asyncio.Task | None = None
+        self._deadline_s = deadline_s
+        self._queue: list[_Pending] = []
+        self._task: asyncio.Task | None = None  # the loop, while there is work
+        # Series from the start, so dashboards and the alert see a 0 before the first event.
+        metrics.child(metrics.LOG_ENTRIES, view.island)
+        metrics.child(metrics.LOG_COMPACTED, view.island)
+        metrics.child(metrics.ETCD_CONFLICTS, "log-append")
+
+    async def change(self, ref: str, build: Callable[[hapi.Entry, bytes], hapi.Op]
+                     ) -> tuple[hapi.Entry, bytes | None]:
+        """Apply one change to record ``ref``: ``build(current entry, proof)``
+        makes the op from what the log says is current when its batch goes.
+        Returns the committed entry and the released answer (None for an op
+        no client waits on); raises the boundary's refusal as UpstreamError."""
+        p = _Pending(ref, build, asyncio.get_running_loop().create_future())
+        self._queue.append(p)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return await p.outcome
+
+    async def _run(self) -> None:
+        batch: list[_Pending] = []
+        try:
+            while self._queue:
+                # One appender per island (liveness only): changes that arrive during the wait join this batch.
+                try:
+                    await self._appender_lease.acquire()
+                except Exception:  # noqa: BLE001 - safety never rests on the lease: append without it
+                    log.exception("island %s: the appender lease failed", self._view.island)
+                batch, later, refs = [], [], set()
+                for p in self._queue:
+                    if p.outcome.done():
+                        continue
+                    if p.ref in refs or len(batch) == self._max_batch:
+                        later.append(p)
+                    else:
+                        batch.append(p)
+                        refs.add(p.ref)
+                self._queue = later
+                if batch:
+                    try:
+                        async with self._view.lock:
+                            await self._append(batch)
+                    except Exception as exc:  # noqa: BLE001 - each caller learns why its change did not land
+                        for p in batch:
+                            _settle(p, exc=exc)
+                batch = []
+            self._appender_lease.idle()
+        finally:
+            for p in batch + self._queue:
+                _settle(p, exc=errors.StoreUnavailable("the island stopped during a write"))
+            self._queue = []
+            self._task = None
+
+    async def _append(self, batch: list[_Pending]) -> None:
+        v = self._view
+        deadline, lost, synced = time.monotonic() + self._deadline_s, 0, False
+        while True:
+            if v.head is None:
+                await v.read_all()
+            ops, live, settled = [], [], []
+            for p in batch:
+                if p.outcome.done():
+                    continue
+                try:
+                    ops.append(p.build(v.current(p.ref), v.trie.prove(bytes.fromhex(p.ref)).to_bytes()))
+                    live.append(p)
+                except Exception as exc:  # noqa: BLE001 - settled without the boundary (e.g. a resend)
+                    settled.append((p, exc))
+            if settled and not synced:
+                # Settled without the boundary, so nothing checks the view for them: decide on
+                # the newest log (another replica may have appended since this one last read).
+                synced, seen = True, v.head.mac
+                await self._view.catch_up()
+                if v.head.mac != seen:
+                    continue
+            for p, exc in settled:
+                _settle(p, exc=exc)
+            if not ops:
+                return
+            try:
+                with _step("apply"):
+                    out = await self._hsm.apply(hapi.ApplyIn(head=v.head, ops=ops))
+            except UpstreamError as exc:
+                if exc.body.error.code is C.STALE_HEAD:
+                    seen = v.head.mac
+                    await self._view.catch_up()  # another replica appended meanwhile...
+                    if v.head.mac == seen:  # ... or etcd went back behind the boundary
+                        v.diverged("the HSM boundary captured a newer log head than etcd shows")
+                    if time.monotonic() < deadline:
+                        continue
+                raise
+            if out.entry is None:
+                for p, r in zip(live, out.results):
+                    _settle(p, exc=_refusal(r))
+                return
+            if not await self._put(out, live):
+                metrics.child(metrics.RETRIES, "log-append").inc()
+                lost += 1
+                # Replicas append optimistically: the loser waits a random while so the
+                # two do not meet again at once (slow links made them collide for seconds).
+                await asyncio.sleep(random.uniform(0, min(0.5, 0.02 * 2 ** lost)))
+                await self._view.catch_up()
+                if time.monotonic() >= deadline:
+                    raise errors.Contended("too many concurrent changes to this island's log; try again")
+                continue
+            await self._release(out, live)
+            return
+
+    async def _put(self, out: hapi.ApplyOut, live: list[_Pending]) -> bool:
+        """One transaction: the records, the entry and the head, iff the head is ours."""
+        v = self._view
+        tx = self._etcd.transactions
+        changed = [(p.ref, r.new_entry) for p, r in zip(live, out.results) if r.new_entry is not None]
+        entry = out.entry
+        puts = [tx.put(ref_key(v.prefix, v.island, ref), e.model_dump_json().encode()) for ref, e in changed]
+        puts.append(tx.put(v.entry_key(entry.index), log_keys.entry_value(entry, [ref for ref, _ in changed])))
+        puts.append(tx.put(v.head_key, entry.model_dump_json().encode()))
+        t = time.perf_counter()
+        metrics.LOG_CHANGES_PER_ENTRY.observe(len(changed))
+        try:
+            ok, responses = await self._etcd.transaction(
+                compare=[tx.mod(v.head_key) == v.head_rev], success=puts, failure=[])
+        except RETRYABLE:
+            # Unknown outcome: the head says whether it landed.
+            await self._sync_settling(entry)
+            return v.head is not None and v.head.mac == entry.mac
+        finally:
+            metrics.child(metrics.ETCD_TXN, "log-append").observe(time.perf_counter() - t)
+            metrics.child(metrics.LOG_STEP, "append").observe(time.perf_counter() - t)
+        if not ok:
+            metrics.child(metrics.ETCD_CONFLICTS, "log-append").inc()
+            return False
+        v.appended(entry, responses[-1].response_put.header.revision, changed)
+        metrics.child(metrics.LOG_ENTRIES, v.island).inc()
+        if entry.index % self._compact_every == 0 and (self._compaction is None or self._compaction.done()):
+            self._compaction = asyncio.get_running_loop().create_task(self._compact_quietly(entry.index))
+        return True
+
+
+    async def compact(self, head_index: int) -> int:
+        """Delete the log entries nobody needs any more: more than ``retain``
+        behind the head and behind every hsm-proxy that answers (one still
+        catching up keeps what it needs; one that stays away longer is
+        replaced, docs/reliability.md). Records and the head are never
+        touched, so safety does not depend on this. Returns the entries deleted."""
+        floor = head_index - self._retain
+        if floor <= 1:
+            return 0
+        lowest = await self._hsm.lowest_head(self._view.island)
+        if lowest is None:
+            return 0  # no hsm-proxy answered: maybe all are catching up
+        floor = min(floor, lowest)
+        try:
+            deleted = (await self._etcd.delete_range(self._view.entry_key(0), self._view.entry_key(floor))).deleted
+        except RETRYABLE as exc:
+            raise errors.StoreUnavailable("etcd unreachable") from exc
+        metrics.child(metrics.LOG_COMPACTED, self._view.island).inc(deleted)
+        return deleted
+
+    async def _compact_quietly(self, head_index: int) -> None:
+        try:
+            await self.compact(head_index)
+        except Exception:  # noqa: BLE001 - the next compaction tries again; appends never wait for it
+            log.warning("island %s: compacting the log failed", self._view.island, exc_info=True)
+
+
+    async def _sync_settling(self, entry: hapi.LogEntry) -> None:
+        deadline = time.monotonic() + self._deadline_s
+        while True:
+            try:
+                return await self._view.catch_up()
+            except errors.StoreUnavailable:
+                if time.monotonic() >= deadline:
+                    raise errors.OutcomeUnknown("etcd lost the answer to a write; this attempt may or may not "
+                                                "have been counted") from None
+                await asyncio.sleep(0.1)
+
+
+    async def _release(self, out: hapi.ApplyOut, live: list[_Pending]) -> None:
+        held = [r.held for r in out.results if r.held is not None]
+        with _step("capture"):
+            got = await self._hsm.commit([out.entry], self._view.chain, held)
+        self._view.committed(out.entry, got.statements)
+        answers = got.answers
+        if held and answers is None:  # not released with a capture (several hsm-proxies, or no quorum yet)
+            try:
+                with _step("release"):
+                    answers = (await self._hsm.release(hapi.ReleaseIn(
+                        entry=out.entry, statements=got.statements, held=held))).answers
+            except UpstreamError as exc:
+                if exc.body.error.code is not C.NO_QUORUM:
+                    raise
+                # Appended but captured by too few hsm-proxies: nothing leaves. A resend
+                # is answered from this commit once enough of them capture it.
+                raise UpstreamUnavailable("too few hsm-proxies captured the change; try again shortly") from None
+        answers = iter(answers or [])
+        for p, r in zip(live, out.results):
+            if r.error is not None:
+                _settle(p, exc=_refusal(r))
+            else:
+                _settle(p, result=(r.new_entry, next(answers) if r.held is not None else None))
+
+@contextlib.contextmanager
+def _step(name: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.child(metrics.LOG_STEP, name).observe(time.perf_counter() - t)
+
+
+def _refusal(r: hapi.OpResult) -> UpstreamError:
+    return UpstreamError(r.status, ErrorBody(error=r.error))
+
+
+def _settle(p: _Pending, *, result=None, exc: BaseException | None = None) -> None:
+    if p.outcome.done():
+        return
+    if exc is not None:
+        p.outcome.set_exception(exc)
+    else:
+        p.outcome.set_result(result)

@@ -36,7 +36,7 @@ class IslandSettings(IslandAdminSettings):
     replica_id: str
     advertise_url: str = ""
     hsm_urls: str  # a replica needs its hsm-proxies
-    # Log entries kept in etcd behind the head at least (bkv_island.ledger.Ledger.compact).
+    # Log entries kept in etcd behind the head at least (bkv_island.appender.Appender.compact).
     log_retain_entries: int = Field(RETAIN, ge=1_000)
 
     @field_validator("island_id", "replica_id")
