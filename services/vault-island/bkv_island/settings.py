@@ -8,6 +8,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from bkv_island.ledger import RETAIN
+from bkv_server.ratelimit import Budget
 from bkv_server.settings import EtcdSettings, split_list
 
 ISLAND_ID = r"[a-z0-9][a-z0-9\-]{0,62}"
@@ -38,6 +39,17 @@ class IslandSettings(IslandAdminSettings):
     hsm_urls: str  # a replica needs its hsm-proxies
     # Log entries kept in etcd behind the head at least (bkv_island.ledger.Ledger.compact).
     log_retain_entries: int = Field(RETAIN, ge=1_000)
+    # Per-account rate limits (bkv_server.ratelimit; docs/api.md, "Rate limits"): requests
+    # a minute sustained and at once, per account; per_minute 0 turns a budget off. A
+    # user's whole attempt limit fits in one burst, so only a flood ever waits.
+    account_guess_per_minute: float = Field(20.0, ge=0)
+    account_guess_burst: int = Field(20, ge=1)
+    account_registration_per_minute: float = Field(10.0, ge=0)
+    account_registration_burst: int = Field(10, ge=1)
+
+    def account_budgets(self) -> dict[str, Budget]:
+        return {"guess": Budget(self.account_guess_per_minute, self.account_guess_burst),
+                "registration": Budget(self.account_registration_per_minute, self.account_registration_burst)}
 
     @field_validator("island_id", "replica_id")
     @classmethod
