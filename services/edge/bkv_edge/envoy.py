@@ -164,9 +164,11 @@ def render(listen_host: str, listen_port: int, upstream_port: int, processor_por
                         "route_config": {"name": "vault", "virtual_hosts": [{
                             "name": "vault", "domains": ["*"],
                             "routes": _vault_routes(noise, limits)}]},
-                        # Envoy's own 429s (the per-source limits) in the one error body shape.
+                        # Envoy's own 429s (the per-source limits) in the one error body shape;
+                        # only Envoy's local replies pass here, never the frontend's answers.
                         "local_reply_config": {"mappers": [{
-                            "filter": {"response_flag_filter": {"flags": ["RL"]}},
+                            "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                                "default_value": 429, "runtime_key": "bkv_local_reply_429"}}}},
                             "body_format_override": {"json_format": _RATE_LIMITED,
                                                      "content_type": "application/json"}}]},
                         "http_filters": ([

@@ -32,10 +32,10 @@ class FrontendSettings(EtcdSettings):
     # replica: requests a minute sustained and at once per device key; per_minute 0
     # turns a budget off. Looser than the islands' per-account ones: a device may
     # hold several accounts.
-    device_guess_per_minute: float = Field(30.0, ge=0)
-    device_guess_burst: int = Field(30, ge=1)
-    device_registration_per_minute: float = Field(20.0, ge=0)
-    device_registration_burst: int = Field(20, ge=1)
+    device_guess_per_minute: float = Field(60.0, ge=0)
+    device_guess_burst: int = Field(120, ge=1)
+    device_registration_per_minute: float = Field(30.0, ge=0)
+    device_registration_burst: int = Field(60, ge=1)
 
     def device_budgets(self) -> dict[str, Budget]:
         return {"guess": Budget(self.device_guess_per_minute, self.device_guess_burst),

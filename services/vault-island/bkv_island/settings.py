@@ -42,10 +42,10 @@ class IslandSettings(IslandAdminSettings):
     # Per-account rate limits (bkv_server.ratelimit; docs/api.md, "Rate limits"): requests
     # a minute sustained and at once, per account; per_minute 0 turns a budget off. A
     # user's whole attempt limit fits in one burst, so only a flood ever waits.
-    account_guess_per_minute: float = Field(20.0, ge=0)
-    account_guess_burst: int = Field(20, ge=1)
-    account_registration_per_minute: float = Field(10.0, ge=0)
-    account_registration_burst: int = Field(10, ge=1)
+    account_guess_per_minute: float = Field(30.0, ge=0)
+    account_guess_burst: int = Field(60, ge=1)
+    account_registration_per_minute: float = Field(20.0, ge=0)
+    account_registration_burst: int = Field(30, ge=1)
 
     def account_budgets(self) -> dict[str, Budget]:
         return {"guess": Budget(self.account_guess_per_minute, self.account_guess_burst),
