@@ -66,6 +66,13 @@ class Budget:
         return self.burst + math.floor(window_s / self.interval_s)
 
 
+def budgets(settings, scope: str) -> dict[str, Budget]:
+    """A service's budgets from its settings' ``<scope>_<budget>_per_minute``
+    and ``<scope>_<budget>_burst`` fields."""
+    return {name: Budget(getattr(settings, f"{scope}_{name}_per_minute"), getattr(settings, f"{scope}_{name}_burst"))
+            for name in ("guess", "registration")}
+
+
 class RateLimited(Exception):
     """Over a limit: nothing was done. ``retry_after`` whole seconds until
     the next request is admitted (answered as 429 ``rate_limited``)."""

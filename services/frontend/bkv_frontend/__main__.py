@@ -17,7 +17,7 @@ def serve(args, settings: FrontendSettings) -> int:
     from bkv_frontend.app import create_app
     from bkv_frontend.auth import TokenVerifier
     from bkv_frontend.routing import FleetView
-    from bkv_server.ratelimit import Limiter
+    from bkv_server.ratelimit import Limiter, budgets
 
     verifier = TokenVerifier.from_pem_file(settings.token_public_key_file, settings.token_issuer,
                                            settings.token_audience)
@@ -26,7 +26,7 @@ def serve(args, settings: FrontendSettings) -> int:
     run(create_app(view, verifier, refresh_interval_s=settings.refresh_interval_s, on_shutdown=etcd.close,
                    require_device_binding=settings.require_device_binding,
                    edge_public_key=settings.edge_public_key_value(),
-                   limiter=Limiter("device", settings.device_budgets())), settings.host, settings.port,
+                   limiter=Limiter("device", budgets(settings, "device"))), settings.host, settings.port,
         settings.metrics_port)
     return 0
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from bkv_server.ratelimit import Budget
 from bkv_server.settings import EtcdSettings
 
 
@@ -36,10 +35,6 @@ class FrontendSettings(EtcdSettings):
     device_guess_burst: int = Field(120, ge=1)
     device_registration_per_minute: float = Field(30.0, ge=0)
     device_registration_burst: int = Field(60, ge=1)
-
-    def device_budgets(self) -> dict[str, Budget]:
-        return {"guess": Budget(self.device_guess_per_minute, self.device_guess_burst),
-                "registration": Budget(self.device_registration_per_minute, self.device_registration_burst)}
 
     def edge_public_key_value(self) -> str:
         if self.edge_public_key_file is not None:

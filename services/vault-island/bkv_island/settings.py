@@ -8,7 +8,6 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from bkv_island.ledger import RETAIN
-from bkv_server.ratelimit import Budget
 from bkv_server.settings import EtcdSettings, split_list
 
 ISLAND_ID = r"[a-z0-9][a-z0-9\-]{0,62}"
@@ -46,10 +45,6 @@ class IslandSettings(IslandAdminSettings):
     account_guess_burst: int = Field(60, ge=1)
     account_registration_per_minute: float = Field(20.0, ge=0)
     account_registration_burst: int = Field(30, ge=1)
-
-    def account_budgets(self) -> dict[str, Budget]:
-        return {"guess": Budget(self.account_guess_per_minute, self.account_guess_burst),
-                "registration": Budget(self.account_registration_per_minute, self.account_registration_burst)}
 
     @field_validator("island_id", "replica_id")
     @classmethod
