@@ -361,7 +361,7 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bkv-bench-") as tmp:
-        fleet = start_fleet(Path(tmp), max_attempts=1000)
+        fleet = start_fleet(Path(tmp), max_attempts=1000, unlimited=True)
         try:
             asyncio.run(seed(fleet, args.seed_users, "load"))
             floor = {"hsm": hsm_floor(fleet, 300), "etcd_txn": asyncio.run(etcd_txn_floor(fleet, 300)),

@@ -54,7 +54,7 @@ def main() -> int:
 
         bkv_dev.fleet._processor_binary = lambda: args.processor
     with tempfile.TemporaryDirectory(prefix="bkv-bench-edge-") as tmp:
-        fleet = start_fleet(Path(tmp))
+        fleet = start_fleet(Path(tmp), unlimited=True)
         plain_port, admin = free_base_port(), free_base_port()
         cfg = Path(tmp) / "plain-envoy.json"
         cfg.write_text(render("127.0.0.1", plain_port, fleet.ports.frontend, 1, admin, noise=False))

@@ -119,7 +119,7 @@ def main() -> int:
     ap.add_argument("--threads", action="store_true", help="split each Python service's CPU by thread")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bkv-hotpath-") as tmp:
-        fleet = start_fleet(Path(tmp), max_attempts=1000)
+        fleet = start_fleet(Path(tmp), max_attempts=1000, unlimited=True)
         try:
             asyncio.run(measure(fleet, args.ops, args.noise, args.profile, args.threads, args.profile_at))
         finally:

@@ -114,7 +114,8 @@ def test_the_schema_states_byte_lengths_patterns_and_error_codes_and_no_422(flee
                  for status, r in finish["responses"].items() if status != "200"}
     assert code_enum["403"] == ["authentication_failed"] and code_enum["410"] == ["record_destroyed"]
     assert set(code_enum["400"]) == {"invalid_request", "malformed_opaque_message", "login_state_rejected"}
-    assert set(code_enum) == {"400", "401", "403", "404", "409", "410", "413", "415", "500", "502", "503"}
+    assert set(code_enum) == {"400", "401", "403", "404", "409", "410", "413", "415", "429", "500", "502", "503"}
+    assert code_enum["429"] == ["rate_limited"]
 
 
 _KNOWN = [("/v1/registration/start", "POST"),  # answered by the fast path

@@ -64,6 +64,9 @@ class FleetSpec:
     hsm_proxies: int = Ports.hsm_proxies
     etcd_members: int = Ports.etcd_members
     max_attempts: int = 10
+    # Rate limits far above any load (the limiters still run, never refuse): for
+    # benchmarks, whose floods would otherwise measure refusals.
+    unlimited: bool = False
     # Envoy + the Noise processor in front of the frontend (the default path).
     edge: bool = True
     # The explicit dev flag for a plaintext path: tokens need not be bound to a
@@ -219,7 +222,7 @@ class Fleet:
                     "BKV_ENV": "dev", "BKV_ISLAND_PORT": str(port), "BKV_ISLAND_HOST": ip,
                     "BKV_ISLAND_ISLAND_ID": island,
                     "BKV_ISLAND_REPLICA_ID": f"{island}-{r}", "BKV_ISLAND_ETCD_ENDPOINTS": self.etcd_endpoints,
-                    "BKV_ISLAND_HSM_URLS": ",".join(hsm_urls),
+                    "BKV_ISLAND_HSM_URLS": ",".join(hsm_urls), **self._limits("BKV_ISLAND_ACCOUNT"),
                 }, port, f"http://{ip}:{port}/healthz", netns=ns, host=ip))
         ota = self.state / "ota"
         procs.append(Proc("witness", [py, "-m", "bkv_witness", "serve"], {
@@ -235,6 +238,7 @@ class Fleet:
             "BKV_FRONTEND_REFRESH_INTERVAL_S": "0.5",
             "BKV_FRONTEND_REQUIRE_DEVICE_BINDING": "false" if s.allow_plaintext else "true",
             "BKV_FRONTEND_EDGE_PUBLIC_KEY": self.edge_public_key if s.edge else "",
+            **self._limits("BKV_FRONTEND_DEVICE"),
         }, port, f"{ports.frontend_url}/readyz"))
         if s.edge:
             edge = self.state / "edge"
@@ -399,6 +403,13 @@ class Fleet:
         wait_until(lambda: httpx.get(f"{self.frontend_url}/v1/bundle", timeout=1.0).status_code == 200, 30,
                    "the frontend to serve the validation bundle")
 
+    def _limits(self, prefix: str) -> dict[str, str]:
+        """The env that lifts a service's rate limits out of reach (``unlimited``)."""
+        if not self.spec.unlimited:
+            return {}
+        return {f"{prefix}_{budget}_{what}": str(10**9) for budget in ("GUESS", "REGISTRATION")
+                for what in ("PER_MINUTE", "BURST")}
+
     def _init_edge(self) -> None:
         edge = self.state / "edge"
         edge.mkdir(parents=True, exist_ok=True)
@@ -408,7 +419,9 @@ class Fleet:
         ports = self.ports
         self._run([sys.executable, "-m", "bkv_edge", "render-envoy", "--listen-port", str(ports.envoy),
                    "--upstream-port", str(ports.frontend), "--processor-port", str(ports.processor),
-                   "--admin-port", str(ports.envoy_admin), "--out", str(edge / "envoy.json")], {})
+                   "--admin-port", str(ports.envoy_admin), "--out", str(edge / "envoy.json"),
+                   *(arg for budget in ("handshake", "transport", "bundle")
+                     for arg in ("--source-limit", f"{budget}=1000000/1000000") if self.spec.unlimited)], {})
 
     @property
     def hsm_urls(self) -> list[str]:

@@ -45,6 +45,11 @@ LOCKOUT_HITS = Counter("bkv_lockout_hits", "Recovery attempts against a destroye
 REGISTRATIONS = Counter("bkv_registrations", "Registrations committed")
 RESENDS_ANSWERED = Counter("bkv_resends_answered",
                            "Resent requests answered from the kept, committed answer (never evaluated again)")
+# Rate limits (bkv_server.ratelimit): by scope (account, device), budget (guess,
+# registration) and decision (admitted, refused, reserved: a second phase let
+# through on its first phase's reservation). Never by user or device.
+RATE_LIMIT_DECISIONS = Counter("bkv_rate_limit_decisions", "Rate limiter decisions, by scope, budget and decision",
+                               ["scope", "budget", "decision"])
 RESENDS_JOINED = Counter("bkv_resends_joined", "Resends that arrived while this island replica was still working "
                          "on the same request, and got its answer")
 

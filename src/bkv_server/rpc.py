@@ -31,14 +31,18 @@ _JSON = [(b"content-type", b"application/json")]
 
 
 def error_body(code: ErrorCode, message: str, retryable: bool = False,
-               signature: bytes | None = None) -> ErrorBody:
-    return ErrorBody(error=ErrorDetail(code=code, message=message, retryable=retryable, signature=signature))
+               signature: bytes | None = None, retry_after: int | None = None) -> ErrorBody:
+    return ErrorBody(error=ErrorDetail(code=code, message=message, retryable=retryable, signature=signature,
+                                       retry_after=retry_after))
 
 
 def retry_after(body: ErrorBody) -> dict[str, str]:
     """The one Retry-After rule of every service: a retryable error answer
-    says to retry after a second; no other answer carries the header."""
-    return {"Retry-After": "1"} if body.error.retryable else {}
+    says to retry after the wait its body names (``rate_limited``), else
+    after a second; no other answer carries the header."""
+    if not body.error.retryable:
+        return {}
+    return {"Retry-After": str(body.error.retry_after or 1)}
 
 
 def _header_pairs(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -67,7 +71,8 @@ class ErrorTable:
     Two things hold for every service, so no table says them: an upstream's
     own error answer (:class:`~bkv_server.http.UpstreamError`) is passed on
     unchanged, and a fleet signature an exception carries (``signature``,
-    on the islands' refusals) goes into the body."""
+    on the islands' refusals) goes into the body, as does the wait a
+    ``rate_limited`` one names (``retry_after``, bkv_server.ratelimit)."""
 
     def __init__(self, *rules: tuple) -> None:
         self.rules = tuple(ErrorRule(*rule) for rule in rules)
@@ -87,7 +92,7 @@ class ErrorTable:
         if rule is None:
             return None
         return rule.status, error_body(rule.code, rule.message or str(exc), rule.retryable,
-                                       getattr(exc, "signature", None))
+                                       getattr(exc, "signature", None), getattr(exc, "retry_after", None))
 
 
 def validation_message(exc: ValidationError) -> str:

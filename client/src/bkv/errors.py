@@ -12,6 +12,8 @@
     ├── VaultUnavailable   the vault did not answer before the deadline; try later
     │   └── UnsignedAnswer no_record / record_destroyed without the fleet's signature for this
     │                      request: not acted on (someone on the path, or a tier, may have forged it)
+    ├── RateLimited        over a rate limit (account, device or address) for longer than the
+    │                      deadline: nothing was done; ``retry_after`` seconds until it is taken
     ├── BadSignature       a vault answer failed the fleet signature check; nothing was acted on
     ├── UntrustedFleet     no validation bundle verified against the pinned roots; nothing was sent
     │   └── StaleBundle    the newest bundle this device has is too old (a newer one may be withheld)
@@ -65,6 +67,18 @@ class UnsignedAnswer(VaultUnavailable):
     """An answer that would change what the device does with K (no record,
     destroyed) came without the fleet's signature over this request. It was
     not acted on and nothing changed on the device: treat it like no answer."""
+
+
+class RateLimited(VaultError):
+    """The vault answered 429 ``rate_limited`` (too many requests for this
+    account, device or address) and the wait it named ends past the SDK's
+    deadline. Nothing was done; ``retry_after`` seconds from now it is
+    taken. Shorter waits the SDK waits out itself, then sends again."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"the vault is refusing requests for this account or device for now (rate limited); "
+                         f"nothing was done; try again in {retry_after:.0f}s")
 
 
 class BadSignature(VaultError):

@@ -32,6 +32,7 @@ class ExitCode(enum.IntEnum):
     AUDIT_FAILED = 12
     KEY_NOT_RECOVERED = 13  # bkv backup stopped: the escrowed key did not come back, and no new one was made
     ESCROW_EXISTS = 14  # a live escrow is replaced only with its password (or after `bkv password forgot`)
+    RATE_LIMITED = 15  # over a rate limit for longer than the deadline: nothing was done; try again later
 
 
 def fail(message: str, code: ExitCode) -> None:
@@ -57,6 +58,9 @@ def outcomes() -> Iterator[None]:
              "anything else.", E.LOCKED_OUT)
     except errors.VaultUnavailable as exc:
         fail(str(exc), E.VAULT_UNAVAILABLE)
+    except errors.RateLimited as exc:
+        fail(f"too many requests for this account or device (rate limited); nothing was done. Try again in "
+             f"{exc.retry_after:.0f}s", E.RATE_LIMITED)
     except errors.NoRecord:
         fail("no key is escrowed for this account: nothing to recover (was the backup made in key mode?)",
              E.NO_RECORD)

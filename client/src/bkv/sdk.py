@@ -117,6 +117,15 @@ class _Retry(Exception):
     pass
 
 
+class _Wait(_Retry):
+    """A 429: send again no sooner than ``retry_after_s`` (bkv_protocol.retry
+    honours it), or give up with errors.RateLimited if that is past the deadline."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 def _pw(password: Password | str) -> bytes:
     if isinstance(password, Password):
         return password.reveal()
@@ -332,6 +341,8 @@ def _request_args(call: Call) -> dict:
 def _decode(protocol: VaultProtocol, call: Call, resp: httpx.Response):
     if resp.status_code in _RESEND:
         raise _Retry(f"the vault answered {resp.status_code}")
+    if resp.status_code == 429:
+        raise _Wait("the vault answered 429 (rate limited)", _wait(resp))
     if resp.status_code == 409 and b"wrong_island" in resp.content and _code(resp) is ErrorCode.WRONG_ISLAND:
         # The vault's signed island set does not place this account where it was
         # looked for (a stale or forged routing map, records moving): nothing was
@@ -347,6 +358,21 @@ def _decode(protocol: VaultProtocol, call: Call, resp: httpx.Response):
         raise errors.ProtocolError("malformed_response", "the vault sent an answer that does not parse") from exc
 
 
+def _wait(resp: httpx.Response) -> float:
+    """The seconds a 429 names: the body's ``retry_after`` (the only place a
+    sealed answer can carry it), else the Retry-After header, else 1."""
+    try:
+        wait = ErrorBody.model_validate_json(resp.content).error.retry_after
+    except ValidationError:
+        wait = None
+    if wait is None:
+        try:
+            wait = float(resp.headers.get("retry-after", "1"))
+        except ValueError:
+            wait = 1.0
+    return max(0.0, float(wait))
+
+
 def _edge_failure(exc: Exception) -> errors.VaultError:
     return errors.BadSignature(f"the vault's Noise edge could not be authenticated ({exc}); "
                                "nothing was sent; check the pinned edge key")
@@ -356,7 +382,8 @@ def _transport_failure(exc: Exception) -> Exception:
     """Any failure on the way (a reset, a timeout, a clear answer outside the
     Noise seal -- the edge's refusal or a forgery): send the same request
     again; a resend is answered from the commit, never evaluated twice."""
-    return _Retry(str(exc) or type(exc).__name__)
+    wait = getattr(exc, "retry_after_s", None)  # the edge's per-source 429 (transport.EdgeRefused)
+    return _Wait(str(exc), wait) if wait is not None else _Retry(str(exc) or type(exc).__name__)
 
 
 def _resume(steps: Steps, value: Any, error: BaseException | None) -> tuple[bool, Any]:
@@ -368,7 +395,9 @@ def _resume(steps: Steps, value: Any, error: BaseException | None) -> tuple[bool
         return True, done.value
 
 
-def _unavailable(backoff: Backoff, exc: DeadlineExceeded) -> errors.VaultUnavailable:
+def _unavailable(backoff: Backoff, exc: DeadlineExceeded) -> errors.VaultError:
+    if isinstance(exc.__cause__, _Wait):
+        return errors.RateLimited(exc.__cause__.retry_after_s)
     return errors.VaultUnavailable(
         f"the vault did not answer within {backoff.deadline_s:.0f}s ({exc.__cause__}); "
         "nothing was changed on this device; try again later")

@@ -48,7 +48,25 @@ class NoiseError(Exception):
 class EdgeRefused(httpx.TransportError):
     """A clear answer outside the seal (the edge's refusal, or a forgery), or
     a sealed one that did not open: no word from the vault. Carries only the
-    outer status, never the clear body's claims."""
+    outer status, never the clear body's claims; on a 429 (the edge's
+    per-source limit) the clear Retry-After too, as ``retry_after_s``, capped
+    at EDGE_WAIT_CAP_S: whoever forged it could as well drop the request."""
+
+    retry_after_s: float | None = None
+
+
+# The longest clear Retry-After the SDK honours from the edge (unauthenticated).
+EDGE_WAIT_CAP_S = 30.0
+
+
+def _refused(message: str, answer: httpx.Response, **kwargs) -> EdgeRefused:
+    exc = EdgeRefused(message, **kwargs)
+    if answer.status_code == 429:
+        try:
+            exc.retry_after_s = min(EDGE_WAIT_CAP_S, max(0.0, float(answer.headers.get("retry-after", "1"))))
+        except ValueError:
+            exc.retry_after_s = 1.0
+    return exc
 
 
 def _sealed(request: httpx.Request, session: Session, counter: int) -> bytes:
@@ -61,9 +79,11 @@ def _sealed(request: httpx.Request, session: Session, counter: int) -> bytes:
     return session.seal_request(counter, path, request.headers.get("authorization", ""), request.content)
 
 
-def _inner_response(session: Session, counter: int, resp_status: int, content: bytes, request) -> httpx.Response:
-    if resp_status != 200:
-        raise EdgeRefused(f"the edge answered {resp_status} in clear (not the vault's word)", request=request)
+def _inner_response(session: Session, counter: int, answer: httpx.Response, content: bytes,
+                    request) -> httpx.Response:
+    if answer.status_code != 200:
+        raise _refused(f"the edge answered {answer.status_code} in clear (not the vault's word)", answer,
+                       request=request)
     try:
         status, body = session.open_response(counter, content)
     except Exception as exc:  # noqa: BLE001 - garbled on the way, or forged: no answer at all
@@ -99,7 +119,7 @@ class _Base:
             # device either way (forged or not, it is no vault outcome).
             raise NoiseError("the edge refused the handshake (400): is the pinned edge key right?")
         if answer.status_code != 200:
-            raise EdgeRefused(f"the edge refused the handshake ({answer.status_code})")
+            raise _refused(f"the edge refused the handshake ({answer.status_code})", answer)
         if len(answer.content) <= SESSION_ID_LEN:
             raise NoiseError("the edge's handshake answer is too short")
         try:
@@ -140,7 +160,7 @@ class AsyncNoiseTransport(_Base, httpx.AsyncBaseTransport):
                 self._session = None
                 continue
             self._forget_closed(session, answer.status_code)
-            return _inner_response(session, counter, answer.status_code, content, request)
+            return _inner_response(session, counter, answer, content, request)
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
@@ -174,7 +194,7 @@ class NoiseTransport(_Base, httpx.BaseTransport):
                 self._session = None
                 continue
             self._forget_closed(session, answer.status_code)
-            return _inner_response(session, counter, answer.status_code, content, request)
+            return _inner_response(session, counter, answer, content, request)
         raise AssertionError("unreachable")
 
     def close(self) -> None:

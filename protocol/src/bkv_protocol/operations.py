@@ -52,6 +52,7 @@ STATUS: dict[C, int] = {
     C.WRONG_ISLAND: 409, C.STALE_HEAD: 409, C.NOT_NEXT_ENTRY: 409, C.PROOF_REFUSED: 409,
     C.LOG_NOT_AUTHENTIC: 409, C.NO_QUORUM: 409,
     C.RECORD_DESTROYED: 410,
+    C.RATE_LIMITED: 429,
     C.PAYLOAD_TOO_LARGE: 413,
     C.UNSUPPORTED_MEDIA_TYPE: 415,
     C.INTERNAL: 500, C.RECORD_INTEGRITY_FAILURE: 500,
@@ -103,25 +104,25 @@ class Operation:
 REGISTRATION_START = Operation(
     "registration_start", "/v1/registration/start", v1.RegistrationStartRequest, v1.RegistrationStartOut,
     "/island/v1/registration/start", island_api.RegistrationStartIn, hsm_api.RegistrationStartIn,
-    (C.MALFORMED_OPAQUE_MESSAGE, C.CONFLICT, C.WRONG_ISLAND))
+    (C.MALFORMED_OPAQUE_MESSAGE, C.CONFLICT, C.WRONG_ISLAND, C.RATE_LIMITED))
 REGISTRATION_FINISH = Operation(
     "registration_finish", "/v1/registration/finish", v1.RegistrationFinishRequest, v1.RegistrationFinishOut,
     "/island/v1/registration/finish", island_api.RegistrationFinishIn, hsm_api.RegistrationFinishIn,
     (*_WRITES, C.MALFORMED_OPAQUE_MESSAGE, C.CHALLENGE_REJECTED, C.PASSWORD_PROOF_REQUIRED, C.TICKET_REJECTED,
-     C.WRONG_ISLAND),
+     C.WRONG_ISLAND, C.RATE_LIMITED),
     transcripts.Route.REGISTRATION_FINISH, ("challenge", "registration_upload", "ek", "k_nonce", "ticket"),
     transcripts.registration_finish_request, hsm_api.OpKind.REGISTRATION_FINISH)
 RECOVER_START = Operation(
     "recover_start", "/v1/recover/start", v1.RecoverStartRequest, v1.RecoverStartOut,
     "/island/v1/login/start", island_api.RecoverStartIn, hsm_api.RecoverStartIn,
-    (*_WRITES, C.MALFORMED_OPAQUE_MESSAGE, C.NO_RECORD, C.RECORD_DESTROYED, C.WRONG_ISLAND),
+    (*_WRITES, C.MALFORMED_OPAQUE_MESSAGE, C.NO_RECORD, C.RECORD_DESTROYED, C.WRONG_ISLAND, C.RATE_LIMITED),
     transcripts.Route.RECOVER_START, ("credential_request",), transcripts.recover_start_request,
     hsm_api.OpKind.RECOVER_START, aliases=("/v1/login/start",))
 RECOVER_FINISH = Operation(
     "recover_finish", "/v1/recover/finish", v1.RecoverFinishRequest, v1.RecoverFinishOut,
     "/island/v1/login/finish", island_api.RecoverFinishIn, hsm_api.RecoverFinishIn,
     (*_WRITES, C.MALFORMED_OPAQUE_MESSAGE, C.LOGIN_STATE_REJECTED, C.AUTHENTICATION_FAILED, C.NO_RECORD,
-     C.RECORD_DESTROYED, C.WRONG_ISLAND),
+     C.RECORD_DESTROYED, C.WRONG_ISLAND, C.RATE_LIMITED),
     transcripts.Route.RECOVER_FINISH, ("login_state", "credential_finalization"),
     transcripts.recover_finish_request, hsm_api.OpKind.RECOVER_FINISH, aliases=("/v1/login/finish",))
 # DELETE /v1/record, and its POST twin for clients over Noise (every call a POST there).

@@ -105,6 +105,9 @@ class ErrorCode(str, enum.Enum):
     WRONG_ISLAND = "wrong_island"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL = "internal"
+    # Over a rate limit (per account, device or source address): nothing was done; resend after
+    # ``retry_after`` seconds (the body's field; the Retry-After header says the same in clear).
+    RATE_LIMITED = "rate_limited"
     # The HSM-held log (island <-> hsm-proxy only; a device sees them as 503 unavailable).
     STALE_HEAD = "stale_head"              # the head shown is older than the boundary's: catch up
     NOT_NEXT_ENTRY = "not_next_entry"      # capture refused: not the next link of this hsm-proxy's chain
@@ -122,6 +125,9 @@ class ErrorDetail(Frozen):
     # (bkv_protocol.transcripts.refusal_answer). A device acts on those two only
     # when it verifies; every other error changes nothing on the device.
     signature: B64 | None = Field(None, exclude_if=lambda v: v is None)
+    # rate_limited only: whole seconds to wait before sending again. In the body
+    # because a sealed answer carries no header but its status (docs/edge.md).
+    retry_after: int | None = Field(None, ge=0, exclude_if=lambda v: v is None)
 
 
 class ErrorBody(Frozen):

@@ -52,6 +52,9 @@ def pubkey(args) -> int:
                  help="a plaintext listener for probes and metrics only (no vault API); off if 0"),
              arg("--upstream-host", default="127.0.0.1"),
              arg("--processor-host", default="127.0.0.1"),
+             arg("--source-limit", action="append", default=[], metavar="BUDGET=PER_SECOND/BURST",
+                 help="a per-source-address budget (handshake, transport, bundle), e.g. handshake=20/100; "
+                      "PER_SECOND 0 turns it off (default: bkv_edge.envoy.SourceLimits)"),
              arg("--out", type=Path, required=True))
 def render_envoy(args) -> int:
     from bkv_edge.envoy import render
@@ -59,8 +62,26 @@ def render_envoy(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(args.listen_host, args.listen_port, args.upstream_port, args.processor_port,
                                args.admin_port, processor_host=args.processor_host,
-                               upstream_host=args.upstream_host, ops_port=args.ops_port))
+                               upstream_host=args.upstream_host, ops_port=args.ops_port,
+                               limits=source_limits(args.source_limit)))
     return 0
+
+
+def source_limits(specs: list[str]):
+    """``BUDGET=PER_SECOND/BURST`` each, over the defaults."""
+    import dataclasses
+
+    from bkv_edge.envoy import SourceLimit, SourceLimits
+
+    given = {}
+    budgets = {f.name for f in dataclasses.fields(SourceLimits)}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        rate, _, burst = value.partition("/")
+        if name not in budgets or not rate.isdigit() or not burst.isdigit() or int(burst) < 1:
+            raise SystemExit(f"--source-limit {spec!r}: expected one of {sorted(budgets)}=PER_SECOND/BURST")
+        given[name] = SourceLimit(int(rate), int(burst))
+    return dataclasses.replace(SourceLimits(), **given)
 
 
 def load_key(path: Path):

@@ -17,6 +17,7 @@ def serve(args, settings: FrontendSettings) -> int:
     from bkv_frontend.app import create_app
     from bkv_frontend.auth import TokenVerifier
     from bkv_frontend.routing import FleetView
+    from bkv_server.ratelimit import Limiter, budgets
 
     verifier = TokenVerifier.from_pem_file(settings.token_public_key_file, settings.token_issuer,
                                            settings.token_audience)
@@ -24,7 +25,8 @@ def serve(args, settings: FrontendSettings) -> int:
     view = FleetView(etcd, settings.etcd_prefix)
     run(create_app(view, verifier, refresh_interval_s=settings.refresh_interval_s, on_shutdown=etcd.close,
                    require_device_binding=settings.require_device_binding,
-                   edge_public_key=settings.edge_public_key_value()), settings.host, settings.port,
+                   edge_public_key=settings.edge_public_key_value(),
+                   limiter=Limiter("device", budgets(settings, "device"))), settings.host, settings.port,
         settings.metrics_port)
     return 0
 

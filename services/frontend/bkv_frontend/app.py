@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bkv_protocol.encoding import user_ref
 from bkv_server.http import UpstreamError, decode_error
+from bkv_server.ratelimit import Limiter
 from bkv_server.rpc import MAX_BODY_BYTES, read_body, validation_message
 from bkv_server.service import (
     GuardAndMeasure,
@@ -43,7 +44,11 @@ DEVICE_HEADER_KEY = DEVICE_HEADER.encode()  # as ASGI names it
 
 
 def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: float = 1.0,
-               on_shutdown=None, require_device_binding: bool = True, edge_public_key: str = "") -> FastAPI:
+               on_shutdown=None, require_device_binding: bool = True, edge_public_key: str = "",
+               limiter: Limiter | None = None) -> FastAPI:
+    """``limiter``: the per-device limits (scope ``device``, keyed by the
+    device key the edge authenticated), checked on the OPAQUE routes before
+    the island is asked (docs/architecture.md, "Rate limits")."""
     stop = asyncio.Event()
 
     @contextlib.asynccontextmanager
@@ -169,9 +174,9 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
 
         return handler
 
-    # path: (request model, answer model -- for the schema only: the island's bytes go out unchanged, handler)
-    opaque_routes: dict[str, tuple[type[BaseModel], type[BaseModel], OpaqueHandler]] = {
-        path: (op.request, op.answer, forward(op))
+    # path: (request model, operation name, handler)
+    opaque_routes: dict[str, tuple[type[BaseModel], str, OpaqueHandler]] = {
+        path: (op.request, op.name, forward(op))
         for op in (ops.REGISTRATION_START, ops.REGISTRATION_FINISH, ops.RECOVER_START, ops.RECOVER_FINISH)
         for path in (op.path, *op.aliases)}
     # The same routes in FastAPI, for the schema (/openapi.json); requests to
@@ -192,7 +197,7 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
 
     openapi.install(app)
     # Metrics name only the routes declared above (every one is in app.routes by now).
-    return GuardAndMeasure(OpaqueFastPath(app, opaque_routes, account, map_error), service="frontend",
+    return GuardAndMeasure(OpaqueFastPath(app, opaque_routes, account, map_error, limiter), service="frontend",
                            routes=route_templates(app), methods=route_methods(app))
 
 
@@ -217,23 +222,26 @@ class OpaqueFastPath:
     size and metrics are checked and counted by the GuardAndMeasure around
     both."""
 
-    def __init__(self, app, routes: dict[str, tuple[type[BaseModel], type[BaseModel], OpaqueHandler]], account,
-                 map_error: Callable[[Exception], Response | None]) -> None:
+    def __init__(self, app, routes: dict[str, tuple[type[BaseModel], str, OpaqueHandler]], account,
+                 map_error: Callable[[Exception], Response | None], limiter: Limiter | None = None) -> None:
         self.app = app
         self._routes = routes
         self._account = account
         self._map_error = map_error
+        self._admit = limiter.admit if limiter is not None else None
 
     async def __call__(self, scope, receive, send) -> None:
         route = self._routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if route is None:
             await self.app(scope, receive, send)
             return
-        model, _, handler = route
+        model, op, handler = route
         try:
             headers = dict(scope["headers"])
-            user = await self._account(authorization=_header(headers, b"authorization"),
-                                       x_bkv_device_key=_header(headers, DEVICE_HEADER_KEY))
+            device = _header(headers, DEVICE_HEADER_KEY)
+            user = await self._account(authorization=_header(headers, b"authorization"), x_bkv_device_key=device)
+            if self._admit is not None and device:
+                self._admit(op, device)  # raises RateLimited: 429, the island is not asked
             body = await read_body(receive)
             if body is None:
                 response = error_response(413, ErrorCode.PAYLOAD_TOO_LARGE,

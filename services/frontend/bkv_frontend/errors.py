@@ -6,6 +6,10 @@
     ├── Unauthenticated         missing, malformed, expired or foreign token (the message is uniform)
     └── NotReady                the island map or the fleet parameters are not known yet
 
+Over a per-device limit, ``bkv_server.ratelimit.RateLimited`` (429
+``rate_limited``, the wait in the body and in Retry-After); an island's
+per-account 429 is an UpstreamError, passed on unchanged.
+
 Calls to the islands raise ``bkv_server.http``'s::
 
     UpstreamError               an island's own error answer: passed on unchanged
@@ -20,6 +24,7 @@ tables (``bkv_frontend.openapi``).
 
 from bkv_protocol.wire import ErrorCode as C
 from bkv_server.http import UpstreamOutcomeUnknown, UpstreamUnavailable
+from bkv_server.ratelimit import RateLimited
 from bkv_server.rpc import ErrorTable
 
 
@@ -42,4 +47,5 @@ TABLE = ErrorTable(
      "the vault lost the connection mid-request; this attempt may or may not have been counted"),
     (UpstreamUnavailable, C.UNAVAILABLE, True, "the vault is temporarily unavailable; retry shortly"),
     (NotReady, C.UNAVAILABLE, True, "the vault is starting; retry shortly"),
+    (RateLimited, C.RATE_LIMITED, True),
 )

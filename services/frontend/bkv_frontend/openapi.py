@@ -47,6 +47,8 @@ _MEANING = {
     C.WRONG_ISLAND: "the vault's signed island set does not place this account's record where it was looked for "
                     "(a stale routing map, or records moving to a new island): nothing was decided; retry after "
                     "Retry-After",
+    C.RATE_LIMITED: "too many requests for this account, device key or source address: nothing was done; "
+                    "resend after `retry_after` seconds (the body's field; also Retry-After in clear)",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (retryable errors)",
                                 "schema": {"type": "integer"}}}
@@ -129,7 +131,7 @@ def install(app: FastAPI) -> None:
                 for status, codes in errors.items():
                     response = {"description": "\n".join(f"- `{c.value}`: {_MEANING[c]}" for c in codes),
                                 "content": {"application/json": {"schema": _error_schema(detail, codes)}}}
-                    if status in (409, 502, 503):
+                    if status in (409, 429, 502, 503):
                         response["headers"] = _RETRY_AFTER
                     op["responses"][str(status)] = response
                 params = [p for p in op.get("parameters", []) if p["name"].lower() not in _AUTH_HEADERS]

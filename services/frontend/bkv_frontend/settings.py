@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from bkv_server.settings import EtcdSettings
@@ -26,6 +27,14 @@ class FrontendSettings(EtcdSettings):
     # Or read it from a file (in Kubernetes an init container derives it from
     # the edge's key Secret, so the frontend never sees the private key).
     edge_public_key_file: Path | None = None
+    # Per-device rate limits (bkv_server.ratelimit; docs/api.md, "Rate limits"), per
+    # replica: requests a minute sustained and at once per device key; per_minute 0
+    # turns a budget off. Looser than the islands' per-account ones: a device may
+    # hold several accounts.
+    device_guess_per_minute: float = Field(60.0, ge=0)
+    device_guess_burst: int = Field(120, ge=1)
+    device_registration_per_minute: float = Field(30.0, ge=0)
+    device_registration_burst: int = Field(60, ge=1)
 
     def edge_public_key_value(self) -> str:
         if self.edge_public_key_file is not None:

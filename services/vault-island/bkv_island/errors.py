@@ -17,12 +17,16 @@
     └── OutcomeUnknown            -- a write may or may not have landed; resend the same
                                      request (same id): it is answered from the commit
 
+Over a per-account limit, ``bkv_server.ratelimit.RateLimited`` (429
+``rate_limited``, with the wait in the body): nothing was done.
+
 Errors from the hsm-proxy arrive as ``bkv_server.http.UpstreamError`` and are
 passed on unchanged (every ``ErrorTable`` does); ``UpstreamUnavailable`` is 503.
 """
 
 from bkv_protocol.wire import ErrorCode as C
 from bkv_server.http import UpstreamUnavailable
+from bkv_server.ratelimit import RateLimited
 from bkv_server.rpc import ErrorTable
 
 
@@ -93,4 +97,5 @@ TABLE = ErrorTable(
                                                  "until the operator restores it"),
     (OutcomeUnknown, C.OUTCOME_UNKNOWN, True),
     (UpstreamUnavailable, C.UNAVAILABLE, True, "the HSM is unreachable; try again shortly"),
+    (RateLimited, C.RATE_LIMITED, True),
 )

@@ -7,6 +7,7 @@ import asyncio
 
 from bkv_server.etcd import make_client
 from bkv_server.fleetmap import announce_replica
+from bkv_server.ratelimit import Limiter, budgets
 from bkv_server.rpc import RpcApp
 from bkv_island.app import create_app
 from bkv_island.appender import EtcdAppenderLease
@@ -54,4 +55,5 @@ def build_app(settings: IslandSettings) -> RpcApp:
             await c.aclose()
         await etcd.close()
 
-    return create_app(island, on_startup=startup, on_shutdown=shutdown)
+    limiter = Limiter("account", budgets(settings, "account"))
+    return create_app(island, limiter, on_startup=startup, on_shutdown=shutdown)

@@ -38,6 +38,13 @@ class IslandSettings(IslandAdminSettings):
     hsm_urls: str  # a replica needs its hsm-proxies
     # Log entries kept in etcd behind the head at least (bkv_island.appender.Appender.compact).
     log_retain_entries: int = Field(RETAIN, ge=1_000)
+    # Per-account rate limits (bkv_server.ratelimit; docs/api.md, "Rate limits"): requests
+    # a minute sustained and at once, per account; per_minute 0 turns a budget off. A
+    # user's whole attempt limit fits in one burst, so only a flood ever waits.
+    account_guess_per_minute: float = Field(30.0, ge=0)
+    account_guess_burst: int = Field(60, ge=1)
+    account_registration_per_minute: float = Field(20.0, ge=0)
+    account_registration_burst: int = Field(30, ge=1)
 
     @field_validator("island_id", "replica_id")
     @classmethod
