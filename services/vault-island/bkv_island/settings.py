@@ -8,6 +8,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from bkv_island.ledger import RETAIN
+from bkv_island.store import EVENTS_KEPT
 from bkv_server.settings import EtcdSettings, split_list
 
 ISLAND_ID = r"[a-z0-9][a-z0-9\-]{0,62}"
@@ -38,6 +39,8 @@ class IslandSettings(IslandAdminSettings):
     hsm_urls: str  # a replica needs its hsm-proxies
     # Log entries kept in etcd behind the head at least (bkv_island.appender.Appender.compact).
     log_retain_entries: int = Field(RETAIN, ge=1_000)
+    # Events kept per account (its feed, POST /v1/events): older ones are deleted as new ones land.
+    events_kept: int = Field(EVENTS_KEPT, ge=1, le=1024)
 
     @field_validator("island_id", "replica_id")
     @classmethod
