@@ -70,3 +70,27 @@ async def test_an_event_hidden_in_etcd_is_detected_by_the_device(make_client, fl
     await etcd.delete(event_key("/bkv", island, user_ref(user), 1))
     feed = await device.events()
     assert [e.version for e in feed.events] == [4] and feed.missing == range(1, 4) and not feed.complete
+
+
+async def test_bkv_events_shows_the_accounts_changes_and_exits_15_when_it_misses_some_since_the_last_seen(
+        fleet, etcd, tmp_path):
+    from test_cli_backup import PW as CLI_PW
+    from test_cli_backup import make_device, make_source
+
+    user = unique_user("evcli")
+    bkv = make_device(fleet, tmp_path / "home", user)
+    assert bkv("backup", str(make_source(tmp_path / "src")), "--store", str(tmp_path / "store")).returncode == 0
+    assert bkv("password", "change", "--password-stdin", stdin=f"{CLI_PW}\nnew password\n",
+               password=None).returncode == 0
+    shown = bkv("events")
+    assert shown.returncode == 0, shown.stderr
+    assert "key escrowed" in shown.stdout and "password changed" in shown.stdout
+    assert "password attempt used" in shown.stdout and "attempts left" in shown.stdout
+    last = int(shown.stdout.strip().splitlines()[-1].split("#")[1].split()[0])
+    assert bkv("events", "--after", str(last)).returncode == 0
+    # The changes after version 1 hidden from the feed: a device that saw version 1 is told.
+    island = rendezvous(user, fleet.spec.islands)
+    for version in range(1, last):
+        await etcd.delete(event_key("/bkv", island, user_ref(user), version))
+    hidden = bkv("events", "--after", "1")
+    assert hidden.returncode == 15 and f"versions 2 to {last - 1} were not shown" in hidden.stderr

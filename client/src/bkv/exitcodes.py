@@ -32,6 +32,7 @@ class ExitCode(enum.IntEnum):
     AUDIT_FAILED = 12
     KEY_NOT_RECOVERED = 13  # bkv backup stopped: the escrowed key did not come back, and no new one was made
     ESCROW_EXISTS = 14  # a live escrow is replaced only with its password (or after `bkv password forgot`)
+    EVENTS_MISSING = 15  # bkv events --after N: the vault's signed feed proves changes after N it did not show
 
 
 def fail(message: str, code: ExitCode) -> None:
