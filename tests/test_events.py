@@ -23,13 +23,19 @@ def _seen(feed) -> list[tuple[int, K, int]]:
     return [(e.version, e.kind, e.attempts_left) for e in feed.events]
 
 
-async def test_a_device_reads_every_change_of_its_record_signed_and_in_order(make_client, fleet):
+async def _guessed_at(make_client, guesses: int):
+    """A new account that registered, then ``guesses`` wrong passwords: (user, its device)."""
     user = unique_user("ev")
     device = make_client(user)
     await device.register(BackupKey(os.urandom(32)), PW)
-    for _ in range(2):
+    for _ in range(guesses):
         with pytest.raises(errors.WrongPassword):
             await device.recover("not it")
+    return user, device
+
+
+async def test_a_device_reads_every_change_of_its_record_signed_and_in_order(make_client, fleet):
+    user, device = await _guessed_at(make_client, 2)
     await device.recover(PW)
     await device.change_password(PW, "new password")
     await device.disable("new password")
@@ -45,21 +51,14 @@ async def test_a_device_reads_every_change_of_its_record_signed_and_in_order(mak
 
 
 async def test_an_accounts_feed_is_its_own_the_user_comes_from_the_token(make_client):
-    owner, other = unique_user("ev"), unique_user("ev")
-    await make_client(owner).register(BackupKey(os.urandom(32)), PW)
-    with pytest.raises(errors.WrongPassword):
-        await make_client(owner).recover("not it")
+    await _guessed_at(make_client, 1)
+    other = unique_user("ev")
     feed = await make_client(other).events()
     assert feed.events == () and feed.version == 0
 
 
 async def test_an_event_hidden_in_etcd_is_detected_by_the_device(make_client, fleet, etcd):
-    user = unique_user("ev")
-    device = make_client(user)
-    await device.register(BackupKey(os.urandom(32)), PW)
-    for _ in range(3):
-        with pytest.raises(errors.WrongPassword):
-            await device.recover("not it")
+    user, device = await _guessed_at(make_client, 3)
     island = rendezvous(user, fleet.spec.islands)
     # An insider hides one guess from the owner: the feed no longer chains to the signed head.
     await etcd.delete(event_key("/bkv", island, user_ref(user), 3))

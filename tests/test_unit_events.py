@@ -14,7 +14,6 @@ import pytest
 from bkv import errors
 from bkv.sdk import VaultProtocol, verify_feed
 from bkv_hsm_proxy.core import VaultHsm
-from bkv_hsm_proxy.nvram import StateFile
 from bkv_island.core import Island
 from bkv_island.ledger import Ledger
 from bkv_island.store import StoredEvent, event_key, events_prefix
@@ -23,23 +22,17 @@ from bkv_protocol import island_api as iapi
 from bkv_protocol import transcripts, v1
 from bkv_protocol.encoding import user_ref
 from bkv_server import metrics
-from fakes import FakeClock, InMemoryEtcdFake, InMemoryHsmFake, InProcessHsmFake, with_island_set
+from fakes import InProcessHsmFake
 from test_unit_vault_logic import _registered
+from test_unit_vault_logic import parts as vault_parts
 
 K = v1.EventKind
 
 
 @pytest.fixture
 def parts(tmp_path):
-    hsm = InMemoryHsmFake()
-    VaultHsm.create_opaque_setup(hsm)
-    hsm.admin = with_island_set(hsm)
-    clock = FakeClock()
-    vault = VaultHsm(hsm, max_attempts=3, clock=clock)
-    state = StateFile(tmp_path / "state")
-    state.load()
-    vault.attach_log(state, "hsm-0", ["hsm-0"])
-    etcd = InMemoryEtcdFake()
+    """test_unit_vault_logic's parts, with an island that keeps 4 events per account."""
+    vault, _, etcd, clock = vault_parts.__wrapped__(tmp_path)
     port = InProcessHsmFake(vault)
     island = Island("island-a", Ledger("island-a", etcd, "/bkv", port, events_kept=4), port)
     return vault, island, etcd, clock
