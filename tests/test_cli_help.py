@@ -14,7 +14,8 @@ from bkv.cli import app
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 COMMANDS = [[], ["dev"], ["dev", "up"], ["dev", "down"], ["dev", "status"], ["dev", "login"], ["dev", "issuer"], ["dev", "member-set"], ["dev", "island-set"],
             ["dev", "cluster"], ["demo"], ["audit"],
-            ["backup"], ["restore"], ["list"], ["verify"], ["password"], ["password", "change"], ["password", "forgot"], ["disable"]]
+            ["backup"], ["restore"], ["list"], ["verify"], ["password"], ["password", "change"], ["password", "forgot"], ["disable"],
+            ["events"]]
 
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=lambda a: "bkv " + " ".join(a) if a else "bkv")
@@ -29,7 +30,7 @@ def test_help_text_matches_its_snapshot(argv):
 
 
 @pytest.mark.parametrize("argv", [["dev", "up"], ["dev", "login"], ["backup"], ["restore"], ["list"], ["verify"],
-                                  ["password", "change"], ["disable"]], ids=" ".join)
+                                  ["password", "change"], ["disable"], ["events"]], ids=" ".join)
 def test_every_user_command_explains_itself_with_an_example(argv):
     out = CliRunner().invoke(app, [*argv, "--help"], env={"COLUMNS": "100", "TERM": "dumb"}, prog_name="bkv").output
     assert "Example: bkv " in out

@@ -78,3 +78,22 @@ def test_a_kept_reply_is_bound_to_user_island_version_and_request():
     assert base != transcripts.reply_aad(ref, "island-a", 8, RID, b"f" * 32)
     assert base != transcripts.reply_aad(ref, "island-a", 7, os.urandom(16), b"f" * 32)
     assert base != transcripts.reply_aad(ref, "island-a", 7, RID, b"g" * 32)
+
+
+# Known answers of the account's event feed (docs/protocol.md, "The account's event feed"), for
+# other SDKs (a TypeScript one) to check their chain and transcript against.
+EVENT_1 = "000000000000000800000000000000010000000a72656769737465726564000000040000000a000000080000018bcfe56800"
+HEAD_1 = "57c07ec04249e381695d18c129f9024f75468eb83887e3a3b0fa95400b1046da"
+HEAD_2 = "539b9346d35a98ca953f6381dcd74a07b08616a9dcfea27e4e14c0c33f45d2fb"
+EVENTS_ANSWER = ("00000011626b762f76312f7369672f6576656e747300000020303031313232333334343535363637373838393961616262"
+                 "636364646565666600000005616c69636500000008000000000000000200000020" + HEAD_2 +
+                 "00000010000102030405060708090a0b0c0d0e0f")
+
+
+def test_the_event_chain_and_the_feeds_transcript_match_their_known_answers():
+    e1 = transcripts.event_bytes(1, "registered", 10, 1_700_000_000_000)
+    h1 = transcripts.event_chain(transcripts.EVENTS_EMPTY, e1)
+    h2 = transcripts.event_chain(h1, transcripts.event_bytes(2, "attempt_used", 9, 1_700_000_060_000))
+    assert (e1.hex(), h1.hex(), h2.hex()) == (EVENT_1, HEAD_1, HEAD_2)
+    assert transcripts.events_answer("00112233445566778899aabbccddeeff", "alice", 2, h2,
+                                     bytes(range(16))).hex() == EVENTS_ANSWER

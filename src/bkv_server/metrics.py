@@ -43,6 +43,9 @@ RECOVERIES_SUCCEEDED = Counter("bkv_recoveries_succeeded", "Recoveries whose fin
 RECORDS_DESTROYED = Counter("bkv_records_destroyed", "Records destroyed because attempts ran out")
 LOCKOUT_HITS = Counter("bkv_lockout_hits", "Recovery attempts against a destroyed record")
 REGISTRATIONS = Counter("bkv_registrations", "Registrations committed")
+ACCOUNT_EVENTS = Counter("bkv_account_events", "Account events stored with their committed change, by kind "
+                         "(bkv_protocol.v1.EventKind; never by user)", ["kind"])
+ACCOUNT_EVENT_READS = Counter("bkv_account_event_reads", "Signed event feeds an island answered")
 RESENDS_ANSWERED = Counter("bkv_resends_answered",
                            "Resent requests answered from the kept, committed answer (never evaluated again)")
 # Rate limits (bkv_server.ratelimit): by scope (account, device), budget (guess,

@@ -26,6 +26,10 @@ class _Transactions:
     def put(key: bytes, value: bytes):
         return ("put", key, value)
 
+    @staticmethod
+    def delete(key: bytes, range_end: bytes | None = None):
+        return ("delete", key, range_end)
+
 
 class InMemoryEtcdFake:
     def __init__(self) -> None:
@@ -68,7 +72,11 @@ class InMemoryEtcdFake:
             self.lost_txns += 1
             return False, []
         self.revision += 1
-        for _, key, value in success:
-            self.kv[key] = (value, self.revision)
+        for op, key, value in success:
+            if op == "delete":  # value: the range's end (None: the key alone)
+                for k in [k for k in self.kv if k == key or (value is not None and key <= k < value)]:
+                    del self.kv[k]
+            else:
+                self.kv[key] = (value, self.revision)
         header = SimpleNamespace(revision=self.revision)
         return True, [SimpleNamespace(response_put=SimpleNamespace(header=header)) for _ in success]

@@ -36,6 +36,9 @@ class InProcessHsmFake:
     async def refusal(self, req):
         return await self._call(self.vault.refusal, req)
 
+    async def events(self, req):
+        return await self._call(self.vault.events, req)
+
     async def genesis(self, island):
         return await self._call(self.vault.genesis, island)
 

@@ -1,4 +1,4 @@
-"""``bkv backup / restore / list / verify / password change / password forgot / disable``.
+"""``bkv backup / restore / list / verify / password change / password forgot / disable / events``.
 
 K is recovered from the vault for every backup and restore (nothing secret
 is kept on disk); in key mode it comes from the 64 digits instead.
@@ -395,6 +395,50 @@ def register_commands(app: typer.Typer) -> None:
                                                      if delete_backups else ""))
             return
         typer.echo("escrowed key destroyed" + (f"; {removed} backups deleted" if delete_backups else ""))
+
+
+    @app.command("events")
+    def events(after: int = typer.Option(0, "--after", min=0, help=(
+                   "the last version this device saw: exit 16 if the vault does not show every change since")),
+               as_json: bool = JSON) -> None:
+        """Show what happened to the escrowed key: registered, attempts used, recovered, changed, deleted.
+
+        Every change is signed by the vault's fleet and numbered by the
+        record's version; a change hidden or altered on the way fails the
+        check (exit 9). The vault keeps the last changes only: older
+        versions are said to be not shown.
+
+        Example: bkv events --after 12
+        """
+        cfg = _config()
+        with outcomes():
+            async def go():
+                async with cfg.client() as vault:
+                    return await vault.events(after_version=after)
+
+            feed = _run(go())
+        if as_json:
+            typer.echo(json.dumps({"version": feed.version, "missing": [feed.missing.start, feed.missing.stop],
+                                   "events": [e.model_dump(mode="json") for e in feed.events]}))
+        else:
+            if not feed.events:
+                typer.echo("no changes: nothing is escrowed for this account" if feed.version == 0 else
+                           "no changes shown")
+            for e in feed.events:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at_ms / 1000))
+                typer.echo(f"{when} UTC  #{e.version:<4} {_EVENT_TEXT[e.kind]:<24} {e.attempts_left} attempts left")
+        if feed.missing:
+            note = (f"versions {feed.missing.start} to {feed.missing.stop - 1} were not shown "
+                    "(older than the vault keeps, or hidden)")
+            if after:
+                fail(f"the vault's signed feed shows changes it did not list: {note}", ExitCode.EVENTS_MISSING)
+            typer.echo(f"bkv: {note}", err=True)
+
+
+_EVENT_TEXT = {"registered": "key escrowed", "password_changed": "password changed",
+               "attempt_used": "password attempt used", "destroyed": "key destroyed (attempts)",
+               "recovered": "key recovered", "deleted": "key deleted", "rekeyed": "re-sealed (key rotation)",
+               "moved": "moved (operator)"}
 
 
 def _key_for(info, key: str | None, password_stdin: bool):

@@ -33,6 +33,7 @@ class ExitCode(enum.IntEnum):
     KEY_NOT_RECOVERED = 13  # bkv backup stopped: the escrowed key did not come back, and no new one was made
     ESCROW_EXISTS = 14  # a live escrow is replaced only with its password (or after `bkv password forgot`)
     RATE_LIMITED = 15  # over a rate limit for longer than the deadline: nothing was done; try again later
+    EVENTS_MISSING = 16  # bkv events --after N: the vault's signed feed proves changes after N it did not show
 
 
 def fail(message: str, code: ExitCode) -> None:

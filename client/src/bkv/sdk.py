@@ -87,6 +87,45 @@ class Deletion:
 
 
 @dataclass(frozen=True)
+class EventFeed:
+    """The account's events, verified: the fleet signed the record's current
+    ``version`` and event chain ``head`` for this read, and ``events`` (oldest
+    first, consecutive versions) chain to that head. ``missing``: versions
+    the chain proves had events that were not shown -- older than the vault
+    keeps, or hidden by a tier (after ``after_version`` when one was given:
+    what this device has not seen yet). Empty: every change since is here."""
+
+    events: tuple[api.Event, ...]
+    version: int
+    head: bytes
+    missing: range
+
+    @property
+    def complete(self) -> bool:
+        return len(self.missing) == 0
+
+
+def verify_feed(out: api.EventsOut, after_version: int = 0) -> EventFeed:
+    """The chain of ``out``'s events from ``before`` to the signed ``head``
+    (its signature is checked by the caller): BadSignature if an event was
+    dropped, altered, reordered or added, or the last is not the signed version."""
+    h, previous = out.before, None
+    for ev in out.events:
+        if previous is not None and ev.version != previous + 1:
+            raise errors.BadSignature(f"the event feed skips from version {previous} to {ev.version}: an event "
+                                      "was hidden or altered on the way")
+        h, previous = transcripts.event_chain(h, transcripts.event_bytes(
+            ev.version, ev.kind.value, ev.attempts_left, ev.at_ms)), ev.version
+    if h != out.head or (previous is not None and previous != out.version):
+        raise errors.BadSignature("the events shown do not chain to the fleet-signed head: an event was hidden or "
+                                  "altered on the way")
+    first = out.events[0].version if out.events else out.version + 1
+    # A chain that starts from nothing has nothing before it; else every version before the first shown had one.
+    start = first if out.before == transcripts.EVENTS_EMPTY else max(after_version + 1, 1)
+    return EventFeed(tuple(out.events), out.version, out.head, range(min(start, first), first))
+
+
+@dataclass(frozen=True)
 class Call:
     """One HTTP exchange. Every call may be sent again after any failure
     (a reset connection, a 5xx, a new Noise session): the ones that change
@@ -282,6 +321,15 @@ class VaultProtocol:
             spent += 1
             if out.attempts_left == 0:
                 return spent
+
+    def events(self, after_version: int = 0) -> Steps:
+        """The account's event feed, verified (:func:`verify_feed`): signed for
+        this read's fresh nonce, so an old feed cannot stand in for a newer one."""
+        nonce = os.urandom(16)
+        out: api.EventsOut = yield Call("POST", ops.EVENTS.path, api.EventsRequest(fleet_id=self.fleet_id, nonce=nonce),
+                                        api.EventsOut)
+        self.verify(out.signature, transcripts.events_answer(self.fleet_id, self.user_id, out.version, out.head, nonce))
+        return verify_feed(out, after_version)
 
     def fleet(self) -> Steps:
         return (yield Call("GET", "/v1/fleet", None, api.FleetInfo))
@@ -502,6 +550,13 @@ class VaultClient:
         :class:`~bkv.errors.NoRecord` (signed) if it was gone already."""
         return await self._drive(self.protocol.delete(ticket))
 
+    async def events(self, after_version: int = 0) -> EventFeed:
+        """This account's events (registered, attempts used, recovered, ...),
+        signed by the fleet and checked: :class:`~bkv.errors.BadSignature` if
+        a tier hid or altered one; ``EventFeed.missing`` names versions not
+        shown (after ``after_version``, the last one this device saw)."""
+        return await self._drive(self.protocol.events(after_version))
+
     async def disable(self, password: Password | str) -> Deletion:
         """Recover with ``password``, then delete the escrow with that ticket."""
         got = await self.recover(password)
@@ -577,3 +632,6 @@ class VaultClientSync:
 
     def delete(self, ticket: ChangeTicket) -> Deletion:
         return self._drive(self.protocol.delete(ticket))
+
+    def events(self, after_version: int = 0) -> EventFeed:
+        return self._drive(self.protocol.events(after_version))

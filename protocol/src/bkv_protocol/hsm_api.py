@@ -62,6 +62,11 @@ class Entry(Frozen):
     # refused (request_superseded), never evaluated again.
     recent: list[RequestIdHex] = Field(default_factory=list, max_length=RECENT_REQUESTS)
     moved_to: IslandId | None = Field(None, exclude_if=lambda v: v is None)  # state MOVED only
+    # The account's event chain after this entry's change (``transcripts.event_chain``),
+    # computed by the boundary and proven by the log like every field here (``entry_digest``);
+    # kept by tombstones and moves, so the feed outlives the record. None: no event yet
+    # (every entry written before the feed), read as ``transcripts.EVENTS_EMPTY``.
+    events_head: fixed_b64(32) | None = Field(None, exclude_if=lambda v: v is None)
 
     def answered(self) -> list[str]:
         """The request ids the entry that follows this one must remember."""
@@ -79,7 +84,9 @@ def entry_digest(entry: Entry | None) -> bytes | None:
         labels.LOG_RECORD, entry.state.value.encode(), u64(entry.version), entry.sealed or b"",
         (entry.fleet_id or "").encode(),
         b"" if req is None else canonical(b"", req.id.encode(), req.fingerprint.encode(), req.reply),
-        ",".join(entry.recent).encode(), (entry.moved_to or "").encode())).digest()
+        ",".join(entry.recent).encode(), (entry.moved_to or "").encode(),
+        # Only when set: entries written before the feed keep the digest they were logged with.
+        *(() if entry.events_head is None else (entry.events_head,)))).digest()
 
 
 # -- the client operations (bkv_protocol.operations) ------------------------------
@@ -97,6 +104,7 @@ RegistrationFinishIn = _from_island("RegistrationFinishIn", v1.RegistrationFinis
 RecoverStartIn = _from_island("RecoverStartIn", v1.RecoverStartRequest)
 RecoverFinishIn = _from_island("RecoverFinishIn", v1.RecoverFinishRequest)
 DeleteIn = _from_island("DeleteIn", v1.DeleteRequest)
+EventsIn = _from_island("EventsIn", v1.EventsRequest)  # read inside EventsReadIn, with its proof
 
 
 # -- resends and refusals --------------------------------------------------------
@@ -137,6 +145,23 @@ class RefusalIn(Frozen):
 
 class RefusalOut(Frozen):
     code: str  # bkv_protocol.transcripts.Refusal
+    signature: B64
+
+
+class EventsReadIn(Frozen):
+    """Sign the account's event feed head: ``read.current`` proven against a
+    committed head (a quorum's statements), so the version and chain head
+    signed are the account's newest committed ones. The events themselves
+    never pass here: the device checks that they chain to the signed head."""
+
+    read: EventsIn
+    proven: Proven
+    statements: list[Statement] = Field(max_length=16)
+
+
+class EventsSigned(Frozen):
+    version: int = Field(ge=0, le=2**63 - 1)
+    head: fixed_b64(32)
     signature: B64
 
 
@@ -259,6 +284,9 @@ class OpResult(Frozen):
     held: B64 | None = None
     status: int = 200
     error: ErrorDetail | None = None
+    # The account's event for this change (not secret), stored by the island
+    # beside the entry, in the same transaction. Left out when None: the old shape.
+    event: v1.Event | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ApplyOut(Frozen):

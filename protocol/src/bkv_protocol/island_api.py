@@ -15,6 +15,7 @@ from bkv_protocol.hsm_api import Entry, LogEntry, Statement
 from bkv_protocol.ids import FleetId, IslandId, UserId, UserRef
 from bkv_protocol.v1 import (  # noqa: F401  (the island's answers: see above)
     DeleteOut,
+    EventsOut,
     RecoverFinishOut,
     RecoverStartOut,
     RegistrationFinishOut,
@@ -35,6 +36,7 @@ RegistrationFinishIn = _from_frontend("RegistrationFinishIn", v1.RegistrationFin
 RecoverStartIn = _from_frontend("RecoverStartIn", v1.RecoverStartRequest)
 RecoverFinishIn = _from_frontend("RecoverFinishIn", v1.RecoverFinishRequest)
 DeleteIn = _from_frontend("DeleteIn", v1.DeleteRequest)
+EventsIn = _from_frontend("EventsIn", v1.EventsRequest)
 
 
 class MoveIn(Frozen):

@@ -29,6 +29,7 @@ SIG_LOGIN_START: Final = b"bkv/v1/sig/login-start"
 SIG_LOGIN_FINISH: Final = b"bkv/v1/sig/login-finish"
 SIG_REFUSAL: Final = b"bkv/v1/sig/refusal"            # no_record / record_destroyed, bound to the request
 SIG_DELETE: Final = b"bkv/v1/sig/delete"              # the escrow was deleted, bound to the request
+SIG_EVENTS: Final = b"bkv/v1/sig/events"              # an account's event feed: user, version, chain head, nonce
 
 # MACs.
 TICKET_PROOF_MAC: Final = b"bkv/v1/mac/ticket-proof"  # a device proves it holds a change ticket's key
@@ -47,6 +48,7 @@ CREDENTIAL_ID: Final = b"bkv/v1/opaque/credential-id"
 TRIE_LEAF: Final = b"bkv/v1/hash/trie-leaf"          # a record in an island's sparse Merkle trie (merkle.py)
 TRIE_NODE: Final = b"bkv/v1/hash/trie-node"
 LOG_RECORD: Final = b"bkv/v1/hash/log-record"        # a record's etcd entry as a trie leaf value
+EVENT_CHAIN: Final = b"bkv/v1/hash/event-chain"      # an account's events, chained by the boundary (transcripts.event_chain)
 
 # The HSM-held log (bkv_hsm_proxy/log.py): keys derived inside the boundary, MACs and the held answers.
 LOG_KEY_INFO: Final = b"bkv/v1/kdf/log-key"          # OPAQUE server setup -> the log key

@@ -11,6 +11,8 @@ recover_start          POST /v1/recover/start     OPAQUE login, 1/2           ye
 recover_finish         POST /v1/recover/finish    OPAQUE login, 2/2: K back,  no (resets them)
                                                   and a change ticket
 delete                 DELETE /v1/record          with a change ticket        no
+events                 POST /v1/events            the account's signed event  no (reads only)
+                                                  feed
 =====================  =========================  ==========================  =================
 
 The name is the SDK's step (``VaultProtocol.recover_start``), the island's
@@ -132,6 +134,15 @@ DELETE = Operation(
     (*_WRITES, C.TICKET_REJECTED, C.NO_RECORD, C.RECORD_DESTROYED, C.WRONG_ISLAND),
     transcripts.Route.DELETE, ("ticket",), transcripts.delete_request, hsm_api.OpKind.DELETE)
 
-CATALOGUE: tuple[Operation, ...] = (REGISTRATION_START, REGISTRATION_FINISH, RECOVER_START, RECOVER_FINISH, DELETE)
+# Reads only: the island proves the record against a committed head, the
+# boundary signs its version and event chain head (hsm_api.EventsIn, made by
+# the island: it adds the proof and a quorum's statements to to_hsm's fields).
+EVENTS = Operation(
+    "events", "/v1/events", v1.EventsRequest, v1.EventsOut,
+    "/island/v1/events", island_api.EventsIn, hsm_api.EventsIn,
+    (C.WRONG_ISLAND,))
+
+CATALOGUE: tuple[Operation, ...] = (REGISTRATION_START, REGISTRATION_FINISH, RECOVER_START, RECOVER_FINISH, DELETE,
+                                    EVENTS)
 BY_NAME: dict[str, Operation] = {op.name: op for op in CATALOGUE}
 BY_ROUTE: dict[transcripts.Route, Operation] = {op.route: op for op in CATALOGUE if op.route is not None}

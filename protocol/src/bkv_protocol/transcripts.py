@@ -165,6 +165,28 @@ def refusal_answer(fleet_id: str, request: bytes, refusal: Refusal) -> bytes:
     return canonical(labels.SIG_REFUSAL, fleet_id.encode(), request, refusal.value.encode())
 
 
+# -- the account's event feed --------------------------------------------------------------
+EVENTS_EMPTY = bytes(32)  # the chain head of a record with no event yet (and of records older than the feed)
+
+
+def event_bytes(version: int, kind: str, attempts_left: int, at_ms: int) -> bytes:
+    """One event as it is chained (``bkv_protocol.v1.Event``'s fields)."""
+    return canonical(b"", u64(version), kind.encode(), u32(attempts_left), u64(at_ms))
+
+
+def event_chain(head: bytes, event: bytes) -> bytes:
+    """The chain head after ``event``: ``H(label, head, event)``. The boundary
+    computes it at every change and keeps it in the record's entry, which the
+    log proves; a device recomputes it over the events it is shown."""
+    return digest(labels.EVENT_CHAIN, head, event)
+
+
+def events_answer(fleet_id: str, user_id: str, version: int, head: bytes, nonce: bytes) -> bytes:
+    """The feed's signature: the account's record is at ``version`` with
+    event chain ``head``, answering the read that sent ``nonce``."""
+    return canonical(labels.SIG_EVENTS, fleet_id.encode(), user_id.encode(), u64(version), head, nonce)
+
+
 def reply_aad(user_ref: str, island: str, version: int, request_id: bytes, request: bytes) -> bytes:
     """Associated data of a committed answer kept sealed in the entry for
     resends: bound to the user, island and entry version it was committed

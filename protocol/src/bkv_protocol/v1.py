@@ -20,6 +20,7 @@ __all__ = [
     "FleetInfo", "RegistrationStartRequest", "RegistrationStartOut", "RegistrationFinishRequest",
     "RegistrationFinishOut", "RecoverStartRequest", "RecoverStartOut", "RecoverFinishRequest",
     "RecoverFinishOut", "DeleteRequest", "DeleteOut", "RecordStatus", "FleetParams",
+    "EventKind", "Event", "EventsRequest", "EventsOut",
 ]
 
 
@@ -141,4 +142,53 @@ class DeleteOut(Frozen):
 
     deleted: bool
     version: int = Field(ge=0, le=2**63 - 1)
+    signature: B64
+
+
+# -- the account's own event feed (POST /v1/events) ---------------------------------
+class EventKind(str, enum.Enum):
+    """What a committed change did to the account's record (one per version)."""
+
+    REGISTERED = "registered"              # a new escrow (none was live)
+    PASSWORD_CHANGED = "password_changed"  # a live escrow replaced with proof of its password
+    ATTEMPT_USED = "attempt_used"          # a recover start: one guess spent (``attempts_left`` after it)
+    DESTROYED = "destroyed"                # the last attempt spent: the escrow is gone
+    RECOVERED = "recovered"                # the right password: K went back (attempts reset)
+    DELETED = "deleted"                    # deleted with proof of the password
+    REKEYED = "rekeyed"                    # re-sealed under a newer fleet key (operator rotation)
+    MOVED = "moved"                        # moved to another island (operator rebalancing)
+
+
+class Event(Frozen):
+    """One committed change, numbered by the record's version after it, at
+    the HSM clock's time. Chained by the boundary (``transcripts.event_chain``)."""
+
+    version: int = Field(ge=1, le=2**63 - 1)
+    kind: EventKind
+    attempts_left: int = Field(ge=0, le=1000)
+    at_ms: int = Field(ge=0, le=2**63 - 1)  # the HSM clock, ms since the epoch
+
+
+EventsHead = fixed_b64(32)
+
+
+class EventsRequest(_Pinned):
+    """Read this account's events. ``nonce`` (fresh, random) makes the signed
+    answer this request's: an old feed cannot be replayed to hide newer events."""
+
+    nonce: fixed_b64(16)
+
+
+class EventsOut(Frozen):
+    """The stored events (oldest first, the last few the vault keeps), the
+    chain hash before the first of them (``before``; all zeros: the chain
+    starts with the first shown), and the fleet's signature over the user,
+    the record's current ``version``, its chain ``head`` and the nonce
+    (``transcripts.events_answer``). The events must chain from ``before``
+    to ``head``; versions below the first shown were not shown."""
+
+    events: list[Event] = Field(max_length=1024)
+    before: EventsHead
+    version: int = Field(ge=0, le=2**63 - 1)
+    head: EventsHead
     signature: B64

@@ -177,12 +177,12 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     # path: (request model, operation name, handler)
     opaque_routes: dict[str, tuple[type[BaseModel], str, OpaqueHandler]] = {
         path: (op.request, op.name, forward(op))
-        for op in (ops.REGISTRATION_START, ops.REGISTRATION_FINISH, ops.RECOVER_START, ops.RECOVER_FINISH)
+        for op in _FAST
         for path in (op.path, *op.aliases)}
     # The same routes in FastAPI, for the schema (/openapi.json); requests to
     # them are answered by OpaqueFastPath before they get here. The aliases
     # (paths of clients built before the catalogue) are served, not documented.
-    for op in (ops.REGISTRATION_START, ops.REGISTRATION_FINISH, ops.RECOVER_START, ops.RECOVER_FINISH):
+    for op in _FAST:
         for path in (op.path, *op.aliases):
             app.add_api_route(path, _documented(op.request, opaque_routes[path][2], account), methods=["POST"],
                               response_model=op.answer, include_in_schema=path == op.path)
@@ -202,6 +202,8 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
 
 
 OpaqueHandler = Callable[[BaseModel, str], Awaitable[Response]]
+# The POST routes the fast path answers (the OPAQUE load, and the account's event feed).
+_FAST = (ops.REGISTRATION_START, ops.REGISTRATION_FINISH, ops.RECOVER_START, ops.RECOVER_FINISH, ops.EVENTS)
 log = logging.getLogger(__name__)
 
 

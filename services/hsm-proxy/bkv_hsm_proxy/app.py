@@ -39,6 +39,7 @@ def create_app(vault: VaultHsm) -> RpcApp:
         "/hsm/v1/log/release": (api.ReleaseIn, sync(vault.release)),
         "/hsm/v1/reply/open": (api.ReplyOpenIn, sync(vault.open_reply)),
         "/hsm/v1/refusal": (api.RefusalIn, sync(vault.refusal)),
+        "/hsm/v1/events": (api.EventsReadIn, sync(vault.events)),  # signs a committed feed head; reads only
         # Admin: a change of the member set begins (only on the admin key's signed order).
         "/hsm/v1/members/freeze": (api.FreezeIn, vault.freeze),
         # The admin's next island set (bkv_hsm_proxy.islandset): its signature is its authority.

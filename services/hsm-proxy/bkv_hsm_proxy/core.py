@@ -35,6 +35,10 @@ carry the security argument are:
   or deleted with the change ticket a successful recover finish issued
   (bound to user, island and version; its key is the login's, the device's
   alone), or destroyed by spending its attempts (invariant 11).
+* Every change chains the account's event into the entry it makes
+  (``Entry.events_head``, :func:`chained`), and the feed's head is signed
+  only as a committed head proves it (:meth:`VaultHsm.events`): an island
+  can drop the oldest events it shows, never hide a later one unseen.
 * Every answer a device acts on is signed over the whole request it answers
   (``bkv_protocol.transcripts``), and every state change keeps its answer
   sealed in the new entry (``Entry.request``), so a resend of the same
@@ -76,6 +80,19 @@ def json_bytes(answer: BaseModel) -> bytes:
     return json.dumps(answer.model_dump(mode="json"), separators=(",", ":")).encode()
 
 
+def chained(new_entry: api.Entry, current: api.Entry, event: v1.Event) -> api.Entry:
+    """``new_entry`` with the account's event chain after ``event``
+    (``current``'s chain, empty for entries from before the feed, extended)."""
+    head = transcripts.event_chain(current.events_head or transcripts.EVENTS_EMPTY, transcripts.event_bytes(
+        event.version, event.kind.value, event.attempts_left, event.at_ms))
+    return new_entry.model_copy(update={"events_head": head})
+
+
+# What a change makes: the next entry, the answer a client waits for (None: an operator's
+# change), and the account's event for it.
+Change = tuple[api.Entry, "BaseModel | None", v1.Event]
+
+
 class SystemClock:
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
@@ -102,6 +119,7 @@ class VaultHsm:
         self.log_key = hlog.LogKey.from_setup(setup)  # the same in every hsm-proxy of the fleet, across rotations
         self.log: IslandLog | None = None  # attach_log(): serve needs it, fleet-init does not
         self._islands: islands.IslandSet | None = None  # the token's newest island set, as last read
+        self._clock = clock
         self._ops = records.Context(max_attempts, self._setup, self.keys, clock, rng, self._settled)
 
     def attach_log(self, state, hsm_id: str, members: list[str], epoch: int = 1) -> None:
@@ -192,39 +210,42 @@ class VaultHsm:
             "recent": current.answered()})
 
     def _next(self, ref: str, island: str, current: api.Entry, request_id: bytes, done: records.Outcome,
-              fleet: str | None) -> tuple[api.Entry, BaseModel]:
+              fleet: str | None) -> Change:
         """The entry after ``current``: ``done.record`` sealed by ``fleet`` at
-        the next version (no record: a tombstone), its answer kept for resends."""
+        the next version (no record: a tombstone), its answer kept for resends,
+        its event chained."""
         version = current.version + 1
         if done.record is None:
             new_entry = api.Entry(state=api.EntryState.DESTROYED, version=version)
         else:
             new_entry = self.keys.seal_record(ref, island, version, done.record, fleet)
-        return self._reply(ref, island, new_entry, current, request_id, done.fingerprint, done.answer), done.answer
+        new_entry = chained(new_entry, current, done.event)
+        return (self._reply(ref, island, new_entry, current, request_id, done.fingerprint, done.answer), done.answer,
+                done.event)
 
     def registration_start(self, req: api.RegistrationStartIn) -> v1.RegistrationStartOut:
         """Changes nothing (records.registration_start): answered at once, no log."""
         return records.registration_start(req, self._ops)
 
-    def registration_finish(self, req: api.RegistrationFinishIn) -> tuple[api.Entry, v1.RegistrationFinishOut]:
+    def registration_finish(self, req: api.RegistrationFinishIn) -> Change:
         done = records.registration_finish(req, self._ops)
         return self._next(user_ref(req.user_id), req.island, req.current, req.request_id, done, req.fleet_id)
 
-    def recover_start(self, req: api.RecoverStartIn) -> tuple[api.Entry, v1.RecoverStartOut]:
+    def recover_start(self, req: api.RecoverStartIn) -> Change:
         ref = user_ref(req.user_id)
         record = self.keys.open_record(ref, req.island, req.current)
         done = records.recover_start(req, record, self._ops)
         # Re-sealed by the fleet that sealed it: only migrate() changes that.
         return self._next(ref, req.island, req.current, req.request_id, done, req.current.fleet_id)
 
-    def recover_finish(self, req: api.RecoverFinishIn) -> tuple[api.Entry, v1.RecoverFinishOut]:
+    def recover_finish(self, req: api.RecoverFinishIn) -> Change:
         ref = user_ref(req.user_id)
         record = (self.keys.open_record(ref, req.island, req.current)
                   if req.current.state is api.EntryState.LIVE else None)
         done = records.recover_finish(req, record, self._ops)
         return self._next(ref, req.island, req.current, req.request_id, done, req.current.fleet_id)
 
-    def delete(self, req: api.DeleteIn) -> tuple[api.Entry, v1.DeleteOut]:
+    def delete(self, req: api.DeleteIn) -> Change:
         done = records.delete(req, self._ops)
         return self._next(user_ref(req.user_id), req.island, req.current, req.request_id, done, None)
 
@@ -288,8 +309,26 @@ class VaultHsm:
         sig = self.keys.sign(req.fleet_id, lambda fleet: transcripts.refusal_answer(fleet, request, code))
         return api.RefusalOut(code=code.value, signature=sig)
 
+    def events(self, req: api.EventsReadIn) -> api.EventsSigned:
+        """Sign the account's event feed head: the version and event chain of
+        its entry as a committed head proves it, for the device's nonce. The
+        events are the island's to show; the device checks they chain to this."""
+        read = req.read
+        head = self._proven(user_ref(read.user_id), read.island, read.current, req.proven)
+        # Only a committed state: a candidate that never reached a quorum is no event.
+        self._log().committed(head, [_statement(s) for s in req.statements])
+        if read.current.state is api.EntryState.MOVED:
+            raise errors.BadRequest("the record moved to another island: its feed is read there")
+        if read.current.state is api.EntryState.ABSENT:
+            # "No events" is true only where the signed island set places the user.
+            self._settled(user_ref(read.user_id), read.island, "signed event feed")
+        events_head = read.current.events_head or transcripts.EVENTS_EMPTY
+        sig = self.keys.sign(read.fleet_id, lambda fleet: transcripts.events_answer(
+            fleet, read.user_id, read.current.version, events_head, read.nonce))
+        return api.EventsSigned(version=read.current.version, head=events_head, signature=sig)
+
     # -- changes with no client waiting ------------------------------------------------
-    def migrate(self, req: api.MigrateIn) -> tuple[api.Entry, None]:
+    def migrate(self, req: api.MigrateIn) -> Change:
         """Rotation: re-seal a record under another fleet's keys, attempts
         intact, version + 1 (a login state issued before finishes against the
         version it was bound to only if nothing changed since: it fails
@@ -297,8 +336,11 @@ class VaultHsm:
         if req.current.state is not api.EntryState.LIVE or req.current.fleet_id == req.to_fleet:
             raise errors.BadRequest("nothing to migrate")
         record = self.keys.open_record(req.user_ref, req.island, req.current)
-        return self.keys.seal_record(req.user_ref, req.island, req.current.version + 1, record, req.to_fleet).model_copy(
-            update={"recent": req.current.answered()}), None  # a kept answer is sealed by the old fleet: refused
+        version = req.current.version + 1
+        event = records.event(version, v1.EventKind.REKEYED, record.attempts_left, self._clock)
+        new_entry = self.keys.seal_record(req.user_ref, req.island, version, record, req.to_fleet).model_copy(
+            update={"recent": req.current.answered()})  # a kept answer is sealed by the old fleet: refused
+        return chained(new_entry, req.current, event), None, event
 
     def _to_home(self, ref: str, island: str) -> None:
         """A record moves only to its home under the token's island set."""
@@ -307,21 +349,24 @@ class VaultHsm:
             raise errors.WrongIsland(f"island {island} is not this record's home under the island set of epoch "
                                      f"{s.epoch}: it does not move there")
 
-    def move_out(self, req: api.MoveOutIn) -> tuple[api.Entry, None]:
+    def move_out(self, req: api.MoveOutIn) -> Change:
         """The record leaves: MOVED, sealed for its destination at the next
         version (tombstones move as tombstones, with nothing sealed)."""
         if req.current.state not in (api.EntryState.LIVE, api.EntryState.DESTROYED) or req.to_island == req.island:
             raise errors.BadRequest("nothing to move")
         self._to_home(req.user_ref, req.to_island)
         version = req.current.version + 1
-        sealed = None
+        sealed, left = None, 0
         if req.current.state is api.EntryState.LIVE:
             record = self.keys.open_record(req.user_ref, req.island, req.current)
             sealed = self.keys.seal_record(req.user_ref, req.to_island, version, record, req.current.fleet_id).sealed
-        return api.Entry(state=api.EntryState.MOVED, version=version, sealed=sealed, fleet_id=req.current.fleet_id,
-                         moved_to=req.to_island, recent=req.current.answered()), None
+            left = record.attempts_left
+        event = records.event(version, v1.EventKind.MOVED, left, self._clock)
+        moved = api.Entry(state=api.EntryState.MOVED, version=version, sealed=sealed, fleet_id=req.current.fleet_id,
+                          moved_to=req.to_island, recent=req.current.answered())
+        return chained(moved, req.current, event), None, event
 
-    def move_in(self, req: api.MoveInIn) -> tuple[api.Entry, None]:
+    def move_in(self, req: api.MoveInIn) -> tuple[api.Entry, None, None]:
         """The record arrives, from a MOVED entry its island *committed*: a
         move that was only proposed there must not make a second live copy."""
         log = self._log()
@@ -340,8 +385,9 @@ class VaultHsm:
             raise errors.BadRequest("the record is here already")
         self._to_home(req.user_ref, req.island)
         state = api.EntryState.LIVE if moved.sealed is not None else api.EntryState.DESTROYED
+        # Same version, no new event: the feed's chain arrives with the record.
         return api.Entry(state=state, version=moved.version, sealed=moved.sealed, fleet_id=moved.fleet_id,
-                         recent=moved.answered()), None
+                         recent=moved.answered(), events_head=moved.events_head), None, None
 
     # -- the log: apply, capture, release (log.py, docs/protocol.md) ----------------------
     def apply(self, req: api.ApplyIn) -> api.ApplyOut:
@@ -372,15 +418,15 @@ class VaultHsm:
                 proof = _proof(op.proof)
                 # Before any OPAQUE work (the head was checked above, once); the log checks it again in apply.
                 hlog.check_proof(head, bytes.fromhex(ref), proof, body.current)
-                new_entry, answer = steps[op.kind](body)
+                new_entry, answer, event = steps[op.kind](body)
             except errors.HsmError:
                 raise
             except errors.HsmProxyError as exc:
-                results.append((None, None, exc))
+                results.append((None, None, None, exc))
                 continue
             current = None if body.current.state is api.EntryState.ABSENT else body.current
             changes.append(hlog.Change(bytes.fromhex(ref), current, proof, new_entry))
-            results.append((new_entry, None if answer is None else json_bytes(answer), None))
+            results.append((new_entry, None if answer is None else json_bytes(answer), event, None))
         entry = None
         if changes:
             try:
@@ -390,9 +436,10 @@ class VaultHsm:
             except hlog.LogError as exc:  # two ops on one record: a bug of the island's batching
                 raise errors.BadRequest(str(exc)) from None
         out = []
-        for new_entry, answer, exc in results:
+        for new_entry, answer, event, exc in results:
             if exc is None:
-                out.append(api.OpResult(new_entry=new_entry, held=None if answer is None else log.hold(entry, answer)))
+                out.append(api.OpResult(new_entry=new_entry, held=None if answer is None else log.hold(entry, answer),
+                                        event=event))
             else:
                 status, body = errors.TABLE.answer(exc)
                 out.append(api.OpResult(status=status, error=body.error))

@@ -27,6 +27,9 @@ What a reviewer checks here:
   (:func:`check_ticket`), or destroyed by spending its attempts.
 * Every answer is a typed ``bkv_protocol.v1`` answer, signed over the whole
   request (its fingerprint, kept with the answer for resends).
+* Every change makes the account's event (:func:`event`: the version after
+  it, what it did, the attempts left, the HSM clock's time), which the
+  boundary chains into the entry (``core.VaultHsm._next``).
 """
 
 from __future__ import annotations
@@ -141,14 +144,21 @@ class Context:
 @dataclass(frozen=True)
 class Outcome:
     """What a state change makes: the record at the next version (None: a
-    tombstone) and the answer, kept for resends under the request's fingerprint."""
+    tombstone), the answer, kept for resends under the request's fingerprint,
+    and the account's event for it."""
 
     record: Record | None
     answer: v1.RegistrationFinishOut | v1.RecoverStartOut | v1.RecoverFinishOut | v1.DeleteOut
     fingerprint: bytes
+    event: v1.Event
 
     def __repr__(self) -> str:
         return f"Outcome(record={self.record!r}, answer={type(self.answer).__name__}(redacted))"
+
+
+def event(version: int, kind: v1.EventKind, attempts_left: int, clock: Clock) -> v1.Event:
+    """The account's event for the change that makes ``version``, at the HSM clock's time."""
+    return v1.Event(version=version, kind=kind, attempts_left=attempts_left, at_ms=clock.now_ms())
 
 
 def _opaque(step: str, fn, *args):
@@ -211,8 +221,9 @@ def registration_finish(req: api.RegistrationFinishIn, ctx: Context) -> Outcome:
     version = req.current.version + 1
     sig = ctx.token.sign(req.fleet_id, lambda fleet: transcripts.registration_finish_answer(
         fleet, fp, version, ctx.max_attempts))
+    kind = v1.EventKind.PASSWORD_CHANGED if req.current.state is api.EntryState.LIVE else v1.EventKind.REGISTERED
     return Outcome(record, v1.RegistrationFinishOut(version=version, max_attempts=ctx.max_attempts, signature=sig),
-                   fp)
+                   fp, event(version, kind, ctx.max_attempts, ctx.clock))
 
 
 # -- recover (OPAQUE's login phase) ---------------------------------------------
@@ -237,7 +248,9 @@ def recover_start(req: api.RecoverStartIn, record: Record, ctx: Context) -> Outc
     fp = transcripts.recover_start_request(req.fleet_id, req.user_id, req.request_id, req.credential_request)
     sig = ctx.token.sign(req.fleet_id, lambda fleet: transcripts.recover_start_answer(fleet, fp, response, left))
     return Outcome(after, v1.RecoverStartOut(credential_response=response, login_state=login_state,
-                                           attempts_left=left, signature=sig), fp)
+                                           attempts_left=left, signature=sig), fp,
+                   event(version, v1.EventKind.DESTROYED if after is None else v1.EventKind.ATTEMPT_USED, left,
+                         ctx.clock))
 
 
 def recover_finish(req: api.RecoverFinishIn, record: Record | None, ctx: Context) -> Outcome:
@@ -285,7 +298,8 @@ def recover_finish(req: api.RecoverFinishIn, record: Record | None, ctx: Context
     sig = ctx.token.sign(req.fleet_id, lambda fleet: transcripts.recover_finish_answer(
         fleet, fp, wrapped, rk_nonce, status.value))
     return Outcome(after, v1.RecoverFinishOut(wrapped_key=wrapped, rk_nonce=rk_nonce, record_status=status,
-                                            signature=sig, ticket=ticket), fp)
+                                            signature=sig, ticket=ticket), fp,
+                   event(version, v1.EventKind.RECOVERED, 0 if after is None else after.attempts_left, ctx.clock))
 
 
 # -- changes by proof of the password -------------------------------------------
@@ -299,7 +313,8 @@ def delete(req: api.DeleteIn, ctx: Context) -> Outcome:
     check_ticket(ctx, req.fleet_id, uid, req.island, req.current, req.ticket, req.ticket_proof, fp)
     version = req.current.version + 1
     sig = ctx.token.sign(req.fleet_id, lambda fleet: transcripts.delete_answer(fleet, fp, version))
-    return Outcome(None, v1.DeleteOut(deleted=True, version=version, signature=sig), fp)
+    return Outcome(None, v1.DeleteOut(deleted=True, version=version, signature=sig), fp,
+                   event(version, v1.EventKind.DELETED, 0, ctx.clock))
 
 
 def check_ticket(ctx: Context, fleet: str | None, uid: bytes, island: str, current: api.Entry,

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import aetcd
 
 from bkv_island import errors
-from bkv_island.store import ref_key
+from bkv_island.store import StoredEvent, event_key, events_prefix, ref_key
+from bkv_protocol import transcripts
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol.wire import ErrorBody
 from bkv_protocol.wire import ErrorCode as C
@@ -352,6 +353,7 @@ class Appender:
         changed = [(p.ref, r.new_entry) for p, r in zip(live, out.results) if r.new_entry is not None]
         entry = out.entry
         puts = [tx.put(ref_key(v.prefix, v.island, ref), e.model_dump_json().encode()) for ref, e in changed]
+        puts += self._events(out, live)
         puts.append(tx.put(v.entry_key(entry.index), log_keys.entry_value(entry, [ref for ref, _ in changed])))
         puts.append(tx.put(v.head_key, entry.model_dump_json().encode()))
         t = time.perf_counter()
@@ -371,10 +373,29 @@ class Appender:
             return False
         v.appended(entry, responses[-1].response_put.header.revision, changed)
         metrics.child(metrics.LOG_ENTRIES, v.island).inc()
+        for r in out.results:
+            if r.event is not None:
+                metrics.child(metrics.ACCOUNT_EVENTS, r.event.kind.value).inc()
         if entry.index % self._compact_every == 0 and (self._compaction is None or self._compaction.done()):
             self._compaction = asyncio.get_running_loop().create_task(self._compact_quietly(entry.index))
         return True
 
+    def _events(self, out: hapi.ApplyOut, live: list[_Pending]) -> list:
+        """The transaction's writes of the accounts' events (``bkv_island.store``):
+        each change's event beside its entry, and the account's events older
+        than the last ``events_kept`` deleted."""
+        v, tx, writes = self._view, self._etcd.transactions, []
+        for p, r in zip(live, out.results):
+            if r.event is None or r.new_entry is None:
+                continue
+            before = v.current(p.ref).events_head or transcripts.EVENTS_EMPTY
+            writes.append(tx.put(event_key(v.prefix, v.island, p.ref, r.event.version),
+                                 StoredEvent(event=r.event, before=before).model_dump_json().encode()))
+            oldest = r.event.version - v.events_kept + 1
+            if oldest > 1:
+                writes.append(tx.delete(events_prefix(v.prefix, v.island, p.ref),
+                                        range_end=event_key(v.prefix, v.island, p.ref, oldest)))
+        return writes
 
     async def compact(self, head_index: int) -> int:
         """Delete the log entries nobody needs any more: more than ``retain``

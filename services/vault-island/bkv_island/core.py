@@ -46,6 +46,7 @@ class HsmPort(Protocol):
     async def registration_start(self, req: hapi.RegistrationStartIn) -> hapi.RegistrationStartOut: ...
     async def open_reply(self, req: hapi.ReplyOpenIn) -> hapi.ReplyOpenOut: ...
     async def refusal(self, req: hapi.RefusalIn) -> hapi.RefusalOut: ...
+    async def events(self, req: hapi.EventsReadIn) -> hapi.EventsSigned: ...
 
 
 class _Answer(Exception):
@@ -302,6 +303,31 @@ class Island:
                 raise _Refuse()
 
         return await self._change(self._client_op(ops.DELETE, req, settle))
+
+    # -- the account's event feed ---------------------------------------------------------
+    async def events(self, req: api.EventsIn) -> api.EventsOut:
+        """The account's stored events and the boundary's signature over its
+        committed version and event chain head, for the device's nonce. The
+        device checks that the events chain to that head: an event dropped
+        or altered here fails its check, and only the oldest can go unshown."""
+        await self._ledger.ready()
+        ref = user_ref(req.user_id)
+
+        async def signed(current: hapi.Entry, proven: hapi.Proven):
+            stored = await self._ledger.events(ref, current.version)
+            out = await self._hsm.events(hapi.EventsReadIn(
+                read=ops.EVENTS.to_hsm(req, self.island_id, current), proven=proven,
+                statements=await self._ledger.statements_for(proven.head)))
+            return stored, out
+
+        got = await self._against_newest(ref, lambda current: current.state is not hapi.EntryState.MOVED, signed,
+                                         "too few hsm-proxies hold the newest state yet; try again shortly")
+        if got is None:
+            raise errors.Moved("the record moved to another island; try again")
+        _, (stored, out) = got
+        metrics.ACCOUNT_EVENT_READS.inc()
+        return api.EventsOut(events=[s.event for s in stored], before=stored[0].before if stored else out.head,
+                             version=out.version, head=out.head, signature=out.signature)
 
     # -- rotation and moves -----------------------------------------------------------------
     # No request id: each is idempotent, so a lost answer is settled by running it again.

@@ -130,3 +130,6 @@ class HsmHttpClient:
 
     async def refusal(self, req: hapi.RefusalIn) -> hapi.RefusalOut:
         return await self._c.call("POST", "/hsm/v1/refusal", req, hapi.RefusalOut, idempotent=True)
+
+    async def events(self, req: hapi.EventsReadIn) -> hapi.EventsSigned:
+        return await self._c.call("POST", "/hsm/v1/events", req, hapi.EventsSigned, idempotent=True)

@@ -28,7 +28,7 @@ import aetcd
 from bkv_island import errors
 from bkv_island.appender import COMPACT_EVERY, MAX_BATCH, RETAIN, Appender, AppenderLease, NoLease
 from bkv_island.hsm_client import Committed
-from bkv_island.store import ref_key
+from bkv_island.store import EVENTS_KEPT, StoredEvent, events_prefix, ref_key
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import merkle
 from bkv_server import log_keys, metrics
@@ -59,8 +59,9 @@ class Ledger:
 
     def __init__(self, island: str, etcd: aetcd.Client, prefix: str, hsm: HsmLogPort, *,
                  max_batch: int = MAX_BATCH, deadline_s: float = 30.0, appender: AppenderLease | None = None,
-                 retain: int = RETAIN, compact_every: int = COMPACT_EVERY) -> None:
+                 retain: int = RETAIN, compact_every: int = COMPACT_EVERY, events_kept: int = EVENTS_KEPT) -> None:
         self.island = island
+        self.events_kept = events_kept
         self._etcd = etcd
         self._hsm = hsm
         self.head_key = log_keys.head_key(prefix, island)
@@ -193,6 +194,15 @@ class Ledger:
     # -- what the log says -----------------------------------------------------------------------
     def current(self, ref: str) -> hapi.Entry:
         return self.records.get(ref, ABSENT)
+
+    async def events(self, ref: str, upto: int) -> list[StoredEvent]:
+        """The account's stored events up to version ``upto`` (the entry read), oldest first."""
+        try:
+            kvs = await self._etcd.get_prefix(events_prefix(self.prefix, self.island, ref))
+        except RETRYABLE as exc:
+            raise errors.StoreUnavailable("etcd unreachable") from exc
+        got = [StoredEvent.model_validate_json(kv.value) for kv in kvs]
+        return sorted((e for e in got if e.event.version <= upto), key=lambda e: e.event.version)
 
     def proven(self, ref: str) -> hapi.Proven:
         assert self.head is not None

@@ -35,7 +35,7 @@ def build_app(settings: IslandSettings) -> RpcApp:
 
     lease = EtcdAppenderLease(etcd, settings.etcd_prefix, settings.island_id, settings.replica_id)
     ledger = Ledger(settings.island_id, etcd, settings.etcd_prefix, hsm, appender=lease,
-                    retain=settings.log_retain_entries)
+                    retain=settings.log_retain_entries, events_kept=settings.events_kept)
     island = Island(settings.island_id, ledger, hsm, islands=island_client)
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []

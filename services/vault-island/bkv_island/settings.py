@@ -8,6 +8,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from bkv_island.ledger import RETAIN
+from bkv_island.store import EVENTS_KEPT
 from bkv_server.settings import EtcdSettings, split_list
 
 ISLAND_ID = r"[a-z0-9][a-z0-9\-]{0,62}"
@@ -45,6 +46,8 @@ class IslandSettings(IslandAdminSettings):
     account_guess_burst: int = Field(60, ge=1)
     account_registration_per_minute: float = Field(20.0, ge=0)
     account_registration_burst: int = Field(30, ge=1)
+    # Events kept per account (its feed, POST /v1/events): older ones are deleted as new ones land.
+    events_kept: int = Field(EVENTS_KEPT, ge=1, le=1024)
 
     @field_validator("island_id", "replica_id")
     @classmethod
