@@ -446,7 +446,7 @@ def _guesses(fleet) -> float:
     for name, p in fleet.procs.items():
         if name.startswith("island"):
             for line in httpx.get(f"http://127.0.0.1:{p.port}/metrics").text.splitlines():
-                if line.startswith("bkv_guesses_evaluated_total "):
+                if line.startswith("bkv_recover_attempts_spent_total "):
                     total += float(line.split()[1])
     return total
 
