@@ -90,29 +90,27 @@ GO
     mv "$BIN/etcd.tmp" "$BIN/etcd"
 fi
 
-if need coredns; then
-    echo "cluster-build: coredns $COREDNS_VERSION"
-    c=$CACHE/src/coredns-$COREDNS_VERSION
-    if [ ! -f "$c/.ready" ]; then
-        json=$($GO mod download -json "github.com/coredns/coredns@$COREDNS_VERSION")
+# BINARY from the Go module MODULE at VERSION, its source kept in $CACHE/src/STEM-VERSION
+# (a writable copy of the module cache's read-only one).
+build_module() {
+    local binary=$1 module=$2 version=$3 src=$CACHE/src/$4-$3 json dir
+    echo "cluster-build: $binary $version"
+    if [ ! -f "$src/.ready" ]; then
+        json=$($GO mod download -json "$module@$version")
         dir=$(printf '%s' "$json" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
-        rm -rf "$c"; cp -r "$dir" "$c"; chmod -R u+w "$c"; touch "$c/.ready"
+        rm -rf "$src"; cp -r "$dir" "$src"; chmod -R u+w "$src"; touch "$src/.ready"
     fi
-    (cd "$c" && $NICE $GO build -trimpath -ldflags "-s -w" -o "$BIN/coredns.tmp" .)
-    mv "$BIN/coredns.tmp" "$BIN/coredns"
+    (cd "$src" && $NICE $GO build -trimpath -ldflags "-s -w" -o "$BIN/$binary.tmp" .)
+    mv "$BIN/$binary.tmp" "$BIN/$binary"
+}
+
+if need coredns; then
+    build_module coredns github.com/coredns/coredns "$COREDNS_VERSION" coredns
 fi
 
 LOCAL_PATH_VERSION=${LOCAL_PATH_VERSION:-v0.0.30}
 if need local-path-provisioner; then
-    echo "cluster-build: local-path-provisioner $LOCAL_PATH_VERSION"
-    l=$CACHE/src/local-path-$LOCAL_PATH_VERSION
-    if [ ! -f "$l/.ready" ]; then
-        json=$($GO mod download -json "github.com/rancher/local-path-provisioner@$LOCAL_PATH_VERSION")
-        dir=$(printf '%s' "$json" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
-        rm -rf "$l"; cp -r "$dir" "$l"; chmod -R u+w "$l"; touch "$l/.ready"
-    fi
-    (cd "$l" && $NICE $GO build -trimpath -ldflags "-s -w" -o "$BIN/local-path-provisioner.tmp" .)
-    mv "$BIN/local-path-provisioner.tmp" "$BIN/local-path-provisioner"
+    build_module local-path-provisioner github.com/rancher/local-path-provisioner "$LOCAL_PATH_VERSION" local-path
 fi
 
 # The pod sandbox ("pause") from the Kubernetes source itself: the image
