@@ -37,7 +37,7 @@ from bkv_protocol import labels
 from bkv_protocol.bundle import RootKey
 from bkv_protocol.encoding import canonical, digest, u64, user_ref
 from bkv_protocol.members import (BadMemberSignature, MalformedMemberSet, MemberSetError, _canonical_json, _check,
-                                  _key_and_signature, _parsed, _signed_json)
+                                  _key_and_signature, _parsed, _SignedSet)
 
 FORMAT = 1
 MAX_ISLANDS = 256
@@ -130,13 +130,8 @@ def message(s: IslandSet, admin_public_key: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class SignedIslandSet:
+class SignedIslandSet(_SignedSet):
     set: IslandSet
-    admin_public_key: bytes
-    signature: bytes
-
-    def to_json(self) -> str:
-        return _signed_json(self.set.body(), self.admin_public_key, self.signature)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SignedIslandSet:

@@ -103,13 +103,20 @@ def message(s: MemberSet, admin_public_key: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class SignedMemberSet:
-    set: MemberSet
+class _SignedSet:
+    """A set and the admin key's signature over it (a member set, an island set)."""
+
+    set: object
     admin_public_key: bytes
     signature: bytes
 
     def to_json(self) -> str:
         return _signed_json(self.set.body(), self.admin_public_key, self.signature)
+
+
+@dataclass(frozen=True)
+class SignedMemberSet(_SignedSet):
+    set: MemberSet
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SignedMemberSet:
