@@ -43,6 +43,11 @@ RECOVERIES_SUCCEEDED = Counter("bkv_recoveries_succeeded", "Recoveries whose fin
 RECORDS_DESTROYED = Counter("bkv_records_destroyed", "Records destroyed because attempts ran out")
 LOCKOUT_HITS = Counter("bkv_lockout_hits", "Recovery attempts against a destroyed record")
 REGISTRATIONS = Counter("bkv_registrations", "Registrations committed")
+STATE_ANSWERS = Counter("bkv_state_answers", "Signed per-state answers (no_record, record_destroyed, too_early) "
+                        "by where they came from: signed (a new signature in the token), kept (the hsm-proxy's "
+                        "own, made before), remembered (an island replica's, no hsm-proxy call)", ["source"])
+TOO_EARLY = Counter("bkv_recover_too_early", "Recover starts refused before the record's not-before time "
+                    "(nothing spent)")
 RESENDS_ANSWERED = Counter("bkv_resends_answered",
                            "Resent requests answered from the kept, committed answer (never evaluated again)")
 RESENDS_JOINED = Counter("bkv_resends_joined", "Resends that arrived while this island replica was still working "

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from bkv_server import metrics
 from bkv_server.http import UpstreamError
 from bkv_protocol.operations import STATUS
-from bkv_protocol.wire import ErrorBody, ErrorCode, ErrorDetail
+from bkv_protocol.wire import ErrorBody, ErrorCode, ErrorDetail, SignedState
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ _JSON = [(b"content-type", b"application/json")]
 
 
 def error_body(code: ErrorCode, message: str, retryable: bool = False,
-               signature: bytes | None = None) -> ErrorBody:
-    return ErrorBody(error=ErrorDetail(code=code, message=message, retryable=retryable, signature=signature))
+               signature: bytes | None = None, state: SignedState | None = None) -> ErrorBody:
+    return ErrorBody(error=ErrorDetail(code=code, message=message, retryable=retryable, signature=signature,
+                                       state=state))
 
 
 def retry_after(body: ErrorBody) -> dict[str, str]:
@@ -67,7 +68,7 @@ class ErrorTable:
     Two things hold for every service, so no table says them: an upstream's
     own error answer (:class:`~bkv_server.http.UpstreamError`) is passed on
     unchanged, and a fleet signature an exception carries (``signature``,
-    on the islands' refusals) goes into the body."""
+    on the signed refusals, with the record state it covers, ``signed_state``) goes into the body."""
 
     def __init__(self, *rules: tuple) -> None:
         self.rules = tuple(ErrorRule(*rule) for rule in rules)
@@ -87,7 +88,7 @@ class ErrorTable:
         if rule is None:
             return None
         return rule.status, error_body(rule.code, rule.message or str(exc), rule.retryable,
-                                       getattr(exc, "signature", None))
+                                       getattr(exc, "signature", None), getattr(exc, "signed_state", None))
 
 
 def validation_message(exc: ValidationError) -> str:

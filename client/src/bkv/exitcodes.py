@@ -32,6 +32,7 @@ class ExitCode(enum.IntEnum):
     AUDIT_FAILED = 12
     KEY_NOT_RECOVERED = 13  # bkv backup stopped: the escrowed key did not come back, and no new one was made
     ESCROW_EXISTS = 14  # a live escrow is replaced only with its password (or after `bkv password forgot`)
+    TOO_EARLY = 15  # wrong guesses are spaced out: no recovery before the time printed (nothing was spent)
 
 
 def fail(message: str, code: ExitCode) -> None:
@@ -55,6 +56,10 @@ def outcomes() -> Iterator[None]:
         fail("the vault answered that the escrowed key was destroyed (too many wrong passwords, or disabled): "
              f"backups protected by it can no longer be decrypted. See {DOCS_LOCKED_OUT} before doing "
              "anything else.", E.LOCKED_OUT)
+    except errors.TooEarly as exc:
+        # The time is the fleet's signed word (verified); the rest of the line is ours.
+        fail(f"too many wrong passwords lately: the vault takes the next try after "
+             f"{exc.retry_at:%Y-%m-%d %H:%M:%S} UTC. No attempt was spent; try again then.", E.TOO_EARLY)
     except errors.VaultUnavailable as exc:
         fail(str(exc), E.VAULT_UNAVAILABLE)
     except errors.NoRecord:

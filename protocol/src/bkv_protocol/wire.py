@@ -105,6 +105,9 @@ class ErrorCode(str, enum.Enum):
     WRONG_ISLAND = "wrong_island"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL = "internal"
+    # A recover start before the record's not-before time (wrong guesses are spaced out in time,
+    # by the HSM's clock): nothing was spent; the signed ``state.retry_at`` says when to try again.
+    TOO_EARLY = "too_early"
     # The HSM-held log (island <-> hsm-proxy only; a device sees them as 503 unavailable).
     STALE_HEAD = "stale_head"              # the head shown is older than the boundary's: catch up
     NOT_NEXT_ENTRY = "not_next_entry"      # capture refused: not the next link of this hsm-proxy's chain
@@ -114,14 +117,27 @@ class ErrorCode(str, enum.Enum):
     LOG_DIVERGED = "log_diverged"          # etcd is behind the boundary or does not add up: fail closed
 
 
+class SignedState(Frozen):
+    """What a per-state signature covers besides the fleet, the user and the
+    code (``bkv_protocol.transcripts.state_answer``): the record's island and
+    version the boundary proved, and for ``too_early`` the record's
+    not-before time (ms since the Unix epoch, by the HSM's clock)."""
+
+    island: str = Field(max_length=64)
+    version: int = Field(ge=0)
+    retry_at: int | None = Field(None, ge=0, exclude_if=lambda v: v is None)
+
+
 class ErrorDetail(Frozen):
     code: ErrorCode
     message: str
     retryable: bool = False
-    # The fleet's signature on no_record / record_destroyed for this request
-    # (bkv_protocol.transcripts.refusal_answer). A device acts on those two only
+    # The fleet's signature on no_record / record_destroyed / too_early. With ``state``: over that
+    # record state (transcripts.state_answer, made once per state and served again); without: over
+    # this request (transcripts.refusal_answer, fleets built before). A device acts on these only
     # when it verifies; every other error changes nothing on the device.
     signature: B64 | None = Field(None, exclude_if=lambda v: v is None)
+    state: SignedState | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ErrorBody(Frozen):
