@@ -47,6 +47,9 @@ _MEANING = {
     C.WRONG_ISLAND: "the vault's signed island set does not place this account's record where it was looked for "
                     "(a stale routing map, or records moving to a new island): nothing was decided; retry after "
                     "Retry-After",
+    C.TOO_EARLY: "wrong guesses are spaced out: no recover start before the record's not-before time, "
+                 "`state.retry_at` (ms since the epoch), fleet-signed with the record's island and version; "
+                 "nothing was spent",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (retryable errors)",
                                 "schema": {"type": "integer"}}}
