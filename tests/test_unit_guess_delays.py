@@ -237,3 +237,19 @@ async def test_an_island_of_the_build_before_still_gets_a_refusal_signed_over_it
     request = transcripts.recover_start_request(None, "nobody", rid, guess)
     VaultProtocol(vault.public_key_der, "nobody").verify(
         out.signature, transcripts.refusal_answer(vault.fleet_id, request, transcripts.Refusal.NO_RECORD))
+
+
+def test_the_cli_says_when_to_try_again_with_an_exit_code_of_its_own(capsys):
+    import datetime
+
+    import typer
+
+    from bkv import errors
+    from bkv.exitcodes import ExitCode, outcomes
+
+    at = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    with pytest.raises(typer.Exit) as done:
+        with outcomes():
+            raise errors.TooEarly(at)
+    assert done.value.exit_code == ExitCode.TOO_EARLY == 15
+    assert "after 2030-01-02 03:04:05 UTC" in capsys.readouterr().err
