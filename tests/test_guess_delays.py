@@ -14,14 +14,12 @@ import opaque_ke_py as opaque
 import pytest
 
 from bkv import errors
-from bkv.sdk import VaultClient
 from bkv_dev.fleet import start_fleet
 from bkv_island.hsm_client import HsmHttpClient
 from bkv_island.ledger import Ledger
 from bkv_protocol import hsm_api as hapi
-from bkv_protocol.encoding import b64d, user_ref
+from bkv_protocol.encoding import user_ref
 from bkv_protocol.secrets import BackupKey
-from bkv_server.etcd import connect
 from conftest import unique_user
 
 PW = "correct horse battery staple"
@@ -30,23 +28,12 @@ WAIT_S = 3600  # after every wrong guess: an hour
 
 
 @pytest.fixture(scope="module")
-def waiting_fleet(tmp_path_factory):
+def fleet(tmp_path_factory):
+    """This module's fleet (conftest's ``etcd`` and ``make_client`` use it): one waits an hour after each guess."""
     f = start_fleet(tmp_path_factory.mktemp("delays"), islands=[ISLAND], replicas_per_island=1,
                     guess_delays_s=(WAIT_S,))
     yield f
     f.down()
-
-
-@pytest.fixture
-async def etcd(waiting_fleet):
-    client = await connect(waiting_fleet.etcd_endpoints)
-    yield client
-    await client.close()
-
-
-def device(fleet, user: str) -> VaultClient:
-    return VaultClient(fleet.frontend_url, b64d(fleet.fleet_params["fleet_public_key"]), user,
-                       fleet.issuer().mint(user))
 
 
 def counter(url: str, name: str, labels: str = "") -> float:
@@ -55,39 +42,37 @@ def counter(url: str, name: str, labels: str = "") -> float:
                if line.startswith(f"{name}{{{labels}") or line.startswith(f"{name} "))
 
 
-async def registered(fleet) -> str:
+async def registered(make_client) -> str:
     user = unique_user("waits")
-    async with device(fleet, user) as phone:
-        await phone.register(BackupKey(os.urandom(32)), PW)
+    await make_client(user).register(BackupKey(os.urandom(32)), PW)
     return user
 
 
 async def test_the_second_wrong_guess_right_after_the_first_is_too_early_signed_and_spends_nothing(
-        waiting_fleet, etcd):
-    user = await registered(waiting_fleet)
+        fleet, etcd, make_client):
+    user = await registered(make_client)
     key = f"/bkv/records/{ISLAND}/{user_ref(user)}".encode()
-    async with device(waiting_fleet, user) as thief:
-        with pytest.raises(errors.WrongPassword) as wrong:
-            await thief.recover("guess one")
-        assert wrong.value.attempts_left == 9
-        after_one = (await etcd.get(key)).value
-        now = datetime.datetime.now(datetime.timezone.utc)
-        for guess in ("guess two", PW):  # even the right password waits: it is a guess until evaluated
-            with pytest.raises(errors.TooEarly) as early:  # raised only once the fleet's signature verified
-                await thief.recover(guess)
-            retry_at = early.value.retry_at
-            assert now + datetime.timedelta(seconds=WAIT_S - 60) < retry_at < now + datetime.timedelta(
-                seconds=WAIT_S + 60)
+    thief = make_client(user)
+    with pytest.raises(errors.WrongPassword) as wrong:
+        await thief.recover("guess one")
+    assert wrong.value.attempts_left == 9
+    after_one = (await etcd.get(key)).value
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for guess in ("guess two", PW):  # even the right password waits: it is a guess until evaluated
+        with pytest.raises(errors.TooEarly) as early:  # raised only once the fleet's signature verified
+            await thief.recover(guess)
+        retry_at = early.value.retry_at
+        assert now + datetime.timedelta(seconds=WAIT_S - 60) < retry_at < now + datetime.timedelta(
+            seconds=WAIT_S + 60)
     assert (await etcd.get(key)).value == after_one  # no decrement, nothing committed
 
 
 async def test_an_island_that_calls_the_hsm_proxy_directly_before_the_not_before_time_is_refused_and_spends_nothing(
-        waiting_fleet, etcd):
-    user = await registered(waiting_fleet)
-    async with device(waiting_fleet, user) as thief:
-        with pytest.raises(errors.WrongPassword):
-            await thief.recover("guess one")
-    hsm_url = f"http://127.0.0.1:{waiting_fleet.ports.hsm_proxy(0)}"
+        fleet, etcd, make_client):
+    user = await registered(make_client)
+    with pytest.raises(errors.WrongPassword):
+        await make_client(user).recover("guess one")
+    hsm_url = f"http://127.0.0.1:{fleet.ports.hsm_proxy(0)}"
     hsm = HsmHttpClient([hsm_url])
     ledger = Ledger(ISLAND, etcd, "/bkv", hsm)
     await ledger.load()  # what a rogue island sees: the head, the record, its proof
@@ -107,18 +92,17 @@ async def test_an_island_that_calls_the_hsm_proxy_directly_before_the_not_before
     await hsm.aclose()
 
 
-async def test_a_flood_at_a_destroyed_record_makes_one_signature_not_one_per_request(waiting_fleet):
-    user = await registered(waiting_fleet)
-    async with device(waiting_fleet, user) as phone:
-        await phone.disable(PW)  # deleted: a tombstone, refused as record_destroyed
-    hsm_url = f"http://127.0.0.1:{waiting_fleet.ports.hsm_proxy(0)}"
-    island_url = f"http://127.0.0.1:{waiting_fleet.ports.island(0, 0)}"
+async def test_a_flood_at_a_destroyed_record_makes_one_signature_not_one_per_request(fleet, make_client):
+    user = await registered(make_client)
+    await make_client(user).disable(PW)  # deleted: a tombstone, refused as record_destroyed
+    hsm_url = f"http://127.0.0.1:{fleet.ports.hsm_proxy(0)}"
+    island_url = f"http://127.0.0.1:{fleet.ports.island(0, 0)}"
     signed = counter(hsm_url, "bkv_state_answers_total", 'source="signed"')
     remembered = counter(island_url, "bkv_state_answers_total", 'source="remembered"')
-    async with device(waiting_fleet, user) as flood:
-        for _ in range(30):
-            with pytest.raises(errors.LockedOut):  # each one verified by the SDK
-                await flood.recover("anything")
+    flood = make_client(user)
+    for _ in range(30):
+        with pytest.raises(errors.LockedOut):  # each one verified by the SDK
+            await flood.recover("anything")
     assert counter(hsm_url, "bkv_state_answers_total", 'source="signed"') - signed == 1
     assert counter(island_url, "bkv_state_answers_total", 'source="remembered"') - remembered == 29
 

@@ -83,6 +83,12 @@ async def _guess(island, user: str, pw: bytes):
         credential_finalization=fin.get_message()))
 
 
+async def _wrong_a_day_apart(island, clock, times: int) -> None:
+    for _ in range(times):
+        clock.ms += 24 * 3600_000
+        await _guess(island, "alice", b"wrong")
+
+
 def _device_believes(vault, user: str, exc: UpstreamError, code: transcripts.Refusal) -> bool:
     """What the SDK decides of this error answer (bkv.sdk: the same transcript the boundary signed)."""
     err = exc.body.error
@@ -155,9 +161,7 @@ async def test_ten_wrong_guesses_follow_the_schedule_and_one_too_early_spends_no
 async def test_a_right_password_resets_the_count_and_the_delay(parts):
     vault, island, etcd, clock, _ = parts
     await _register(island, "alice")
-    for _ in range(5):
-        clock.ms += 24 * 3600_000
-        await _guess(island, "alice", b"wrong")
+    await _wrong_a_day_apart(island, clock, 5)
     with pytest.raises(UpstreamError) as early:
         await _guess(island, "alice", b"pw")  # even the right one waits: the HSM cannot tell before it evaluates
     assert early.value.body.error.code is ErrorCode.TOO_EARLY
@@ -188,9 +192,7 @@ async def test_a_forged_or_unsigned_too_early_is_not_believed(parts):
 async def test_a_flood_at_a_destroyed_record_makes_one_signature_served_from_the_islands_memory(parts):
     vault, island, _, clock, hsm = parts
     await _register(island, "alice")
-    for _ in range(10):
-        clock.ms += 24 * 3600_000
-        await _guess(island, "alice", b"wrong")
+    await _wrong_a_day_apart(island, clock, 10)
     signed, calls = hsm.signed, []
     real = island._hsm.refusal  # noqa: SLF001 - counting the island's calls to the hsm-proxy
 
