@@ -186,7 +186,7 @@ async def test_after_its_attempts_are_spent_anyone_may_register_afresh_without_a
 
 
 # -- a refusal answers only the request of the user the log proved --------------------------------------
-async def test_a_refusal_is_signed_over_the_fingerprint_the_boundary_computes_for_the_proven_user(parts):
+async def test_a_refusal_is_signed_over_the_state_the_boundary_proved_for_the_user(parts):
     from bkv.sdk import VaultProtocol
 
     vault, island, etcd, _ = parts
@@ -194,14 +194,15 @@ async def test_a_refusal_is_signed_over_the_fingerprint_the_boundary_computes_fo
     rid = os.urandom(16)
     with pytest.raises(ierr.NoRecord) as absent:
         await island.recover_start(iapi.RecoverStartIn(user_id="nobody", request_id=rid, credential_request=guess))
-    mine = transcripts.recover_start_request(None, "nobody", rid, guess)
-    theirs = transcripts.recover_start_request(None, "alice", rid, guess)
+    state = absent.value.signed_state
+    assert (state.island, state.version, state.retry_at) == ("island-a", 0, None)
     client = VaultProtocol(vault.public_key_der, "nobody")
-    client.verify(absent.value.signature, transcripts.refusal_answer(client.fleet_id, mine,
-                                                                     transcripts.Refusal.NO_RECORD))
-    with pytest.raises(Exception, match="signature"):
-        client.verify(absent.value.signature, transcripts.refusal_answer(client.fleet_id, theirs,
-                                                                         transcripts.Refusal.NO_RECORD))
+    client.verify(absent.value.signature, transcripts.state_answer(client.fleet_id, "nobody", "island-a", 0,
+                                                                   transcripts.Refusal.NO_RECORD))
+    for user, code in (("alice", transcripts.Refusal.NO_RECORD), ("nobody", transcripts.Refusal.RECORD_DESTROYED)):
+        with pytest.raises(Exception, match="signature"):
+            client.verify(absent.value.signature, transcripts.state_answer(client.fleet_id, user, "island-a", 0,
+                                                                           code))
     assert "fingerprint" not in hapi.RefusalIn.model_fields  # nothing a caller could pick
 
 

@@ -67,6 +67,10 @@ class FleetSpec:
     # Rate limits far above any load (the limiters still run, never refuse): for
     # benchmarks, whose floods would otherwise measure refusals.
     unlimited: bool = False
+    # Seconds the HSM makes a record wait after each wrong guess (BKV_HSM_GUESS_DELAYS_S): none by
+    # default here, so tests and demos guess freely; the hsm-proxy's own and the chart's default is
+    # bkv_hsm_proxy.records.DEFAULT_GUESS_DELAYS_S (docs/protocol.md, "Wrong guesses wait").
+    guess_delays_s: tuple[int, ...] = ()
     # Envoy + the Noise processor in front of the frontend (the default path).
     edge: bool = True
     # The explicit dev flag for a plaintext path: tokens need not be bound to a
@@ -202,6 +206,7 @@ class Fleet:
         _, user_pin = self._pins()
         hsm_env = {**self._softhsm_env(), "BKV_ENV": "dev", "BKV_HSM_TOKEN_LABEL": TOKEN_LABEL,
                    "BKV_HSM_USER_PIN": user_pin, "BKV_HSM_MAX_ATTEMPTS": str(s.max_attempts),
+                   "BKV_HSM_GUESS_DELAYS_S": json.dumps(list(s.guess_delays_s)),
                    "BKV_HSM_PKCS11_MODULE": SOFTHSM_MODULE}
         hsm_urls = []
         for i in range(s.hsm_proxies):

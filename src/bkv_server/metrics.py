@@ -46,6 +46,11 @@ REGISTRATIONS = Counter("bkv_registrations", "Registrations committed")
 ACCOUNT_EVENTS = Counter("bkv_account_events", "Account events stored with their committed change, by kind "
                          "(bkv_protocol.v1.EventKind; never by user)", ["kind"])
 ACCOUNT_EVENT_READS = Counter("bkv_account_event_reads", "Signed event feeds an island answered")
+STATE_ANSWERS = Counter("bkv_state_answers", "Signed per-state answers (no_record, record_destroyed, too_early) "
+                        "by where they came from: signed (a new signature in the token), kept (the hsm-proxy's "
+                        "own, made before), remembered (an island replica's, no hsm-proxy call)", ["source"])
+TOO_EARLY = Counter("bkv_recover_too_early", "Recover starts refused before the record's not-before time "
+                    "(nothing spent)")
 RESENDS_ANSWERED = Counter("bkv_resends_answered",
                            "Resent requests answered from the kept, committed answer (never evaluated again)")
 # Rate limits (bkv_server.ratelimit): by scope (account, device), budget (guess,

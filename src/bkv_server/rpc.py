@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from bkv_server import metrics
 from bkv_server.http import UpstreamError
 from bkv_protocol.operations import STATUS
-from bkv_protocol.wire import ErrorBody, ErrorCode, ErrorDetail
+from bkv_protocol.wire import ErrorBody, ErrorCode, ErrorDetail, SignedState
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,10 @@ _JSON = [(b"content-type", b"application/json")]
 
 
 def error_body(code: ErrorCode, message: str, retryable: bool = False,
-               signature: bytes | None = None, retry_after: int | None = None) -> ErrorBody:
+               signature: bytes | None = None, retry_after: int | None = None,
+               state: SignedState | None = None) -> ErrorBody:
     return ErrorBody(error=ErrorDetail(code=code, message=message, retryable=retryable, signature=signature,
-                                       retry_after=retry_after))
+                                       retry_after=retry_after, state=state))
 
 
 def retry_after(body: ErrorBody) -> dict[str, str]:
@@ -71,8 +72,9 @@ class ErrorTable:
     Two things hold for every service, so no table says them: an upstream's
     own error answer (:class:`~bkv_server.http.UpstreamError`) is passed on
     unchanged, and a fleet signature an exception carries (``signature``,
-    on the islands' refusals) goes into the body, as does the wait a
-    ``rate_limited`` one names (``retry_after``, bkv_server.ratelimit)."""
+    on the islands' refusals) goes into the body, with the record state it
+    covers (``signed_state``), as does the wait a ``rate_limited`` one names
+    (``retry_after``, bkv_server.ratelimit)."""
 
     def __init__(self, *rules: tuple) -> None:
         self.rules = tuple(ErrorRule(*rule) for rule in rules)
@@ -92,7 +94,8 @@ class ErrorTable:
         if rule is None:
             return None
         return rule.status, error_body(rule.code, rule.message or str(exc), rule.retryable,
-                                       getattr(exc, "signature", None), getattr(exc, "retry_after", None))
+                                       getattr(exc, "signature", None), getattr(exc, "retry_after", None),
+                                       getattr(exc, "signed_state", None))
 
 
 def validation_message(exc: ValidationError) -> str:

@@ -5,6 +5,7 @@ from bkv.errors import (  # noqa: F401
     LockedOut,
     NoRecord,
     ProtocolError,
+    TooEarly,
     Unauthorized,
     VaultError,
     VaultUnavailable,

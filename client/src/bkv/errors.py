@@ -6,12 +6,14 @@
     ├── WrongPassword      the password is wrong; ``attempts_left`` tries remain (signed by the fleet)
     ├── LockedOut          no attempts left: the record is destroyed; the backup cannot be decrypted
     ├── NoRecord           nothing is registered for this account
+    ├── TooEarly           wrong guesses are spaced out: no recovery before ``retry_at`` (signed by
+    │                      the fleet); nothing was spent
     ├── EscrowExists       a live escrow is replaced only with its password (recover first), or
     │                      after its attempts are spent (``VaultClient.spend_remaining_attempts``)
     ├── Unauthorized       the account token was refused; sign in again
     ├── VaultUnavailable   the vault did not answer before the deadline; try later
-    │   └── UnsignedAnswer no_record / record_destroyed without the fleet's signature for this
-    │                      request: not acted on (someone on the path, or a tier, may have forged it)
+    │   └── UnsignedAnswer no_record / record_destroyed / too_early without a valid fleet signature
+    │                      for this account: not acted on (someone on the path, or a tier, may have forged it)
     ├── RateLimited        over a rate limit (account, device or address) for longer than the
     │                      deadline: nothing was done; ``retry_after`` seconds until it is taken
     ├── BadSignature       a vault answer failed the fleet signature check; nothing was acted on
@@ -47,6 +49,18 @@ class NoRecord(VaultError):
     """No key is escrowed for this account. Register first."""
 
 
+class TooEarly(VaultError):
+    """Wrong guesses are spaced out in time: the vault's HSM refuses another
+    recovery of this escrow before ``retry_at`` (a UTC ``datetime``, by the
+    HSM's clock; signed by the fleet). Nothing was spent. Try again then; a
+    right password clears the wait."""
+
+    def __init__(self, retry_at) -> None:
+        self.retry_at = retry_at
+        super().__init__(f"too many wrong passwords lately: try again after {retry_at:%Y-%m-%d %H:%M:%S} UTC "
+                         "(no attempt was spent)")
+
+
 class EscrowExists(VaultError):
     """A key is escrowed for this account already, and the vault changes a
     live escrow only with proof of its password: recover it first and pass
@@ -64,8 +78,9 @@ class VaultUnavailable(VaultError):
 
 
 class UnsignedAnswer(VaultUnavailable):
-    """An answer that would change what the device does with K (no record,
-    destroyed) came without the fleet's signature over this request. It was
+    """An answer that would change what the device does (no record,
+    destroyed, too early) came without a fleet signature this device
+    verifies: over this request, or over this account's record state. It was
     not acted on and nothing changed on the device: treat it like no answer."""
 
 

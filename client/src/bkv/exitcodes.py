@@ -34,6 +34,7 @@ class ExitCode(enum.IntEnum):
     ESCROW_EXISTS = 14  # a live escrow is replaced only with its password (or after `bkv password forgot`)
     RATE_LIMITED = 15  # over a rate limit for longer than the deadline: nothing was done; try again later
     EVENTS_MISSING = 16  # bkv events --after N: the vault's signed feed proves changes after N it did not show
+    TOO_EARLY = 17  # wrong guesses are spaced out: no recovery before the time printed (nothing was spent)
 
 
 def fail(message: str, code: ExitCode) -> None:
@@ -57,6 +58,10 @@ def outcomes() -> Iterator[None]:
         fail("the vault answered that the escrowed key was destroyed (too many wrong passwords, or disabled): "
              f"backups protected by it can no longer be decrypted. See {DOCS_LOCKED_OUT} before doing "
              "anything else.", E.LOCKED_OUT)
+    except errors.TooEarly as exc:
+        # The time is the fleet's signed word (verified); the rest of the line is ours.
+        fail(f"too many wrong passwords lately: the vault takes the next try after "
+             f"{exc.retry_at:%Y-%m-%d %H:%M:%S} UTC. No attempt was spent; try again then.", E.TOO_EARLY)
     except errors.VaultUnavailable as exc:
         fail(str(exc), E.VAULT_UNAVAILABLE)
     except errors.RateLimited as exc:

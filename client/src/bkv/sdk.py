@@ -14,6 +14,7 @@ the same generators.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Generator
@@ -33,7 +34,7 @@ from bkv_protocol import operations as ops
 from bkv_protocol.encoding import canonical, fleet_id_for
 from bkv_protocol.retry import Backoff, DeadlineExceeded, retry, retry_sync
 from bkv_protocol.secrets import BackupKey, Password, TicketKey
-from bkv_protocol.wire import ErrorBody, ErrorCode
+from bkv_protocol.wire import ErrorBody, ErrorCode, SignedState
 from bkv.transport import NoiseError, tls_context
 from bkv_protocol import v1 as api
 
@@ -195,14 +196,28 @@ class VaultProtocol:
         except InvalidSignature:
             raise errors.BadSignature("a vault answer failed the fleet signature check; nothing was acted on") from None
 
-    def refusal_is_signed(self, call: Call, code: transcripts.Refusal, signature: bytes | None) -> bool:
-        """A ``no_record`` / ``record_destroyed`` counts only when the fleet
-        signed it for this very request (an old one, or one for another
-        request or account, does not verify)."""
-        if call.request is None or signature is None:
+    def refusal_is_signed(self, call: Call, code: transcripts.Refusal, signature: bytes | None,
+                          state: SignedState | None = None) -> bool:
+        """A ``no_record`` / ``record_destroyed`` / ``too_early`` counts only
+        when the fleet signed it: over this account's record state
+        (``state``: island, version, and for ``too_early`` the time;
+        ``transcripts.state_answer``, the form the hsm-proxy signs), or, from
+        a fleet built before, over this very request. One for another account
+        or request does not verify; why a replay of a state's is harmless:
+        docs/protocol.md, "Refusals"."""
+        if signature is None:
             return False
+        if state is not None:
+            if (state.retry_at is not None) != (code is transcripts.Refusal.TOO_EARLY):
+                return False
+            transcript = transcripts.state_answer(self.fleet_id, self.user_id, state.island, state.version, code,
+                                                  state.retry_at or 0)
+        elif call.request is None or code is transcripts.Refusal.TOO_EARLY:
+            return False
+        else:
+            transcript = transcripts.refusal_answer(self.fleet_id, call.request, code)
         try:
-            self.verify(signature, transcripts.refusal_answer(self.fleet_id, call.request, code))
+            self.verify(signature, transcript)
         except errors.BadSignature:
             return False
         return True
@@ -337,7 +352,8 @@ class VaultProtocol:
 
 # -- answers to outcomes (shared by both drivers) ----------------------------------------
 _REFUSALS = {ErrorCode.NO_RECORD: transcripts.Refusal.NO_RECORD,
-             ErrorCode.RECORD_DESTROYED: transcripts.Refusal.RECORD_DESTROYED}
+             ErrorCode.RECORD_DESTROYED: transcripts.Refusal.RECORD_DESTROYED,
+             ErrorCode.TOO_EARLY: transcripts.Refusal.TOO_EARLY}
 # Sealed answers that say "not now": the same request is sent again (it is safe: see Call).
 _RESEND = {502, 503, 504}
 # The outcomes a caller acts on, as the SDK's exceptions (bkv.errors says what to do on each);
@@ -360,11 +376,13 @@ def _error(protocol: VaultProtocol, call: Call, resp: httpx.Response) -> errors.
         code, message, signature = err.code, err.message, err.signature
     except ValidationError:
         return errors.ProtocolError("http_error", f"HTTP {resp.status_code}")
-    if code in _REFUSALS and not protocol.refusal_is_signed(call, _REFUSALS[code], signature):
-        # Only a fleet signature over this request makes these two true; anyone
-        # on the path or in a tier could have written this one.
+    if code in _REFUSALS and not protocol.refusal_is_signed(call, _REFUSALS[code], signature, err.state):
+        # Only a fleet signature over this account's record state (or this request)
+        # makes these true; anyone on the path or in a tier could have written this one.
         return errors.UnsignedAnswer(f"the vault said {code.value!r} without the fleet's signature for this "
-                                     "request; not acted on, nothing was changed on this device; try again later")
+                                     "account; not acted on, nothing was changed on this device; try again later")
+    if code is ErrorCode.TOO_EARLY:  # verified above: the HSM's signed not-before time
+        return errors.TooEarly(datetime.datetime.fromtimestamp(err.state.retry_at / 1000, datetime.timezone.utc))
     outcome = _OUTCOMES.get(code)
     return outcome() if outcome is not None else errors.ProtocolError(code.value, message)
 

@@ -21,7 +21,7 @@ from bkv_protocol.encoding import canonical, u64
 from bkv_protocol.ids import EK_LEN, K_NONCE_LEN, FleetId, IslandId, RequestIdHex, UserId, UserRef  # noqa: F401  (re-exported for the hop's users)
 from bkv_protocol import v1
 from bkv_protocol.v1 import FleetParams, RecordStatus  # noqa: F401  (public; the hsm-proxy makes them)
-from bkv_protocol.wire import B64, ErrorDetail, Frozen, RequestId, fixed_b64, hop
+from bkv_protocol.wire import B64, ErrorDetail, Frozen, RequestId, SignedState, fixed_b64, hop
 
 
 class EntryState(str, enum.Enum):
@@ -126,11 +126,14 @@ class ReplyOpenOut(Frozen):
 
 
 class RefusalIn(Frozen):
-    """No live record for a request: sign ``no_record`` or ``record_destroyed``
-    (decided by ``current.state``) for this one request. The boundary
-    computes the request's fingerprint itself, from ``user_id``, ``route``,
-    ``request_id`` and ``fields`` (``bkv_protocol.transcripts.refusable_request``):
-    a refusal proven for one user never answers another user's request."""
+    """No live record: sign ``no_record`` or ``record_destroyed`` (decided by
+    ``current.state``). Without a request named: over the record's state
+    (``bkv_protocol.transcripts.state_answer``: user, island, version), made
+    once per state. With one (islands built before): for that one request,
+    whose fingerprint the boundary computes itself from ``user_id``,
+    ``route``, ``request_id`` and ``fields``
+    (``bkv_protocol.transcripts.refusable_request``). Either way a refusal
+    proven for one user never answers another user's request."""
 
     user_id: UserId
     island: IslandId
@@ -138,14 +141,15 @@ class RefusalIn(Frozen):
     current: Entry
     proven: Proven
     statements: list[Statement] = Field(max_length=16)  # a quorum's, for proven.head: a committed state
-    route: str  # bkv_protocol.transcripts.Route
-    request_id: RequestId
-    fields: list[B64] = Field(max_length=4)  # the request's own fields, in fingerprint order
+    route: str | None = None  # bkv_protocol.transcripts.Route
+    request_id: RequestId | None = None
+    fields: list[B64] = Field([], max_length=4)  # the request's own fields, in fingerprint order
 
 
 class RefusalOut(Frozen):
     code: str  # bkv_protocol.transcripts.Refusal
     signature: B64
+    state: SignedState | None = None  # the per-state form: what the signature covers besides user and code
 
 
 class EventsReadIn(Frozen):

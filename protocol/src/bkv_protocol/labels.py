@@ -30,6 +30,9 @@ SIG_LOGIN_FINISH: Final = b"bkv/v1/sig/login-finish"
 SIG_REFUSAL: Final = b"bkv/v1/sig/refusal"            # no_record / record_destroyed, bound to the request
 SIG_DELETE: Final = b"bkv/v1/sig/delete"              # the escrow was deleted, bound to the request
 SIG_EVENTS: Final = b"bkv/v1/sig/events"              # an account's event feed: user, version, chain head, nonce
+# no_record / record_destroyed / too_early, bound to a record's state (user, island, version), not to a
+# request: signed once per state and served again (transcripts.state_answer).
+SIG_STATE: Final = b"bkv/v1/sig/record-state"
 
 # MACs.
 TICKET_PROOF_MAC: Final = b"bkv/v1/mac/ticket-proof"  # a device proves it holds a change ticket's key

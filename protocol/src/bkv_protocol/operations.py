@@ -7,7 +7,9 @@ registration_start     POST /v1/registration/start  OPAQUE registration, 1/2   n
                                                                                live record's key)
 registration_finish    POST /v1/registration/finish escrow K (a live one only  no
                                                     with a change ticket)
-recover_start          POST /v1/recover/start     OPAQUE login, 1/2           yes, before it runs
+recover_start          POST /v1/recover/start     OPAQUE login, 1/2           yes, before it runs;
+                                                  (before the record's        none when too early
+                                                  not-before: too_early)
 recover_finish         POST /v1/recover/finish    OPAQUE login, 2/2: K back,  no (resets them)
                                                   and a change ticket
 delete                 DELETE /v1/record          with a change ticket        no
@@ -57,6 +59,7 @@ STATUS: dict[C, int] = {
     C.RATE_LIMITED: 429,
     C.PAYLOAD_TOO_LARGE: 413,
     C.UNSUPPORTED_MEDIA_TYPE: 415,
+    C.TOO_EARLY: 423,  # the record is locked until its signed not-before time (not 429: nothing to resend soon)
     C.INTERNAL: 500, C.RECORD_INTEGRITY_FAILURE: 500,
     C.OUTCOME_UNKNOWN: 502,
     C.UNAVAILABLE: 503, C.LOG_DIVERGED: 503,
@@ -117,7 +120,8 @@ REGISTRATION_FINISH = Operation(
 RECOVER_START = Operation(
     "recover_start", "/v1/recover/start", v1.RecoverStartRequest, v1.RecoverStartOut,
     "/island/v1/login/start", island_api.RecoverStartIn, hsm_api.RecoverStartIn,
-    (*_WRITES, C.MALFORMED_OPAQUE_MESSAGE, C.NO_RECORD, C.RECORD_DESTROYED, C.WRONG_ISLAND, C.RATE_LIMITED),
+    (*_WRITES, C.MALFORMED_OPAQUE_MESSAGE, C.NO_RECORD, C.RECORD_DESTROYED, C.WRONG_ISLAND, C.RATE_LIMITED,
+     C.TOO_EARLY),
     transcripts.Route.RECOVER_START, ("credential_request",), transcripts.recover_start_request,
     hsm_api.OpKind.RECOVER_START, aliases=("/v1/login/start",))
 RECOVER_FINISH = Operation(

@@ -54,10 +54,12 @@ class Route(str, enum.Enum):
 
 class Refusal(str, enum.Enum):
     """Signed outcomes without an OPAQUE message: each changes what a device
-    does with K, so each is signed and bound to the request."""
+    does, so each is signed -- over a record state (:func:`state_answer`),
+    or, by fleets built before, over the request (:func:`refusal_answer`)."""
 
     NO_RECORD = "no_record"
     RECORD_DESTROYED = "record_destroyed"
+    TOO_EARLY = "too_early"  # per state only: the record's not-before time has not come
 
 
 def _fleet(fleet_id: str | None) -> bytes:
@@ -163,6 +165,19 @@ def delete_answer(fleet_id: str, request: bytes, version: int) -> bytes:
 def refusal_answer(fleet_id: str, request: bytes, refusal: Refusal) -> bytes:
     """``no_record`` or ``record_destroyed`` for the request fingerprinted as ``request``."""
     return canonical(labels.SIG_REFUSAL, fleet_id.encode(), request, refusal.value.encode())
+
+
+def state_answer(fleet_id: str, user_id: str, island: str, version: int, refusal: Refusal,
+                 retry_at_ms: int = 0) -> bytes:
+    """``refusal`` for the user's record as the boundary proved it: on
+    ``island`` at ``version`` (absent: no entry ever, or gone; destroyed: a
+    tombstone; too early: live, its not-before ``retry_at_ms`` not yet come,
+    by the HSM's clock). Bound to a record state, not to a request: made once
+    per state and served again to every request that meets it, so a flood at
+    a dead or absent account costs no new signature. Why a replay of it is
+    harmless: docs/protocol.md, "Refusals"."""
+    return canonical(labels.SIG_STATE, fleet_id.encode(), user_id.encode(), island.encode(), u64(version),
+                     refusal.value.encode(), u64(retry_at_ms))
 
 
 # -- the account's event feed --------------------------------------------------------------

@@ -108,6 +108,9 @@ class ErrorCode(str, enum.Enum):
     # Over a rate limit (per account, device or source address): nothing was done; resend after
     # ``retry_after`` seconds (the body's field; the Retry-After header says the same in clear).
     RATE_LIMITED = "rate_limited"
+    # A recover start before the record's not-before time (wrong guesses are spaced out in time,
+    # by the HSM's clock): nothing was spent; the signed ``state.retry_at`` says when to try again.
+    TOO_EARLY = "too_early"
     # The HSM-held log (island <-> hsm-proxy only; a device sees them as 503 unavailable).
     STALE_HEAD = "stale_head"              # the head shown is older than the boundary's: catch up
     NOT_NEXT_ENTRY = "not_next_entry"      # capture refused: not the next link of this hsm-proxy's chain
@@ -117,17 +120,30 @@ class ErrorCode(str, enum.Enum):
     LOG_DIVERGED = "log_diverged"          # etcd is behind the boundary or does not add up: fail closed
 
 
+class SignedState(Frozen):
+    """What a per-state signature covers besides the fleet, the user and the
+    code (``bkv_protocol.transcripts.state_answer``): the record's island and
+    version the boundary proved, and for ``too_early`` the record's
+    not-before time (ms since the Unix epoch, by the HSM's clock)."""
+
+    island: str = Field(max_length=64)
+    version: int = Field(ge=0)
+    retry_at: int | None = Field(None, ge=0, exclude_if=lambda v: v is None)
+
+
 class ErrorDetail(Frozen):
     code: ErrorCode
     message: str
     retryable: bool = False
-    # The fleet's signature on no_record / record_destroyed for this request
-    # (bkv_protocol.transcripts.refusal_answer). A device acts on those two only
+    # The fleet's signature on no_record / record_destroyed / too_early. With ``state``: over that
+    # record state (transcripts.state_answer, made once per state and served again); without: over
+    # this request (transcripts.refusal_answer, fleets built before). A device acts on these only
     # when it verifies; every other error changes nothing on the device.
     signature: B64 | None = Field(None, exclude_if=lambda v: v is None)
     # rate_limited only: whole seconds to wait before sending again. In the body
     # because a sealed answer carries no header but its status (docs/edge.md).
     retry_after: int | None = Field(None, ge=0, exclude_if=lambda v: v is None)
+    state: SignedState | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ErrorBody(Frozen):

@@ -49,6 +49,9 @@ _MEANING = {
                     "Retry-After",
     C.RATE_LIMITED: "too many requests for this account, device key or source address: nothing was done; "
                     "resend after `retry_after` seconds (the body's field; also Retry-After in clear)",
+    C.TOO_EARLY: "wrong guesses are spaced out: no recover start before the record's not-before time, "
+                 "`state.retry_at` (ms since the epoch), fleet-signed with the record's island and version; "
+                 "nothing was spent",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (retryable errors)",
                                 "schema": {"type": "integer"}}}

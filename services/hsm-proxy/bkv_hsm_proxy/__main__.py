@@ -143,7 +143,7 @@ def _serve(settings: HsmProxySettings, prepare=None) -> int:
         membership.check_born(hsm, identity)  # after the set: a file naming another set is refused as such
     except membership.MembersFixed as exc:
         return cli.fail(exc, 4)
-    vault = VaultHsm(hsm, max_attempts=settings.max_attempts)
+    vault = VaultHsm(hsm, max_attempts=settings.max_attempts, guess_delays_s=settings.guess_delays_s)
     vault.attach_log(state, identity.hsm, list(identity.members), identity.epoch)
     run(create_app(vault), settings.host, settings.port, settings.metrics_port)
     os.close(lock)

@@ -107,8 +107,10 @@ class VaultHsm:
     """The HSM boundary: the record operations (``records``) under the
     island's log, over the token's keys (``keys``)."""
 
-    def __init__(self, hsm: HsmBackend, *, max_attempts: int = 10,
+    def __init__(self, hsm: HsmBackend, *, max_attempts: int = 10, guess_delays_s: tuple[int, ...] = (),
                  clock: Clock = SystemClock(), rng: Rng = SystemRng()) -> None:
+        """``guess_delays_s``: the wait after each attempt spent
+        (``records.DEFAULT_GUESS_DELAYS_S``; settings.py's default); empty: none."""
         if not 1 <= max_attempts <= 1000:
             raise ValueError("max_attempts must be between 1 and 1000")
         self._hsm = hsm
@@ -120,7 +122,8 @@ class VaultHsm:
         self.log: IslandLog | None = None  # attach_log(): serve needs it, fleet-init does not
         self._islands: islands.IslandSet | None = None  # the token's newest island set, as last read
         self._clock = clock
-        self._ops = records.Context(max_attempts, self._setup, self.keys, clock, rng, self._settled)
+        self._ops = records.Context(max_attempts, self._setup, self.keys, clock, rng, self._settled,
+                                    records.check_guess_delays(guess_delays_s))
 
     def attach_log(self, state, hsm_id: str, members: list[str], epoch: int = 1) -> None:
         self.log = IslandLog(self.log_key, hsm_id, members, state, epoch=epoch)
@@ -285,9 +288,11 @@ class VaultHsm:
         return api.ReplyOpenOut(reply=body)
 
     def refusal(self, req: api.RefusalIn) -> api.RefusalOut:
-        """Sign ``no_record`` or ``record_destroyed`` for one request, when the
-        log proves the record absent or destroyed: a device acts on neither
-        unless it is signed and bound to its own request."""
+        """Sign ``no_record`` or ``record_destroyed`` when the log proves the
+        record absent or destroyed: over that state (user, island, version),
+        signed once and served again (``records.StateAnswers``); for an island
+        built before, which names the request, over that request. A device
+        acts on neither unless it verifies (docs/protocol.md, "Refusals")."""
         head = self._proven(user_ref(req.user_id), req.island, req.current, req.proven)
         # Only a committed state is refused: a chain of candidates that never
         # reached a quorum could otherwise "destroy" a record in a signed answer.
@@ -297,6 +302,14 @@ class VaultHsm:
         # Absent *here* says nothing if the user's record may be on another
         # island: that is the token's signed island set to say, not etcd's map.
         self._settled(user_ref(req.user_id), req.island, "signed refusal")
+        code = (transcripts.Refusal.NO_RECORD if req.current.state is api.EntryState.ABSENT
+                else transcripts.Refusal.RECORD_DESTROYED)
+        if req.route is None:  # the per-state form: user and island as proven, the proven entry's version
+            sig, state = self._ops.states.answer(self.keys, req.fleet_id, req.user_id, req.island,
+                                                 req.current.version, code)
+            return api.RefusalOut(code=code.value, signature=sig, state=state)
+        if req.request_id is None:
+            raise errors.BadRequest("a refusal for a request names its request id")
         # The request's fingerprint is ours to compute: it names the user whose
         # entry was just proven, so the refusal answers that user's request only.
         try:
@@ -304,8 +317,6 @@ class VaultHsm:
                                                     req.request_id, list(req.fields))
         except ValueError as exc:
             raise errors.BadRequest(f"no refusal for that request: {exc}") from None
-        code = (transcripts.Refusal.NO_RECORD if req.current.state is api.EntryState.ABSENT
-                else transcripts.Refusal.RECORD_DESTROYED)
         sig = self.keys.sign(req.fleet_id, lambda fleet: transcripts.refusal_answer(fleet, request, code))
         return api.RefusalOut(code=code.value, signature=sig)
 

@@ -14,6 +14,7 @@
     ├── AuthenticationFailed     (the one wrong-password error)
     ├── RecordIntegrityFailure   (sealed record will not open)
     ├── RecordDestroyed
+    ├── TooEarly                 (a recover start before the record's not-before time: signed, nothing spent)
     ├── WrongIsland              (the signed island set does not place the user's record here alone:
     │   │                         no refusal signed, no record made; the frontend re-reads the map)
     │   └── NoIslandSet          (the token holds no island set yet: store one, docs/kubernetes.md)
@@ -110,6 +111,18 @@ class RecordDestroyed(HsmProxyError):
     pass
 
 
+class TooEarly(HsmProxyError):
+    """A recover start before the record's not-before time (wrong guesses
+    are spaced out, by the HSM's clock): nothing was spent or committed.
+    ``signature`` is the fleet's over the record's state and the time
+    (``bkv_protocol.transcripts.state_answer``), ``signed_state`` what it covers."""
+
+    def __init__(self, message: str, signature: bytes, signed_state) -> None:
+        super().__init__(message)
+        self.signature = signature
+        self.signed_state = signed_state
+
+
 class LogError(HsmProxyError):
     """A log step was refused; nothing was changed or released."""
 
@@ -179,6 +192,7 @@ TABLE = ErrorTable(
     (TicketRejected, C.TICKET_REJECTED, False),
     (AuthenticationFailed, C.AUTHENTICATION_FAILED, False),
     (RecordDestroyed, C.RECORD_DESTROYED, False),
+    (TooEarly, C.TOO_EARLY, False),
     (WrongIsland, C.WRONG_ISLAND, True),
     (RecordIntegrityFailure, C.RECORD_INTEGRITY_FAILURE, False),
     (NotAuthentic, C.LOG_NOT_AUTHENTIC, False),

@@ -25,8 +25,17 @@ What a reviewer checks here:
 * A live escrow changes only through its password: replaced or deleted with
   the change ticket a successful :func:`recover_finish` issued
   (:func:`check_ticket`), or destroyed by spending its attempts.
+* Wrong guesses are spaced out in time by the HSM's own clock: every
+  :func:`recover_start` that spends an attempt seals into the record a
+  not-before time for the next one (``Context.guess_delays_s``, by attempts
+  spent since the last right password); one before it is refused with a
+  signed ``too_early`` (:class:`StateAnswers`) and spends nothing. A right
+  password clears it with the count.
 * Every answer is a typed ``bkv_protocol.v1`` answer, signed over the whole
-  request (its fingerprint, kept with the answer for resends).
+  request (its fingerprint, kept with the answer for resends); a refusal
+  without an OPAQUE message (``no_record``, ``record_destroyed``,
+  ``too_early``) is signed over the record's state instead, once per state
+  (:class:`StateAnswers`).
 * Every change makes the account's event (:func:`event`: the version after
   it, what it did, the attempts left, the HSM clock's time), which the
   boundary chains into the entry (``core.VaultHsm._next``).
@@ -37,8 +46,10 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import struct
+import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import opaque_ke_py as opaque
@@ -49,6 +60,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from bkv_hsm_proxy import errors
 from bkv_protocol import hsm_api as api
 from bkv_protocol import labels, transcripts, v1
+from bkv_protocol.wire import SignedState
 from bkv_protocol.encoding import canonical, pack16, u32, u64, unpack16, user_ref
 from bkv_server import metrics
 
@@ -58,7 +70,17 @@ TICKET_TTL_MS = 300_000  # a recovery, then the new password typed and its regis
 EK_LEN = api.EK_LEN  # AES-256-GCM of a 32-byte K
 K_NONCE_LEN = api.K_NONCE_LEN
 SALT_LEN = 16
-RECORD_FORMAT = 2  # 1: the build before salted credential identifiers (no salt; still read)
+# 1: the build before salted credential identifiers (no salt); 2: salted; 3: with the not-before time.
+# Every format is still read (1 and 2 as "no delay"); a record is written in the oldest format that
+# holds it (Record.pack), so records that never waited stay readable by the build before.
+RECORD_FORMAT = 3
+# Seconds a record waits for its next recover start after the n-th attempt spent since the last right
+# password (n = 1, 2, ...; past the end, the last one again), after iOS's passcode delays: four
+# guesses free, then minutes, then hours -- ten wrong guesses take about a day (23 h 21 min).
+# Per fleet: BKV_HSM_GUESS_DELAYS_S (settings.py), the chart's guessDelaysSeconds.
+DEFAULT_GUESS_DELAYS_S = (0, 0, 0, 60, 300, 900, 3600, 6 * 3600, 16 * 3600)
+MAX_GUESS_DELAY_S = 7 * 24 * 3600
+STATE_ANSWERS_KEPT = 50_000  # signed per-state answers kept in memory (StateAnswers)
 
 
 class Clock(Protocol):
@@ -90,31 +112,58 @@ class Record:
     k_nonce: bytes
     attempts_left: int
     max_attempts: int
-    salt: bytes | None = None  # of the credential identifier (credential_id); None: format 1
+    salt: bytes | None = None  # of the credential identifier (credential_id); None: format 1's bare user id
+    not_before_ms: int = 0     # no recover start before this (the HSM's clock, ms); formats 1 and 2: 0
 
     def __repr__(self) -> str:
-        return f"Record(redacted, attempts_left={self.attempts_left})"
+        return f"Record(redacted, attempts_left={self.attempts_left}, not_before_ms={self.not_before_ms})"
 
     def credential_id(self, uid: bytes) -> bytes:
         return credential_id(uid, self.salt)
 
+    # The fields after the format byte, by format: each format appends to the one before.
+    _FIELDS = {1: 5, 2: 6, 3: 7}
+
     def pack(self) -> bytes:
-        if self.salt is None:  # re-sealed as it was written: its identifier must not change
-            return pack16(b"\x01", self.password_file, self.ek, self.k_nonce, u32(self.attempts_left),
-                         u32(self.max_attempts))
-        return pack16(bytes([RECORD_FORMAT]), self.password_file, self.ek, self.k_nonce,
-                     u32(self.attempts_left), u32(self.max_attempts), self.salt)
+        """In the oldest format that holds it: 1 (no salt: re-sealed as it was
+        written, its identifier must not change), 2, or 3 with a not-before
+        time (where a format-1 record keeps its bare user id: an empty salt)."""
+        fields = [self.password_file, self.ek, self.k_nonce, u32(self.attempts_left), u32(self.max_attempts)]
+        if self.not_before_ms:
+            return pack16(bytes([RECORD_FORMAT]), *fields, self.salt or b"", u64(self.not_before_ms))
+        if self.salt is None:
+            return pack16(b"\x01", *fields)
+        return pack16(b"\x02", *fields, self.salt)
 
     @classmethod
     def unpack(cls, data: bytes) -> Record:
-        if data[2:3] == b"\x01":
-            fmt, pf, ek, kn, left, mx = unpack16(data, 6)
+        fmt = data[2] if len(data) > 2 else 0
+        if fmt not in cls._FIELDS:
+            raise ValueError("unknown record format")
+        _, pf, ek, kn, left, mx, *more = unpack16(data, 1 + cls._FIELDS[fmt])
+        salt = more[0] if more else None            # format 2 on: the salt (format 3: empty = none)
+        not_before = struct.unpack(">Q", more[1])[0] if len(more) > 1 else 0  # format 3 on
+        if fmt == 3 and not salt:
             salt = None
-        else:
-            fmt, pf, ek, kn, left, mx, salt = unpack16(data, 7)
-            if fmt != bytes([RECORD_FORMAT]) or len(salt) != SALT_LEN:
-                raise ValueError("unknown record format")
-        return cls(pf, ek, kn, struct.unpack(">I", left)[0], struct.unpack(">I", mx)[0], salt)
+        if salt is not None and len(salt) != SALT_LEN:
+            raise ValueError("unknown record format")
+        return cls(pf, ek, kn, struct.unpack(">I", left)[0], struct.unpack(">I", mx)[0], salt, not_before)
+
+
+def guess_delay_ms(delays_s: tuple[int, ...], spent: int) -> int:
+    """How long the next recover start waits after the ``spent``-th attempt
+    spent since the last right password (``DEFAULT_GUESS_DELAYS_S``)."""
+    if not delays_s or spent <= 0:
+        return 0
+    return 1000 * delays_s[min(spent, len(delays_s)) - 1]
+
+
+def check_guess_delays(delays_s) -> tuple[int, ...]:
+    """A schedule as configured: whole seconds, each between 0 and a week."""
+    delays = tuple(int(d) for d in delays_s)
+    if any(not 0 <= d <= MAX_GUESS_DELAY_S for d in delays) or len(delays) > 1000:
+        raise ValueError(f"guess delays are at most 1000 values, each 0..{MAX_GUESS_DELAY_S} seconds")
+    return delays
 
 
 # -- what the operations are given -------------------------------------------------
@@ -124,6 +173,39 @@ class Sealer(Protocol):
     def sign(self, fleet: str | None, transcript: Callable[[str], bytes]) -> bytes: ...
     def seal_transient(self, fleet: str | None, label: bytes, uid: bytes, island: str, data: bytes) -> bytes: ...
     def unseal_transient(self, fleet: str | None, label: bytes, uid: bytes, island: str, blob: bytes) -> bytes: ...
+
+
+class StateAnswers:
+    """Signed per-state answers (``transcripts.state_answer``: no record,
+    destroyed, too early, for one user's record on one island at one
+    version), each signed once and then served from here: a flood at a dead,
+    absent or waiting account costs the token no new signature. Bounded
+    (the oldest go first); a signature is no secret."""
+
+    def __init__(self, size: int = STATE_ANSWERS_KEPT) -> None:
+        self._size = size
+        self._kept: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def answer(self, token: Sealer, fleet: str | None, user_id: str, island: str, version: int,
+               code: transcripts.Refusal, retry_at_ms: int = 0) -> tuple[bytes, SignedState]:
+        """(signature, what it covers besides user and code)."""
+        key = (fleet, user_id, island, version, code, retry_at_ms)
+        with self._lock:
+            sig = self._kept.get(key)
+            if sig is not None:
+                self._kept.move_to_end(key)
+        if sig is None:
+            sig = token.sign(fleet, lambda f: transcripts.state_answer(f, user_id, island, version, code,
+                                                                       retry_at_ms))
+            metrics.child(metrics.STATE_ANSWERS, "signed").inc()
+            with self._lock:
+                self._kept[key] = sig
+                while len(self._kept) > self._size:
+                    self._kept.popitem(last=False)
+        else:
+            metrics.child(metrics.STATE_ANSWERS, "kept").inc()
+        return sig, SignedState(island=island, version=version, retry_at=retry_at_ms or None)
 
 
 @dataclass(frozen=True)
@@ -136,6 +218,8 @@ class Context:
     # ``settled(user ref, island, what)``: raises WrongIsland unless the token's
     # island set places the user's record on ``island`` alone (a new record is made only there).
     settled: Callable[[str, str, str], None]
+    guess_delays_s: tuple[int, ...] = ()  # DEFAULT_GUESS_DELAYS_S's shape; empty: no delay
+    states: StateAnswers = field(default_factory=StateAnswers)
 
     def __repr__(self) -> str:  # the setup is private: never in a repr
         return f"records.Context(max_attempts={self.max_attempts}, opaque_setup=(redacted))"
@@ -229,17 +313,27 @@ def registration_finish(req: api.RegistrationFinishIn, ctx: Context) -> Outcome:
 # -- recover (OPAQUE's login phase) ---------------------------------------------
 def recover_start(req: api.RecoverStartIn, record: Record, ctx: Context) -> Outcome:
     """One guess: the CredentialResponse, and the record with one attempt
-    fewer -- none left: no record (a tombstone). The two go together."""
+    fewer and its next not-before time -- none left: no record (a
+    tombstone). The two go together. Before the record's not-before time:
+    TooEarly, signed, and nothing spent."""
     uid = req.user_id.encode()
     if record.attempts_left <= 0:  # only reachable for records written by an older build
         raise errors.RecordDestroyed("no attempts left")
+    now = ctx.clock.now_ms()
+    if now < record.not_before_ms:  # by the HSM's clock: no tier can skip it
+        sig, state = ctx.states.answer(ctx.token, req.fleet_id, req.user_id, req.island, req.current.version,
+                                       transcripts.Refusal.TOO_EARLY, record.not_before_ms)
+        metrics.TOO_EARLY.inc()
+        raise errors.TooEarly("too early for another guess at this record: nothing was spent", sig, state)
     # Parse and answer first: a malformed request must not cost an attempt.
     started = _opaque("recover_start", opaque.server_login_start,
                       ctx.setup, record.password_file, req.credential_request, record.credential_id(uid))
     left = record.attempts_left - 1
     version = req.current.version + 1
-    after = None if left == 0 else dataclasses.replace(record, attempts_left=left)
-    expires = ctx.clock.now_ms() + LOGIN_STATE_TTL_MS
+    wait = guess_delay_ms(ctx.guess_delays_s, record.max_attempts - left)
+    after = None if left == 0 else dataclasses.replace(record, attempts_left=left,
+                                                       not_before_ms=now + wait if wait else 0)
+    expires = now + LOGIN_STATE_TTL_MS
     login_state = ctx.token.seal_transient(
         req.fleet_id, labels.LOGIN_STATE_AAD, uid, req.island,
         pack16(started.get_state(), u64(version), u64(expires), record.ek, record.k_nonce,
@@ -282,7 +376,7 @@ def recover_finish(req: api.RecoverFinishIn, record: Record | None, ctx: Context
     version = req.current.version + 1
     ticket = None
     if record is not None:
-        after = dataclasses.replace(record, attempts_left=record.max_attempts)
+        after = dataclasses.replace(record, attempts_left=record.max_attempts, not_before_ms=0)
         status = api.RecordStatus.RESET
         # Proof of this password for one change of the escrow at this version
         # (a replacing registration or a deletion); its key is this login's.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from bkv_hsm_proxy import records
 from bkv_server.settings import EtcdSettings
 
 
@@ -29,3 +30,12 @@ class HsmProxySettings(HsmAdminSettings):
     token_label: str = "bkv-fleet"
     user_pin: SecretStr
     max_attempts: int = Field(10, ge=1, le=1000)
+    # The wait after each wrong guess, in seconds, by attempts spent since the last right password
+    # (records.DEFAULT_GUESS_DELAYS_S: after iOS's passcode delays, ten wrong guesses take about a
+    # day); a JSON list, e.g. BKV_HSM_GUESS_DELAYS_S='[0, 0, 60]'; [] for none (the dev fleet's default).
+    guess_delays_s: tuple[int, ...] = records.DEFAULT_GUESS_DELAYS_S
+
+    @field_validator("guess_delays_s")
+    @classmethod
+    def _delays(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return records.check_guess_delays(v)

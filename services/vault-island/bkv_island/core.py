@@ -40,6 +40,7 @@ from bkv_server import metrics
 from bkv_server.http import ServiceClient, UpstreamError, UpstreamUnavailable
 
 REMEMBERED_ANSWERS = 10_000  # answers kept in memory for resends to this replica
+REMEMBERED_REFUSALS = 10_000  # signed per-state refusals kept in memory, served again without the hsm-proxy
 
 
 class HsmPort(Protocol):
@@ -107,6 +108,8 @@ class Island:
         self._islands = islands  # another island's replicas (moves)
         self._answers: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # request id -> (kept reply, answer)
         self._running: dict[str, tuple[bytes, asyncio.Future]] = {}  # request id -> (fingerprint, outcome)
+        # (user ref, fleet, state, version) -> the boundary's signed refusal of a tombstone
+        self._refusals: OrderedDict[tuple, hapi.RefusalOut] = OrderedDict()
 
     # -- the one loop --------------------------------------------------------------
     async def _change(self, op: _Op):
@@ -230,26 +233,42 @@ class Island:
         return writes.out_type.model_validate_json(got[1])
 
     async def _refuse(self, op: _Op):
-        """No live record (the log says so): raise the fleet-signed refusal for this request."""
+        """No live record (the log says so): raise the fleet-signed refusal of
+        the record's state, signed once per (user, island, version) by the
+        boundary, which keeps it (no new signature for a flood). A destroyed
+        record's is kept here too: a flood at a dead account is served from
+        memory, with no hsm-proxy call, for as long as this island's log shows
+        that very tombstone. An absent one is asked of the boundary each time,
+        since only its island set says that absent here means absent
+        everywhere (docs/protocol.md, "Refusals")."""
         writes = op.writes
+        current = self._ledger.current(op.ref)  # what the op was just built against
+        key = (op.ref, writes.fleet_id, current.state, current.version)
+        out = self._refusals.get(key)
+        if out is not None:
+            self._refusals.move_to_end(key)
+            metrics.child(metrics.STATE_ANSWERS, "remembered").inc()
+        else:
+            async def refusal(current: hapi.Entry, proven: hapi.Proven) -> hapi.RefusalOut:
+                return await self._hsm.refusal(hapi.RefusalIn(
+                    user_id=writes.user_id, island=self.island_id, fleet_id=writes.fleet_id, current=current,
+                    proven=proven, statements=await self._ledger.statements_for(proven.head)))
 
-        async def refusal(current: hapi.Entry, proven: hapi.Proven) -> hapi.RefusalOut:
-            return await self._hsm.refusal(hapi.RefusalIn(
-                user_id=writes.user_id, island=self.island_id, fleet_id=writes.fleet_id, current=current,
-                proven=proven, statements=await self._ledger.statements_for(proven.head),
-                route=writes.route.value, request_id=writes.request_id, fields=list(writes.fields)))
-
-        got = await self._against_newest(
-            op.ref, lambda current: current.state in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED), refusal,
-            "too few hsm-proxies hold the newest state yet; try again shortly")
-        if got is None:
-            return await self._run(op)  # it moved on meanwhile: decide again
-        current, out = got
+            got = await self._against_newest(
+                op.ref, lambda current: current.state in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED),
+                refusal, "too few hsm-proxies hold the newest state yet; try again shortly")
+            if got is None:
+                return await self._run(op)  # it moved on meanwhile: decide again
+            current, out = got
+            if current.state is hapi.EntryState.DESTROYED:
+                self._refusals[(op.ref, writes.fleet_id, current.state, current.version)] = out
+                if len(self._refusals) > REMEMBERED_REFUSALS:
+                    self._refusals.popitem(last=False)
         if current.state is hapi.EntryState.ABSENT:
-            raise errors.NoRecord("no record for this user", out.signature)
+            raise errors.NoRecord("no record for this user", out.signature, out.state)
         metrics.LOCKOUT_HITS.inc()
         raise errors.RecordDestroyed("this record was destroyed after too many wrong passwords, or disabled",
-                                     out.signature)
+                                     out.signature, out.state)
 
     # -- registration --------------------------------------------------------------
     async def registration_start(self, req: api.RegistrationStartIn) -> api.RegistrationStartOut:

@@ -3,7 +3,7 @@
 ::
 
     IslandError                   -- a base; raised bare only by a bug (500)
-    ├── Refused                   -- a base: carries the fleet's signature for this request
+    ├── Refused                   -- a base: carries the fleet's signature for this record state
     │   ├── NoRecord              -- never registered (or deleted and gone)
     │   └── RecordDestroyed       -- attempts ran out, or disabled
     ├── Contended                 -- lost every compare-and-swap until the deadline
@@ -35,13 +35,15 @@ class IslandError(Exception):
 
 
 class Refused(IslandError):
-    """No live record. ``signature`` is the fleet's over (request, outcome),
-    from the hsm-proxy (``bkv_protocol.transcripts.refusal_answer``); None only
-    where no request is being answered (admin paths)."""
+    """No live record. ``signature`` is the fleet's over the record's state
+    (``bkv_protocol.transcripts.state_answer``), from the hsm-proxy, and
+    ``signed_state`` what it covers; None only where no request is being
+    answered (admin paths)."""
 
-    def __init__(self, message: str, signature: bytes | None = None) -> None:
+    def __init__(self, message: str, signature: bytes | None = None, signed_state=None) -> None:
         super().__init__(message)
         self.signature = signature
+        self.signed_state = signed_state
 
 
 class NoRecord(Refused):
