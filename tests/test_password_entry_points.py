@@ -304,3 +304,27 @@ async def test_a_client_built_before_the_catalogue_recovers_through_v1_login_and
     assert (await legacy.recover(PW)).key.reveal() == k.reveal()
     assert await attempts_left(make_client, user) == 9  # the recovery reset the count: one more guess, 9 left
     assert sent == ["/v1/login/start", "/v1/login/finish"]
+
+
+async def test_a_client_built_before_the_catalogue_gets_no_record_signed_over_its_request(fleet, make_client):
+    """Such a client verifies a refusal only in the per-request form (it
+    knows no per-state one): a recover start on its route (/v1/login/start)
+    at an account with no record gets ``no_record`` signed over that very
+    request, with no field it would refuse to parse."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    user = unique_user("legacy-none")
+    rid, request = os.urandom(16), opaque.client_login_start(b"pw").get_message()
+    fleet_id = fleet.fleet_params["fleet_id"]
+    answer = httpx.post(fleet.frontend_url + "/v1/login/start", timeout=30,
+                        headers={"authorization": f"Bearer {fleet.issuer().mint(user)}"},
+                        json={"fleet_id": fleet_id, "request_id": B(rid), "credential_request": B(request)})
+    error = answer.json()["error"]
+    assert answer.status_code == 404 and set(error) == {"code", "message", "retryable", "signature"}
+    fingerprint = transcripts.recover_start_request(fleet_id, user, rid, request)
+    key = load_der_public_key(b64d(fleet.fleet_params["fleet_public_key"]))
+    key.verify(b64d(error["signature"]), transcripts.refusal_answer(fleet_id, fingerprint,
+                                                                    transcripts.Refusal.NO_RECORD),
+               ec.ECDSA(hashes.SHA256()))  # raises if it is not the per-request form

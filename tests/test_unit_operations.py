@@ -21,7 +21,7 @@ def _public_fields(model) -> set[str]:
 @pytest.mark.parametrize("op", ops.CATALOGUE, ids=lambda op: op.name)
 def test_every_hop_carries_the_public_body_and_only_what_the_hop_adds(op):
     body = _public_fields(op.request)
-    assert _public_fields(op.island_request) == body | {"user_id"}
+    assert _public_fields(op.island_request) == body | {"user_id", "legacy"}
     assert _public_fields(op.hsm_request) == body | {"user_id", "island", "current"}
     assert op.name == op.name.lower() and op.path.startswith("/v1/")
 

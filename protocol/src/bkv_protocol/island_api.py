@@ -27,8 +27,11 @@ from bkv_protocol.wire import B64, Frozen, hop
 # The client operations' requests: the public body and the account the
 # frontend authenticated (``bkv_protocol.wire.hop``; the catalogue names them).
 def _from_frontend(name: str, body: type[Frozen]) -> type[Frozen]:
+    # ``legacy``: the request came by a route of clients built before the catalogue
+    # (bkv_protocol.operations, ``aliases``), which verify a refusal only in its
+    # per-request form: theirs are signed so (docs/protocol.md, "Refusals").
     return hop(name, body, f"{body.__name__} and the user the frontend authenticated.", __name__,
-               user_id=(UserId, ...))
+               user_id=(UserId, ...), legacy=(bool, Field(False, exclude_if=lambda v: not v)))
 
 
 RegistrationStartIn = _from_frontend("RegistrationStartIn", v1.RegistrationStartRequest)

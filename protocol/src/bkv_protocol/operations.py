@@ -88,13 +88,15 @@ class Operation:
     op_kind: hsm_api.OpKind | None = None     # a write: its kind in the HSM-held log
     aliases: tuple[str, ...] = ()      # public routes of clients built before (same handler)
 
-    def to_island(self, req: Frozen, user_id: str) -> Frozen:
-        """The island's request: the public body and the authenticated user."""
-        return self.island_request.model_validate({**dict(req), "user_id": user_id})
+    def to_island(self, req: Frozen, user_id: str, *, legacy: bool = False) -> Frozen:
+        """The island's request: the public body and the authenticated user
+        (``legacy``: it came by one of the ``aliases``)."""
+        return self.island_request.model_validate({**dict(req), "user_id": user_id, "legacy": legacy})
 
     def to_hsm(self, req: Frozen, island: str, current: hsm_api.Entry) -> Frozen:
         """The hsm-proxy's request: the island's and the entry it read."""
-        return self.hsm_request.model_validate({**dict(req), "island": island, "current": current})
+        body = {k: v for k, v in dict(req).items() if k != "legacy"}
+        return self.hsm_request.model_validate({**body, "island": island, "current": current})
 
     def request_fields(self, req: Frozen) -> tuple[bytes, ...]:
         """The request's own fields, in fingerprint order (a refusal's ``fields``)."""

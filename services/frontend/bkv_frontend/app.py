@@ -168,15 +168,16 @@ def create_app(view: FleetView, verifier: TokenVerifier, *, refresh_interval_s: 
     # body with the account. All are safe to send again: the state-changing
     # ones carry the client's request id, and any replica answers a resend
     # from what was committed.
-    def forward(op: Operation) -> OpaqueHandler:
+    def forward(op: Operation, *, legacy: bool = False) -> OpaqueHandler:
         async def handler(req: BaseModel, user: str) -> Response:
-            return await relay(user, op.island_path, op.to_island(req, user), idempotent=True)
+            return await relay(user, op.island_path, op.to_island(req, user, legacy=legacy), idempotent=True)
 
         return handler
 
-    # path: (request model, operation name, handler)
+    # path: (request model, operation name, handler); an alias marks its requests as
+    # a client's built before the catalogue (its refusals signed in the form it checks).
     opaque_routes: dict[str, tuple[type[BaseModel], str, OpaqueHandler]] = {
-        path: (op.request, op.name, forward(op))
+        path: (op.request, op.name, forward(op, legacy=path != op.path))
         for op in _FAST
         for path in (op.path, *op.aliases)}
     # The same routes in FastAPI, for the schema (/openapi.json); requests to

@@ -78,12 +78,13 @@ class _Writes:
     fleet_id: str | None
     route: transcripts.Route
     fields: tuple[bytes, ...] = ()
+    legacy: bool = False  # a client built before per-state refusals: sign its refusal per request
 
     @classmethod
     def of(cls, op: ops.Operation, req) -> _Writes:
         """A client operation's request (``bkv_protocol.operations``)."""
         return cls(req.user_id, req.request_id, op.request_fingerprint(req), op.answer, req.fleet_id, op.route,
-                   op.request_fields(req))
+                   op.request_fields(req), req.legacy)
 
 
 @dataclass(frozen=True)
@@ -244,15 +245,19 @@ class Island:
         writes = op.writes
         current = self._ledger.current(op.ref)  # what the op was just built against
         key = (op.ref, writes.fleet_id, current.state, current.version)
-        out = self._refusals.get(key)
+        out = None if writes.legacy else self._refusals.get(key)
         if out is not None:
             self._refusals.move_to_end(key)
             metrics.child(metrics.STATE_ANSWERS, "remembered").inc()
         else:
             async def refusal(current: hapi.Entry, proven: hapi.Proven) -> hapi.RefusalOut:
+                # A client built before per-state refusals checks only the per-request form:
+                # a new signature for each of its requests (never kept: it is bound to one).
+                per_request = dict(route=writes.route.value, request_id=writes.request_id,
+                                   fields=list(writes.fields)) if writes.legacy else {}
                 return await self._hsm.refusal(hapi.RefusalIn(
                     user_id=writes.user_id, island=self.island_id, fleet_id=writes.fleet_id, current=current,
-                    proven=proven, statements=await self._ledger.statements_for(proven.head)))
+                    proven=proven, statements=await self._ledger.statements_for(proven.head), **per_request))
 
             got = await self._against_newest(
                 op.ref, lambda current: current.state in (hapi.EntryState.ABSENT, hapi.EntryState.DESTROYED),
@@ -260,7 +265,7 @@ class Island:
             if got is None:
                 return await self._run(op)  # it moved on meanwhile: decide again
             current, out = got
-            if current.state is hapi.EntryState.DESTROYED:
+            if current.state is hapi.EntryState.DESTROYED and not writes.legacy:
                 self._refusals[(op.ref, writes.fleet_id, current.state, current.version)] = out
                 if len(self._refusals) > REMEMBERED_REFUSALS:
                     self._refusals.popitem(last=False)
