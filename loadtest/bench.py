@@ -101,10 +101,10 @@ def hsm_floor(fleet, iterations: int) -> dict[str, float]:
     fin = opaque.client_registration_finish(b"pw", start.get_state(), rs.registration_response)
     reg_in = api.RegistrationFinishIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=absent, challenge=rs.challenge,
                                       registration_upload=fin.get_message(), ek=os.urandom(48), k_nonce=os.urandom(12))
-    entry, _ = vault.registration_finish(reg_in)  # (the next entry, the answer a client would get)
+    entry, _, _ = vault.registration_finish(reg_in)  # (the next entry, the answer, the account's event)
     login = opaque.client_login_start(b"pw")
     ls_in = api.RecoverStartIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=entry, credential_request=login.get_message())
-    ls_entry, ls = vault.recover_start(ls_in)
+    ls_entry, ls, _ = vault.recover_start(ls_in)
     cfin = opaque.client_login_finish(b"pw", login.get_state(), ls.credential_response).get_message()
     lf_in = api.RecoverFinishIn(user_id=floor_user, island="island-a", request_id=os.urandom(16), current=ls_entry,
                               login_state=ls.login_state, credential_finalization=cfin)
