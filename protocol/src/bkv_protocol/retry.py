@@ -57,7 +57,6 @@ class _Pauses:
         return self.end - self._clock()
 
 
-
 async def retry(
     op: Callable[[int], Awaitable[T]],
     *,

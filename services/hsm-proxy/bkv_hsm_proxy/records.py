@@ -285,10 +285,9 @@ def registration_finish(req: api.RegistrationFinishIn, ctx: Context) -> Outcome:
             ctx.token.unseal_transient(req.fleet_id, labels.CHALLENGE_AAD, uid, req.island, req.challenge), 4)
     except (errors.HsmAuthTagMismatch, ValueError):
         raise errors.ChallengeRejected("the challenge was not issued for this user") from None
-    if struct.unpack(">Q", expires_b)[0] < ctx.clock.now_ms():
-        raise errors.ChallengeRejected("the challenge has expired; start the registration again")
-    if struct.unpack(">Q", version_b)[0] != req.current.version:
-        raise errors.ChallengeRejected("the challenge was already used or superseded")
+    _check_fresh(ctx, expires_b, version_b, req.current, errors.ChallengeRejected,
+                 "the challenge has expired; start the registration again",
+                 "the challenge was already used or superseded")
     fp = transcripts.registration_finish_request(req.fleet_id, req.user_id, req.request_id, req.challenge,
                                                  req.registration_upload, req.ek, req.k_nonce, req.ticket)
     # Where the log shows a live escrow, only its password replaces it;
@@ -358,10 +357,9 @@ def recover_finish(req: api.RecoverFinishIn, record: Record | None, ctx: Context
             ctx.token.unseal_transient(req.fleet_id, labels.LOGIN_STATE_AAD, uid, req.island, req.login_state), 6)
     except (errors.HsmAuthTagMismatch, ValueError):
         raise errors.LoginStateRejected("the login state was not issued for this user") from None
-    if struct.unpack(">Q", expires_b)[0] < ctx.clock.now_ms():
-        raise errors.LoginStateRejected("the login state has expired; start the recovery again")
-    if struct.unpack(">Q", version_b)[0] != req.current.version:
-        raise errors.LoginStateRejected("the login state was already used or superseded by a newer attempt")
+    _check_fresh(ctx, expires_b, version_b, req.current, errors.LoginStateRejected,
+                 "the login state has expired; start the recovery again",
+                 "the login state was already used or superseded by a newer attempt")
     t = time.perf_counter()
     try:
         finished = opaque.server_login_finish(server_state, req.credential_finalization)
@@ -411,6 +409,17 @@ def delete(req: api.DeleteIn, ctx: Context) -> Outcome:
                    event(version, v1.EventKind.DELETED, 0, ctx.clock))
 
 
+def _check_fresh(ctx: Context, expires_b: bytes, version_b: bytes, current: api.Entry,
+                 rejected: type[Exception], expired: str, superseded: str) -> None:
+    """What a sealed challenge, login state or ticket was bound to, checked
+    after it opened: unexpired by the HSM's clock, and issued at ``current``'s
+    version (so each is single use: every change moves the version)."""
+    if struct.unpack(">Q", expires_b)[0] < ctx.clock.now_ms():
+        raise rejected(expired)
+    if struct.unpack(">Q", version_b)[0] != current.version:
+        raise rejected(superseded)
+
+
 def check_ticket(ctx: Context, fleet: str | None, uid: bytes, island: str, current: api.Entry,
                  ticket: bytes | None, proof: bytes | None, request: bytes) -> None:
     """The device proved the current password for this change: a change
@@ -425,9 +434,8 @@ def check_ticket(ctx: Context, fleet: str | None, uid: bytes, island: str, curre
             ctx.token.unseal_transient(fleet, labels.TICKET_AAD, uid, island, ticket), 4)
     except (errors.HsmAuthTagMismatch, ValueError):
         raise errors.TicketRejected("the change ticket was not issued for this escrow") from None
-    if struct.unpack(">Q", expires_b)[0] < ctx.clock.now_ms():
-        raise errors.TicketRejected("the change ticket has expired; recover again")
-    if struct.unpack(">Q", version_b)[0] != current.version:
-        raise errors.TicketRejected("the change ticket was used, or the escrow changed since; recover again")
+    _check_fresh(ctx, expires_b, version_b, current, errors.TicketRejected,
+                 "the change ticket has expired; recover again",
+                 "the change ticket was used, or the escrow changed since; recover again")
     if not hmac.compare_digest(transcripts.ticket_proof(key, request), proof):
         raise errors.TicketRejected("the proof of the change ticket does not verify for this request")
