@@ -272,15 +272,29 @@ print(done, identity.born.hex(), token.load_blob("bkv-hsm-state-born/{hsm_id}/1"
     assert start_then_check().split() == ["kept", born, born]
 
 
+def _log_heads_once_served(port: int, proc, output, failure: str):
+    """GET /hsm/v1/log/heads from the hsm-proxy ``proc`` once it serves on
+    ``port`` (polled for 60 s); ``output()`` says why if it exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, output()
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/hsm/v1/log/heads", timeout=2)
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, failure
+            time.sleep(0.2)
+
+
 def test_serve_upgrades_a_state_file_of_the_build_before_birth_ids_and_keeps_its_heads(tmp_path):
     """An hsm-proxy upgraded over its old state volume (format 2, no birth
     id) serves on it: `serve`, holding the file's lock, rewrites it as format
     3 with the same heads and a new birth id, which the token keeps at this
     first serve. No state volume is made again by hand."""
     import hashlib
-    import time
-
-    import httpx
 
     from bkv_dev.fleet import free_base_port
 
@@ -300,15 +314,8 @@ def test_serve_upgrades_a_state_file_of_the_build_before_birth_ids_and_keeps_its
     served = procs.spawn([sys.executable, "-m", "bkv_hsm_proxy", "serve"], env={**os.environ, **env},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert served.poll() is None, served.communicate()[1]
-            try:
-                heads = httpx.get(f"http://127.0.0.1:{port}/hsm/v1/log/heads", timeout=2).json()
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the upgraded hsm-proxy did not serve"
-                time.sleep(0.2)
+        heads = _log_heads_once_served(port, served, lambda: served.communicate()[1],
+                                       "the upgraded hsm-proxy did not serve").json()
     finally:
         procs.end_group(served.pid, leader=served)
         _, err = served.communicate(timeout=30)
@@ -332,8 +339,6 @@ def test_start_waits_for_fleet_init_to_write_the_token_then_serves(tmp_path):
     exist yet waits, says what it waits for, and serves once fleet-init has
     written the token; without the wait it exits 4 at once."""
     import time
-
-    import httpx
 
     from bkv_dev.fleet import free_base_port
 
@@ -367,15 +372,7 @@ def test_start_waits_for_fleet_init_to_write_the_token_then_serves(tmp_path):
         at_once = cli(*start, BKV_HSM_STATE_FILE=str(tmp_path / "other" / "state.json"))
         assert at_once.returncode == 4 and "fleet-init has not written the admin key" in at_once.stderr
         assert cli("fleet-init", "--admin-public-key", public, "--member-set", str(signed)).returncode == 0
-        deadline = time.monotonic() + 60
-        while True:
-            assert started.poll() is None, log.read_text()
-            try:
-                heads = httpx.get(f"http://127.0.0.1:{port}/hsm/v1/log/heads", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "start did not serve after fleet-init"
-                time.sleep(0.2)
+        heads = _log_heads_once_served(port, started, log.read_text, "start did not serve after fleet-init")
     finally:
         procs.end_group(started.pid, leader=started)
         started.wait(timeout=30)
