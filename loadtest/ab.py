@@ -15,7 +15,8 @@ on a shared machine; say what else ran.
 
 ``hotpath`` runs loadtest/hotpath.py (guesses at concurrency 1 and 8, no
 Locust); ``bench`` runs loadtest/bench.py (Locust scenarios) and reads its
-bench.json.
+bench.json; ``flood`` runs this tree's loadtest/flood.py (a guess flood at
+dead accounts) against each commit's sources.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["protocol/src", "client/src", "src", "services/frontend", "services/vault-island",
            "services/hsm-proxy", "services/edge", "services/witness"]
 HOTPATH_LINE = re.compile(r"concurrency (\d+): .*?server ([\d.]+) ms/op (\{.*\})")
+FLOOD_LINE = re.compile(r"flood (\w+): .*?server ([\d.]+) ms/req (\{.*\})")
 
 
 def process_kind(name: str) -> str:
@@ -58,6 +60,13 @@ def run_one(tree: Path, tool: str, args: list[str], out_dir: Path) -> list[tuple
                               capture_output=True, timeout=1800)
         found = [(f"guess, concurrency {m.group(1)}", float(m.group(2)), by_kind(eval_dict(m.group(3))))
                  for m in map(HOTPATH_LINE.search, proc.stdout.splitlines()) if m]
+    elif tool == "flood":
+        # This tree's flood.py against the commit's sources: older commits have no flood.py,
+        # and it uses only what every commit has (its docstring).
+        proc = subprocess.run([sys.executable, str(ROOT / "loadtest" / "flood.py"), *args], cwd=tree, env=env,
+                              text=True, capture_output=True, timeout=1800)
+        found = [(f"flood at a {m.group(1)} account", float(m.group(2)), by_kind(eval_dict(m.group(3))))
+                 for m in map(FLOOD_LINE.search, proc.stdout.splitlines()) if m]
     else:
         proc = subprocess.run([sys.executable, "loadtest/bench.py", "--out", str(out_dir), *args], cwd=tree,
                               env=env, text=True, capture_output=True, timeout=3600)
@@ -85,12 +94,12 @@ def main() -> int:
     argv = sys.argv[1:]
     if "--" not in argv:
         ap.parse_args(argv)  # --help
-        ap.error("give the tool after --: hotpath ... or bench ...")
+        ap.error("give the tool after --: hotpath ..., bench ... or flood ...")
     split = argv.index("--")
     args = ap.parse_args(argv[:split])
     tool, *tool_args = argv[split + 1:] or [""]
-    if tool not in ("hotpath", "bench"):
-        ap.error("the tool is hotpath or bench")
+    if tool not in ("hotpath", "bench", "flood"):
+        ap.error("the tool is hotpath, bench or flood")
     results: dict[tuple[str, str], list[tuple[float, dict[str, float]]]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="bkv-ab-") as tmp:
         trees = {}

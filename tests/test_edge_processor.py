@@ -286,6 +286,34 @@ def test_a_response_phase_on_the_handshake_route_is_refused(processor):
 def test_response_phases_before_a_request_was_opened_are_refused(processor):
     answer, = processor.stream("transport", ProcessingRequest(response_body=HttpBody(body=b"x")))
     assert _refusal(answer) == (404, "not_found")
+    # Headers seen, body never opened: whatever answer comes is not passed on.
+    first, answer = processor.stream("transport", REQUEST_HEADERS, _local_reply_headers())
+    assert _refusal(answer) == (404, "not_found")
+
+
+def test_a_noise_request_without_a_body_is_refused_at_its_headers(processor):
+    for route in ("handshake", "transport"):
+        answer, = processor.stream(route, ProcessingRequest(request_headers=HttpHeaders(end_of_stream=True)))
+        assert _refusal(answer) == (400, "noise_bad_message")
+
+
+def _local_reply_headers(end_of_stream: bool = False) -> ProcessingRequest:
+    return ProcessingRequest(response_headers=HttpHeaders(headers=HeaderMap(headers=[
+        HeaderValue(key=":status", raw_value=b"429"), HeaderValue(key="retry-after", raw_value=b"1")]),
+        end_of_stream=end_of_stream))
+
+
+def test_envoys_own_answer_to_a_request_it_never_passed_us_goes_out_unchanged(processor):
+    """A filter ahead of ours (the per-source limit) answered: the stream's
+    first phase is the response's headers. Nothing reached the frontend, so
+    it passes unchanged -- no header mutation, no body mutation -- and the
+    device reads Envoy's 429 as the edge's word."""
+    headers, body = processor.stream("transport", _local_reply_headers(),
+                                     ProcessingRequest(response_body=HttpBody(body=b'{"error":{}}', end_of_stream=True)))
+    assert headers.is_set("response_headers") and not bytes(headers.response_headers)
+    assert body.is_set("response_body") and not bytes(body.response_body)
+    bodiless, = processor.stream("transport", _local_reply_headers(end_of_stream=True))
+    assert bodiless.is_set("response_headers") and not bytes(bodiless.response_headers)
 
 
 @pytest.mark.parametrize("raw", [b"", b"\x22\x05ab", b"\x0f", b"\x09abc", bytes(ProcessingRequest()),

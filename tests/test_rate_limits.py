@@ -261,3 +261,50 @@ async def test_a_device_waits_out_the_edges_429_and_then_succeeds(fleet, tight_e
     finally:
         await client.aclose()
     assert time.monotonic() - started >= 0.9  # after waiting out the edge's Retry-After (1 s)
+
+
+async def test_over_the_sealed_routes_source_limit_a_device_gets_the_edges_429_and_waits_it_out(fleet, tight_edge):
+    """The sealed route's own budget: Envoy's 429 reaches the device as the
+    edge's word (not a 404 from the processor, which sees no request), and
+    the SDK waits it out and gets the vault's answer."""
+    from bkv.transport import AsyncNoiseTransport, EdgeRefused
+    from bkv_protocol.noise import StaticKey
+
+    edge, admin, limits = tight_edge
+    device = StaticKey.generate()
+    user = unique_user("edge-sealed")
+    token = fleet.issuer().mint(user, device_key_b64=base64.b64encode(device.public).decode())
+    transport = AsyncNoiseTransport(edge, base64.b64decode(fleet.edge_public_key), device)
+    raw = httpx.AsyncClient(base_url=edge, transport=transport, headers={"authorization": f"Bearer {token}"},
+                            timeout=30)
+    refusals: list[EdgeRefused] = []
+    try:
+        # Open the session first: the handshake budget is the same address's (other tests spend it).
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                await raw.post(ops.RECOVER_START.path, json=_recover_start(fleet, 0))
+                break
+            except EdgeRefused as exc:
+                assert time.monotonic() < deadline, "the handshake was never admitted"
+                await asyncio.sleep(exc.retry_after_s)  # the edge's own Retry-After, as the SDK waits
+        for i in range(limits.transport.burst + 5):  # the same session, sealed requests one after another
+            try:
+                await raw.post(ops.RECOVER_START.path, json=_recover_start(fleet, i))
+            except EdgeRefused as exc:
+                refusals.append(exc)
+                break
+    finally:
+        await raw.aclose()
+    assert refusals, "the sealed route's budget was never crossed"
+    assert "429" in str(refusals[0]) and refusals[0].retry_after_s == 1.0
+    stats = httpx.get(f"{admin}/stats/prometheus", timeout=10).text
+    assert re.search(r'envoy_http_local_rate_limit_rate_limited\{envoy_local_http_ratelimit_prefix='
+                     r'"bkv_source_transport"\} [1-9]', stats), "Envoy refused it, on the sealed route's budget"
+    client = VaultClient(edge, base64.b64decode(fleet.fleet_params["fleet_public_key"]), user, token,
+                         transport=AsyncNoiseTransport(edge, base64.b64decode(fleet.edge_public_key), device))
+    try:
+        with pytest.raises(errors.NoRecord):  # the vault's own answer: the SDK waited and got through
+            await client.recover("whatever")
+    finally:
+        await client.aclose()

@@ -15,7 +15,10 @@ package main
 //     replace with 200, and every header but the allow-list removed; the
 //     buffered response body, sealed and padded with that status -- or, when
 //     the answer has no body (no body phase comes), the sealed status and
-//     empty body put in its place at the headers.
+//     empty body put in its place at the headers;
+//   - an answer Envoy made itself before the request reached us (a filter
+//     ahead of us refused it: the per-source limit's 429), passed through
+//     untouched -- no session was opened, so no vault answer can be in it.
 
 import (
 	"encoding/base64"
@@ -72,6 +75,8 @@ type exchange struct {
 	session *session
 	counter uint64
 	status  int
+	seen    bool // the request's headers came to us (Envoy's own early answers come without them)
+	local   bool // passing such an early answer through
 }
 
 // on answers one ext_proc message; done means the stream is finished.
@@ -86,6 +91,10 @@ func (x *exchange) on(p phase) (answer []byte, done bool) {
 func (x *exchange) step(p phase) ([]byte, bool, error) {
 	switch {
 	case p.kind == phaseRequestHeaders && (x.route == routeHandshake || x.route == routeTransport):
+		x.seen = true
+		if p.endOfStream { // no body phase would come: refused here, never passed on unopened
+			return nil, true, errBadMessage("a Noise message has a body")
+		}
 		return continueRequestHeaders, false, nil // held by Envoy until we have the body
 	case x.route == routeHandshake && p.kind == phaseRequestBody:
 		answer, err := x.handshake(p.body)
@@ -105,6 +114,15 @@ func (x *exchange) step(p phase) ([]byte, bool, error) {
 	case x.route == routeTransport && p.kind == phaseResponseBody && x.session != nil:
 		sealed := x.session.sealResponse(x.counter, x.status, p.body)
 		return bodyResponse(phaseResponseBody, sealed, nil), true, nil
+	case x.route == routeTransport && !x.seen && p.kind == phaseResponseHeaders:
+		// Envoy's own answer to a request we never saw, not even its
+		// headers: a filter ahead of us replied (the per-source limit's
+		// 429), so nothing reached the frontend and there is nothing to
+		// seal. It goes out as Envoy made it, the edge's word in clear.
+		x.local = true
+		return headersResponse(phaseResponseHeaders, nil), p.endOfStream, nil
+	case x.route == routeTransport && x.local && p.kind == phaseResponseBody:
+		return passBody(), true, nil
 	}
 	// Envoy sends nothing else in the modes it is configured with; refuse
 	// rather than pass anything through that we did not look at.

@@ -47,7 +47,7 @@ func decodeRequest(data []byte) (phase, error) {
 	}
 	switch r := req.Request.(type) {
 	case *extprocv3.ProcessingRequest_RequestHeaders:
-		return phase{kind: phaseRequestHeaders}, nil
+		return phase{kind: phaseRequestHeaders, endOfStream: r.RequestHeaders.GetEndOfStream()}, nil
 	case *extprocv3.ProcessingRequest_RequestBody:
 		return phase{kind: phaseRequestBody, body: r.RequestBody.GetBody()}, nil
 	case *extprocv3.ProcessingRequest_ResponseBody:
@@ -118,6 +118,12 @@ func bodyResponse(kind int, body []byte, headers *extprocv3.HeaderMutation) []by
 		return encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{ResponseBody: common}})
 	}
 	return encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: common}})
+}
+
+// passBody answers a response body phase: CONTINUE, unchanged.
+func passBody() []byte {
+	return encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{
+		ResponseBody: &extprocv3.BodyResponse{}}})
 }
 
 // headersResponse answers a headers phase: CONTINUE with an optional mutation.

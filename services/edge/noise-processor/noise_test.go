@@ -42,3 +42,27 @@ func TestReplayWindowAgreesWithASetOfSeenCounters(t *testing.T) {
 		}
 	}
 }
+
+// Envoy's own answer to a transport request that never reached us (the
+// per-source limit's 429, made by a filter ahead of ours) passes through
+// untouched: before, it met "not_found" here and the device saw a 404
+// where the edge had said "retry after 1 s".
+func TestEnvoysOwnAnswerToARequestWeNeverSawPassesThroughUnsealed(t *testing.T) {
+	x := &exchange{p: &processor{}, route: routeTransport}
+	answer, done := x.on(phase{kind: phaseResponseHeaders, status: 429, headerNames: []string{"retry-after"}})
+	if done {
+		t.Fatal("the body phase is still to come")
+	}
+	if want := headersResponse(phaseResponseHeaders, nil); string(answer) != string(want) {
+		t.Fatalf("headers: got %x, want an unchanged CONTINUE %x", answer, want)
+	}
+	answer, done = x.on(phase{kind: phaseResponseBody, body: []byte(`{"error":{"code":"rate_limited"}}`)})
+	if !done || string(answer) != string(passBody()) {
+		t.Fatalf("body: got %x (done %v), want it passed unchanged", answer, done)
+	}
+	// A bodiless one ends the stream at its headers.
+	x = &exchange{p: &processor{}, route: routeTransport}
+	if _, done = x.on(phase{kind: phaseResponseHeaders, status: 429, endOfStream: true}); !done {
+		t.Fatal("a bodiless local answer ends the stream")
+	}
+}
