@@ -13,7 +13,9 @@ import time
 
 import pytest
 
+from bkv_island.store import events_prefix
 from bkv_protocol.hsm_api import Entry, EntryState
+from bkv_protocol.v1 import EventKind as K
 
 from bkv import errors
 from bkv_protocol.encoding import user_ref
@@ -102,6 +104,24 @@ async def test_adding_an_island_to_many_users_under_load_moves_only_theirs_and_e
                 await c.recover("wrong")
         assert wrong.value.attempts_left == LIMIT - 2 - 1, u
         ledger.told_wrong[u] = ledger.told_wrong.get(u, 0) + 1
+
+    # Each moved account's feed moved with its record: every change, in
+    # order, from the registration on the old island to the guess just made
+    # on the new one; the old island keeps none of it.
+    moved_dented = sorted(set(dented) & set(moved))
+    assert moved_dented
+    etcd = await connect(fleet.etcd_endpoints)
+    try:
+        for u in moved_dented:
+            async with client(fleet, u) as c:
+                feed = await c.events()
+            assert feed.complete and [e.version for e in feed.events] == list(range(1, feed.version + 1)), u
+            kinds = [e.kind for e in feed.events]
+            assert kinds[:3] == [K.REGISTERED, K.ATTEMPT_USED, K.ATTEMPT_USED] and K.MOVED in kinds, u
+            assert kinds[-1] is K.ATTEMPT_USED and feed.events[-1].attempts_left == LIMIT - 3, u
+            assert list(await etcd.get_prefix(events_prefix("/bkv", "island-a", user_ref(u)))) == [], u
+    finally:
+        await etcd.close()
 
     t = time.monotonic()
     lost, worst = await audit(fleet, ledger, guessers)  # every user recovers its own key

@@ -157,3 +157,26 @@ def test_entries_from_before_the_feed_keep_their_log_digest():
     assert hapi.entry_digest(old) == hapi.entry_digest(hapi.Entry.model_validate_json(old.model_dump_json()))
     assert "events_head" not in old.model_dump_json()
     assert hapi.entry_digest(old) != hapi.entry_digest(old.model_copy(update={"events_head": bytes(32)}))
+
+
+async def test_a_move_carries_the_feed_only_as_a_run_that_chains_to_the_moved_entrys_head(parts):
+    from bkv_island.store import carried
+
+    vault, island, etcd, _ = parts
+    await _registered(island, "alice")
+    await _recover(island, "alice", b"pw")
+    ref = user_ref("alice")
+    stored = await island._ledger.events(ref, 3)
+    head = island._ledger.current(ref).events_head
+    assert [e.event.version for e in carried(stored, head, 3, 64)] == [1, 2, 3]
+    assert [e.event.version for e in carried(stored, head, 3, 2)] == [2, 3]  # the new island's own limit
+    assert carried(stored[::-1], head, 3, 64) == carried(stored, head, 3, 64)  # order as sent does not matter
+    # What no device would accept is not stored: a hole, an altered event, a
+    # run that stops short of the moved version, or a head it does not reach.
+    assert carried([stored[0], stored[2]], head, 3, 64) == []
+    altered = stored[1].model_copy(update={"event": stored[1].event.model_copy(update={"attempts_left": 3})})
+    assert carried([stored[0], altered, stored[2]], head, 3, 64) == []
+    assert carried(stored[:2], head, 3, 64) == []
+    assert carried(stored, bytes(32), 3, 64) == [] and carried(stored, None, 3, 64) == []
+    # The oldest missing is fine: the run chains from its first event's `before`.
+    assert [e.event.version for e in carried(stored[1:], head, 3, 64)] == [2, 3]

@@ -21,7 +21,7 @@ from bkv_protocol.v1 import (  # noqa: F401  (the island's answers: see above)
     RegistrationFinishOut,
     RegistrationStartOut,
 )
-from bkv_protocol.wire import B64, Frozen, hop
+from bkv_protocol.wire import B64, Frozen, fixed_b64, hop
 
 
 # The client operations' requests: the public body and the account the
@@ -53,15 +53,28 @@ class MoveOut(Frozen):
     moved: bool
 
 
+class StoredEvent(Frozen):
+    """An account's event as an island keeps it (``bkv_island.store``), with
+    the account's chain head before it (what a device checks the first event
+    it is shown from)."""
+
+    event: v1.Event
+    before: fixed_b64(32)
+
+
 class MoveInIn(Frozen):
     """Island to island: the record arrives from ``moved``, a MOVED entry its
-    island committed (its head, a quorum's statements, the entry's proof)."""
+    island committed (its head, a quorum's statements, the entry's proof),
+    and its account's feed with it: ``events``, the old island's kept events
+    (oldest first), stored by the new one only if they chain to the moved
+    entry's events head (a device checks them again when it reads them)."""
 
     user_ref: UserRef
     moved: Entry
     from_head: LogEntry
     from_statements: list[Statement] = Field(max_length=16)
     from_proof: B64
+    events: list[StoredEvent] = Field(default_factory=list, max_length=1024)
 
 
 class MigrateIn(Frozen):

@@ -242,9 +242,12 @@ class OpaqueFastPath:
         try:
             headers = dict(scope["headers"])
             device = _header(headers, DEVICE_HEADER_KEY)
-            user = await self._account(authorization=_header(headers, b"authorization"), x_bkv_device_key=device)
             if self._admit is not None and device:
-                self._admit(op, device)  # raises RateLimited: 429, the island is not asked
+                # Before the token's signature is checked: the device key is the
+                # Noise session's (the processor set it), so a flood is refused
+                # at its cheapest. Raises RateLimited: 429, the island is not asked.
+                self._admit(op, device)
+            user = await self._account(authorization=_header(headers, b"authorization"), x_bkv_device_key=device)
             body = await read_body(receive)
             if body is None:
                 response = error_response(413, ErrorCode.PAYLOAD_TOO_LARGE,

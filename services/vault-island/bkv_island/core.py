@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from bkv_island import errors
 from bkv_island.ledger import Ledger
+from bkv_island.store import carried
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import island_api as api
 from bkv_protocol import operations as ops
@@ -395,7 +396,9 @@ class Island:
         client = await self._islands(current.moved_to)
         await client.call("POST", "/island/v1/admin/move-in", api.MoveInIn(
             user_ref=req.user_ref, moved=current, from_head=proven.head, from_statements=statements,
-            from_proof=proven.proof), api.MoveOut, idempotent=True)
+            from_proof=proven.proof, events=await self._ledger.events(req.user_ref, current.version)),
+            api.MoveOut, idempotent=True)
+        await self._ledger.drop_events(req.user_ref)  # the new island keeps the account's feed now
         return api.MoveOut(moved=True)
 
     async def move_in(self, req: api.MoveInIn) -> api.MoveOut:
@@ -403,12 +406,17 @@ class Island:
             if current.state is not hapi.EntryState.ABSENT and current.version >= req.moved.version:
                 raise _Answer(api.MoveOut(moved=True))  # here already (a move run again)
 
-        return await self._change(_Op(
+        out = await self._change(_Op(
             hapi.OpKind.MOVE_IN, req.user_ref,
             lambda current: hapi.MoveInIn(user_ref=req.user_ref, island=self.island_id, current=current,
                                           moved=req.moved, from_head=req.from_head,
                                           from_statements=req.from_statements, from_proof=req.from_proof),
             lambda _e, _a: api.MoveOut(moved=True), settle=settle))
+        # The account's feed follows its record, once the record is here (a
+        # move run again stores the same events again).
+        await self._ledger.keep_carried(req.user_ref, carried(
+            req.events, req.moved.events_head, req.moved.version, self._ledger.events_kept))
+        return out
 
     async def list_refs(self, req: api.ListRefsIn) -> api.ListRefsOut:
         await self._ledger.ready()

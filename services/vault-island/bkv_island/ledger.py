@@ -28,7 +28,7 @@ import aetcd
 from bkv_island import errors
 from bkv_island.appender import COMPACT_EVERY, MAX_BATCH, RETAIN, Appender, AppenderLease, NoLease
 from bkv_island.hsm_client import Committed
-from bkv_island.store import EVENTS_KEPT, StoredEvent, events_prefix, ref_key
+from bkv_island.store import EVENTS_KEPT, StoredEvent, event_key, events_prefix, ref_key
 from bkv_protocol import hsm_api as hapi
 from bkv_protocol import merkle
 from bkv_server import log_keys, metrics
@@ -203,6 +203,27 @@ class Ledger:
             raise errors.StoreUnavailable("etcd unreachable") from exc
         got = [StoredEvent.model_validate_json(kv.value) for kv in kvs]
         return sorted((e for e in got if e.event.version <= upto), key=lambda e: e.event.version)
+
+    async def keep_carried(self, ref: str, events: list[StoredEvent]) -> None:
+        """Store the events a move brought (``store.carried`` chose them).
+        Their versions are the record's before it arrived, so they never
+        meet one of this island's own events."""
+        if not events:
+            return
+        tx = self._etcd.transactions
+        try:
+            await self._etcd.transaction(compare=[], success=[
+                tx.put(event_key(self.prefix, self.island, ref, e.event.version), e.model_dump_json().encode())
+                for e in events], failure=[])
+        except RETRYABLE as exc:
+            raise errors.StoreUnavailable("etcd unreachable") from exc
+
+    async def drop_events(self, ref: str) -> None:
+        """Forget a moved-away account's events (its new island keeps them)."""
+        try:
+            await self._etcd.delete_prefix(events_prefix(self.prefix, self.island, ref))
+        except RETRYABLE as exc:
+            raise errors.StoreUnavailable("etcd unreachable") from exc
 
     def proven(self, ref: str) -> hapi.Proven:
         assert self.head is not None
