@@ -29,6 +29,7 @@ import asyncio
 import base64
 import dataclasses
 import os
+import re
 import sys
 import tempfile
 import time
@@ -91,13 +92,17 @@ async def flood(fleet, target: str, requests: int) -> None:
             raise SystemExit(f"flood {target}: the account is not dead: {first.status_code} {first.text[:200]}")
         pids = {n: p.pid for n, p in fleet.procs.items() if p.pid}
         before = {n: cpu_seconds([pid]) for n, pid in pids.items()}
-        statuses: Counter[int] = Counter()
+        statuses: Counter[str] = Counter()
         credential_request = base64.b64encode(opaque.client_login_start(b"guess").get_message()).decode()
         t = time.perf_counter()
         for _ in range(requests):
             body = {"fleet_id": fleet_id, "request_id": base64.b64encode(os.urandom(16)).decode(),
                     "credential_request": credential_request}
-            statuses[(await raw.post("/v1/login/start", json=body)).status_code] += 1
+            try:
+                statuses[str((await raw.post("/v1/login/start", json=body)).status_code)] += 1
+            except Exception as exc:  # noqa: BLE001 -- the edge's answers in clear (its 429) raise in the transport
+                code = re.search(r"\b(\d{3})\b", str(exc))
+                statuses[f"edge {code.group(1)}" if code else type(exc).__name__] += 1
         wall = time.perf_counter() - t
         spent = {n: 1000 * (cpu_seconds([pid]) - before[n]) / requests for n, pid in pids.items()}
         busy = {n: round(ms, 3) for n, ms in spent.items() if ms > 0.005}
