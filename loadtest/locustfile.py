@@ -8,6 +8,8 @@ Scenarios (select with ``--tags`` or by user class):
   password, across many accounts -- the path an attacker hits. Cheap for the
   client, so it measures the server.
 * ``Registration`` (tag ``registration``): register a fresh key.
+* ``AccountFlood`` (tag ``account-flood``): one account's guesses, sent on
+  at once past every 429, across several frontends (the rate limits' test).
 
 Configuration comes from the environment (``bkv bench`` sets it):
 ``BKV_LOAD_URL`` (vault address), ``BKV_LOAD_FLEET_KEY`` (pinned key, base64),
@@ -182,6 +184,41 @@ class GuessFlood(_VaultUser):
         vault = next(self._cycle)
         req = opaque.client_login_start(os.urandom(12)).get_message()
         self.timed("guess", lambda: vault.recover_start(req), expected=(errors.LockedOut,))
+
+
+class AccountFlood(User):
+    """One account's guesses as an abuser sends them (tag ``account-flood``):
+    recovery starts for ``BKV_LOAD_FLOOD_USER`` spread round robin over the
+    frontends in ``BKV_LOAD_FLOOD_URLS`` (comma-separated), over plain HTTP
+    and without the SDK, so a 429 is never waited out. Each answer is a
+    Locust request named ``account-flood <status>``. Used by
+    tests/test_rate_limits.py to flood one account across frontend replicas."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        user = os.environ["BKV_LOAD_FLOOD_USER"]
+        self._urls = itertools.cycle(os.environ["BKV_LOAD_FLOOD_URLS"].split(","))
+        self._fleet_id = os.environ["BKV_LOAD_FLOOD_FLEET_ID"]
+        self._http = httpx.Client(timeout=30, headers={"authorization": f"Bearer {_issuer().mint(user)}"})
+
+    def on_stop(self) -> None:
+        self._http.close()
+
+    @tag("account-flood")
+    @task
+    def guess(self) -> None:
+        body = {"fleet_id": self._fleet_id, "request_id": base64.b64encode(os.urandom(16)).decode(),
+                "credential_request": base64.b64encode(opaque.client_login_start(os.urandom(12)).get_message()).decode()}
+        start = time.perf_counter()
+        exc, status = None, "failed"
+        try:
+            status = str(self._http.post(next(self._urls) + "/v1/recover/start", json=body).status_code)
+        except httpx.HTTPError as e:
+            exc = e
+        events.request.fire(request_type="POST", name=f"account-flood {status}",
+                            response_time=(time.perf_counter() - start) * 1000, response_length=0, exception=exc,
+                            context={})
 
 
 class Registration(_VaultUser):
